@@ -1,0 +1,3 @@
+//! The `dualwrite` command line.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! HTTP connectors: Entra ID tokens, Dataverse Web API, F&O OData.

@@ -1,0 +1,1 @@
+//! Sync decisions: pure functions from (event, map, link, other side) to an action. STUB.

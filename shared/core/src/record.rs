@@ -1,0 +1,180 @@
+//! Records, their keys, their company and their source version.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::value::Value;
+
+/// Which system a record, event or write belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// Dynamics 365 Dataverse (customer engagement).
+    Crm,
+    /// Dynamics 365 Finance & Operations (or Business Central).
+    Erp,
+}
+
+impl Side {
+    /// The other system.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Crm => Side::Erp,
+            Side::Erp => Side::Crm,
+        }
+    }
+
+    /// `crm` or `erp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Crm => "crm",
+            Side::Erp => "erp",
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The version a source system gave a record when it last changed.
+///
+/// Ordered by `modified_on`, then `sequence` (Dataverse `versionnumber`, F&O business-event
+/// `ControlNumber`, or 0 when the source has none). A change whose version is lower than the
+/// version last applied for that record is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SourceVersion {
+    /// `modifiedon` (Dataverse) or `ModifiedDateTime` / event time (F&O), in UTC.
+    pub modified_on: DateTime<Utc>,
+    /// A tie-breaker that grows with each change of the record, 0 when unknown.
+    pub sequence: i64,
+}
+
+/// A record's key as field/value pairs, in the order the map declares them.
+///
+/// Rendered as `field='value',field2='value2'`, the OData key syntax.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct RecordKey(pub Vec<(String, String)>);
+
+impl RecordKey {
+    /// A key from `(field, value)` pairs.
+    pub fn new<I, F, V>(pairs: I) -> Self
+    where
+        I: IntoIterator<Item = (F, V)>,
+        F: Into<String>,
+        V: Into<String>,
+    {
+        RecordKey(pairs.into_iter().map(|(f, v)| (f.into(), v.into())).collect())
+    }
+
+    /// The value of one key field.
+    pub fn get(&self, field: &str) -> Option<&str> {
+        self.0.iter().find(|(f, _)| f == field).map(|(_, v)| v.as_str())
+    }
+}
+
+impl fmt::Display for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (field, value)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{field}='{}'", value.replace('\'', "''"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The identity of one synced record pair within a map, the same from either side.
+///
+/// Key fields of a bidirectional map are bidirectional, so the CRM and ERP records of one pair
+/// carry the same key values; the integration key is those values (company first, upper-cased),
+/// in the map's key order. It names the link in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IntegrationKey(pub String);
+
+impl IntegrationKey {
+    /// Builds the canonical key from the company (if the map is company-specific) and the key
+    /// values in map order. `/` and `\` in values are escaped so distinct keys never collide.
+    pub fn from_parts<'a>(company: Option<&str>, values: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut out = String::new();
+        if let Some(c) = company {
+            push_escaped(&mut out, &c.to_uppercase());
+        }
+        for v in values {
+            if !out.is_empty() {
+                out.push('/');
+            }
+            push_escaped(&mut out, v);
+        }
+        IntegrationKey(out)
+    }
+
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn push_escaped(out: &mut String, v: &str) {
+    for c in v.chars() {
+        if c == '/' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+}
+
+impl fmt::Display for IntegrationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One row of one side: its entity, identity, company, fields and version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Dataverse entity set (`accounts`) or F&O data entity (`CustomersV3`).
+    pub entity: String,
+    /// The source's identity of the row: Dataverse primary id (GUID); for F&O the rendered
+    /// OData key (`dataAreaId='usmf',CustomerAccount='US-001'`, see [`RecordKey`]).
+    pub id: Option<String>,
+    /// Legal entity: F&O `dataAreaId`, Dataverse `cdm_companycode` of the owning company.
+    pub company: Option<String>,
+    /// Field values by field name (Dataverse logical name / F&O OData field name).
+    pub fields: BTreeMap<String, Value>,
+    /// When and in which order the source last changed it.
+    pub version: Option<SourceVersion>,
+    /// The source's concurrency token (`W/"468026"`), for `If-Match` writes.
+    pub etag: Option<String>,
+}
+
+impl Record {
+    /// An empty record of `entity`.
+    pub fn new(entity: impl Into<String>) -> Self {
+        Record {
+            entity: entity.into(),
+            id: None,
+            company: None,
+            fields: BTreeMap::new(),
+            version: None,
+            etag: None,
+        }
+    }
+
+    /// Sets a field (builder style).
+    pub fn with(mut self, field: impl Into<String>, value: Value) -> Self {
+        self.fields.insert(field.into(), value);
+        self
+    }
+
+    /// A field's value, `None` when the record does not carry the field.
+    pub fn get(&self, field: &str) -> Option<&Value> {
+        self.fields.get(field)
+    }
+}

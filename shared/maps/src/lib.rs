@@ -1,0 +1,1 @@
+//! The standard table maps, embedded in the binary.

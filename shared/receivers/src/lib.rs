@@ -1,0 +1,1 @@
+//! Webhook receivers: Dataverse webhooks, F&O data and business events into change events.

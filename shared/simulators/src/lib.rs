@@ -1,0 +1,1 @@
+//! Faithful local simulators of Dataverse, F&O and Entra ID, for tests, demo and benchmarks.

@@ -1,0 +1,1 @@
+//! Embedded SQLite state store and durable work queue.
