@@ -1,1 +1,657 @@
-//! Sync decisions: pure functions from (event, map, link, other side) to an action. STUB.
+//! Sync decisions: pure functions from (change, map, link, other side) to what the worker must do.
+//!
+//! [`decide`] does no I/O and reads no clock: the worker gathers everything it needs into a
+//! [`DecisionInput`] (the full current source record, the link, the other side's current
+//! record, resolved lookups, `now`) and executes the returned [`Decision`]. Every decision that
+//! changes what dualwrite knows of a pair carries the [`Link`] to commit, so the worker never
+//! computes sync state by itself.
+//!
+//! Rules, in the order they are applied to an upsert:
+//! 1. The map (or every field) does not flow from the source side → [`SkipReason::DirectionNotSynced`].
+//! 2. The source filter does not match → [`SkipReason::FilteredOut`].
+//! 3. With a link: a version older than the one applied → [`SkipReason::Stale`]; the same
+//!    version and hash → [`SkipReason::Duplicate`]; the same hash → [`SkipReason::Echo`] (what
+//!    dualwrite wrote, or already applied; the link's version for the side may advance).
+//! 4. An open (manual) conflict on the pair → [`Decision::Park`].
+//! 5. Both sides changed since the last sync (or, without a link, both exist and differ) → the
+//!    map's [`ConflictPolicy`]. `last_writer_wins` compares the two records'
+//!    `SourceVersion::modified_on`; on a tie **the ERP side wins** (F&O is the system of record
+//!    for master data in Dual-write's own defaults).
+//! 6. Otherwise the source's mapped fields are written to the other side, unless the other side
+//!    already holds them ([`SkipReason::InSync`], link still committed).
+//!
+//! A lookup resolved as missing parks the change ([`Decision::Park`]) until the referenced
+//! pair is linked: never a dangling reference, never a dropped event.
+
+use chrono::{DateTime, Utc};
+
+use crate::event::Operation;
+use crate::hash::hash_fields;
+use crate::map::apply::{ApplyError, LookupResolution, ResolvedLookups, apply_map, mapped_fields, record_key};
+use crate::map::{ConflictPolicy, DeletePolicy, FieldDirection, TableMap};
+use crate::ports::{ConflictRecord, FieldsHash, Link, RecordRef, SideState, WriteCondition};
+use crate::record::{IntegrationKey, Record, Side, SourceVersion};
+
+/// Everything [`decide`] needs to know about one change of one record under one map.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionInput<'a> {
+    /// The map the change is decided under.
+    pub map: &'a TableMap,
+    /// The side the change happened on.
+    pub source: Side,
+    /// What happened.
+    pub operation: Operation,
+    /// The change's event id (for conflict records and messages).
+    pub event_id: &'a str,
+    /// The pair's integration key (for a delete: the key of the link found by id).
+    pub key: &'a IntegrationKey,
+    /// The FULL current source record (read by the worker if the event was partial). For a
+    /// delete, the record as the event carried it (usually only its id).
+    pub record: &'a Record,
+    /// The pair's link, if any.
+    pub link: Option<&'a Link>,
+    /// The other side's current record, if it exists.
+    pub other: Option<&'a Record>,
+    /// `hash_fields(record, mapped_fields(map, source))`.
+    pub source_hash: FieldsHash,
+    /// Lookups of `record` (source → other side), resolved by the worker.
+    pub lookups: &'a ResolvedLookups,
+    /// Lookups of `other` (other side → source), resolved by the worker; used only when the
+    /// other side wins a conflict. Empty when there is no other record.
+    pub other_lookups: &'a ResolvedLookups,
+    /// The current time (for `updated_at` and conflict records).
+    pub now: DateTime<Utc>,
+}
+
+/// Why nothing is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// The source filter of the map does not match the record.
+    FilteredOut,
+    /// The map or its fields do not flow from the change's side.
+    DirectionNotSynced,
+    /// The change is older than the version already applied: newer data is never overwritten.
+    Stale,
+    /// The change carries exactly what dualwrite last wrote or applied for that side.
+    Echo,
+    /// The same version and hash were applied before.
+    Duplicate,
+    /// The other side already holds the values: only the link is (re)committed.
+    InSync,
+    /// A delete of a record that was never linked.
+    NoLink,
+}
+
+impl SkipReason {
+    /// A snake_case name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::FilteredOut => "filtered_out",
+            SkipReason::DirectionNotSynced => "direction_not_synced",
+            SkipReason::Stale => "stale",
+            SkipReason::Echo => "echo",
+            SkipReason::Duplicate => "duplicate",
+            SkipReason::InSync => "in_sync",
+            SkipReason::NoLink => "no_link",
+        }
+    }
+}
+
+/// A link to store, on the revision condition of the link the decision was made on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkCommit {
+    /// The new link state. `revision` is left as read; the store sets `expected_revision + 1`.
+    pub link: Link,
+    /// The revision read (0 when there was no link).
+    pub expected_revision: u64,
+}
+
+/// One record write on one side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncWrite {
+    /// The side written to.
+    pub side: Side,
+    /// Entity set / data entity written to.
+    pub entity: String,
+    /// Where: the record's id when known, else its key (upsert by key).
+    pub at: RecordRef,
+    /// The fields to write (the mapped record).
+    pub record: Record,
+    /// `IfMatch` with the target's ETag when known; `MustNotExist` when the target was absent.
+    pub condition: WriteCondition,
+}
+
+/// Writes to execute, then the link (and conflict) to commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WritePlan {
+    /// One write, or two for a field-level merge where both sides differ. Never empty.
+    pub writes: Vec<SyncWrite>,
+    /// The link to commit after the writes. The worker fills in, for each written side, the id,
+    /// and the version the write returned (when it returns one).
+    pub link: LinkCommit,
+    /// The conflict this write resolves, if any (both versions, winner recorded).
+    pub conflict: Option<ConflictRecord>,
+}
+
+/// What a delete does on the other side.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeleteAction {
+    /// Delete the other side's linked record (policy `propagate`).
+    DeleteOther {
+        /// The side deleted on.
+        side: Side,
+        /// Entity set / data entity.
+        entity: String,
+        /// The linked record.
+        at: RecordRef,
+    },
+    /// Write the deactivation fields to the other side (policy `deactivate`).
+    Deactivate(SyncWrite),
+    /// Leave the other side alone (policy `ignore`, or nothing left to deactivate).
+    Nothing,
+}
+
+/// What happens to the link after a delete.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkChange {
+    /// Remove it, on the revision condition.
+    Remove {
+        /// Map of the link.
+        map: String,
+        /// Key of the link.
+        key: IntegrationKey,
+        /// The revision read.
+        expected_revision: u64,
+    },
+    /// Store this state.
+    Put(LinkCommit),
+}
+
+/// The effects of a delete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeletePlan {
+    /// What to do on the other side.
+    pub action: DeleteAction,
+    /// What to do with the link.
+    pub link: LinkChange,
+}
+
+/// Why a change waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParkCause {
+    /// The lookup of field `field_index` refers to a record that is not linked yet.
+    MissingLookup {
+        /// Index of the field mapping in `map.fields`.
+        field_index: usize,
+    },
+    /// The pair has an open conflict that a person must resolve first.
+    OpenConflict {
+        /// The conflict's id.
+        conflict_id: String,
+    },
+}
+
+/// What the worker must do with one change under one map.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Write nothing. `link`, when set, is committed (a version advanced, or the pair was found
+    /// in sync and is linked now).
+    Skip {
+        /// Why.
+        reason: SkipReason,
+        /// Link state to commit, if it changed.
+        link: Option<LinkCommit>,
+    },
+    /// Write one or both sides, then commit the link (and conflict record).
+    Write(WritePlan),
+    /// Execute a delete per the map's delete policy.
+    Delete(DeletePlan),
+    /// Policy `manual`: write nothing, record the open conflict and mark the link.
+    HoldConflict {
+        /// The link, with `open_conflict` set.
+        link: LinkCommit,
+        /// The open conflict with both versions.
+        conflict: ConflictRecord,
+    },
+    /// Wait until the pair `waiting_map`/`waiting_key` is linked (or its conflict resolved).
+    Park {
+        /// The map whose link is awaited.
+        waiting_map: String,
+        /// The key of the awaited link.
+        waiting_key: IntegrationKey,
+        /// Why.
+        cause: ParkCause,
+        /// Why, in words.
+        reason: String,
+    },
+    /// The record cannot be mapped (bad value, missing key): log it for a person.
+    Invalid(ApplyError),
+}
+
+/// Decides what to do with one change. Pure: same input, same decision.
+pub fn decide(input: &DecisionInput<'_>) -> Decision {
+    let map = input.map;
+    if !flows_from(map, input.source) {
+        return skip(SkipReason::DirectionNotSynced);
+    }
+    match input.operation {
+        Operation::Delete => decide_delete(input),
+        Operation::Upsert => match decide_upsert(input) {
+            Ok(d) => d,
+            Err(e) => Decision::Invalid(e),
+        },
+    }
+}
+
+fn skip(reason: SkipReason) -> Decision {
+    Decision::Skip { reason, link: None }
+}
+
+/// True when the map and at least one field carry changes from `source` to the other side.
+fn flows_from(map: &TableMap, source: Side) -> bool {
+    map.direction.flows_from(source)
+        && map.fields.iter().any(|f| f.direction.flows_from(source) && f.field(source.other()).is_some())
+}
+
+fn is_older(record: Option<SourceVersion>, known: Option<SourceVersion>) -> bool {
+    matches!((record, known), (Some(r), Some(k)) if r < k)
+}
+
+fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
+    let map = input.map;
+    let source = input.source;
+    let other_side = source.other();
+    let record = input.record;
+
+    if let Some(filter) = map.filters.of(source)
+        && !filter.matches(record)
+    {
+        return Ok(skip(SkipReason::FilteredOut));
+    }
+
+    if let Some(link) = input.link {
+        let known = link.side(source);
+        if is_older(record.version, known.version) {
+            return Ok(skip(SkipReason::Stale));
+        }
+        if known.hash == Some(input.source_hash) {
+            if record.version.is_some() && record.version == known.version {
+                return Ok(skip(SkipReason::Duplicate));
+            }
+            // An echo: advance what we know of the side (version, id) without writing.
+            let advanced = record.version.is_some_and(|v| known.version.is_none_or(|k| v > k));
+            let id_learned = record.id.is_some() && link.id(source) != record.id.as_deref();
+            let commit = (advanced || id_learned).then(|| {
+                let mut next = link.clone();
+                if advanced {
+                    next.side_mut(source).version = record.version;
+                }
+                set_id(&mut next, source, record.id.clone());
+                next.updated_at = input.now;
+                LinkCommit { expected_revision: link.revision, link: next }
+            });
+            return Ok(Decision::Skip { reason: SkipReason::Echo, link: commit });
+        }
+        if let Some(conflict_id) = &link.open_conflict {
+            return Ok(Decision::Park {
+                waiting_map: map.name.clone(),
+                waiting_key: input.key.clone(),
+                cause: ParkCause::OpenConflict { conflict_id: conflict_id.clone() },
+                reason: format!("map {}, key {}: open conflict {conflict_id} awaits a person", map.name, input.key),
+            });
+        }
+    }
+
+    let other_changed = match (input.other, input.link) {
+        (None, _) => false,
+        (Some(other), Some(link)) => Some(side_hash(map, other_side, other)) != link.side(other_side).hash,
+        // Both exist but were never linked: they are the same pair only if the write would
+        // change nothing; otherwise both sides hold data of their own.
+        (Some(other), None) => {
+            if let Some(park) = missing_lookup(input, input.lookups) {
+                return Ok(park);
+            }
+            let projected = project(map, source, record, input.lookups, Some(other))?;
+            projected.changes
+        }
+    };
+
+    if other_changed && let Some(other) = input.other {
+        return resolve_conflict(input, other);
+    }
+    plain_write(input, None)
+}
+
+/// The source's values go to the other side (no conflict, or the source won one).
+fn plain_write(input: &DecisionInput<'_>, conflict: Option<ConflictRecord>) -> Result<Decision, ApplyError> {
+    if let Some(park) = missing_lookup(input, input.lookups) {
+        return Ok(park);
+    }
+    let map = input.map;
+    let source = input.source;
+    let projected = project(map, source, input.record, input.lookups, input.other)?;
+    let mut link = base_link(input);
+    *link.link.side_mut(source) = SideState { hash: Some(input.source_hash), version: input.record.version };
+    set_id(&mut link.link, source, input.record.id.clone());
+    apply_target_state(&mut link.link, source.other(), &projected, input.other);
+    if projected.changes {
+        let write = sync_write(input, source.other(), projected.written, input.other);
+        return Ok(Decision::Write(WritePlan { writes: vec![write], link, conflict }));
+    }
+    Ok(skip_in_sync(input, link, conflict))
+}
+
+/// Nothing to write: commit the link if it changed (and the conflict record, if any).
+fn skip_in_sync(input: &DecisionInput<'_>, link: LinkCommit, conflict: Option<ConflictRecord>) -> Decision {
+    if let Some(conflict) = conflict {
+        // Record the conflict even though no write is needed: the commit carries it.
+        return Decision::Write(WritePlan { writes: Vec::new(), link, conflict: Some(conflict) });
+    }
+    let unchanged = input.link.is_some_and(|old| same_state(old, &link.link));
+    Decision::Skip { reason: SkipReason::InSync, link: (!unchanged).then_some(link) }
+}
+
+fn same_state(a: &Link, b: &Link) -> bool {
+    a.crm == b.crm && a.erp == b.erp && a.crm_id == b.crm_id && a.erp_id == b.erp_id && a.open_conflict == b.open_conflict
+}
+
+fn resolve_conflict(input: &DecisionInput<'_>, other: &Record) -> Result<Decision, ApplyError> {
+    let map = input.map;
+    let source = input.source;
+    let (crm, erp) = match source {
+        Side::Crm => (input.record, other),
+        Side::Erp => (other, input.record),
+    };
+    let winner = match map.conflict {
+        ConflictPolicy::CrmWins => Some(Side::Crm),
+        ConflictPolicy::ErpWins => Some(Side::Erp),
+        ConflictPolicy::LastWriterWins => {
+            let c = crm.version.map(|v| v.modified_on);
+            let e = erp.version.map(|v| v.modified_on);
+            // Tie (or both unknown): ERP wins, see the module docs.
+            Some(if c > e { Side::Crm } else { Side::Erp })
+        }
+        ConflictPolicy::FieldLevel | ConflictPolicy::Manual => None,
+    };
+    let mut conflict = ConflictRecord {
+        id: conflict_id(&map.name, input.key, crm.version, erp.version),
+        map: map.name.clone(),
+        key: input.key.clone(),
+        detected_at: input.now,
+        policy: policy_name(map.conflict).to_string(),
+        crm: crm.clone(),
+        erp: erp.clone(),
+        winner,
+        open: false,
+    };
+    match map.conflict {
+        ConflictPolicy::Manual => {
+            conflict.open = true;
+            let mut link = base_link(input);
+            link.link.open_conflict = Some(conflict.id.clone());
+            Ok(Decision::HoldConflict { link, conflict })
+        }
+        ConflictPolicy::FieldLevel => field_level_merge(input, other, conflict),
+        _ if winner == Some(source) => plain_write(input, Some(conflict)),
+        _ => other_wins(input, other, conflict),
+    }
+}
+
+/// The other side's current values go back to the source side.
+fn other_wins(input: &DecisionInput<'_>, other: &Record, conflict: ConflictRecord) -> Result<Decision, ApplyError> {
+    if let Some(park) = missing_lookup(input, input.other_lookups) {
+        return Ok(park);
+    }
+    let map = input.map;
+    let source = input.source;
+    let other_side = source.other();
+    let projected = project(map, other_side, other, input.other_lookups, Some(input.record))?;
+    let mut link = base_link(input);
+    *link.link.side_mut(other_side) =
+        SideState { hash: Some(side_hash(map, other_side, other)), version: other.version };
+    set_id(&mut link.link, other_side, other.id.clone());
+    apply_target_state(&mut link.link, source, &projected, Some(input.record));
+    if projected.changes {
+        let write = sync_write(input, source, projected.written, Some(input.record));
+        return Ok(Decision::Write(WritePlan { writes: vec![write], link, conflict: Some(conflict) }));
+    }
+    Ok(skip_in_sync(input, link, Some(conflict)))
+}
+
+/// `field_level`: each field takes the value of its `source_of_truth` side (the change's
+/// source when a field names none); each side is written only where it differs.
+fn field_level_merge(input: &DecisionInput<'_>, other: &Record, conflict: ConflictRecord) -> Result<Decision, ApplyError> {
+    for lookups in [input.lookups, input.other_lookups] {
+        if let Some(park) = missing_lookup(input, lookups) {
+            return Ok(park);
+        }
+    }
+    let map = input.map;
+    let source = input.source;
+    let other_side = source.other();
+    let mut link = base_link(input);
+    let mut writes = Vec::new();
+    for (from, from_record, lookups, to_record) in [
+        (source, input.record, input.lookups, other),
+        (other_side, other, input.other_lookups, input.record),
+    ] {
+        let to = from.other();
+        let mut projected = project(map, from, from_record, lookups, Some(to_record))?;
+        // Keep only the fields `from` owns (keys always travel).
+        for f in &map.fields {
+            let owner = f.source_of_truth.unwrap_or(source);
+            if f.direction == FieldDirection::Bidirectional && !f.is_key && owner != from
+                && let Some(target_field) = f.field(to)
+            {
+                projected.written.fields.remove(&target_field.name);
+            }
+        }
+        let projected = merge_into(map, to, projected.written, Some(to_record));
+        apply_target_state(&mut link.link, to, &projected, Some(to_record));
+        set_id(&mut link.link, from, from_record.id.clone());
+        if projected.changes {
+            writes.push(sync_write(input, to, projected.written, Some(to_record)));
+        }
+    }
+    if writes.is_empty() {
+        return Ok(skip_in_sync(input, link, Some(conflict)));
+    }
+    Ok(Decision::Write(WritePlan { writes, link, conflict: Some(conflict) }))
+}
+
+fn decide_delete(input: &DecisionInput<'_>) -> Decision {
+    let map = input.map;
+    let source = input.source;
+    let other_side = source.other();
+    let Some(link) = input.link else {
+        return skip(SkipReason::NoLink);
+    };
+    if is_older(input.record.version, link.side(source).version) {
+        return skip(SkipReason::Stale);
+    }
+    if let Some(conflict_id) = &link.open_conflict {
+        return Decision::Park {
+            waiting_map: map.name.clone(),
+            waiting_key: input.key.clone(),
+            cause: ParkCause::OpenConflict { conflict_id: conflict_id.clone() },
+            reason: format!("map {}, key {}: open conflict {conflict_id} awaits a person", map.name, input.key),
+        };
+    }
+    let remove = LinkChange::Remove { map: map.name.clone(), key: link.key.clone(), expected_revision: link.revision };
+    let other_at = match link.id(other_side) {
+        Some(id) => RecordRef::Id(id.to_string()),
+        None => RecordRef::Key(record_key(map, other_side, &link.key)),
+    };
+    match &map.delete {
+        DeletePolicy::Ignore => Decision::Delete(DeletePlan { action: DeleteAction::Nothing, link: remove }),
+        DeletePolicy::Propagate => Decision::Delete(DeletePlan {
+            action: DeleteAction::DeleteOther { side: other_side, entity: entity_of(map, other_side), at: other_at },
+            link: remove,
+        }),
+        DeletePolicy::Deactivate { crm, erp } => {
+            let Some(other) = input.other else {
+                return Decision::Delete(DeletePlan { action: DeleteAction::Nothing, link: remove });
+            };
+            let fields = match other_side {
+                Side::Crm => crm,
+                Side::Erp => erp,
+            };
+            let mut written = Record::new(entity_of(map, other_side));
+            for (name, value) in fields {
+                written.fields.insert(name.clone(), value.clone());
+            }
+            let projected = merge_into(map, other_side, written, Some(other));
+            let mut next = link.clone();
+            // The source record is gone: a record created again under the key is a change.
+            *next.side_mut(source) = SideState { hash: None, version: input.record.version };
+            set_id(&mut next, source, None);
+            apply_target_state(&mut next, other_side, &projected, Some(other));
+            next.updated_at = input.now;
+            let commit = LinkChange::Put(LinkCommit { link: next, expected_revision: link.revision });
+            if !projected.changes {
+                return Decision::Delete(DeletePlan { action: DeleteAction::Nothing, link: commit });
+            }
+            let write = SyncWrite {
+                side: other_side,
+                entity: entity_of(map, other_side),
+                at: other_at,
+                record: projected.written,
+                condition: other.etag.clone().map_or(WriteCondition::MustExist, WriteCondition::IfMatch),
+            };
+            Decision::Delete(DeletePlan { action: DeleteAction::Deactivate(write), link: commit })
+        }
+    }
+}
+
+/// The result of mapping a record onto the other side's current record.
+struct Projection {
+    /// The fields to write.
+    written: Record,
+    /// Hash of the target's mapped fields as they will stand after the write.
+    merged_hash: FieldsHash,
+    /// True when the write changes the target's mapped fields (or creates it).
+    changes: bool,
+}
+
+fn project(
+    map: &TableMap,
+    from: Side,
+    record: &Record,
+    lookups: &ResolvedLookups,
+    target_current: Option<&Record>,
+) -> Result<Projection, ApplyError> {
+    let written = apply_map(map, from, record, lookups)?;
+    Ok(merge_into(map, from.other(), written, target_current))
+}
+
+fn merge_into(map: &TableMap, to: Side, written: Record, target_current: Option<&Record>) -> Projection {
+    let mut merged = target_current.cloned().unwrap_or_else(|| Record::new(entity_of(map, to)));
+    for (name, value) in &written.fields {
+        merged.fields.insert(name.clone(), value.clone());
+    }
+    if written.company.is_some() {
+        merged.company.clone_from(&written.company);
+    }
+    let merged_hash = side_hash(map, to, &merged);
+    let changes = target_current.is_none_or(|current| side_hash(map, to, current) != merged_hash);
+    Projection { written, merged_hash, changes }
+}
+
+/// The hash of `record`'s mapped fields on `side`.
+pub fn side_hash(map: &TableMap, side: Side, record: &Record) -> FieldsHash {
+    hash_fields(record, mapped_fields(map, side))
+}
+
+fn apply_target_state(link: &mut Link, to: Side, projected: &Projection, target_current: Option<&Record>) {
+    *link.side_mut(to) =
+        SideState { hash: Some(projected.merged_hash), version: target_current.and_then(|r| r.version) };
+    if let Some(id) = target_current.and_then(|r| r.id.clone()) {
+        set_id(link, to, Some(id));
+    }
+}
+
+fn sync_write(input: &DecisionInput<'_>, to: Side, record: Record, target_current: Option<&Record>) -> SyncWrite {
+    let map = input.map;
+    let known_id = target_current.and_then(|r| r.id.clone()).or_else(|| input.link.and_then(|l| l.id(to).map(str::to_string)));
+    let at = match known_id {
+        Some(id) => RecordRef::Id(id),
+        None => RecordRef::Key(record_key(map, to, input.key)),
+    };
+    let condition = match target_current {
+        None => WriteCondition::MustNotExist,
+        Some(current) => current.etag.clone().map_or(WriteCondition::MustExist, WriteCondition::IfMatch),
+    };
+    SyncWrite { side: to, entity: entity_of(map, to), at, record, condition }
+}
+
+/// The link the decision starts from: the current one, or a fresh one for a new pair.
+fn base_link(input: &DecisionInput<'_>) -> LinkCommit {
+    match input.link {
+        Some(link) => {
+            let mut next = link.clone();
+            next.updated_at = input.now;
+            LinkCommit { expected_revision: link.revision, link: next }
+        }
+        None => LinkCommit {
+            expected_revision: 0,
+            link: Link {
+                map: input.map.name.clone(),
+                key: input.key.clone(),
+                crm_id: None,
+                erp_id: None,
+                crm: SideState::default(),
+                erp: SideState::default(),
+                revision: 0,
+                open_conflict: None,
+                updated_at: input.now,
+            },
+        },
+    }
+}
+
+fn set_id(link: &mut Link, side: Side, id: Option<String>) {
+    match side {
+        Side::Crm => link.crm_id = id.or_else(|| link.crm_id.take()),
+        Side::Erp => link.erp_id = id.or_else(|| link.erp_id.take()),
+    }
+}
+
+fn missing_lookup(input: &DecisionInput<'_>, lookups: &ResolvedLookups) -> Option<Decision> {
+    let mut missing: Vec<(&usize, &LookupResolution)> =
+        lookups.iter().filter(|(_, r)| matches!(r, LookupResolution::Missing { .. })).collect();
+    missing.sort_by_key(|(i, _)| **i);
+    let (index, LookupResolution::Missing { map, key }) = missing.first()? else {
+        return None;
+    };
+    let label = input.map.fields.get(**index).map_or_else(|| format!("field #{index}"), |f| f.label());
+    Some(Decision::Park {
+        waiting_map: map.clone(),
+        waiting_key: key.clone(),
+        cause: ParkCause::MissingLookup { field_index: **index },
+        reason: format!("map {}, key {}: lookup {label} = {key} in map {map} is not linked yet", input.map.name, input.key),
+    })
+}
+
+/// The entity (set) of `side` in `map`.
+pub fn entity_of(map: &TableMap, side: Side) -> String {
+    match side {
+        Side::Crm => map.crm.entity_set.clone(),
+        Side::Erp => map.erp.entity.clone(),
+    }
+}
+
+/// The policy's name as written in a map file.
+pub fn policy_name(policy: ConflictPolicy) -> &'static str {
+    match policy {
+        ConflictPolicy::LastWriterWins => "last_writer_wins",
+        ConflictPolicy::CrmWins => "crm_wins",
+        ConflictPolicy::ErpWins => "erp_wins",
+        ConflictPolicy::FieldLevel => "field_level",
+        ConflictPolicy::Manual => "manual",
+    }
+}
+
+fn conflict_id(map: &str, key: &IntegrationKey, crm: Option<SourceVersion>, erp: Option<SourceVersion>) -> String {
+    let v = |v: Option<SourceVersion>| v.map_or_else(|| "-".to_string(), |v| format!("{}.{}", v.modified_on.timestamp_micros(), v.sequence));
+    format!("{map}/{key}@crm:{}/erp:{}", v(crm), v(erp))
+}

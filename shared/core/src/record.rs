@@ -103,13 +103,16 @@ impl IntegrationKey {
     /// values in map order. `/` and `\` in values are escaped so distinct keys never collide.
     pub fn from_parts<'a>(company: Option<&str>, values: impl IntoIterator<Item = &'a str>) -> Self {
         let mut out = String::new();
+        let mut first = true;
         if let Some(c) = company {
             push_escaped(&mut out, &c.to_uppercase());
+            first = false;
         }
         for v in values {
-            if !out.is_empty() {
+            if !first {
                 out.push('/');
             }
+            first = false;
             push_escaped(&mut out, v);
         }
         IntegrationKey(out)
@@ -127,6 +130,27 @@ fn push_escaped(out: &mut String, v: &str) {
             out.push('\\');
         }
         out.push(c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_parts_keep_their_place() {
+        let a = IntegrationKey::from_parts(None, ["", "a"]);
+        let b = IntegrationKey::from_parts(None, ["a"]);
+        assert_ne!(a, b);
+        assert_eq!(a.as_str(), "/a");
+    }
+
+    #[test]
+    fn separators_in_values_are_escaped() {
+        let a = IntegrationKey::from_parts(Some("usmf"), ["a/b"]);
+        let b = IntegrationKey::from_parts(Some("usmf"), ["a", "b"]);
+        assert_ne!(a, b);
+        assert_eq!(a.as_str(), "USMF/a\\/b");
     }
 }
 

@@ -1,1 +1,31 @@
-//! Embedded SQLite state store and durable work queue.
+//! Embedded SQLite state store and durable work queue: the local default of dualwrite.
+//!
+//! - [`SqliteStore`] implements [`LinkStore`](dualwrite_core::ports::LinkStore),
+//!   [`IdempotencyStore`](dualwrite_core::ports::IdempotencyStore) and
+//!   [`JournalStore`](dualwrite_core::ports::JournalStore).
+//! - [`SqliteQueue`] implements [`WorkQueue`](dualwrite_core::ports::WorkQueue).
+//!
+//! Both may live in one database file (each opens its own connection; the schema holds every
+//! table) or in two. One file is the simpler default for `dualwrite run`: one thing to back up.
+//! A store commit and a queue ack are separate transactions either way; the engine does not need
+//! them to be atomic together, because the effect and the event's completion are committed
+//! together in the store and a redelivered event is answered `AlreadyDone`.
+//!
+//! Durability: every connection runs in WAL mode with `synchronous=FULL`, so a transaction that
+//! returned is on disk, even across power loss (see [`schema`] for the measurement behind that
+//! choice). Concurrency: rusqlite is synchronous; each adapter holds one connection behind a
+//! `std::sync::Mutex` and its async methods lock it and run one short transaction. That blocks
+//! the calling executor thread for the duration of that transaction (well under a millisecond
+//! plus one fsync), which is acceptable for an embedded, single-process store; several processes
+//! may still share a file, SQLite serialises their writes (`BEGIN IMMEDIATE` + busy timeout).
+
+pub mod clock;
+pub mod error;
+pub mod queue;
+pub mod schema;
+pub mod store;
+
+pub use clock::{ManualClock, SystemClock};
+pub use error::OpenError;
+pub use queue::{QueueConfig, SqliteQueue};
+pub use store::{SqliteStore, StoreCounts};

@@ -1,0 +1,5 @@
+//! One module per top-level command; each stays thin and calls into the shared crates.
+
+pub mod bench;
+pub mod maps;
+pub mod status;

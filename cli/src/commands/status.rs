@@ -1,0 +1,114 @@
+//! `dualwrite status`: what the local store and queue hold, for an operator.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dualwrite_core::ports::{JournalStore, WorkQueue};
+use dualwrite_sqlite::{QueueConfig, SqliteQueue, SqliteStore};
+use serde_json::json;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// How many recent conflicts, errors and dead letters to show.
+    #[arg(long, default_value_t = 5)]
+    recent: usize,
+}
+
+pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
+    if !db.exists() {
+        anyhow::bail!(
+            "no local store at {} (run `dualwrite demo` or `dualwrite serve` first, or pass --db)",
+            db.display()
+        );
+    }
+    let store = SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let queue = SqliteQueue::open(db, QueueConfig::default())
+        .with_context(|| format!("opening the queue in {}", db.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let counts = store.counts()?;
+        let states = store.map_states().await?;
+        let depth = queue.depth().await?;
+        let conflicts = store.conflicts(false, args.recent).await?;
+        let errors = store.errors(args.recent).await?;
+        let dead = queue.dead_letters(args.recent).await?;
+        let mut per_map = std::collections::BTreeMap::<String, usize>::new();
+        for link in store.links(None)? {
+            *per_map.entry(link.map).or_default() += 1;
+        }
+        if args.json {
+            let out = json!({
+                "db": db.display().to_string(),
+                "links": counts.links,
+                "links_per_map": per_map,
+                "completed_events": counts.completed_events,
+                "open_conflicts": counts.open_conflicts,
+                "conflicts": counts.conflicts,
+                "errors": counts.errors,
+                "parked": counts.parked,
+                "queue": {"ready": depth.ready, "in_flight": depth.in_flight, "delayed": depth.delayed, "dead": depth.dead},
+                "maps": states,
+                "recent_conflicts": conflicts,
+                "recent_errors": errors,
+                "recent_dead_letters": dead.iter().map(|d| json!({
+                    "event_id": d.message.event.event_id, "group": d.message.group_id,
+                    "attempts": d.attempts, "last_error": d.last_error})).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            return Ok::<_, anyhow::Error>(ExitCode::SUCCESS);
+        }
+        println!("store: {}", db.display());
+        println!(
+            "links: {}   events done: {}   parked: {}   conflicts: {} ({} open)   errors: {}",
+            counts.links, counts.completed_events, counts.parked, counts.conflicts, counts.open_conflicts, counts.errors
+        );
+        println!(
+            "queue: {} ready, {} in flight, {} delayed, {} dead-lettered",
+            depth.ready, depth.in_flight, depth.delayed, depth.dead
+        );
+        if !per_map.is_empty() {
+            println!("\nlinks per map:");
+            for (map, n) in &per_map {
+                println!("  {map:32} {n}");
+            }
+        }
+        if !states.is_empty() {
+            println!("\nmaps:");
+            for s in &states {
+                println!("  {:32} {:?}  updated {}", s.map, s.status, s.updated_at.to_rfc3339());
+            }
+        }
+        if !conflicts.is_empty() {
+            println!("\nrecent conflicts:");
+            for c in &conflicts {
+                let winner = c.winner.map_or("none (open)".to_string(), |w| w.to_string());
+                println!("  {} {} {} policy {} winner {}", c.detected_at.to_rfc3339(), c.map, c.key, c.policy, winner);
+            }
+        }
+        if !errors.is_empty() {
+            println!("\nrecent errors:");
+            for e in &errors {
+                println!(
+                    "  {} {:?} {} {}: {}",
+                    e.at.to_rfc3339(),
+                    e.class,
+                    e.map.as_deref().unwrap_or("-"),
+                    e.key.as_deref().unwrap_or("-"),
+                    e.message
+                );
+            }
+        }
+        if !dead.is_empty() {
+            println!("\ndead letters:");
+            for d in &dead {
+                println!("  {} after {} attempts: {}", d.message.event.event_id, d.attempts, d.last_error);
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

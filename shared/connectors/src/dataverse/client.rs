@@ -1,0 +1,443 @@
+//! The Dataverse connector: [`Connector`] over the Web API v9.2.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use chrono::SecondsFormat;
+use dualwrite_core::Side;
+use dualwrite_core::ports::{
+    Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition, WriteOutcome,
+};
+use dualwrite_core::record::Record;
+use reqwest::Method;
+use tracing::{info, warn};
+
+use super::DataverseConfig;
+use super::wire::{company_in_key, id_from_entity_url, record_body, record_from_row, render_key};
+use crate::batch::{BatchRequest, build_changeset_batch, parse_batch_response};
+use crate::http::{HttpResponse, ODataClient, ODataRequest, encode_path, encode_query, server_message};
+use crate::odata::{RawObject, json_string, literal_text, parse_collection, parse_object, query_filter, raw_str, render_filter};
+use crate::schema::EntitySchema;
+
+/// Most targets of one `UpsertMultiple` call or `$batch`.
+pub const MAX_BULK: usize = 1000;
+
+/// Company codes ↔ `cdm_companies` row ids, read once and re-read on a miss.
+#[derive(Debug, Default)]
+struct Companies {
+    id_by_code: HashMap<String, String>,
+    code_by_id: HashMap<String, String>,
+}
+
+/// A [`Connector`] for one Dataverse environment ([`Side::Crm`]).
+#[derive(Debug)]
+pub struct DataverseConnector {
+    config: DataverseConfig,
+    base: String,
+    client: ODataClient,
+    companies: Mutex<Option<Companies>>,
+    upsert_multiple_refused: AtomicBool,
+}
+
+impl DataverseConnector {
+    /// A connector for `config`.
+    pub fn new(config: DataverseConfig) -> Result<Self, ConnectorError> {
+        let client = ODataClient::new(
+            Side::Crm,
+            config.tokens.clone(),
+            config.scope(),
+            config.timeout,
+            config.stats.clone(),
+        )?;
+        let base = config.base_url.trim_end_matches('/').to_string();
+        Ok(DataverseConnector {
+            config,
+            base,
+            client,
+            companies: Mutex::new(None),
+            upsert_multiple_refused: AtomicBool::new(false),
+        })
+    }
+
+    fn schema(&self, entity: &str) -> Option<&EntitySchema> {
+        self.config.schemas.get(entity)
+    }
+
+    fn error(&self, entity: &str, kind: ConnectorErrorKind, message: String) -> ConnectorError {
+        ConnectorError { side: Side::Crm, entity: entity.to_string(), kind, status: None, message }
+    }
+
+    fn bad_answer(&self, entity: &str, message: String) -> ConnectorError {
+        self.error(entity, ConnectorErrorKind::Transient, format!("unreadable answer from Dataverse: {message}"))
+    }
+
+    async fn send(&self, entity: &str, request: ODataRequest) -> Result<HttpResponse, ConnectorError> {
+        self.client.send(entity, &request).await
+    }
+
+    /// Reads every company row into the cache.
+    async fn load_companies(&self) -> Result<(), ConnectorError> {
+        let set = &self.config.company_set;
+        let (code_f, id_f) = (&self.config.company_code_field, &self.config.company_id_field);
+        let mut url = format!("{}/{set}?$select={id_f},{code_f}", self.base);
+        let mut companies = Companies::default();
+        loop {
+            let answer = self.send(set, ODataRequest::new(Method::GET, &url)).await?;
+            if !answer.is_success() {
+                return Err(answer.to_error(Side::Crm, set));
+            }
+            let (rows, next) = parse_collection(&answer.body).map_err(|e| self.bad_answer(set, e))?;
+            for row in rows {
+                if let (Some(id), Some(code)) = (row.get(id_f.as_str()).and_then(|r| raw_str(r)), row.get(code_f.as_str()).and_then(|r| raw_str(r))) {
+                    companies.id_by_code.insert(code.to_uppercase(), id.to_lowercase());
+                    companies.code_by_id.insert(id.to_lowercase(), code);
+                }
+            }
+            match next {
+                Some(n) => url = n,
+                None => break,
+            }
+        }
+        *self.companies.lock().unwrap_or_else(|e| e.into_inner()) = Some(companies);
+        Ok(())
+    }
+
+    fn cached_company_id(&self, code: &str) -> Option<String> {
+        let guard = self.companies.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().and_then(|c| c.id_by_code.get(&code.to_uppercase()).cloned())
+    }
+
+    fn cached_company_code(&self, id: &str) -> Option<String> {
+        let guard = self.companies.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().and_then(|c| c.code_by_id.get(&id.to_lowercase()).cloned())
+    }
+
+    /// The `cdm_companies` row id of company `code`.
+    async fn company_id(&self, entity: &str, code: &str) -> Result<String, ConnectorError> {
+        if let Some(id) = self.cached_company_id(code) {
+            return Ok(id);
+        }
+        self.load_companies().await?;
+        self.cached_company_id(code).ok_or_else(|| {
+            self.error(
+                entity,
+                ConnectorErrorKind::BadRequest,
+                format!("company {code} has no row in {}: create the legal entity in Dataverse first", self.config.company_set),
+            )
+        })
+    }
+
+    /// Makes sure every company GUID of `rows` is in the cache (one re-read on a miss).
+    async fn know_companies(&self, entity: &str, rows: &[RawObject]) -> Result<(), ConnectorError> {
+        let Some(field) = self.schema(entity).and_then(|s| s.company_field.clone()) else {
+            return Ok(());
+        };
+        let column = format!("_{field}_value");
+        let missing = rows.iter().filter_map(|r| r.get(&column).and_then(|v| raw_str(v))).any(|id| self.cached_company_code(&id).is_none());
+        if missing { self.load_companies().await } else { Ok(()) }
+    }
+
+    fn to_record(&self, entity: &str, row: &RawObject) -> Result<Record, ConnectorError> {
+        record_from_row(entity, self.schema(entity), row, &|id| self.cached_company_code(id)).map_err(|e| {
+            self.error(entity, ConnectorErrorKind::BadRequest, format!("record does not fit the table maps: {e}"))
+        })
+    }
+
+    async fn rows_to_records(&self, entity: &str, rows: &[RawObject]) -> Result<Vec<Record>, ConnectorError> {
+        self.know_companies(entity, rows).await?;
+        rows.iter().map(|r| self.to_record(entity, r)).collect()
+    }
+
+    /// `accounts(<guid>)` or `accounts(accountnumber='A1',_msdyn_company_value=<guid>)`.
+    async fn address(&self, entity: &str, at: &RecordRef) -> Result<String, ConnectorError> {
+        match at {
+            RecordRef::Id(id) => Ok(format!("{entity}({})", encode_path(id))),
+            RecordRef::Key(key) => {
+                let schema = self.schema(entity);
+                let company = match company_in_key(schema, key) {
+                    Some(code) => Some(self.company_id(entity, code).await?),
+                    None => None,
+                };
+                let rendered = render_key(schema, key, company.as_deref())
+                    .map_err(|e| self.error(entity, ConnectorErrorKind::BadRequest, e))?;
+                Ok(format!("{entity}({})", encode_path(&rendered)))
+            }
+        }
+    }
+
+    fn company_bind(&self, record: &Record) -> Option<String> {
+        record.company.as_ref().map(|code| {
+            format!("/{}({}='{}')", self.config.company_set, self.config.company_code_field, code.replace('\'', "''"))
+        })
+    }
+
+    fn body(&self, entity: &str, record: &Record, extra: &[(String, String)]) -> Result<String, ConnectorError> {
+        record_body(self.schema(entity), record, self.company_bind(record), extra)
+            .map_err(|e| self.error(entity, ConnectorErrorKind::BadRequest, format!("cannot write the record: {e}")))
+    }
+
+    /// The outcome of a write answered with or without a representation.
+    async fn outcome(&self, entity: &str, answer: &HttpResponse) -> Result<WriteOutcome, ConnectorError> {
+        let mut outcome = WriteOutcome { created: answer.status == 201, ..WriteOutcome::default() };
+        if !answer.body.trim().is_empty() {
+            let row = parse_object(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
+            let record = self.rows_to_records(entity, std::slice::from_ref(&row)).await?.remove(0);
+            outcome.id = record.id;
+            outcome.etag = record.etag;
+            outcome.version = record.version;
+        }
+        if outcome.id.is_none() {
+            outcome.id = answer.header("OData-EntityId").and_then(id_from_entity_url);
+        }
+        if outcome.etag.is_none() {
+            outcome.etag = answer.header("ETag").map(str::to_string);
+        }
+        Ok(outcome)
+    }
+
+    async fn upsert_multiple(
+        &self,
+        entity: &str,
+        items: &[(RecordRef, Record)],
+    ) -> Result<Option<Vec<Result<WriteOutcome, ConnectorError>>>, ConnectorError> {
+        let schema = self.schema(entity);
+        let logical = schema.and_then(|s| s.logical_name.clone()).unwrap_or_else(|| entity.trim_end_matches('s').to_string());
+        let mut targets = Vec::with_capacity(items.len());
+        for (at, record) in items {
+            let mut extra = vec![
+                ("@odata.type".to_string(), json_string(&format!("Microsoft.Dynamics.CRM.{logical}"))),
+                ("@odata.id".to_string(), json_string(&self.address(entity, at).await?)),
+            ];
+            if let (RecordRef::Id(id), Some(pid)) = (at, schema.and_then(|s| s.primary_id.clone())) {
+                extra.push((pid, json_string(id)));
+            }
+            targets.push(self.body(entity, record, &extra)?);
+        }
+        let body = format!("{{\"Targets\":[{}]}}", targets.join(","));
+        let url = format!("{}/{entity}/Microsoft.Dynamics.CRM.UpsertMultiple", self.base);
+        let answer = self.send(entity, ODataRequest::new(Method::POST, url).json(body)).await?;
+        if !answer.is_success() {
+            let message = server_message(&answer.body).unwrap_or_default().to_lowercase();
+            let refused = matches!(answer.status, 404 | 405 | 501)
+                || (answer.status == 400 && (message.contains("not supported") || message.contains("upsertmultiple")));
+            if refused {
+                warn!(side = "crm", entity, status = answer.status, "UpsertMultiple refused, using $batch");
+                self.upsert_multiple_refused.store(true, Ordering::Relaxed);
+                return Ok(None);
+            }
+            return Err(answer.to_error(Side::Crm, entity));
+        }
+        // The answer lists the ids in order (`Ids`), or per-target results (`Results`).
+        let ids: Vec<Option<String>> = match serde_json::from_str::<serde_json::Value>(&answer.body) {
+            Ok(json) => {
+                if let Some(ids) = json.get("Ids").and_then(|v| v.as_array()) {
+                    ids.iter().map(|v| v.as_str().map(str::to_string)).collect()
+                } else if let Some(results) = json.get("Results").and_then(|v| v.as_array()) {
+                    results.iter().map(|r| r.get("Id").and_then(|v| v.as_str()).map(str::to_string)).collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            Err(_) => Vec::new(),
+        };
+        let created: Vec<bool> = serde_json::from_str::<serde_json::Value>(&answer.body)
+            .ok()
+            .and_then(|j| j.get("Results").and_then(|v| v.as_array()).cloned())
+            .map(|r| r.iter().map(|x| x.get("RecordCreated").and_then(|v| v.as_bool()).unwrap_or(false)).collect())
+            .unwrap_or_default();
+        Ok(Some(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, (at, _))| {
+                    let id = ids.get(i).cloned().flatten().or_else(|| match at {
+                        RecordRef::Id(id) => Some(id.clone()),
+                        RecordRef::Key(_) => None,
+                    });
+                    Ok(WriteOutcome { id, created: created.get(i).copied().unwrap_or(false), ..WriteOutcome::default() })
+                })
+                .collect(),
+        ))
+    }
+
+    async fn batch_upsert(
+        &self,
+        entity: &str,
+        items: &[(RecordRef, Record)],
+    ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
+        let mut requests = Vec::with_capacity(items.len());
+        for (at, record) in items {
+            requests.push(BatchRequest {
+                method: "PATCH".into(),
+                url: format!("{}/{}", self.base, self.address(entity, at).await?),
+                headers: vec![],
+                body: Some(self.body(entity, record, &[])?),
+            });
+        }
+        let id = format!("{:016x}", rand::random::<u64>());
+        let (content_type, body) = build_changeset_batch(&id, &requests);
+        let url = format!("{}/$batch", self.base);
+        let answer = self.send(entity, ODataRequest::new(Method::POST, url).body(content_type, body)).await?;
+        if !answer.is_success() {
+            return Err(answer.to_error(Side::Crm, entity));
+        }
+        let content_type = answer.header("Content-Type").unwrap_or_default().to_string();
+        let parts = parse_batch_response(&content_type, &answer.body).map_err(|e| self.bad_answer(entity, e))?;
+        batch_outcomes(Side::Crm, entity, items.len(), &parts)
+    }
+}
+
+/// One result per item from the parts of a changeset answer: one part per item when it
+/// committed; one error part for all when it was rolled back.
+pub(crate) fn batch_outcomes(
+    side: Side,
+    entity: &str,
+    items: usize,
+    parts: &[crate::batch::BatchResponse],
+) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
+    let to_error = |p: &crate::batch::BatchResponse| {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(v) = p.header("retry-after").and_then(|v| v.parse().ok()) {
+            headers.insert("retry-after", v);
+        }
+        HttpResponse { status: p.status, headers, body: p.body.clone() }.to_error(side, entity)
+    };
+    if parts.len() == items {
+        return Ok(parts
+            .iter()
+            .map(|p| {
+                if (200..300).contains(&p.status) {
+                    Ok(WriteOutcome {
+                        id: p.header("odata-entityid").and_then(id_from_entity_url),
+                        etag: p.header("etag").map(str::to_string),
+                        version: None,
+                        created: p.status == 201,
+                    })
+                } else {
+                    Err(to_error(p))
+                }
+            })
+            .collect());
+    }
+    match parts.iter().find(|p| !(200..300).contains(&p.status)) {
+        Some(failed) => {
+            let mut e = to_error(failed);
+            e.message = format!("the changeset was rolled back: {}", e.message);
+            Ok((0..items).map(|_| Err(e.clone())).collect())
+        }
+        None => Err(ConnectorError {
+            side,
+            entity: entity.to_string(),
+            kind: ConnectorErrorKind::Transient,
+            status: None,
+            message: format!("the $batch answer holds {} responses for {items} requests", parts.len()),
+        }),
+    }
+}
+
+fn condition_headers(request: ODataRequest, condition: &WriteCondition) -> ODataRequest {
+    match condition {
+        WriteCondition::None => request,
+        WriteCondition::IfMatch(etag) => request.header("If-Match", etag.clone()),
+        WriteCondition::MustExist => request.header("If-Match", "*"),
+        WriteCondition::MustNotExist => request.header("If-None-Match", "*"),
+    }
+}
+
+#[async_trait]
+impl Connector for DataverseConnector {
+    fn side(&self) -> Side {
+        Side::Crm
+    }
+
+    async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
+        let url = format!("{}/{}", self.base, self.address(entity, at).await?);
+        let answer = self.send(entity, ODataRequest::new(Method::GET, url)).await?;
+        match answer.status {
+            404 => Ok(None),
+            _ if answer.is_success() => {
+                let row = parse_object(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
+                Ok(self.rows_to_records(entity, std::slice::from_ref(&row)).await?.pop())
+            }
+            _ => Err(answer.to_error(Side::Crm, entity)),
+        }
+    }
+
+    async fn query(&self, entity: &str, query: &Query) -> Result<Page, ConnectorError> {
+        let url = match &query.page_token {
+            Some(next) => {
+                if !next.starts_with(&self.base) {
+                    return Err(self.error(entity, ConnectorErrorKind::BadRequest, format!("page token {next} does not belong to {}", self.base)));
+                }
+                next.clone()
+            }
+            None => {
+                let filter = query.filter.as_ref().map(|f| render_filter(f, &|_, l| literal_text(l)));
+                let modified = query
+                    .modified_since
+                    .map(|t| format!("modifiedon ge {}", t.to_rfc3339_opts(SecondsFormat::AutoSi, true)));
+                match query_filter(filter, modified) {
+                    Some(f) => format!("{}/{entity}?$filter={}", self.base, encode_query(&f)),
+                    None => format!("{}/{entity}", self.base),
+                }
+            }
+        };
+        let size = query.page_size.unwrap_or(self.config.page_size).clamp(1, 5000);
+        let request = ODataRequest::new(Method::GET, url).header("Prefer", format!("odata.maxpagesize={size}"));
+        let answer = self.send(entity, request).await?;
+        if !answer.is_success() {
+            return Err(answer.to_error(Side::Crm, entity));
+        }
+        let (rows, next) = parse_collection(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
+        let records = self.rows_to_records(entity, &rows).await?;
+        Ok(Page { records, next })
+    }
+
+    async fn upsert(
+        &self,
+        entity: &str,
+        at: &RecordRef,
+        record: &Record,
+        condition: WriteCondition,
+    ) -> Result<WriteOutcome, ConnectorError> {
+        let url = format!("{}/{}", self.base, self.address(entity, at).await?);
+        let body = self.body(entity, record, &[])?;
+        let request = ODataRequest::new(Method::PATCH, url).header("Prefer", "return=representation").json(body);
+        let answer = self.send(entity, condition_headers(request, &condition)).await?;
+        if !answer.is_success() {
+            return Err(answer.to_error(Side::Crm, entity));
+        }
+        self.outcome(entity, &answer).await
+    }
+
+    async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
+        let url = format!("{}/{}", self.base, self.address(entity, at).await?);
+        let answer = self.send(entity, ODataRequest::new(Method::DELETE, url)).await?;
+        if answer.is_success() || answer.status == 404 {
+            Ok(())
+        } else {
+            Err(answer.to_error(Side::Crm, entity))
+        }
+    }
+
+    async fn upsert_batch(
+        &self,
+        entity: &str,
+        items: &[(RecordRef, Record)],
+    ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
+        let mut results = Vec::with_capacity(items.len());
+        for chunk in items.chunks(MAX_BULK) {
+            if !self.upsert_multiple_refused.load(Ordering::Relaxed)
+                && let Some(done) = self.upsert_multiple(entity, chunk).await?
+            {
+                results.extend(done);
+                continue;
+            }
+            results.extend(self.batch_upsert(entity, chunk).await?);
+        }
+        info!(side = "crm", entity, items = items.len(), "bulk upsert done");
+        Ok(results)
+    }
+}

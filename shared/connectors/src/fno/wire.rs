@@ -1,0 +1,135 @@
+//! F&O JSON ↔ [`Record`]: `dataAreaId` as the company, the rendered OData key as the record
+//! id, `ModifiedDateTime` as the version, and enum literals in `$filter`.
+
+use chrono::{DateTime, Utc};
+use dualwrite_core::map::filter::Literal;
+use dualwrite_core::record::{Record, RecordKey, SourceVersion};
+use dualwrite_core::value::{Value, ValueType};
+
+use crate::odata::{DateStyle, RawObject, json_string, literal_text, object_text, raw_str, value_from_json, value_to_json};
+use crate::schema::EntitySchema;
+
+/// The company field of every company-specific data entity.
+pub const DATA_AREA_ID: &str = "dataAreaId";
+
+/// The enum type whose symbols are `Yes`/`No`.
+const NO_YES: &str = "Microsoft.Dynamics.DataEntities.NoYes";
+
+/// Renders `field`'s literal for `$filter`. A text literal compared with an enum field is
+/// written as an enum literal when its type is known: `Yes`/`No` as
+/// `Microsoft.Dynamics.DataEntities.NoYes'Yes'`. Other enum types cannot be named from a
+/// table map, so their symbols are sent as plain strings (`PartyType eq 'Organization'`),
+/// which F&O accepts for enum fields.
+pub fn filter_literal(schema: Option<&EntitySchema>, field: &str, literal: &Literal) -> String {
+    if let (Some(ValueType::Enum), Literal::Text(symbol)) = (schema.and_then(|s| s.type_of(field)), literal)
+        && (symbol == "Yes" || symbol == "No")
+    {
+        return format!("{NO_YES}'{symbol}'");
+    }
+    literal_text(literal)
+}
+
+/// Parses a rendered key (`dataAreaId='usmf',CustomerAccount='US-001'`) back into pairs;
+/// `None` when it is not in that form.
+pub fn parse_key(text: &str) -> Option<RecordKey> {
+    let mut pairs = Vec::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let (field, after) = rest.split_once('=')?;
+        let after = after.trim_start();
+        let (value, remaining) = if let Some(quoted) = after.strip_prefix('\'') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices().peekable();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                if c == '\'' {
+                    if matches!(chars.peek(), Some((_, '\''))) {
+                        value.push('\'');
+                        chars.next();
+                    } else {
+                        end = Some(i + 1);
+                        break;
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+            (value, &quoted[end?..])
+        } else {
+            let cut = after.find(',').unwrap_or(after.len());
+            (after[..cut].trim().to_string(), &after[cut..])
+        };
+        pairs.push((field.trim().to_string(), value));
+        let remaining = remaining.trim_start();
+        if remaining.is_empty() {
+            break;
+        }
+        rest = remaining.strip_prefix(',')?.trim_start();
+    }
+    Some(RecordKey(pairs))
+}
+
+/// The record key of a row: `dataAreaId` first for company-specific entities, then the
+/// schema's key fields. `None` when a key field is missing.
+pub fn key_of_row(schema: &EntitySchema, record: &Record) -> Option<RecordKey> {
+    let mut pairs = Vec::new();
+    if schema.company_specific {
+        pairs.push((DATA_AREA_ID.to_string(), record.company.clone()?));
+    }
+    for field in &schema.key {
+        let value = record.fields.get(field).filter(|v| !v.is_null())?;
+        pairs.push((field.clone(), value.to_string()));
+    }
+    Some(RecordKey(pairs))
+}
+
+/// Converts one row to a [`Record`] of `entity`: company from `dataAreaId`, id the rendered
+/// key (when the schema names the key), version from `ModifiedDateTime` when the entity has
+/// it (otherwise none: the ETag is the only change marker), ETag from `@odata.etag`.
+pub fn record_from_row(entity: &str, schema: Option<&EntitySchema>, row: &RawObject) -> Result<Record, String> {
+    let mut record = Record::new(entity);
+    record.etag = row.get("@odata.etag").and_then(|r| raw_str(r));
+    record.company = row.get(DATA_AREA_ID).and_then(|r| raw_str(r));
+    if let Some(modified) = row.get("ModifiedDateTime").and_then(|r| raw_str(r)) {
+        let at = DateTime::parse_from_rfc3339(&modified)
+            .map_err(|e| format!("field ModifiedDateTime: {modified:?} is not an ISO 8601 date-time: {e}"))?;
+        record.version = Some(SourceVersion { modified_on: at.with_timezone(&Utc), sequence: 0 });
+    }
+    for (name, raw) in row {
+        if name.contains('@') || name == DATA_AREA_ID {
+            continue;
+        }
+        let ty = schema.and_then(|s| s.type_of(name));
+        let value = value_from_json(raw, ty).map_err(|e| format!("field {name}: {e}"))?;
+        record.fields.insert(name.clone(), value);
+    }
+    record.id = schema.and_then(|s| key_of_row(s, &record)).map(|k| k.to_string());
+    Ok(record)
+}
+
+/// The JSON body of a POST or PATCH: the record's fields (dates as `…T00:00:00Z`, enums as
+/// their symbol), the key fields of `key` that the record lacks, and `dataAreaId`.
+pub fn record_body(record: &Record, key: Option<&RecordKey>) -> Result<String, String> {
+    let mut pairs = Vec::new();
+    for (name, value) in &record.fields {
+        if name == DATA_AREA_ID {
+            continue;
+        }
+        if let Value::Lookup(l) = value {
+            return Err(format!("field {name}: F&O fields hold natural keys, not Dataverse lookups ({l:?})"));
+        }
+        pairs.push((name.clone(), value_to_json(value, DateStyle::Midnight).map_err(|e| format!("field {name}: {e}"))?));
+    }
+    let mut company = record.company.clone();
+    for (field, value) in key.map(|k| k.0.as_slice()).unwrap_or_default() {
+        if field == DATA_AREA_ID {
+            company = company.or_else(|| Some(value.clone()));
+        } else if !record.fields.contains_key(field) {
+            pairs.push((field.clone(), json_string(value)));
+        }
+    }
+    if let Some(c) = company {
+        pairs.push((DATA_AREA_ID.to_string(), json_string(&c)));
+    }
+    Ok(object_text(&pairs))
+}

@@ -1,0 +1,359 @@
+//! Shared HTTP request execution for the OData connectors: OData headers, bearer tokens, the
+//! one token refresh on 401, timeouts, and the mapping of an answer to a [`ConnectorError`]
+//! (status → [`ConnectorErrorKind`], `Retry-After` in seconds, the server's own message).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualwrite_core::Side;
+use dualwrite_core::error_policy::{Backoff, Disposition, disposition};
+use dualwrite_core::ports::{ConnectorError, ConnectorErrorKind};
+use reqwest::Method;
+use reqwest::header::HeaderMap;
+use tracing::{debug, warn};
+
+use crate::entra::TokenSource;
+use crate::stats::ConnectorStats;
+
+/// The wait assumed for a 429 that carries no usable `Retry-After`.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// One answer, read to the end.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// Response body as text.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// True for 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// A header's value, when present and readable.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The failure this answer stands for (call only for non-2xx answers).
+    pub fn to_error(&self, side: Side, entity: &str) -> ConnectorError {
+        let retry_after = self.header("retry-after").and_then(parse_retry_after);
+        ConnectorError {
+            side,
+            entity: entity.to_string(),
+            kind: error_kind(self.status, retry_after),
+            status: Some(self.status),
+            message: server_message(&self.body)
+                .unwrap_or_else(|| format!("HTTP {} with no error message", self.status)),
+        }
+    }
+}
+
+/// The kind of failure an HTTP status stands for. `retry_after` is the parsed `Retry-After`
+/// header: a 503 carrying one is throttling, without one it is a transient failure.
+pub fn error_kind(status: u16, retry_after: Option<Duration>) -> ConnectorErrorKind {
+    let throttled = |d: Duration| ConnectorErrorKind::Throttled {
+        retry_after_ms: u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+    };
+    match (status, retry_after) {
+        (401, _) => ConnectorErrorKind::Unauthorized,
+        (403, _) => ConnectorErrorKind::Forbidden,
+        (404, _) => ConnectorErrorKind::NotFound,
+        (412, _) => ConnectorErrorKind::PreconditionFailed,
+        (429, d) => throttled(d.unwrap_or(DEFAULT_RETRY_AFTER)),
+        (503, Some(d)) => throttled(d),
+        (408, _) | (500..=599, _) => ConnectorErrorKind::Transient,
+        _ => ConnectorErrorKind::BadRequest,
+    }
+}
+
+/// Parses a `Retry-After` value given in seconds (`"5"`, or `"2.5"` as some gateways send).
+/// The HTTP-date form is not used by Dataverse or F&O and yields `None`.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    value.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+}
+
+/// The server's message from an OData error body `{"error":{"code":"…","message":"…"}}`
+/// (as `code: message`), or from an OAuth error body `{"error":"…","error_description":"…"}`.
+/// A short non-JSON body is returned as it is; `None` when the body is empty.
+pub fn server_message(body: &str) -> Option<String> {
+    let trimmed = body.trim();
+    if trimmed.is_empty() {
+        return None;
+    }
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(trimmed) {
+        let error = json.get("error");
+        if let Some(obj) = error.filter(|e| e.is_object()) {
+            let code = obj.get("code").and_then(|c| c.as_str());
+            let message = obj.get("message").and_then(|m| m.as_str());
+            return match (code, message) {
+                (Some(c), Some(m)) => Some(format!("{c}: {m}")),
+                (None, Some(m)) => Some(m.to_string()),
+                (Some(c), None) => Some(c.to_string()),
+                (None, None) => Some(obj.to_string()),
+            };
+        }
+        if let Some(code) = error.and_then(|e| e.as_str()) {
+            let description = json.get("error_description").and_then(|d| d.as_str());
+            return Some(match description {
+                Some(d) => format!("{code}: {d}"),
+                None => code.to_string(),
+            });
+        }
+    }
+    Some(trimmed.chars().take(500).collect())
+}
+
+/// A transport failure (no answer, timeout, dropped connection) as a transient error.
+pub fn transport_error(side: Side, entity: &str, error: &reqwest::Error) -> ConnectorError {
+    let what = if error.is_timeout() { "request timed out" } else { "request failed" };
+    ConnectorError {
+        side,
+        entity: entity.to_string(),
+        kind: ConnectorErrorKind::Transient,
+        status: None,
+        message: format!("{what}: {error}"),
+    }
+}
+
+/// A request to send, described so it can be sent twice (after a token refresh).
+#[derive(Debug, Clone)]
+pub struct ODataRequest {
+    /// HTTP method.
+    pub method: Method,
+    /// Absolute URL, query string included.
+    pub url: String,
+    /// Extra headers (`If-Match`, `Prefer`, …).
+    pub headers: Vec<(String, String)>,
+    /// Body and its content type.
+    pub body: Option<(String, String)>,
+}
+
+impl ODataRequest {
+    /// A request without headers or body.
+    pub fn new(method: Method, url: impl Into<String>) -> Self {
+        ODataRequest { method, url: url.into(), headers: Vec::new(), body: None }
+    }
+
+    /// Adds a header (builder style).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets a JSON body (builder style).
+    pub fn json(mut self, body: String) -> Self {
+        self.body = Some(("application/json".to_string(), body));
+        self
+    }
+
+    /// Sets a body with its content type (builder style).
+    pub fn body(mut self, content_type: impl Into<String>, body: String) -> Self {
+        self.body = Some((content_type.into(), body));
+        self
+    }
+}
+
+/// Sends OData requests for one connector: OData headers, bearer tokens, counters, tracing.
+#[derive(Debug, Clone)]
+pub struct ODataClient {
+    http: reqwest::Client,
+    tokens: Arc<dyn TokenSource>,
+    scope: String,
+    side: Side,
+    stats: Arc<ConnectorStats>,
+}
+
+impl ODataClient {
+    /// A client sending to `side` with tokens for `scope`; every request times out after
+    /// `timeout`.
+    pub fn new(
+        side: Side,
+        tokens: Arc<dyn TokenSource>,
+        scope: String,
+        timeout: Duration,
+        stats: Arc<ConnectorStats>,
+    ) -> Result<Self, ConnectorError> {
+        let http = reqwest::Client::builder().timeout(timeout).build().map_err(|e| {
+            ConnectorError {
+                side,
+                entity: String::new(),
+                kind: ConnectorErrorKind::BadRequest,
+                status: None,
+                message: format!("cannot build the HTTP client: {e}"),
+            }
+        })?;
+        Ok(ODataClient { http, tokens, scope, side, stats })
+    }
+
+    /// The counters this client adds to.
+    pub fn stats(&self) -> &Arc<ConnectorStats> {
+        &self.stats
+    }
+
+    /// Sends `request` and reads the answer, whatever its status. On a 401 the token is
+    /// invalidated and the request sent once more, as [`disposition`] says; a second 401 is
+    /// returned as it is. Transport failures and token failures are errors.
+    pub async fn send(
+        &self,
+        entity: &str,
+        request: &ODataRequest,
+    ) -> Result<HttpResponse, ConnectorError> {
+        let mut attempt = 1;
+        loop {
+            let token = self.tokens.token(&self.scope).await.map_err(|e| e.into_connector_error(self.side, entity))?;
+            let mut builder = self
+                .http
+                .request(request.method.clone(), &request.url)
+                .bearer_auth(token.expose())
+                .header("Accept", "application/json")
+                .header("OData-MaxVersion", "4.0")
+                .header("OData-Version", "4.0");
+            for (name, value) in &request.headers {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
+            if let Some((content_type, body)) = &request.body {
+                builder = builder.header("Content-Type", content_type.as_str()).body(body.clone());
+            }
+            self.stats.request();
+            let response = match builder.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.stats.failure();
+                    warn!(side = %self.side, entity, attempt, error = %e, "request failed");
+                    return Err(transport_error(self.side, entity, &e));
+                }
+            };
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let body = response.text().await.map_err(|e| {
+                self.stats.failure();
+                transport_error(self.side, entity, &e)
+            })?;
+            let answer = HttpResponse { status, headers, body };
+            debug!(side = %self.side, entity, method = %request.method, status, attempt, "request answered");
+            if answer.is_success() || status == 304 {
+                return Ok(answer);
+            }
+            self.stats.failure();
+            let error = answer.to_error(self.side, entity);
+            let policy = Backoff::default();
+            if disposition(&error, attempt, &policy, 0.0) == Disposition::RefreshTokenOnce {
+                warn!(side = %self.side, entity, status, attempt, "token refused, refreshing once");
+                self.tokens.invalidate(&self.scope);
+                self.stats.token_refresh();
+                attempt += 1;
+                continue;
+            }
+            return Ok(answer);
+        }
+    }
+}
+
+/// Percent-encodes `text` for use inside a URL path segment; OData key punctuation
+/// (`'`, `(`, `)`, `,`, `=`) and unreserved characters are kept.
+pub fn encode_path(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        let keep = byte.is_ascii_alphanumeric()
+            || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'\'' | b'(' | b')' | b',' | b'=' | b':' | b'@' | b'!' | b'$' | b'*' | b';');
+        if keep {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Percent-encodes `text` for use as a query-string value.
+pub fn encode_query(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'\'' | b'(' | b')' | b',' | b':') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        assert_eq!(parse_retry_after("5"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("2.5"), Some(Duration::from_millis(2500)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-3"), None);
+    }
+
+    #[test]
+    fn each_status_maps_to_its_kind() {
+        use ConnectorErrorKind as K;
+        assert_eq!(error_kind(400, None), K::BadRequest);
+        assert_eq!(error_kind(401, None), K::Unauthorized);
+        assert_eq!(error_kind(403, None), K::Forbidden);
+        assert_eq!(error_kind(404, None), K::NotFound);
+        assert_eq!(error_kind(405, None), K::BadRequest);
+        assert_eq!(error_kind(408, None), K::Transient);
+        assert_eq!(error_kind(412, None), K::PreconditionFailed);
+        assert_eq!(error_kind(413, None), K::BadRequest);
+        assert_eq!(error_kind(429, Some(Duration::from_secs(7))), K::Throttled { retry_after_ms: 7000 });
+        assert_eq!(error_kind(429, None), K::Throttled { retry_after_ms: 1000 });
+        assert_eq!(error_kind(500, None), K::Transient);
+        assert_eq!(error_kind(502, None), K::Transient);
+        assert_eq!(error_kind(503, None), K::Transient);
+        assert_eq!(error_kind(503, Some(Duration::from_secs(2))), K::Throttled { retry_after_ms: 2000 });
+        assert_eq!(error_kind(504, None), K::Transient);
+    }
+
+    #[test]
+    fn server_messages_are_extracted() {
+        let odata = r#"{"error":{"code":"0x80060882","message":"The version of the existing record doesn't match the RowVersion property provided."}}"#;
+        assert_eq!(
+            server_message(odata).as_deref(),
+            Some("0x80060882: The version of the existing record doesn't match the RowVersion property provided.")
+        );
+        let oauth = r#"{"error":"invalid_scope","error_description":"AADSTS70011: bad scope","error_codes":[70011]}"#;
+        assert_eq!(server_message(oauth).as_deref(), Some("invalid_scope: AADSTS70011: bad scope"));
+        assert_eq!(server_message("  "), None);
+        assert_eq!(server_message("Bad Gateway").as_deref(), Some("Bad Gateway"));
+    }
+
+    #[test]
+    fn error_from_answer_keeps_status_message_and_retry_after() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", "12".parse().unwrap());
+        let answer = HttpResponse {
+            status: 429,
+            headers,
+            body: r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit of 6000 over time window of 300 seconds."}}"#.into(),
+        };
+        let e = answer.to_error(Side::Crm, "accounts");
+        assert_eq!(e.kind, ConnectorErrorKind::Throttled { retry_after_ms: 12_000 });
+        assert_eq!(e.status, Some(429));
+        assert!(e.message.starts_with("0x80072322: Number of requests"));
+        assert_eq!(e.entity, "accounts");
+    }
+
+    #[test]
+    fn path_encoding_keeps_key_punctuation() {
+        assert_eq!(encode_path("accountnumber='A 1/2'"), "accountnumber='A%201%2F2'");
+        assert_eq!(encode_path("dataAreaId='usmf',CustomerAccount='Ü#1'"), "dataAreaId='usmf',CustomerAccount='%C3%9C%231'");
+        assert_eq!(encode_query("modifiedon ge 2026-05-01T00:00:00Z"), "modifiedon%20ge%202026-05-01T00:00:00Z");
+    }
+}

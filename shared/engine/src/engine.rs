@@ -1,0 +1,933 @@
+//! The worker step: one change event in, connector writes and one store commit out.
+//!
+//! [`Engine::process`] claims the event, and for each map covering the record gathers what
+//! [`decide`] needs (full source record, link, the other side's current record, resolved
+//! lookups), executes the decision through the connectors and commits the new link together
+//! with the event's completion. A 412 from a connector or a concurrent link update makes it
+//! read again and decide again (bounded). It knows nothing of HTTP, SQLite or Lambda: those
+//! wrap it.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualwrite_core::decision::{
+    DecisionInput, DeleteAction, LinkChange, ParkCause, SkipReason, decide, entity_of, side_hash,
+};
+use dualwrite_core::error_policy::{Backoff, Disposition, disposition, error_class};
+use dualwrite_core::map::TableMap;
+use dualwrite_core::map::apply::{
+    LookupResolution, LookupTarget, ResolvedLookups, integration_key, lookup_requests_with, record_key,
+};
+use dualwrite_core::ports::{
+    Clock, Connector, ConnectorError, ErrorClass, ErrorRecord, EventClaim, Link, ParkedEvent, RecordRef, StateStore,
+    StoreError, StoreOp,
+};
+use dualwrite_core::{ChangeEvent, IntegrationKey, LookupRef, Operation, Record, Side, Value};
+use tracing::{debug, info, warn};
+
+use crate::stats::{Counter, EngineStats, StatsSnapshot};
+
+/// How a worker behaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    /// How long a claimed event is reserved for this worker (also the queue visibility timeout).
+    pub lease: Duration,
+    /// Backoff for retryable connector failures.
+    pub backoff: Backoff,
+    /// How deep a missing lookup may be synced on the spot (a dependency of a dependency …)
+    /// before the change is parked instead.
+    pub max_dependency_depth: u32,
+    /// How many times one change may be decided again after a 412 or a concurrent link update
+    /// before the event is handed back to the queue for later.
+    pub max_redecisions: u32,
+    /// Messages received per batch by [`crate::run_worker`].
+    pub batch_size: usize,
+    /// How long [`crate::run_worker`] waits when the queue is empty.
+    pub idle_poll: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            lease: Duration::from_secs(60),
+            backoff: Backoff::default(),
+            max_dependency_depth: 3,
+            max_redecisions: 8,
+            batch_size: 10,
+            idle_poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What became of an event as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventStatus {
+    /// Processed under every map covering it (each map's action is in [`ProcessOutcome::maps`]).
+    Processed,
+    /// Processed to completion before: nothing was done (idempotency).
+    Duplicate,
+    /// No map covers the record's side and entity: completed without effect.
+    NoMap,
+}
+
+/// What one map did with the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapAction {
+    /// Nothing written, for this reason.
+    Skipped(SkipReason),
+    /// The source record no longer exists (read for a partial event): nothing to sync.
+    SourceGone,
+    /// Records written (`writes` connector upserts, 0 when only a conflict was recorded).
+    Written {
+        /// Connector writes made.
+        writes: usize,
+        /// Id of the conflict resolved by the write, if any.
+        conflict: Option<String>,
+    },
+    /// A delete applied per the map's delete policy.
+    Deleted,
+    /// Policy `manual`: an open conflict was recorded; nothing written.
+    ConflictHeld {
+        /// The conflict's id.
+        conflict_id: String,
+    },
+    /// Parked until `waiting_map`/`waiting_key` is linked (or its conflict resolved).
+    Parked {
+        /// The map whose link is awaited.
+        waiting_map: String,
+        /// The awaited key.
+        waiting_key: IntegrationKey,
+        /// Why, in words.
+        reason: String,
+    },
+    /// A permanent failure, logged in the error log; the event is completed.
+    Failed {
+        /// The logged message.
+        message: String,
+    },
+}
+
+/// The result of one map for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapResult {
+    /// The map's name.
+    pub map: String,
+    /// The pair's integration key, when it could be computed.
+    pub key: Option<IntegrationKey>,
+    /// What was done.
+    pub action: MapAction,
+}
+
+/// The result of [`Engine::process`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessOutcome {
+    /// The event's id.
+    pub event_id: String,
+    /// What became of the event.
+    pub status: EventStatus,
+    /// One entry per map covering the record (empty for a duplicate).
+    pub maps: Vec<MapResult>,
+    /// Parked events released because a link they waited for was created: send them to the
+    /// work queue again (they were removed from the parked list in the same commit).
+    pub requeue: Vec<ChangeEvent>,
+}
+
+/// Why an event could not be processed now. Every variant is retryable: the caller hands the
+/// event back to the queue with [`ProcessError::retry_after`] (its claim was released).
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Another worker holds the event's claim.
+    #[error("event {event_id} is being processed by another worker; retry after {retry_after:?}")]
+    InProgress {
+        /// The event.
+        event_id: String,
+        /// When the other worker's lease runs out.
+        retry_after: Duration,
+    },
+    /// A connector failed in a way that may pass (throttling, 5xx, timeout).
+    #[error("event {event_id}, map {map}: {source}; retry after {retry_after:?}")]
+    Retry {
+        /// The event.
+        event_id: String,
+        /// The map being processed.
+        map: String,
+        /// How long to wait (from the error policy).
+        retry_after: Duration,
+        /// The connector's error.
+        #[source]
+        source: ConnectorError,
+    },
+    /// The state store failed.
+    #[error("event {event_id}: {source}; retry after {retry_after:?}")]
+    Store {
+        /// The event.
+        event_id: String,
+        /// How long to wait.
+        retry_after: Duration,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// The pair kept changing under the worker (412s or concurrent link updates).
+    #[error(
+        "event {event_id}, map {map}, key {key}: the pair changed concurrently {attempts} times in a row; retry after {retry_after:?}"
+    )]
+    Contention {
+        /// The event.
+        event_id: String,
+        /// The map.
+        map: String,
+        /// The pair's key.
+        key: String,
+        /// Decisions taken.
+        attempts: u32,
+        /// How long to wait.
+        retry_after: Duration,
+    },
+}
+
+impl ProcessError {
+    /// How long the caller should wait before the event is delivered again.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            ProcessError::InProgress { retry_after, .. }
+            | ProcessError::Retry { retry_after, .. }
+            | ProcessError::Store { retry_after, .. }
+            | ProcessError::Contention { retry_after, .. } => *retry_after,
+        }
+    }
+}
+
+/// The sync engine: maps, store, connectors and clock, shared by every worker task.
+pub struct Engine {
+    store: Arc<dyn StateStore>,
+    crm: Arc<dyn Connector>,
+    erp: Arc<dyn Connector>,
+    maps: Vec<TableMap>,
+    by_entity: HashMap<(Side, String), Vec<usize>>,
+    by_name: HashMap<String, usize>,
+    clock: Arc<dyn Clock>,
+    config: WorkerConfig,
+    stats: EngineStats,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("maps", &self.maps.iter().map(|m| m.name.as_str()).collect::<Vec<_>>())
+            .field("config", &self.config)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one map's processing produced.
+struct MapStep {
+    result: MapResult,
+    requeue: Vec<ChangeEvent>,
+    parked: bool,
+}
+
+/// A connector failure, classified.
+enum Failure {
+    /// Read again, decide again.
+    Redecide,
+    /// Logged and completed: this is the map's result.
+    Done(MapStep),
+}
+
+type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<MapStep, ProcessError>> + Send + 'a>>;
+
+/// At most this many unparks ride in the commit that creates a link; more go in later commits.
+const UNPARKS_PER_COMMIT: usize = 90;
+
+impl Engine {
+    /// An engine over `maps` (already validated). `crm` and `erp` are the two systems.
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        crm: Arc<dyn Connector>,
+        erp: Arc<dyn Connector>,
+        maps: Vec<TableMap>,
+        clock: Arc<dyn Clock>,
+        config: WorkerConfig,
+    ) -> Self {
+        let mut by_entity: HashMap<(Side, String), Vec<usize>> = HashMap::new();
+        let mut by_name = HashMap::new();
+        for (i, map) in maps.iter().enumerate() {
+            by_entity.entry((Side::Crm, map.crm.entity_set.clone())).or_default().push(i);
+            by_entity.entry((Side::Erp, map.erp.entity.clone())).or_default().push(i);
+            by_name.insert(map.name.clone(), i);
+        }
+        Engine { store, crm, erp, maps, by_entity, by_name, clock, config, stats: EngineStats::default() }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// The maps, as given.
+    pub fn maps(&self) -> &[TableMap] {
+        &self.maps
+    }
+
+    /// The worker settings.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// The maps covering records of `entity` on `side`.
+    pub fn maps_for(&self, side: Side, entity: &str) -> Vec<&TableMap> {
+        self.by_entity.get(&(side, entity.to_string())).map(|ix| ix.iter().map(|&i| &self.maps[i]).collect()).unwrap_or_default()
+    }
+
+    fn map_named(&self, name: &str) -> Option<&TableMap> {
+        self.by_name.get(name).map(|&i| &self.maps[i])
+    }
+
+    fn connector(&self, side: Side) -> &dyn Connector {
+        match side {
+            Side::Crm => self.crm.as_ref(),
+            Side::Erp => self.erp.as_ref(),
+        }
+    }
+
+    /// Processes one event, first delivery. See [`Engine::process_attempt`].
+    ///
+    /// # Errors
+    /// A [`ProcessError`] when the event must be retried later.
+    pub async fn process(&self, event: &ChangeEvent) -> Result<ProcessOutcome, ProcessError> {
+        self.process_attempt(event, 1).await
+    }
+
+    /// Processes one event on its `attempt`-th delivery (the error policy gives up on
+    /// transient failures after `backoff.max_attempts`, logging them as errors).
+    ///
+    /// # Errors
+    /// A [`ProcessError`] when the event must be retried later; its claim is released.
+    pub async fn process_attempt(&self, event: &ChangeEvent, attempt: u32) -> Result<ProcessOutcome, ProcessError> {
+        self.stats.inc(Counter::Events);
+        let now = self.clock.now();
+        let claim = self.store.claim_event(&event.event_id, now, self.config.lease).await.map_err(|e| self.store_error(event, e))?;
+        match claim {
+            EventClaim::AlreadyDone => {
+                self.stats.inc(Counter::Duplicates);
+                debug!(event_id = %event.event_id, "duplicate event ignored");
+                return Ok(ProcessOutcome {
+                    event_id: event.event_id.clone(),
+                    status: EventStatus::Duplicate,
+                    maps: Vec::new(),
+                    requeue: Vec::new(),
+                });
+            }
+            EventClaim::InProgress => {
+                return Err(ProcessError::InProgress { event_id: event.event_id.clone(), retry_after: self.config.lease });
+            }
+            EventClaim::Claimed => {}
+        }
+        match self.process_claimed(event, attempt).await {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => {
+                // Give the claim back so the retry is not refused as in progress.
+                if let Err(release) = self.store.release_event(&event.event_id).await {
+                    warn!(event_id = %event.event_id, error = %release, "could not release the event's claim");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn process_claimed(&self, event: &ChangeEvent, attempt: u32) -> Result<ProcessOutcome, ProcessError> {
+        let maps = self.maps_for(event.source, &event.record.entity);
+        if maps.is_empty() {
+            self.commit(event, vec![StoreOp::CompleteEvent { event_id: event.event_id.clone() }]).await?;
+            return Ok(ProcessOutcome {
+                event_id: event.event_id.clone(),
+                status: EventStatus::NoMap,
+                maps: Vec::new(),
+                requeue: Vec::new(),
+            });
+        }
+        let mut results = Vec::new();
+        let mut requeue = Vec::new();
+        let mut parked_any = false;
+        let last = maps.len() - 1;
+        for (i, map) in maps.into_iter().enumerate() {
+            // The event is completed in the commit of its last map, unless a map parked it
+            // (a parked event comes back under the same id and must then be claimable).
+            let step = self.handle_map(map, event, i == last && !parked_any, 0, attempt).await?;
+            parked_any |= step.parked;
+            results.push(step.result);
+            requeue.extend(step.requeue);
+        }
+        if parked_any && let Err(e) = self.store.release_event(&event.event_id).await {
+            warn!(event_id = %event.event_id, error = %e, "could not release the claim of a parked event");
+        }
+        Ok(ProcessOutcome { event_id: event.event_id.clone(), status: EventStatus::Processed, maps: results, requeue })
+    }
+
+    fn store_error(&self, event: &ChangeEvent, source: StoreError) -> ProcessError {
+        ProcessError::Store { event_id: event.event_id.clone(), retry_after: self.config.backoff.base, source }
+    }
+
+    /// Commits `ops`; `Ok(false)` when a revision condition failed (decide again).
+    async fn commit(&self, event: &ChangeEvent, ops: Vec<StoreOp>) -> Result<bool, ProcessError> {
+        if ops.is_empty() {
+            return Ok(true);
+        }
+        match self.store.commit(ops).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(self.store_error(event, e)),
+        }
+    }
+
+    /// Processes `event` under one map. Boxed: syncing a dependency recurses.
+    fn handle_map<'a>(
+        &'a self,
+        map: &'a TableMap,
+        event: &'a ChangeEvent,
+        complete: bool,
+        depth: u32,
+        attempt: u32,
+    ) -> StepFuture<'a> {
+        Box::pin(async move {
+            let source = event.source;
+            let other_side = source.other();
+            let complete_op = || complete.then(|| StoreOp::CompleteEvent { event_id: event.event_id.clone() });
+            let done = |key: Option<IntegrationKey>, action: MapAction| MapStep {
+                result: MapResult { map: map.name.clone(), key, action },
+                requeue: Vec::new(),
+                parked: false,
+            };
+            let mut tried_dependencies: HashSet<(String, IntegrationKey)> = HashSet::new();
+            let mut requeue = Vec::new();
+            let mut reread = event.partial;
+            let mut decisions = 0u32;
+            loop {
+                decisions += 1;
+                if decisions > self.config.max_redecisions {
+                    return Err(ProcessError::Contention {
+                        event_id: event.event_id.clone(),
+                        map: map.name.clone(),
+                        key: event.record.id.clone().unwrap_or_default(),
+                        attempts: decisions - 1,
+                        retry_after: self.config.backoff.delay(attempt, jitter(&event.event_id)),
+                    });
+                }
+                if decisions > 1 {
+                    self.stats.inc(Counter::Redecisions);
+                    reread = true;
+                }
+                let now = self.clock.now();
+
+                // 1. The full, current source record.
+                let record = if event.operation == Operation::Delete || !reread {
+                    event.record.clone()
+                } else {
+                    let at = match &event.record.id {
+                        Some(id) => RecordRef::Id(id.clone()),
+                        None => match integration_key(map, source, &event.record) {
+                            Ok(k) => RecordRef::Key(record_key(map, source, &k)),
+                            Err(e) => return self.invalid(map, event, None, complete, e.to_string()).await,
+                        },
+                    };
+                    match self.connector(source).read(&event.record.entity, &at).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            self.commit(event, complete_op().into_iter().collect()).await?;
+                            self.stats.inc(Counter::Skipped);
+                            return Ok(done(None, MapAction::SourceGone));
+                        }
+                        Err(e) => match self.connector_failure(map, None, event, complete, attempt, e).await? {
+                            Failure::Redecide => continue,
+                            Failure::Done(step) => return Ok(step),
+                        },
+                    }
+                };
+
+                // 2. The pair's key and link.
+                let (key, link) = if event.operation == Operation::Delete {
+                    let found = match &record.id {
+                        Some(id) => self.store.link_by_id(&map.name, source, id).await,
+                        None => match integration_key(map, source, &record) {
+                            Ok(k) => self.store.link(&map.name, &k).await,
+                            Err(_) => Ok(None),
+                        },
+                    }
+                    .map_err(|e| self.store_error(event, e))?;
+                    match found {
+                        Some(link) => (link.key.clone(), Some(link)),
+                        None => {
+                            self.commit(event, complete_op().into_iter().collect()).await?;
+                            self.stats.inc(Counter::Skipped);
+                            return Ok(done(None, MapAction::Skipped(SkipReason::NoLink)));
+                        }
+                    }
+                } else {
+                    let key = match integration_key(map, source, &record) {
+                        Ok(k) => k,
+                        Err(e) => return self.invalid(map, event, None, complete, e.to_string()).await,
+                    };
+                    let link = self.store.link(&map.name, &key).await.map_err(|e| self.store_error(event, e))?;
+                    (key, link)
+                };
+
+                // 3. The other side as it stands.
+                let other_at = match link.as_ref().and_then(|l| l.id(other_side)) {
+                    Some(id) => Some(RecordRef::Id(id.to_string())),
+                    None if event.operation == Operation::Upsert => Some(RecordRef::Key(record_key(map, other_side, &key))),
+                    None => None,
+                };
+                let other = match other_at {
+                    Some(at) => match self.connector(other_side).read(&entity_of(map, other_side), &at).await {
+                        Ok(r) => r,
+                        Err(e) => match self.connector_failure(map, Some(&key), event, complete, attempt, e).await? {
+                            Failure::Redecide => continue,
+                            Failure::Done(step) => return Ok(step),
+                        },
+                    },
+                    None => None,
+                };
+
+                // 4. Lookups, both ways.
+                let (lookups, other_lookups) = if event.operation == Operation::Upsert {
+                    let mine = self.resolve_lookups(event, map, source, &record).await?;
+                    let theirs = match &other {
+                        Some(o) => self.resolve_lookups(event, map, other_side, o).await?,
+                        None => ResolvedLookups::new(),
+                    };
+                    (mine, theirs)
+                } else {
+                    (ResolvedLookups::new(), ResolvedLookups::new())
+                };
+
+                // 5. Decide.
+                let source_hash = side_hash(map, source, &record);
+                let input = DecisionInput {
+                    map,
+                    source,
+                    operation: event.operation,
+                    event_id: &event.event_id,
+                    key: &key,
+                    record: &record,
+                    link: link.as_ref(),
+                    other: other.as_ref(),
+                    source_hash,
+                    lookups: &lookups,
+                    other_lookups: &other_lookups,
+                    now,
+                };
+                let decision = decide(&input);
+                debug!(event_id = %event.event_id, map = %map.name, key = %key, decision = ?decision, "decided");
+
+                // 6. Execute.
+                use dualwrite_core::decision::Decision;
+                match decision {
+                    Decision::Skip { reason, link: commit } => {
+                        let mut ops: Vec<StoreOp> = commit
+                            .map(|c| StoreOp::PutLink { link: c.link, expected_revision: c.expected_revision })
+                            .into_iter()
+                            .collect();
+                        ops.extend(complete_op());
+                        if !self.commit(event, ops).await? {
+                            continue;
+                        }
+                        self.stats.inc(match reason {
+                            SkipReason::Echo | SkipReason::Duplicate => Counter::EchoesSuppressed,
+                            SkipReason::Stale => Counter::StaleDropped,
+                            _ => Counter::Skipped,
+                        });
+                        debug!(event_id = %event.event_id, map = %map.name, key = %key, reason = reason.as_str(), "skipped");
+                        return Ok(done(Some(key), MapAction::Skipped(reason)));
+                    }
+                    Decision::Write(mut plan) => {
+                        let mut redecide = false;
+                        for write in &plan.writes {
+                            let result = self
+                                .connector(write.side)
+                                .upsert(&write.entity, &write.at, &write.record, write.condition.clone())
+                                .await;
+                            match result {
+                                Ok(out) => {
+                                    self.stats.inc(Counter::Writes);
+                                    record_write(&mut plan.link.link, write.side, out.id, out.version);
+                                }
+                                Err(e) => match self.connector_failure(map, Some(&key), event, complete, attempt, e).await? {
+                                    Failure::Redecide => {
+                                        redecide = true;
+                                        break;
+                                    }
+                                    Failure::Done(step) => return Ok(step),
+                                },
+                            }
+                        }
+                        // A 412: the target changed since it was read; read again, decide again.
+                        if redecide {
+                            continue;
+                        }
+                        let created = plan.link.expected_revision == 0;
+                        let conflict_id = plan.conflict.as_ref().map(|c| c.id.clone());
+                        let mut ops =
+                            vec![StoreOp::PutLink { link: plan.link.link, expected_revision: plan.link.expected_revision }];
+                        if let Some(c) = plan.conflict {
+                            ops.push(StoreOp::RecordConflict(c));
+                        }
+                        ops.extend(complete_op());
+                        let (unparks, released) = if created { self.release_parked(event, map, &key).await? } else { (Vec::new(), Vec::new()) };
+                        let (now_ops, later_ops) = split_unparks(unparks);
+                        ops.extend(now_ops);
+                        if !self.commit(event, ops).await? {
+                            continue;
+                        }
+                        for chunk in later_ops {
+                            self.commit(event, chunk).await?;
+                        }
+                        if conflict_id.is_some() {
+                            self.stats.inc(Counter::Conflicts);
+                        }
+                        self.stats.add(Counter::Unparked, released.len() as u64);
+                        requeue.extend(released);
+                        info!(event_id = %event.event_id, map = %map.name, key = %key, writes = plan.writes.len(), "record synced");
+                        let mut step = done(Some(key), MapAction::Written { writes: plan.writes.len(), conflict: conflict_id });
+                        step.requeue = requeue;
+                        return Ok(step);
+                    }
+                    Decision::Delete(mut plan) => {
+                        let result = match &plan.action {
+                            DeleteAction::DeleteOther { side, entity, at } => {
+                                self.connector(*side).delete(entity, at).await.map(|()| None)
+                            }
+                            DeleteAction::Deactivate(w) => {
+                                self.connector(w.side).upsert(&w.entity, &w.at, &w.record, w.condition.clone()).await.map(Some)
+                            }
+                            DeleteAction::Nothing => Ok(None),
+                        };
+                        match result {
+                            Ok(out) => {
+                                match (&plan.action, out, &mut plan.link) {
+                                    (DeleteAction::Deactivate(w), Some(out), LinkChange::Put(c)) => {
+                                        self.stats.inc(Counter::Writes);
+                                        record_write(&mut c.link, w.side, out.id, out.version);
+                                    }
+                                    (DeleteAction::DeleteOther { .. }, _, _) => self.stats.inc(Counter::Deletes),
+                                    _ => {}
+                                }
+                            }
+                            Err(e) => match self.connector_failure(map, Some(&key), event, complete, attempt, e).await? {
+                                Failure::Redecide => continue,
+                                Failure::Done(step) => return Ok(step),
+                            },
+                        }
+                        let mut ops = vec![match plan.link {
+                            LinkChange::Remove { map, key, expected_revision } => {
+                                StoreOp::DeleteLink { map, key, expected_revision }
+                            }
+                            LinkChange::Put(c) => StoreOp::PutLink { link: c.link, expected_revision: c.expected_revision },
+                        }];
+                        ops.extend(complete_op());
+                        if !self.commit(event, ops).await? {
+                            continue;
+                        }
+                        info!(event_id = %event.event_id, map = %map.name, key = %key, "delete applied");
+                        return Ok(done(Some(key), MapAction::Deleted));
+                    }
+                    Decision::HoldConflict { link: commit, conflict } => {
+                        let conflict_id = conflict.id.clone();
+                        let mut ops = vec![
+                            StoreOp::PutLink { link: commit.link, expected_revision: commit.expected_revision },
+                            StoreOp::RecordConflict(conflict),
+                        ];
+                        ops.extend(complete_op());
+                        if !self.commit(event, ops).await? {
+                            continue;
+                        }
+                        self.stats.inc(Counter::Conflicts);
+                        warn!(event_id = %event.event_id, map = %map.name, key = %key, conflict = %conflict_id, "conflict held for a person");
+                        return Ok(done(Some(key), MapAction::ConflictHeld { conflict_id }));
+                    }
+                    Decision::Park { waiting_map, waiting_key, cause, reason } => {
+                        let missing_lookup = matches!(cause, ParkCause::MissingLookup { .. });
+                        if missing_lookup
+                            && depth < self.config.max_dependency_depth
+                            && tried_dependencies.insert((waiting_map.clone(), waiting_key.clone()))
+                        {
+                            let synced = self.sync_dependency(event, &waiting_map, &waiting_key, depth, attempt).await?;
+                            if let Some(step) = synced {
+                                self.stats.inc(Counter::DependenciesSynced);
+                                requeue.extend(step.requeue);
+                                decisions -= 1; // not a re-decision: the world got better
+                                continue;
+                            }
+                        }
+                        let parked = ParkedEvent {
+                            waiting_map: waiting_map.clone(),
+                            waiting_key: waiting_key.clone(),
+                            reason: reason.clone(),
+                            event: event.clone(),
+                            parked_at: now,
+                        };
+                        self.commit(event, vec![StoreOp::Park(parked)]).await?;
+                        self.stats.inc(Counter::Parked);
+                        info!(event_id = %event.event_id, map = %map.name, key = %key, waiting_map = %waiting_map, waiting_key = %waiting_key, "change parked");
+                        // The awaited link may have been created between the lookup and the
+                        // park: its creator then did not see this event. Release it ourselves.
+                        if missing_lookup
+                            && self.store.link(&waiting_map, &waiting_key).await.map_err(|e| self.store_error(event, e))?.is_some()
+                        {
+                            let unpark = StoreOp::Unpark {
+                                waiting_map: waiting_map.clone(),
+                                waiting_key: waiting_key.clone(),
+                                event_id: event.event_id.clone(),
+                            };
+                            self.commit(event, vec![unpark]).await?;
+                            self.stats.inc(Counter::Unparked);
+                            requeue.push(event.clone());
+                        }
+                        let mut step = done(Some(key), MapAction::Parked { waiting_map, waiting_key, reason });
+                        step.parked = true;
+                        step.requeue = requeue;
+                        return Ok(step);
+                    }
+                    Decision::Invalid(e) => return self.invalid(map, event, Some(key), complete, e.to_string()).await,
+                }
+            }
+        })
+    }
+
+    /// Logs an unmappable record for a person and completes the event.
+    async fn invalid(
+        &self,
+        map: &TableMap,
+        event: &ChangeEvent,
+        key: Option<IntegrationKey>,
+        complete: bool,
+        message: String,
+    ) -> Result<MapStep, ProcessError> {
+        self.fail(map, event, key, complete, ErrorClass::NeedsAttention, message).await
+    }
+
+    async fn fail(
+        &self,
+        map: &TableMap,
+        event: &ChangeEvent,
+        key: Option<IntegrationKey>,
+        complete: bool,
+        class: ErrorClass,
+        message: String,
+    ) -> Result<MapStep, ProcessError> {
+        let record = ErrorRecord {
+            at: self.clock.now(),
+            map: Some(map.name.clone()),
+            key: key.as_ref().map(ToString::to_string),
+            event_id: Some(event.event_id.clone()),
+            class,
+            message: message.clone(),
+        };
+        let mut ops = vec![StoreOp::RecordError(record)];
+        if complete {
+            ops.push(StoreOp::CompleteEvent { event_id: event.event_id.clone() });
+        }
+        self.commit(event, ops).await?;
+        self.stats.inc(Counter::Errors);
+        warn!(event_id = %event.event_id, map = %map.name, error = %message, "change failed permanently");
+        Ok(MapStep {
+            result: MapResult { map: map.name.clone(), key, action: MapAction::Failed { message } },
+            requeue: Vec::new(),
+            parked: false,
+        })
+    }
+
+    async fn connector_failure(
+        &self,
+        map: &TableMap,
+        key: Option<&IntegrationKey>,
+        event: &ChangeEvent,
+        complete: bool,
+        attempt: u32,
+        error: ConnectorError,
+    ) -> Result<Failure, ProcessError> {
+        match disposition(&error, attempt, &self.config.backoff, jitter(&event.event_id)) {
+            Disposition::RereadAndRedecide => Ok(Failure::Redecide),
+            Disposition::RetryAfter(retry_after) => Err(ProcessError::Retry {
+                event_id: event.event_id.clone(),
+                map: map.name.clone(),
+                retry_after,
+                source: error,
+            }),
+            // The connector refreshes its token itself; a 401 reaching here is retried once.
+            Disposition::RefreshTokenOnce => Err(ProcessError::Retry {
+                event_id: event.event_id.clone(),
+                map: map.name.clone(),
+                retry_after: self.config.backoff.base,
+                source: error,
+            }),
+            Disposition::Permanent => {
+                let class = error_class(&error);
+                let message = format!("{error} (status {:?}); fix the cause, then replay the event", error.status);
+                self.fail(map, event, key.cloned(), complete, class, message).await.map(Failure::Done)
+            }
+        }
+    }
+
+    /// Resolves the lookups of `record` (of `side`) through the store's links.
+    async fn resolve_lookups(
+        &self,
+        event: &ChangeEvent,
+        map: &TableMap,
+        side: Side,
+        record: &Record,
+    ) -> Result<ResolvedLookups, ProcessError> {
+        let mut out = ResolvedLookups::new();
+        for request in lookup_requests_with(map, side, record, |n| self.map_named(n)) {
+            let resolution = match &request.target {
+                LookupTarget::Keys(keys) => self.resolve_by_key(event, &request.maps, keys).await?,
+                LookupTarget::CrmId(id) => self.resolve_by_crm_id(event, &request.maps, id).await?,
+            };
+            out.insert(request.field_index, resolution);
+        }
+        Ok(out)
+    }
+
+    async fn resolve_by_key(
+        &self,
+        event: &ChangeEvent,
+        maps: &[String],
+        keys: &[IntegrationKey],
+    ) -> Result<LookupResolution, ProcessError> {
+        for (name, key) in maps.iter().zip(keys) {
+            let Some(referenced) = self.map_named(name) else { continue };
+            if let Some(link) = self.store.link(name, key).await.map_err(|e| self.store_error(event, e))? {
+                return Ok(LookupResolution::Resolved(Value::Lookup(LookupRef {
+                    entity_set: referenced.crm.entity_set.clone(),
+                    id: link.crm_id.clone(),
+                    key: Some(record_key(referenced, Side::Crm, key)),
+                })));
+            }
+        }
+        Ok(LookupResolution::Missing {
+            map: maps.first().cloned().unwrap_or_default(),
+            key: keys.first().cloned().unwrap_or_else(|| IntegrationKey(String::new())),
+        })
+    }
+
+    async fn resolve_by_crm_id(
+        &self,
+        event: &ChangeEvent,
+        maps: &[String],
+        id: &str,
+    ) -> Result<LookupResolution, ProcessError> {
+        for name in maps {
+            let Some(referenced) = self.map_named(name) else { continue };
+            if let Some(link) = self.store.link_by_id(name, Side::Crm, id).await.map_err(|e| self.store_error(event, e))? {
+                let natural = erp_natural_key(referenced, &link);
+                return Ok(LookupResolution::Resolved(Value::Text(natural)));
+            }
+        }
+        // Not linked: find the referenced row to know which key to wait for.
+        for name in maps {
+            let Some(referenced) = self.map_named(name) else { continue };
+            let read = self.crm.read(&referenced.crm.entity_set, &RecordRef::Id(id.to_string())).await;
+            if let Ok(Some(row)) = read
+                && let Ok(key) = integration_key(referenced, Side::Crm, &row)
+            {
+                return Ok(LookupResolution::Missing { map: name.clone(), key });
+            }
+        }
+        Ok(LookupResolution::Missing { map: maps.first().cloned().unwrap_or_default(), key: IntegrationKey(id.to_string()) })
+    }
+
+    /// Syncs the referenced record `dep_map`/`dep_key` now, if either system has it. `None`
+    /// when it exists on neither side (the change must then wait).
+    async fn sync_dependency(
+        &self,
+        event: &ChangeEvent,
+        dep_map: &str,
+        dep_key: &IntegrationKey,
+        depth: u32,
+        attempt: u32,
+    ) -> Result<Option<MapStep>, ProcessError> {
+        let Some(referenced) = self.map_named(dep_map) else { return Ok(None) };
+        for side in [event.source, event.source.other()] {
+            if !referenced.direction.flows_from(side) {
+                continue;
+            }
+            let at = RecordRef::Key(record_key(referenced, side, dep_key));
+            let Ok(Some(record)) = self.connector(side).read(&entity_of(referenced, side), &at).await else {
+                continue;
+            };
+            let dependency = ChangeEvent {
+                event_id: format!("dependency:{dep_map}:{dep_key}:{}", event.event_id),
+                source: side,
+                operation: Operation::Upsert,
+                record,
+                partial: false,
+                received_at: self.clock.now(),
+                correlation_id: event.correlation_id.clone(),
+            };
+            let step = self.handle_map(referenced, &dependency, false, depth + 1, attempt).await?;
+            let linked = self.store.link(dep_map, dep_key).await.map_err(|e| self.store_error(event, e))?.is_some();
+            if linked {
+                info!(event_id = %event.event_id, dependency_map = %dep_map, dependency_key = %dep_key, "dependency synced first");
+                return Ok(Some(step));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The events parked on `map`/`key`, and the unpark operations that release them.
+    async fn release_parked(
+        &self,
+        event: &ChangeEvent,
+        map: &TableMap,
+        key: &IntegrationKey,
+    ) -> Result<(Vec<StoreOp>, Vec<ChangeEvent>), ProcessError> {
+        let parked = self.store.parked_for(&map.name, key).await.map_err(|e| self.store_error(event, e))?;
+        let ops = parked
+            .iter()
+            .map(|p| StoreOp::Unpark {
+                waiting_map: p.waiting_map.clone(),
+                waiting_key: p.waiting_key.clone(),
+                event_id: p.event.event_id.clone(),
+            })
+            .collect();
+        Ok((ops, parked.into_iter().map(|p| p.event).collect()))
+    }
+}
+
+/// Splits unpark operations into those that fit in the main commit and later chunks.
+fn split_unparks(mut unparks: Vec<StoreOp>) -> (Vec<StoreOp>, Vec<Vec<StoreOp>>) {
+    if unparks.len() <= UNPARKS_PER_COMMIT {
+        return (unparks, Vec::new());
+    }
+    let rest = unparks.split_off(UNPARKS_PER_COMMIT);
+    (unparks, rest.chunks(UNPARKS_PER_COMMIT).map(<[StoreOp]>::to_vec).collect())
+}
+
+/// Notes a successful write in the link: the side's id and the version the write produced.
+fn record_write(link: &mut Link, side: Side, id: Option<String>, version: Option<dualwrite_core::SourceVersion>) {
+    if let Some(id) = id {
+        match side {
+            Side::Crm => link.crm_id = Some(id),
+            Side::Erp => link.erp_id = Some(id),
+        }
+    }
+    if version.is_some() {
+        link.side_mut(side).version = version;
+    }
+}
+
+/// The F&O natural key (first key field, without the company) of a linked record.
+fn erp_natural_key(map: &TableMap, link: &Link) -> String {
+    let key = record_key(map, Side::Erp, &link.key);
+    map.erp.key.first().and_then(|f| key.get(f)).map_or_else(|| link.key.to_string(), str::to_string)
+}
+
+/// A number in [0, 1) derived from the event id: jitter that is stable for one event.
+fn jitter(event_id: &str) -> f64 {
+    let h = event_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (h % 10_000) as f64 / 10_000.0
+}

@@ -1,0 +1,394 @@
+//! Reading a serialized RemoteExecutionContext: JSON accessors with precise errors, WCF dates,
+//! `[{key,value}]` dictionaries and typed attribute values (EntityReference, OptionSetValue,
+//! Money).
+
+use std::str::FromStr;
+
+use chrono::{DateTime, FixedOffset, TimeZone, Utc};
+use dualwrite_core::{LookupRef, RecordKey, Value};
+use rust_decimal::Decimal;
+use serde_json::{Map, Number, Value as Json};
+
+use crate::config::Coverage;
+use crate::error::PayloadError;
+
+/// A JSON object.
+pub(crate) type Obj = Map<String, Json>;
+
+/// `path.field`, or `field` at the top level.
+pub(crate) fn at(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+/// Parses the body as a JSON object.
+pub(crate) fn parse_object(body: &[u8]) -> Result<Obj, PayloadError> {
+    match serde_json::from_slice::<Json>(body) {
+        Ok(Json::Object(o)) => Ok(o),
+        Ok(_) => Err(PayloadError::WrongType {
+            field: "(body)".into(),
+            expected: "a JSON object",
+        }),
+        Err(e) => Err(PayloadError::NotJson(e.to_string())),
+    }
+}
+
+/// A required string field.
+pub(crate) fn req_str<'a>(obj: &'a Obj, field: &str, path: &str) -> Result<&'a str, PayloadError> {
+    opt_str(obj, field, path)?.ok_or_else(|| PayloadError::Missing(at(path, field)))
+}
+
+/// An optional string field: absent or `null` is `None`, another type is an error.
+pub(crate) fn opt_str<'a>(
+    obj: &'a Obj,
+    field: &str,
+    path: &str,
+) -> Result<Option<&'a str>, PayloadError> {
+    match obj.get(field) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s)),
+        Some(_) => Err(PayloadError::WrongType {
+            field: at(path, field),
+            expected: "a string",
+        }),
+    }
+}
+
+/// An optional whole-number field.
+pub(crate) fn opt_i64(obj: &Obj, field: &str, path: &str) -> Result<Option<i64>, PayloadError> {
+    match obj.get(field) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Number(n)) if n.as_i64().is_some() => Ok(n.as_i64()),
+        Some(_) => Err(PayloadError::WrongType {
+            field: at(path, field),
+            expected: "a number",
+        }),
+    }
+}
+
+/// A WCF-serialized dictionary `[{"key":…,"value":…}]`; absent or `null` is empty.
+pub(crate) fn kv_list<'a>(
+    obj: &'a Obj,
+    field: &str,
+    path: &str,
+) -> Result<Vec<(&'a str, &'a Json)>, PayloadError> {
+    let here = at(path, field);
+    let items = match obj.get(field) {
+        None | Some(Json::Null) => return Ok(Vec::new()),
+        Some(Json::Array(items)) => items,
+        Some(_) => {
+            return Err(PayloadError::WrongType {
+                field: here,
+                expected: "a list of {key, value}",
+            });
+        }
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let item_path = format!("{here}[{i}]");
+        let Json::Object(entry) = item else {
+            return Err(PayloadError::WrongType {
+                field: item_path,
+                expected: "{key, value}",
+            });
+        };
+        let key = req_str(entry, "key", &item_path)?;
+        out.push((key, entry.get("value").unwrap_or(&Json::Null)));
+    }
+    Ok(out)
+}
+
+/// An optional WCF date field.
+pub(crate) fn opt_wcf_date(
+    obj: &Obj,
+    field: &str,
+    path: &str,
+) -> Result<Option<DateTime<FixedOffset>>, PayloadError> {
+    match opt_str(obj, field, path)? {
+        None => Ok(None),
+        Some(s) => parse_wcf_date(s)
+            .map(Some)
+            .ok_or_else(|| PayloadError::BadDate {
+                field: at(path, field),
+                value: s.into(),
+            }),
+    }
+}
+
+/// Parses a WCF JSON date `/Date(1506409448000-0700)/`: milliseconds since the Unix epoch
+/// (the instant, in UTC) and optionally the zone offset the sender was in. Without an offset
+/// the result is in UTC.
+pub fn parse_wcf_date(text: &str) -> Option<DateTime<FixedOffset>> {
+    let inner = text.strip_prefix("/Date(")?.strip_suffix(")/")?;
+    // The millisecond count may itself be negative: the offset sign is searched after it.
+    let digits_from = usize::from(inner.starts_with('-'));
+    let split = inner[digits_from..]
+        .find(['+', '-'])
+        .map_or(inner.len(), |i| i + digits_from);
+    let (millis, offset) = inner.split_at(split);
+    let millis: i64 = millis.parse().ok()?;
+    let offset = if offset.is_empty() {
+        FixedOffset::east_opt(0)?
+    } else {
+        let (sign, hhmm) = offset.split_at(1);
+        if hhmm.len() != 4 || !hhmm.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let hours: i32 = hhmm[..2].parse().ok()?;
+        let minutes: i32 = hhmm[2..].parse().ok()?;
+        let seconds = hours * 3600 + minutes * 60;
+        FixedOffset::east_opt(if sign == "-" { -seconds } else { seconds })?
+    };
+    let utc = Utc.timestamp_millis_opt(millis).single()?;
+    Some(utc.with_timezone(&offset))
+}
+
+/// A JSON number as an exact decimal.
+///
+/// Whole numbers are exact at any size that fits `i64`/`u64`. Fractional numbers are read by
+/// the JSON parser as `f64` and rendered with the shortest text that reads back to the same
+/// `f64`: exact for every decimal of up to 15 significant digits (Dataverse Money has at
+/// most 4 decimal places, so amounts up to 99,999,999,999.9999 are exact).
+pub(crate) fn decimal_of(n: &Number) -> Option<Decimal> {
+    if let Some(i) = n.as_i64() {
+        return Some(Decimal::from(i));
+    }
+    if let Some(u) = n.as_u64() {
+        return Some(Decimal::from(u));
+    }
+    let f = n.as_f64()?;
+    Decimal::from_str(&format!("{f}")).ok()
+}
+
+/// The `__type` of a typed value without its contract namespace (`EntityReference`).
+fn type_name(obj: &Obj) -> Option<&str> {
+    obj.get("__type")?
+        .as_str()
+        .map(|t| t.split(':').next().unwrap_or(t))
+}
+
+/// A JSON value as text for a key (`'USMF'`, `42`).
+fn key_text(v: &Json) -> String {
+    match v {
+        Json::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// An EntityReference as a lookup: the entity set resolved through `coverage` when a map
+/// names the table, else the logical name; `KeyAttributes` become the lookup's key.
+pub(crate) fn entity_reference(
+    obj: &Obj,
+    path: &str,
+    coverage: &Coverage,
+) -> Result<LookupRef, PayloadError> {
+    let logical = req_str(obj, "LogicalName", path)?;
+    let id = opt_str(obj, "Id", path)?.map(str::to_string);
+    let keys = kv_list(obj, "KeyAttributes", path)?;
+    let key =
+        (!keys.is_empty()).then(|| RecordKey::new(keys.iter().map(|(k, v)| (*k, key_text(v)))));
+    let entity_set = coverage.entity_set(logical).unwrap_or(logical).to_string();
+    Ok(LookupRef {
+        entity_set,
+        id,
+        key,
+    })
+}
+
+/// One attribute value, typed. Unknown typed values (e.g. `OptionSetValueCollection`,
+/// `AliasedValue`) are kept as their JSON text so nothing is lost; maps do not use them.
+pub(crate) fn typed_value(
+    v: &Json,
+    path: &str,
+    coverage: &Coverage,
+) -> Result<Value, PayloadError> {
+    Ok(match v {
+        Json::Null => Value::Null,
+        Json::Bool(b) => Value::Boolean(*b),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => decimal_of(n).map_or_else(|| Value::Text(n.to_string()), Value::Decimal),
+        },
+        Json::String(s) => match parse_wcf_date(s) {
+            Some(t) => Value::DateTime(t),
+            None if s.starts_with("/Date(") => {
+                return Err(PayloadError::BadDate {
+                    field: path.into(),
+                    value: s.clone(),
+                });
+            }
+            None => Value::Text(s.clone()),
+        },
+        Json::Array(_) => Value::Text(v.to_string()),
+        Json::Object(obj) => match type_name(obj) {
+            Some("EntityReference") => Value::Lookup(entity_reference(obj, path, coverage)?),
+            Some("OptionSetValue") => Value::Choice(number_value(obj, path)?.0),
+            Some("Money") => Value::Decimal(number_value(obj, path)?.1),
+            None if obj.contains_key("LogicalName") && obj.contains_key("Id") => {
+                Value::Lookup(entity_reference(obj, path, coverage)?)
+            }
+            _ => Value::Text(v.to_string()),
+        },
+    })
+}
+
+/// The `Value` of an OptionSetValue/Money: as integer (for choices) and as decimal.
+fn number_value(obj: &Obj, path: &str) -> Result<(i64, Decimal), PayloadError> {
+    let wrong = || PayloadError::WrongType {
+        field: at(path, "Value"),
+        expected: "a number",
+    };
+    match obj.get("Value") {
+        Some(Json::Number(n)) => {
+            let d = decimal_of(n).ok_or_else(wrong)?;
+            Ok((n.as_i64().unwrap_or_default(), d))
+        }
+        None => Err(PayloadError::Missing(at(path, "Value"))),
+        Some(_) => Err(wrong()),
+    }
+}
+
+/// The typed attributes of an Entity (`Attributes` list), in payload order.
+pub(crate) fn entity_attributes(
+    entity: &Obj,
+    path: &str,
+    coverage: &Coverage,
+) -> Result<Vec<(String, Value)>, PayloadError> {
+    let attrs_path = at(path, "Attributes");
+    kv_list(entity, "Attributes", path)?
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                k.to_string(),
+                typed_value(v, &format!("{attrs_path}.{k}"), coverage)?,
+            ))
+        })
+        .collect()
+}
+
+/// The entity objects of an image list (`PreEntityImages`/`PostEntityImages`).
+pub(crate) fn images<'a>(
+    ctx: &'a Obj,
+    field: &str,
+) -> Result<Vec<(String, &'a Obj)>, PayloadError> {
+    kv_list(ctx, field, "")?
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, v))| {
+            let path = format!("{field}[{i}].value");
+            match v {
+                Json::Object(o) => Ok((path, o)),
+                _ => Err(PayloadError::WrongType {
+                    field: path,
+                    expected: "an Entity object",
+                }),
+            }
+        })
+        .collect()
+}
+
+/// The `Target` input parameter and its path.
+pub(crate) fn target(ctx: &Obj) -> Result<(String, &Obj), PayloadError> {
+    if !ctx.contains_key("InputParameters") {
+        return Err(PayloadError::Missing("InputParameters".into()));
+    }
+    let params = kv_list(ctx, "InputParameters", "")?;
+    let (i, value) = params
+        .iter()
+        .enumerate()
+        .find(|(_, (k, _))| *k == "Target")
+        .map(|(i, (_, v))| (i, *v))
+        .ok_or(PayloadError::NoTarget)?;
+    let path = format!("InputParameters[{i}].value");
+    match value {
+        Json::Object(o) => Ok((path, o)),
+        _ => Err(PayloadError::WrongType {
+            field: path,
+            expected: "an Entity or EntityReference",
+        }),
+    }
+}
+
+/// True when the Target is an EntityReference (Delete) rather than an Entity.
+pub(crate) fn is_reference(obj: &Obj) -> bool {
+    match type_name(obj) {
+        Some(t) => t == "EntityReference",
+        None => !obj.contains_key("Attributes"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn wcf_dates_with_and_without_offset() {
+        let utc = parse_wcf_date("/Date(1506384247000)/").unwrap();
+        assert_eq!(utc.to_rfc3339(), "2017-09-26T00:04:07+00:00");
+        let local = parse_wcf_date("/Date(1506409448000-0700)/").unwrap();
+        assert_eq!(local.to_rfc3339(), "2017-09-26T00:04:08-07:00");
+        assert_eq!(local.timestamp_millis(), 1_506_409_448_000);
+        let east = parse_wcf_date("/Date(0+0530)/").unwrap();
+        assert_eq!(east.to_rfc3339(), "1970-01-01T05:30:00+05:30");
+        let before_epoch = parse_wcf_date("/Date(-1000-0100)/").unwrap();
+        assert_eq!(before_epoch.timestamp(), -1);
+        assert_eq!(before_epoch.offset().local_minus_utc(), -3600);
+    }
+
+    #[test]
+    fn malformed_wcf_dates_are_refused() {
+        for bad in [
+            "/Date()/",
+            "/Date(12a)/",
+            "/Date(1-07)/",
+            "Date(1)",
+            "/Date(1+07000)/",
+        ] {
+            assert_eq!(parse_wcf_date(bad), None, "{bad}");
+        }
+        let err = typed_value(
+            &json!("/Date(x)/"),
+            "Attributes.modifiedon",
+            &Coverage::default(),
+        );
+        assert!(matches!(err, Err(PayloadError::BadDate { .. })));
+    }
+
+    #[test]
+    fn typed_values() {
+        let cov = Coverage::default();
+        let v = |j: Json| typed_value(&j, "x", &cov).unwrap();
+        assert_eq!(v(json!(null)), Value::Null);
+        assert_eq!(v(json!(true)), Value::Boolean(true));
+        assert_eq!(v(json!(42)), Value::Integer(42));
+        assert_eq!(
+            v(json!(0.1)),
+            Value::Decimal(Decimal::from_str("0.1").unwrap())
+        );
+        assert_eq!(v(json!("text")), Value::Text("text".into()));
+        assert_eq!(
+            v(
+                json!({"__type": "OptionSetValue:http://schemas.microsoft.com/xrm/2011/Contracts", "Value": 3})
+            ),
+            Value::Choice(3)
+        );
+        assert_eq!(
+            v(
+                json!({"__type": "Money:http://schemas.microsoft.com/xrm/2011/Contracts", "Value": 1234567.8912})
+            ),
+            Value::Decimal(Decimal::from_str("1234567.8912").unwrap())
+        );
+        let money = typed_value(&json!({"__type": "Money:x", "Value": "12"}), "m", &cov);
+        assert_eq!(
+            money,
+            Err(PayloadError::WrongType {
+                field: "m.Value".into(),
+                expected: "a number"
+            })
+        );
+    }
+}

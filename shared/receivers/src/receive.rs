@@ -1,0 +1,160 @@
+//! The receiver entry point: authenticate, bound, parse, enqueue, answer — and count.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use dualwrite_core::ChangeEvent;
+use dualwrite_core::ports::{QueueMessage, WorkQueue};
+use tracing::{error, info, warn};
+
+use crate::auth::authorize;
+use crate::config::ReceiverConfig;
+use crate::dataverse::parse_dataverse;
+use crate::fno::parse_fno;
+use crate::request::{SourceKind, WebhookRequest, WebhookResponse};
+
+/// A change event parsed from a payload, with what is only logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    /// The event to enqueue.
+    pub event: ChangeEvent,
+    /// Dataverse `Depth`: how deep in a chain of plug-ins/flows the change happened
+    /// (1 = a direct user or API change). Logged, for loop diagnostics.
+    pub depth: Option<i64>,
+}
+
+/// What a well-formed payload amounts to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    /// A change to enqueue.
+    Event(Box<Accepted>),
+    /// A change of an entity (or an F&O business event) no enabled map covers.
+    Ignored {
+        /// The entity or business event id, for the log.
+        entity: String,
+    },
+}
+
+/// Counters of everything the receivers answered, safe to share between threads.
+#[derive(Debug, Default)]
+pub struct ReceiverStats {
+    accepted: AtomicU64,
+    ignored: AtomicU64,
+    unauthorized: AtomicU64,
+    too_large: AtomicU64,
+    malformed: AtomicU64,
+    queue_unavailable: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatsSnapshot {
+    /// Events queued (202).
+    pub accepted: u64,
+    /// Payloads of uncovered entities (200 `ignored`).
+    pub ignored: u64,
+    /// Refused for missing or wrong credentials (401).
+    pub rejected_unauthorized: u64,
+    /// Refused for exceeding the body limit (413).
+    pub rejected_too_large: u64,
+    /// Refused as malformed (400).
+    pub rejected_malformed: u64,
+    /// Refused because the work queue failed (503).
+    pub rejected_queue_unavailable: u64,
+}
+
+impl ReceiverStats {
+    /// The current counts.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            accepted: get(&self.accepted),
+            ignored: get(&self.ignored),
+            rejected_unauthorized: get(&self.unauthorized),
+            rejected_too_large: get(&self.too_large),
+            rejected_malformed: get(&self.malformed),
+            rejected_queue_unavailable: get(&self.queue_unavailable),
+        }
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Handles one webhook call.
+///
+/// In order: credentials (401, nothing read further), body size (413), payload (400 naming
+/// what is wrong), coverage (200 `{"ignored":1}` for an entity no enabled map covers), then
+/// `queue.send`; 202 `{"accepted":1}` only once the send returned Ok, 503 when it failed so
+/// the source retries (Dataverse retries 502/503/504 once; F&O three times).
+pub async fn receive(
+    req: &WebhookRequest,
+    cfg: &ReceiverConfig,
+    queue: &dyn WorkQueue,
+    now: DateTime<Utc>,
+) -> WebhookResponse {
+    let stats = &cfg.stats;
+    let source = req.source.as_str();
+    let auth = match req.source {
+        SourceKind::Dataverse => &cfg.dataverse_auth,
+        SourceKind::Fno => &cfg.fno_auth,
+    };
+    if let Err(e) = authorize(req, auth) {
+        ReceiverStats::bump(&stats.unauthorized);
+        warn!(source, reason = %e, "webhook refused: bad credentials");
+        return WebhookResponse::error(401, e.to_string());
+    }
+    if req.body.len() > cfg.max_body_bytes {
+        ReceiverStats::bump(&stats.too_large);
+        warn!(
+            source,
+            bytes = req.body.len(),
+            limit = cfg.max_body_bytes,
+            "webhook refused: body too large"
+        );
+        return WebhookResponse::error(
+            413,
+            format!(
+                "body is {} bytes, the limit is {} bytes",
+                req.body.len(),
+                cfg.max_body_bytes
+            ),
+        );
+    }
+    let parsed = match req.source {
+        SourceKind::Dataverse => parse_dataverse(req, &cfg.coverage, now),
+        SourceKind::Fno => parse_fno(req, &cfg.coverage, &cfg.business_events, now),
+    };
+    let accepted = match parsed {
+        Err(e) => {
+            ReceiverStats::bump(&stats.malformed);
+            warn!(source, problem = %e, "webhook refused: malformed payload");
+            return WebhookResponse::error(400, e.to_string());
+        }
+        Ok(Parsed::Ignored { entity }) => {
+            ReceiverStats::bump(&stats.ignored);
+            info!(source, entity = %entity, "event ignored: no enabled map covers it");
+            return WebhookResponse::ignored();
+        }
+        Ok(Parsed::Event(accepted)) => *accepted,
+    };
+    let Accepted { event, depth } = accepted;
+    let (event_id, entity) = (event.event_id.clone(), event.record.entity.clone());
+    let (record_id, partial) = (event.record.id.clone().unwrap_or_default(), event.partial);
+    match queue.send(vec![QueueMessage::for_event(event)]).await {
+        Ok(()) => {
+            ReceiverStats::bump(&stats.accepted);
+            info!(source, event_id = %event_id, entity = %entity, record = %record_id, partial, depth, "event accepted");
+            WebhookResponse::accepted()
+        }
+        Err(e) => {
+            ReceiverStats::bump(&stats.queue_unavailable);
+            error!(source, event_id = %event_id, error = %e, "event not queued: work queue failed");
+            WebhookResponse::error(
+                503,
+                format!("the event could not be queued, retry later: {e}"),
+            )
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Dataverse webhook payloads parsed into change events.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use chrono::{DateTime, TimeZone, Utc};
+use dualwrite_core::{ChangeEvent, LookupRef, Operation, Record, Side, SourceVersion, Value};
+use dualwrite_receivers::{
+    Coverage, Parsed, PayloadError, SourceKind, WebhookRequest, parse_dataverse,
+};
+use rust_decimal::Decimal;
+use serde_json::json;
+
+use crate::*;
+
+fn dataverse(body: &str) -> WebhookRequest {
+    WebhookRequest::new(SourceKind::Dataverse, body)
+}
+
+fn time(rfc3339: &str) -> Value {
+    Value::DateTime(DateTime::parse_from_rfc3339(rfc3339).unwrap())
+}
+
+#[test]
+fn vendor_fixture_parses_into_the_expected_event() {
+    let req = dataverse(CONTACT_UPDATE)
+        .with_header("x-ms-dynamics-organization", "orgname.crm.dynamics.com")
+        .with_header("x-ms-dynamics-entity-name", "contact")
+        .with_header("x-ms-dynamics-request-name", "Update")
+        .with_header(
+            "x-ms-correlation-request-id",
+            "b374239d-4233-41a9-8b17-a86cb4f737b5",
+        );
+    let accepted = event_of(parse_dataverse(&req, &coverage(), now()).unwrap());
+
+    let id = "6d81597f-0f9f-e711-8122-000d3aa2331c";
+    let modified = Utc.timestamp_millis_opt(1_506_384_247_000).unwrap();
+    let fields = BTreeMap::from([
+        ("firstname".to_string(), Value::Text("James".into())),
+        ("contactid".to_string(), Value::Text(id.into())),
+        (
+            "fullname".to_string(),
+            Value::Text("James Glynn (sample)".into()),
+        ),
+        (
+            "yomifullname".to_string(),
+            Value::Text("James Glynn (sample)".into()),
+        ),
+        ("modifiedon".to_string(), time("2017-09-26T00:04:07+00:00")),
+        (
+            "modifiedby".to_string(),
+            Value::Lookup(LookupRef {
+                entity_set: "systemuser".into(),
+                id: Some("75c2dd85-e89e-e711-8122-000d3aa2331c".into()),
+                key: None,
+            }),
+        ),
+        ("modifiedonbehalfby".to_string(), Value::Null),
+    ]);
+    let expected = ChangeEvent {
+        event_id: "4af10637-4ea2-e711-8122-000d3aa2331c".into(),
+        source: Side::Crm,
+        operation: Operation::Upsert,
+        record: Record {
+            entity: "contacts".into(),
+            id: Some(id.into()),
+            company: None,
+            fields,
+            version: Some(SourceVersion {
+                modified_on: modified,
+                sequence: 0,
+            }),
+            etag: None,
+        },
+        // The contacts map also reads `lastname`, which this Update did not carry.
+        partial: true,
+        received_at: now(),
+        correlation_id: Some("b374239d-4233-41a9-8b17-a86cb4f737b5".into()),
+    };
+    assert_eq!(accepted.event, expected);
+    assert_eq!(accepted.depth, Some(1));
+    assert_eq!(accepted.event.group_id(), format!("crm:contacts:{id}"));
+}
+
+#[test]
+fn an_event_carrying_every_mapped_column_is_complete() {
+    let body = edited(CONTACT_UPDATE, |v| {
+        v["PostEntityImages"][0]["value"]["Attributes"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"key": "lastname", "value": "Glynn"}));
+    });
+    let accepted = event_of(parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap());
+    assert!(!accepted.event.partial);
+    assert_eq!(
+        accepted.event.record.get("lastname"),
+        Some(&Value::Text("Glynn".into()))
+    );
+}
+
+#[test]
+fn create_with_typed_values_and_full_post_image() {
+    let accepted =
+        event_of(parse_dataverse(&dataverse(ACCOUNT_CREATE), &coverage(), now()).unwrap());
+    let ev = accepted.event;
+    let rec = &ev.record;
+    assert_eq!(ev.event_id, "c1d2e3f4-1aa2-ee11-be37-000d3a8e5c2b");
+    assert_eq!(ev.operation, Operation::Upsert);
+    assert_eq!(rec.entity, "accounts");
+    assert_eq!(
+        rec.id.as_deref(),
+        Some("3f2e1d0c-1aa2-ee11-be37-000d3a8e5c2b")
+    );
+    // The post image names the company: complete event, company known.
+    assert_eq!(rec.company.as_deref(), Some("USMF"));
+    assert!(!ev.partial);
+    assert_eq!(rec.get("name"), Some(&Value::Text("Fabrikam Inc.".into())));
+    assert_eq!(
+        rec.get("creditlimit"),
+        Some(&Value::Decimal(Decimal::from_str("25000.75").unwrap()))
+    );
+    assert_eq!(rec.get("customertypecode"), Some(&Value::Choice(3)));
+    assert_eq!(rec.get("statecode"), Some(&Value::Choice(0)));
+    assert_eq!(rec.get("numberofemployees"), Some(&Value::Integer(120)));
+    assert_eq!(rec.get("donotemail"), Some(&Value::Boolean(false)));
+    assert_eq!(
+        rec.get("createdon"),
+        Some(&time("2024-05-01T10:00:00+00:00"))
+    );
+    // A covered table's lookup resolves to its entity set; an uncovered one keeps its name.
+    assert_eq!(
+        rec.get("transactioncurrencyid"),
+        Some(&Value::Lookup(LookupRef {
+            entity_set: "transactioncurrencies".into(),
+            id: Some("0a5f9b3c-e89e-e711-8122-000d3aa2331c".into()),
+            key: None,
+        }))
+    );
+    assert_eq!(
+        rec.get("msdyn_company"),
+        Some(&Value::Lookup(LookupRef {
+            entity_set: "cdm_company".into(),
+            id: Some("1c2d3e4f-e89e-e711-8122-000d3aa2331c".into()),
+            key: None,
+        }))
+    );
+    assert_eq!(
+        rec.version,
+        Some(SourceVersion {
+            modified_on: Utc.timestamp_millis_opt(1_714_557_600_000).unwrap(),
+            sequence: 5_637_144_576,
+        })
+    );
+    assert_eq!(
+        ev.correlation_id.as_deref(),
+        Some("9f4c1b2a-6d0e-4a51-9a1d-3f1c2b7e8a10")
+    );
+}
+
+#[test]
+fn company_given_by_guid_only_leaves_company_unknown_and_event_partial() {
+    let body = edited(ACCOUNT_CREATE, |v| v["PostEntityImages"] = json!([]));
+    let ev = event_of(parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap()).event;
+    assert_eq!(ev.record.company, None);
+    assert!(
+        ev.partial,
+        "the worker must read the record to learn its company"
+    );
+}
+
+#[test]
+fn delete_target_is_an_entity_reference() {
+    let ev =
+        event_of(parse_dataverse(&dataverse(ACCOUNT_DELETE), &coverage(), now()).unwrap()).event;
+    assert_eq!(ev.operation, Operation::Delete);
+    assert_eq!(ev.event_id, "d4e5f6a7-1aa2-ee11-be37-000d3a8e5c2b");
+    assert_eq!(ev.record.entity, "accounts");
+    assert_eq!(
+        ev.record.id.as_deref(),
+        Some("3f2e1d0c-1aa2-ee11-be37-000d3a8e5c2b")
+    );
+    assert_eq!(
+        ev.record.company.as_deref(),
+        Some("USMF"),
+        "from the pre image's KeyAttributes"
+    );
+    assert!(ev.record.fields.is_empty());
+    assert!(!ev.partial);
+    // The delete's version is when it happened (OperationCreatedOn, -0500), not the pre image's.
+    let deleted_at = DateTime::parse_from_rfc3339("2024-05-01T06:00:00-05:00").unwrap();
+    assert_eq!(
+        ev.record.version.map(|v| v.modified_on),
+        Some(deleted_at.to_utc())
+    );
+}
+
+#[test]
+fn size_exceeded_body_becomes_a_partial_event() {
+    let req = dataverse(MSG_SIZE_EXCEEDED).with_header("x-ms-dynamics-msg-size-exceeded", "true");
+    let ev = event_of(parse_dataverse(&req, &coverage(), now()).unwrap()).event;
+    assert_eq!(ev.operation, Operation::Upsert);
+    assert!(ev.partial);
+    assert_eq!(ev.record.entity, "accounts");
+    assert_eq!(
+        ev.record.id.as_deref(),
+        Some("3f2e1d0c-1aa2-ee11-be37-000d3a8e5c2b")
+    );
+    assert!(ev.record.fields.is_empty());
+    assert_eq!(ev.event_id, "e5f6a7b8-1aa2-ee11-be37-000d3a8e5c2b");
+
+    // The same body without the header is a malformed Update.
+    let err = parse_dataverse(&dataverse(MSG_SIZE_EXCEEDED), &coverage(), now()).unwrap_err();
+    assert_eq!(err, PayloadError::Missing("InputParameters".into()));
+}
+
+#[test]
+fn event_id_falls_back_to_request_id_then_correlation() {
+    let body = edited(CONTACT_UPDATE, |v| {
+        v["OperationId"] = json!(null);
+        v["RequestId"] = json!("req-1");
+    });
+    let ev = event_of(parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap()).event;
+    assert_eq!(ev.event_id, "req-1");
+
+    let body = edited(CONTACT_UPDATE, |v| v["OperationId"] = json!(null));
+    let ev = event_of(parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap()).event;
+    assert_eq!(
+        ev.event_id,
+        "b374239d-4233-41a9-8b17-a86cb4f737b5:6d81597f-0f9f-e711-8122-000d3aa2331c:2017-09-26T00:04:07+00:00"
+    );
+}
+
+#[test]
+fn uncovered_entity_is_ignored() {
+    let body = edited(CONTACT_UPDATE, |v| {
+        v["PrimaryEntityName"] = json!("lead");
+    });
+    let parsed = parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap();
+    assert_eq!(
+        parsed,
+        Parsed::Ignored {
+            entity: "lead".into()
+        }
+    );
+    // With no maps at all, nothing is covered.
+    let parsed = parse_dataverse(&dataverse(CONTACT_UPDATE), &Coverage::default(), now()).unwrap();
+    assert_eq!(
+        parsed,
+        Parsed::Ignored {
+            entity: "contact".into()
+        }
+    );
+}
+
+#[test]
+fn erp_to_crm_map_does_not_cover_its_dataverse_table() {
+    let body = edited(CONTACT_UPDATE, |v| {
+        v["PrimaryEntityName"] = json!("transactioncurrency")
+    });
+    let parsed = parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap();
+    assert_eq!(
+        parsed,
+        Parsed::Ignored {
+            entity: "transactioncurrency".into()
+        }
+    );
+}
+
+#[test]
+fn bad_payloads_name_the_problem() {
+    let cov = coverage();
+    let parse = |body: &str| {
+        parse_dataverse(&dataverse(body), &cov, now())
+            .unwrap_err()
+            .to_string()
+    };
+
+    assert!(parse("{not json").starts_with("body is not valid JSON"));
+    let no_target = edited(CONTACT_UPDATE, |v| v["InputParameters"] = json!([]));
+    assert_eq!(parse(&no_target), "InputParameters: no \"Target\" entry");
+    let bad_depth = edited(CONTACT_UPDATE, |v| v["Depth"] = json!("one"));
+    assert_eq!(parse(&bad_depth), "field \"Depth\": expected a number");
+    let no_message = edited(CONTACT_UPDATE, |v| {
+        v.as_object_mut().unwrap().remove("MessageName");
+    });
+    assert_eq!(parse(&no_message), "missing field \"MessageName\"");
+    let assoc = edited(CONTACT_UPDATE, |v| v["MessageName"] = json!("Associate"));
+    assert_eq!(
+        parse(&assoc),
+        "MessageName \"Associate\" is not handled here: expected one of Create, Update, Delete"
+    );
+    let bad_date = edited(CONTACT_UPDATE, |v| {
+        v["InputParameters"][0]["value"]["Attributes"][4]["value"] = json!("/Date(soon)/");
+    });
+    assert_eq!(
+        parse(&bad_date),
+        "field \"InputParameters[0].value.Attributes.modifiedon\": \"/Date(soon)/\" is not a WCF date like /Date(1506384247000-0700)/"
+    );
+    let bad_attrs = edited(CONTACT_UPDATE, |v| {
+        v["InputParameters"][0]["value"]["Attributes"] = json!(3)
+    });
+    assert_eq!(
+        parse(&bad_attrs),
+        "field \"InputParameters[0].value.Attributes\": expected a list of {key, value}"
+    );
+    let update_with_reference = edited(ACCOUNT_DELETE, |v| v["MessageName"] = json!("Update"));
+    assert_eq!(
+        parse(&update_with_reference),
+        "field \"InputParameters[0].value\": expected an Entity with Attributes (the Target of a Create/Update)"
+    );
+}
+
+#[test]
+fn headers_must_agree_with_the_body() {
+    let cov = coverage();
+    let req = dataverse(CONTACT_UPDATE).with_header("x-ms-dynamics-entity-name", "account");
+    assert_eq!(
+        parse_dataverse(&req, &cov, now()).unwrap_err().to_string(),
+        "header x-ms-dynamics-entity-name is \"account\" but the body's PrimaryEntityName is \"contact\""
+    );
+    let req = dataverse(CONTACT_UPDATE).with_header("X-MS-Dynamics-Request-Name", "Create");
+    assert!(matches!(
+        parse_dataverse(&req, &cov, now()),
+        Err(PayloadError::HeaderMismatch {
+            header: "x-ms-dynamics-request-name",
+            ..
+        })
+    ));
+}

@@ -1,0 +1,162 @@
+//! `receive`: every answer, what is enqueued (and what is not), and the counters.
+
+use dualwrite_receivers::{SourceKind, StatsSnapshot, WebhookRequest, WebhookResponse, receive};
+use serde_json::json;
+
+use crate::*;
+
+fn dataverse_with_key(body: &str) -> WebhookRequest {
+    WebhookRequest::new(SourceKind::Dataverse, body).with_query("code", DATAVERSE_KEY)
+}
+
+fn error_of(resp: &WebhookResponse) -> String {
+    let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    v["error"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn accepted_event_is_queued_grouped_by_record() {
+    let (cfg, queue) = (config(), RecordingQueue::default());
+    let resp = receive(&dataverse_with_key(CONTACT_UPDATE), &cfg, &queue, now()).await;
+    assert_eq!(
+        resp,
+        WebhookResponse {
+            status: 202,
+            body: "{\"accepted\":1}".into()
+        }
+    );
+    let sent = queue.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].group_id,
+        "crm:contacts:6d81597f-0f9f-e711-8122-000d3aa2331c"
+    );
+    assert_eq!(sent[0].dedup_id, "4af10637-4ea2-e711-8122-000d3aa2331c");
+    assert_eq!(sent[0].event.received_at, now());
+    assert_eq!(
+        cfg.stats.snapshot(),
+        StatsSnapshot {
+            accepted: 1,
+            ..StatsSnapshot::default()
+        }
+    );
+}
+
+#[tokio::test]
+async fn missing_or_wrong_secret_is_401_and_nothing_is_queued() {
+    let (cfg, queue) = (config(), RecordingQueue::default());
+    let no_code = WebhookRequest::new(SourceKind::Dataverse, CONTACT_UPDATE);
+    let resp = receive(&no_code, &cfg, &queue, now()).await;
+    assert_eq!(resp.status, 401);
+    assert!(error_of(&resp).contains("code"));
+
+    let wrong =
+        WebhookRequest::new(SourceKind::Dataverse, CONTACT_UPDATE).with_query("code", "guess");
+    let resp = receive(&wrong, &cfg, &queue, now()).await;
+    assert_eq!(resp.status, 401);
+    assert!(
+        !resp.body.contains(DATAVERSE_KEY),
+        "the secret is never echoed"
+    );
+
+    // The Dataverse key does not open the F&O endpoint, which wants its header.
+    let fno_with_dv_key =
+        WebhookRequest::new(SourceKind::Fno, FNO_DATA_EVENT).with_query("code", DATAVERSE_KEY);
+    assert_eq!(
+        receive(&fno_with_dv_key, &cfg, &queue, now()).await.status,
+        401
+    );
+
+    assert!(queue.events().is_empty());
+    assert_eq!(cfg.stats.snapshot().rejected_unauthorized, 3);
+    assert_eq!(cfg.stats.snapshot().accepted, 0);
+}
+
+#[tokio::test]
+async fn fno_header_secret_is_accepted() {
+    let (cfg, queue) = (config(), RecordingQueue::default());
+    let req = WebhookRequest::new(SourceKind::Fno, FNO_BUSINESS_EVENT)
+        .with_header("x-dualwrite-key", FNO_SECRET);
+    assert_eq!(receive(&req, &cfg, &queue, now()).await.status, 202);
+    let events = queue.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].record.entity, "SalesInvoiceHeadersV2");
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_413() {
+    let (mut cfg, queue) = (config(), RecordingQueue::default());
+    cfg.max_body_bytes = 100;
+    let resp = receive(&dataverse_with_key(CONTACT_UPDATE), &cfg, &queue, now()).await;
+    assert_eq!(resp.status, 413);
+    assert!(error_of(&resp).contains("the limit is 100 bytes"));
+    assert!(queue.events().is_empty());
+    assert_eq!(cfg.stats.snapshot().rejected_too_large, 1);
+    // At exactly the limit the body is read.
+    cfg.max_body_bytes = CONTACT_UPDATE.len();
+    assert_eq!(
+        receive(&dataverse_with_key(CONTACT_UPDATE), &cfg, &queue, now())
+            .await
+            .status,
+        202
+    );
+}
+
+#[tokio::test]
+async fn malformed_payload_is_400_with_the_problem() {
+    let (cfg, queue) = (config(), RecordingQueue::default());
+    let no_target = edited(CONTACT_UPDATE, |v| {
+        v["InputParameters"] = json!([{"key": "Other", "value": 1}])
+    });
+    let resp = receive(&dataverse_with_key(&no_target), &cfg, &queue, now()).await;
+    assert_eq!(resp.status, 400);
+    assert_eq!(error_of(&resp), "InputParameters: no \"Target\" entry");
+
+    let bad_depth = edited(CONTACT_UPDATE, |v| v["Depth"] = json!(true));
+    let resp = receive(&dataverse_with_key(&bad_depth), &cfg, &queue, now()).await;
+    assert_eq!(
+        (resp.status, error_of(&resp)),
+        (400, "field \"Depth\": expected a number".to_string())
+    );
+
+    let resp = receive(&dataverse_with_key("[1,2]"), &cfg, &queue, now()).await;
+    assert_eq!(
+        (resp.status, error_of(&resp)),
+        (400, "field \"(body)\": expected a JSON object".to_string())
+    );
+
+    assert!(queue.events().is_empty());
+    assert_eq!(cfg.stats.snapshot().rejected_malformed, 3);
+}
+
+#[tokio::test]
+async fn uncovered_entity_is_ignored_and_counted() {
+    let (cfg, queue) = (config(), RecordingQueue::default());
+    let lead = edited(CONTACT_UPDATE, |v| v["PrimaryEntityName"] = json!("lead"));
+    let resp = receive(&dataverse_with_key(&lead), &cfg, &queue, now()).await;
+    assert_eq!(
+        resp,
+        WebhookResponse {
+            status: 200,
+            body: "{\"ignored\":1}".into()
+        }
+    );
+    assert!(queue.events().is_empty());
+    assert_eq!(
+        cfg.stats.snapshot(),
+        StatsSnapshot {
+            ignored: 1,
+            ..StatsSnapshot::default()
+        }
+    );
+}
+
+#[tokio::test]
+async fn queue_failure_is_503_so_the_source_retries() {
+    let (cfg, queue) = (config(), RecordingQueue::failing());
+    let resp = receive(&dataverse_with_key(CONTACT_UPDATE), &cfg, &queue, now()).await;
+    assert_eq!(resp.status, 503);
+    assert!(error_of(&resp).contains("retry later"));
+    assert_eq!(cfg.stats.snapshot().rejected_queue_unavailable, 1);
+    assert_eq!(cfg.stats.snapshot().accepted, 0);
+}

@@ -1,0 +1,508 @@
+//! Plumbing shared by every simulator: the HTTP server loop, request/response types, service
+//! protection (throttling), fault injection, request counters and small encoding helpers.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What can go wrong when starting or driving a simulator from a test.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The simulator could not bind its listener on 127.0.0.1.
+    #[error("could not bind the {sim} simulator to 127.0.0.1:0: {source}; check that the loopback interface is up")]
+    Bind {
+        /// Which simulator.
+        sim: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A table or entity named in a call is not defined.
+    #[error("{sim} simulator: table or entity `{name}` is not defined; call define_table/define_entity first")]
+    UnknownTable {
+        /// Which simulator.
+        sim: &'static str,
+        /// The entity set / entity name given.
+        name: String,
+    },
+    /// A simulated user action was rejected the way the API would reject it.
+    #[error("{sim} simulator: {operation} on `{target}` failed with HTTP {status}: {message}")]
+    Rejected {
+        /// Which simulator.
+        sim: &'static str,
+        /// What was attempted (user_edit, user_create, user_delete).
+        operation: &'static str,
+        /// The entity set and key.
+        target: String,
+        /// The HTTP status the API would have answered.
+        status: u16,
+        /// The error message the API would have answered.
+        message: String,
+    },
+}
+
+/// One HTTP request as the simulators see it (also used for the parts of a `$batch`).
+#[derive(Debug, Clone)]
+pub(crate) struct SimRequest {
+    pub method: Method,
+    /// Path without query string, percent-encoded as received.
+    pub path: String,
+    /// Raw query string (without `?`), may be empty.
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl SimRequest {
+    /// A header value as text, if present and valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// One HTTP response produced by a simulator.
+#[derive(Debug, Clone)]
+pub(crate) struct SimResponse {
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+impl SimResponse {
+    pub fn empty(status: StatusCode) -> Self {
+        Self { status, headers: Vec::new(), body: Bytes::new() }
+    }
+
+    pub fn json(status: StatusCode, value: &serde_json::Value) -> Self {
+        let body = serde_json::to_vec(value).unwrap_or_default();
+        Self {
+            status,
+            headers: vec![(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json; odata.metadata=minimal"),
+            )],
+            body: Bytes::from(body),
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            self.headers.push((HeaderName::from_static(name), v));
+        }
+        self
+    }
+
+    pub fn is_success(&self) -> bool {
+        self.status.is_success() || self.status == StatusCode::NOT_MODIFIED
+    }
+}
+
+/// What the request handler of a simulator decided to do with a request.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Respond(SimResponse),
+    /// Close the connection without answering (fault injection).
+    Drop,
+}
+
+/// Marker put in a response's extensions to make the server loop close the connection.
+#[derive(Debug, Clone, Copy)]
+struct DropConnection;
+
+/// Implemented by each simulator's shared state: turns a request into an outcome.
+pub(crate) trait Handler: Send + Sync + 'static {
+    fn handle(self: Arc<Self>, req: SimRequest) -> impl Future<Output = Outcome> + Send;
+}
+
+async fn route<H: Handler>(State(handler): State<Arc<H>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 64 * 1024 * 1024).await else {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    };
+    let sim_req = SimRequest {
+        method: parts.method,
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or("").to_owned(),
+        headers: parts.headers,
+        body,
+    };
+    match handler.handle(sim_req).await {
+        Outcome::Respond(r) => {
+            let mut resp = Response::new(Body::from(r.body));
+            *resp.status_mut() = r.status;
+            let headers = resp.headers_mut();
+            headers.insert("OData-Version", HeaderValue::from_static("4.0"));
+            for (k, v) in r.headers {
+                headers.append(k, v);
+            }
+            resp
+        }
+        Outcome::Drop => {
+            let mut resp = Response::new(Body::empty());
+            resp.extensions_mut().insert(DropConnection);
+            resp
+        }
+    }
+}
+
+/// A running HTTP server; aborting the accept loop when dropped.
+#[derive(Debug)]
+pub(crate) struct Server {
+    pub addr: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Binds 127.0.0.1:0 and serves `handler` until the returned [`Server`] is dropped.
+pub(crate) async fn serve<H: Handler>(sim: &'static str, handler: Arc<H>) -> Result<Server, SimError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|source| SimError::Bind { sim, source })?;
+    let addr = listener.local_addr().map_err(|source| SimError::Bind { sim, source })?;
+    let router: Router = Router::new().fallback(route::<H>).with_state(handler);
+    let accept = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let router = router.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let mut router = router.clone();
+                    async move {
+                        let resp = tower_service::Service::call(&mut router, req.map(Body::new))
+                            .await
+                            .unwrap_or_else(|e: Infallible| match e {});
+                        if resp.extensions().get::<DropConnection>().is_some() {
+                            return Err(std::io::Error::other("fault injection: connection dropped"));
+                        }
+                        Ok(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(Server { addr, accept })
+}
+
+/// Service protection limits, per user (bearer token or anonymous).
+#[derive(Debug, Clone)]
+pub struct ThrottleConfig {
+    /// Requests allowed per user per window; `None` = unlimited.
+    pub requests_per_window: Option<u32>,
+    /// Length of the window (Dataverse: 300 s).
+    pub window: Duration,
+    /// Concurrent requests allowed per simulator; `None` = unlimited.
+    pub max_concurrent: Option<u32>,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self { requests_per_window: None, window: Duration::from_secs(300), max_concurrent: None }
+    }
+}
+
+/// One injected fault, consumed by one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this status code (5xx) and an error body, without touching data.
+    Status(u16),
+    /// Close the connection without answering.
+    DropConnection,
+    /// Wait this long, then process the request normally.
+    Delay(Duration),
+}
+
+/// Fault injection settings.
+#[derive(Debug, Clone, Default)]
+pub struct FaultConfig {
+    /// Faults applied, in order, to the next requests (one each).
+    pub sequence: Vec<Fault>,
+    /// Probability (0.0..=1.0) that a request is answered with 503.
+    pub error_rate: f64,
+    /// Probability (0.0..=1.0) that a request's connection is dropped.
+    pub drop_rate: f64,
+    /// Latency added to every request.
+    pub latency: Duration,
+}
+
+/// Observable counters of a simulator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// HTTP requests received (each `$batch` counts as one).
+    pub requests: u64,
+    /// Requests answered with 429.
+    pub throttled: u64,
+    /// Requests answered with 401.
+    pub unauthorized: u64,
+    /// Requests hit by an injected fault.
+    pub faults: u64,
+}
+
+/// Mutable throttling / fault / counter state shared by the simulators.
+#[derive(Debug, Default)]
+pub(crate) struct Guard {
+    pub requests: AtomicU64,
+    pub throttled: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub faults: AtomicU64,
+    in_flight: AtomicUsize,
+    throttle: Mutex<ThrottleConfig>,
+    fault_cfg: Mutex<FaultConfig>,
+    fault_queue: Mutex<VecDeque<Fault>>,
+    windows: Mutex<HashMap<String, (Instant, u32)>>,
+    forced_throttle: AtomicU64,
+}
+
+/// Why a request was refused by service protection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Throttled {
+    Rate { retry_after_secs: u64 },
+    Concurrency,
+}
+
+/// Keeps the in-flight count right; released when dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Guard {
+    pub fn new(throttle: ThrottleConfig, faults: FaultConfig) -> Self {
+        let g = Self::default();
+        *g.fault_queue.lock().unwrap_or_else(|e| e.into_inner()) = faults.sequence.iter().cloned().collect();
+        *g.fault_cfg.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+        *g.throttle.lock().unwrap_or_else(|e| e.into_inner()) = throttle;
+        g
+    }
+
+    pub fn stats(&self) -> SimStats {
+        SimStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            throttled: self.throttled.load(Ordering::Relaxed),
+            unauthorized: self.unauthorized.load(Ordering::Relaxed),
+            faults: self.faults.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn set_throttle(&self, cfg: ThrottleConfig) {
+        *self.throttle.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
+        self.windows.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    pub fn set_faults(&self, cfg: FaultConfig) {
+        *self.fault_queue.lock().unwrap_or_else(|e| e.into_inner()) = cfg.sequence.iter().cloned().collect();
+        *self.fault_cfg.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.fault_queue.lock().unwrap_or_else(|e| e.into_inner()).extend(faults);
+    }
+
+    /// Makes the next `n` requests answer 429 regardless of the configured limits.
+    pub fn force_throttle(&self, n: u64) {
+        self.forced_throttle.store(n, Ordering::Relaxed);
+    }
+
+    /// Applies fault injection: returns the fault to act on (after any delay has been slept).
+    pub async fn fault(&self) -> Option<Fault> {
+        let (latency, error_rate, drop_rate) = {
+            let cfg = self.fault_cfg.lock().unwrap_or_else(|e| e.into_inner());
+            (cfg.latency, cfg.error_rate, cfg.drop_rate)
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let queued = self.fault_queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        let fault = match queued {
+            Some(Fault::Delay(d)) => {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(d).await;
+                return None;
+            }
+            Some(f) => Some(f),
+            None if drop_rate > 0.0 && rand::random::<f64>() < drop_rate => Some(Fault::DropConnection),
+            None if error_rate > 0.0 && rand::random::<f64>() < error_rate => Some(Fault::Status(503)),
+            None => None,
+        };
+        if fault.is_some() {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+        }
+        fault
+    }
+
+    /// Counts the request in the user's window and the concurrency gauge.
+    pub fn admit(&self, user: &str) -> Result<InFlight<'_>, Throttled> {
+        let in_flight = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        let guard = InFlight(&self.in_flight);
+        let forced = self.forced_throttle.load(Ordering::Relaxed);
+        if forced > 0 {
+            self.forced_throttle.store(forced - 1, Ordering::Relaxed);
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(Throttled::Rate { retry_after_secs: 1 });
+        }
+        let cfg = self.throttle.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(max) = cfg.max_concurrent
+            && in_flight > max as usize
+        {
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(Throttled::Concurrency);
+        }
+        if let Some(limit) = cfg.requests_per_window {
+            let now = Instant::now();
+            let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = windows.entry(user.to_owned()).or_insert((now, 0));
+            if now.duration_since(entry.0) >= cfg.window {
+                *entry = (now, 0);
+            }
+            if entry.1 >= limit {
+                let left = cfg.window.saturating_sub(now.duration_since(entry.0));
+                self.throttled.fetch_add(1, Ordering::Relaxed);
+                return Err(Throttled::Rate { retry_after_secs: left.as_secs_f64().ceil().max(1.0) as u64 });
+            }
+            entry.1 += 1;
+        }
+        Ok(guard)
+    }
+}
+
+/// A new random GUID (version 4), lower case.
+pub(crate) fn new_guid() -> String {
+    let mut b: u128 = rand::random();
+    b = (b & !(0xF << 76)) | (0x4 << 76);
+    b = (b & !(0x3 << 62)) | (0x2 << 62);
+    let h = format!("{b:032x}");
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// True if `s` looks like a GUID (8-4-4-4-12 hex digits), braces allowed.
+pub(crate) fn is_guid(s: &str) -> bool {
+    let s = s.trim_start_matches('{').trim_end_matches('}');
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// Normalises a GUID to lower case without braces.
+pub(crate) fn norm_guid(s: &str) -> String {
+    s.trim_start_matches('{').trim_end_matches('}').to_ascii_lowercase()
+}
+
+/// ISO-8601 UTC with second precision, as Dataverse returns it.
+pub(crate) fn iso(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// WCF JSON date, `/Date(ms)/`.
+pub(crate) fn wcf_date(t: DateTime<Utc>) -> String {
+    format!("/Date({})/", t.timestamp_millis())
+}
+
+/// Percent-decodes a URL component (`+` stays `+`).
+pub(crate) fn pct_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
+/// Percent-encodes a value for use inside a query string.
+pub(crate) fn pct_encode(s: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SET).to_string()
+}
+
+/// Splits a raw query string into decoded `(name, value)` pairs (`+` decodes to a space).
+pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (pct_decode(&k.replace('+', " ")), pct_decode(&v.replace('+', " ")))
+        })
+        .collect()
+}
+
+/// The bearer token of a request, if any.
+pub(crate) fn bearer(req: &SimRequest) -> Option<&str> {
+    let h = req.header("authorization")?;
+    let (scheme, token) = h.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+/// Splits a `Prefer` header into its comma-separated preferences.
+pub(crate) fn prefers(req: &SimRequest) -> Vec<String> {
+    req.headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guids_are_v4_and_recognised() {
+        let g = new_guid();
+        assert!(is_guid(&g), "{g}");
+        assert_eq!(&g[14..15], "4");
+        assert!(is_guid("{6D81597F-0F9F-E711-8122-000D3AA2331C}"));
+        assert!(!is_guid("not-a-guid"));
+    }
+
+    #[test]
+    fn query_strings_decode() {
+        let q = parse_query("$filter=name%20eq%20%27a%27&$select=a,b&x=1+2");
+        assert_eq!(q[0], ("$filter".into(), "name eq 'a'".into()));
+        assert_eq!(q[1], ("$select".into(), "a,b".into()));
+        assert_eq!(q[2], ("x".into(), "1 2".into()));
+    }
+
+    #[test]
+    fn rate_limit_counts_per_user() {
+        let g = Guard::new(
+            ThrottleConfig { requests_per_window: Some(2), window: Duration::from_secs(60), max_concurrent: None },
+            FaultConfig::default(),
+        );
+        assert!(g.admit("a").is_ok());
+        assert!(g.admit("a").is_ok());
+        assert!(matches!(g.admit("a"), Err(Throttled::Rate { retry_after_secs }) if retry_after_secs >= 59));
+        assert!(g.admit("b").is_ok());
+        assert_eq!(g.stats().throttled, 1);
+    }
+}

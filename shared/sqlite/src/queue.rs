@@ -1,0 +1,369 @@
+//! [`SqliteQueue`]: the durable FIFO work queue with per-group ordering and a dead-letter table.
+//!
+//! Every message is a row of `queue`, numbered by an ever-growing `seq` (send order). A
+//! message's state follows from two columns and the clock:
+//! - `receipt` set and `visible_at` in the future: **in flight** (delivered, not yet acked);
+//! - `receipt` empty and `visible_at` in the future: **delayed** by `retry`;
+//! - `visible_at` now or past: **ready** (never delivered, delay over, or visibility expired).
+//!
+//! Only the lowest `seq` of a group (its *head*) is ever delivered, so while the head is in
+//! flight or delayed the rest of its group waits, and groups are delivered in send order.
+//! `ack` deletes the head; dead-lettering moves it to `dead_letters`; either lets the group move
+//! on.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dualwrite_core::ports::{
+    Clock, DeadLetter, Delivery, QueueDepth, QueueError, QueueMessage, RetryOutcome, WorkQueue,
+};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::clock::SystemClock;
+use crate::error::OpenError;
+use crate::schema;
+
+/// How a [`SqliteQueue`] behaves.
+#[derive(Clone)]
+pub struct QueueConfig {
+    /// Deliveries after which a message is dead-lettered instead of retried (SQS
+    /// `maxReceiveCount`). A delivery whose visibility timeout ran out counts as one too, so a
+    /// message that keeps crashing its worker does not block its group for ever.
+    pub max_attempts: u32,
+    /// Where "now" comes from: [`SystemClock`] normally, a
+    /// [`ManualClock`](crate::ManualClock) in tests.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_attempts: 5,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl fmt::Debug for QueueConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueConfig")
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The work queue on SQLite. Implements [`WorkQueue`].
+///
+/// `send` commits with `synchronous=FULL` before it returns, so an accepted message survives a
+/// crash or power loss. Messages are not deduplicated by `dedup_id` (the engine does not rely on
+/// it; the store's idempotency records make duplicates harmless).
+#[derive(Debug)]
+pub struct SqliteQueue {
+    conn: Mutex<Connection>,
+    config: QueueConfig,
+    /// The file, for error messages (`:memory:` for an in-memory queue).
+    location: String,
+}
+
+/// One message row as read for delivery.
+struct Row {
+    seq: i64,
+    body: String,
+    attempt: i64,
+}
+
+impl SqliteQueue {
+    /// Opens (creating and migrating if needed) the queue in the database file at `path`. The
+    /// file may be shared with a [`crate::SqliteStore`].
+    pub fn open(path: impl AsRef<Path>, config: QueueConfig) -> Result<Self, OpenError> {
+        let path = path.as_ref();
+        let conn = schema::open_connection(Some(path))?;
+        Ok(SqliteQueue {
+            conn: Mutex::new(conn),
+            config,
+            location: path.display().to_string(),
+        })
+    }
+
+    /// A queue that lives in memory only (tests).
+    pub fn open_in_memory(config: QueueConfig) -> Result<Self, OpenError> {
+        let conn = schema::open_connection(None)?;
+        Ok(SqliteQueue {
+            conn: Mutex::new(conn),
+            config,
+            location: ":memory:".to_owned(),
+        })
+    }
+
+    /// Every message still in the queue (ready, in flight or delayed), in send order, up to
+    /// `limit`. Dead letters are not included. For status pages and checks.
+    pub fn pending(&self, limit: usize) -> Result<Vec<QueueMessage>, QueueError> {
+        let conn = self.lock();
+        let bodies: Vec<String> = conn
+            .prepare_cached("SELECT body FROM queue ORDER BY seq LIMIT ?1")
+            .and_then(|mut s| s.query_map([limit_to_sql(limit)], |r| r.get(0))?.collect())
+            .map_err(|e| self.unavailable("listing messages", e))?;
+        bodies.iter().map(|b| self.decode(b)).collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // An unfinished transaction rolls back on drop, so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.config.clock.now().timestamp_millis()
+    }
+
+    fn unavailable(&self, doing: &str, e: rusqlite::Error) -> QueueError {
+        QueueError::Unavailable(format!("{}: {doing}: {e}", self.location))
+    }
+
+    fn decode(&self, body: &str) -> Result<QueueMessage, QueueError> {
+        serde_json::from_str::<QueueMessage>(body).map_err(|e| {
+            QueueError::Corrupt(format!(
+                "{}: a queued message cannot be read back: {e}; it was written by another \
+                 version or damaged",
+                self.location
+            ))
+        })
+    }
+
+    /// The message sequence a receipt (`<seq>.<attempt>`) names; whether the receipt is still
+    /// the current one is checked against the row.
+    fn parse_receipt(receipt: &str) -> Option<i64> {
+        receipt
+            .split_once('.')
+            .and_then(|(seq, _)| seq.parse().ok())
+    }
+}
+
+fn limit_to_sql(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl WorkQueue for SqliteQueue {
+    async fn send(&self, messages: Vec<QueueMessage>) -> Result<(), QueueError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let now = self.now_ms();
+        let mut conn = self.lock();
+        let fail = |e| self.unavailable("sending", e);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO queue (group_id, dedup_id, body, sent_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(fail)?;
+            for m in messages {
+                let body = serde_json::to_string(&m).map_err(|e| {
+                    QueueError::Unavailable(format!("{}: encoding a message: {e}", self.location))
+                })?;
+                insert
+                    .execute(params![m.group_id, m.dedup_id, body, now])
+                    .map_err(fail)?;
+            }
+        }
+        // With synchronous=FULL the WAL is fsynced here: once this returns, the send is durable.
+        tx.commit().map_err(fail)
+    }
+
+    async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let now = self.now_ms();
+        let visible_at = now.saturating_add(millis(visibility));
+        let max_attempts = i64::from(self.config.max_attempts);
+        let mut conn = self.lock();
+        let fail = |e| self.unavailable("receiving", e);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        // Deliveries that timed out on their last allowed attempt go to the dead letters.
+        tx.execute(
+            "INSERT INTO dead_letters (seq, group_id, dedup_id, body, attempts, last_error, dead_at_ms) \
+             SELECT seq, group_id, dedup_id, body, attempt, \
+                    coalesce(last_error || '; ', '') || 'visibility timeout expired without ack', ?1 \
+             FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
+            params![now, max_attempts],
+        )
+        .map_err(fail)?;
+        tx.execute(
+            "DELETE FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
+            params![now, max_attempts],
+        )
+        .map_err(fail)?;
+        let rows: Vec<Row> = tx
+            .prepare_cached(
+                "SELECT q.seq, q.body, q.attempt FROM queue q \
+                 JOIN (SELECT min(seq) AS head FROM queue GROUP BY group_id) h ON q.seq = h.head \
+                 WHERE q.visible_at_ms <= ?1 ORDER BY q.seq LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![now, limit_to_sql(max)], |r| {
+                    Ok(Row {
+                        seq: r.get(0)?,
+                        body: r.get(1)?,
+                        attempt: r.get(2)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(fail)?;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        {
+            let mut mark = tx
+                .prepare_cached(
+                    "UPDATE queue SET attempt = ?2, receipt = ?3, visible_at_ms = ?4 WHERE seq = ?1",
+                )
+                .map_err(fail)?;
+            for row in rows {
+                let attempt = row.attempt + 1;
+                // Unique per delivery: a receipt from an earlier delivery no longer matches.
+                let receipt = format!("{}.{attempt}", row.seq);
+                mark.execute(params![row.seq, attempt, receipt, visible_at])
+                    .map_err(fail)?;
+                deliveries.push(Delivery {
+                    receipt,
+                    message: self.decode(&row.body)?,
+                    attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                });
+            }
+        }
+        tx.commit().map_err(fail)?;
+        Ok(deliveries)
+    }
+
+    async fn ack(&self, receipt: &str) -> Result<(), QueueError> {
+        let seq = Self::parse_receipt(receipt)
+            .ok_or_else(|| QueueError::UnknownReceipt(receipt.to_owned()))?;
+        let conn = self.lock();
+        // A receipt stays valid until the message is delivered again, even past its visibility
+        // timeout (as on SQS): acking then is still correct, the work was done.
+        let deleted = conn
+            .execute(
+                "DELETE FROM queue WHERE seq = ?1 AND receipt = ?2",
+                params![seq, receipt],
+            )
+            .map_err(|e| self.unavailable("acking", e))?;
+        if deleted == 1 {
+            Ok(())
+        } else {
+            Err(QueueError::UnknownReceipt(receipt.to_owned()))
+        }
+    }
+
+    async fn retry(
+        &self,
+        receipt: &str,
+        delay: Duration,
+        error: &str,
+    ) -> Result<RetryOutcome, QueueError> {
+        let seq = Self::parse_receipt(receipt)
+            .ok_or_else(|| QueueError::UnknownReceipt(receipt.to_owned()))?;
+        let now = self.now_ms();
+        let mut conn = self.lock();
+        let fail = |e| self.unavailable("retrying", e);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        let attempt: Option<i64> = tx
+            .query_row(
+                "SELECT attempt FROM queue WHERE seq = ?1 AND receipt = ?2",
+                params![seq, receipt],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(fail)?;
+        let Some(attempt) = attempt else {
+            return Err(QueueError::UnknownReceipt(receipt.to_owned()));
+        };
+        let outcome = if attempt >= i64::from(self.config.max_attempts) {
+            tx.execute(
+                "INSERT INTO dead_letters (seq, group_id, dedup_id, body, attempts, last_error, dead_at_ms) \
+                 SELECT seq, group_id, dedup_id, body, attempt, ?2, ?3 FROM queue WHERE seq = ?1",
+                params![seq, error, now],
+            )
+            .map_err(fail)?;
+            tx.execute("DELETE FROM queue WHERE seq = ?1", [seq])
+                .map_err(fail)?;
+            RetryOutcome::DeadLettered
+        } else {
+            tx.execute(
+                "UPDATE queue SET receipt = NULL, visible_at_ms = ?2, last_error = ?3 WHERE seq = ?1",
+                params![seq, now.saturating_add(millis(delay)), error],
+            )
+            .map_err(fail)?;
+            RetryOutcome::Requeued
+        };
+        tx.commit().map_err(fail)?;
+        Ok(outcome)
+    }
+
+    /// Dead letters, oldest first (the order they died in).
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let conn = self.lock();
+        let rows: Vec<(String, i64, String)> = conn
+            .prepare_cached(
+                "SELECT body, attempts, last_error FROM dead_letters \
+                 ORDER BY dead_at_ms, rowid LIMIT ?1",
+            )
+            .and_then(|mut s| {
+                s.query_map([limit_to_sql(limit)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect()
+            })
+            .map_err(|e| self.unavailable("listing dead letters", e))?;
+        rows.into_iter()
+            .map(|(body, attempts, last_error)| {
+                Ok(DeadLetter {
+                    message: self.decode(&body)?,
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                    last_error,
+                })
+            })
+            .collect()
+    }
+
+    /// Counts by state. `ready` counts every message that is neither in flight nor delayed,
+    /// including those waiting behind an earlier message of their group.
+    async fn depth(&self) -> Result<QueueDepth, QueueError> {
+        let now = self.now_ms();
+        let conn = self.lock();
+        let fail = |e| self.unavailable("counting", e);
+        let (ready, in_flight, delayed): (i64, i64, i64) = conn
+            .query_row(
+                "SELECT \
+                   coalesce(sum(visible_at_ms <= ?1), 0), \
+                   coalesce(sum(visible_at_ms > ?1 AND receipt IS NOT NULL), 0), \
+                   coalesce(sum(visible_at_ms > ?1 AND receipt IS NULL), 0) \
+                 FROM queue",
+                [now],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(fail)?;
+        let dead: i64 = conn
+            .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))
+            .map_err(fail)?;
+        Ok(QueueDepth {
+            ready: ready as u64,
+            in_flight: in_flight as u64,
+            delayed: delayed as u64,
+            dead: dead as u64,
+        })
+    }
+}

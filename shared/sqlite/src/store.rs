@@ -1,0 +1,522 @@
+//! [`SqliteStore`]: links, idempotency records, journals and map states in one SQLite file.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use dualwrite_core::ports::{
+    ConflictRecord, ErrorRecord, EventClaim, IdempotencyStore, JournalStore, Link, LinkStore,
+    MAX_COMMIT_OPS, MapState, ParkedEvent, StoreError, StoreOp,
+};
+use dualwrite_core::{IntegrationKey, Side};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::OpenError;
+use crate::schema;
+
+/// The state store on SQLite. Implements [`LinkStore`], [`IdempotencyStore`] and
+/// [`JournalStore`] (hence [`dualwrite_core::ports::StateStore`]).
+///
+/// Links, conflicts, errors, parked events and map states are kept as JSON in a `body` column,
+/// with the columns queries need (map, key, ids, revision, timestamps) beside it. The `revision`
+/// column is authoritative: a link read back carries it whatever the JSON says.
+///
+/// Every method takes the connection's mutex and runs one short transaction; see the crate
+/// docs for why that is fine here. Writes use `BEGIN IMMEDIATE`, so two stores (or processes)
+/// on one file serialise instead of failing on a lock upgrade.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    /// The file, for error messages (`:memory:` for an in-memory store).
+    location: String,
+}
+
+/// How many of each thing the store holds, for `dualwrite status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreCounts {
+    /// Links, all maps.
+    pub links: u64,
+    /// Conflicts still waiting for a person.
+    pub open_conflicts: u64,
+    /// Conflicts in the log, open or not.
+    pub conflicts: u64,
+    /// Entries in the error log.
+    pub errors: u64,
+    /// Parked events.
+    pub parked: u64,
+    /// Events processed to completion (idempotency records).
+    pub completed_events: u64,
+    /// Events claimed and not yet completed or released.
+    pub claimed_events: u64,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the store in the database file at `path`. The
+    /// file may be shared with a [`crate::SqliteQueue`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let path = path.as_ref();
+        let conn = schema::open_connection(Some(path))?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            location: path.display().to_string(),
+        })
+    }
+
+    /// A store that lives in memory only (tests, dry runs).
+    pub fn open_in_memory() -> Result<Self, OpenError> {
+        let conn = schema::open_connection(None)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            location: ":memory:".to_owned(),
+        })
+    }
+
+    /// All links, of one map or of all, ordered by map then integration key.
+    pub fn links(&self, map: Option<&str>) -> Result<Vec<Link>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT map, key, revision, body FROM links \
+                 WHERE ?1 IS NULL OR map = ?1 ORDER BY map, key",
+            )
+            .map_err(|e| self.unavailable("listing links", e))?;
+        let rows = stmt
+            .query_map([map], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(|e| self.unavailable("listing links", e))?;
+        let mut links = Vec::new();
+        for row in rows {
+            let (map, key, revision, body): (String, String, i64, String) =
+                row.map_err(|e| self.unavailable("listing links", e))?;
+            links.push(self.decode_link(&map, &key, revision, &body)?);
+        }
+        Ok(links)
+    }
+
+    /// Counts of links, conflicts, errors, parked and completed events.
+    pub fn counts(&self) -> Result<StoreCounts, StoreError> {
+        let conn = self.lock();
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            conn.query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(|e| self.unavailable("counting", e))
+        };
+        Ok(StoreCounts {
+            links: count("SELECT count(*) FROM links")?,
+            open_conflicts: count("SELECT count(*) FROM conflicts WHERE open = 1")?,
+            conflicts: count("SELECT count(*) FROM conflicts")?,
+            errors: count("SELECT count(*) FROM errors")?,
+            parked: count("SELECT count(*) FROM parked")?,
+            completed_events: count("SELECT count(*) FROM events WHERE done = 1")?,
+            claimed_events: count("SELECT count(*) FROM events WHERE done = 0")?,
+        })
+    }
+
+    /// True when `event_id` was processed to completion ([`StoreOp::CompleteEvent`]).
+    pub fn event_done(&self, event_id: &str) -> Result<bool, StoreError> {
+        let conn = self.lock();
+        conn.query_row(
+            "SELECT done FROM events WHERE event_id = ?1",
+            [event_id],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map(|done| done == Some(1))
+        .map_err(|e| self.unavailable("reading an idempotency record", e))
+    }
+
+    /// Runs SQLite's `PRAGMA integrity_check`; [`StoreError::Corrupt`] lists what it found.
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let problems = schema::integrity_problems(&conn)
+            .map_err(|e| self.unavailable("checking integrity", e))?;
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(format!(
+                "{}: integrity check failed: {}; restore the file from a backup",
+                self.location,
+                problems.join("; ")
+            )))
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a transaction half-applied (an unfinished
+        // rusqlite Transaction rolls back on drop), so a poisoned lock is safe to keep using.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unavailable(&self, doing: &str, e: rusqlite::Error) -> StoreError {
+        StoreError::Unavailable(format!("{}: {doing}: {e}", self.location))
+    }
+
+    fn corrupt(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt(format!(
+            "{}: {what} cannot be read back: {e}; it was written by another version or damaged",
+            self.location
+        ))
+    }
+
+    fn decode<T: DeserializeOwned>(&self, what: &str, body: &str) -> Result<T, StoreError> {
+        serde_json::from_str(body).map_err(|e| self.corrupt(what, e))
+    }
+
+    fn decode_link(
+        &self,
+        map: &str,
+        key: &str,
+        revision: i64,
+        body: &str,
+    ) -> Result<Link, StoreError> {
+        let mut link: Link = self.decode(&format!("link {map}/{key}"), body)?;
+        link.revision = u64::try_from(revision)
+            .map_err(|_| self.corrupt(&format!("link {map}/{key}"), "negative revision"))?;
+        Ok(link)
+    }
+
+    fn encode<T: Serialize>(&self, what: &str, value: &T) -> Result<String, StoreError> {
+        // Serialising these plain data types cannot fail; map it anyway rather than panic.
+        serde_json::to_string(value).map_err(|e| {
+            StoreError::Unavailable(format!("{}: encoding {what}: {e}", self.location))
+        })
+    }
+
+    fn read_link(
+        &self,
+        conn: &Connection,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Option<Link>, StoreError> {
+        let row: Option<(String, String, i64, String)> = conn
+            .prepare_cached(sql)
+            .and_then(|mut stmt| {
+                stmt.query_row(params, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .optional()
+            })
+            .map_err(|e| self.unavailable("reading a link", e))?;
+        row.map(|(map, key, rev, body)| self.decode_link(&map, &key, rev, &body))
+            .transpose()
+    }
+
+    fn apply(&self, tx: &Transaction<'_>, op: StoreOp) -> Result<(), StoreError> {
+        let fail = |e| self.unavailable("committing", e);
+        match op {
+            StoreOp::PutLink {
+                mut link,
+                expected_revision,
+            } => {
+                self.check_revision(tx, &link.map, &link.key, expected_revision)?;
+                link.revision = expected_revision + 1;
+                let body = self.encode("a link", &link)?;
+                tx.prepare_cached(
+                    "INSERT INTO links (map, key, crm_id, erp_id, revision, body) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (map, key) DO UPDATE SET crm_id = ?3, erp_id = ?4, \
+                     revision = ?5, body = ?6",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        link.map,
+                        link.key.as_str(),
+                        link.crm_id,
+                        link.erp_id,
+                        revision_to_sql(link.revision),
+                        body
+                    ])
+                })
+                .map_err(fail)?;
+            }
+            StoreOp::DeleteLink {
+                map,
+                key,
+                expected_revision,
+            } => {
+                self.check_revision(tx, &map, &key, expected_revision)?;
+                tx.execute(
+                    "DELETE FROM links WHERE map = ?1 AND key = ?2",
+                    params![map, key.as_str()],
+                )
+                .map_err(fail)?;
+            }
+            StoreOp::CompleteEvent { event_id } => {
+                tx.prepare_cached(
+                    "INSERT INTO events (event_id, done, lease_until_ms) VALUES (?1, 1, NULL) \
+                     ON CONFLICT (event_id) DO UPDATE SET done = 1, lease_until_ms = NULL",
+                )
+                .and_then(|mut s| s.execute([event_id]))
+                .map_err(fail)?;
+            }
+            StoreOp::RecordConflict(conflict) => {
+                let body = self.encode("a conflict", &conflict)?;
+                tx.execute(
+                    "INSERT INTO conflicts (id, detected_at_ms, open, body) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (id) DO UPDATE SET detected_at_ms = ?2, open = ?3, body = ?4",
+                    params![conflict.id, conflict.detected_at.timestamp_millis(), conflict.open, body],
+                )
+                .map_err(fail)?;
+            }
+            StoreOp::RecordError(error) => {
+                let body = self.encode("an error record", &error)?;
+                tx.execute(
+                    "INSERT INTO errors (at_ms, body) VALUES (?1, ?2)",
+                    params![error.at.timestamp_millis(), body],
+                )
+                .map_err(fail)?;
+            }
+            StoreOp::Park(parked) => {
+                let body = self.encode("a parked event", &parked)?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO parked \
+                     (waiting_map, waiting_key, event_id, parked_at_ms, body) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        parked.waiting_map,
+                        parked.waiting_key.as_str(),
+                        parked.event.event_id,
+                        parked.parked_at.timestamp_millis(),
+                        body
+                    ],
+                )
+                .map_err(fail)?;
+            }
+            StoreOp::Unpark {
+                waiting_map,
+                waiting_key,
+                event_id,
+            } => {
+                tx.execute(
+                    "DELETE FROM parked WHERE waiting_map = ?1 AND waiting_key = ?2 AND event_id = ?3",
+                    params![waiting_map, waiting_key.as_str(), event_id],
+                )
+                .map_err(fail)?;
+            }
+            StoreOp::PutMapState(state) => {
+                let body = self.encode("a map state", &state)?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO map_states (map, body) VALUES (?1, ?2)",
+                    params![state.map, body],
+                )
+                .map_err(fail)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with [`StoreError::Conflict`] unless the stored revision of `map`/`key` (0 when
+    /// there is no link) is `expected`.
+    fn check_revision(
+        &self,
+        tx: &Transaction<'_>,
+        map: &str,
+        key: &IntegrationKey,
+        expected: u64,
+    ) -> Result<(), StoreError> {
+        let stored: Option<i64> = tx
+            .prepare_cached("SELECT revision FROM links WHERE map = ?1 AND key = ?2")
+            .and_then(|mut s| {
+                s.query_row(params![map, key.as_str()], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(|e| self.unavailable("reading a link revision", e))?;
+        let stored = stored.map_or(0, |r| r.max(0) as u64);
+        if stored == expected {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict {
+                map: map.to_owned(),
+                key: key.to_string(),
+                expected,
+            })
+        }
+    }
+
+    fn list<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<T>, StoreError> {
+        let conn = self.lock();
+        let bodies: Vec<String> = conn
+            .prepare_cached(sql)
+            .and_then(|mut stmt| stmt.query_map(params, |r| r.get(0))?.collect())
+            .map_err(|e| self.unavailable(&format!("listing {what}"), e))?;
+        bodies.iter().map(|b| self.decode(what, b)).collect()
+    }
+}
+
+fn revision_to_sql(revision: u64) -> i64 {
+    i64::try_from(revision).unwrap_or(i64::MAX)
+}
+
+fn limit_to_sql(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl LinkStore for SqliteStore {
+    async fn link(&self, map: &str, key: &IntegrationKey) -> Result<Option<Link>, StoreError> {
+        let conn = self.lock();
+        self.read_link(
+            &conn,
+            "SELECT map, key, revision, body FROM links WHERE map = ?1 AND key = ?2",
+            params![map, key.as_str()],
+        )
+    }
+
+    async fn link_by_id(
+        &self,
+        map: &str,
+        side: Side,
+        id: &str,
+    ) -> Result<Option<Link>, StoreError> {
+        let sql = match side {
+            Side::Crm => {
+                "SELECT map, key, revision, body FROM links WHERE map = ?1 AND crm_id = ?2 \
+                 ORDER BY key LIMIT 1"
+            }
+            Side::Erp => {
+                "SELECT map, key, revision, body FROM links WHERE map = ?1 AND erp_id = ?2 \
+                 ORDER BY key LIMIT 1"
+            }
+        };
+        let conn = self.lock();
+        self.read_link(&conn, sql, params![map, id])
+    }
+
+    async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+        if ops.len() > MAX_COMMIT_OPS {
+            return Err(StoreError::TooLarge {
+                max: MAX_COMMIT_OPS,
+                got: ops.len(),
+            });
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.unavailable("starting a commit", e))?;
+        for op in ops {
+            // An error drops `tx`, which rolls back every operation applied so far.
+            self.apply(&tx, op)?;
+        }
+        tx.commit().map_err(|e| self.unavailable("committing", e))
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for SqliteStore {
+    async fn claim_event(
+        &self,
+        event_id: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<EventClaim, StoreError> {
+        let now_ms = now.timestamp_millis();
+        let until = now_ms.saturating_add(millis(lease));
+        let mut conn = self.lock();
+        let fail = |e| self.unavailable(&format!("claiming event {event_id}"), e);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        let existing: Option<(i64, Option<i64>)> = tx
+            .prepare_cached("SELECT done, lease_until_ms FROM events WHERE event_id = ?1")
+            .and_then(|mut s| {
+                s.query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(fail)?;
+        let claim = match existing {
+            Some((1, _)) => EventClaim::AlreadyDone,
+            Some((_, Some(lease_until))) if lease_until > now_ms => EventClaim::InProgress,
+            _ => {
+                tx.prepare_cached(
+                    "INSERT INTO events (event_id, done, lease_until_ms) VALUES (?1, 0, ?2) \
+                     ON CONFLICT (event_id) DO UPDATE SET lease_until_ms = ?2",
+                )
+                .and_then(|mut s| s.execute(params![event_id, until]))
+                .map_err(fail)?;
+                EventClaim::Claimed
+            }
+        };
+        tx.commit().map_err(fail)?;
+        Ok(claim)
+    }
+
+    async fn release_event(&self, event_id: &str) -> Result<(), StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "DELETE FROM events WHERE event_id = ?1 AND done = 0",
+            [event_id],
+        )
+        .map(|_| ())
+        .map_err(|e| self.unavailable(&format!("releasing event {event_id}"), e))
+    }
+}
+
+#[async_trait]
+impl JournalStore for SqliteStore {
+    async fn map_state(&self, map: &str) -> Result<Option<MapState>, StoreError> {
+        let states: Vec<MapState> = self.list(
+            "map states",
+            "SELECT body FROM map_states WHERE map = ?1",
+            [map],
+        )?;
+        Ok(states.into_iter().next())
+    }
+
+    async fn map_states(&self) -> Result<Vec<MapState>, StoreError> {
+        self.list("map states", "SELECT body FROM map_states ORDER BY map", [])
+    }
+
+    async fn conflicts(
+        &self,
+        open_only: bool,
+        limit: usize,
+    ) -> Result<Vec<ConflictRecord>, StoreError> {
+        self.list(
+            "conflicts",
+            "SELECT body FROM conflicts WHERE open = 1 OR NOT ?1 \
+             ORDER BY detected_at_ms DESC, rowid DESC LIMIT ?2",
+            params![open_only, limit_to_sql(limit)],
+        )
+    }
+
+    async fn errors(&self, limit: usize) -> Result<Vec<ErrorRecord>, StoreError> {
+        self.list(
+            "error records",
+            "SELECT body FROM errors ORDER BY at_ms DESC, rowid DESC LIMIT ?1",
+            [limit_to_sql(limit)],
+        )
+    }
+
+    async fn parked_for(
+        &self,
+        map: &str,
+        key: &IntegrationKey,
+    ) -> Result<Vec<ParkedEvent>, StoreError> {
+        self.list(
+            "parked events",
+            "SELECT body FROM parked WHERE waiting_map = ?1 AND waiting_key = ?2 \
+             ORDER BY parked_at_ms, rowid",
+            params![map, key.as_str()],
+        )
+    }
+
+    async fn parked_count(&self) -> Result<u64, StoreError> {
+        let conn = self.lock();
+        conn.query_row("SELECT count(*) FROM parked", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(|e| self.unavailable("counting parked events", e))
+    }
+}
