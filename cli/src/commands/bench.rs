@@ -21,8 +21,23 @@ pub enum BenchCommand {
 pub fn run(command: BenchCommand) -> Result<ExitCode> {
     match command {
         BenchCommand::Engine { records, json } => {
-            let _ = (records, json);
-            anyhow::bail!("bench engine: not wired yet")
+            let report = dualwrite_bench::engine::run(records).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "bench engine: {} records of {} ({} fields): median {} ns, p99 {} ns, {} records/s (target median <= {} ns: {})",
+                    report.records,
+                    report.map,
+                    report.fields_per_record,
+                    report.median_ns_per_record,
+                    report.p99_ns_per_record,
+                    report.records_per_sec,
+                    report.target_median_ns,
+                    if report.target_met { "met" } else { "NOT met" }
+                );
+            }
+            Ok(if report.target_met { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
 }

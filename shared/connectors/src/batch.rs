@@ -34,7 +34,10 @@ impl BatchResponse {
     /// An inner header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -45,7 +48,10 @@ pub fn build_changeset_batch(id: &str, requests: &[BatchRequest]) -> (String, St
     let changeset = format!("changeset_{id}");
     let mut out = String::new();
     // Writing to a String cannot fail.
-    let _ = write!(out, "--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n");
+    let _ = write!(
+        out,
+        "--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"
+    );
     for (i, r) in requests.iter().enumerate() {
         let _ = write!(
             out,
@@ -72,7 +78,8 @@ pub fn build_changeset_batch(id: &str, requests: &[BatchRequest]) -> (String, St
 /// The `boundary` parameter of a multipart content type.
 pub fn boundary_of(content_type: &str) -> Option<String> {
     content_type.split(';').map(str::trim).find_map(|p| {
-        p.strip_prefix("boundary=").map(|b| b.trim_matches('"').to_string())
+        p.strip_prefix("boundary=")
+            .map(|b| b.trim_matches('"').to_string())
     })
 }
 
@@ -96,8 +103,9 @@ fn headers_of(head: &str) -> Vec<(String, String)> {
 /// Splits a multipart `$batch` answer (nested changesets included) into its responses, in
 /// order. `content_type` is the answer's `Content-Type` header.
 pub fn parse_batch_response(content_type: &str, body: &str) -> Result<Vec<BatchResponse>, String> {
-    let boundary = boundary_of(content_type)
-        .ok_or_else(|| format!("the $batch answer has no multipart boundary (Content-Type {content_type})"))?;
+    let boundary = boundary_of(content_type).ok_or_else(|| {
+        format!("the $batch answer has no multipart boundary (Content-Type {content_type})")
+    })?;
     let mut out = Vec::new();
     let delimiter = format!("--{boundary}");
     for part in body.split(delimiter.as_str()).skip(1) {
@@ -107,12 +115,19 @@ pub fn parse_batch_response(content_type: &str, body: &str) -> Result<Vec<BatchR
         let part = part.trim_start_matches(['\r', '\n']);
         let (head, content) = split_head(part);
         let headers = headers_of(head);
-        let part_type = headers.iter().find(|(n, _)| n == "content-type").map(|(_, v)| v.as_str()).unwrap_or("");
+        let part_type = headers
+            .iter()
+            .find(|(n, _)| n == "content-type")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
         if part_type.starts_with("multipart/mixed") {
             out.extend(parse_batch_response(part_type, content)?);
             continue;
         }
-        let content_id = headers.iter().find(|(n, _)| n == "content-id").map(|(_, v)| v.clone());
+        let content_id = headers
+            .iter()
+            .find(|(n, _)| n == "content-id")
+            .map(|(_, v)| v.clone());
         let (inner_head, inner_body) = split_head(content);
         let mut lines = inner_head.lines();
         let status_line = lines.next().unwrap_or("");
@@ -141,12 +156,24 @@ mod tests {
         let (ct, body) = build_changeset_batch(
             "abc",
             &[
-                BatchRequest { method: "PATCH".into(), url: "https://x/data/E(k='1')".into(), headers: vec![("If-Match".into(), "*".into())], body: Some("{\"a\":1}".into()) },
-                BatchRequest { method: "POST".into(), url: "https://x/data/E".into(), headers: vec![], body: Some("{}".into()) },
+                BatchRequest {
+                    method: "PATCH".into(),
+                    url: "https://x/data/E(k='1')".into(),
+                    headers: vec![("If-Match".into(), "*".into())],
+                    body: Some("{\"a\":1}".into()),
+                },
+                BatchRequest {
+                    method: "POST".into(),
+                    url: "https://x/data/E".into(),
+                    headers: vec![],
+                    body: Some("{}".into()),
+                },
             ],
         );
         assert_eq!(ct, "multipart/mixed; boundary=batch_abc");
-        assert!(body.starts_with("--batch_abc\r\nContent-Type: multipart/mixed; boundary=changeset_abc\r\n\r\n"));
+        assert!(body.starts_with(
+            "--batch_abc\r\nContent-Type: multipart/mixed; boundary=changeset_abc\r\n\r\n"
+        ));
         assert!(body.contains("Content-ID: 1\r\n\r\nPATCH https://x/data/E(k='1') HTTP/1.1\r\nContent-Type: application/json\r\nIf-Match: *\r\n\r\n{\"a\":1}\r\n"));
         assert!(body.contains("Content-ID: 2\r\n\r\nPOST https://x/data/E HTTP/1.1\r\n"));
         assert!(body.ends_with("--changeset_abc--\r\n--batch_abc--\r\n"));
@@ -164,7 +191,10 @@ HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nETag: W/\"5\"\r\n\r\n{
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].status, 204);
         assert_eq!(r[0].content_id.as_deref(), Some("1"));
-        assert_eq!(r[0].header("OData-EntityId"), Some("https://x/api/data/v9.2/accounts(1)"));
+        assert_eq!(
+            r[0].header("OData-EntityId"),
+            Some("https://x/api/data/v9.2/accounts(1)")
+        );
         assert_eq!(r[1].status, 201);
         assert_eq!(r[1].header("etag"), Some("W/\"5\""));
         assert_eq!(r[1].body, "{\"id\":2}");
@@ -174,7 +204,8 @@ HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nETag: W/\"5\"\r\n\r\n{
     fn a_failed_changeset_answers_once() {
         let body = "--batchresponse_9\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
 HTTP/1.1 412 Precondition Failed\r\nContent-Type: application/json\r\n\r\n{\"error\":{\"code\":\"0x80060882\",\"message\":\"stale\"}}\r\n--batchresponse_9--\r\n";
-        let r = parse_batch_response("multipart/mixed; boundary=\"batchresponse_9\"", body).unwrap();
+        let r =
+            parse_batch_response("multipart/mixed; boundary=\"batchresponse_9\"", body).unwrap();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].status, 412);
         assert!(r[0].body.contains("stale"));

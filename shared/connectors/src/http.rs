@@ -79,7 +79,11 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    value.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
 }
 
 /// The server's message from an OData error body `{"error":{"code":"…","message":"…"}}`
@@ -115,7 +119,11 @@ pub fn server_message(body: &str) -> Option<String> {
 
 /// A transport failure (no answer, timeout, dropped connection) as a transient error.
 pub fn transport_error(side: Side, entity: &str, error: &reqwest::Error) -> ConnectorError {
-    let what = if error.is_timeout() { "request timed out" } else { "request failed" };
+    let what = if error.is_timeout() {
+        "request timed out"
+    } else {
+        "request failed"
+    };
     ConnectorError {
         side,
         entity: entity.to_string(),
@@ -141,7 +149,12 @@ pub struct ODataRequest {
 impl ODataRequest {
     /// A request without headers or body.
     pub fn new(method: Method, url: impl Into<String>) -> Self {
-        ODataRequest { method, url: url.into(), headers: Vec::new(), body: None }
+        ODataRequest {
+            method,
+            url: url.into(),
+            headers: Vec::new(),
+            body: None,
+        }
     }
 
     /// Adds a header (builder style).
@@ -183,16 +196,23 @@ impl ODataClient {
         timeout: Duration,
         stats: Arc<ConnectorStats>,
     ) -> Result<Self, ConnectorError> {
-        let http = reqwest::Client::builder().timeout(timeout).build().map_err(|e| {
-            ConnectorError {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| ConnectorError {
                 side,
                 entity: String::new(),
                 kind: ConnectorErrorKind::BadRequest,
                 status: None,
                 message: format!("cannot build the HTTP client: {e}"),
-            }
-        })?;
-        Ok(ODataClient { http, tokens, scope, side, stats })
+            })?;
+        Ok(ODataClient {
+            http,
+            tokens,
+            scope,
+            side,
+            stats,
+        })
     }
 
     /// The counters this client adds to.
@@ -210,7 +230,11 @@ impl ODataClient {
     ) -> Result<HttpResponse, ConnectorError> {
         let mut attempt = 1;
         loop {
-            let token = self.tokens.token(&self.scope).await.map_err(|e| e.into_connector_error(self.side, entity))?;
+            let token = self
+                .tokens
+                .token(&self.scope)
+                .await
+                .map_err(|e| e.into_connector_error(self.side, entity))?;
             let mut builder = self
                 .http
                 .request(request.method.clone(), &request.url)
@@ -222,7 +246,9 @@ impl ODataClient {
                 builder = builder.header(name.as_str(), value.as_str());
             }
             if let Some((content_type, body)) = &request.body {
-                builder = builder.header("Content-Type", content_type.as_str()).body(body.clone());
+                builder = builder
+                    .header("Content-Type", content_type.as_str())
+                    .body(body.clone());
             }
             self.stats.request();
             let response = match builder.send().await {
@@ -239,7 +265,11 @@ impl ODataClient {
                 self.stats.failure();
                 transport_error(self.side, entity, &e)
             })?;
-            let answer = HttpResponse { status, headers, body };
+            let answer = HttpResponse {
+                status,
+                headers,
+                body,
+            };
             debug!(side = %self.side, entity, method = %request.method, status, attempt, "request answered");
             if answer.is_success() || status == 304 {
                 return Ok(answer);
@@ -265,8 +295,38 @@ pub fn encode_path(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
         let keep = byte.is_ascii_alphanumeric()
-            || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'\'' | b'(' | b')' | b',' | b'=' | b':' | b'@' | b'!' | b'$' | b'*' | b';');
+            || matches!(
+                byte,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b','
+                    | b'='
+                    | b':'
+                    | b'@'
+                    | b'!'
+                    | b'$'
+                    | b'*'
+                    | b';'
+            );
         if keep {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Percent-encodes `text` for an `application/x-www-form-urlencoded` body: everything but
+/// unreserved characters.
+pub fn encode_form(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
             out.push(byte as char);
         } else {
             out.push_str(&format!("%{byte:02X}"));
@@ -279,7 +339,12 @@ pub fn encode_path(text: &str) -> String {
 pub fn encode_query(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'\'' | b'(' | b')' | b',' | b':') {
+        if byte.is_ascii_alphanumeric()
+            || matches!(
+                byte,
+                b'-' | b'.' | b'_' | b'~' | b'\'' | b'(' | b')' | b',' | b':'
+            )
+        {
             out.push(byte as char);
         } else {
             out.push_str(&format!("%{byte:02X}"));
@@ -312,12 +377,27 @@ mod tests {
         assert_eq!(error_kind(408, None), K::Transient);
         assert_eq!(error_kind(412, None), K::PreconditionFailed);
         assert_eq!(error_kind(413, None), K::BadRequest);
-        assert_eq!(error_kind(429, Some(Duration::from_secs(7))), K::Throttled { retry_after_ms: 7000 });
-        assert_eq!(error_kind(429, None), K::Throttled { retry_after_ms: 1000 });
+        assert_eq!(
+            error_kind(429, Some(Duration::from_secs(7))),
+            K::Throttled {
+                retry_after_ms: 7000
+            }
+        );
+        assert_eq!(
+            error_kind(429, None),
+            K::Throttled {
+                retry_after_ms: 1000
+            }
+        );
         assert_eq!(error_kind(500, None), K::Transient);
         assert_eq!(error_kind(502, None), K::Transient);
         assert_eq!(error_kind(503, None), K::Transient);
-        assert_eq!(error_kind(503, Some(Duration::from_secs(2))), K::Throttled { retry_after_ms: 2000 });
+        assert_eq!(
+            error_kind(503, Some(Duration::from_secs(2))),
+            K::Throttled {
+                retry_after_ms: 2000
+            }
+        );
         assert_eq!(error_kind(504, None), K::Transient);
     }
 
@@ -326,12 +406,20 @@ mod tests {
         let odata = r#"{"error":{"code":"0x80060882","message":"The version of the existing record doesn't match the RowVersion property provided."}}"#;
         assert_eq!(
             server_message(odata).as_deref(),
-            Some("0x80060882: The version of the existing record doesn't match the RowVersion property provided.")
+            Some(
+                "0x80060882: The version of the existing record doesn't match the RowVersion property provided."
+            )
         );
         let oauth = r#"{"error":"invalid_scope","error_description":"AADSTS70011: bad scope","error_codes":[70011]}"#;
-        assert_eq!(server_message(oauth).as_deref(), Some("invalid_scope: AADSTS70011: bad scope"));
+        assert_eq!(
+            server_message(oauth).as_deref(),
+            Some("invalid_scope: AADSTS70011: bad scope")
+        );
         assert_eq!(server_message("  "), None);
-        assert_eq!(server_message("Bad Gateway").as_deref(), Some("Bad Gateway"));
+        assert_eq!(
+            server_message("Bad Gateway").as_deref(),
+            Some("Bad Gateway")
+        );
     }
 
     #[test]
@@ -344,7 +432,12 @@ mod tests {
             body: r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit of 6000 over time window of 300 seconds."}}"#.into(),
         };
         let e = answer.to_error(Side::Crm, "accounts");
-        assert_eq!(e.kind, ConnectorErrorKind::Throttled { retry_after_ms: 12_000 });
+        assert_eq!(
+            e.kind,
+            ConnectorErrorKind::Throttled {
+                retry_after_ms: 12_000
+            }
+        );
         assert_eq!(e.status, Some(429));
         assert!(e.message.starts_with("0x80072322: Number of requests"));
         assert_eq!(e.entity, "accounts");
@@ -352,8 +445,17 @@ mod tests {
 
     #[test]
     fn path_encoding_keeps_key_punctuation() {
-        assert_eq!(encode_path("accountnumber='A 1/2'"), "accountnumber='A%201%2F2'");
-        assert_eq!(encode_path("dataAreaId='usmf',CustomerAccount='Ü#1'"), "dataAreaId='usmf',CustomerAccount='%C3%9C%231'");
-        assert_eq!(encode_query("modifiedon ge 2026-05-01T00:00:00Z"), "modifiedon%20ge%202026-05-01T00:00:00Z");
+        assert_eq!(
+            encode_path("accountnumber='A 1/2'"),
+            "accountnumber='A%201%2F2'"
+        );
+        assert_eq!(
+            encode_path("dataAreaId='usmf',CustomerAccount='Ü#1'"),
+            "dataAreaId='usmf',CustomerAccount='%C3%9C%231'"
+        );
+        assert_eq!(
+            encode_query("modifiedon ge 2026-05-01T00:00:00Z"),
+            "modifiedon%20ge%202026-05-01T00:00:00Z"
+        );
     }
 }

@@ -54,19 +54,27 @@ fn is_number(text: &str) -> bool {
 
 /// Parses JSON number text exactly (`12.50`, `-3`, `1.5E+3`).
 pub fn decimal_from_text(text: &str) -> Option<Decimal> {
-    Decimal::from_str(text).ok().or_else(|| Decimal::from_scientific(text).ok())
+    Decimal::from_str(text)
+        .ok()
+        .or_else(|| Decimal::from_scientific(text).ok())
 }
 
 fn integer_from_text(text: &str) -> Option<i64> {
     text.parse::<i64>().ok().or_else(|| {
-        decimal_from_text(text).filter(|d| d.fract().is_zero()).and_then(|d| i64::try_from(d).ok())
+        decimal_from_text(text)
+            .filter(|d| d.fract().is_zero())
+            .and_then(|d| i64::try_from(d).ok())
     })
 }
 
 fn date_from_text(text: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(text, "%Y-%m-%d")
         .ok()
-        .or_else(|| DateTime::parse_from_rfc3339(text).ok().map(|t| t.date_naive()))
+        .or_else(|| {
+            DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|t| t.date_naive())
+        })
 }
 
 /// Converts one JSON value to a [`Value`] of type `ty`; by its JSON shape when `ty` is
@@ -88,7 +96,9 @@ pub fn value_from_json(raw: &RawValue, ty: Option<ValueType>) -> Result<Value, S
             } else if is_number(text) {
                 match text.parse::<i64>() {
                     Ok(i) => Value::Integer(i),
-                    Err(_) => Value::Decimal(decimal_from_text(text).ok_or_else(|| mismatch("a number"))?),
+                    Err(_) => {
+                        Value::Decimal(decimal_from_text(text).ok_or_else(|| mismatch("a number"))?)
+                    }
                 }
             } else {
                 // Objects and arrays are kept as their JSON text.
@@ -97,15 +107,17 @@ pub fn value_from_json(raw: &RawValue, ty: Option<ValueType>) -> Result<Value, S
         }
         Some(ValueType::Text) => match string {
             Some(s) => Value::Text(s),
-            None if is_number(text) || text == "true" || text == "false" => Value::Text(text.to_string()),
+            None if is_number(text) || text == "true" || text == "false" => {
+                Value::Text(text.to_string())
+            }
             None => return Err(mismatch("text")),
         },
         Some(ValueType::Integer) => {
             Value::Integer(integer_from_text(text).ok_or_else(|| mismatch("a whole number"))?)
         }
-        Some(ValueType::Choice) => {
-            Value::Choice(integer_from_text(text).ok_or_else(|| mismatch("a choice value (integer)"))?)
-        }
+        Some(ValueType::Choice) => Value::Choice(
+            integer_from_text(text).ok_or_else(|| mismatch("a choice value (integer)"))?,
+        ),
         Some(ValueType::Decimal) => {
             let source = string.as_deref().unwrap_or(text);
             Value::Decimal(decimal_from_text(source).ok_or_else(|| mismatch("a decimal number"))?)
@@ -115,9 +127,12 @@ pub fn value_from_json(raw: &RawValue, ty: Option<ValueType>) -> Result<Value, S
             "false" => Value::Boolean(false),
             _ => return Err(mismatch("true or false")),
         },
-        Some(ValueType::Date) => {
-            Value::Date(string.as_deref().and_then(date_from_text).ok_or_else(|| mismatch("a date"))?)
-        }
+        Some(ValueType::Date) => Value::Date(
+            string
+                .as_deref()
+                .and_then(date_from_text)
+                .ok_or_else(|| mismatch("a date"))?,
+        ),
         Some(ValueType::DateTime) => Value::DateTime(
             string
                 .as_deref()
@@ -129,7 +144,9 @@ pub fn value_from_json(raw: &RawValue, ty: Option<ValueType>) -> Result<Value, S
             None => return Err(mismatch("an enum symbol (string)")),
         },
         Some(ValueType::Lookup) => {
-            return Err(format!("lookups are read from `_<field>_value` columns, got {text}"));
+            return Err(format!(
+                "lookups are read from `_<field>_value` columns, got {text}"
+            ));
         }
     };
     Ok(value)
@@ -154,7 +171,12 @@ pub fn value_to_json(value: &Value, dates: DateStyle) -> Result<String, String> 
             DateStyle::Midnight => json_string(&format!("{}T00:00:00Z", d.format("%Y-%m-%d"))),
         },
         Value::DateTime(t) => json_string(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-        Value::Lookup(l) => return Err(format!("lookup {value} must be written as {}@odata.bind", l.entity_set)),
+        Value::Lookup(l) => {
+            return Err(format!(
+                "lookup {value} must be written as {}@odata.bind",
+                l.entity_set
+            ));
+        }
     })
 }
 
@@ -238,34 +260,68 @@ mod tests {
 
     #[test]
     fn money_is_read_exactly_from_the_number_text() {
-        let v = value_from_json(&raw("12345678901234.123456789"), Some(ValueType::Decimal)).unwrap();
-        assert_eq!(v, Value::Decimal(Decimal::from_str("12345678901234.123456789").unwrap()));
+        let v =
+            value_from_json(&raw("12345678901234.123456789"), Some(ValueType::Decimal)).unwrap();
+        assert_eq!(
+            v,
+            Value::Decimal(Decimal::from_str("12345678901234.123456789").unwrap())
+        );
         // 0.1 + 0.2 style values survive unchanged.
         let v = value_from_json(&raw("0.30000000000000004441"), None).unwrap();
-        assert_eq!(v, Value::Decimal(Decimal::from_str("0.30000000000000004441").unwrap()));
-        assert_eq!(value_from_json(&raw("1.5E+3"), Some(ValueType::Decimal)).unwrap(), Value::Decimal(Decimal::from(1500)));
+        assert_eq!(
+            v,
+            Value::Decimal(Decimal::from_str("0.30000000000000004441").unwrap())
+        );
+        assert_eq!(
+            value_from_json(&raw("1.5E+3"), Some(ValueType::Decimal)).unwrap(),
+            Value::Decimal(Decimal::from(1500))
+        );
     }
 
     #[test]
     fn money_is_written_with_all_digits() {
         let d = Decimal::from_str("1000.10").unwrap();
-        assert_eq!(value_to_json(&Value::Decimal(d), DateStyle::DateOnly).unwrap(), "1000.10");
+        assert_eq!(
+            value_to_json(&Value::Decimal(d), DateStyle::DateOnly).unwrap(),
+            "1000.10"
+        );
         let d = Decimal::from_str("-0.0000000001").unwrap();
-        assert_eq!(value_to_json(&Value::Decimal(d), DateStyle::DateOnly).unwrap(), "-0.0000000001");
+        assert_eq!(
+            value_to_json(&Value::Decimal(d), DateStyle::DateOnly).unwrap(),
+            "-0.0000000001"
+        );
     }
 
     #[test]
     fn shapes_decide_the_type_of_unknown_fields() {
-        assert_eq!(value_from_json(&raw("\"A1\""), None).unwrap(), Value::Text("A1".into()));
-        assert_eq!(value_from_json(&raw("42"), None).unwrap(), Value::Integer(42));
-        assert_eq!(value_from_json(&raw("true"), None).unwrap(), Value::Boolean(true));
-        assert_eq!(value_from_json(&raw("null"), Some(ValueType::Decimal)).unwrap(), Value::Null);
+        assert_eq!(
+            value_from_json(&raw("\"A1\""), None).unwrap(),
+            Value::Text("A1".into())
+        );
+        assert_eq!(
+            value_from_json(&raw("42"), None).unwrap(),
+            Value::Integer(42)
+        );
+        assert_eq!(
+            value_from_json(&raw("true"), None).unwrap(),
+            Value::Boolean(true)
+        );
+        assert_eq!(
+            value_from_json(&raw("null"), Some(ValueType::Decimal)).unwrap(),
+            Value::Null
+        );
     }
 
     #[test]
     fn declared_types_are_applied() {
-        assert_eq!(value_from_json(&raw("806380000"), Some(ValueType::Choice)).unwrap(), Value::Choice(806380000));
-        assert_eq!(value_from_json(&raw("\"Yes\""), Some(ValueType::Enum)).unwrap(), Value::Enum("Yes".into()));
+        assert_eq!(
+            value_from_json(&raw("806380000"), Some(ValueType::Choice)).unwrap(),
+            Value::Choice(806380000)
+        );
+        assert_eq!(
+            value_from_json(&raw("\"Yes\""), Some(ValueType::Enum)).unwrap(),
+            Value::Enum("Yes".into())
+        );
         assert_eq!(
             value_from_json(&raw("\"2026-05-01\""), Some(ValueType::Date)).unwrap(),
             Value::Date(NaiveDate::from_ymd_opt(2026, 5, 1).unwrap())
@@ -274,8 +330,15 @@ mod tests {
             value_from_json(&raw("\"2026-05-01T12:00:00Z\""), Some(ValueType::Date)).unwrap(),
             Value::Date(NaiveDate::from_ymd_opt(2026, 5, 1).unwrap())
         );
-        let t = value_from_json(&raw("\"2022-12-30T13:51:15.2942742Z\""), Some(ValueType::DateTime)).unwrap();
-        assert_eq!(value_to_json(&t, DateStyle::DateOnly).unwrap(), "\"2022-12-30T13:51:15.294274200Z\"");
+        let t = value_from_json(
+            &raw("\"2022-12-30T13:51:15.2942742Z\""),
+            Some(ValueType::DateTime),
+        )
+        .unwrap();
+        assert_eq!(
+            value_to_json(&t, DateStyle::DateOnly).unwrap(),
+            "\"2022-12-30T13:51:15.294274200Z\""
+        );
         let err = value_from_json(&raw("\"abc\""), Some(ValueType::Decimal)).unwrap_err();
         assert_eq!(err, "expected a decimal number, got \"abc\"");
         assert!(value_from_json(&raw("\"x\""), Some(ValueType::Boolean)).is_err());
@@ -284,18 +347,36 @@ mod tests {
     #[test]
     fn dates_are_written_in_each_style() {
         let d = Value::Date(NaiveDate::from_ymd_opt(2026, 5, 1).unwrap());
-        assert_eq!(value_to_json(&d, DateStyle::DateOnly).unwrap(), "\"2026-05-01\"");
-        assert_eq!(value_to_json(&d, DateStyle::Midnight).unwrap(), "\"2026-05-01T00:00:00Z\"");
+        assert_eq!(
+            value_to_json(&d, DateStyle::DateOnly).unwrap(),
+            "\"2026-05-01\""
+        );
+        assert_eq!(
+            value_to_json(&d, DateStyle::Midnight).unwrap(),
+            "\"2026-05-01T00:00:00Z\""
+        );
     }
 
     #[test]
     fn filters_render_as_odata() {
         let f = Filter::And(
             Box::new(Filter::Or(
-                Box::new(Filter::Compare { field: "a".into(), op: CompareOp::Eq, value: Literal::Text("O'Neil".into()) }),
-                Box::new(Filter::Compare { field: "b".into(), op: CompareOp::Ge, value: Literal::Number(Decimal::from_str("1.50").unwrap()) }),
+                Box::new(Filter::Compare {
+                    field: "a".into(),
+                    op: CompareOp::Eq,
+                    value: Literal::Text("O'Neil".into()),
+                }),
+                Box::new(Filter::Compare {
+                    field: "b".into(),
+                    op: CompareOp::Ge,
+                    value: Literal::Number(Decimal::from_str("1.50").unwrap()),
+                }),
             )),
-            Box::new(Filter::Not(Box::new(Filter::Text { func: TextFunc::StartsWith, field: "c".into(), value: "x".into() }))),
+            Box::new(Filter::Not(Box::new(Filter::Text {
+                func: TextFunc::StartsWith,
+                field: "c".into(),
+                value: "x".into(),
+            }))),
         );
         assert_eq!(
             render_filter(&f, &|_, l| literal_text(l)),
@@ -311,6 +392,9 @@ mod tests {
         let body = r#"{"value":[{"a":1.10}],"@odata.nextLink":"https://x/api/data/v9.2/accounts?$skiptoken=%3Ccookie%20pagenumber=%222%22/%3E"}"#;
         let (rows, next) = parse_collection(body).unwrap();
         assert_eq!(rows[0]["a"].get(), "1.10");
-        assert_eq!(next.as_deref(), Some("https://x/api/data/v9.2/accounts?$skiptoken=%3Ccookie%20pagenumber=%222%22/%3E"));
+        assert_eq!(
+            next.as_deref(),
+            Some("https://x/api/data/v9.2/accounts?$skiptoken=%3Ccookie%20pagenumber=%222%22/%3E")
+        );
     }
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use dualwrite_core::error_policy::{self, Backoff, Disposition};
 use dualwrite_core::ports::{
-    Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition, WriteOutcome,
+    Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition,
+    WriteOutcome,
 };
 use dualwrite_core::record::{Record, Side};
 use tracing::warn;
@@ -31,7 +32,11 @@ impl<C: Connector> RetryingConnector<C> {
     /// Wraps `inner`, counting retries and throttles in `stats` (usually the inner
     /// connector's own counters).
     pub fn new(inner: C, backoff: Backoff, stats: Arc<ConnectorStats>) -> Self {
-        RetryingConnector { inner, backoff, stats }
+        RetryingConnector {
+            inner,
+            backoff,
+            stats,
+        }
     }
 
     /// The wrapped connector.
@@ -96,7 +101,10 @@ impl<C: Connector> Connector for RetryingConnector<C> {
         record: &Record,
         condition: WriteCondition,
     ) -> Result<WriteOutcome, ConnectorError> {
-        self.retry(entity, || self.inner.upsert(entity, at, record, condition.clone())).await
+        self.retry(entity, || {
+            self.inner.upsert(entity, at, record, condition.clone())
+        })
+        .await
     }
 
     async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
@@ -108,7 +116,8 @@ impl<C: Connector> Connector for RetryingConnector<C> {
         entity: &str,
         items: &[(RecordRef, Record)],
     ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
-        self.retry(entity, || self.inner.upsert_batch(entity, items)).await
+        self.retry(entity, || self.inner.upsert_batch(entity, items))
+            .await
     }
 }
 
@@ -129,12 +138,21 @@ mod tests {
     impl Flaky {
         fn new(mut failures: Vec<ConnectorErrorKind>) -> Self {
             failures.reverse();
-            Flaky { failures: Mutex::new(failures), calls: Mutex::new(0) }
+            Flaky {
+                failures: Mutex::new(failures),
+                calls: Mutex::new(0),
+            }
         }
         fn next(&self) -> Result<(), ConnectorError> {
             *self.calls.lock().unwrap() += 1;
             match self.failures.lock().unwrap().pop() {
-                Some(kind) => Err(ConnectorError { side: Side::Crm, entity: "accounts".into(), kind, status: Some(500), message: "x".into() }),
+                Some(kind) => Err(ConnectorError {
+                    side: Side::Crm,
+                    entity: "accounts".into(),
+                    kind,
+                    status: Some(500),
+                    message: "x".into(),
+                }),
                 None => Ok(()),
             }
         }
@@ -151,27 +169,49 @@ mod tests {
         async fn query(&self, _: &str, _: &Query) -> Result<Page, ConnectorError> {
             self.next().map(|_| Page::default())
         }
-        async fn upsert(&self, _: &str, _: &RecordRef, _: &Record, _: WriteCondition) -> Result<WriteOutcome, ConnectorError> {
+        async fn upsert(
+            &self,
+            _: &str,
+            _: &RecordRef,
+            _: &Record,
+            _: WriteCondition,
+        ) -> Result<WriteOutcome, ConnectorError> {
             self.next().map(|_| WriteOutcome::default())
         }
         async fn delete(&self, _: &str, _: &RecordRef) -> Result<(), ConnectorError> {
             self.next()
         }
-        async fn upsert_batch(&self, _: &str, _: &[(RecordRef, Record)]) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
+        async fn upsert_batch(
+            &self,
+            _: &str,
+            _: &[(RecordRef, Record)],
+        ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
             self.next().map(|_| vec![])
         }
     }
 
     fn fast() -> Backoff {
-        Backoff { base: Duration::from_millis(5), max: Duration::from_millis(20), max_attempts: 4 }
+        Backoff {
+            base: Duration::from_millis(5),
+            max: Duration::from_millis(20),
+            max_attempts: 4,
+        }
     }
 
     #[tokio::test]
     async fn throttling_waits_retry_after_then_succeeds() {
         let stats = Arc::new(ConnectorStats::default());
-        let c = RetryingConnector::new(Flaky::new(vec![ConnectorErrorKind::Throttled { retry_after_ms: 300 }]), fast(), stats.clone());
+        let c = RetryingConnector::new(
+            Flaky::new(vec![ConnectorErrorKind::Throttled {
+                retry_after_ms: 300,
+            }]),
+            fast(),
+            stats.clone(),
+        );
         let started = Instant::now();
-        c.read("accounts", &RecordRef::Id("1".into())).await.unwrap();
+        c.read("accounts", &RecordRef::Id("1".into()))
+            .await
+            .unwrap();
         assert!(started.elapsed() >= Duration::from_millis(300));
         let s = stats.snapshot();
         assert_eq!((s.retries, s.throttled), (1, 1));
@@ -181,8 +221,15 @@ mod tests {
     #[tokio::test]
     async fn transient_failures_back_off_and_give_up_after_max_attempts() {
         let stats = Arc::new(ConnectorStats::default());
-        let c = RetryingConnector::new(Flaky::new(vec![ConnectorErrorKind::Transient; 10]), fast(), stats.clone());
-        let e = c.delete("accounts", &RecordRef::Id("1".into())).await.unwrap_err();
+        let c = RetryingConnector::new(
+            Flaky::new(vec![ConnectorErrorKind::Transient; 10]),
+            fast(),
+            stats.clone(),
+        );
+        let e = c
+            .delete("accounts", &RecordRef::Id("1".into()))
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ConnectorErrorKind::Transient);
         assert_eq!(*c.inner().calls.lock().unwrap(), 4);
         assert_eq!(stats.snapshot().retries, 3);
@@ -191,9 +238,25 @@ mod tests {
 
     #[tokio::test]
     async fn permanent_and_reread_errors_are_returned_at_once() {
-        for kind in [ConnectorErrorKind::BadRequest, ConnectorErrorKind::PreconditionFailed, ConnectorErrorKind::Unauthorized] {
-            let c = RetryingConnector::new(Flaky::new(vec![kind.clone()]), fast(), Arc::new(ConnectorStats::default()));
-            let e = c.upsert("accounts", &RecordRef::Id("1".into()), &Record::new("accounts"), WriteCondition::None).await.unwrap_err();
+        for kind in [
+            ConnectorErrorKind::BadRequest,
+            ConnectorErrorKind::PreconditionFailed,
+            ConnectorErrorKind::Unauthorized,
+        ] {
+            let c = RetryingConnector::new(
+                Flaky::new(vec![kind.clone()]),
+                fast(),
+                Arc::new(ConnectorStats::default()),
+            );
+            let e = c
+                .upsert(
+                    "accounts",
+                    &RecordRef::Id("1".into()),
+                    &Record::new("accounts"),
+                    WriteCondition::None,
+                )
+                .await
+                .unwrap_err();
             assert_eq!(e.kind, kind);
             assert_eq!(*c.inner().calls.lock().unwrap(), 1);
         }

@@ -42,38 +42,55 @@ impl EntitySchemas {
     /// The schemas of `side`'s entities as `maps` declare them. Several maps of one entity
     /// add up; a field typed differently by two maps keeps the first map's type.
     pub fn from_maps(maps: &[TableMap], side: Side) -> Self {
-        let mut schemas = EntitySchemas { side: Some(side), entities: BTreeMap::new() };
+        let mut schemas = EntitySchemas {
+            side: Some(side),
+            entities: BTreeMap::new(),
+        };
         for map in maps {
             let entity = match side {
                 Side::Crm => map.crm.entity_set.clone(),
                 Side::Erp => map.erp.entity.clone(),
             };
-            let schema = schemas.entities.entry(entity.clone()).or_insert_with(|| match side {
-                Side::Crm => EntitySchema {
-                    entity,
-                    logical_name: Some(map.crm.logical_name.clone()),
-                    primary_id: Some(map.crm.primary_id.clone()),
-                    key: map.crm.key.clone(),
-                    company_field: map.crm.company_field.clone(),
-                    company_specific: map.crm.company_field.is_some(),
-                    ..EntitySchema::default()
-                },
-                Side::Erp => EntitySchema {
-                    entity,
-                    key: map.erp.key.clone(),
-                    company_specific: map.erp.company_specific,
-                    ..EntitySchema::default()
-                },
-            });
+            let schema = schemas
+                .entities
+                .entry(entity.clone())
+                .or_insert_with(|| match side {
+                    Side::Crm => EntitySchema {
+                        entity,
+                        logical_name: Some(map.crm.logical_name.clone()),
+                        primary_id: Some(map.crm.primary_id.clone()),
+                        key: map.crm.key.clone(),
+                        company_field: map.crm.company_field.clone(),
+                        company_specific: map.crm.company_field.is_some(),
+                        ..EntitySchema::default()
+                    },
+                    Side::Erp => EntitySchema {
+                        entity,
+                        key: map.erp.key.clone(),
+                        company_specific: map.erp.company_specific,
+                        ..EntitySchema::default()
+                    },
+                });
             for mapping in &map.fields {
-                let Some(field) = mapping.field(side) else { continue };
+                let Some(field) = mapping.field(side) else {
+                    continue;
+                };
                 schema.fields.entry(field.name.clone()).or_insert(field.ty);
                 if side == Side::Crm && field.ty == ValueType::Lookup {
-                    let target = mapping.lookup.as_ref().and_then(|l| l.maps.first()).and_then(|name| {
-                        maps.iter().find(|m| &m.name == name).map(|m| m.crm.entity_set.clone())
-                    });
+                    let target = mapping
+                        .lookup
+                        .as_ref()
+                        .and_then(|l| l.maps.first())
+                        .and_then(|name| {
+                            maps.iter()
+                                .find(|m| &m.name == name)
+                                .map(|m| m.crm.entity_set.clone())
+                        });
                     if let Some(target) = target {
-                        schema.lookup_targets.entry(field.name.clone()).or_insert(target);
+                        schema
+                            .lookup_targets
+                            .entry(field.name.clone())
+                            .or_insert(target);
                     }
                 }
             }
@@ -113,16 +130,28 @@ mod tests {
 
     use super::*;
 
-    fn mapping(erp: (&str, ValueType), crm: (&str, ValueType), lookup: Option<&str>) -> FieldMapping {
+    fn mapping(
+        erp: (&str, ValueType),
+        crm: (&str, ValueType),
+        lookup: Option<&str>,
+    ) -> FieldMapping {
         FieldMapping {
-            erp: Some(FieldRef { name: erp.0.into(), ty: erp.1 }),
-            crm: Some(FieldRef { name: crm.0.into(), ty: crm.1 }),
+            erp: Some(FieldRef {
+                name: erp.0.into(),
+                ty: erp.1,
+            }),
+            crm: Some(FieldRef {
+                name: crm.0.into(),
+                ty: crm.1,
+            }),
             direction: FieldDirection::Bidirectional,
             notation: "=".into(),
             is_key: false,
             value_map: None,
             default: None,
-            lookup: lookup.map(|m| LookupSpec { maps: vec![m.into()] }),
+            lookup: lookup.map(|m| LookupSpec {
+                maps: vec![m.into()],
+            }),
             to_crm: vec![],
             to_erp: vec![],
             source_of_truth: None,
@@ -142,7 +171,11 @@ mod tests {
                 key: vec!["accountnumber".into()],
                 company_field: Some("msdyn_company".into()),
             },
-            erp: ErpEntity { entity: erp.into(), key: vec!["CustomerAccount".into()], company_specific: true },
+            erp: ErpEntity {
+                entity: erp.into(),
+                key: vec!["CustomerAccount".into()],
+                company_specific: true,
+            },
             direction: MapDirection::Bidirectional,
             fields,
             filters: SideFilters::default(),
@@ -161,12 +194,30 @@ mod tests {
                 "account",
                 "CustomersV3",
                 vec![
-                    mapping(("CreditLimit", ValueType::Decimal), ("creditlimit", ValueType::Decimal), None),
-                    mapping(("SalesCurrencyCode", ValueType::Text), ("transactioncurrencyid", ValueType::Lookup), Some("currencies")),
-                    mapping(("CreditLimitIsMandatory", ValueType::Enum), ("msdyn_creditlimitismandatory", ValueType::Boolean), None),
+                    mapping(
+                        ("CreditLimit", ValueType::Decimal),
+                        ("creditlimit", ValueType::Decimal),
+                        None,
+                    ),
+                    mapping(
+                        ("SalesCurrencyCode", ValueType::Text),
+                        ("transactioncurrencyid", ValueType::Lookup),
+                        Some("currencies"),
+                    ),
+                    mapping(
+                        ("CreditLimitIsMandatory", ValueType::Enum),
+                        ("msdyn_creditlimitismandatory", ValueType::Boolean),
+                        None,
+                    ),
                 ],
             ),
-            map("currencies", "transactioncurrencies", "transactioncurrency", "Currencies", vec![]),
+            map(
+                "currencies",
+                "transactioncurrencies",
+                "transactioncurrency",
+                "Currencies",
+                vec![],
+            ),
         ];
         let crm = EntitySchemas::from_maps(&maps, Side::Crm);
         let accounts = crm.get("accounts").unwrap();
@@ -174,12 +225,27 @@ mod tests {
         assert_eq!(accounts.logical_name.as_deref(), Some("account"));
         assert_eq!(accounts.company_field.as_deref(), Some("msdyn_company"));
         assert_eq!(accounts.type_of("creditlimit"), Some(ValueType::Decimal));
-        assert_eq!(accounts.type_of("msdyn_creditlimitismandatory"), Some(ValueType::Boolean));
-        assert_eq!(accounts.lookup_targets.get("transactioncurrencyid").map(String::as_str), Some("transactioncurrencies"));
+        assert_eq!(
+            accounts.type_of("msdyn_creditlimitismandatory"),
+            Some(ValueType::Boolean)
+        );
+        assert_eq!(
+            accounts
+                .lookup_targets
+                .get("transactioncurrencyid")
+                .map(String::as_str),
+            Some("transactioncurrencies")
+        );
         let erp = EntitySchemas::from_maps(&maps, Side::Erp);
         let customers = erp.get("CustomersV3").unwrap();
-        assert_eq!(customers.type_of("CreditLimitIsMandatory"), Some(ValueType::Enum));
-        assert_eq!(customers.type_of("SalesCurrencyCode"), Some(ValueType::Text));
+        assert_eq!(
+            customers.type_of("CreditLimitIsMandatory"),
+            Some(ValueType::Enum)
+        );
+        assert_eq!(
+            customers.type_of("SalesCurrencyCode"),
+            Some(ValueType::Text)
+        );
         assert!(customers.company_specific);
         assert_eq!(customers.key, vec!["CustomerAccount".to_string()]);
         assert!(erp.get("accounts").is_none());

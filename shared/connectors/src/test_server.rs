@@ -12,9 +12,15 @@ use axum::response::Response;
 
 /// Serves `router` on `127.0.0.1:<free port>` in the background and returns its base URL.
 pub(crate) async fn serve(router: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a local port");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a local port");
     let addr = listener.local_addr().expect("local address");
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("test server runs") });
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .await
+            .expect("test server runs")
+    });
     format!("http://{addr}")
 }
 
@@ -30,7 +36,10 @@ pub(crate) struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -44,7 +53,11 @@ pub(crate) struct Canned {
 
 impl Canned {
     pub fn json(status: u16, body: &str) -> Self {
-        Canned { status, headers: vec![("Content-Type".into(), "application/json".into())], body: body.into() }
+        Canned {
+            status,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: body.into(),
+        }
     }
     pub fn with(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
@@ -76,9 +89,19 @@ async fn answer(State(s): State<Arc<Scripted>>, req: Request) -> Response {
         .iter()
         .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
-    let body = to_bytes(req.into_body(), usize::MAX).await.unwrap_or_default();
-    s.seen.lock().unwrap().push(Seen { method, uri, headers, body: String::from_utf8_lossy(&body).into() });
-    let canned = s.script.lock().unwrap().pop_front().unwrap_or(Canned::json(404, r#"{"error":{"code":"0x80040217","message":"script exhausted"}}"#));
+    let body = to_bytes(req.into_body(), usize::MAX)
+        .await
+        .unwrap_or_default();
+    s.seen.lock().unwrap().push(Seen {
+        method,
+        uri,
+        headers,
+        body: String::from_utf8_lossy(&body).into(),
+    });
+    let canned = s.script.lock().unwrap().pop_front().unwrap_or(Canned::json(
+        404,
+        r#"{"error":{"code":"0x80040217","message":"script exhausted"}}"#,
+    ));
     let mut response = Response::builder().status(StatusCode::from_u16(canned.status).unwrap());
     for (n, v) in &canned.headers {
         response = response.header(n.as_str(), v.as_str());

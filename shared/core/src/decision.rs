@@ -27,7 +27,9 @@ use chrono::{DateTime, Utc};
 
 use crate::event::Operation;
 use crate::hash::hash_fields;
-use crate::map::apply::{ApplyError, LookupResolution, ResolvedLookups, apply_map, mapped_fields, record_key};
+use crate::map::apply::{
+    ApplyError, LookupResolution, ResolvedLookups, apply_map, mapped_fields, record_key,
+};
 use crate::map::{ConflictPolicy, DeletePolicy, FieldDirection, TableMap};
 use crate::ports::{ConflictRecord, FieldsHash, Link, RecordRef, SideState, WriteCondition};
 use crate::record::{IntegrationKey, Record, Side, SourceVersion};
@@ -163,8 +165,8 @@ pub enum LinkChange {
         /// The revision read.
         expected_revision: u64,
     },
-    /// Store this state.
-    Put(LinkCommit),
+    /// Store this state (boxed: a link is much larger than a removal).
+    Put(Box<LinkCommit>),
 }
 
 /// The effects of a delete.
@@ -250,7 +252,10 @@ fn skip(reason: SkipReason) -> Decision {
 /// True when the map and at least one field carry changes from `source` to the other side.
 fn flows_from(map: &TableMap, source: Side) -> bool {
     map.direction.flows_from(source)
-        && map.fields.iter().any(|f| f.direction.flows_from(source) && f.field(source.other()).is_some())
+        && map
+            .fields
+            .iter()
+            .any(|f| f.direction.flows_from(source) && f.field(source.other()).is_some())
 }
 
 fn is_older(record: Option<SourceVersion>, known: Option<SourceVersion>) -> bool {
@@ -279,7 +284,9 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
                 return Ok(skip(SkipReason::Duplicate));
             }
             // An echo: advance what we know of the side (version, id) without writing.
-            let advanced = record.version.is_some_and(|v| known.version.is_none_or(|k| v > k));
+            let advanced = record
+                .version
+                .is_some_and(|v| known.version.is_none_or(|k| v > k));
             let id_learned = record.id.is_some() && link.id(source) != record.id.as_deref();
             let commit = (advanced || id_learned).then(|| {
                 let mut next = link.clone();
@@ -288,23 +295,36 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
                 }
                 set_id(&mut next, source, record.id.clone());
                 next.updated_at = input.now;
-                LinkCommit { expected_revision: link.revision, link: next }
+                LinkCommit {
+                    expected_revision: link.revision,
+                    link: next,
+                }
             });
-            return Ok(Decision::Skip { reason: SkipReason::Echo, link: commit });
+            return Ok(Decision::Skip {
+                reason: SkipReason::Echo,
+                link: commit,
+            });
         }
         if let Some(conflict_id) = &link.open_conflict {
             return Ok(Decision::Park {
                 waiting_map: map.name.clone(),
                 waiting_key: input.key.clone(),
-                cause: ParkCause::OpenConflict { conflict_id: conflict_id.clone() },
-                reason: format!("map {}, key {}: open conflict {conflict_id} awaits a person", map.name, input.key),
+                cause: ParkCause::OpenConflict {
+                    conflict_id: conflict_id.clone(),
+                },
+                reason: format!(
+                    "map {}, key {}: open conflict {conflict_id} awaits a person",
+                    map.name, input.key
+                ),
             });
         }
     }
 
     let other_changed = match (input.other, input.link) {
         (None, _) => false,
-        (Some(other), Some(link)) => Some(side_hash(map, other_side, other)) != link.side(other_side).hash,
+        (Some(other), Some(link)) => {
+            Some(side_hash(map, other_side, other)) != link.side(other_side).hash
+        }
         // Both exist but were never linked: they are the same pair only if the write would
         // change nothing; otherwise both sides hold data of their own.
         (Some(other), None) => {
@@ -323,7 +343,10 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
 }
 
 /// The source's values go to the other side (no conflict, or the source won one).
-fn plain_write(input: &DecisionInput<'_>, conflict: Option<ConflictRecord>) -> Result<Decision, ApplyError> {
+fn plain_write(
+    input: &DecisionInput<'_>,
+    conflict: Option<ConflictRecord>,
+) -> Result<Decision, ApplyError> {
     if let Some(park) = missing_lookup(input, input.lookups) {
         return Ok(park);
     }
@@ -331,28 +354,50 @@ fn plain_write(input: &DecisionInput<'_>, conflict: Option<ConflictRecord>) -> R
     let source = input.source;
     let projected = project(map, source, input.record, input.lookups, input.other)?;
     let mut link = base_link(input);
-    *link.link.side_mut(source) = SideState { hash: Some(input.source_hash), version: input.record.version };
+    *link.link.side_mut(source) = SideState {
+        hash: Some(input.source_hash),
+        version: input.record.version,
+    };
     set_id(&mut link.link, source, input.record.id.clone());
     apply_target_state(&mut link.link, source.other(), &projected, input.other);
     if projected.changes {
         let write = sync_write(input, source.other(), projected.written, input.other);
-        return Ok(Decision::Write(WritePlan { writes: vec![write], link, conflict }));
+        return Ok(Decision::Write(WritePlan {
+            writes: vec![write],
+            link,
+            conflict,
+        }));
     }
     Ok(skip_in_sync(input, link, conflict))
 }
 
 /// Nothing to write: commit the link if it changed (and the conflict record, if any).
-fn skip_in_sync(input: &DecisionInput<'_>, link: LinkCommit, conflict: Option<ConflictRecord>) -> Decision {
+fn skip_in_sync(
+    input: &DecisionInput<'_>,
+    link: LinkCommit,
+    conflict: Option<ConflictRecord>,
+) -> Decision {
     if let Some(conflict) = conflict {
         // Record the conflict even though no write is needed: the commit carries it.
-        return Decision::Write(WritePlan { writes: Vec::new(), link, conflict: Some(conflict) });
+        return Decision::Write(WritePlan {
+            writes: Vec::new(),
+            link,
+            conflict: Some(conflict),
+        });
     }
     let unchanged = input.link.is_some_and(|old| same_state(old, &link.link));
-    Decision::Skip { reason: SkipReason::InSync, link: (!unchanged).then_some(link) }
+    Decision::Skip {
+        reason: SkipReason::InSync,
+        link: (!unchanged).then_some(link),
+    }
 }
 
 fn same_state(a: &Link, b: &Link) -> bool {
-    a.crm == b.crm && a.erp == b.erp && a.crm_id == b.crm_id && a.erp_id == b.erp_id && a.open_conflict == b.open_conflict
+    a.crm == b.crm
+        && a.erp == b.erp
+        && a.crm_id == b.crm_id
+        && a.erp_id == b.erp_id
+        && a.open_conflict == b.open_conflict
 }
 
 fn resolve_conflict(input: &DecisionInput<'_>, other: &Record) -> Result<Decision, ApplyError> {
@@ -398,29 +443,49 @@ fn resolve_conflict(input: &DecisionInput<'_>, other: &Record) -> Result<Decisio
 }
 
 /// The other side's current values go back to the source side.
-fn other_wins(input: &DecisionInput<'_>, other: &Record, conflict: ConflictRecord) -> Result<Decision, ApplyError> {
+fn other_wins(
+    input: &DecisionInput<'_>,
+    other: &Record,
+    conflict: ConflictRecord,
+) -> Result<Decision, ApplyError> {
     if let Some(park) = missing_lookup(input, input.other_lookups) {
         return Ok(park);
     }
     let map = input.map;
     let source = input.source;
     let other_side = source.other();
-    let projected = project(map, other_side, other, input.other_lookups, Some(input.record))?;
+    let projected = project(
+        map,
+        other_side,
+        other,
+        input.other_lookups,
+        Some(input.record),
+    )?;
     let mut link = base_link(input);
-    *link.link.side_mut(other_side) =
-        SideState { hash: Some(side_hash(map, other_side, other)), version: other.version };
+    *link.link.side_mut(other_side) = SideState {
+        hash: Some(side_hash(map, other_side, other)),
+        version: other.version,
+    };
     set_id(&mut link.link, other_side, other.id.clone());
     apply_target_state(&mut link.link, source, &projected, Some(input.record));
     if projected.changes {
         let write = sync_write(input, source, projected.written, Some(input.record));
-        return Ok(Decision::Write(WritePlan { writes: vec![write], link, conflict: Some(conflict) }));
+        return Ok(Decision::Write(WritePlan {
+            writes: vec![write],
+            link,
+            conflict: Some(conflict),
+        }));
     }
     Ok(skip_in_sync(input, link, Some(conflict)))
 }
 
 /// `field_level`: each field takes the value of its `source_of_truth` side (the change's
 /// source when a field names none); each side is written only where it differs.
-fn field_level_merge(input: &DecisionInput<'_>, other: &Record, conflict: ConflictRecord) -> Result<Decision, ApplyError> {
+fn field_level_merge(
+    input: &DecisionInput<'_>,
+    other: &Record,
+    conflict: ConflictRecord,
+) -> Result<Decision, ApplyError> {
     for lookups in [input.lookups, input.other_lookups] {
         if let Some(park) = missing_lookup(input, lookups) {
             return Ok(park);
@@ -440,7 +505,9 @@ fn field_level_merge(input: &DecisionInput<'_>, other: &Record, conflict: Confli
         // Keep only the fields `from` owns (keys always travel).
         for f in &map.fields {
             let owner = f.source_of_truth.unwrap_or(source);
-            if f.direction == FieldDirection::Bidirectional && !f.is_key && owner != from
+            if f.direction == FieldDirection::Bidirectional
+                && !f.is_key
+                && owner != from
                 && let Some(target_field) = f.field(to)
             {
                 projected.written.fields.remove(&target_field.name);
@@ -456,7 +523,11 @@ fn field_level_merge(input: &DecisionInput<'_>, other: &Record, conflict: Confli
     if writes.is_empty() {
         return Ok(skip_in_sync(input, link, Some(conflict)));
     }
-    Ok(Decision::Write(WritePlan { writes, link, conflict: Some(conflict) }))
+    Ok(Decision::Write(WritePlan {
+        writes,
+        link,
+        conflict: Some(conflict),
+    }))
 }
 
 fn decide_delete(input: &DecisionInput<'_>) -> Decision {
@@ -473,24 +544,43 @@ fn decide_delete(input: &DecisionInput<'_>) -> Decision {
         return Decision::Park {
             waiting_map: map.name.clone(),
             waiting_key: input.key.clone(),
-            cause: ParkCause::OpenConflict { conflict_id: conflict_id.clone() },
-            reason: format!("map {}, key {}: open conflict {conflict_id} awaits a person", map.name, input.key),
+            cause: ParkCause::OpenConflict {
+                conflict_id: conflict_id.clone(),
+            },
+            reason: format!(
+                "map {}, key {}: open conflict {conflict_id} awaits a person",
+                map.name, input.key
+            ),
         };
     }
-    let remove = LinkChange::Remove { map: map.name.clone(), key: link.key.clone(), expected_revision: link.revision };
+    let remove = LinkChange::Remove {
+        map: map.name.clone(),
+        key: link.key.clone(),
+        expected_revision: link.revision,
+    };
     let other_at = match link.id(other_side) {
         Some(id) => RecordRef::Id(id.to_string()),
         None => RecordRef::Key(record_key(map, other_side, &link.key)),
     };
     match &map.delete {
-        DeletePolicy::Ignore => Decision::Delete(DeletePlan { action: DeleteAction::Nothing, link: remove }),
+        DeletePolicy::Ignore => Decision::Delete(DeletePlan {
+            action: DeleteAction::Nothing,
+            link: remove,
+        }),
         DeletePolicy::Propagate => Decision::Delete(DeletePlan {
-            action: DeleteAction::DeleteOther { side: other_side, entity: entity_of(map, other_side), at: other_at },
+            action: DeleteAction::DeleteOther {
+                side: other_side,
+                entity: entity_of(map, other_side),
+                at: other_at,
+            },
             link: remove,
         }),
         DeletePolicy::Deactivate { crm, erp } => {
             let Some(other) = input.other else {
-                return Decision::Delete(DeletePlan { action: DeleteAction::Nothing, link: remove });
+                return Decision::Delete(DeletePlan {
+                    action: DeleteAction::Nothing,
+                    link: remove,
+                });
             };
             let fields = match other_side {
                 Side::Crm => crm,
@@ -500,25 +590,45 @@ fn decide_delete(input: &DecisionInput<'_>) -> Decision {
             for (name, value) in fields {
                 written.fields.insert(name.clone(), value.clone());
             }
+            // Deactivation fields are usually not mapped: compare them, not the mapped hash.
+            let already = written
+                .fields
+                .iter()
+                .all(|(name, value)| other.get(name) == Some(value));
             let projected = merge_into(map, other_side, written, Some(other));
             let mut next = link.clone();
             // The source record is gone: a record created again under the key is a change.
-            *next.side_mut(source) = SideState { hash: None, version: input.record.version };
+            *next.side_mut(source) = SideState {
+                hash: None,
+                version: input.record.version,
+            };
             set_id(&mut next, source, None);
             apply_target_state(&mut next, other_side, &projected, Some(other));
             next.updated_at = input.now;
-            let commit = LinkChange::Put(LinkCommit { link: next, expected_revision: link.revision });
-            if !projected.changes {
-                return Decision::Delete(DeletePlan { action: DeleteAction::Nothing, link: commit });
+            let commit = LinkChange::Put(Box::new(LinkCommit {
+                link: next,
+                expected_revision: link.revision,
+            }));
+            if already {
+                return Decision::Delete(DeletePlan {
+                    action: DeleteAction::Nothing,
+                    link: commit,
+                });
             }
             let write = SyncWrite {
                 side: other_side,
                 entity: entity_of(map, other_side),
                 at: other_at,
                 record: projected.written,
-                condition: other.etag.clone().map_or(WriteCondition::MustExist, WriteCondition::IfMatch),
+                condition: other
+                    .etag
+                    .clone()
+                    .map_or(WriteCondition::MustExist, WriteCondition::IfMatch),
             };
-            Decision::Delete(DeletePlan { action: DeleteAction::Deactivate(write), link: commit })
+            Decision::Delete(DeletePlan {
+                action: DeleteAction::Deactivate(write),
+                link: commit,
+            })
         }
     }
 }
@@ -544,8 +654,15 @@ fn project(
     Ok(merge_into(map, from.other(), written, target_current))
 }
 
-fn merge_into(map: &TableMap, to: Side, written: Record, target_current: Option<&Record>) -> Projection {
-    let mut merged = target_current.cloned().unwrap_or_else(|| Record::new(entity_of(map, to)));
+fn merge_into(
+    map: &TableMap,
+    to: Side,
+    written: Record,
+    target_current: Option<&Record>,
+) -> Projection {
+    let mut merged = target_current
+        .cloned()
+        .unwrap_or_else(|| Record::new(entity_of(map, to)));
     for (name, value) in &written.fields {
         merged.fields.insert(name.clone(), value.clone());
     }
@@ -554,7 +671,11 @@ fn merge_into(map: &TableMap, to: Side, written: Record, target_current: Option<
     }
     let merged_hash = side_hash(map, to, &merged);
     let changes = target_current.is_none_or(|current| side_hash(map, to, current) != merged_hash);
-    Projection { written, merged_hash, changes }
+    Projection {
+        written,
+        merged_hash,
+        changes,
+    }
 }
 
 /// The hash of `record`'s mapped fields on `side`.
@@ -562,26 +683,49 @@ pub fn side_hash(map: &TableMap, side: Side, record: &Record) -> FieldsHash {
     hash_fields(record, mapped_fields(map, side))
 }
 
-fn apply_target_state(link: &mut Link, to: Side, projected: &Projection, target_current: Option<&Record>) {
-    *link.side_mut(to) =
-        SideState { hash: Some(projected.merged_hash), version: target_current.and_then(|r| r.version) };
+fn apply_target_state(
+    link: &mut Link,
+    to: Side,
+    projected: &Projection,
+    target_current: Option<&Record>,
+) {
+    *link.side_mut(to) = SideState {
+        hash: Some(projected.merged_hash),
+        version: target_current.and_then(|r| r.version),
+    };
     if let Some(id) = target_current.and_then(|r| r.id.clone()) {
         set_id(link, to, Some(id));
     }
 }
 
-fn sync_write(input: &DecisionInput<'_>, to: Side, record: Record, target_current: Option<&Record>) -> SyncWrite {
+fn sync_write(
+    input: &DecisionInput<'_>,
+    to: Side,
+    record: Record,
+    target_current: Option<&Record>,
+) -> SyncWrite {
     let map = input.map;
-    let known_id = target_current.and_then(|r| r.id.clone()).or_else(|| input.link.and_then(|l| l.id(to).map(str::to_string)));
+    let known_id = target_current
+        .and_then(|r| r.id.clone())
+        .or_else(|| input.link.and_then(|l| l.id(to).map(str::to_string)));
     let at = match known_id {
         Some(id) => RecordRef::Id(id),
         None => RecordRef::Key(record_key(map, to, input.key)),
     };
     let condition = match target_current {
         None => WriteCondition::MustNotExist,
-        Some(current) => current.etag.clone().map_or(WriteCondition::MustExist, WriteCondition::IfMatch),
+        Some(current) => current
+            .etag
+            .clone()
+            .map_or(WriteCondition::MustExist, WriteCondition::IfMatch),
     };
-    SyncWrite { side: to, entity: entity_of(map, to), at, record, condition }
+    SyncWrite {
+        side: to,
+        entity: entity_of(map, to),
+        at,
+        record,
+        condition,
+    }
 }
 
 /// The link the decision starts from: the current one, or a fresh one for a new pair.
@@ -590,7 +734,10 @@ fn base_link(input: &DecisionInput<'_>) -> LinkCommit {
         Some(link) => {
             let mut next = link.clone();
             next.updated_at = input.now;
-            LinkCommit { expected_revision: link.revision, link: next }
+            LinkCommit {
+                expected_revision: link.revision,
+                link: next,
+            }
         }
         None => LinkCommit {
             expected_revision: 0,
@@ -617,18 +764,29 @@ fn set_id(link: &mut Link, side: Side, id: Option<String>) {
 }
 
 fn missing_lookup(input: &DecisionInput<'_>, lookups: &ResolvedLookups) -> Option<Decision> {
-    let mut missing: Vec<(&usize, &LookupResolution)> =
-        lookups.iter().filter(|(_, r)| matches!(r, LookupResolution::Missing { .. })).collect();
+    let mut missing: Vec<(&usize, &LookupResolution)> = lookups
+        .iter()
+        .filter(|(_, r)| matches!(r, LookupResolution::Missing { .. }))
+        .collect();
     missing.sort_by_key(|(i, _)| **i);
     let (index, LookupResolution::Missing { map, key }) = missing.first()? else {
         return None;
     };
-    let label = input.map.fields.get(**index).map_or_else(|| format!("field #{index}"), |f| f.label());
+    let label = input
+        .map
+        .fields
+        .get(**index)
+        .map_or_else(|| format!("field #{index}"), |f| f.label());
     Some(Decision::Park {
         waiting_map: map.clone(),
         waiting_key: key.clone(),
-        cause: ParkCause::MissingLookup { field_index: **index },
-        reason: format!("map {}, key {}: lookup {label} = {key} in map {map} is not linked yet", input.map.name, input.key),
+        cause: ParkCause::MissingLookup {
+            field_index: **index,
+        },
+        reason: format!(
+            "map {}, key {}: lookup {label} = {key} in map {map} is not linked yet",
+            input.map.name, input.key
+        ),
     })
 }
 
@@ -651,7 +809,305 @@ pub fn policy_name(policy: ConflictPolicy) -> &'static str {
     }
 }
 
-fn conflict_id(map: &str, key: &IntegrationKey, crm: Option<SourceVersion>, erp: Option<SourceVersion>) -> String {
-    let v = |v: Option<SourceVersion>| v.map_or_else(|| "-".to_string(), |v| format!("{}.{}", v.modified_on.timestamp_micros(), v.sequence));
+fn conflict_id(
+    map: &str,
+    key: &IntegrationKey,
+    crm: Option<SourceVersion>,
+    erp: Option<SourceVersion>,
+) -> String {
+    let v = |v: Option<SourceVersion>| {
+        v.map_or_else(
+            || "-".to_string(),
+            |v| format!("{}.{}", v.modified_on.timestamp_micros(), v.sequence),
+        )
+    };
     format!("{map}/{key}@crm:{}/erp:{}", v(crm), v(erp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::filter::{CompareOp, Literal};
+    use crate::map::{
+        CrmEntity, ErpEntity, FieldMapping, FieldRef, Filter, MapDirection, SideFilters,
+    };
+    use crate::value::{Value, ValueType};
+
+    fn fm(erp: &str, crm: &str, is_key: bool) -> FieldMapping {
+        FieldMapping {
+            erp: Some(FieldRef {
+                name: erp.into(),
+                ty: ValueType::Text,
+            }),
+            crm: Some(FieldRef {
+                name: crm.into(),
+                ty: ValueType::Text,
+            }),
+            direction: FieldDirection::Bidirectional,
+            notation: "=".into(),
+            is_key,
+            value_map: None,
+            default: None,
+            lookup: None,
+            to_crm: Vec::new(),
+            to_erp: Vec::new(),
+            source_of_truth: None,
+            line: 1,
+        }
+    }
+
+    fn map() -> TableMap {
+        TableMap {
+            name: "m".into(),
+            description: String::new(),
+            source: "test".into(),
+            crm: CrmEntity {
+                entity_set: "accounts".into(),
+                logical_name: "account".into(),
+                primary_id: "accountid".into(),
+                key: vec!["accountnumber".into()],
+                company_field: None,
+            },
+            erp: ErpEntity {
+                entity: "Customers".into(),
+                key: vec!["CustomerAccount".into()],
+                company_specific: false,
+            },
+            direction: MapDirection::Bidirectional,
+            fields: vec![
+                fm("CustomerAccount", "accountnumber", true),
+                fm("Name", "name", false),
+            ],
+            filters: SideFilters::default(),
+            depends_on: Vec::new(),
+            conflict: ConflictPolicy::LastWriterWins,
+            delete: DeletePolicy::Propagate,
+        }
+    }
+
+    fn at(secs: i64, seq: i64) -> Option<SourceVersion> {
+        Some(SourceVersion {
+            modified_on: DateTime::from_timestamp(secs, 0).unwrap_or_default(),
+            sequence: seq,
+        })
+    }
+
+    fn crm(name: &str, version: Option<SourceVersion>) -> Record {
+        let mut r = Record::new("accounts")
+            .with("accountnumber", Value::Text("A1".into()))
+            .with("name", Value::Text(name.into()));
+        r.id = Some("guid-1".into());
+        r.version = version;
+        r
+    }
+
+    fn erp(name: &str, version: Option<SourceVersion>) -> Record {
+        let mut r = Record::new("Customers")
+            .with("CustomerAccount", Value::Text("A1".into()))
+            .with("Name", Value::Text(name.into()));
+        r.id = Some("CustomerAccount='A1'".into());
+        r.etag = Some("W/\"7\"".into());
+        r.version = version;
+        r
+    }
+
+    /// The link as it stands after `crm_rec` and `erp_rec` were last synced.
+    fn link_of(m: &TableMap, crm_rec: &Record, erp_rec: &Record) -> Link {
+        Link {
+            map: m.name.clone(),
+            key: IntegrationKey("A1".into()),
+            crm_id: crm_rec.id.clone(),
+            erp_id: erp_rec.id.clone(),
+            crm: SideState {
+                hash: Some(side_hash(m, Side::Crm, crm_rec)),
+                version: crm_rec.version,
+            },
+            erp: SideState {
+                hash: Some(side_hash(m, Side::Erp, erp_rec)),
+                version: erp_rec.version,
+            },
+            revision: 3,
+            open_conflict: None,
+            updated_at: DateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn run(m: &TableMap, record: &Record, link: Option<&Link>, other: Option<&Record>) -> Decision {
+        let empty = ResolvedLookups::new();
+        let key = IntegrationKey("A1".into());
+        let source = if record.entity == "accounts" {
+            Side::Crm
+        } else {
+            Side::Erp
+        };
+        decide(&DecisionInput {
+            map: m,
+            source,
+            operation: Operation::Upsert,
+            event_id: "e1",
+            key: &key,
+            record,
+            link,
+            other,
+            source_hash: side_hash(m, source, record),
+            lookups: &empty,
+            other_lookups: &empty,
+            now: DateTime::UNIX_EPOCH,
+        })
+    }
+
+    #[test]
+    fn a_new_record_is_created_on_the_other_side_by_key() {
+        let m = map();
+        let Decision::Write(plan) = run(&m, &crm("Contoso", at(10, 1)), None, None) else {
+            panic!("expected a write")
+        };
+        assert_eq!(plan.writes.len(), 1);
+        let w = &plan.writes[0];
+        assert_eq!(w.side, Side::Erp);
+        assert_eq!(w.condition, WriteCondition::MustNotExist);
+        assert_eq!(
+            w.at,
+            RecordRef::Key(crate::record::RecordKey::new([("CustomerAccount", "A1")]))
+        );
+        assert_eq!(plan.link.expected_revision, 0);
+        assert_eq!(plan.link.link.crm.version, at(10, 1));
+        assert!(plan.link.link.erp.hash.is_some());
+    }
+
+    #[test]
+    fn stale_echo_and_duplicate_are_told_apart() {
+        let m = map();
+        let (c, e) = (crm("Contoso", at(10, 5)), erp("Contoso", at(11, 1)));
+        let link = link_of(&m, &c, &e);
+        let older = crm("Older", at(9, 1));
+        assert_eq!(
+            run(&m, &older, Some(&link), Some(&e)),
+            Decision::Skip {
+                reason: SkipReason::Stale,
+                link: None
+            }
+        );
+        assert_eq!(
+            run(&m, &c, Some(&link), Some(&e)),
+            Decision::Skip {
+                reason: SkipReason::Duplicate,
+                link: None
+            }
+        );
+        // Same values, newer version: an echo that advances the link's version.
+        let Decision::Skip {
+            reason: SkipReason::Echo,
+            link: Some(next),
+        } = run(&m, &crm("Contoso", at(12, 6)), Some(&link), Some(&e))
+        else {
+            panic!("expected an echo")
+        };
+        assert_eq!(next.link.crm.version, at(12, 6));
+        assert_eq!(next.expected_revision, 3);
+    }
+
+    #[test]
+    fn a_change_with_an_unchanged_other_side_is_written_with_if_match() {
+        let m = map();
+        let (c, e) = (crm("Contoso", at(10, 5)), erp("Contoso", at(11, 1)));
+        let link = link_of(&m, &c, &e);
+        let Decision::Write(plan) = run(&m, &crm("Renamed", at(20, 6)), Some(&link), Some(&e))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            plan.writes[0].condition,
+            WriteCondition::IfMatch("W/\"7\"".into())
+        );
+        assert_eq!(
+            plan.writes[0].record.get("Name"),
+            Some(&Value::Text("Renamed".into()))
+        );
+        assert!(plan.conflict.is_none());
+    }
+
+    #[test]
+    fn last_writer_wins_tie_goes_to_the_erp_side() {
+        let m = map();
+        let (c, e) = (crm("Contoso", at(10, 5)), erp("Contoso", at(11, 1)));
+        let link = link_of(&m, &c, &e);
+        let (c2, e2) = (crm("FromCrm", at(30, 9)), erp("FromErp", at(30, 2)));
+        let Decision::Write(plan) = run(&m, &c2, Some(&link), Some(&e2)) else {
+            panic!()
+        };
+        assert_eq!(
+            plan.writes[0].side,
+            Side::Crm,
+            "the ERP values go back to CRM"
+        );
+        assert_eq!(
+            plan.writes[0].record.get("name"),
+            Some(&Value::Text("FromErp".into()))
+        );
+        assert_eq!(plan.conflict.map(|c| c.winner), Some(Some(Side::Erp)));
+    }
+
+    #[test]
+    fn direction_and_filter_are_checked_first() {
+        let mut m = map();
+        m.direction = MapDirection::ErpToCrm;
+        assert!(matches!(
+            run(&m, &crm("x", at(1, 1)), None, None),
+            Decision::Skip {
+                reason: SkipReason::DirectionNotSynced,
+                ..
+            }
+        ));
+        let mut m = map();
+        m.filters.crm = Some(Filter::Compare {
+            field: "name".into(),
+            op: CompareOp::Eq,
+            value: Literal::Text("Only".into()),
+        });
+        assert!(matches!(
+            run(&m, &crm("x", at(1, 1)), None, None),
+            Decision::Skip {
+                reason: SkipReason::FilteredOut,
+                ..
+            }
+        ));
+        assert!(matches!(
+            run(&m, &crm("Only", at(1, 1)), None, None),
+            Decision::Write(_)
+        ));
+    }
+
+    #[test]
+    fn a_missing_lookup_parks_the_change() {
+        let m = map();
+        let mut lookups = ResolvedLookups::new();
+        lookups.insert(
+            1,
+            LookupResolution::Missing {
+                map: "currencies".into(),
+                key: IntegrationKey("EUR".into()),
+            },
+        );
+        let key = IntegrationKey("A1".into());
+        let record = crm("x", at(1, 1));
+        let d = decide(&DecisionInput {
+            map: &m,
+            source: Side::Crm,
+            operation: Operation::Upsert,
+            event_id: "e1",
+            key: &key,
+            record: &record,
+            link: None,
+            other: None,
+            source_hash: side_hash(&m, Side::Crm, &record),
+            lookups: &lookups,
+            other_lookups: &ResolvedLookups::new(),
+            now: DateTime::UNIX_EPOCH,
+        });
+        assert!(
+            matches!(d, Decision::Park { ref waiting_map, cause: ParkCause::MissingLookup { field_index: 1 }, .. } if waiting_map == "currencies"),
+            "{d:?}"
+        );
+    }
 }

@@ -19,11 +19,12 @@ use dualwrite_core::decision::{
 use dualwrite_core::error_policy::{Backoff, Disposition, disposition, error_class};
 use dualwrite_core::map::TableMap;
 use dualwrite_core::map::apply::{
-    LookupResolution, LookupTarget, ResolvedLookups, integration_key, lookup_requests_with, record_key,
+    LookupResolution, LookupTarget, ResolvedLookups, integration_key, lookup_requests_with,
+    record_key,
 };
 use dualwrite_core::ports::{
-    Clock, Connector, ConnectorError, ErrorClass, ErrorRecord, EventClaim, Link, ParkedEvent, RecordRef, StateStore,
-    StoreError, StoreOp,
+    Clock, Connector, ConnectorError, ErrorClass, ErrorRecord, EventClaim, Link, ParkedEvent,
+    RecordRef, StateStore, StoreError, StoreOp,
 };
 use dualwrite_core::{ChangeEvent, IntegrationKey, LookupRef, Operation, Record, Side, Value};
 use tracing::{debug, info, warn};
@@ -217,7 +218,14 @@ pub struct Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("maps", &self.maps.iter().map(|m| m.name.as_str()).collect::<Vec<_>>())
+            .field(
+                "maps",
+                &self
+                    .maps
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .field("config", &self.config)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
@@ -257,11 +265,27 @@ impl Engine {
         let mut by_entity: HashMap<(Side, String), Vec<usize>> = HashMap::new();
         let mut by_name = HashMap::new();
         for (i, map) in maps.iter().enumerate() {
-            by_entity.entry((Side::Crm, map.crm.entity_set.clone())).or_default().push(i);
-            by_entity.entry((Side::Erp, map.erp.entity.clone())).or_default().push(i);
+            by_entity
+                .entry((Side::Crm, map.crm.entity_set.clone()))
+                .or_default()
+                .push(i);
+            by_entity
+                .entry((Side::Erp, map.erp.entity.clone()))
+                .or_default()
+                .push(i);
             by_name.insert(map.name.clone(), i);
         }
-        Engine { store, crm, erp, maps, by_entity, by_name, clock, config, stats: EngineStats::default() }
+        Engine {
+            store,
+            crm,
+            erp,
+            maps,
+            by_entity,
+            by_name,
+            clock,
+            config,
+            stats: EngineStats::default(),
+        }
     }
 
     /// The counters so far.
@@ -281,7 +305,10 @@ impl Engine {
 
     /// The maps covering records of `entity` on `side`.
     pub fn maps_for(&self, side: Side, entity: &str) -> Vec<&TableMap> {
-        self.by_entity.get(&(side, entity.to_string())).map(|ix| ix.iter().map(|&i| &self.maps[i]).collect()).unwrap_or_default()
+        self.by_entity
+            .get(&(side, entity.to_string()))
+            .map(|ix| ix.iter().map(|&i| &self.maps[i]).collect())
+            .unwrap_or_default()
     }
 
     fn map_named(&self, name: &str) -> Option<&TableMap> {
@@ -308,10 +335,18 @@ impl Engine {
     ///
     /// # Errors
     /// A [`ProcessError`] when the event must be retried later; its claim is released.
-    pub async fn process_attempt(&self, event: &ChangeEvent, attempt: u32) -> Result<ProcessOutcome, ProcessError> {
+    pub async fn process_attempt(
+        &self,
+        event: &ChangeEvent,
+        attempt: u32,
+    ) -> Result<ProcessOutcome, ProcessError> {
         self.stats.inc(Counter::Events);
         let now = self.clock.now();
-        let claim = self.store.claim_event(&event.event_id, now, self.config.lease).await.map_err(|e| self.store_error(event, e))?;
+        let claim = self
+            .store
+            .claim_event(&event.event_id, now, self.config.lease)
+            .await
+            .map_err(|e| self.store_error(event, e))?;
         match claim {
             EventClaim::AlreadyDone => {
                 self.stats.inc(Counter::Duplicates);
@@ -324,7 +359,10 @@ impl Engine {
                 });
             }
             EventClaim::InProgress => {
-                return Err(ProcessError::InProgress { event_id: event.event_id.clone(), retry_after: self.config.lease });
+                return Err(ProcessError::InProgress {
+                    event_id: event.event_id.clone(),
+                    retry_after: self.config.lease,
+                });
             }
             EventClaim::Claimed => {}
         }
@@ -340,10 +378,20 @@ impl Engine {
         }
     }
 
-    async fn process_claimed(&self, event: &ChangeEvent, attempt: u32) -> Result<ProcessOutcome, ProcessError> {
+    async fn process_claimed(
+        &self,
+        event: &ChangeEvent,
+        attempt: u32,
+    ) -> Result<ProcessOutcome, ProcessError> {
         let maps = self.maps_for(event.source, &event.record.entity);
         if maps.is_empty() {
-            self.commit(event, vec![StoreOp::CompleteEvent { event_id: event.event_id.clone() }]).await?;
+            self.commit(
+                event,
+                vec![StoreOp::CompleteEvent {
+                    event_id: event.event_id.clone(),
+                }],
+            )
+            .await?;
             return Ok(ProcessOutcome {
                 event_id: event.event_id.clone(),
                 status: EventStatus::NoMap,
@@ -358,7 +406,9 @@ impl Engine {
         for (i, map) in maps.into_iter().enumerate() {
             // The event is completed in the commit of its last map, unless a map parked it
             // (a parked event comes back under the same id and must then be claimable).
-            let step = self.handle_map(map, event, i == last && !parked_any, 0, attempt).await?;
+            let step = self
+                .handle_map(map, event, i == last && !parked_any, 0, attempt)
+                .await?;
             parked_any |= step.parked;
             results.push(step.result);
             requeue.extend(step.requeue);
@@ -366,11 +416,20 @@ impl Engine {
         if parked_any && let Err(e) = self.store.release_event(&event.event_id).await {
             warn!(event_id = %event.event_id, error = %e, "could not release the claim of a parked event");
         }
-        Ok(ProcessOutcome { event_id: event.event_id.clone(), status: EventStatus::Processed, maps: results, requeue })
+        Ok(ProcessOutcome {
+            event_id: event.event_id.clone(),
+            status: EventStatus::Processed,
+            maps: results,
+            requeue,
+        })
     }
 
     fn store_error(&self, event: &ChangeEvent, source: StoreError) -> ProcessError {
-        ProcessError::Store { event_id: event.event_id.clone(), retry_after: self.config.backoff.base, source }
+        ProcessError::Store {
+            event_id: event.event_id.clone(),
+            retry_after: self.config.backoff.base,
+            source,
+        }
     }
 
     /// Commits `ops`; `Ok(false)` when a revision condition failed (decide again).
@@ -397,9 +456,17 @@ impl Engine {
         Box::pin(async move {
             let source = event.source;
             let other_side = source.other();
-            let complete_op = || complete.then(|| StoreOp::CompleteEvent { event_id: event.event_id.clone() });
+            let complete_op = || {
+                complete.then(|| StoreOp::CompleteEvent {
+                    event_id: event.event_id.clone(),
+                })
+            };
             let done = |key: Option<IntegrationKey>, action: MapAction| MapStep {
-                result: MapResult { map: map.name.clone(), key, action },
+                result: MapResult {
+                    map: map.name.clone(),
+                    key,
+                    action,
+                },
                 requeue: Vec::new(),
                 parked: false,
             };
@@ -432,17 +499,25 @@ impl Engine {
                         Some(id) => RecordRef::Id(id.clone()),
                         None => match integration_key(map, source, &event.record) {
                             Ok(k) => RecordRef::Key(record_key(map, source, &k)),
-                            Err(e) => return self.invalid(map, event, None, complete, e.to_string()).await,
+                            Err(e) => {
+                                return self
+                                    .invalid(map, event, None, complete, e.to_string())
+                                    .await;
+                            }
                         },
                     };
                     match self.connector(source).read(&event.record.entity, &at).await {
                         Ok(Some(r)) => r,
                         Ok(None) => {
-                            self.commit(event, complete_op().into_iter().collect()).await?;
+                            self.commit(event, complete_op().into_iter().collect())
+                                .await?;
                             self.stats.inc(Counter::Skipped);
                             return Ok(done(None, MapAction::SourceGone));
                         }
-                        Err(e) => match self.connector_failure(map, None, event, complete, attempt, e).await? {
+                        Err(e) => match self
+                            .connector_failure(map, None, event, complete, attempt, e)
+                            .await?
+                        {
                             Failure::Redecide => continue,
                             Failure::Done(step) => return Ok(step),
                         },
@@ -462,7 +537,8 @@ impl Engine {
                     match found {
                         Some(link) => (link.key.clone(), Some(link)),
                         None => {
-                            self.commit(event, complete_op().into_iter().collect()).await?;
+                            self.commit(event, complete_op().into_iter().collect())
+                                .await?;
                             self.stats.inc(Counter::Skipped);
                             return Ok(done(None, MapAction::Skipped(SkipReason::NoLink)));
                         }
@@ -470,22 +546,39 @@ impl Engine {
                 } else {
                     let key = match integration_key(map, source, &record) {
                         Ok(k) => k,
-                        Err(e) => return self.invalid(map, event, None, complete, e.to_string()).await,
+                        Err(e) => {
+                            return self
+                                .invalid(map, event, None, complete, e.to_string())
+                                .await;
+                        }
                     };
-                    let link = self.store.link(&map.name, &key).await.map_err(|e| self.store_error(event, e))?;
+                    let link = self
+                        .store
+                        .link(&map.name, &key)
+                        .await
+                        .map_err(|e| self.store_error(event, e))?;
                     (key, link)
                 };
 
                 // 3. The other side as it stands.
                 let other_at = match link.as_ref().and_then(|l| l.id(other_side)) {
                     Some(id) => Some(RecordRef::Id(id.to_string())),
-                    None if event.operation == Operation::Upsert => Some(RecordRef::Key(record_key(map, other_side, &key))),
+                    None if event.operation == Operation::Upsert => {
+                        Some(RecordRef::Key(record_key(map, other_side, &key)))
+                    }
                     None => None,
                 };
                 let other = match other_at {
-                    Some(at) => match self.connector(other_side).read(&entity_of(map, other_side), &at).await {
+                    Some(at) => match self
+                        .connector(other_side)
+                        .read(&entity_of(map, other_side), &at)
+                        .await
+                    {
                         Ok(r) => r,
-                        Err(e) => match self.connector_failure(map, Some(&key), event, complete, attempt, e).await? {
+                        Err(e) => match self
+                            .connector_failure(map, Some(&key), event, complete, attempt, e)
+                            .await?
+                        {
                             Failure::Redecide => continue,
                             Failure::Done(step) => return Ok(step),
                         },
@@ -527,9 +620,15 @@ impl Engine {
                 // 6. Execute.
                 use dualwrite_core::decision::Decision;
                 match decision {
-                    Decision::Skip { reason, link: commit } => {
+                    Decision::Skip {
+                        reason,
+                        link: commit,
+                    } => {
                         let mut ops: Vec<StoreOp> = commit
-                            .map(|c| StoreOp::PutLink { link: c.link, expected_revision: c.expected_revision })
+                            .map(|c| StoreOp::PutLink {
+                                link: c.link,
+                                expected_revision: c.expected_revision,
+                            })
                             .into_iter()
                             .collect();
                         ops.extend(complete_op());
@@ -549,14 +648,27 @@ impl Engine {
                         for write in &plan.writes {
                             let result = self
                                 .connector(write.side)
-                                .upsert(&write.entity, &write.at, &write.record, write.condition.clone())
+                                .upsert(
+                                    &write.entity,
+                                    &write.at,
+                                    &write.record,
+                                    write.condition.clone(),
+                                )
                                 .await;
                             match result {
                                 Ok(out) => {
                                     self.stats.inc(Counter::Writes);
-                                    record_write(&mut plan.link.link, write.side, out.id, out.version);
+                                    record_write(
+                                        &mut plan.link.link,
+                                        write.side,
+                                        out.id,
+                                        out.version,
+                                    );
                                 }
-                                Err(e) => match self.connector_failure(map, Some(&key), event, complete, attempt, e).await? {
+                                Err(e) => match self
+                                    .connector_failure(map, Some(&key), event, complete, attempt, e)
+                                    .await?
+                                {
                                     Failure::Redecide => {
                                         redecide = true;
                                         break;
@@ -571,13 +683,19 @@ impl Engine {
                         }
                         let created = plan.link.expected_revision == 0;
                         let conflict_id = plan.conflict.as_ref().map(|c| c.id.clone());
-                        let mut ops =
-                            vec![StoreOp::PutLink { link: plan.link.link, expected_revision: plan.link.expected_revision }];
+                        let mut ops = vec![StoreOp::PutLink {
+                            link: plan.link.link,
+                            expected_revision: plan.link.expected_revision,
+                        }];
                         if let Some(c) = plan.conflict {
                             ops.push(StoreOp::RecordConflict(c));
                         }
                         ops.extend(complete_op());
-                        let (unparks, released) = if created { self.release_parked(event, map, &key).await? } else { (Vec::new(), Vec::new()) };
+                        let (unparks, released) = if created {
+                            self.release_parked(event, map, &key).await?
+                        } else {
+                            (Vec::new(), Vec::new())
+                        };
                         let (now_ops, later_ops) = split_unparks(unparks);
                         ops.extend(now_ops);
                         if !self.commit(event, ops).await? {
@@ -592,41 +710,63 @@ impl Engine {
                         self.stats.add(Counter::Unparked, released.len() as u64);
                         requeue.extend(released);
                         info!(event_id = %event.event_id, map = %map.name, key = %key, writes = plan.writes.len(), "record synced");
-                        let mut step = done(Some(key), MapAction::Written { writes: plan.writes.len(), conflict: conflict_id });
+                        let mut step = done(
+                            Some(key),
+                            MapAction::Written {
+                                writes: plan.writes.len(),
+                                conflict: conflict_id,
+                            },
+                        );
                         step.requeue = requeue;
                         return Ok(step);
                     }
                     Decision::Delete(mut plan) => {
                         let result = match &plan.action {
-                            DeleteAction::DeleteOther { side, entity, at } => {
-                                self.connector(*side).delete(entity, at).await.map(|()| None)
-                            }
-                            DeleteAction::Deactivate(w) => {
-                                self.connector(w.side).upsert(&w.entity, &w.at, &w.record, w.condition.clone()).await.map(Some)
-                            }
+                            DeleteAction::DeleteOther { side, entity, at } => self
+                                .connector(*side)
+                                .delete(entity, at)
+                                .await
+                                .map(|()| None),
+                            DeleteAction::Deactivate(w) => self
+                                .connector(w.side)
+                                .upsert(&w.entity, &w.at, &w.record, w.condition.clone())
+                                .await
+                                .map(Some),
                             DeleteAction::Nothing => Ok(None),
                         };
                         match result {
-                            Ok(out) => {
-                                match (&plan.action, out, &mut plan.link) {
-                                    (DeleteAction::Deactivate(w), Some(out), LinkChange::Put(c)) => {
-                                        self.stats.inc(Counter::Writes);
-                                        record_write(&mut c.link, w.side, out.id, out.version);
-                                    }
-                                    (DeleteAction::DeleteOther { .. }, _, _) => self.stats.inc(Counter::Deletes),
-                                    _ => {}
+                            Ok(out) => match (&plan.action, out, &mut plan.link) {
+                                (DeleteAction::Deactivate(w), Some(out), LinkChange::Put(c)) => {
+                                    self.stats.inc(Counter::Writes);
+                                    record_write(&mut c.link, w.side, out.id, out.version);
                                 }
-                            }
-                            Err(e) => match self.connector_failure(map, Some(&key), event, complete, attempt, e).await? {
+                                (DeleteAction::DeleteOther { .. }, _, _) => {
+                                    self.stats.inc(Counter::Deletes)
+                                }
+                                _ => {}
+                            },
+                            Err(e) => match self
+                                .connector_failure(map, Some(&key), event, complete, attempt, e)
+                                .await?
+                            {
                                 Failure::Redecide => continue,
                                 Failure::Done(step) => return Ok(step),
                             },
                         }
                         let mut ops = vec![match plan.link {
-                            LinkChange::Remove { map, key, expected_revision } => {
-                                StoreOp::DeleteLink { map, key, expected_revision }
-                            }
-                            LinkChange::Put(c) => StoreOp::PutLink { link: c.link, expected_revision: c.expected_revision },
+                            LinkChange::Remove {
+                                map,
+                                key,
+                                expected_revision,
+                            } => StoreOp::DeleteLink {
+                                map,
+                                key,
+                                expected_revision,
+                            },
+                            LinkChange::Put(c) => StoreOp::PutLink {
+                                link: c.link,
+                                expected_revision: c.expected_revision,
+                            },
                         }];
                         ops.extend(complete_op());
                         if !self.commit(event, ops).await? {
@@ -635,10 +775,16 @@ impl Engine {
                         info!(event_id = %event.event_id, map = %map.name, key = %key, "delete applied");
                         return Ok(done(Some(key), MapAction::Deleted));
                     }
-                    Decision::HoldConflict { link: commit, conflict } => {
+                    Decision::HoldConflict {
+                        link: commit,
+                        conflict,
+                    } => {
                         let conflict_id = conflict.id.clone();
                         let mut ops = vec![
-                            StoreOp::PutLink { link: commit.link, expected_revision: commit.expected_revision },
+                            StoreOp::PutLink {
+                                link: commit.link,
+                                expected_revision: commit.expected_revision,
+                            },
                             StoreOp::RecordConflict(conflict),
                         ];
                         ops.extend(complete_op());
@@ -649,13 +795,20 @@ impl Engine {
                         warn!(event_id = %event.event_id, map = %map.name, key = %key, conflict = %conflict_id, "conflict held for a person");
                         return Ok(done(Some(key), MapAction::ConflictHeld { conflict_id }));
                     }
-                    Decision::Park { waiting_map, waiting_key, cause, reason } => {
+                    Decision::Park {
+                        waiting_map,
+                        waiting_key,
+                        cause,
+                        reason,
+                    } => {
                         let missing_lookup = matches!(cause, ParkCause::MissingLookup { .. });
                         if missing_lookup
                             && depth < self.config.max_dependency_depth
                             && tried_dependencies.insert((waiting_map.clone(), waiting_key.clone()))
                         {
-                            let synced = self.sync_dependency(event, &waiting_map, &waiting_key, depth, attempt).await?;
+                            let synced = self
+                                .sync_dependency(event, &waiting_map, &waiting_key, depth, attempt)
+                                .await?;
                             if let Some(step) = synced {
                                 self.stats.inc(Counter::DependenciesSynced);
                                 requeue.extend(step.requeue);
@@ -676,7 +829,12 @@ impl Engine {
                         // The awaited link may have been created between the lookup and the
                         // park: its creator then did not see this event. Release it ourselves.
                         if missing_lookup
-                            && self.store.link(&waiting_map, &waiting_key).await.map_err(|e| self.store_error(event, e))?.is_some()
+                            && self
+                                .store
+                                .link(&waiting_map, &waiting_key)
+                                .await
+                                .map_err(|e| self.store_error(event, e))?
+                                .is_some()
                         {
                             let unpark = StoreOp::Unpark {
                                 waiting_map: waiting_map.clone(),
@@ -687,12 +845,23 @@ impl Engine {
                             self.stats.inc(Counter::Unparked);
                             requeue.push(event.clone());
                         }
-                        let mut step = done(Some(key), MapAction::Parked { waiting_map, waiting_key, reason });
+                        let mut step = done(
+                            Some(key),
+                            MapAction::Parked {
+                                waiting_map,
+                                waiting_key,
+                                reason,
+                            },
+                        );
                         step.parked = true;
                         step.requeue = requeue;
                         return Ok(step);
                     }
-                    Decision::Invalid(e) => return self.invalid(map, event, Some(key), complete, e.to_string()).await,
+                    Decision::Invalid(e) => {
+                        return self
+                            .invalid(map, event, Some(key), complete, e.to_string())
+                            .await;
+                    }
                 }
             }
         })
@@ -707,7 +876,15 @@ impl Engine {
         complete: bool,
         message: String,
     ) -> Result<MapStep, ProcessError> {
-        self.fail(map, event, key, complete, ErrorClass::NeedsAttention, message).await
+        self.fail(
+            map,
+            event,
+            key,
+            complete,
+            ErrorClass::NeedsAttention,
+            message,
+        )
+        .await
     }
 
     async fn fail(
@@ -729,13 +906,19 @@ impl Engine {
         };
         let mut ops = vec![StoreOp::RecordError(record)];
         if complete {
-            ops.push(StoreOp::CompleteEvent { event_id: event.event_id.clone() });
+            ops.push(StoreOp::CompleteEvent {
+                event_id: event.event_id.clone(),
+            });
         }
         self.commit(event, ops).await?;
         self.stats.inc(Counter::Errors);
         warn!(event_id = %event.event_id, map = %map.name, error = %message, "change failed permanently");
         Ok(MapStep {
-            result: MapResult { map: map.name.clone(), key, action: MapAction::Failed { message } },
+            result: MapResult {
+                map: map.name.clone(),
+                key,
+                action: MapAction::Failed { message },
+            },
             requeue: Vec::new(),
             parked: false,
         })
@@ -750,7 +933,12 @@ impl Engine {
         attempt: u32,
         error: ConnectorError,
     ) -> Result<Failure, ProcessError> {
-        match disposition(&error, attempt, &self.config.backoff, jitter(&event.event_id)) {
+        match disposition(
+            &error,
+            attempt,
+            &self.config.backoff,
+            jitter(&event.event_id),
+        ) {
             Disposition::RereadAndRedecide => Ok(Failure::Redecide),
             Disposition::RetryAfter(retry_after) => Err(ProcessError::Retry {
                 event_id: event.event_id.clone(),
@@ -767,8 +955,13 @@ impl Engine {
             }),
             Disposition::Permanent => {
                 let class = error_class(&error);
-                let message = format!("{error} (status {:?}); fix the cause, then replay the event", error.status);
-                self.fail(map, event, key.cloned(), complete, class, message).await.map(Failure::Done)
+                let message = format!(
+                    "{error} (status {:?}); fix the cause, then replay the event",
+                    error.status
+                );
+                self.fail(map, event, key.cloned(), complete, class, message)
+                    .await
+                    .map(Failure::Done)
             }
         }
     }
@@ -799,8 +992,15 @@ impl Engine {
         keys: &[IntegrationKey],
     ) -> Result<LookupResolution, ProcessError> {
         for (name, key) in maps.iter().zip(keys) {
-            let Some(referenced) = self.map_named(name) else { continue };
-            if let Some(link) = self.store.link(name, key).await.map_err(|e| self.store_error(event, e))? {
+            let Some(referenced) = self.map_named(name) else {
+                continue;
+            };
+            if let Some(link) = self
+                .store
+                .link(name, key)
+                .await
+                .map_err(|e| self.store_error(event, e))?
+            {
                 return Ok(LookupResolution::Resolved(Value::Lookup(LookupRef {
                     entity_set: referenced.crm.entity_set.clone(),
                     id: link.crm_id.clone(),
@@ -810,7 +1010,10 @@ impl Engine {
         }
         Ok(LookupResolution::Missing {
             map: maps.first().cloned().unwrap_or_default(),
-            key: keys.first().cloned().unwrap_or_else(|| IntegrationKey(String::new())),
+            key: keys
+                .first()
+                .cloned()
+                .unwrap_or_else(|| IntegrationKey(String::new())),
         })
     }
 
@@ -821,23 +1024,41 @@ impl Engine {
         id: &str,
     ) -> Result<LookupResolution, ProcessError> {
         for name in maps {
-            let Some(referenced) = self.map_named(name) else { continue };
-            if let Some(link) = self.store.link_by_id(name, Side::Crm, id).await.map_err(|e| self.store_error(event, e))? {
+            let Some(referenced) = self.map_named(name) else {
+                continue;
+            };
+            if let Some(link) = self
+                .store
+                .link_by_id(name, Side::Crm, id)
+                .await
+                .map_err(|e| self.store_error(event, e))?
+            {
                 let natural = erp_natural_key(referenced, &link);
                 return Ok(LookupResolution::Resolved(Value::Text(natural)));
             }
         }
         // Not linked: find the referenced row to know which key to wait for.
         for name in maps {
-            let Some(referenced) = self.map_named(name) else { continue };
-            let read = self.crm.read(&referenced.crm.entity_set, &RecordRef::Id(id.to_string())).await;
+            let Some(referenced) = self.map_named(name) else {
+                continue;
+            };
+            let read = self
+                .crm
+                .read(&referenced.crm.entity_set, &RecordRef::Id(id.to_string()))
+                .await;
             if let Ok(Some(row)) = read
                 && let Ok(key) = integration_key(referenced, Side::Crm, &row)
             {
-                return Ok(LookupResolution::Missing { map: name.clone(), key });
+                return Ok(LookupResolution::Missing {
+                    map: name.clone(),
+                    key,
+                });
             }
         }
-        Ok(LookupResolution::Missing { map: maps.first().cloned().unwrap_or_default(), key: IntegrationKey(id.to_string()) })
+        Ok(LookupResolution::Missing {
+            map: maps.first().cloned().unwrap_or_default(),
+            key: IntegrationKey(id.to_string()),
+        })
     }
 
     /// Syncs the referenced record `dep_map`/`dep_key` now, if either system has it. `None`
@@ -850,13 +1071,19 @@ impl Engine {
         depth: u32,
         attempt: u32,
     ) -> Result<Option<MapStep>, ProcessError> {
-        let Some(referenced) = self.map_named(dep_map) else { return Ok(None) };
+        let Some(referenced) = self.map_named(dep_map) else {
+            return Ok(None);
+        };
         for side in [event.source, event.source.other()] {
             if !referenced.direction.flows_from(side) {
                 continue;
             }
             let at = RecordRef::Key(record_key(referenced, side, dep_key));
-            let Ok(Some(record)) = self.connector(side).read(&entity_of(referenced, side), &at).await else {
+            let Ok(Some(record)) = self
+                .connector(side)
+                .read(&entity_of(referenced, side), &at)
+                .await
+            else {
                 continue;
             };
             let dependency = ChangeEvent {
@@ -868,8 +1095,15 @@ impl Engine {
                 received_at: self.clock.now(),
                 correlation_id: event.correlation_id.clone(),
             };
-            let step = self.handle_map(referenced, &dependency, false, depth + 1, attempt).await?;
-            let linked = self.store.link(dep_map, dep_key).await.map_err(|e| self.store_error(event, e))?.is_some();
+            let step = self
+                .handle_map(referenced, &dependency, false, depth + 1, attempt)
+                .await?;
+            let linked = self
+                .store
+                .link(dep_map, dep_key)
+                .await
+                .map_err(|e| self.store_error(event, e))?
+                .is_some();
             if linked {
                 info!(event_id = %event.event_id, dependency_map = %dep_map, dependency_key = %dep_key, "dependency synced first");
                 return Ok(Some(step));
@@ -885,7 +1119,11 @@ impl Engine {
         map: &TableMap,
         key: &IntegrationKey,
     ) -> Result<(Vec<StoreOp>, Vec<ChangeEvent>), ProcessError> {
-        let parked = self.store.parked_for(&map.name, key).await.map_err(|e| self.store_error(event, e))?;
+        let parked = self
+            .store
+            .parked_for(&map.name, key)
+            .await
+            .map_err(|e| self.store_error(event, e))?;
         let ops = parked
             .iter()
             .map(|p| StoreOp::Unpark {
@@ -904,11 +1142,21 @@ fn split_unparks(mut unparks: Vec<StoreOp>) -> (Vec<StoreOp>, Vec<Vec<StoreOp>>)
         return (unparks, Vec::new());
     }
     let rest = unparks.split_off(UNPARKS_PER_COMMIT);
-    (unparks, rest.chunks(UNPARKS_PER_COMMIT).map(<[StoreOp]>::to_vec).collect())
+    (
+        unparks,
+        rest.chunks(UNPARKS_PER_COMMIT)
+            .map(<[StoreOp]>::to_vec)
+            .collect(),
+    )
 }
 
 /// Notes a successful write in the link: the side's id and the version the write produced.
-fn record_write(link: &mut Link, side: Side, id: Option<String>, version: Option<dualwrite_core::SourceVersion>) {
+fn record_write(
+    link: &mut Link,
+    side: Side,
+    id: Option<String>,
+    version: Option<dualwrite_core::SourceVersion>,
+) {
     if let Some(id) = id {
         match side {
             Side::Crm => link.crm_id = Some(id),
@@ -923,11 +1171,17 @@ fn record_write(link: &mut Link, side: Side, id: Option<String>, version: Option
 /// The F&O natural key (first key field, without the company) of a linked record.
 fn erp_natural_key(map: &TableMap, link: &Link) -> String {
     let key = record_key(map, Side::Erp, &link.key);
-    map.erp.key.first().and_then(|f| key.get(f)).map_or_else(|| link.key.to_string(), str::to_string)
+    map.erp
+        .key
+        .first()
+        .and_then(|f| key.get(f))
+        .map_or_else(|| link.key.to_string(), str::to_string)
 }
 
 /// A number in [0, 1) derived from the event id: jitter that is stable for one event.
 fn jitter(event_id: &str) -> f64 {
-    let h = event_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let h = event_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     (h % 10_000) as f64 / 10_000.0
 }

@@ -11,6 +11,8 @@ mod stats;
 mod worker;
 
 pub use clock::{ManualClock, SystemClock};
-pub use engine::{Engine, EventStatus, MapAction, MapResult, ProcessError, ProcessOutcome, WorkerConfig};
+pub use engine::{
+    Engine, EventStatus, MapAction, MapResult, ProcessError, ProcessOutcome, WorkerConfig,
+};
 pub use stats::{EngineStats, StatsSnapshot};
 pub use worker::{DrainReport, drain, handle_delivery, ingest, run_worker};

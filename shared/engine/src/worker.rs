@@ -16,7 +16,9 @@ use crate::engine::Engine;
 pub async fn ingest(queue: &dyn WorkQueue, events: Vec<ChangeEvent>) -> Result<usize, QueueError> {
     let count = events.len();
     if count > 0 {
-        queue.send(events.into_iter().map(QueueMessage::for_event).collect()).await?;
+        queue
+            .send(events.into_iter().map(QueueMessage::for_event).collect())
+            .await?;
     }
     Ok(count)
 }
@@ -35,7 +37,11 @@ pub enum DeliveryResult {
 ///
 /// # Errors
 /// The queue's error (the message is then redelivered after its visibility timeout).
-pub async fn handle_delivery(queue: &dyn WorkQueue, engine: &Engine, delivery: Delivery) -> Result<DeliveryResult, QueueError> {
+pub async fn handle_delivery(
+    queue: &dyn WorkQueue,
+    engine: &Engine,
+    delivery: Delivery,
+) -> Result<DeliveryResult, QueueError> {
     let event = &delivery.message.event;
     match engine.process_attempt(event, delivery.attempt).await {
         Ok(outcome) => {
@@ -47,7 +53,9 @@ pub async fn handle_delivery(queue: &dyn WorkQueue, engine: &Engine, delivery: D
         }
         Err(e) => {
             warn!(event_id = %event.event_id, attempt = delivery.attempt, error = %e, "event will be retried");
-            let outcome = queue.retry(&delivery.receipt, e.retry_after(), &e.to_string()).await?;
+            let outcome = queue
+                .retry(&delivery.receipt, e.retry_after(), &e.to_string())
+                .await?;
             Ok(DeliveryResult::Retried(outcome))
         }
     }
@@ -85,7 +93,9 @@ impl DrainReport {
 pub async fn drain(queue: &dyn WorkQueue, engine: &Engine) -> Result<DrainReport, QueueError> {
     let mut report = DrainReport::default();
     loop {
-        let deliveries = queue.receive(engine.config().batch_size, engine.config().lease).await?;
+        let deliveries = queue
+            .receive(engine.config().batch_size, engine.config().lease)
+            .await?;
         if deliveries.is_empty() {
             return Ok(report);
         }
@@ -100,13 +110,19 @@ pub async fn drain(queue: &dyn WorkQueue, engine: &Engine) -> Result<DrainReport
 ///
 /// # Errors
 /// The queue's error (after which the caller may restart the loop).
-pub async fn run_worker(queue: &dyn WorkQueue, engine: &Engine, mut shutdown: watch::Receiver<bool>) -> Result<DrainReport, QueueError> {
+pub async fn run_worker(
+    queue: &dyn WorkQueue,
+    engine: &Engine,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<DrainReport, QueueError> {
     let mut report = DrainReport::default();
     loop {
         if *shutdown.borrow() {
             break;
         }
-        let deliveries = queue.receive(engine.config().batch_size, engine.config().lease).await?;
+        let deliveries = queue
+            .receive(engine.config().batch_size, engine.config().lease)
+            .await?;
         if deliveries.is_empty() {
             tokio::select! {
                 () = tokio::time::sleep(engine.config().idle_poll) => {}
@@ -122,6 +138,11 @@ pub async fn run_worker(queue: &dyn WorkQueue, engine: &Engine, mut shutdown: wa
             report.count(handle_delivery(queue, engine, delivery).await?);
         }
     }
-    info!(deliveries = report.deliveries, acked = report.acked, retried = report.retried, "worker stopped");
+    info!(
+        deliveries = report.deliveries,
+        acked = report.acked,
+        retried = report.retried,
+        "worker stopped"
+    );
     Ok(report)
 }

@@ -29,7 +29,9 @@ pub(crate) enum Part {
 pub(crate) fn boundary_of(content_type: &str) -> Option<String> {
     content_type.split(';').map(str::trim).find_map(|p| {
         let (k, v) = p.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_owned())
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_owned())
     })
 }
 
@@ -46,7 +48,10 @@ fn split_head(s: &str) -> (&str, &str) {
 fn headers_of(block: &str) -> Vec<(String, String)> {
     block
         .lines()
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        })
         .collect()
 }
 
@@ -64,7 +69,9 @@ fn parts_of<'a>(body: &'a str, boundary: &str) -> Result<Vec<&'a str>, String> {
         out.push(piece.trim_start_matches(['\r', '\n']));
     }
     if !closed {
-        return Err(format!("the multipart body does not end with --{boundary}--"));
+        return Err(format!(
+            "the multipart body does not end with --{boundary}--"
+        ));
     }
     Ok(out)
 }
@@ -77,36 +84,57 @@ fn parse_http(part: &str, content_id: Option<String>) -> Result<Inner, String> {
     let mut words = request_line.split_whitespace();
     let method = words.next().ok_or("a batch part has no method")?;
     let url = words.next().ok_or("a batch part has no URL")?;
-    let method = Method::from_bytes(method.as_bytes()).map_err(|_| format!("'{method}' is not an HTTP method"))?;
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("'{method}' is not an HTTP method"))?;
     let mut headers = HeaderMap::new();
     for line in lines {
         if let Some((k, v)) = line.split_once(':')
-            && let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.trim().as_bytes()), HeaderValue::from_str(v.trim()))
+            && let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.trim().as_bytes()),
+                HeaderValue::from_str(v.trim()),
+            )
         {
             headers.append(k, v);
         }
     }
     let body = body.trim_end_matches(['\r', '\n']);
-    Ok(Inner { content_id, method, url: url.to_owned(), headers, body: Bytes::copy_from_slice(body.as_bytes()) })
+    Ok(Inner {
+        content_id,
+        method,
+        url: url.to_owned(),
+        headers,
+        body: Bytes::copy_from_slice(body.as_bytes()),
+    })
 }
 
 /// Parses a `multipart/mixed` batch body.
 pub(crate) fn parse_batch(content_type: &str, body: &[u8]) -> Result<Vec<Part>, String> {
-    let boundary = boundary_of(content_type).ok_or("the Content-Type of a $batch request must be multipart/mixed with a boundary")?;
+    let boundary = boundary_of(content_type)
+        .ok_or("the Content-Type of a $batch request must be multipart/mixed with a boundary")?;
     let body = std::str::from_utf8(body).map_err(|_| "the $batch body is not UTF-8".to_owned())?;
     let mut out = Vec::new();
     for part in parts_of(body, &boundary)? {
         let (head, rest) = split_head(part);
         let h = headers_of(head);
-        let ct = h.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str()).unwrap_or("");
-        let cid = h.iter().find(|(k, _)| k == "content-id").map(|(_, v)| v.clone());
+        let ct = h
+            .iter()
+            .find(|(k, _)| k == "content-type")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
+        let cid = h
+            .iter()
+            .find(|(k, _)| k == "content-id")
+            .map(|(_, v)| v.clone());
         if ct.to_ascii_lowercase().starts_with("multipart/mixed") {
             let cs_boundary = boundary_of(ct).ok_or("a change set has no boundary")?;
             let mut reqs = Vec::new();
             for p in parts_of(rest, &cs_boundary)? {
                 let (ph, _) = split_head(p);
                 let ph = headers_of(ph);
-                let cid = ph.iter().find(|(k, _)| k == "content-id").map(|(_, v)| v.clone());
+                let cid = ph
+                    .iter()
+                    .find(|(k, _)| k == "content-id")
+                    .map(|(_, v)| v.clone());
                 let inner = parse_http(p, cid)?;
                 if inner.method == Method::GET {
                     return Err("a change set cannot contain a GET request".into());
@@ -152,7 +180,10 @@ pub(crate) enum PartResult {
 fn to_request(inner: &Inner, prefix: &str, ids: &HashMap<String, String>) -> SimRequest {
     let mut url = inner.url.clone();
     if let Some(rest) = url.strip_prefix('$') {
-        let digits: String = rest.chars().take_while(char::is_ascii_alphanumeric).collect();
+        let digits: String = rest
+            .chars()
+            .take_while(char::is_ascii_alphanumeric)
+            .collect();
         if let Some(loc) = ids.get(&digits) {
             url = format!("{loc}{}", &rest[digits.len()..]);
         }
@@ -165,7 +196,9 @@ fn to_request(inner: &Inner, prefix: &str, ids: &HashMap<String, String>) -> Sim
     } else {
         format!("{prefix}{url}")
     };
-    let (path, query) = path_and_query.split_once('?').unwrap_or((&path_and_query, ""));
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((&path_and_query, ""));
     let mut body = inner.body.clone();
     if !ids.is_empty() && body.contains(&b'$') {
         let mut text = String::from_utf8_lossy(&body).into_owned();
@@ -174,18 +207,32 @@ fn to_request(inner: &Inner, prefix: &str, ids: &HashMap<String, String>) -> Sim
         }
         body = Bytes::from(text);
     }
-    SimRequest { method: inner.method.clone(), path: path.to_owned(), query: query.to_owned(), headers: inner.headers.clone(), body }
+    SimRequest {
+        method: inner.method.clone(),
+        path: path.to_owned(),
+        query: query.to_owned(),
+        headers: inner.headers.clone(),
+        body,
+    }
 }
 
 fn location(resp: &SimResponse) -> Option<String> {
     resp.headers
         .iter()
-        .find(|(k, _)| k.as_str().eq_ignore_ascii_case("odata-entityid") || k.as_str().eq_ignore_ascii_case("location"))
+        .find(|(k, _)| {
+            k.as_str().eq_ignore_ascii_case("odata-entityid")
+                || k.as_str().eq_ignore_ascii_case("location")
+        })
         .and_then(|(_, v)| v.to_str().ok().map(str::to_owned))
 }
 
 /// Runs the parts; returns the results and whether processing stopped at an error.
-pub(crate) fn run<T: BatchTarget>(target: &mut T, parts: Vec<Part>, prefix: &str, continue_on_error: bool) -> (Vec<PartResult>, bool) {
+pub(crate) fn run<T: BatchTarget>(
+    target: &mut T,
+    parts: Vec<Part>,
+    prefix: &str,
+    continue_on_error: bool,
+) -> (Vec<PartResult>, bool) {
     let mut results = Vec::new();
     let mut ids: HashMap<String, String> = HashMap::new();
     for part in parts {
@@ -244,7 +291,10 @@ fn write_http(out: &mut String, content_id: Option<&str>, resp: &SimResponse) {
     }
     out.push_str("\r\n");
     let reason = resp.status.canonical_reason().unwrap_or("");
-    out.push_str(&format!("HTTP/1.1 {} {reason}\r\nOData-Version: 4.0\r\n", resp.status.as_u16()));
+    out.push_str(&format!(
+        "HTTP/1.1 {} {reason}\r\nOData-Version: 4.0\r\n",
+        resp.status.as_u16()
+    ));
     for (k, v) in &resp.headers {
         out.push_str(&format!("{}: {}\r\n", k.as_str(), v.to_str().unwrap_or("")));
     }
@@ -263,7 +313,9 @@ pub(crate) fn write_response(results: &[PartResult], status: StatusCode) -> SimR
             PartResult::Single(cid, resp) => write_http(&mut out, cid.as_deref(), resp),
             PartResult::ChangeSet(items) => {
                 let cs = format!("changesetresponse_{}", new_guid());
-                out.push_str(&format!("Content-Type: multipart/mixed; boundary={cs}\r\n\r\n"));
+                out.push_str(&format!(
+                    "Content-Type: multipart/mixed; boundary={cs}\r\n\r\n"
+                ));
                 for (cid, resp) in items {
                     out.push_str(&format!("--{cs}\r\n"));
                     write_http(&mut out, cid.as_deref(), resp);
@@ -273,7 +325,11 @@ pub(crate) fn write_response(results: &[PartResult], status: StatusCode) -> SimR
         }
     }
     out.push_str(&format!("--{boundary}--\r\n"));
-    let mut resp = SimResponse { status, headers: Vec::new(), body: Bytes::from(out) };
+    let mut resp = SimResponse {
+        status,
+        headers: Vec::new(),
+        body: Bytes::from(out),
+    };
     if let Ok(v) = HeaderValue::from_str(&format!("multipart/mixed; boundary={boundary}")) {
         resp.headers.push((axum::http::header::CONTENT_TYPE, v));
     }
@@ -289,11 +345,15 @@ mod tests {
         let body = "--batch_1\r\nContent-Type: multipart/mixed; boundary=changeset_a\r\n\r\n--changeset_a\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: 1\r\n\r\nPOST /api/data/v9.2/accounts HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{\"name\":\"a\"}\r\n--changeset_a--\r\n\r\n--batch_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\nGET accounts?$select=name HTTP/1.1\r\n\r\n\r\n--batch_1--\r\n";
         let parts = parse_batch("multipart/mixed; boundary=\"batch_1\"", body.as_bytes()).unwrap();
         assert_eq!(parts.len(), 2);
-        let Part::ChangeSet(cs) = &parts[0] else { panic!("expected a change set") };
+        let Part::ChangeSet(cs) = &parts[0] else {
+            panic!("expected a change set")
+        };
         assert_eq!(cs[0].content_id.as_deref(), Some("1"));
         assert_eq!(cs[0].method, Method::POST);
         assert_eq!(&cs[0].body[..], b"{\"name\":\"a\"}");
-        let Part::Single(s) = &parts[1] else { panic!("expected a single request") };
+        let Part::Single(s) = &parts[1] else {
+            panic!("expected a single request")
+        };
         assert_eq!(s.url, "accounts?$select=name");
         let req = to_request(s, "/api/data/v9.2/", &HashMap::new());
         assert_eq!(req.path, "/api/data/v9.2/accounts");
@@ -302,6 +362,12 @@ mod tests {
 
     #[test]
     fn unterminated_batch_is_rejected() {
-        assert!(parse_batch("multipart/mixed; boundary=b", b"--b\r\n\r\nGET x HTTP/1.1\r\n").is_err());
+        assert!(
+            parse_batch(
+                "multipart/mixed; boundary=b",
+                b"--b\r\n\r\nGET x HTTP/1.1\r\n"
+            )
+            .is_err()
+        );
     }
 }

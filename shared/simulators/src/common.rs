@@ -23,7 +23,9 @@ use tokio::task::JoinHandle;
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
     /// The simulator could not bind its listener on 127.0.0.1.
-    #[error("could not bind the {sim} simulator to 127.0.0.1:0: {source}; check that the loopback interface is up")]
+    #[error(
+        "could not bind the {sim} simulator to 127.0.0.1:0: {source}; check that the loopback interface is up"
+    )]
     Bind {
         /// Which simulator.
         sim: &'static str,
@@ -31,7 +33,9 @@ pub enum SimError {
         source: std::io::Error,
     },
     /// A table or entity named in a call is not defined.
-    #[error("{sim} simulator: table or entity `{name}` is not defined; call define_table/define_entity first")]
+    #[error(
+        "{sim} simulator: table or entity `{name}` is not defined; call define_table/define_entity first"
+    )]
     UnknownTable {
         /// Which simulator.
         sim: &'static str,
@@ -83,7 +87,11 @@ pub(crate) struct SimResponse {
 
 impl SimResponse {
     pub fn empty(status: StatusCode) -> Self {
-        Self { status, headers: Vec::new(), body: Bytes::new() }
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
     }
 
     pub fn json(status: StatusCode, value: &serde_json::Value) -> Self {
@@ -172,9 +180,16 @@ impl Drop for Server {
 }
 
 /// Binds 127.0.0.1:0 and serves `handler` until the returned [`Server`] is dropped.
-pub(crate) async fn serve<H: Handler>(sim: &'static str, handler: Arc<H>) -> Result<Server, SimError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|source| SimError::Bind { sim, source })?;
-    let addr = listener.local_addr().map_err(|source| SimError::Bind { sim, source })?;
+pub(crate) async fn serve<H: Handler>(
+    sim: &'static str,
+    handler: Arc<H>,
+) -> Result<Server, SimError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|source| SimError::Bind { sim, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| SimError::Bind { sim, source })?;
     let router: Router = Router::new().fallback(route::<H>).with_state(handler);
     let accept = tokio::spawn(async move {
         loop {
@@ -185,18 +200,23 @@ pub(crate) async fn serve<H: Handler>(sim: &'static str, handler: Arc<H>) -> Res
             let _ = stream.set_nodelay(true);
             let router = router.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let mut router = router.clone();
-                    async move {
-                        let resp = tower_service::Service::call(&mut router, req.map(Body::new))
-                            .await
-                            .unwrap_or_else(|e: Infallible| match e {});
-                        if resp.extensions().get::<DropConnection>().is_some() {
-                            return Err(std::io::Error::other("fault injection: connection dropped"));
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let mut router = router.clone();
+                        async move {
+                            let resp =
+                                tower_service::Service::call(&mut router, req.map(Body::new))
+                                    .await
+                                    .unwrap_or_else(|e: Infallible| match e {});
+                            if resp.extensions().get::<DropConnection>().is_some() {
+                                return Err(std::io::Error::other(
+                                    "fault injection: connection dropped",
+                                ));
+                            }
+                            Ok(resp)
                         }
-                        Ok(resp)
-                    }
-                });
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), service)
@@ -220,7 +240,11 @@ pub struct ThrottleConfig {
 
 impl Default for ThrottleConfig {
     fn default() -> Self {
-        Self { requests_per_window: None, window: Duration::from_secs(300), max_concurrent: None }
+        Self {
+            requests_per_window: None,
+            window: Duration::from_secs(300),
+            max_concurrent: None,
+        }
     }
 }
 
@@ -296,7 +320,8 @@ impl Drop for InFlight<'_> {
 impl Guard {
     pub fn new(throttle: ThrottleConfig, faults: FaultConfig) -> Self {
         let g = Self::default();
-        *g.fault_queue.lock().unwrap_or_else(|e| e.into_inner()) = faults.sequence.iter().cloned().collect();
+        *g.fault_queue.lock().unwrap_or_else(|e| e.into_inner()) =
+            faults.sequence.iter().cloned().collect();
         *g.fault_cfg.lock().unwrap_or_else(|e| e.into_inner()) = faults;
         *g.throttle.lock().unwrap_or_else(|e| e.into_inner()) = throttle;
         g
@@ -311,18 +336,33 @@ impl Guard {
         }
     }
 
+    /// The service protection limits in force.
+    pub fn throttle_config(&self) -> ThrottleConfig {
+        self.throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn set_throttle(&self, cfg: ThrottleConfig) {
         *self.throttle.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
-        self.windows.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.windows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn set_faults(&self, cfg: FaultConfig) {
-        *self.fault_queue.lock().unwrap_or_else(|e| e.into_inner()) = cfg.sequence.iter().cloned().collect();
+        *self.fault_queue.lock().unwrap_or_else(|e| e.into_inner()) =
+            cfg.sequence.iter().cloned().collect();
         *self.fault_cfg.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
     }
 
     pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.fault_queue.lock().unwrap_or_else(|e| e.into_inner()).extend(faults);
+        self.fault_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(faults);
     }
 
     /// Makes the next `n` requests answer 429 regardless of the configured limits.
@@ -339,7 +379,11 @@ impl Guard {
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        let queued = self.fault_queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        let queued = self
+            .fault_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
         let fault = match queued {
             Some(Fault::Delay(d)) => {
                 self.faults.fetch_add(1, Ordering::Relaxed);
@@ -347,8 +391,12 @@ impl Guard {
                 return None;
             }
             Some(f) => Some(f),
-            None if drop_rate > 0.0 && rand::random::<f64>() < drop_rate => Some(Fault::DropConnection),
-            None if error_rate > 0.0 && rand::random::<f64>() < error_rate => Some(Fault::Status(503)),
+            None if drop_rate > 0.0 && rand::random::<f64>() < drop_rate => {
+                Some(Fault::DropConnection)
+            }
+            None if error_rate > 0.0 && rand::random::<f64>() < error_rate => {
+                Some(Fault::Status(503))
+            }
             None => None,
         };
         if fault.is_some() {
@@ -365,9 +413,15 @@ impl Guard {
         if forced > 0 {
             self.forced_throttle.store(forced - 1, Ordering::Relaxed);
             self.throttled.fetch_add(1, Ordering::Relaxed);
-            return Err(Throttled::Rate { retry_after_secs: 1 });
+            return Err(Throttled::Rate {
+                retry_after_secs: 1,
+            });
         }
-        let cfg = self.throttle.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let cfg = self
+            .throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if let Some(max) = cfg.max_concurrent
             && in_flight > max as usize
         {
@@ -384,7 +438,9 @@ impl Guard {
             if entry.1 >= limit {
                 let left = cfg.window.saturating_sub(now.duration_since(entry.0));
                 self.throttled.fetch_add(1, Ordering::Relaxed);
-                return Err(Throttled::Rate { retry_after_secs: left.as_secs_f64().ceil().max(1.0) as u64 });
+                return Err(Throttled::Rate {
+                    retry_after_secs: left.as_secs_f64().ceil().max(1.0) as u64,
+                });
             }
             entry.1 += 1;
         }
@@ -398,7 +454,14 @@ pub(crate) fn new_guid() -> String {
     b = (b & !(0xF << 76)) | (0x4 << 76);
     b = (b & !(0x3 << 62)) | (0x2 << 62);
     let h = format!("{b:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// True if `s` looks like a GUID (8-4-4-4-12 hex digits), braces allowed.
@@ -414,7 +477,9 @@ pub(crate) fn is_guid(s: &str) -> bool {
 
 /// Normalises a GUID to lower case without braces.
 pub(crate) fn norm_guid(s: &str) -> String {
-    s.trim_start_matches('{').trim_end_matches('}').to_ascii_lowercase()
+    s.trim_start_matches('{')
+        .trim_end_matches('}')
+        .to_ascii_lowercase()
 }
 
 /// ISO-8601 UTC with second precision, as Dataverse returns it.
@@ -429,7 +494,9 @@ pub(crate) fn wcf_date(t: DateTime<Utc>) -> String {
 
 /// Percent-decodes a URL component (`+` stays `+`).
 pub(crate) fn pct_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Percent-encodes a value for use inside a query string.
@@ -448,7 +515,10 @@ pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (pct_decode(&k.replace('+', " ")), pct_decode(&v.replace('+', " ")))
+            (
+                pct_decode(&k.replace('+', " ")),
+                pct_decode(&v.replace('+', " ")),
+            )
         })
         .collect()
 }
@@ -457,7 +527,9 @@ pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
 pub(crate) fn bearer(req: &SimRequest) -> Option<&str> {
     let h = req.header("authorization")?;
     let (scheme, token) = h.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Splits a `Prefer` header into its comma-separated preferences.
@@ -496,12 +568,18 @@ mod tests {
     #[test]
     fn rate_limit_counts_per_user() {
         let g = Guard::new(
-            ThrottleConfig { requests_per_window: Some(2), window: Duration::from_secs(60), max_concurrent: None },
+            ThrottleConfig {
+                requests_per_window: Some(2),
+                window: Duration::from_secs(60),
+                max_concurrent: None,
+            },
             FaultConfig::default(),
         );
         assert!(g.admit("a").is_ok());
         assert!(g.admit("a").is_ok());
-        assert!(matches!(g.admit("a"), Err(Throttled::Rate { retry_after_secs }) if retry_after_secs >= 59));
+        assert!(
+            matches!(g.admit("a"), Err(Throttled::Rate { retry_after_secs }) if retry_after_secs >= 59)
+        );
         assert!(g.admit("b").is_ok());
         assert_eq!(g.stats().throttled, 1);
     }

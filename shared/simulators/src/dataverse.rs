@@ -15,11 +15,15 @@ use serde_json::{Map, Value, json};
 
 use crate::batch::{self, BatchTarget};
 use crate::common::{
-    Fault, FaultConfig, Guard, Outcome, Server, SimError, SimRequest, SimResponse, SimStats, ThrottleConfig, Throttled, bearer, is_guid,
-    iso, new_guid, norm_guid, parse_query, pct_decode, pct_encode, prefers, serve, wcf_date,
+    Fault, FaultConfig, Guard, Outcome, Server, SimError, SimRequest, SimResponse, SimStats,
+    ThrottleConfig, Throttled, bearer, is_guid, iso, new_guid, norm_guid, parse_query, pct_decode,
+    pct_encode, prefers, serve, wcf_date,
 };
 use crate::entra::{EntraSim, TokenProblem};
-use crate::odata::{KeyPart, Row, eval, key_text, order_rows, parse_filter, parse_key, parse_orderby, split_key_segment};
+use crate::odata::{
+    KeyPart, Row, eval, key_text, order_rows, parse_filter, parse_key, parse_orderby,
+    split_key_segment,
+};
 use crate::webhook::{Delivery, DeliveryRecord, Dispatcher, RetryPolicy};
 
 const API: &str = "/api/data/v9.2/";
@@ -141,19 +145,30 @@ struct Table {
 impl Table {
     fn new(def: TableDef) -> Self {
         let key_index = def.alternate_keys.iter().map(|_| HashMap::new()).collect();
-        Self { def, rows: BTreeMap::new(), key_index, kinds: HashMap::new() }
+        Self {
+            def,
+            rows: BTreeMap::new(),
+            key_index,
+            kinds: HashMap::new(),
+        }
     }
 
     fn key_values(&self, k: usize, row: &Row) -> Option<Vec<String>> {
         self.def.alternate_keys[k]
             .iter()
-            .map(|a| row.get(a.as_str()).or_else(|| row.get(&format!("_{a}_value"))).and_then(key_text))
+            .map(|a| {
+                row.get(a.as_str())
+                    .or_else(|| row.get(&format!("_{a}_value")))
+                    .and_then(key_text)
+            })
             .collect()
     }
 
     fn unindex(&mut self, id: &str) {
         if let Some(row) = self.rows.get(id) {
-            let keys: Vec<_> = (0..self.key_index.len()).map(|k| self.key_values(k, row)).collect();
+            let keys: Vec<_> = (0..self.key_index.len())
+                .map(|k| self.key_values(k, row))
+                .collect();
             for (k, vals) in keys.into_iter().enumerate() {
                 if let Some(v) = vals {
                     self.key_index[k].remove(&v);
@@ -184,7 +199,11 @@ impl Table {
 #[derive(Debug)]
 enum KeyRef {
     Id(String),
-    Alt { index: usize, values: Vec<String>, attrs: Row },
+    Alt {
+        index: usize,
+        values: Vec<String>,
+        attrs: Row,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -213,7 +232,10 @@ struct Store {
 }
 
 fn err(status: StatusCode, code: &str, message: &str) -> SimResponse {
-    SimResponse::json(status, &json!({"error": {"code": code, "message": message}}))
+    SimResponse::json(
+        status,
+        &json!({"error": {"code": code, "message": message}}),
+    )
 }
 
 fn bad_request(message: &str) -> SimResponse {
@@ -221,7 +243,12 @@ fn bad_request(message: &str) -> SimResponse {
 }
 
 fn etag(row: &Row) -> String {
-    format!("W/\"{}\"", row.get("versionnumber").and_then(Value::as_u64).unwrap_or(0))
+    format!(
+        "W/\"{}\"",
+        row.get("versionnumber")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    )
 }
 
 #[derive(Debug)]
@@ -238,15 +265,21 @@ pub(crate) struct DvState {
 
 impl DvState {
     fn api(&self) -> String {
-        format!("{}/api/data/v9.2/", self.base.get().map_or("", String::as_str))
+        format!(
+            "{}/api/data/v9.2/",
+            self.base.get().map_or("", String::as_str)
+        )
     }
 
     fn resolve_key(table: &Table, inner: &str) -> Result<KeyRef, SimResponse> {
-        let parts = parse_key(inner).map_err(|e| bad_request(&format!("Bad Request - Error in query syntax: {e}.")))?;
+        let parts = parse_key(inner)
+            .map_err(|e| bad_request(&format!("Bad Request - Error in query syntax: {e}.")))?;
         if parts.len() == 1 && parts[0].name.is_none() {
             let v = &parts[0].value;
             if !is_guid(v) {
-                return Err(bad_request(&format!("'{v}' is not a valid GUID; use (<guid>) or (keyattribute='value').")));
+                return Err(bad_request(&format!(
+                    "'{v}' is not a valid GUID; use (<guid>) or (keyattribute='value')."
+                )));
             }
             return Ok(KeyRef::Id(norm_guid(v)));
         }
@@ -254,25 +287,44 @@ impl DvState {
             return Ok(KeyRef::Id(norm_guid(&parts[0].value)));
         }
         let plain = |n: &str| -> String {
-            n.strip_prefix('_').and_then(|s| s.strip_suffix("_value")).map_or_else(|| n.to_owned(), str::to_owned)
+            n.strip_prefix('_')
+                .and_then(|s| s.strip_suffix("_value"))
+                .map_or_else(|| n.to_owned(), str::to_owned)
         };
-        let given: HashMap<String, &KeyPart> = parts.iter().map(|p| (plain(p.name.as_deref().unwrap_or("")), p)).collect();
+        let given: HashMap<String, &KeyPart> = parts
+            .iter()
+            .map(|p| (plain(p.name.as_deref().unwrap_or("")), p))
+            .collect();
         for (index, key) in table.def.alternate_keys.iter().enumerate() {
             if key.len() == given.len() && key.iter().all(|a| given.contains_key(a)) {
                 let mut values = Vec::new();
                 let mut attrs = Row::new();
                 for a in key {
                     let p = given[a];
-                    let lookup = p.name.as_deref().is_some_and(|n| n.starts_with('_')) || (!p.quoted && is_guid(&p.value));
+                    let lookup = p.name.as_deref().is_some_and(|n| n.starts_with('_'))
+                        || (!p.quoted && is_guid(&p.value));
                     let json = if p.quoted || lookup {
                         Value::String(p.value.clone())
                     } else {
-                        p.value.parse::<serde_json::Number>().map_or_else(|_| Value::String(p.value.clone()), Value::Number)
+                        p.value
+                            .parse::<serde_json::Number>()
+                            .map_or_else(|_| Value::String(p.value.clone()), Value::Number)
                     };
                     values.push(key_text(&json).unwrap_or_default());
-                    attrs.insert(if lookup { format!("_{a}_value") } else { a.clone() }, json);
+                    attrs.insert(
+                        if lookup {
+                            format!("_{a}_value")
+                        } else {
+                            a.clone()
+                        },
+                        json,
+                    );
                 }
-                return Ok(KeyRef::Alt { index, values, attrs });
+                return Ok(KeyRef::Alt {
+                    index,
+                    values,
+                    attrs,
+                });
             }
         }
         let names: Vec<_> = given.keys().cloned().collect();
@@ -300,13 +352,20 @@ impl DvState {
             KeyRef::Alt { .. } => err(
                 StatusCode::NOT_FOUND,
                 "0x80040217",
-                &format!("A record with the specified key values does not exist in {} entity", table.def.logical_name),
+                &format!(
+                    "A record with the specified key values does not exist in {} entity",
+                    table.def.logical_name
+                ),
             ),
         }
     }
 
     /// Resolves `x@odata.bind` values and drops annotations; returns the attributes to write.
-    fn prepare(store: &Store, table: &Table, body: &Map<String, Value>) -> Result<Row, SimResponse> {
+    fn prepare(
+        store: &Store,
+        table: &Table,
+        body: &Map<String, Value>,
+    ) -> Result<Row, SimResponse> {
         let mut out = Row::new();
         for (k, v) in body {
             if let Some(field) = k.strip_suffix("@odata.bind") {
@@ -314,7 +373,10 @@ impl DvState {
                     out.insert(format!("_{field}_value"), Value::Null);
                     continue;
                 };
-                let rel = target.rsplit_once(API).map_or(target, |(_, r)| r).trim_start_matches('/');
+                let rel = target
+                    .rsplit_once(API)
+                    .map_or(target, |(_, r)| r)
+                    .trim_start_matches('/');
                 let resolved = split_key_segment(rel).ok().and_then(|(set, key)| {
                     let t = store.tables.get(set)?;
                     let key = Self::resolve_key(t, key?).ok()?;
@@ -323,13 +385,19 @@ impl DvState {
                 match resolved {
                     Some((logical, Some(id))) => {
                         out.insert(format!("_{field}_value"), Value::String(id));
-                        out.insert(format!("_{field}_value{LOOKUP_ANN}"), Value::String(logical));
+                        out.insert(
+                            format!("_{field}_value{LOOKUP_ANN}"),
+                            Value::String(logical),
+                        );
                     }
                     Some((logical, None)) => {
                         return Err(err(
                             StatusCode::BAD_REQUEST,
                             "0x80040217",
-                            &format!("The lookup '{field}@odata.bind' of {} refers to '{target}': {logical} With the given key Does Not Exist. Create the referenced row first or fix the reference.", table.def.logical_name),
+                            &format!(
+                                "The lookup '{field}@odata.bind' of {} refers to '{target}': {logical} With the given key Does Not Exist. Create the referenced row first or fix the reference.",
+                                table.def.logical_name
+                            ),
                         ));
                     }
                     None => {
@@ -349,12 +417,25 @@ impl DvState {
     }
 
     /// Writes attributes to row `id` (creating it when `prev` is None).
-    fn write(&self, store: &mut Store, set: &str, id: &str, attrs: Row, actor: &Actor) -> Result<(Row, bool), SimResponse> {
+    fn write(
+        &self,
+        store: &mut Store,
+        set: &str,
+        id: &str,
+        attrs: Row,
+        actor: &Actor,
+    ) -> Result<(Row, bool), SimResponse> {
         store.version += 1;
         let version = store.version;
-        let wants_hooks = !self.hooks.read().unwrap_or_else(|e| e.into_inner()).is_empty();
+        let wants_hooks = !self
+            .hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
         let Some(table) = store.tables.get_mut(set) else {
-            return Err(bad_request(&format!("Resource not found for the segment '{set}'.")));
+            return Err(bad_request(&format!(
+                "Resource not found for the segment '{set}'."
+            )));
         };
         let prev = table.rows.get(id).cloned();
         let created = prev.is_none();
@@ -396,8 +477,19 @@ impl DvState {
             changed.insert("modifiedon".into(), Value::String(now));
             let target = typed_attributes(table, &changed, actor);
             let image = typed_attributes(table, &row, actor);
-            let message = if created { WebhookMessage::Create } else { WebhookMessage::Update };
-            store.pending.push(Notice { logical, message, id: id.to_owned(), target, image, actor: actor.clone() });
+            let message = if created {
+                WebhookMessage::Create
+            } else {
+                WebhookMessage::Update
+            };
+            store.pending.push(Notice {
+                logical,
+                message,
+                id: id.to_owned(),
+                target,
+                image,
+                actor: actor.clone(),
+            });
         }
         if let Some(undo) = store.undo.as_mut() {
             undo.push((set.to_owned(), id.to_owned(), prev));
@@ -406,8 +498,14 @@ impl DvState {
     }
 
     fn delete_row(&self, store: &mut Store, set: &str, id: &str, actor: &Actor) {
-        let wants_hooks = !self.hooks.read().unwrap_or_else(|e| e.into_inner()).is_empty();
-        let Some(table) = store.tables.get_mut(set) else { return };
+        let wants_hooks = !self
+            .hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        let Some(table) = store.tables.get_mut(set) else {
+            return;
+        };
         let prev = table.rows.get(id).cloned();
         table.put(id, None);
         if wants_hooks && let Some(p) = &prev {
@@ -431,10 +529,19 @@ impl DvState {
         out.insert("@odata.etag".into(), Value::String(etag(row)));
         match select {
             Some(cols) => {
-                out.insert(table.def.primary_id.clone(), row.get(&table.def.primary_id).cloned().unwrap_or(Value::Null));
+                out.insert(
+                    table.def.primary_id.clone(),
+                    row.get(&table.def.primary_id)
+                        .cloned()
+                        .unwrap_or(Value::Null),
+                );
                 for c in cols {
                     let lookup = format!("_{c}_value");
-                    let name = if !row.contains_key(c.as_str()) && row.contains_key(&lookup) { lookup } else { c.clone() };
+                    let name = if !row.contains_key(c.as_str()) && row.contains_key(&lookup) {
+                        lookup
+                    } else {
+                        c.clone()
+                    };
                     out.insert(name.clone(), row.get(&name).cloned().unwrap_or(Value::Null));
                     let ann = format!("{name}{LOOKUP_ANN}");
                     if annotations && let Some(a) = row.get(&ann) {
@@ -455,7 +562,10 @@ impl DvState {
 
     fn execute(&self, store: &mut Store, req: &SimRequest, actor: &Actor) -> SimResponse {
         let Some(rel) = req.path.strip_prefix(API) else {
-            return bad_request(&format!("Resource not found for the segment '{}'; the Web API lives under {API}.", req.path));
+            return bad_request(&format!(
+                "Resource not found for the segment '{}'; the Web API lives under {API}.",
+                req.path
+            ));
         };
         let rel = pct_decode(rel);
         let (first, action) = rel.split_once('/').unwrap_or((&rel, ""));
@@ -464,18 +574,32 @@ impl DvState {
             Err(e) => return bad_request(&format!("Bad Request - Error in query syntax: {e}.")),
         };
         let Some(table) = store.tables.get(set) else {
-            return err(StatusCode::NOT_FOUND, "0x80060888", &format!("Resource not found for the segment '{set}'."));
+            return err(
+                StatusCode::NOT_FOUND,
+                "0x80060888",
+                &format!("Resource not found for the segment '{set}'."),
+            );
         };
         let query = parse_query(&req.query);
         let q = |n: &str| query.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         let prefs = prefers(req);
-        let annotations = prefs.iter().any(|p| p.starts_with("odata.include-annotations"));
+        let annotations = prefs
+            .iter()
+            .any(|p| p.starts_with("odata.include-annotations"));
         let representation = prefs.iter().any(|p| p == "return=representation");
-        let select: Option<Vec<String>> = q("$select").map(|s| s.split(',').map(|c| c.trim().to_owned()).collect());
+        let select: Option<Vec<String>> =
+            q("$select").map(|s| s.split(',').map(|c| c.trim().to_owned()).collect());
         let set = set.to_owned();
         if !action.is_empty() {
             if req.method != Method::POST || key.is_some() {
-                return err(StatusCode::METHOD_NOT_ALLOWED, "0x80060888", &format!("The HTTP method '{}' is not allowed for '{rel}'.", req.method));
+                return err(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "0x80060888",
+                    &format!(
+                        "The HTTP method '{}' is not allowed for '{rel}'.",
+                        req.method
+                    ),
+                );
             }
             return self.bulk(store, &set, action, &req.body, actor);
         }
@@ -484,16 +608,23 @@ impl DvState {
             Err(e) => return e,
         };
         match (&req.method, key) {
-            (&Method::GET, None) => self.query(table, req, &query, select.as_deref(), annotations, &prefs),
+            (&Method::GET, None) => {
+                self.query(table, req, &query, select.as_deref(), annotations, &prefs)
+            }
             (&Method::GET, Some(key)) => {
-                let Some(id) = Self::find(table, &key) else { return Self::not_found(table, &key) };
+                let Some(id) = Self::find(table, &key) else {
+                    return Self::not_found(table, &key);
+                };
                 let row = &table.rows[&id];
                 if req.header("if-none-match").is_some_and(|t| t == etag(row)) {
                     return SimResponse::empty(StatusCode::NOT_MODIFIED);
                 }
                 let mut body = Self::view(table, row, select.as_deref(), annotations);
                 if let Some(o) = body.as_object_mut() {
-                    o.insert("@odata.context".into(), Value::String(format!("{}$metadata#{set}/$entity", self.api())));
+                    o.insert(
+                        "@odata.context".into(),
+                        Value::String(format!("{}$metadata#{set}/$entity", self.api())),
+                    );
                 }
                 SimResponse::json(StatusCode::OK, &body).with_header("etag", &etag(row))
             }
@@ -506,12 +637,28 @@ impl DvState {
                     Ok(a) => a,
                     Err(e) => return e,
                 };
-                let id = attrs.get(&table.def.primary_id).and_then(Value::as_str).map_or_else(new_guid, norm_guid);
+                let id = attrs
+                    .get(&table.def.primary_id)
+                    .and_then(Value::as_str)
+                    .map_or_else(new_guid, norm_guid);
                 if table.rows.contains_key(&id) {
-                    return err(StatusCode::PRECONDITION_FAILED, "0x80040237", "A record with matching key values already exists.");
+                    return err(
+                        StatusCode::PRECONDITION_FAILED,
+                        "0x80040237",
+                        "A record with matching key values already exists.",
+                    );
                 }
                 match self.write(store, &set, &id, attrs, actor) {
-                    Ok((row, _)) => self.written(store, &set, &id, &row, StatusCode::CREATED, representation, select.as_deref(), annotations),
+                    Ok((row, _)) => self.written(
+                        store,
+                        &set,
+                        &id,
+                        &row,
+                        StatusCode::CREATED,
+                        representation,
+                        select.as_deref(),
+                        annotations,
+                    ),
                     Err(e) => e,
                 }
             }
@@ -526,7 +673,9 @@ impl DvState {
                 };
                 let existing = Self::find(table, &key);
                 if let Some(m) = req.header("if-match") {
-                    let Some(id) = &existing else { return Self::not_found(table, &key) };
+                    let Some(id) = &existing else {
+                        return Self::not_found(table, &key);
+                    };
                     if m != "*" && m != etag(&table.rows[id]) {
                         return err(
                             StatusCode::PRECONDITION_FAILED,
@@ -536,28 +685,55 @@ impl DvState {
                     }
                 }
                 if req.header("if-none-match") == Some("*") && existing.is_some() {
-                    return err(StatusCode::PRECONDITION_FAILED, "0x80040237", "A record with matching key values already exists.");
+                    return err(
+                        StatusCode::PRECONDITION_FAILED,
+                        "0x80040237",
+                        "A record with matching key values already exists.",
+                    );
                 }
                 let id = match (&existing, &key) {
                     (Some(id), _) => id.clone(),
                     (None, KeyRef::Id(id)) => id.clone(),
-                    (None, KeyRef::Alt { attrs: key_attrs, .. }) => {
+                    (
+                        None,
+                        KeyRef::Alt {
+                            attrs: key_attrs, ..
+                        },
+                    ) => {
                         for (k, v) in key_attrs {
                             attrs.entry(k.clone()).or_insert_with(|| v.clone());
                         }
-                        attrs.get(&table.def.primary_id).and_then(Value::as_str).map_or_else(new_guid, norm_guid)
+                        attrs
+                            .get(&table.def.primary_id)
+                            .and_then(Value::as_str)
+                            .map_or_else(new_guid, norm_guid)
                     }
                 };
                 match self.write(store, &set, &id, attrs, actor) {
                     Ok((row, created)) => {
-                        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-                        self.written(store, &set, &id, &row, status, representation, select.as_deref(), annotations)
+                        let status = if created {
+                            StatusCode::CREATED
+                        } else {
+                            StatusCode::OK
+                        };
+                        self.written(
+                            store,
+                            &set,
+                            &id,
+                            &row,
+                            status,
+                            representation,
+                            select.as_deref(),
+                            annotations,
+                        )
                     }
                     Err(e) => e,
                 }
             }
             (&Method::DELETE, Some(key)) => {
-                let Some(id) = Self::find(table, &key) else { return Self::not_found(table, &key) };
+                let Some(id) = Self::find(table, &key) else {
+                    return Self::not_found(table, &key);
+                };
                 if let Some(m) = req.header("if-match")
                     && m != "*"
                     && m != etag(&table.rows[&id])
@@ -571,7 +747,11 @@ impl DvState {
                 self.delete_row(store, &set, &id, actor);
                 SimResponse::empty(StatusCode::NO_CONTENT)
             }
-            (m, _) => err(StatusCode::METHOD_NOT_ALLOWED, "0x80060888", &format!("The HTTP method '{m}' is not allowed for '{rel}'.")),
+            (m, _) => err(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "0x80060888",
+                &format!("The HTTP method '{m}' is not allowed for '{rel}'."),
+            ),
         }
     }
 
@@ -592,13 +772,18 @@ impl DvState {
             let table = &store.tables[set];
             let mut body = Self::view(table, row, select, annotations);
             if let Some(o) = body.as_object_mut() {
-                o.insert("@odata.context".into(), Value::String(format!("{}$metadata#{set}/$entity", self.api())));
+                o.insert(
+                    "@odata.context".into(),
+                    Value::String(format!("{}$metadata#{set}/$entity", self.api())),
+                );
             }
-            SimResponse::json(status, &body).with_header("preference-applied", "return=representation")
+            SimResponse::json(status, &body)
+                .with_header("preference-applied", "return=representation")
         } else {
             SimResponse::empty(StatusCode::NO_CONTENT)
         };
-        resp.with_header("odata-entityid", &entity_id).with_header("etag", &etag(row))
+        resp.with_header("odata-entityid", &entity_id)
+            .with_header("etag", &etag(row))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -615,9 +800,15 @@ impl DvState {
         for (k, _) in query {
             match k.as_str() {
                 "$select" | "$filter" | "$top" | "$orderby" | "$count" | "$skiptoken" => {}
-                "$skip" => return bad_request("The query parameter $skip is not supported; follow @odata.nextLink to page."),
+                "$skip" => {
+                    return bad_request(
+                        "The query parameter $skip is not supported; follow @odata.nextLink to page.",
+                    );
+                }
                 other if other.starts_with('$') => {
-                    return bad_request(&format!("The query parameter {other} is not supported by the simulator."));
+                    return bad_request(&format!(
+                        "The query parameter {other} is not supported by the simulator."
+                    ));
                 }
                 _ => {}
             }
@@ -634,12 +825,19 @@ impl DvState {
             Ok(t) => t,
             Err(_) => return bad_request("$top must be a non-negative whole number."),
         };
-        let max_pref = prefs.iter().find_map(|p| p.strip_prefix("odata.maxpagesize=")).and_then(|v| v.trim_matches('"').parse::<usize>().ok());
+        let max_pref = prefs
+            .iter()
+            .find_map(|p| p.strip_prefix("odata.maxpagesize="))
+            .and_then(|v| v.trim_matches('"').parse::<usize>().ok());
         let page_size = max_pref.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
         let (page_no, last_id) = match q("$skiptoken") {
             Some(tok) => match parse_cookie(tok) {
                 Some(c) => c,
-                None => return bad_request("The $skiptoken is not valid; follow @odata.nextLink unchanged."),
+                None => {
+                    return bad_request(
+                        "The $skiptoken is not valid; follow @odata.nextLink unchanged.",
+                    );
+                }
             },
             None => (1, None),
         };
@@ -650,16 +848,24 @@ impl DvState {
         let pid = &table.def.primary_id;
         let (page, more): (Vec<&Row>, bool) = if let Some(order) = &order {
             let mut all: Vec<&Row> = table.rows.values().filter(|r| matches(r)).collect();
-            all.sort_by(|a, b| order_rows(a, b, order).then_with(|| key_text(&a[pid]).cmp(&key_text(&b[pid]))));
+            all.sort_by(|a, b| {
+                order_rows(a, b, order).then_with(|| key_text(&a[pid]).cmp(&key_text(&b[pid])))
+            });
             let rest: Vec<&Row> = all.into_iter().skip(served).collect();
             let more = rest.len() > limit;
             (rest.into_iter().take(limit).collect(), more)
         } else {
             let range = match &last_id {
-                Some(l) => table.rows.range::<String, _>((Bound::Excluded(l), Bound::Unbounded)),
+                Some(l) => table
+                    .rows
+                    .range::<String, _>((Bound::Excluded(l), Bound::Unbounded)),
                 None => table.rows.range::<String, _>(..),
             };
-            let mut page: Vec<&Row> = range.map(|(_, r)| r).filter(|r| matches(r)).take(limit + 1).collect();
+            let mut page: Vec<&Row> = range
+                .map(|(_, r)| r)
+                .filter(|r| matches(r))
+                .take(limit + 1)
+                .collect();
             let more = page.len() > limit;
             page.truncate(limit);
             (page, more)
@@ -667,20 +873,49 @@ impl DvState {
         let more = more && remaining_top.is_none_or(|t| t > limit);
         let set = &table.def.entity_set;
         let mut body = Map::new();
-        body.insert("@odata.context".into(), Value::String(format!("{}$metadata#{set}", self.api())));
+        body.insert(
+            "@odata.context".into(),
+            Value::String(format!("{}$metadata#{set}", self.api())),
+        );
         if q("$count") == Some("true") {
-            let count = table.rows.values().filter(|r| matches(r)).count().min(MAX_PAGE);
+            let count = table
+                .rows
+                .values()
+                .filter(|r| matches(r))
+                .count()
+                .min(MAX_PAGE);
             body.insert("@odata.count".into(), json!(count));
         }
-        body.insert("value".into(), Value::Array(page.iter().map(|r| Self::view(table, r, select, annotations)).collect()));
+        body.insert(
+            "value".into(),
+            Value::Array(
+                page.iter()
+                    .map(|r| Self::view(table, r, select, annotations))
+                    .collect(),
+            ),
+        );
         if more && let Some(last) = page.last().and_then(|r| r.get(pid)).and_then(Value::as_str) {
-            let first = page.first().and_then(|r| r.get(pid)).and_then(Value::as_str).unwrap_or(last);
-            let inner = format!("<cookie page=\"{page_no}\"><{pid} last=\"{{{}}}\" first=\"{{{}}}\" /></cookie>", last.to_uppercase(), first.to_uppercase());
-            let cookie = format!("<cookie pagenumber=\"{}\" pagingcookie=\"{}\" istracking=\"False\" />", page_no + 1, pct_encode(&pct_encode(&inner)));
+            let first = page
+                .first()
+                .and_then(|r| r.get(pid))
+                .and_then(Value::as_str)
+                .unwrap_or(last);
+            let inner = format!(
+                "<cookie page=\"{page_no}\"><{pid} last=\"{{{}}}\" first=\"{{{}}}\" /></cookie>",
+                last.to_uppercase(),
+                first.to_uppercase()
+            );
+            let cookie = format!(
+                "<cookie pagenumber=\"{}\" pagingcookie=\"{}\" istracking=\"False\" />",
+                page_no + 1,
+                pct_encode(&pct_encode(&inner))
+            );
             let kept: Vec<&str> = req
                 .query
                 .split('&')
-                .filter(|p| !p.is_empty() && pct_decode(p.split('=').next().unwrap_or("")) != "$skiptoken")
+                .filter(|p| {
+                    !p.is_empty() && pct_decode(p.split('=').next().unwrap_or("")) != "$skiptoken"
+                })
                 .collect();
             let mut link = format!("{}{set}?", self.api());
             for p in kept {
@@ -705,19 +940,34 @@ impl DvState {
         resp
     }
 
-    fn bulk(&self, store: &mut Store, set: &str, action: &str, body: &Bytes, actor: &Actor) -> SimResponse {
+    fn bulk(
+        &self,
+        store: &mut Store,
+        set: &str,
+        action: &str,
+        body: &Bytes,
+        actor: &Actor,
+    ) -> SimResponse {
         let kind = match action {
             "Microsoft.Dynamics.CRM.CreateMultiple" => "CreateMultiple",
             "Microsoft.Dynamics.CRM.UpdateMultiple" => "UpdateMultiple",
             "Microsoft.Dynamics.CRM.UpsertMultiple" => "UpsertMultiple",
-            other => return err(StatusCode::NOT_FOUND, "0x80060888", &format!("Resource not found for the segment '{other}'.")),
+            other => {
+                return err(
+                    StatusCode::NOT_FOUND,
+                    "0x80060888",
+                    &format!("Resource not found for the segment '{other}'."),
+                );
+            }
         };
         let body = match parse_body(body) {
             Ok(b) => b,
             Err(e) => return e,
         };
         let Some(targets) = body.get("Targets").and_then(Value::as_array) else {
-            return bad_request(&format!("{kind} needs a 'Targets' array in the request body."));
+            return bad_request(&format!(
+                "{kind} needs a 'Targets' array in the request body."
+            ));
         };
         let logical = store.tables[set].def.logical_name.clone();
         let outer_undo = store.undo.replace(Vec::new());
@@ -742,8 +992,14 @@ impl DvState {
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
                 .unwrap_or_default();
-            let code = serde_json::from_slice::<Value>(&e.body).ok().and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
-            return err(e.status, code.as_deref().unwrap_or("0x80040265"), &format!("{kind} failed at Targets[{i}]; nothing was written. {msg}"));
+            let code = serde_json::from_slice::<Value>(&e.body)
+                .ok()
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+            return err(
+                e.status,
+                code.as_deref().unwrap_or("0x80040265"),
+                &format!("{kind} failed at Targets[{i}]; nothing was written. {msg}"),
+            );
         }
         if let Some(outer) = store.undo.as_mut() {
             outer.extend(undo);
@@ -757,32 +1013,64 @@ impl DvState {
         }
     }
 
-    fn bulk_one(&self, store: &mut Store, set: &str, logical: &str, kind: &str, t: &Value, actor: &Actor) -> Result<String, SimResponse> {
-        let obj = t.as_object().ok_or_else(|| bad_request("Each item of Targets must be a JSON object."))?;
+    fn bulk_one(
+        &self,
+        store: &mut Store,
+        set: &str,
+        logical: &str,
+        kind: &str,
+        t: &Value,
+        actor: &Actor,
+    ) -> Result<String, SimResponse> {
+        let obj = t
+            .as_object()
+            .ok_or_else(|| bad_request("Each item of Targets must be a JSON object."))?;
         let expected = format!("Microsoft.Dynamics.CRM.{logical}");
         if obj.get("@odata.type").and_then(Value::as_str) != Some(expected.as_str()) {
-            return Err(bad_request(&format!("Each item of Targets needs \"@odata.type\": \"{expected}\".")));
+            return Err(bad_request(&format!(
+                "Each item of Targets needs \"@odata.type\": \"{expected}\"."
+            )));
         }
         let table = &store.tables[set];
         let mut attrs = Self::prepare(store, table, obj)?;
         let by_key = match obj.get("@odata.id").and_then(Value::as_str) {
             Some(odata_id) => {
-                let rel = odata_id.rsplit_once(API).map_or(odata_id, |(_, r)| r).trim_start_matches('/');
+                let rel = odata_id
+                    .rsplit_once(API)
+                    .map_or(odata_id, |(_, r)| r)
+                    .trim_start_matches('/');
                 let (_, key) = split_key_segment(rel).map_err(|e| bad_request(&e))?;
                 Some(Self::resolve_key(table, key.unwrap_or_default())?)
             }
-            None => attrs.get(&table.def.primary_id).and_then(Value::as_str).map(|id| KeyRef::Id(norm_guid(id))),
+            None => attrs
+                .get(&table.def.primary_id)
+                .and_then(Value::as_str)
+                .map(|id| KeyRef::Id(norm_guid(id))),
         };
         let existing = by_key.as_ref().and_then(|k| Self::find(table, k));
         let id = match (kind, &existing, &by_key) {
             ("CreateMultiple", Some(_), _) => {
-                return Err(err(StatusCode::PRECONDITION_FAILED, "0x80040237", "A record with matching key values already exists."));
+                return Err(err(
+                    StatusCode::PRECONDITION_FAILED,
+                    "0x80040237",
+                    "A record with matching key values already exists.",
+                ));
             }
             ("UpdateMultiple", None, Some(k)) => return Err(Self::not_found(table, k)),
-            ("UpdateMultiple", None, None) => return Err(bad_request("UpdateMultiple needs the primary id in each target.")),
+            ("UpdateMultiple", None, None) => {
+                return Err(bad_request(
+                    "UpdateMultiple needs the primary id in each target.",
+                ));
+            }
             (_, Some(id), _) => id.clone(),
             (_, None, Some(KeyRef::Id(id))) => id.clone(),
-            (_, None, Some(KeyRef::Alt { attrs: key_attrs, .. })) => {
+            (
+                _,
+                None,
+                Some(KeyRef::Alt {
+                    attrs: key_attrs, ..
+                }),
+            ) => {
                 for (k, v) in key_attrs {
                     attrs.entry(k.clone()).or_insert_with(|| v.clone());
                 }
@@ -811,22 +1099,38 @@ impl DvState {
         let size_exceeded = self.msg_size_exceeded.load(Ordering::Relaxed);
         for n in notices {
             for h in hooks.iter().filter(|h| {
-                h.messages.contains(&n.message) && (h.entity_logical_names.is_empty() || h.entity_logical_names.contains(&n.logical))
+                h.messages.contains(&n.message)
+                    && (h.entity_logical_names.is_empty()
+                        || h.entity_logical_names.contains(&n.logical))
             }) {
                 let (body, exceeded) = self.context_body(&n, size_exceeded);
                 let mut url = h.url.clone();
                 let mut headers = vec![
-                    ("x-ms-dynamics-organization".to_owned(), format!("{}.crm.dynamics.com", self.config.organization_name)),
+                    (
+                        "x-ms-dynamics-organization".to_owned(),
+                        format!("{}.crm.dynamics.com", self.config.organization_name),
+                    ),
                     ("x-ms-dynamics-entity-name".to_owned(), n.logical.clone()),
-                    ("x-ms-dynamics-request-name".to_owned(), n.message.name().to_owned()),
-                    ("x-ms-correlation-request-id".to_owned(), n.actor.correlation_id.clone()),
+                    (
+                        "x-ms-dynamics-request-name".to_owned(),
+                        n.message.name().to_owned(),
+                    ),
+                    (
+                        "x-ms-correlation-request-id".to_owned(),
+                        n.actor.correlation_id.clone(),
+                    ),
                 ];
                 if exceeded {
-                    headers.push(("x-ms-dynamics-msg-size-exceeded".to_owned(), "true".to_owned()));
+                    headers.push((
+                        "x-ms-dynamics-msg-size-exceeded".to_owned(),
+                        "true".to_owned(),
+                    ));
                 }
                 let sep = |u: &str| if u.contains('?') { '&' } else { '?' };
                 match &h.auth {
-                    WebhookAuth::WebhookKey(code) => url = format!("{url}{}code={}", sep(&url), pct_encode(code)),
+                    WebhookAuth::WebhookKey(code) => {
+                        url = format!("{url}{}code={}", sep(&url), pct_encode(code))
+                    }
                     WebhookAuth::HttpHeader(pairs) => headers.extend(pairs.iter().cloned()),
                     WebhookAuth::HttpQueryString(pairs) => {
                         for (k, v) in pairs {
@@ -841,7 +1145,12 @@ impl DvState {
                     entity: n.logical.clone(),
                     message: n.message.name().to_owned(),
                     record_id: n.id.clone(),
-                    policy: RetryPolicy { only_gateway_errors: true, retries: 1, delay: Duration::from_millis(50), timeout: Duration::from_secs(60) },
+                    policy: RetryPolicy {
+                        only_gateway_errors: true,
+                        retries: 1,
+                        delay: Duration::from_millis(50),
+                        timeout: Duration::from_secs(60),
+                    },
                 });
             }
         }
@@ -868,7 +1177,12 @@ impl DvState {
             let org_id = "4ef5b371-e89e-e711-8122-000d3aa2331c";
             let op_id = new_guid();
             let created = wcf_date(Utc::now());
-            let base = |stage: u32, input: Value, post: Value, pre: Value, parent: Value, shared: Vec<Value>| {
+            let base = |stage: u32,
+                        input: Value,
+                        post: Value,
+                        pre: Value,
+                        parent: Value,
+                        shared: Vec<Value>| {
                 json!({
                     "BusinessUnitId": "e2b9dd85-e89e-e711-8122-000d3aa2331c",
                     "CorrelationId": n.actor.correlation_id, "Depth": 1,
@@ -893,17 +1207,28 @@ impl DvState {
                 json!([]),
                 json!([]),
                 Value::Null,
-                vec![json!({"key": "ChangedEntityTypes", "value": [{"__type": "KeyValuePairOfstringstring:#System.Collections.Generic", "key": n.logical, "value": n.message.name()}]})],
+                vec![
+                    json!({"key": "ChangedEntityTypes", "value": [{"__type": "KeyValuePairOfstringstring:#System.Collections.Generic", "key": n.logical, "value": n.message.name()}]}),
+                ],
             );
             let (post, pre) = match n.message {
-                WebhookMessage::Delete => (json!([]), json!([{"key": "PreImage", "value": entity(&n.image)}])),
-                _ => (json!([{"key": "PostImage", "value": entity(&n.image)}]), json!([])),
+                WebhookMessage::Delete => (
+                    json!([]),
+                    json!([{"key": "PreImage", "value": entity(&n.image)}]),
+                ),
+                _ => (
+                    json!([{"key": "PostImage", "value": entity(&n.image)}]),
+                    json!([]),
+                ),
             };
             base(40, input, post, pre, parent, shared)
         };
         let body = serde_json::to_vec(&build(force_exceeded)).unwrap_or_default();
         if !force_exceeded && body.len() > 256 * 1024 {
-            return (Bytes::from(serde_json::to_vec(&build(true)).unwrap_or_default()), true);
+            return (
+                Bytes::from(serde_json::to_vec(&build(true)).unwrap_or_default()),
+                true,
+            );
         }
         (Bytes::from(body), force_exceeded)
     }
@@ -921,7 +1246,10 @@ fn typed_attributes(table: &Table, row: &Row, actor: &Actor) -> Vec<(String, Val
             continue;
         }
         if let Some(field) = k.strip_prefix('_').and_then(|s| s.strip_suffix("_value")) {
-            let target = row.get(&format!("{k}{LOOKUP_ANN}")).and_then(Value::as_str).unwrap_or("");
+            let target = row
+                .get(&format!("{k}{LOOKUP_ANN}"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
             let value = match v.as_str() {
                 Some(id) => entity_reference(target, id),
                 None => Value::Null,
@@ -931,16 +1259,24 @@ fn typed_attributes(table: &Table, row: &Row, actor: &Actor) -> Vec<(String, Val
         }
         let value = match (table.kinds.get(k), v) {
             (_, Value::Null) => Value::Null,
-            (Some(ColumnKind::OptionSet), v) => json!({"__type": format!("OptionSetValue:{CONTRACTS}"), "Value": v}),
-            (Some(ColumnKind::Money), v) => json!({"__type": format!("Money:{CONTRACTS}"), "Value": v}),
+            (Some(ColumnKind::OptionSet), v) => {
+                json!({"__type": format!("OptionSetValue:{CONTRACTS}"), "Value": v})
+            }
+            (Some(ColumnKind::Money), v) => {
+                json!({"__type": format!("Money:{CONTRACTS}"), "Value": v})
+            }
             (None, Value::String(s)) if s.len() >= 19 && s.as_bytes().get(10) == Some(&b'T') => {
-                crate::odata::parse_datetime(s).map_or_else(|| v.clone(), |d| Value::String(wcf_date(d)))
+                crate::odata::parse_datetime(s)
+                    .map_or_else(|| v.clone(), |d| Value::String(wcf_date(d)))
             }
             (None, v) => v.clone(),
         };
         out.push((k.clone(), value));
     }
-    out.push(("modifiedby".to_owned(), entity_reference("systemuser", &actor.user_id)));
+    out.push((
+        "modifiedby".to_owned(),
+        entity_reference("systemuser", &actor.user_id),
+    ));
     out
 }
 
@@ -948,7 +1284,9 @@ fn parse_body(body: &Bytes) -> Result<Map<String, Value>, SimResponse> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(bad_request("The request body must be a JSON object.")),
-        Err(e) => Err(bad_request(&format!("The request body is not valid JSON: {e}."))),
+        Err(e) => Err(bad_request(&format!(
+            "The request body is not valid JSON: {e}."
+        ))),
     }
 }
 
@@ -977,7 +1315,10 @@ struct DvBatch<'a> {
 impl BatchTarget for DvBatch<'_> {
     fn exec(&mut self, req: SimRequest) -> SimResponse {
         let mut actor = self.actor.clone();
-        if let Some((_, tag)) = parse_query(&req.query).into_iter().find(|(k, _)| k == "tag") {
+        if let Some((_, tag)) = parse_query(&req.query)
+            .into_iter()
+            .find(|(k, _)| k == "tag")
+        {
             actor.tag = Some(tag);
         }
         let undo_was_off = self.store.undo.is_none();
@@ -1016,7 +1357,11 @@ impl crate::common::Handler for DvState {
             Some(Fault::DropConnection) => return Outcome::Drop,
             Some(Fault::Status(s)) => {
                 let status = StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                return Outcome::Respond(err(status, "0x80040216", "An unexpected error occurred (fault injected by the simulator)."));
+                return Outcome::Respond(err(
+                    status,
+                    "0x80040216",
+                    "An unexpected error occurred (fault injected by the simulator).",
+                ));
             }
             _ => {}
         }
@@ -1029,12 +1374,26 @@ impl crate::common::Handler for DvState {
                     self.guard.unauthorized.fetch_add(1, Ordering::Relaxed);
                     let why = match problem {
                         None => "the request has no Authorization: Bearer header",
-                        Some(Err(TokenProblem::Expired)) => "the access token has expired; request a new one",
-                        Some(Err(TokenProblem::WrongAudience)) => "the access token was issued for another resource; request it for <environment-url>/.default",
+                        Some(Err(TokenProblem::Expired)) => {
+                            "the access token has expired; request a new one"
+                        }
+                        Some(Err(TokenProblem::WrongAudience)) => {
+                            "the access token was issued for another resource; request it for <environment-url>/.default"
+                        }
                         _ => "the access token is not valid",
                     };
-                    let resp = err(StatusCode::UNAUTHORIZED, "0x80072560", &format!("Authentication failed: {why}."))
-                        .with_header("www-authenticate", &format!("Bearer authorization_uri={}, error=\"invalid_token\"", "https://login.microsoftonline.com/common/oauth2/authorize"));
+                    let resp = err(
+                        StatusCode::UNAUTHORIZED,
+                        "0x80072560",
+                        &format!("Authentication failed: {why}."),
+                    )
+                    .with_header(
+                        "www-authenticate",
+                        &format!(
+                            "Bearer authorization_uri={}, error=\"invalid_token\"",
+                            "https://login.microsoftonline.com/common/oauth2/authorize"
+                        ),
+                    );
                     return Outcome::Respond(resp);
                 }
             }
@@ -1052,17 +1411,26 @@ impl crate::common::Handler for DvState {
                 return Outcome::Respond(resp);
             }
             Err(Throttled::Concurrency) => {
-                let n = self.config.throttle.max_concurrent.unwrap_or(52);
-                let resp = err(StatusCode::TOO_MANY_REQUESTS, "0x80072326", &format!("Number of concurrent requests exceeded the limit of {n}."))
-                    .with_header("retry-after", "1");
+                let n = self.guard.throttle_config().max_concurrent.unwrap_or(52);
+                let resp = err(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "0x80072326",
+                    &format!("Number of concurrent requests exceeded the limit of {n}."),
+                )
+                .with_header("retry-after", "1");
                 return Outcome::Respond(resp);
             }
         };
         let query = parse_query(&req.query);
         let actor = Actor {
             user_id: self.config.integration_user_id.clone(),
-            tag: query.iter().find(|(k, _)| k == "tag").map(|(_, v)| v.clone()),
-            correlation_id: req.header("x-ms-correlation-request-id").map_or_else(new_guid, str::to_owned),
+            tag: query
+                .iter()
+                .find(|(k, _)| k == "tag")
+                .map(|(_, v)| v.clone()),
+            correlation_id: req
+                .header("x-ms-correlation-request-id")
+                .map_or_else(new_guid, str::to_owned),
         };
         let resp = if req.path == format!("{API}$batch") && req.method == Method::POST {
             self.batch(&req, &actor)
@@ -1080,7 +1448,8 @@ impl crate::common::Handler for DvState {
 
 impl DvState {
     fn guard_limit(&self) -> (u32, u64) {
-        (self.config.throttle.requests_per_window.unwrap_or(6000), self.config.throttle.window.as_secs())
+        let t = self.guard.throttle_config();
+        (t.requests_per_window.unwrap_or(6000), t.window.as_secs())
     }
 
     fn batch(&self, req: &SimRequest, actor: &Actor) -> SimResponse {
@@ -1090,27 +1459,50 @@ impl DvState {
         };
         let count: usize = parts.iter().map(batch::Part::len).sum();
         if count > 1000 {
-            return bad_request(&format!("The $batch request has {count} requests; the maximum is 1000."));
+            return bad_request(&format!(
+                "The $batch request has {count} requests; the maximum is 1000."
+            ));
         }
         let continue_on_error = prefers(req).iter().any(|p| p == "odata.continue-on-error");
         let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         let (results, stopped) = {
-            let mut target = DvBatch { state: self, store: &mut store, actor };
+            let mut target = DvBatch {
+                state: self,
+                store: &mut store,
+                actor,
+            };
             batch::run(&mut target, parts, API, continue_on_error)
         };
         let pending = std::mem::take(&mut store.pending);
         drop(store);
         self.flush(pending);
-        batch::write_response(&results, if stopped { StatusCode::BAD_REQUEST } else { StatusCode::OK })
+        batch::write_response(
+            &results,
+            if stopped {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::OK
+            },
+        )
     }
 
-    fn user_op(&self, operation: &'static str, method: Method, entity_set: &str, id_or_key: Option<&str>, fields: Option<Value>) -> Result<Value, SimError> {
+    fn user_op(
+        &self,
+        operation: &'static str,
+        method: Method,
+        entity_set: &str,
+        id_or_key: Option<&str>,
+        fields: Option<Value>,
+    ) -> Result<Value, SimError> {
         let path = match id_or_key {
             Some(k) => format!("{API}{entity_set}({k})"),
             None => format!("{API}{entity_set}"),
         };
         let mut headers = axum::http::HeaderMap::new();
-        headers.insert("prefer", axum::http::HeaderValue::from_static("return=representation"));
+        headers.insert(
+            "prefer",
+            axum::http::HeaderValue::from_static("return=representation"),
+        );
         if operation == "user_edit" {
             headers.insert("if-match", axum::http::HeaderValue::from_static("*"));
         }
@@ -1119,12 +1511,21 @@ impl DvState {
             path,
             query: String::new(),
             headers,
-            body: fields.map(|f| Bytes::from(serde_json::to_vec(&f).unwrap_or_default())).unwrap_or_default(),
+            body: fields
+                .map(|f| Bytes::from(serde_json::to_vec(&f).unwrap_or_default()))
+                .unwrap_or_default(),
         };
-        let actor = Actor { user_id: self.config.ui_user_id.clone(), tag: None, correlation_id: new_guid() };
+        let actor = Actor {
+            user_id: self.config.ui_user_id.clone(),
+            tag: None,
+            correlation_id: new_guid(),
+        };
         let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         if !store.tables.contains_key(entity_set) {
-            return Err(SimError::UnknownTable { sim: "Dataverse", name: entity_set.to_owned() });
+            return Err(SimError::UnknownTable {
+                sim: "Dataverse",
+                name: entity_set.to_owned(),
+            });
         }
         let resp = self.execute(&mut store, &req, &actor);
         let pending = std::mem::take(&mut store.pending);
@@ -1159,7 +1560,9 @@ impl DataverseSim {
     pub async fn start(config: DataverseConfig) -> Result<Self, SimError> {
         let mut store = Store::default();
         for t in &config.tables {
-            store.tables.insert(t.entity_set.clone(), Table::new(t.clone()));
+            store
+                .tables
+                .insert(t.entity_set.clone(), Table::new(t.clone()));
         }
         let state = Arc::new(DvState {
             store: Mutex::new(store),
@@ -1173,7 +1576,10 @@ impl DataverseSim {
         });
         let server = serve("Dataverse", state.clone()).await?;
         let _ = state.base.set(format!("http://{}", server.addr));
-        Ok(Self { state, server: Arc::new(server) })
+        Ok(Self {
+            state,
+            server: Arc::new(server),
+        })
     }
 
     /// The environment URL, `http://127.0.0.1:<port>`; the token scope is `{base_url}/.default`.
@@ -1193,48 +1599,96 @@ impl DataverseSim {
     }
 
     /// Declares how a column is typed in webhook payloads.
-    pub fn set_column_kind(&self, entity_set: &str, column: &str, kind: ColumnKind) -> Result<(), SimError> {
+    pub fn set_column_kind(
+        &self,
+        entity_set: &str,
+        column: &str,
+        kind: ColumnKind,
+    ) -> Result<(), SimError> {
         let mut store = self.state.store.lock().unwrap_or_else(|e| e.into_inner());
-        let t = store.tables.get_mut(entity_set).ok_or_else(|| SimError::UnknownTable { sim: "Dataverse", name: entity_set.to_owned() })?;
+        let t = store
+            .tables
+            .get_mut(entity_set)
+            .ok_or_else(|| SimError::UnknownTable {
+                sim: "Dataverse",
+                name: entity_set.to_owned(),
+            })?;
         t.kinds.insert(column.to_owned(), kind);
         Ok(())
     }
 
     /// Registers a webhook; every later change to a matching table fires it.
     pub fn register_webhook(&self, registration: WebhookRegistration) {
-        self.state.hooks.write().unwrap_or_else(|e| e.into_inner()).push(registration);
+        self.state
+            .hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(registration);
     }
 
     /// Removes every webhook registration.
     pub fn clear_webhooks(&self) {
-        self.state.hooks.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.state
+            .hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// A person creates a row in the UI; returns the row as the API would.
     pub fn user_create(&self, entity_set: &str, fields: Value) -> Result<Value, SimError> {
-        self.state.user_op("user_create", Method::POST, entity_set, None, Some(fields))
+        self.state
+            .user_op("user_create", Method::POST, entity_set, None, Some(fields))
     }
 
     /// A person edits a row in the UI; `id_or_key` is a GUID or `name='value',...`.
-    pub fn user_edit(&self, entity_set: &str, id_or_key: &str, fields: Value) -> Result<Value, SimError> {
-        self.state.user_op("user_edit", Method::PATCH, entity_set, Some(id_or_key), Some(fields))
+    pub fn user_edit(
+        &self,
+        entity_set: &str,
+        id_or_key: &str,
+        fields: Value,
+    ) -> Result<Value, SimError> {
+        self.state.user_op(
+            "user_edit",
+            Method::PATCH,
+            entity_set,
+            Some(id_or_key),
+            Some(fields),
+        )
     }
 
     /// A person deletes a row in the UI.
     pub fn user_delete(&self, entity_set: &str, id_or_key: &str) -> Result<(), SimError> {
-        self.state.user_op("user_delete", Method::DELETE, entity_set, Some(id_or_key), None).map(|_| ())
+        self.state
+            .user_op(
+                "user_delete",
+                Method::DELETE,
+                entity_set,
+                Some(id_or_key),
+                None,
+            )
+            .map(|_| ())
     }
 
     /// All rows of a table as stored (lookups as `_x_value`), ordered by primary id.
     pub fn rows(&self, entity_set: &str) -> Vec<Value> {
         let store = self.state.store.lock().unwrap_or_else(|e| e.into_inner());
-        store.tables.get(entity_set).map(|t| t.rows.values().map(|r| Value::Object(r.clone())).collect()).unwrap_or_default()
+        store
+            .tables
+            .get(entity_set)
+            .map(|t| t.rows.values().map(|r| Value::Object(r.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// One row by primary id.
     pub fn row(&self, entity_set: &str, id: &str) -> Option<Value> {
         let store = self.state.store.lock().unwrap_or_else(|e| e.into_inner());
-        store.tables.get(entity_set)?.rows.get(&norm_guid(id)).map(|r| Value::Object(r.clone()))
+        store
+            .tables
+            .get(entity_set)?
+            .rows
+            .get(&norm_guid(id))
+            .map(|r| Value::Object(r.clone()))
     }
 
     /// Request counters.

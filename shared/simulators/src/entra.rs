@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use axum::http::{Method, StatusCode};
 use serde_json::json;
 
-use crate::common::{Guard, Outcome, Server, SimError, SimRequest, SimResponse, new_guid, parse_query, serve};
+use crate::common::{
+    Guard, Outcome, Server, SimError, SimRequest, SimResponse, new_guid, parse_query, serve,
+};
 
 /// An application registered in the simulated tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +36,10 @@ pub struct EntraConfig {
 
 impl Default for EntraConfig {
     fn default() -> Self {
-        Self { clients: Vec::new(), token_lifetime: Duration::from_secs(3599) }
+        Self {
+            clients: Vec::new(),
+            token_lifetime: Duration::from_secs(3599),
+        }
     }
 }
 
@@ -107,29 +112,48 @@ impl EntraState {
             );
         }
         let Some(client_id) = get("client_id") else {
-            return Self::error(StatusCode::BAD_REQUEST, "invalid_request", 900144, "The request body must contain the following parameter: 'client_id'.");
+            return Self::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                900144,
+                "The request body must contain the following parameter: 'client_id'.",
+            );
         };
         let Some(scope) = get("scope") else {
-            return Self::error(StatusCode::BAD_REQUEST, "invalid_request", 900144, "The request body must contain the following parameter: 'scope'.");
+            return Self::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                900144,
+                "The request body must contain the following parameter: 'scope'.",
+            );
         };
         let client = {
             let clients = self.clients.read().unwrap_or_else(|e| e.into_inner());
-            if !clients.iter().any(|c| c.tenant.eq_ignore_ascii_case(tenant)) {
+            if !clients
+                .iter()
+                .any(|c| c.tenant.eq_ignore_ascii_case(tenant))
+            {
                 return Self::error(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
                     90002,
-                    &format!("Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID."),
+                    &format!(
+                        "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID."
+                    ),
                 );
             }
-            match clients.iter().find(|c| c.tenant.eq_ignore_ascii_case(tenant) && c.client_id.eq_ignore_ascii_case(client_id)) {
+            match clients.iter().find(|c| {
+                c.tenant.eq_ignore_ascii_case(tenant) && c.client_id.eq_ignore_ascii_case(client_id)
+            }) {
                 Some(c) => c.clone(),
                 None => {
                     return Self::error(
                         StatusCode::BAD_REQUEST,
                         "unauthorized_client",
                         700016,
-                        &format!("Application with identifier '{client_id}' was not found in the directory '{tenant}'."),
+                        &format!(
+                            "Application with identifier '{client_id}' was not found in the directory '{tenant}'."
+                        ),
                     );
                 }
             }
@@ -139,26 +163,44 @@ impl EntraState {
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",
                 7000215,
-                &format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."),
+                &format!(
+                    "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."
+                ),
             );
         }
         let valid_shape = scope.ends_with("/.default") && !scope.contains(' ');
         let allowed = client.allowed_scopes.is_empty()
-            || client.allowed_scopes.iter().any(|s| s.trim_end_matches('/').eq_ignore_ascii_case(scope.trim_end_matches('/')));
+            || client.allowed_scopes.iter().any(|s| {
+                s.trim_end_matches('/')
+                    .eq_ignore_ascii_case(scope.trim_end_matches('/'))
+            });
         if !valid_shape || !allowed {
             return Self::error(
                 StatusCode::BAD_REQUEST,
                 "invalid_scope",
                 70011,
-                &format!("The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid."),
+                &format!(
+                    "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid."
+                ),
             );
         }
         let lifetime = *self.lifetime.read().unwrap_or_else(|e| e.into_inner());
-        let token = format!("eyJ0eXAiOiJKV1QiLCJhbGciOiJub25lIn0.{}{}", new_guid().replace('-', ""), new_guid().replace('-', ""));
-        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            token.clone(),
-            IssuedToken { scope: scope.to_owned(), client_id: client.client_id.clone(), expires: Instant::now() + lifetime },
+        let token = format!(
+            "eyJ0eXAiOiJKV1QiLCJhbGciOiJub25lIn0.{}{}",
+            new_guid().replace('-', ""),
+            new_guid().replace('-', "")
         );
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                token.clone(),
+                IssuedToken {
+                    scope: scope.to_owned(),
+                    client_id: client.client_id.clone(),
+                    expires: Instant::now() + lifetime,
+                },
+            );
         self.issued.fetch_add(1, Ordering::Relaxed);
         SimResponse::json(
             StatusCode::OK,
@@ -179,7 +221,9 @@ impl crate::common::Handler for EntraState {
                     50020,
                     "The service is temporarily unavailable (fault injected by the simulator).",
                 )),
-                crate::common::Fault::Delay(_) => Outcome::Respond(SimResponse::empty(StatusCode::OK)),
+                crate::common::Fault::Delay(_) => {
+                    Outcome::Respond(SimResponse::empty(StatusCode::OK))
+                }
             };
         }
         let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
@@ -188,7 +232,12 @@ impl crate::common::Handler for EntraState {
                 let form = parse_query(std::str::from_utf8(&req.body).unwrap_or(""));
                 self.token(tenant, &form)
             }
-            _ => Self::error(StatusCode::NOT_FOUND, "invalid_request", 900561, "The endpoint only accepts POST /{tenant}/oauth2/v2.0/token."),
+            _ => Self::error(
+                StatusCode::NOT_FOUND,
+                "invalid_request",
+                900561,
+                "The endpoint only accepts POST /{tenant}/oauth2/v2.0/token.",
+            ),
         };
         Outcome::Respond(resp)
     }
@@ -212,7 +261,10 @@ impl EntraSim {
             guard: Guard::default(),
         });
         let server = serve("Entra ID", state.clone()).await?;
-        Ok(Self { state, server: Arc::new(server) })
+        Ok(Self {
+            state,
+            server: Arc::new(server),
+        })
     }
 
     /// `http://127.0.0.1:<port>` — the authority host; tokens are at `{base}/{tenant}/oauth2/v2.0/token`.
@@ -227,12 +279,20 @@ impl EntraSim {
 
     /// Registers another client at run time.
     pub fn add_client(&self, client: EntraClient) {
-        self.state.clients.write().unwrap_or_else(|e| e.into_inner()).push(client);
+        self.state
+            .clients
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(client);
     }
 
     /// Changes the lifetime of tokens issued from now on.
     pub fn set_token_lifetime(&self, lifetime: Duration) {
-        *self.state.lifetime.write().unwrap_or_else(|e| e.into_inner()) = lifetime;
+        *self
+            .state
+            .lifetime
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = lifetime;
     }
 
     /// Number of tokens issued so far.

@@ -14,11 +14,13 @@ use serde_json::{Map, Value, json};
 
 use crate::batch::{self, BatchTarget};
 use crate::common::{
-    Fault, FaultConfig, Guard, Outcome, Server, SimError, SimRequest, SimResponse, SimStats, ThrottleConfig, Throttled, bearer, new_guid,
-    parse_query, pct_decode, prefers, serve, wcf_date,
+    Fault, FaultConfig, Guard, Outcome, Server, SimError, SimRequest, SimResponse, SimStats,
+    ThrottleConfig, Throttled, bearer, new_guid, parse_query, pct_decode, prefers, serve, wcf_date,
 };
 use crate::entra::EntraSim;
-use crate::odata::{Row, eval, order_rows, parse_filter, parse_key, parse_orderby, split_key_segment};
+use crate::odata::{
+    Row, eval, order_rows, parse_filter, parse_key, parse_orderby, split_key_segment,
+};
 use crate::webhook::{Delivery, DeliveryRecord, Dispatcher, RetryPolicy};
 
 const DATA: &str = "/data/";
@@ -131,7 +133,10 @@ struct Entity {
 
 impl Entity {
     fn company_scoped(&self) -> bool {
-        self.def.key_fields.iter().any(|k| k.eq_ignore_ascii_case("dataAreaId"))
+        self.def
+            .key_fields
+            .iter()
+            .any(|k| k.eq_ignore_ascii_case("dataAreaId"))
     }
 
     fn key_of(&self, row: &Row) -> Option<Vec<String>> {
@@ -155,11 +160,14 @@ struct Change {
     pre: Option<FRow>,
 }
 
+/// Undo log entry: entity set, key, previous row.
+type Undo = (String, Vec<String>, Option<FRow>);
+
 #[derive(Debug, Default)]
 struct Store {
     entities: HashMap<String, Entity>,
     version: u64,
-    undo: Option<Vec<(String, Vec<String>, Option<FRow>)>>,
+    undo: Option<Vec<Undo>>,
     pending: Vec<Change>,
 }
 
@@ -206,13 +214,25 @@ impl FnoState {
     }
 
     fn resolve_key(&self, entity: &Entity, inner: &str) -> Result<Vec<String>, SimResponse> {
-        let parts = parse_key(inner).map_err(|e| err(StatusCode::BAD_REQUEST, &format!("The key segment is malformed: {e}.")))?;
+        let parts = parse_key(inner).map_err(|e| {
+            err(
+                StatusCode::BAD_REQUEST,
+                &format!("The key segment is malformed: {e}."),
+            )
+        })?;
         let mut out = Vec::new();
         for k in &entity.def.key_fields {
-            let Some(p) = parts.iter().find(|p| p.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(k))) else {
+            let Some(p) = parts
+                .iter()
+                .find(|p| p.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(k)))
+            else {
                 return Err(err(
                     StatusCode::BAD_REQUEST,
-                    &format!("The key of {} needs every key field ({}); '{k}' is missing.", entity.def.entity_set, entity.def.key_fields.join(", ")),
+                    &format!(
+                        "The key of {} needs every key field ({}); '{k}' is missing.",
+                        entity.def.entity_set,
+                        entity.def.key_fields.join(", ")
+                    ),
                 ));
             };
             out.push(p.value.to_lowercase());
@@ -220,14 +240,26 @@ impl FnoState {
         if parts.len() != entity.def.key_fields.len() {
             return Err(err(
                 StatusCode::BAD_REQUEST,
-                &format!("The key of {} has exactly the fields {}.", entity.def.entity_set, entity.def.key_fields.join(", ")),
+                &format!(
+                    "The key of {} has exactly the fields {}.",
+                    entity.def.entity_set,
+                    entity.def.key_fields.join(", ")
+                ),
             ));
         }
         Ok(out)
     }
 
-    fn set_row(store: &mut Store, set: &str, key: Vec<String>, row: Option<FRow>, message: FnoMessage) {
-        let Some(entity) = store.entities.get_mut(set) else { return };
+    fn set_row(
+        store: &mut Store,
+        set: &str,
+        key: Vec<String>,
+        row: Option<FRow>,
+        message: FnoMessage,
+    ) {
+        let Some(entity) = store.entities.get_mut(set) else {
+            return;
+        };
         let prev = match &row {
             Some(r) => entity.rows.insert(key.clone(), r.clone()),
             None => entity.rows.remove(&key),
@@ -237,13 +269,24 @@ impl FnoState {
             undo.push((set.to_owned(), key, prev.clone()));
         }
         if let Some(r) = change_row {
-            store.pending.push(Change { entity: set.to_owned(), message, row: r, pre: prev });
+            store.pending.push(Change {
+                entity: set.to_owned(),
+                message,
+                row: r,
+                pre: prev,
+            });
         }
     }
 
     fn execute(&self, store: &mut Store, req: &SimRequest) -> SimResponse {
         let Some(rel) = req.path.strip_prefix(DATA) else {
-            return err(StatusCode::NOT_FOUND, &format!("No HTTP resource was found that matches the request URI '{}'.", req.path));
+            return err(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "No HTTP resource was found that matches the request URI '{}'.",
+                    req.path
+                ),
+            );
         };
         let rel = pct_decode(rel);
         let (set, key) = match split_key_segment(&rel) {
@@ -251,115 +294,211 @@ impl FnoState {
             Err(e) => return err(StatusCode::BAD_REQUEST, &e),
         };
         let Some(entity) = store.entities.get(set) else {
-            return err(StatusCode::NOT_FOUND, &format!("Resource not found for the segment '{set}'."));
+            return err(
+                StatusCode::NOT_FOUND,
+                &format!("Resource not found for the segment '{set}'."),
+            );
         };
         let set = set.to_owned();
         let query = parse_query(&req.query);
         let q = |n: &str| query.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         let cross_company = q("cross-company").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let select: Option<Vec<String>> = q("$select").map(|s| s.split(',').map(|c| c.trim().to_owned()).collect());
+        let select: Option<Vec<String>> =
+            q("$select").map(|s| s.split(',').map(|c| c.trim().to_owned()).collect());
         let key = match key.map(|k| self.resolve_key(entity, k)).transpose() {
             Ok(k) => k,
             Err(e) => return e,
         };
         let default_co = self.config.default_company.to_lowercase();
         let company_ok = |row: &Row| {
-            cross_company || !entity.company_scoped() || row.get("dataAreaId").and_then(Value::as_str).is_some_and(|c| c.eq_ignore_ascii_case(&default_co))
+            cross_company
+                || !entity.company_scoped()
+                || row
+                    .get("dataAreaId")
+                    .and_then(Value::as_str)
+                    .is_some_and(|c| c.eq_ignore_ascii_case(&default_co))
         };
         let now = Utc::now();
-        let stale = |r: &FRow| req.header("if-match").is_some_and(|m| m != "*" && m != etag(r.version));
+        let stale = |r: &FRow| {
+            req.header("if-match")
+                .is_some_and(|m| m != "*" && m != etag(r.version))
+        };
         match (&req.method, key) {
             (&Method::GET, None) => self.query(entity, req, &query, select.as_deref(), &company_ok),
-            (&Method::GET, Some(key)) => match entity.rows.get(&key).filter(|r| company_ok(&r.data)) {
-                Some(r) => {
-                    let mut body = Self::view(r, select.as_deref());
-                    if let Some(o) = body.as_object_mut() {
-                        o.insert("@odata.context".into(), Value::String(format!("{}$metadata#{set}/$entity", self.data_url())));
+            (&Method::GET, Some(key)) => {
+                match entity.rows.get(&key).filter(|r| company_ok(&r.data)) {
+                    Some(r) => {
+                        let mut body = Self::view(r, select.as_deref());
+                        if let Some(o) = body.as_object_mut() {
+                            o.insert(
+                                "@odata.context".into(),
+                                Value::String(format!(
+                                    "{}$metadata#{set}/$entity",
+                                    self.data_url()
+                                )),
+                            );
+                        }
+                        SimResponse::json(StatusCode::OK, &body)
+                            .with_header("etag", &etag(r.version))
                     }
-                    SimResponse::json(StatusCode::OK, &body).with_header("etag", &etag(r.version))
+                    None => err(
+                        StatusCode::NOT_FOUND,
+                        &format!("No {set} record matches the key ({rel})."),
+                    ),
                 }
-                None => err(StatusCode::NOT_FOUND, &format!("No {set} record matches the key ({rel}).")),
-            },
+            }
             (&Method::POST, None) => {
                 let mut body = match parse_object(&req.body) {
                     Ok(b) => b,
                     Err(e) => return e,
                 };
                 if entity.company_scoped() {
-                    let co = body.get("dataAreaId").and_then(Value::as_str).map_or_else(|| default_co.clone(), str::to_lowercase);
+                    let co = body
+                        .get("dataAreaId")
+                        .and_then(Value::as_str)
+                        .map_or_else(|| default_co.clone(), str::to_lowercase);
                     body.insert("dataAreaId".into(), Value::String(co));
                 }
                 let Some(key) = entity.key_of(&body) else {
                     return err(
                         StatusCode::BAD_REQUEST,
-                        &format!("Write failed for {set}: every key field ({}) must have a value.", entity.def.key_fields.join(", ")),
+                        &format!(
+                            "Write failed for {set}: every key field ({}) must have a value.",
+                            entity.def.key_fields.join(", ")
+                        ),
                     );
                 };
                 if entity.rows.contains_key(&key) {
                     return err(
                         StatusCode::BAD_REQUEST,
-                        &format!("Write failed for table row of type '{set}'. Infolog: Error: Cannot create a record in {set} ({}). The record already exists.", key.join(", ")),
+                        &format!(
+                            "Write failed for table row of type '{set}'. Infolog: Error: Cannot create a record in {set} ({}). The record already exists.",
+                            key.join(", ")
+                        ),
                     );
                 }
                 body.retain(|k, _| !k.starts_with('@'));
                 if let Some(m) = &entity.def.modified_field {
-                    body.insert(m.clone(), Value::String(now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()));
+                    body.insert(
+                        m.clone(),
+                        Value::String(now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+                    );
                 }
                 store.version += 1;
-                let row = FRow { data: body, version: store.version, guid: new_guid() };
-                let location = format!("{}{set}({})", self.data_url(), key_segment(&entity.def, &row.data));
+                let row = FRow {
+                    data: body,
+                    version: store.version,
+                    guid: new_guid(),
+                };
+                let location = format!(
+                    "{}{set}({})",
+                    self.data_url(),
+                    key_segment(&entity.def, &row.data)
+                );
                 let out = Self::view(&row, None);
                 Self::set_row(store, &set, key, Some(row.clone()), FnoMessage::Created);
-                SimResponse::json(StatusCode::CREATED, &out).with_header("location", &location).with_header("etag", &etag(row.version))
+                SimResponse::json(StatusCode::CREATED, &out)
+                    .with_header("location", &location)
+                    .with_header("etag", &etag(row.version))
             }
             (m @ (&Method::PATCH | &Method::PUT), Some(key)) => {
                 let Some(existing) = entity.rows.get(&key) else {
-                    return err(StatusCode::NOT_FOUND, &format!("No {set} record matches the key ({rel}); F&O does not upsert, POST it instead."));
+                    return err(
+                        StatusCode::NOT_FOUND,
+                        &format!(
+                            "No {set} record matches the key ({rel}); F&O does not upsert, POST it instead."
+                        ),
+                    );
                 };
                 if stale(existing) {
-                    return err(StatusCode::PRECONDITION_FAILED, "The record has been modified by someone else since it was read (ETag mismatch); read it again.");
+                    return err(
+                        StatusCode::PRECONDITION_FAILED,
+                        "The record has been modified by someone else since it was read (ETag mismatch); read it again.",
+                    );
                 }
                 let mut body = match parse_object(&req.body) {
                     Ok(b) => b,
                     Err(e) => return e,
                 };
                 body.retain(|k, _| !k.starts_with('@'));
-                let mut data = if *m == Method::PUT { Row::new() } else { existing.data.clone() };
+                let mut data = if *m == Method::PUT {
+                    Row::new()
+                } else {
+                    existing.data.clone()
+                };
                 for (k, v) in body {
                     if !entity.def.key_fields.iter().any(|f| f == &k) {
                         data.insert(k, v);
                     }
                 }
                 for (i, f) in entity.def.key_fields.iter().enumerate() {
-                    data.insert(f.clone(), existing.data.get(f).cloned().unwrap_or_else(|| Value::String(key[i].clone())));
+                    data.insert(
+                        f.clone(),
+                        existing
+                            .data
+                            .get(f)
+                            .cloned()
+                            .unwrap_or_else(|| Value::String(key[i].clone())),
+                    );
                 }
                 if let Some(mf) = &entity.def.modified_field {
-                    data.insert(mf.clone(), Value::String(now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()));
+                    data.insert(
+                        mf.clone(),
+                        Value::String(now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+                    );
                 }
                 store.version += 1;
-                let row = FRow { data, version: store.version, guid: existing.guid.clone() };
+                let row = FRow {
+                    data,
+                    version: store.version,
+                    guid: existing.guid.clone(),
+                };
                 Self::set_row(store, &set, key, Some(row), FnoMessage::Updated);
                 SimResponse::empty(StatusCode::NO_CONTENT)
             }
             (&Method::DELETE, Some(key)) => {
                 let Some(existing) = entity.rows.get(&key) else {
-                    return err(StatusCode::NOT_FOUND, &format!("No {set} record matches the key ({rel})."));
+                    return err(
+                        StatusCode::NOT_FOUND,
+                        &format!("No {set} record matches the key ({rel})."),
+                    );
                 };
                 if stale(existing) {
-                    return err(StatusCode::PRECONDITION_FAILED, "The record has been modified by someone else since it was read (ETag mismatch); read it again.");
+                    return err(
+                        StatusCode::PRECONDITION_FAILED,
+                        "The record has been modified by someone else since it was read (ETag mismatch); read it again.",
+                    );
                 }
                 Self::set_row(store, &set, key, None, FnoMessage::Deleted);
                 SimResponse::empty(StatusCode::NO_CONTENT)
             }
-            (m, _) => err(StatusCode::METHOD_NOT_ALLOWED, &format!("The HTTP method '{m}' is not allowed for '{rel}'.")),
+            (m, _) => err(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("The HTTP method '{m}' is not allowed for '{rel}'."),
+            ),
         }
     }
 
-    fn query(&self, entity: &Entity, req: &SimRequest, query: &[(String, String)], select: Option<&[String]>, company_ok: &dyn Fn(&Row) -> bool) -> SimResponse {
+    fn query(
+        &self,
+        entity: &Entity,
+        req: &SimRequest,
+        query: &[(String, String)],
+        select: Option<&[String]>,
+        company_ok: &dyn Fn(&Row) -> bool,
+    ) -> SimResponse {
         let q = |n: &str| query.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         for (k, _) in query {
-            if k.starts_with('$') && !matches!(k.as_str(), "$select" | "$filter" | "$top" | "$skip" | "$orderby" | "$count") {
-                return err(StatusCode::BAD_REQUEST, &format!("The query option {k} is not supported by the simulator."));
+            if k.starts_with('$')
+                && !matches!(
+                    k.as_str(),
+                    "$select" | "$filter" | "$top" | "$skip" | "$orderby" | "$count"
+                )
+            {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    &format!("The query option {k} is not supported by the simulator."),
+                );
             }
         }
         let filter = match q("$filter").map(parse_filter).transpose() {
@@ -372,12 +511,26 @@ impl FnoState {
         };
         let num = |n: &str| q(n).map(str::parse::<usize>).transpose();
         let (Ok(top), Ok(skip)) = (num("$top"), num("$skip")) else {
-            return err(StatusCode::BAD_REQUEST, "$top and $skip must be non-negative whole numbers.");
+            return err(
+                StatusCode::BAD_REQUEST,
+                "$top and $skip must be non-negative whole numbers.",
+            );
         };
         let skip = skip.unwrap_or(0);
-        let max_pref = prefers(req).iter().find_map(|p| p.strip_prefix("odata.maxpagesize=").and_then(|v| v.parse::<usize>().ok()));
-        let page_size = max_pref.unwrap_or(self.config.max_page_size).clamp(1, self.config.max_page_size);
-        let mut rows: Vec<&FRow> = entity.rows.values().filter(|r| company_ok(&r.data) && filter.as_ref().is_none_or(|f| eval(f, &r.data, true))).collect();
+        let max_pref = prefers(req).iter().find_map(|p| {
+            p.strip_prefix("odata.maxpagesize=")
+                .and_then(|v| v.parse::<usize>().ok())
+        });
+        let page_size = max_pref
+            .unwrap_or(self.config.max_page_size)
+            .clamp(1, self.config.max_page_size);
+        let mut rows: Vec<&FRow> = entity
+            .rows
+            .values()
+            .filter(|r| {
+                company_ok(&r.data) && filter.as_ref().is_none_or(|f| eval(f, &r.data, true))
+            })
+            .collect();
         if let Some(order) = &order {
             rows.sort_by(|a, b| order_rows(&a.data, &b.data, order));
         }
@@ -388,11 +541,17 @@ impl FnoState {
         let more = skip + page.len() < total && wanted > page.len();
         let set = &entity.def.entity_set;
         let mut body = Map::new();
-        body.insert("@odata.context".into(), Value::String(format!("{}$metadata#{set}", self.data_url())));
+        body.insert(
+            "@odata.context".into(),
+            Value::String(format!("{}$metadata#{set}", self.data_url())),
+        );
         if q("$count") == Some("true") {
             body.insert("@odata.count".into(), json!(total));
         }
-        body.insert("value".into(), Value::Array(page.iter().map(|r| Self::view(r, select)).collect()));
+        body.insert(
+            "value".into(),
+            Value::Array(page.iter().map(|r| Self::view(r, select)).collect()),
+        );
         if more {
             let mut link = format!("{}{set}?", self.data_url());
             for p in req.query.split('&').filter(|p| !p.is_empty()) {
@@ -420,11 +579,16 @@ impl FnoState {
             return;
         }
         for c in changes {
-            for h in hooks.iter().filter(|h| h.messages.contains(&c.message) && (h.entity_sets.is_empty() || h.entity_sets.contains(&c.entity))) {
+            for h in hooks.iter().filter(|h| {
+                h.messages.contains(&c.message)
+                    && (h.entity_sets.is_empty() || h.entity_sets.contains(&c.entity))
+            }) {
                 let body = match &h.format {
                     FnoEventFormat::DataEvent => data_event(&c),
                     FnoEventFormat::BusinessEvent { business_event_id } => {
-                        let cn = self.control_number.fetch_add(1 + rand::random::<u64>() % 3, Ordering::Relaxed);
+                        let cn = self
+                            .control_number
+                            .fetch_add(1 + rand::random::<u64>() % 3, Ordering::Relaxed);
                         business_event(&c, business_event_id, cn)
                     }
                 };
@@ -435,7 +599,12 @@ impl FnoState {
                     entity: c.entity.clone(),
                     message: c.message.data_event_name().to_owned(),
                     record_id: c.row.guid.clone(),
-                    policy: RetryPolicy { only_gateway_errors: false, retries: 3, delay: self.config.event_retry_delay, timeout: Duration::from_secs(10) },
+                    policy: RetryPolicy {
+                        only_gateway_errors: false,
+                        retries: 3,
+                        delay: self.config.event_retry_delay,
+                        timeout: Duration::from_secs(10),
+                    },
                 });
             }
         }
@@ -457,8 +626,14 @@ fn key_segment(def: &FnoEntityDef, row: &Row) -> String {
 fn parse_object(body: &Bytes) -> Result<Row, SimResponse> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(err(StatusCode::BAD_REQUEST, "The request body must be a JSON object.")),
-        Err(e) => Err(err(StatusCode::BAD_REQUEST, &format!("The request body is not valid JSON: {e}."))),
+        Ok(_) => Err(err(
+            StatusCode::BAD_REQUEST,
+            "The request body must be a JSON object.",
+        )),
+        Err(e) => Err(err(
+            StatusCode::BAD_REQUEST,
+            &format!("The request body is not valid JSON: {e}."),
+        )),
     }
 }
 
@@ -484,10 +659,15 @@ fn data_event(c: &Change) -> Value {
                "Id": row.guid, "KeyAttributes": [], "LogicalName": logical, "RelatedEntities": [], "RowVersion": null})
     };
     let target = match c.message {
-        FnoMessage::Deleted => json!({"__type": format!("EntityReference:{CONTRACTS}"), "Id": c.row.guid, "KeyAttributes": [], "LogicalName": logical, "Name": null, "RowVersion": null}),
+        FnoMessage::Deleted => {
+            json!({"__type": format!("EntityReference:{CONTRACTS}"), "Id": c.row.guid, "KeyAttributes": [], "LogicalName": logical, "Name": null, "RowVersion": null})
+        }
         _ => entity(&c.row),
     };
-    let pre = c.pre.as_ref().map_or_else(|| json!([]), |p| json!([{"key": "PreImage", "value": entity(p)}]));
+    let pre = c.pre.as_ref().map_or_else(
+        || json!([]),
+        |p| json!([{"key": "PreImage", "value": entity(p)}]),
+    );
     let corr = new_guid();
     json!({
         "BusinessUnitId": "e2b9dd85-e89e-e711-8122-000d3aa2331c", "CorrelationId": corr, "Depth": 1,
@@ -504,7 +684,13 @@ fn data_event(c: &Change) -> Value {
 
 fn business_event(c: &Change, id: &str, control_number: u64) -> Value {
     let now = Utc::now();
-    let le = c.row.data.get("dataAreaId").and_then(Value::as_str).unwrap_or("").to_uppercase();
+    let le = c
+        .row
+        .data
+        .get("dataAreaId")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_uppercase();
     let mut out = Map::new();
     out.insert("BusinessEventId".into(), json!(id));
     out.insert("BusinessEventLegalEntity".into(), json!(le));
@@ -512,8 +698,14 @@ fn business_event(c: &Change, id: &str, control_number: u64) -> Value {
     out.insert("ControlNumber".into(), json!(control_number));
     out.insert("EventId".into(), json!(new_guid().to_uppercase()));
     out.insert("EventTime".into(), json!(wcf_date(now)));
-    out.insert("EventTimeIso8601".into(), json!(now.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)));
-    out.insert("InitiatingUserAADObjectId".into(), json!("{C3C3C3C3-0000-4000-8000-000000000003}"));
+    out.insert(
+        "EventTimeIso8601".into(),
+        json!(now.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
+    );
+    out.insert(
+        "InitiatingUserAADObjectId".into(),
+        json!("{C3C3C3C3-0000-4000-8000-000000000003}"),
+    );
     out.insert("MajorVersion".into(), json!(0));
     out.insert("MinorVersion".into(), json!(0));
     out.insert("ParentContextRecordSubjects".into(), json!([]));
@@ -577,7 +769,10 @@ impl crate::common::Handler for FnoState {
             Some(Fault::DropConnection) => return Outcome::Drop,
             Some(Fault::Status(s)) => {
                 let status = StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                return Outcome::Respond(err(status, "An error has occurred (fault injected by the simulator)."));
+                return Outcome::Respond(err(
+                    status,
+                    "An error has occurred (fault injected by the simulator).",
+                ));
             }
             _ => {}
         }
@@ -598,10 +793,16 @@ impl crate::common::Handler for FnoState {
         let _in_flight = match self.guard.admit(&user) {
             Ok(g) => g,
             Err(Throttled::Rate { retry_after_secs }) => {
-                return Outcome::Respond(err(StatusCode::TOO_MANY_REQUESTS, THROTTLE_MSG).with_header("retry-after", &retry_after_secs.to_string()));
+                return Outcome::Respond(
+                    err(StatusCode::TOO_MANY_REQUESTS, THROTTLE_MSG)
+                        .with_header("retry-after", &retry_after_secs.to_string()),
+                );
             }
             Err(Throttled::Concurrency) => {
-                return Outcome::Respond(err(StatusCode::TOO_MANY_REQUESTS, THROTTLE_MSG).with_header("retry-after", "1"));
+                return Outcome::Respond(
+                    err(StatusCode::TOO_MANY_REQUESTS, THROTTLE_MSG)
+                        .with_header("retry-after", "1"),
+                );
             }
         };
         let resp = if req.path == "/data/$batch" && req.method == Method::POST {
@@ -622,22 +823,45 @@ impl FnoState {
     fn batch(&self, req: &SimRequest) -> SimResponse {
         let parts = match batch::parse_batch(req.header("content-type").unwrap_or(""), &req.body) {
             Ok(p) => p,
-            Err(e) => return err(StatusCode::BAD_REQUEST, &format!("The $batch request is malformed: {e}.")),
+            Err(e) => {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    &format!("The $batch request is malformed: {e}."),
+                );
+            }
         };
         let count: usize = parts.iter().map(batch::Part::len).sum();
         if count > 5000 {
-            return err(StatusCode::BAD_REQUEST, &format!("The $batch request has {count} operations; the maximum is 5000."));
+            return err(
+                StatusCode::BAD_REQUEST,
+                &format!("The $batch request has {count} operations; the maximum is 5000."),
+            );
         }
         let continue_on_error = prefers(req).iter().any(|p| p == "odata.continue-on-error");
         let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
-        let (results, _) = batch::run(&mut FnoBatch { state: self, store: &mut store }, parts, DATA, continue_on_error);
+        let (results, _) = batch::run(
+            &mut FnoBatch {
+                state: self,
+                store: &mut store,
+            },
+            parts,
+            DATA,
+            continue_on_error,
+        );
         let pending = std::mem::take(&mut store.pending);
         drop(store);
         self.flush(pending);
         batch::write_response(&results, StatusCode::OK)
     }
 
-    fn user_op(&self, operation: &'static str, method: Method, entity_set: &str, key: Option<&str>, fields: Option<Value>) -> Result<Value, SimError> {
+    fn user_op(
+        &self,
+        operation: &'static str,
+        method: Method,
+        entity_set: &str,
+        key: Option<&str>,
+        fields: Option<Value>,
+    ) -> Result<Value, SimError> {
         let path = match key {
             Some(k) => format!("{DATA}{entity_set}({k})"),
             None => format!("{DATA}{entity_set}"),
@@ -647,18 +871,26 @@ impl FnoState {
             path,
             query: "cross-company=true".into(),
             headers: axum::http::HeaderMap::new(),
-            body: fields.map(|f| Bytes::from(serde_json::to_vec(&f).unwrap_or_default())).unwrap_or_default(),
+            body: fields
+                .map(|f| Bytes::from(serde_json::to_vec(&f).unwrap_or_default()))
+                .unwrap_or_default(),
         };
         let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         if !store.entities.contains_key(entity_set) {
-            return Err(SimError::UnknownTable { sim: "F&O", name: entity_set.to_owned() });
+            return Err(SimError::UnknownTable {
+                sim: "F&O",
+                name: entity_set.to_owned(),
+            });
         }
         let resp = self.execute(&mut store, &req);
         let pending = std::mem::take(&mut store.pending);
         drop(store);
         self.flush(pending);
         if !resp.is_success() {
-            let message = serde_json::from_slice::<Value>(&resp.body).ok().and_then(|v| v["error"]["message"].as_str().map(str::to_owned)).unwrap_or_default();
+            let message = serde_json::from_slice::<Value>(&resp.body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                .unwrap_or_default();
             return Err(SimError::Rejected {
                 sim: "F&O",
                 operation,
@@ -683,7 +915,13 @@ impl FnoSim {
     pub async fn start(config: FnoConfig) -> Result<Self, SimError> {
         let mut store = Store::default();
         for e in &config.entities {
-            store.entities.insert(e.entity_set.clone(), Entity { def: e.clone(), rows: BTreeMap::new() });
+            store.entities.insert(
+                e.entity_set.clone(),
+                Entity {
+                    def: e.clone(),
+                    rows: BTreeMap::new(),
+                },
+            );
         }
         let state = Arc::new(FnoState {
             store: Mutex::new(store),
@@ -697,7 +935,10 @@ impl FnoSim {
         });
         let server = serve("F&O", state.clone()).await?;
         let _ = state.base.set(format!("http://{}", server.addr));
-        Ok(Self { state, server: Arc::new(server) })
+        Ok(Self {
+            state,
+            server: Arc::new(server),
+        })
     }
 
     /// The environment URL, `http://127.0.0.1:<port>`; the token scope is `{base_url}/.default`.
@@ -713,33 +954,63 @@ impl FnoSim {
     /// Defines (or redefines, emptying it) a data entity.
     pub fn define_entity(&self, def: FnoEntityDef) {
         let mut store = self.state.store.lock().unwrap_or_else(|e| e.into_inner());
-        store.entities.insert(def.entity_set.clone(), Entity { def, rows: BTreeMap::new() });
+        store.entities.insert(
+            def.entity_set.clone(),
+            Entity {
+                def,
+                rows: BTreeMap::new(),
+            },
+        );
     }
 
     /// Registers an event endpoint.
     pub fn register_events(&self, registration: FnoEventRegistration) {
-        self.state.hooks.write().unwrap_or_else(|e| e.into_inner()).push(registration);
+        self.state
+            .hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(registration);
     }
 
     /// A person creates a record in the client; returns it as the API would.
     pub fn user_create(&self, entity_set: &str, fields: Value) -> Result<Value, SimError> {
-        self.state.user_op("user_create", Method::POST, entity_set, None, Some(fields))
+        self.state
+            .user_op("user_create", Method::POST, entity_set, None, Some(fields))
     }
 
     /// A person edits a record; `key` is `dataAreaId='usmf',CustomerAccount='US-001'`.
     pub fn user_edit(&self, entity_set: &str, key: &str, fields: Value) -> Result<(), SimError> {
-        self.state.user_op("user_edit", Method::PATCH, entity_set, Some(key), Some(fields)).map(|_| ())
+        self.state
+            .user_op(
+                "user_edit",
+                Method::PATCH,
+                entity_set,
+                Some(key),
+                Some(fields),
+            )
+            .map(|_| ())
     }
 
     /// A person deletes a record.
     pub fn user_delete(&self, entity_set: &str, key: &str) -> Result<(), SimError> {
-        self.state.user_op("user_delete", Method::DELETE, entity_set, Some(key), None).map(|_| ())
+        self.state
+            .user_op("user_delete", Method::DELETE, entity_set, Some(key), None)
+            .map(|_| ())
     }
 
     /// All records of an entity (every company), in key order.
     pub fn rows(&self, entity_set: &str) -> Vec<Value> {
         let store = self.state.store.lock().unwrap_or_else(|e| e.into_inner());
-        store.entities.get(entity_set).map(|e| e.rows.values().map(|r| Value::Object(r.data.clone())).collect()).unwrap_or_default()
+        store
+            .entities
+            .get(entity_set)
+            .map(|e| {
+                e.rows
+                    .values()
+                    .map(|r| Value::Object(r.data.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Request counters.

@@ -31,7 +31,8 @@ mod webhook;
 
 pub use common::{Fault, FaultConfig, SimError, SimStats, ThrottleConfig};
 pub use dataverse::{
-    ColumnKind, DataverseConfig, DataverseSim, TableDef, WebhookAuth, WebhookMessage, WebhookRegistration,
+    ColumnKind, DataverseConfig, DataverseSim, TableDef, WebhookAuth, WebhookMessage,
+    WebhookRegistration,
 };
 pub use entra::{EntraClient, EntraConfig, EntraSim};
 pub use fno::{FnoConfig, FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim};

@@ -135,7 +135,9 @@ pub(crate) fn parse_datetime(s: &str) -> Option<DateTime<Utc>> {
     if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return d.and_hms_opt(0, 0, 0).map(|n| n.and_utc());
     }
-    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f").ok().map(|n| n.and_utc())
+    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .ok()
+        .map(|n| n.and_utc())
 }
 
 fn word_term(w: &str) -> Term {
@@ -147,8 +149,13 @@ fn word_term(w: &str) -> Term {
         _ if w.len() >= 10 && w.as_bytes()[4] == b'-' && w.as_bytes()[0].is_ascii_digit() => {
             parse_datetime(w).map_or_else(|| Term::Field(w.to_owned()), Term::Date)
         }
-        _ => match w.trim_end_matches(['m', 'M', 'd', 'D', 'L', 'l']).parse::<f64>() {
-            Ok(n) if w.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.') => Term::Num(n),
+        _ => match w
+            .trim_end_matches(['m', 'M', 'd', 'D', 'L', 'l'])
+            .parse::<f64>()
+        {
+            Ok(n) if w.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.') => {
+                Term::Num(n)
+            }
             _ => Term::Field(w.to_owned()),
         },
     }
@@ -197,12 +204,18 @@ impl Parser {
             return Ok(inner);
         }
         // Function call?
-        if let (Some(Tok::Word(w)), Some(Tok::LParen)) = (self.toks.get(self.pos), self.toks.get(self.pos + 1)) {
+        if let (Some(Tok::Word(w)), Some(Tok::LParen)) =
+            (self.toks.get(self.pos), self.toks.get(self.pos + 1))
+        {
             let f = match w.to_ascii_lowercase().as_str() {
                 "contains" => StrFn::Contains,
                 "startswith" => StrFn::StartsWith,
                 "endswith" => StrFn::EndsWith,
-                other => return Err(format!("the function '{other}' is not supported; use contains, startswith or endswith")),
+                other => {
+                    return Err(format!(
+                        "the function '{other}' is not supported; use contains, startswith or endswith"
+                    ));
+                }
             };
             self.pos += 2;
             let a = self.term()?;
@@ -227,7 +240,11 @@ impl Parser {
                 "lt" => Some(CmpOp::Lt),
                 "le" => Some(CmpOp::Le),
                 "and" | "or" => None,
-                other => return Err(format!("the operator '{other}' is not supported; use eq, ne, gt, ge, lt, le, and, or, not")),
+                other => {
+                    return Err(format!(
+                        "the operator '{other}' is not supported; use eq, ne, gt, ge, lt, le, and, or, not"
+                    ));
+                }
             },
             _ => None,
         };
@@ -242,7 +259,11 @@ impl Parser {
     }
 
     fn term(&mut self) -> Result<Term, String> {
-        let t = self.toks.get(self.pos).cloned().ok_or("the expression ends where a value was expected")?;
+        let t = self
+            .toks
+            .get(self.pos)
+            .cloned()
+            .ok_or("the expression ends where a value was expected")?;
         self.pos += 1;
         match t {
             Tok::Str(s) | Tok::Enum(s) => Ok(Term::Str(s)),
@@ -258,7 +279,10 @@ pub(crate) fn parse_filter(s: &str) -> Result<Filter, String> {
     let mut p = Parser { toks, pos: 0 };
     let f = p.or()?;
     if p.pos != p.toks.len() {
-        return Err(format!("unexpected text after position {} of the filter", p.pos));
+        return Err(format!(
+            "unexpected text after position {} of the filter",
+            p.pos
+        ));
     }
     Ok(f)
 }
@@ -313,7 +337,11 @@ fn compare(a: &Operand, b: &Operand) -> Option<Ordering> {
 /// `*` wildcard match (F&O), case-insensitive.
 fn wildcard(value: &str, pattern: &str) -> bool {
     let v = value.to_lowercase();
-    let parts: Vec<String> = pattern.to_lowercase().split('*').map(str::to_owned).collect();
+    let parts: Vec<String> = pattern
+        .to_lowercase()
+        .split('*')
+        .map(str::to_owned)
+        .collect();
     let mut pos = 0;
     for (i, part) in parts.iter().enumerate() {
         if part.is_empty() {
@@ -458,7 +486,11 @@ pub(crate) fn parse_key(inner: &str) -> Result<Vec<KeyPart>, String> {
             }
             (if is_guid(&raw) { norm_guid(&raw) } else { raw }, false)
         };
-        parts.push(KeyPart { name, value, quoted });
+        parts.push(KeyPart {
+            name,
+            value,
+            quoted,
+        });
         while i < chars.len() && chars[i] == ' ' {
             i += 1;
         }
@@ -513,13 +545,23 @@ mod tests {
 
     #[test]
     fn filter_comparisons_and_logic() {
-        let r = row(json!({"name": "Contoso Ltd", "revenue": 100, "modifiedon": "2026-05-02T10:00:00Z", "city": null}));
-        let t = |f: &str| eval(&parse_filter(f).unwrap_or_else(|e| panic!("{f}: {e}")), &r, false);
+        let r = row(
+            json!({"name": "Contoso Ltd", "revenue": 100, "modifiedon": "2026-05-02T10:00:00Z", "city": null}),
+        );
+        let t = |f: &str| {
+            eval(
+                &parse_filter(f).unwrap_or_else(|e| panic!("{f}: {e}")),
+                &r,
+                false,
+            )
+        };
         assert!(t("name eq 'contoso ltd'"));
         assert!(t("revenue gt 50 and revenue le 100"));
         assert!(!t("revenue lt 100"));
         assert!(t("not (revenue eq 1) or name eq 'x'"));
-        assert!(t("contains(name,'toso') and startswith(name,'Con') and endswith(name,'ltd')"));
+        assert!(t(
+            "contains(name,'toso') and startswith(name,'Con') and endswith(name,'ltd')"
+        ));
         assert!(t("modifiedon ge 2026-05-01T00:00:00Z"));
         assert!(!t("modifiedon ge 2026-06-01"));
         assert!(t("city eq null"));
@@ -529,7 +571,11 @@ mod tests {
     #[test]
     fn filter_enum_literals_wildcards_and_quotes() {
         let r = row(json!({"Blocked": "Yes", "Name": "O'Brien", "Acct": "US-001"}));
-        assert!(eval(&parse_filter("Blocked eq Microsoft.Dynamics.DataEntities.NoYes'Yes'").unwrap(), &r, true));
+        assert!(eval(
+            &parse_filter("Blocked eq Microsoft.Dynamics.DataEntities.NoYes'Yes'").unwrap(),
+            &r,
+            true
+        ));
         assert!(eval(&parse_filter("Name eq 'O''Brien'").unwrap(), &r, true));
         assert!(eval(&parse_filter("Acct eq 'US-*'").unwrap(), &r, true));
         assert!(!eval(&parse_filter("Acct eq 'US-*'").unwrap(), &r, false));
@@ -544,8 +590,18 @@ mod tests {
 
     #[test]
     fn keys_parse_compound_and_escaped() {
-        let k = parse_key("accountnumber='A''1',_msdyn_company_value=6D81597F-0F9F-E711-8122-000D3AA2331C,n=5").unwrap();
-        assert_eq!(k[0], KeyPart { name: Some("accountnumber".into()), value: "A'1".into(), quoted: true });
+        let k = parse_key(
+            "accountnumber='A''1',_msdyn_company_value=6D81597F-0F9F-E711-8122-000D3AA2331C,n=5",
+        )
+        .unwrap();
+        assert_eq!(
+            k[0],
+            KeyPart {
+                name: Some("accountnumber".into()),
+                value: "A'1".into(),
+                quoted: true
+            }
+        );
         assert_eq!(k[1].value, "6d81597f-0f9f-e711-8122-000d3aa2331c");
         assert_eq!(k[2].value, "5");
         let single = parse_key("6d81597f-0f9f-e711-8122-000d3aa2331c").unwrap();

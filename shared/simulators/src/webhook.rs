@@ -85,7 +85,10 @@ impl Dispatcher {
                     while let Some(d) = rx.recv().await {
                         let rec = deliver(&client, &d).await;
                         if rec.error.is_some() {
-                            log.failed.lock().unwrap_or_else(|e| e.into_inner()).push(rec.clone());
+                            log.failed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(rec.clone());
                         }
                         log.made.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
                         log.pending.fetch_sub(1, Ordering::AcqRel);
@@ -121,11 +124,19 @@ impl Dispatcher {
     }
 
     pub fn made(&self) -> Vec<DeliveryRecord> {
-        self.log.made.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.log
+            .made
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn failed(&self) -> Vec<DeliveryRecord> {
-        self.log.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.log
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -143,8 +154,17 @@ async fn deliver(client: &reqwest::Client, d: &Delivery) -> DeliveryRecord {
         }
         let (status, error) = match req.send().await {
             Ok(resp) if resp.status().is_success() => (Some(resp.status().as_u16()), None),
-            Ok(resp) => (Some(resp.status().as_u16()), Some(format!("the endpoint answered HTTP {}", resp.status().as_u16()))),
-            Err(e) => (None, Some(format!("the endpoint could not be reached: {e}"))),
+            Ok(resp) => (
+                Some(resp.status().as_u16()),
+                Some(format!(
+                    "the endpoint answered HTTP {}",
+                    resp.status().as_u16()
+                )),
+            ),
+            Err(e) => (
+                None,
+                Some(format!("the endpoint could not be reached: {e}")),
+            ),
         };
         let retryable = match (error.is_some(), d.policy.only_gateway_errors) {
             (false, _) => false,

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use chrono::SecondsFormat;
 use dualwrite_core::Side;
 use dualwrite_core::ports::{
-    Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition, WriteOutcome,
+    Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition,
+    WriteOutcome,
 };
 use dualwrite_core::record::Record;
 use reqwest::Method;
@@ -17,8 +18,13 @@ use tracing::{info, warn};
 use super::DataverseConfig;
 use super::wire::{company_in_key, id_from_entity_url, record_body, record_from_row, render_key};
 use crate::batch::{BatchRequest, build_changeset_batch, parse_batch_response};
-use crate::http::{HttpResponse, ODataClient, ODataRequest, encode_path, encode_query, server_message};
-use crate::odata::{RawObject, json_string, literal_text, parse_collection, parse_object, query_filter, raw_str, render_filter};
+use crate::http::{
+    HttpResponse, ODataClient, ODataRequest, encode_path, encode_query, server_message,
+};
+use crate::odata::{
+    RawObject, json_string, literal_text, parse_collection, parse_object, query_filter, raw_str,
+    render_filter,
+};
 use crate::schema::EntitySchema;
 
 /// Most targets of one `UpsertMultiple` call or `$batch`.
@@ -61,26 +67,53 @@ impl DataverseConnector {
         })
     }
 
+    /// The Web API root requests go to (no trailing slash).
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The counters of this connector.
+    pub fn stats(&self) -> &std::sync::Arc<crate::stats::ConnectorStats> {
+        &self.config.stats
+    }
+
     fn schema(&self, entity: &str) -> Option<&EntitySchema> {
         self.config.schemas.get(entity)
     }
 
     fn error(&self, entity: &str, kind: ConnectorErrorKind, message: String) -> ConnectorError {
-        ConnectorError { side: Side::Crm, entity: entity.to_string(), kind, status: None, message }
+        ConnectorError {
+            side: Side::Crm,
+            entity: entity.to_string(),
+            kind,
+            status: None,
+            message,
+        }
     }
 
     fn bad_answer(&self, entity: &str, message: String) -> ConnectorError {
-        self.error(entity, ConnectorErrorKind::Transient, format!("unreadable answer from Dataverse: {message}"))
+        self.error(
+            entity,
+            ConnectorErrorKind::Transient,
+            format!("unreadable answer from Dataverse: {message}"),
+        )
     }
 
-    async fn send(&self, entity: &str, request: ODataRequest) -> Result<HttpResponse, ConnectorError> {
+    async fn send(
+        &self,
+        entity: &str,
+        request: ODataRequest,
+    ) -> Result<HttpResponse, ConnectorError> {
         self.client.send(entity, &request).await
     }
 
     /// Reads every company row into the cache.
     async fn load_companies(&self) -> Result<(), ConnectorError> {
         let set = &self.config.company_set;
-        let (code_f, id_f) = (&self.config.company_code_field, &self.config.company_id_field);
+        let (code_f, id_f) = (
+            &self.config.company_code_field,
+            &self.config.company_id_field,
+        );
         let mut url = format!("{}/{set}?$select={id_f},{code_f}", self.base);
         let mut companies = Companies::default();
         loop {
@@ -88,10 +121,16 @@ impl DataverseConnector {
             if !answer.is_success() {
                 return Err(answer.to_error(Side::Crm, set));
             }
-            let (rows, next) = parse_collection(&answer.body).map_err(|e| self.bad_answer(set, e))?;
+            let (rows, next) =
+                parse_collection(&answer.body).map_err(|e| self.bad_answer(set, e))?;
             for row in rows {
-                if let (Some(id), Some(code)) = (row.get(id_f.as_str()).and_then(|r| raw_str(r)), row.get(code_f.as_str()).and_then(|r| raw_str(r))) {
-                    companies.id_by_code.insert(code.to_uppercase(), id.to_lowercase());
+                if let (Some(id), Some(code)) = (
+                    row.get(id_f.as_str()).and_then(|r| raw_str(r)),
+                    row.get(code_f.as_str()).and_then(|r| raw_str(r)),
+                ) {
+                    companies
+                        .id_by_code
+                        .insert(code.to_uppercase(), id.to_lowercase());
                     companies.code_by_id.insert(id.to_lowercase(), code);
                 }
             }
@@ -106,12 +145,16 @@ impl DataverseConnector {
 
     fn cached_company_id(&self, code: &str) -> Option<String> {
         let guard = self.companies.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().and_then(|c| c.id_by_code.get(&code.to_uppercase()).cloned())
+        guard
+            .as_ref()
+            .and_then(|c| c.id_by_code.get(&code.to_uppercase()).cloned())
     }
 
     fn cached_company_code(&self, id: &str) -> Option<String> {
         let guard = self.companies.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().and_then(|c| c.code_by_id.get(&id.to_lowercase()).cloned())
+        guard
+            .as_ref()
+            .and_then(|c| c.code_by_id.get(&id.to_lowercase()).cloned())
     }
 
     /// The `cdm_companies` row id of company `code`.
@@ -124,7 +167,10 @@ impl DataverseConnector {
             self.error(
                 entity,
                 ConnectorErrorKind::BadRequest,
-                format!("company {code} has no row in {}: create the legal entity in Dataverse first", self.config.company_set),
+                format!(
+                    "company {code} has no row in {}: create the legal entity in Dataverse first",
+                    self.config.company_set
+                ),
             )
         })
     }
@@ -135,17 +181,35 @@ impl DataverseConnector {
             return Ok(());
         };
         let column = format!("_{field}_value");
-        let missing = rows.iter().filter_map(|r| r.get(&column).and_then(|v| raw_str(v))).any(|id| self.cached_company_code(&id).is_none());
-        if missing { self.load_companies().await } else { Ok(()) }
+        let missing = rows
+            .iter()
+            .filter_map(|r| r.get(&column).and_then(|v| raw_str(v)))
+            .any(|id| self.cached_company_code(&id).is_none());
+        if missing {
+            self.load_companies().await
+        } else {
+            Ok(())
+        }
     }
 
     fn to_record(&self, entity: &str, row: &RawObject) -> Result<Record, ConnectorError> {
-        record_from_row(entity, self.schema(entity), row, &|id| self.cached_company_code(id)).map_err(|e| {
-            self.error(entity, ConnectorErrorKind::BadRequest, format!("record does not fit the table maps: {e}"))
+        record_from_row(entity, self.schema(entity), row, &|id| {
+            self.cached_company_code(id)
+        })
+        .map_err(|e| {
+            self.error(
+                entity,
+                ConnectorErrorKind::BadRequest,
+                format!("record does not fit the table maps: {e}"),
+            )
         })
     }
 
-    async fn rows_to_records(&self, entity: &str, rows: &[RawObject]) -> Result<Vec<Record>, ConnectorError> {
+    async fn rows_to_records(
+        &self,
+        entity: &str,
+        rows: &[RawObject],
+    ) -> Result<Vec<Record>, ConnectorError> {
         self.know_companies(entity, rows).await?;
         rows.iter().map(|r| self.to_record(entity, r)).collect()
     }
@@ -169,21 +233,52 @@ impl DataverseConnector {
 
     fn company_bind(&self, record: &Record) -> Option<String> {
         record.company.as_ref().map(|code| {
-            format!("/{}({}='{}')", self.config.company_set, self.config.company_code_field, code.replace('\'', "''"))
+            format!(
+                "/{}({}='{}')",
+                self.config.company_set,
+                self.config.company_code_field,
+                code.replace('\'', "''")
+            )
         })
     }
 
-    fn body(&self, entity: &str, record: &Record, extra: &[(String, String)]) -> Result<String, ConnectorError> {
-        record_body(self.schema(entity), record, self.company_bind(record), extra)
-            .map_err(|e| self.error(entity, ConnectorErrorKind::BadRequest, format!("cannot write the record: {e}")))
+    fn body(
+        &self,
+        entity: &str,
+        record: &Record,
+        extra: &[(String, String)],
+    ) -> Result<String, ConnectorError> {
+        record_body(
+            self.schema(entity),
+            record,
+            self.company_bind(record),
+            extra,
+        )
+        .map_err(|e| {
+            self.error(
+                entity,
+                ConnectorErrorKind::BadRequest,
+                format!("cannot write the record: {e}"),
+            )
+        })
     }
 
     /// The outcome of a write answered with or without a representation.
-    async fn outcome(&self, entity: &str, answer: &HttpResponse) -> Result<WriteOutcome, ConnectorError> {
-        let mut outcome = WriteOutcome { created: answer.status == 201, ..WriteOutcome::default() };
+    async fn outcome(
+        &self,
+        entity: &str,
+        answer: &HttpResponse,
+    ) -> Result<WriteOutcome, ConnectorError> {
+        let mut outcome = WriteOutcome {
+            created: answer.status == 201,
+            ..WriteOutcome::default()
+        };
         if !answer.body.trim().is_empty() {
             let row = parse_object(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
-            let record = self.rows_to_records(entity, std::slice::from_ref(&row)).await?.remove(0);
+            let record = self
+                .rows_to_records(entity, std::slice::from_ref(&row))
+                .await?
+                .remove(0);
             outcome.id = record.id;
             outcome.etag = record.etag;
             outcome.version = record.version;
@@ -203,39 +298,65 @@ impl DataverseConnector {
         items: &[(RecordRef, Record)],
     ) -> Result<Option<Vec<Result<WriteOutcome, ConnectorError>>>, ConnectorError> {
         let schema = self.schema(entity);
-        let logical = schema.and_then(|s| s.logical_name.clone()).unwrap_or_else(|| entity.trim_end_matches('s').to_string());
+        let logical = schema
+            .and_then(|s| s.logical_name.clone())
+            .unwrap_or_else(|| entity.trim_end_matches('s').to_string());
         let mut targets = Vec::with_capacity(items.len());
         for (at, record) in items {
             let mut extra = vec![
-                ("@odata.type".to_string(), json_string(&format!("Microsoft.Dynamics.CRM.{logical}"))),
-                ("@odata.id".to_string(), json_string(&self.address(entity, at).await?)),
+                (
+                    "@odata.type".to_string(),
+                    json_string(&format!("Microsoft.Dynamics.CRM.{logical}")),
+                ),
+                (
+                    "@odata.id".to_string(),
+                    json_string(&self.address(entity, at).await?),
+                ),
             ];
-            if let (RecordRef::Id(id), Some(pid)) = (at, schema.and_then(|s| s.primary_id.clone())) {
+            if let (RecordRef::Id(id), Some(pid)) = (at, schema.and_then(|s| s.primary_id.clone()))
+            {
                 extra.push((pid, json_string(id)));
             }
             targets.push(self.body(entity, record, &extra)?);
         }
         let body = format!("{{\"Targets\":[{}]}}", targets.join(","));
-        let url = format!("{}/{entity}/Microsoft.Dynamics.CRM.UpsertMultiple", self.base);
-        let answer = self.send(entity, ODataRequest::new(Method::POST, url).json(body)).await?;
+        let url = format!(
+            "{}/{entity}/Microsoft.Dynamics.CRM.UpsertMultiple",
+            self.base
+        );
+        let answer = self
+            .send(entity, ODataRequest::new(Method::POST, url).json(body))
+            .await?;
         if !answer.is_success() {
-            let message = server_message(&answer.body).unwrap_or_default().to_lowercase();
+            let message = server_message(&answer.body)
+                .unwrap_or_default()
+                .to_lowercase();
             let refused = matches!(answer.status, 404 | 405 | 501)
-                || (answer.status == 400 && (message.contains("not supported") || message.contains("upsertmultiple")));
+                || (answer.status == 400
+                    && (message.contains("not supported") || message.contains("upsertmultiple")));
             if refused {
-                warn!(side = "crm", entity, status = answer.status, "UpsertMultiple refused, using $batch");
+                warn!(
+                    side = "crm",
+                    entity,
+                    status = answer.status,
+                    "UpsertMultiple refused, using $batch"
+                );
                 self.upsert_multiple_refused.store(true, Ordering::Relaxed);
                 return Ok(None);
             }
             return Err(answer.to_error(Side::Crm, entity));
         }
         // The answer lists the ids in order (`Ids`), or per-target results (`Results`).
-        let ids: Vec<Option<String>> = match serde_json::from_str::<serde_json::Value>(&answer.body) {
+        let ids: Vec<Option<String>> = match serde_json::from_str::<serde_json::Value>(&answer.body)
+        {
             Ok(json) => {
                 if let Some(ids) = json.get("Ids").and_then(|v| v.as_array()) {
                     ids.iter().map(|v| v.as_str().map(str::to_string)).collect()
                 } else if let Some(results) = json.get("Results").and_then(|v| v.as_array()) {
-                    results.iter().map(|r| r.get("Id").and_then(|v| v.as_str()).map(str::to_string)).collect()
+                    results
+                        .iter()
+                        .map(|r| r.get("Id").and_then(|v| v.as_str()).map(str::to_string))
+                        .collect()
                 } else {
                     Vec::new()
                 }
@@ -245,7 +366,15 @@ impl DataverseConnector {
         let created: Vec<bool> = serde_json::from_str::<serde_json::Value>(&answer.body)
             .ok()
             .and_then(|j| j.get("Results").and_then(|v| v.as_array()).cloned())
-            .map(|r| r.iter().map(|x| x.get("RecordCreated").and_then(|v| v.as_bool()).unwrap_or(false)).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|x| {
+                        x.get("RecordCreated")
+                            .and_then(|v| v.as_bool())
+                            .unwrap_or(false)
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         Ok(Some(
             items
@@ -256,7 +385,11 @@ impl DataverseConnector {
                         RecordRef::Id(id) => Some(id.clone()),
                         RecordRef::Key(_) => None,
                     });
-                    Ok(WriteOutcome { id, created: created.get(i).copied().unwrap_or(false), ..WriteOutcome::default() })
+                    Ok(WriteOutcome {
+                        id,
+                        created: created.get(i).copied().unwrap_or(false),
+                        ..WriteOutcome::default()
+                    })
                 })
                 .collect(),
         ))
@@ -279,12 +412,21 @@ impl DataverseConnector {
         let id = format!("{:016x}", rand::random::<u64>());
         let (content_type, body) = build_changeset_batch(&id, &requests);
         let url = format!("{}/$batch", self.base);
-        let answer = self.send(entity, ODataRequest::new(Method::POST, url).body(content_type, body)).await?;
+        let answer = self
+            .send(
+                entity,
+                ODataRequest::new(Method::POST, url).body(content_type, body),
+            )
+            .await?;
         if !answer.is_success() {
             return Err(answer.to_error(Side::Crm, entity));
         }
-        let content_type = answer.header("Content-Type").unwrap_or_default().to_string();
-        let parts = parse_batch_response(&content_type, &answer.body).map_err(|e| self.bad_answer(entity, e))?;
+        let content_type = answer
+            .header("Content-Type")
+            .unwrap_or_default()
+            .to_string();
+        let parts = parse_batch_response(&content_type, &answer.body)
+            .map_err(|e| self.bad_answer(entity, e))?;
         batch_outcomes(Side::Crm, entity, items.len(), &parts)
     }
 }
@@ -302,7 +444,12 @@ pub(crate) fn batch_outcomes(
         if let Some(v) = p.header("retry-after").and_then(|v| v.parse().ok()) {
             headers.insert("retry-after", v);
         }
-        HttpResponse { status: p.status, headers, body: p.body.clone() }.to_error(side, entity)
+        HttpResponse {
+            status: p.status,
+            headers,
+            body: p.body.clone(),
+        }
+        .to_error(side, entity)
     };
     if parts.len() == items {
         return Ok(parts
@@ -332,7 +479,10 @@ pub(crate) fn batch_outcomes(
             entity: entity.to_string(),
             kind: ConnectorErrorKind::Transient,
             status: None,
-            message: format!("the $batch answer holds {} responses for {items} requests", parts.len()),
+            message: format!(
+                "the $batch answer holds {} responses for {items} requests",
+                parts.len()
+            ),
         }),
     }
 }
@@ -354,12 +504,17 @@ impl Connector for DataverseConnector {
 
     async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
         let url = format!("{}/{}", self.base, self.address(entity, at).await?);
-        let answer = self.send(entity, ODataRequest::new(Method::GET, url)).await?;
+        let answer = self
+            .send(entity, ODataRequest::new(Method::GET, url))
+            .await?;
         match answer.status {
             404 => Ok(None),
             _ if answer.is_success() => {
                 let row = parse_object(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
-                Ok(self.rows_to_records(entity, std::slice::from_ref(&row)).await?.pop())
+                Ok(self
+                    .rows_to_records(entity, std::slice::from_ref(&row))
+                    .await?
+                    .pop())
             }
             _ => Err(answer.to_error(Side::Crm, entity)),
         }
@@ -369,28 +524,43 @@ impl Connector for DataverseConnector {
         let url = match &query.page_token {
             Some(next) => {
                 if !next.starts_with(&self.base) {
-                    return Err(self.error(entity, ConnectorErrorKind::BadRequest, format!("page token {next} does not belong to {}", self.base)));
+                    return Err(self.error(
+                        entity,
+                        ConnectorErrorKind::BadRequest,
+                        format!("page token {next} does not belong to {}", self.base),
+                    ));
                 }
                 next.clone()
             }
             None => {
-                let filter = query.filter.as_ref().map(|f| render_filter(f, &|_, l| literal_text(l)));
-                let modified = query
-                    .modified_since
-                    .map(|t| format!("modifiedon ge {}", t.to_rfc3339_opts(SecondsFormat::AutoSi, true)));
+                let filter = query
+                    .filter
+                    .as_ref()
+                    .map(|f| render_filter(f, &|_, l| literal_text(l)));
+                let modified = query.modified_since.map(|t| {
+                    format!(
+                        "modifiedon ge {}",
+                        t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+                    )
+                });
                 match query_filter(filter, modified) {
                     Some(f) => format!("{}/{entity}?$filter={}", self.base, encode_query(&f)),
                     None => format!("{}/{entity}", self.base),
                 }
             }
         };
-        let size = query.page_size.unwrap_or(self.config.page_size).clamp(1, 5000);
-        let request = ODataRequest::new(Method::GET, url).header("Prefer", format!("odata.maxpagesize={size}"));
+        let size = query
+            .page_size
+            .unwrap_or(self.config.page_size)
+            .clamp(1, 5000);
+        let request = ODataRequest::new(Method::GET, url)
+            .header("Prefer", format!("odata.maxpagesize={size}"));
         let answer = self.send(entity, request).await?;
         if !answer.is_success() {
             return Err(answer.to_error(Side::Crm, entity));
         }
-        let (rows, next) = parse_collection(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
+        let (rows, next) =
+            parse_collection(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
         let records = self.rows_to_records(entity, &rows).await?;
         Ok(Page { records, next })
     }
@@ -404,8 +574,12 @@ impl Connector for DataverseConnector {
     ) -> Result<WriteOutcome, ConnectorError> {
         let url = format!("{}/{}", self.base, self.address(entity, at).await?);
         let body = self.body(entity, record, &[])?;
-        let request = ODataRequest::new(Method::PATCH, url).header("Prefer", "return=representation").json(body);
-        let answer = self.send(entity, condition_headers(request, &condition)).await?;
+        let request = ODataRequest::new(Method::PATCH, url)
+            .header("Prefer", "return=representation")
+            .json(body);
+        let answer = self
+            .send(entity, condition_headers(request, &condition))
+            .await?;
         if !answer.is_success() {
             return Err(answer.to_error(Side::Crm, entity));
         }
@@ -414,7 +588,9 @@ impl Connector for DataverseConnector {
 
     async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
         let url = format!("{}/{}", self.base, self.address(entity, at).await?);
-        let answer = self.send(entity, ODataRequest::new(Method::DELETE, url)).await?;
+        let answer = self
+            .send(entity, ODataRequest::new(Method::DELETE, url))
+            .await?;
         if answer.is_success() || answer.status == 404 {
             Ok(())
         } else {
@@ -437,7 +613,12 @@ impl Connector for DataverseConnector {
             }
             results.extend(self.batch_upsert(entity, chunk).await?);
         }
-        info!(side = "crm", entity, items = items.len(), "bulk upsert done");
+        info!(
+            side = "crm",
+            entity,
+            items = items.len(),
+            "bulk upsert done"
+        );
         Ok(results)
     }
 }

@@ -38,7 +38,11 @@ pub struct DataverseConfig {
 
 impl DataverseConfig {
     /// A configuration with 5,000-row pages, a 60 s timeout and the standard company table.
-    pub fn new(base_url: impl Into<String>, tokens: Arc<dyn TokenSource>, schemas: Arc<EntitySchemas>) -> Self {
+    pub fn new(
+        base_url: impl Into<String>,
+        tokens: Arc<dyn TokenSource>,
+        schemas: Arc<EntitySchemas>,
+    ) -> Self {
         DataverseConfig {
             base_url: base_url.into(),
             tokens,
@@ -55,6 +59,8 @@ impl DataverseConfig {
 
     /// The token scope to ask for.
     pub fn scope(&self) -> String {
-        self.scope.clone().unwrap_or_else(|| default_scope(&self.base_url))
+        self.scope
+            .clone()
+            .unwrap_or_else(|| default_scope(&self.base_url))
     }
 }

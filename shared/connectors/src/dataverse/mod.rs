@@ -8,6 +8,6 @@ mod config;
 mod tests;
 pub mod wire;
 
-pub(crate) use client::batch_outcomes;
 pub use client::DataverseConnector;
+pub(crate) use client::batch_outcomes;
 pub use config::DataverseConfig;

@@ -6,7 +6,10 @@ use chrono::{DateTime, Utc};
 use dualwrite_core::record::{Record, RecordKey, SourceVersion};
 use dualwrite_core::value::{LookupRef, Value, ValueType};
 
-use crate::odata::{DateStyle, RawObject, decimal_from_text, json_string, object_text, raw_str, value_from_json, value_to_json};
+use crate::odata::{
+    DateStyle, RawObject, decimal_from_text, json_string, object_text, raw_str, value_from_json,
+    value_to_json,
+};
 use crate::schema::EntitySchema;
 
 /// The Web API name of a lookup column's value: `transactioncurrencyid` →
@@ -21,17 +24,25 @@ pub fn lookup_value_column(field: &str) -> String {
 /// company lookup's value column with `company_guid`, the `cdm_companies` row id of that code
 /// (the caller resolves it). Integer and choice key fields are written unquoted, text quoted
 /// with quotes doubled. Returns the pair that could not be rendered as the error.
-pub fn render_key(schema: Option<&EntitySchema>, key: &RecordKey, company_guid: Option<&str>) -> Result<String, String> {
+pub fn render_key(
+    schema: Option<&EntitySchema>,
+    key: &RecordKey,
+    company_guid: Option<&str>,
+) -> Result<String, String> {
     let company_field = schema.and_then(|s| s.company_field.as_deref());
     let mut parts = Vec::with_capacity(key.0.len());
     for (field, value) in &key.0 {
         if Some(field.as_str()) == company_field {
-            let guid = company_guid.ok_or_else(|| format!("no company row is known for {field}='{value}'"))?;
+            let guid = company_guid
+                .ok_or_else(|| format!("no company row is known for {field}='{value}'"))?;
             parts.push(format!("{}={guid}", lookup_value_column(field)));
             continue;
         }
         let unquoted = field.starts_with('_') && field.ends_with("_value")
-            || matches!(schema.and_then(|s| s.type_of(field)), Some(ValueType::Integer | ValueType::Choice));
+            || matches!(
+                schema.and_then(|s| s.type_of(field)),
+                Some(ValueType::Integer | ValueType::Choice)
+            );
         if unquoted {
             parts.push(format!("{field}={value}"));
         } else {
@@ -43,7 +54,9 @@ pub fn render_key(schema: Option<&EntitySchema>, key: &RecordKey, company_guid: 
 
 /// The company code in `key`, when the key names the schema's company field.
 pub fn company_in_key<'a>(schema: Option<&EntitySchema>, key: &'a RecordKey) -> Option<&'a str> {
-    schema.and_then(|s| s.company_field.as_deref()).and_then(|f| key.get(f))
+    schema
+        .and_then(|s| s.company_field.as_deref())
+        .and_then(|f| key.get(f))
 }
 
 /// The id inside an `OData-EntityId` header or an `@odata.id`: `…/accounts(<guid>)` → guid.
@@ -67,7 +80,10 @@ fn version_of(row: &RawObject) -> Result<Option<SourceVersion>, String> {
             decimal_from_text(&text).and_then(|d| i64::try_from(d).ok())
         })
         .unwrap_or(0);
-    Ok(Some(SourceVersion { modified_on, sequence }))
+    Ok(Some(SourceVersion {
+        modified_on,
+        sequence,
+    }))
 }
 
 /// Converts one row to a [`Record`] of `entity`.
@@ -94,12 +110,17 @@ pub fn record_from_row(
         if name.contains('@') || Some(name.as_str()) == primary_id {
             continue;
         }
-        if let Some(field) = name.strip_prefix('_').and_then(|n| n.strip_suffix("_value")) {
+        if let Some(field) = name
+            .strip_prefix('_')
+            .and_then(|n| n.strip_suffix("_value"))
+        {
             let guid = raw_str(raw);
             if Some(field) == company_field {
                 if let Some(guid) = guid {
                     record.company = Some(company_code(&guid).ok_or_else(|| {
-                        format!("field {field}: company row {guid} is not in {entity}'s company table")
+                        format!(
+                            "field {field}: company row {guid} is not in {entity}'s company table"
+                        )
                     })?);
                 }
                 continue;
@@ -107,7 +128,10 @@ pub fn record_from_row(
             let value = match guid {
                 None => Value::Null,
                 Some(id) => Value::Lookup(LookupRef {
-                    entity_set: schema.and_then(|s| s.lookup_targets.get(field)).cloned().unwrap_or_default(),
+                    entity_set: schema
+                        .and_then(|s| s.lookup_targets.get(field))
+                        .cloned()
+                        .unwrap_or_default(),
                     id: Some(id),
                     key: None,
                 }),
@@ -144,7 +168,12 @@ pub fn record_body(
                 let target = match (&l.id, &l.key) {
                     (Some(id), _) => format!("/{}({id})", l.entity_set),
                     (None, Some(key)) => format!("/{}({key})", l.entity_set),
-                    (None, None) => return Err(format!("field {name}: lookup to {} has neither id nor key", l.entity_set)),
+                    (None, None) => {
+                        return Err(format!(
+                            "field {name}: lookup to {} has neither id nor key",
+                            l.entity_set
+                        ));
+                    }
                 };
                 pairs.push((format!("{name}@odata.bind"), json_string(&target)));
             }
@@ -152,7 +181,8 @@ pub fn record_body(
                 pairs.push((format!("{name}@odata.bind"), "null".into()));
             }
             other => {
-                let json = value_to_json(other, DateStyle::DateOnly).map_err(|e| format!("field {name}: {e}"))?;
+                let json = value_to_json(other, DateStyle::DateOnly)
+                    .map_err(|e| format!("field {name}: {e}"))?;
                 pairs.push((name.clone(), json));
             }
         }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tracing::{debug, warn};
 
 use super::{EntraConfig, Secret, TokenError, TokenSource};
-use crate::http::{encode_query, parse_retry_after, server_message};
+use crate::http::{encode_form, parse_retry_after, server_message};
 use crate::stats::ConnectorStats;
 
 /// Fetches tokens with the OAuth 2.0 client-credentials grant from Entra ID (or a simulator
@@ -48,14 +48,20 @@ struct TokenResponse {
 impl EntraTokenProvider {
     /// A provider for `config`, counting fetches in `stats`.
     pub fn new(config: EntraConfig, stats: Arc<ConnectorStats>) -> Result<Self, TokenError> {
-        let http = reqwest::Client::builder().timeout(config.timeout).build().map_err(|e| {
-            TokenError::Unreachable {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| TokenError::Unreachable {
                 endpoint: config.token_endpoint(),
                 scope: String::new(),
                 message: format!("cannot build the HTTP client: {e}"),
-            }
-        })?;
-        Ok(EntraTokenProvider { config, http, slots: Mutex::new(HashMap::new()), stats })
+            })?;
+        Ok(EntraTokenProvider {
+            config,
+            http,
+            slots: Mutex::new(HashMap::new()),
+            stats,
+        })
     }
 
     fn slot(&self, scope: &str) -> Arc<ScopeSlot> {
@@ -65,16 +71,19 @@ impl EntraTokenProvider {
 
     fn fresh(slot: &ScopeSlot) -> Option<Secret> {
         let cached = slot.cached.lock().unwrap_or_else(|e| e.into_inner());
-        cached.as_ref().filter(|c| Instant::now() < c.refresh_at).map(|c| c.token.clone())
+        cached
+            .as_ref()
+            .filter(|c| Instant::now() < c.refresh_at)
+            .map(|c| c.token.clone())
     }
 
     async fn fetch(&self, scope: &str) -> Result<(Secret, Duration), TokenError> {
         let endpoint = self.config.token_endpoint();
         let body = format!(
             "client_id={}&scope={}&client_secret={}&grant_type=client_credentials",
-            encode_query(&self.config.client_id),
-            encode_query(scope),
-            encode_query(self.config.client_secret.expose()),
+            encode_form(&self.config.client_id),
+            encode_form(scope),
+            encode_form(self.config.client_secret.expose()),
         );
         self.stats.token_fetch();
         let response = self
@@ -112,11 +121,17 @@ impl EntraTokenProvider {
                 retry_after_ms: retry_after,
             });
         }
-        let parsed: TokenResponse = serde_json::from_str(&text).map_err(|e| {
-            TokenError::BadResponse { endpoint: endpoint.clone(), scope: scope.to_string(), message: e.to_string() }
-        })?;
+        let parsed: TokenResponse =
+            serde_json::from_str(&text).map_err(|e| TokenError::BadResponse {
+                endpoint: endpoint.clone(),
+                scope: scope.to_string(),
+                message: e.to_string(),
+            })?;
         debug!(scope, expires_in = parsed.expires_in, "token fetched");
-        Ok((Secret::new(parsed.access_token), Duration::from_secs(parsed.expires_in)))
+        Ok((
+            Secret::new(parsed.access_token),
+            Duration::from_secs(parsed.expires_in),
+        ))
     }
 }
 
@@ -140,8 +155,10 @@ impl TokenSource for EntraTokenProvider {
         let obtained = Instant::now();
         let (token, lifetime) = self.fetch(scope).await?;
         let refresh_at = obtained + lifetime.saturating_sub(refresh_margin(lifetime));
-        *slot.cached.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(CachedToken { token: token.clone(), refresh_at });
+        *slot.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(CachedToken {
+            token: token.clone(),
+            refresh_at,
+        });
         Ok(token)
     }
 

@@ -45,7 +45,11 @@ mod secs {
 
 impl EntraConfig {
     /// A configuration with the default authority and timeout.
-    pub fn new(tenant: impl Into<String>, client_id: impl Into<String>, client_secret: Secret) -> Self {
+    pub fn new(
+        tenant: impl Into<String>,
+        client_id: impl Into<String>,
+        client_secret: Secret,
+    ) -> Self {
         EntraConfig {
             authority: default_authority(),
             tenant: tenant.into(),
@@ -57,6 +61,10 @@ impl EntraConfig {
 
     /// The token endpoint URL.
     pub fn token_endpoint(&self) -> String {
-        format!("{}/{}/oauth2/v2.0/token", self.authority.trim_end_matches('/'), self.tenant)
+        format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.authority.trim_end_matches('/'),
+            self.tenant
+        )
     }
 }

@@ -59,13 +59,27 @@ pub enum TokenError {
         "token endpoint {endpoint} refused a token for scope {scope} (HTTP {status}): {message}; \
          check the tenant, client id, client secret and scope in the configuration"
     )]
-    Refused { endpoint: String, scope: String, status: u16, message: String, retry_after_ms: Option<u64> },
+    Refused {
+        endpoint: String,
+        scope: String,
+        status: u16,
+        message: String,
+        retry_after_ms: Option<u64>,
+    },
     /// The token endpoint could not be reached or timed out.
     #[error("token endpoint {endpoint} could not be reached for scope {scope}: {message}")]
-    Unreachable { endpoint: String, scope: String, message: String },
+    Unreachable {
+        endpoint: String,
+        scope: String,
+        message: String,
+    },
     /// The endpoint answered 2xx with a body that is not a token.
     #[error("token endpoint {endpoint} sent an unreadable token for scope {scope}: {message}")]
-    BadResponse { endpoint: String, scope: String, message: String },
+    BadResponse {
+        endpoint: String,
+        scope: String,
+        message: String,
+    },
 }
 
 impl TokenError {
@@ -73,8 +87,14 @@ impl TokenError {
     /// (`Unauthorized`), throttling and 5xx/unreachable endpoints are retried later.
     pub fn into_connector_error(self, side: Side, entity: &str) -> ConnectorError {
         let (kind, status) = match &self {
-            TokenError::Refused { status: 429, retry_after_ms, .. } => (
-                ConnectorErrorKind::Throttled { retry_after_ms: retry_after_ms.unwrap_or(1000) },
+            TokenError::Refused {
+                status: 429,
+                retry_after_ms,
+                ..
+            } => (
+                ConnectorErrorKind::Throttled {
+                    retry_after_ms: retry_after_ms.unwrap_or(1000),
+                },
                 Some(429),
             ),
             TokenError::Refused { status, .. } if *status >= 500 => {
@@ -84,7 +104,13 @@ impl TokenError {
             TokenError::Unreachable { .. } => (ConnectorErrorKind::Transient, None),
             TokenError::BadResponse { .. } => (ConnectorErrorKind::Transient, None),
         };
-        ConnectorError { side, entity: entity.to_string(), kind, status, message: self.to_string() }
+        ConnectorError {
+            side,
+            entity: entity.to_string(),
+            kind,
+            status,
+            message: self.to_string(),
+        }
     }
 }
 
@@ -117,6 +143,8 @@ impl TokenSource for StaticToken {
 /// `https://org.crm.dynamics.com/.default` (scheme, host and port kept, path dropped).
 pub fn default_scope(resource_url: &str) -> String {
     let after_scheme = resource_url.find("://").map_or(0, |i| i + 3);
-    let end = resource_url[after_scheme..].find('/').map_or(resource_url.len(), |i| after_scheme + i);
+    let end = resource_url[after_scheme..]
+        .find('/')
+        .map_or(resource_url.len(), |i| after_scheme + i);
     format!("{}/.default", &resource_url[..end])
 }

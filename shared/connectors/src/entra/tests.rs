@@ -33,10 +33,15 @@ async fn token_handler(State(s): State<Arc<TokenEndpoint>>, body: String) -> (St
         );
     }
     let expires = s.expires_in.load(Ordering::SeqCst);
-    (StatusCode::OK, format!(r#"{{"token_type":"Bearer","expires_in":{expires},"access_token":"tok-{n}"}}"#))
+    (
+        StatusCode::OK,
+        format!(r#"{{"token_type":"Bearer","expires_in":{expires},"access_token":"tok-{n}"}}"#),
+    )
 }
 
-async fn provider(expires_in: u64) -> (Arc<TokenEndpoint>, EntraTokenProvider, Arc<ConnectorStats>) {
+async fn provider(
+    expires_in: u64,
+) -> (Arc<TokenEndpoint>, EntraTokenProvider, Arc<ConnectorStats>) {
     let state = Arc::new(TokenEndpoint::default());
     state.expires_in.store(expires_in, Ordering::SeqCst);
     let router = Router::new()
@@ -46,13 +51,20 @@ async fn provider(expires_in: u64) -> (Arc<TokenEndpoint>, EntraTokenProvider, A
     let mut config = EntraConfig::new("contoso", "app-1", Secret::new("s3cr&t"));
     config.authority = base;
     let stats = Arc::new(ConnectorStats::default());
-    (state, EntraTokenProvider::new(config, stats.clone()).unwrap(), stats)
+    (
+        state,
+        EntraTokenProvider::new(config, stats.clone()).unwrap(),
+        stats,
+    )
 }
 
 #[tokio::test]
 async fn form_body_is_the_client_credentials_grant() {
     let (state, p, _) = provider(3599).await;
-    let token = p.token("https://org.crm.dynamics.com/.default").await.unwrap();
+    let token = p
+        .token("https://org.crm.dynamics.com/.default")
+        .await
+        .unwrap();
     assert_eq!(token.expose(), "tok-1");
     assert_eq!(
         state.bodies.lock().unwrap()[0],
@@ -79,7 +91,9 @@ async fn concurrent_callers_share_one_refresh() {
     let mut tasks = Vec::new();
     for _ in 0..10 {
         let p = p.clone();
-        tasks.push(tokio::spawn(async move { p.token("https://a/.default").await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            p.token("https://a/.default").await.unwrap()
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap().expose(), "tok-1");
@@ -117,7 +131,10 @@ async fn refusal_names_endpoint_scope_and_server_message() {
     assert!(text.contains("https://a/.default"), "{text}");
     assert!(text.contains("AADSTS7000215"), "{text}");
     let ce = err.into_connector_error(dualwrite_core::Side::Crm, "accounts");
-    assert_eq!(ce.kind, dualwrite_core::ports::ConnectorErrorKind::Unauthorized);
+    assert_eq!(
+        ce.kind,
+        dualwrite_core::ports::ConnectorErrorKind::Unauthorized
+    );
 }
 
 #[test]
@@ -130,14 +147,32 @@ fn secrets_are_redacted_in_debug_output() {
 
 #[test]
 fn refresh_margin_is_a_tenth_or_five_minutes() {
-    assert_eq!(client::refresh_margin(Duration::from_secs(3600)), Duration::from_secs(360));
-    assert_eq!(client::refresh_margin(Duration::from_secs(1800)), Duration::from_secs(300));
-    assert_eq!(client::refresh_margin(Duration::from_secs(60)), Duration::from_secs(30));
+    assert_eq!(
+        client::refresh_margin(Duration::from_secs(3600)),
+        Duration::from_secs(360)
+    );
+    assert_eq!(
+        client::refresh_margin(Duration::from_secs(1800)),
+        Duration::from_secs(300)
+    );
+    assert_eq!(
+        client::refresh_margin(Duration::from_secs(60)),
+        Duration::from_secs(30)
+    );
 }
 
 #[test]
 fn default_scope_keeps_the_origin() {
-    assert_eq!(default_scope("https://org.crm.dynamics.com/api/data/v9.2"), "https://org.crm.dynamics.com/.default");
-    assert_eq!(default_scope("http://127.0.0.1:8080/data"), "http://127.0.0.1:8080/.default");
-    assert_eq!(default_scope("https://x.operations.dynamics.com"), "https://x.operations.dynamics.com/.default");
+    assert_eq!(
+        default_scope("https://org.crm.dynamics.com/api/data/v9.2"),
+        "https://org.crm.dynamics.com/.default"
+    );
+    assert_eq!(
+        default_scope("http://127.0.0.1:8080/data"),
+        "http://127.0.0.1:8080/.default"
+    );
+    assert_eq!(
+        default_scope("https://x.operations.dynamics.com"),
+        "https://x.operations.dynamics.com/.default"
+    );
 }

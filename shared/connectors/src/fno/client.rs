@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use chrono::SecondsFormat;
 use dualwrite_core::Side;
 use dualwrite_core::ports::{
-    Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition, WriteOutcome,
+    Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition,
+    WriteOutcome,
 };
 use dualwrite_core::record::{Record, RecordKey};
 use reqwest::Method;
@@ -33,10 +34,19 @@ pub struct FnoConnector {
 impl FnoConnector {
     /// A connector for `config`.
     pub fn new(config: FnoConfig) -> Result<Self, ConnectorError> {
-        let client =
-            ODataClient::new(Side::Erp, config.tokens.clone(), config.scope(), config.timeout, config.stats.clone())?;
+        let client = ODataClient::new(
+            Side::Erp,
+            config.tokens.clone(),
+            config.scope(),
+            config.timeout,
+            config.stats.clone(),
+        )?;
         let data = format!("{}/data", config.base_url.trim_end_matches('/'));
-        Ok(FnoConnector { config, data, client })
+        Ok(FnoConnector {
+            config,
+            data,
+            client,
+        })
     }
 
     /// The schemas this connector converts by.
@@ -44,16 +54,31 @@ impl FnoConnector {
         &self.config.schemas
     }
 
+    /// The counters of this connector.
+    pub fn stats(&self) -> &Arc<crate::stats::ConnectorStats> {
+        &self.config.stats
+    }
+
     fn schema(&self, entity: &str) -> Option<&EntitySchema> {
         self.config.schemas.get(entity)
     }
 
     fn error(&self, entity: &str, kind: ConnectorErrorKind, message: String) -> ConnectorError {
-        ConnectorError { side: Side::Erp, entity: entity.to_string(), kind, status: None, message }
+        ConnectorError {
+            side: Side::Erp,
+            entity: entity.to_string(),
+            kind,
+            status: None,
+            message,
+        }
     }
 
     fn bad_answer(&self, entity: &str, message: String) -> ConnectorError {
-        self.error(entity, ConnectorErrorKind::Transient, format!("unreadable answer from F&O: {message}"))
+        self.error(
+            entity,
+            ConnectorErrorKind::Transient,
+            format!("unreadable answer from F&O: {message}"),
+        )
     }
 
     /// The record's key: the rendered id parsed back, or the key itself.
@@ -61,7 +86,11 @@ impl FnoConnector {
         match at {
             RecordRef::Key(k) => Ok(k.clone()),
             RecordRef::Id(id) => parse_key(id).ok_or_else(|| {
-                self.error(entity, ConnectorErrorKind::BadRequest, format!("record id {id} is not an OData key (field='value',…)"))
+                self.error(
+                    entity,
+                    ConnectorErrorKind::BadRequest,
+                    format!("record id {id} is not an OData key (field='value',…)"),
+                )
             }),
         }
     }
@@ -73,17 +102,35 @@ impl FnoConnector {
     fn to_record(&self, entity: &str, body: &str) -> Result<Record, ConnectorError> {
         let row = parse_object(body).map_err(|e| self.bad_answer(entity, e))?;
         record_from_row(entity, self.schema(entity), &row).map_err(|e| {
-            self.error(entity, ConnectorErrorKind::BadRequest, format!("record does not fit the table maps: {e}"))
+            self.error(
+                entity,
+                ConnectorErrorKind::BadRequest,
+                format!("record does not fit the table maps: {e}"),
+            )
         })
     }
 
-    async fn send(&self, entity: &str, request: ODataRequest) -> Result<HttpResponse, ConnectorError> {
+    async fn send(
+        &self,
+        entity: &str,
+        request: ODataRequest,
+    ) -> Result<HttpResponse, ConnectorError> {
         self.client.send(entity, &request).await
     }
 
-    fn body(&self, entity: &str, record: &Record, key: &RecordKey) -> Result<String, ConnectorError> {
-        record_body(record, Some(key))
-            .map_err(|e| self.error(entity, ConnectorErrorKind::BadRequest, format!("cannot write the record: {e}")))
+    fn body(
+        &self,
+        entity: &str,
+        record: &Record,
+        key: &RecordKey,
+    ) -> Result<String, ConnectorError> {
+        record_body(record, Some(key)).map_err(|e| {
+            self.error(
+                entity,
+                ConnectorErrorKind::BadRequest,
+                format!("cannot write the record: {e}"),
+            )
+        })
     }
 
     async fn patch(
@@ -100,7 +147,10 @@ impl FnoConnector {
         if !answer.is_success() {
             return Err(answer.to_error(Side::Erp, entity));
         }
-        let mut outcome = WriteOutcome { id: Some(key.to_string()), ..WriteOutcome::default() };
+        let mut outcome = WriteOutcome {
+            id: Some(key.to_string()),
+            ..WriteOutcome::default()
+        };
         if answer.body.trim().is_empty() {
             outcome.etag = answer.header("ETag").map(str::to_string);
         } else {
@@ -111,7 +161,12 @@ impl FnoConnector {
         Ok(outcome)
     }
 
-    async fn post(&self, entity: &str, key: &RecordKey, record: &Record) -> Result<WriteOutcome, ConnectorError> {
+    async fn post(
+        &self,
+        entity: &str,
+        key: &RecordKey,
+        record: &Record,
+    ) -> Result<WriteOutcome, ConnectorError> {
         let request = ODataRequest::new(Method::POST, format!("{}/{entity}", self.data))
             .header("Prefer", "return=representation")
             .json(self.body(entity, record, key)?);
@@ -119,7 +174,11 @@ impl FnoConnector {
         if !answer.is_success() {
             return Err(answer.to_error(Side::Erp, entity));
         }
-        let mut outcome = WriteOutcome { id: Some(key.to_string()), created: true, ..WriteOutcome::default() };
+        let mut outcome = WriteOutcome {
+            id: Some(key.to_string()),
+            created: true,
+            ..WriteOutcome::default()
+        };
         if answer.body.trim().is_empty() {
             outcome.etag = answer.header("ETag").map(str::to_string);
         } else {
@@ -141,7 +200,9 @@ impl Connector for FnoConnector {
     async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
         let key = self.key(entity, at)?;
         let url = format!("{}?cross-company=true", self.entity_url(entity, &key));
-        let answer = self.send(entity, ODataRequest::new(Method::GET, url)).await?;
+        let answer = self
+            .send(entity, ODataRequest::new(Method::GET, url))
+            .await?;
         match answer.status {
             404 => Ok(None),
             _ if answer.is_success() => {
@@ -157,16 +218,26 @@ impl Connector for FnoConnector {
         let url = match &query.page_token {
             Some(next) => {
                 if !next.starts_with(&self.data) {
-                    return Err(self.error(entity, ConnectorErrorKind::BadRequest, format!("page token {next} does not belong to {}", self.data)));
+                    return Err(self.error(
+                        entity,
+                        ConnectorErrorKind::BadRequest,
+                        format!("page token {next} does not belong to {}", self.data),
+                    ));
                 }
                 next.clone()
             }
             None => {
                 let schema = self.schema(entity);
-                let filter = query.filter.as_ref().map(|f| render_filter(f, &|field, l| filter_literal(schema, field, l)));
-                let modified = query
-                    .modified_since
-                    .map(|t| format!("ModifiedDateTime ge {}", t.to_rfc3339_opts(SecondsFormat::AutoSi, true)));
+                let filter = query
+                    .filter
+                    .as_ref()
+                    .map(|f| render_filter(f, &|field, l| filter_literal(schema, field, l)));
+                let modified = query.modified_since.map(|t| {
+                    format!(
+                        "ModifiedDateTime ge {}",
+                        t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+                    )
+                });
                 let mut url = format!("{}/{entity}?cross-company=true", self.data);
                 if let Some(f) = query_filter(filter, modified) {
                     url.push_str(&format!("&$filter={}", encode_query(&f)));
@@ -174,19 +245,28 @@ impl Connector for FnoConnector {
                 url
             }
         };
-        let size = query.page_size.unwrap_or(self.config.page_size).clamp(1, 10_000);
-        let request = ODataRequest::new(Method::GET, url).header("Prefer", format!("odata.maxpagesize={size}"));
+        let size = query
+            .page_size
+            .unwrap_or(self.config.page_size)
+            .clamp(1, 10_000);
+        let request = ODataRequest::new(Method::GET, url)
+            .header("Prefer", format!("odata.maxpagesize={size}"));
         let answer = self.send(entity, request).await?;
         if !answer.is_success() {
             return Err(answer.to_error(Side::Erp, entity));
         }
-        let (rows, next) = parse_collection(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
+        let (rows, next) =
+            parse_collection(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
         let schema = self.schema(entity);
         let records = rows
             .iter()
             .map(|row| {
                 record_from_row(entity, schema, row).map_err(|e| {
-                    self.error(entity, ConnectorErrorKind::BadRequest, format!("record does not fit the table maps: {e}"))
+                    self.error(
+                        entity,
+                        ConnectorErrorKind::BadRequest,
+                        format!("record does not fit the table maps: {e}"),
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -220,7 +300,12 @@ impl Connector for FnoConnector {
 
     async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
         let key = self.key(entity, at)?;
-        let answer = self.send(entity, ODataRequest::new(Method::DELETE, self.entity_url(entity, &key))).await?;
+        let answer = self
+            .send(
+                entity,
+                ODataRequest::new(Method::DELETE, self.entity_url(entity, &key)),
+            )
+            .await?;
         if answer.is_success() || answer.status == 404 {
             Ok(())
         } else {
@@ -241,26 +326,48 @@ impl Connector for FnoConnector {
             let mut keys = Vec::with_capacity(chunk.len());
             for (at, record) in chunk {
                 let key = self.key(entity, at)?;
-                let exists = self.read(entity, &RecordRef::Key(key.clone())).await?.is_some();
+                let exists = self
+                    .read(entity, &RecordRef::Key(key.clone()))
+                    .await?
+                    .is_some();
                 let body = Some(self.body(entity, record, &key)?);
                 requests.push(if exists {
-                    BatchRequest { method: "PATCH".into(), url: self.entity_url(entity, &key), headers: vec![("If-Match".into(), "*".into())], body }
+                    BatchRequest {
+                        method: "PATCH".into(),
+                        url: self.entity_url(entity, &key),
+                        headers: vec![("If-Match".into(), "*".into())],
+                        body,
+                    }
                 } else {
-                    BatchRequest { method: "POST".into(), url: format!("{}/{entity}", self.data), headers: vec![], body }
+                    BatchRequest {
+                        method: "POST".into(),
+                        url: format!("{}/{entity}", self.data),
+                        headers: vec![],
+                        body,
+                    }
                 });
                 keys.push(key);
             }
             let id = format!("{:016x}", rand::random::<u64>());
             let (content_type, body) = build_changeset_batch(&id, &requests);
             let answer = self
-                .send(entity, ODataRequest::new(Method::POST, format!("{}/$batch", self.data)).body(content_type, body))
+                .send(
+                    entity,
+                    ODataRequest::new(Method::POST, format!("{}/$batch", self.data))
+                        .body(content_type, body),
+                )
                 .await?;
             if !answer.is_success() {
                 return Err(answer.to_error(Side::Erp, entity));
             }
-            let content_type = answer.header("Content-Type").unwrap_or_default().to_string();
-            let parts = parse_batch_response(&content_type, &answer.body).map_err(|e| self.bad_answer(entity, e))?;
-            let outcomes = crate::dataverse::batch_outcomes(Side::Erp, entity, chunk.len(), &parts)?;
+            let content_type = answer
+                .header("Content-Type")
+                .unwrap_or_default()
+                .to_string();
+            let parts = parse_batch_response(&content_type, &answer.body)
+                .map_err(|e| self.bad_answer(entity, e))?;
+            let outcomes =
+                crate::dataverse::batch_outcomes(Side::Erp, entity, chunk.len(), &parts)?;
             results.extend(outcomes.into_iter().zip(keys).map(|(r, key)| {
                 r.map(|mut o| {
                     o.id = Some(key.to_string());
@@ -268,8 +375,12 @@ impl Connector for FnoConnector {
                 })
             }));
         }
-        info!(side = "erp", entity, items = items.len(), "bulk upsert done");
+        info!(
+            side = "erp",
+            entity,
+            items = items.len(),
+            "bulk upsert done"
+        );
         Ok(results)
     }
 }
-

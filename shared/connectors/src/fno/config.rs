@@ -31,7 +31,11 @@ pub struct FnoConfig {
 
 impl FnoConfig {
     /// A configuration with 10,000-row pages and a 120 s timeout.
-    pub fn new(base_url: impl Into<String>, tokens: Arc<dyn TokenSource>, schemas: Arc<EntitySchemas>) -> Self {
+    pub fn new(
+        base_url: impl Into<String>,
+        tokens: Arc<dyn TokenSource>,
+        schemas: Arc<EntitySchemas>,
+    ) -> Self {
         FnoConfig {
             base_url: base_url.into(),
             tokens,
@@ -45,6 +49,8 @@ impl FnoConfig {
 
     /// The token scope to ask for.
     pub fn scope(&self) -> String {
-        self.scope.clone().unwrap_or_else(|| default_scope(&self.base_url))
+        self.scope
+            .clone()
+            .unwrap_or_else(|| default_scope(&self.base_url))
     }
 }

@@ -6,7 +6,10 @@ use dualwrite_core::map::filter::Literal;
 use dualwrite_core::record::{Record, RecordKey, SourceVersion};
 use dualwrite_core::value::{Value, ValueType};
 
-use crate::odata::{DateStyle, RawObject, json_string, literal_text, object_text, raw_str, value_from_json, value_to_json};
+use crate::odata::{
+    DateStyle, RawObject, json_string, literal_text, object_text, raw_str, value_from_json,
+    value_to_json,
+};
 use crate::schema::EntitySchema;
 
 /// The company field of every company-specific data entity.
@@ -21,7 +24,8 @@ const NO_YES: &str = "Microsoft.Dynamics.DataEntities.NoYes";
 /// table map, so their symbols are sent as plain strings (`PartyType eq 'Organization'`),
 /// which F&O accepts for enum fields.
 pub fn filter_literal(schema: Option<&EntitySchema>, field: &str, literal: &Literal) -> String {
-    if let (Some(ValueType::Enum), Literal::Text(symbol)) = (schema.and_then(|s| s.type_of(field)), literal)
+    if let (Some(ValueType::Enum), Literal::Text(symbol)) =
+        (schema.and_then(|s| s.type_of(field)), literal)
         && (symbol == "Yes" || symbol == "No")
     {
         return format!("{NO_YES}'{symbol}'");
@@ -86,14 +90,22 @@ pub fn key_of_row(schema: &EntitySchema, record: &Record) -> Option<RecordKey> {
 /// Converts one row to a [`Record`] of `entity`: company from `dataAreaId`, id the rendered
 /// key (when the schema names the key), version from `ModifiedDateTime` when the entity has
 /// it (otherwise none: the ETag is the only change marker), ETag from `@odata.etag`.
-pub fn record_from_row(entity: &str, schema: Option<&EntitySchema>, row: &RawObject) -> Result<Record, String> {
+pub fn record_from_row(
+    entity: &str,
+    schema: Option<&EntitySchema>,
+    row: &RawObject,
+) -> Result<Record, String> {
     let mut record = Record::new(entity);
     record.etag = row.get("@odata.etag").and_then(|r| raw_str(r));
     record.company = row.get(DATA_AREA_ID).and_then(|r| raw_str(r));
     if let Some(modified) = row.get("ModifiedDateTime").and_then(|r| raw_str(r)) {
-        let at = DateTime::parse_from_rfc3339(&modified)
-            .map_err(|e| format!("field ModifiedDateTime: {modified:?} is not an ISO 8601 date-time: {e}"))?;
-        record.version = Some(SourceVersion { modified_on: at.with_timezone(&Utc), sequence: 0 });
+        let at = DateTime::parse_from_rfc3339(&modified).map_err(|e| {
+            format!("field ModifiedDateTime: {modified:?} is not an ISO 8601 date-time: {e}")
+        })?;
+        record.version = Some(SourceVersion {
+            modified_on: at.with_timezone(&Utc),
+            sequence: 0,
+        });
     }
     for (name, raw) in row {
         if name.contains('@') || name == DATA_AREA_ID {
@@ -103,7 +115,9 @@ pub fn record_from_row(entity: &str, schema: Option<&EntitySchema>, row: &RawObj
         let value = value_from_json(raw, ty).map_err(|e| format!("field {name}: {e}"))?;
         record.fields.insert(name.clone(), value);
     }
-    record.id = schema.and_then(|s| key_of_row(s, &record)).map(|k| k.to_string());
+    record.id = schema
+        .and_then(|s| key_of_row(s, &record))
+        .map(|k| k.to_string());
     Ok(record)
 }
 
@@ -116,9 +130,14 @@ pub fn record_body(record: &Record, key: Option<&RecordKey>) -> Result<String, S
             continue;
         }
         if let Value::Lookup(l) = value {
-            return Err(format!("field {name}: F&O fields hold natural keys, not Dataverse lookups ({l:?})"));
+            return Err(format!(
+                "field {name}: F&O fields hold natural keys, not Dataverse lookups ({l:?})"
+            ));
         }
-        pairs.push((name.clone(), value_to_json(value, DateStyle::Midnight).map_err(|e| format!("field {name}: {e}"))?));
+        pairs.push((
+            name.clone(),
+            value_to_json(value, DateStyle::Midnight).map_err(|e| format!("field {name}: {e}"))?,
+        ));
     }
     let mut company = record.company.clone();
     for (field, value) in key.map(|k| k.0.as_slice()).unwrap_or_default() {

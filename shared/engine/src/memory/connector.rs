@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use dualwrite_core::map::apply::ERP_COMPANY_FIELD;
 use dualwrite_core::ports::{
-    Clock, Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition, WriteOutcome,
+    Clock, Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition,
+    WriteOutcome,
 };
 use dualwrite_core::{ChangeEvent, Operation, Record, RecordKey, Side, SourceVersion, Value};
 
@@ -52,7 +53,10 @@ pub struct MemoryConnector {
 
 impl std::fmt::Debug for MemoryConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryConnector").field("side", &self.side).field("inner", &self.inner).finish()
+        f.debug_struct("MemoryConnector")
+            .field("side", &self.side)
+            .field("inner", &self.inner)
+            .finish()
     }
 }
 
@@ -67,10 +71,16 @@ enum Actor {
 fn matches_key(record: &Record, key: &RecordKey) -> bool {
     key.0.iter().all(|(field, value)| {
         if field == ERP_COMPANY_FIELD && !record.fields.contains_key(field) {
-            return record.company.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(value));
+            return record
+                .company
+                .as_deref()
+                .is_some_and(|c| c.eq_ignore_ascii_case(value));
         }
         match record.get(field) {
-            Some(Value::Lookup(l)) => l.key.as_ref().is_some_and(|k| k.0.iter().any(|(_, v)| v == value)),
+            Some(Value::Lookup(l)) => l
+                .key
+                .as_ref()
+                .is_some_and(|k| k.0.iter().any(|(_, v)| v == value)),
             Some(v) => v.to_string() == *value,
             None => false,
         }
@@ -80,7 +90,11 @@ fn matches_key(record: &Record, key: &RecordKey) -> bool {
 impl MemoryConnector {
     /// An empty system of `side`; versions take their time from `clock`.
     pub fn new(side: Side, clock: Arc<dyn Clock>) -> Self {
-        MemoryConnector { side, clock, inner: Mutex::new(Inner::default()) }
+        MemoryConnector {
+            side,
+            clock,
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     fn error(&self, entity: &str, kind: ConnectorErrorKind, message: String) -> ConnectorError {
@@ -93,14 +107,23 @@ impl MemoryConnector {
             ConnectorErrorKind::Throttled { .. } => 429,
             ConnectorErrorKind::Transient => 503,
         };
-        ConnectorError { side: self.side, entity: entity.to_string(), kind, status: Some(status), message }
+        ConnectorError {
+            side: self.side,
+            entity: entity.to_string(),
+            kind,
+            status: Some(status),
+            message,
+        }
     }
 
     fn find_id(inner: &Inner, entity: &str, at: &RecordRef) -> Option<String> {
         let table = inner.tables.get(entity)?;
         match at {
             RecordRef::Id(id) => table.keys().find(|k| k.eq_ignore_ascii_case(id)).cloned(),
-            RecordRef::Key(key) => table.iter().find(|(_, r)| matches_key(r, key)).map(|(id, _)| id.clone()),
+            RecordRef::Key(key) => table
+                .iter()
+                .find(|(_, r)| matches_key(r, key))
+                .map(|(id, _)| id.clone()),
         }
     }
 
@@ -110,7 +133,9 @@ impl MemoryConnector {
             // F&O: the id is the rendered natural key.
             (RecordRef::Key(key), Side::Erp) => key.to_string(),
             // Dataverse: a GUID-like id.
-            (RecordRef::Key(_), Side::Crm) => format!("{sequence:08x}-0000-4000-8000-{sequence:012x}"),
+            (RecordRef::Key(_), Side::Crm) => {
+                format!("{sequence:08x}-0000-4000-8000-{sequence:012x}")
+            }
         }
     }
 
@@ -131,13 +156,20 @@ impl MemoryConnector {
             return Err(self.error(entity, kind, "injected failure".into()));
         }
         let existing_id = Self::find_id(&inner, entity, at);
-        let existing = existing_id.as_ref().and_then(|id| inner.tables.get(entity).and_then(|t| t.get(id))).cloned();
+        let existing = existing_id
+            .as_ref()
+            .and_then(|id| inner.tables.get(entity).and_then(|t| t.get(id)))
+            .cloned();
         let failed = match (condition, &existing) {
             (WriteCondition::None, _) => None,
             (WriteCondition::IfMatch(etag), Some(r)) if r.etag.as_ref() == Some(etag) => None,
-            (WriteCondition::IfMatch(etag), _) => Some(format!("the record no longer has ETag {etag}")),
+            (WriteCondition::IfMatch(etag), _) => {
+                Some(format!("the record no longer has ETag {etag}"))
+            }
             (WriteCondition::MustExist, None) => Some("the record does not exist".to_string()),
-            (WriteCondition::MustNotExist, Some(_)) => Some("the record exists already".to_string()),
+            (WriteCondition::MustNotExist, Some(_)) => {
+                Some("the record exists already".to_string())
+            }
             _ => None,
         };
         if let Some(message) = failed {
@@ -166,20 +198,42 @@ impl MemoryConnector {
         if record.company.is_some() && stored.company.is_none() {
             stored.company.clone_from(&record.company);
         }
-        stored.version = Some(SourceVersion { modified_on: now, sequence });
+        stored.version = Some(SourceVersion {
+            modified_on: now,
+            sequence,
+        });
         stored.etag = Some(format!("W/\"{sequence}\""));
         let id = stored.id.clone().unwrap_or_default();
-        inner.tables.entry(entity.to_string()).or_default().insert(id.clone(), stored.clone());
+        inner
+            .tables
+            .entry(entity.to_string())
+            .or_default()
+            .insert(id.clone(), stored.clone());
         let event = self.event(sequence, Operation::Upsert, stored.clone(), now);
         if actor == Actor::Dualwrite {
-            inner.writes.push(WriteLogEntry { entity: entity.to_string(), id: id.clone(), kind: WriteKind::Upsert, record: record.clone() });
+            inner.writes.push(WriteLogEntry {
+                entity: entity.to_string(),
+                id: id.clone(),
+                kind: WriteKind::Upsert,
+                record: record.clone(),
+            });
             inner.echoes.push(event.clone());
         }
-        let outcome = WriteOutcome { id: Some(id), etag: stored.etag.clone(), version: stored.version, created };
+        let outcome = WriteOutcome {
+            id: Some(id),
+            etag: stored.etag.clone(),
+            version: stored.version,
+            created,
+        };
         Ok((event, outcome))
     }
 
-    fn remove(&self, entity: &str, at: &RecordRef, actor: Actor) -> Result<Option<ChangeEvent>, ConnectorError> {
+    fn remove(
+        &self,
+        entity: &str,
+        at: &RecordRef,
+        actor: Actor,
+    ) -> Result<Option<ChangeEvent>, ConnectorError> {
         let now = self.clock.now();
         let mut inner = lock(&self.inner);
         if actor == Actor::Dualwrite
@@ -195,16 +249,30 @@ impl MemoryConnector {
         let sequence = inner.sequence;
         let mut gone = Record::new(entity);
         gone.id = Some(id.clone());
-        gone.version = Some(SourceVersion { modified_on: now, sequence });
+        gone.version = Some(SourceVersion {
+            modified_on: now,
+            sequence,
+        });
         let event = self.event(sequence, Operation::Delete, gone.clone(), now);
         if actor == Actor::Dualwrite {
-            inner.writes.push(WriteLogEntry { entity: entity.to_string(), id, kind: WriteKind::Delete, record: Record::new(entity) });
+            inner.writes.push(WriteLogEntry {
+                entity: entity.to_string(),
+                id,
+                kind: WriteKind::Delete,
+                record: Record::new(entity),
+            });
             inner.echoes.push(event.clone());
         }
         Ok(Some(event))
     }
 
-    fn event(&self, sequence: i64, operation: Operation, record: Record, now: chrono::DateTime<chrono::Utc>) -> ChangeEvent {
+    fn event(
+        &self,
+        sequence: i64,
+        operation: Operation,
+        record: Record,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> ChangeEvent {
         ChangeEvent {
             event_id: format!("{}-{sequence}", self.side),
             source: self.side,
@@ -219,7 +287,12 @@ impl MemoryConnector {
     /// A user creates or edits a record: `fields` are set (the record is created when nothing
     /// is found at `at`). Returns the event the system would emit (full record, not partial).
     /// Not logged as a dualwrite write and not queued as an echo.
-    pub fn edit(&self, entity: &str, at: &RecordRef, fields: impl IntoIterator<Item = (String, Value)>) -> ChangeEvent {
+    pub fn edit(
+        &self,
+        entity: &str,
+        at: &RecordRef,
+        fields: impl IntoIterator<Item = (String, Value)>,
+    ) -> ChangeEvent {
         let mut record = Record::new(entity);
         record.fields.extend(fields);
         match self.change(entity, at, &record, &WriteCondition::None, Actor::User) {
@@ -243,7 +316,11 @@ impl MemoryConnector {
 
     /// Every record of `entity`, by id.
     pub fn records(&self, entity: &str) -> Vec<Record> {
-        lock(&self.inner).tables.get(entity).map(|t| t.values().cloned().collect()).unwrap_or_default()
+        lock(&self.inner)
+            .tables
+            .get(entity)
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every write dualwrite made, in order.
@@ -282,7 +359,11 @@ impl Connector for MemoryConnector {
     async fn query(&self, entity: &str, query: &Query) -> Result<Page, ConnectorError> {
         let offset: usize = match &query.page_token {
             Some(t) => t.parse().map_err(|_| {
-                self.error(entity, ConnectorErrorKind::BadRequest, format!("page token {t:?} is not one this connector issued"))
+                self.error(
+                    entity,
+                    ConnectorErrorKind::BadRequest,
+                    format!("page token {t:?} is not one this connector issued"),
+                )
             })?,
             None => 0,
         };
@@ -290,7 +371,11 @@ impl Connector for MemoryConnector {
             .records(entity)
             .into_iter()
             .filter(|r| query.filter.as_ref().is_none_or(|f| f.matches(r)))
-            .filter(|r| query.modified_since.is_none_or(|s| r.version.is_some_and(|v| v.modified_on >= s)))
+            .filter(|r| {
+                query
+                    .modified_since
+                    .is_none_or(|s| r.version.is_some_and(|v| v.modified_on >= s))
+            })
             .collect();
         let size = query.page_size.unwrap_or(matching.len().max(1)).max(1);
         let records: Vec<Record> = matching.iter().skip(offset).take(size).cloned().collect();
@@ -305,7 +390,8 @@ impl Connector for MemoryConnector {
         record: &Record,
         condition: WriteCondition,
     ) -> Result<WriteOutcome, ConnectorError> {
-        self.change(entity, at, record, &condition, Actor::Dualwrite).map(|(_, outcome)| outcome)
+        self.change(entity, at, record, &condition, Actor::Dualwrite)
+            .map(|(_, outcome)| outcome)
     }
 
     async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
@@ -319,7 +405,10 @@ impl Connector for MemoryConnector {
     ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
         Ok(items
             .iter()
-            .map(|(at, record)| self.change(entity, at, record, &WriteCondition::None, Actor::Dualwrite).map(|(_, o)| o))
+            .map(|(at, record)| {
+                self.change(entity, at, record, &WriteCondition::None, Actor::Dualwrite)
+                    .map(|(_, o)| o)
+            })
             .collect())
     }
 }
@@ -337,18 +426,32 @@ mod tests {
     #[tokio::test]
     async fn versions_grow_and_if_match_guards_writes() {
         let c = MemoryConnector::new(Side::Crm, Arc::new(ManualClock::new(DateTime::UNIX_EPOCH)));
-        let ev = c.edit("accounts", &key("A1"), [("name".to_string(), Value::Text("A".into()))]);
+        let ev = c.edit(
+            "accounts",
+            &key("A1"),
+            [("name".to_string(), Value::Text("A".into()))],
+        );
         let first = ev.record.clone();
         assert!(first.id.is_some());
         assert_eq!(first.get("accountnumber"), Some(&Value::Text("A1".into())));
         let out = c
-            .upsert("accounts", &key("A1"), &Record::new("accounts").with("name", Value::Text("B".into())), WriteCondition::IfMatch(first.etag.clone().unwrap_or_default()))
+            .upsert(
+                "accounts",
+                &key("A1"),
+                &Record::new("accounts").with("name", Value::Text("B".into())),
+                WriteCondition::IfMatch(first.etag.clone().unwrap_or_default()),
+            )
             .await
             .unwrap();
         assert!(!out.created);
         assert!(out.version > first.version);
         let stale = c
-            .upsert("accounts", &key("A1"), &Record::new("accounts"), WriteCondition::IfMatch(first.etag.unwrap_or_default()))
+            .upsert(
+                "accounts",
+                &key("A1"),
+                &Record::new("accounts"),
+                WriteCondition::IfMatch(first.etag.unwrap_or_default()),
+            )
             .await
             .unwrap_err();
         assert_eq!(stale.kind, ConnectorErrorKind::PreconditionFailed);
@@ -360,9 +463,28 @@ mod tests {
     #[tokio::test]
     async fn erp_ids_are_rendered_keys() {
         let c = MemoryConnector::new(Side::Erp, Arc::new(ManualClock::new(DateTime::UNIX_EPOCH)));
-        let at = RecordRef::Key(RecordKey::new([("dataAreaId", "usmf"), ("CustomerAccount", "C1")]));
-        let out = c.upsert("CustomersV3", &at, &Record::new("CustomersV3"), WriteCondition::MustNotExist).await.unwrap();
-        assert_eq!(out.id.as_deref(), Some("dataAreaId='usmf',CustomerAccount='C1'"));
-        assert!(c.read("CustomersV3", &at).await.unwrap().is_some_and(|r| r.company.as_deref() == Some("usmf")));
+        let at = RecordRef::Key(RecordKey::new([
+            ("dataAreaId", "usmf"),
+            ("CustomerAccount", "C1"),
+        ]));
+        let out = c
+            .upsert(
+                "CustomersV3",
+                &at,
+                &Record::new("CustomersV3"),
+                WriteCondition::MustNotExist,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            out.id.as_deref(),
+            Some("dataAreaId='usmf',CustomerAccount='C1'")
+        );
+        assert!(
+            c.read("CustomersV3", &at)
+                .await
+                .unwrap()
+                .is_some_and(|r| r.company.as_deref() == Some("usmf"))
+        );
     }
 }

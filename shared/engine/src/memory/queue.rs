@@ -18,7 +18,10 @@ enum State {
     /// Deliverable from `at` on (now, or later after a retry delay).
     Ready { at: DateTime<Utc> },
     /// Delivered; redelivered when `until` passes without an ack.
-    InFlight { receipt: String, until: DateTime<Utc> },
+    InFlight {
+        receipt: String,
+        until: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug)]
@@ -47,7 +50,10 @@ pub struct MemoryQueue {
 
 impl std::fmt::Debug for MemoryQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryQueue").field("max_attempts", &self.max_attempts).field("inner", &self.inner).finish()
+        f.debug_struct("MemoryQueue")
+            .field("max_attempts", &self.max_attempts)
+            .field("inner", &self.inner)
+            .finish()
     }
 }
 
@@ -58,7 +64,11 @@ fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 impl MemoryQueue {
     /// A queue that dead-letters a message after `max_attempts` deliveries.
     pub fn new(clock: Arc<dyn Clock>, max_attempts: u32) -> Self {
-        MemoryQueue { clock, max_attempts: max_attempts.max(1), inner: Mutex::new(Inner::default()) }
+        MemoryQueue {
+            clock,
+            max_attempts: max_attempts.max(1),
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     /// Messages not yet acked or dead-lettered (ready, delayed or in flight).
@@ -77,9 +87,14 @@ impl WorkQueue for MemoryQueue {
     async fn send(&self, messages: Vec<QueueMessage>) -> Result<(), QueueError> {
         let now = self.clock.now();
         let mut inner = lock(&self.inner);
-        inner.entries.extend(
-            messages.into_iter().map(|message| Entry { message, attempt: 0, state: State::Ready { at: now }, last_error: None }),
-        );
+        inner
+            .entries
+            .extend(messages.into_iter().map(|message| Entry {
+                message,
+                attempt: 0,
+                state: State::Ready { at: now },
+                last_error: None,
+            }));
         Ok(())
     }
 
@@ -108,10 +123,16 @@ impl WorkQueue for MemoryQueue {
             if entry.attempt >= self.max_attempts {
                 // Redelivery after a lost worker would exceed the attempts: dead-letter it.
                 let entry = inner.entries.remove(index);
-                let last_error = entry.last_error.unwrap_or_else(|| "visibility timeout expired".to_string());
+                let last_error = entry
+                    .last_error
+                    .unwrap_or_else(|| "visibility timeout expired".to_string());
                 // The group moves on: its next message may be delivered in this same call.
                 seen_groups.remove(&entry.message.group_id);
-                inner.dead.push(DeadLetter { message: entry.message, attempts: entry.attempt, last_error });
+                inner.dead.push(DeadLetter {
+                    message: entry.message,
+                    attempts: entry.attempt,
+                    last_error,
+                });
                 index = 0;
                 continue;
             }
@@ -119,8 +140,15 @@ impl WorkQueue for MemoryQueue {
             let receipt = format!("r{}", inner.next_receipt);
             let entry = &mut inner.entries[index];
             entry.attempt += 1;
-            entry.state = State::InFlight { receipt: receipt.clone(), until: after(now, visibility) };
-            out.push(Delivery { receipt, message: entry.message.clone(), attempt: entry.attempt });
+            entry.state = State::InFlight {
+                receipt: receipt.clone(),
+                until: after(now, visibility),
+            };
+            out.push(Delivery {
+                receipt,
+                message: entry.message.clone(),
+                attempt: entry.attempt,
+            });
             index += 1;
         }
         Ok(out)
@@ -137,7 +165,12 @@ impl WorkQueue for MemoryQueue {
         Ok(())
     }
 
-    async fn retry(&self, receipt: &str, delay: Duration, error: &str) -> Result<RetryOutcome, QueueError> {
+    async fn retry(
+        &self,
+        receipt: &str,
+        delay: Duration,
+        error: &str,
+    ) -> Result<RetryOutcome, QueueError> {
         let now = self.clock.now();
         let mut inner = lock(&self.inner);
         let pos = inner
@@ -147,11 +180,17 @@ impl WorkQueue for MemoryQueue {
             .ok_or_else(|| QueueError::UnknownReceipt(receipt.to_string()))?;
         if inner.entries[pos].attempt >= self.max_attempts {
             let entry = inner.entries.remove(pos);
-            inner.dead.push(DeadLetter { message: entry.message, attempts: entry.attempt, last_error: error.to_string() });
+            inner.dead.push(DeadLetter {
+                message: entry.message,
+                attempts: entry.attempt,
+                last_error: error.to_string(),
+            });
             return Ok(RetryOutcome::DeadLettered);
         }
         let entry = &mut inner.entries[pos];
-        entry.state = State::Ready { at: after(now, delay) };
+        entry.state = State::Ready {
+            at: after(now, delay),
+        };
         entry.last_error = Some(error.to_string());
         Ok(RetryOutcome::Requeued)
     }
@@ -163,7 +202,10 @@ impl WorkQueue for MemoryQueue {
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
         let now = self.clock.now();
         let inner = lock(&self.inner);
-        let mut depth = QueueDepth { dead: inner.dead.len() as u64, ..QueueDepth::default() };
+        let mut depth = QueueDepth {
+            dead: inner.dead.len() as u64,
+            ..QueueDepth::default()
+        };
         for e in &inner.entries {
             match &e.state {
                 State::Ready { at } if *at <= now => depth.ready += 1,
@@ -199,20 +241,40 @@ mod tests {
     async fn one_message_per_group_in_flight_and_retry_then_dead_letter() {
         let clock = Arc::new(ManualClock::new(DateTime::UNIX_EPOCH));
         let q = MemoryQueue::new(clock.clone(), 2);
-        q.send(vec![msg("a1", "A"), msg("a2", "A"), msg("b1", "B")]).await.unwrap();
+        q.send(vec![msg("a1", "A"), msg("a2", "A"), msg("b1", "B")])
+            .await
+            .unwrap();
         let got = q.receive(10, Duration::from_secs(30)).await.unwrap();
-        let ids: Vec<_> = got.iter().map(|d| d.message.event.event_id.as_str()).collect();
+        let ids: Vec<_> = got
+            .iter()
+            .map(|d| d.message.event.event_id.as_str())
+            .collect();
         assert_eq!(ids, ["a1", "b1"]);
-        assert_eq!(q.retry(&got[0].receipt, Duration::from_secs(5), "boom").await.unwrap(), RetryOutcome::Requeued);
+        assert_eq!(
+            q.retry(&got[0].receipt, Duration::from_secs(5), "boom")
+                .await
+                .unwrap(),
+            RetryOutcome::Requeued
+        );
         q.ack(&got[1].receipt).await.unwrap();
         // a1 is delayed: group A is blocked, nothing is deliverable.
-        assert!(q.receive(10, Duration::from_secs(30)).await.unwrap().is_empty());
+        assert!(
+            q.receive(10, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(q.depth().await.unwrap().delayed, 1);
         clock.advance(Duration::from_secs(5));
         let again = q.receive(10, Duration::from_secs(30)).await.unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].attempt, 2);
-        assert_eq!(q.retry(&again[0].receipt, Duration::ZERO, "boom").await.unwrap(), RetryOutcome::DeadLettered);
+        assert_eq!(
+            q.retry(&again[0].receipt, Duration::ZERO, "boom")
+                .await
+                .unwrap(),
+            RetryOutcome::DeadLettered
+        );
         let next = q.receive(10, Duration::from_secs(30)).await.unwrap();
         assert_eq!(next[0].message.event.event_id, "a2");
         assert_eq!(q.dead_letters(10).await.unwrap()[0].last_error, "boom");
@@ -223,8 +285,16 @@ mod tests {
         let clock = Arc::new(ManualClock::new(DateTime::UNIX_EPOCH));
         let q = MemoryQueue::new(clock.clone(), 5);
         q.send(vec![msg("a1", "A")]).await.unwrap();
-        assert_eq!(q.receive(10, Duration::from_secs(30)).await.unwrap().len(), 1);
-        assert!(q.receive(10, Duration::from_secs(30)).await.unwrap().is_empty());
+        assert_eq!(
+            q.receive(10, Duration::from_secs(30)).await.unwrap().len(),
+            1
+        );
+        assert!(
+            q.receive(10, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         clock.advance(Duration::from_secs(31));
         let again = q.receive(10, Duration::from_secs(30)).await.unwrap();
         assert_eq!(again[0].attempt, 2);

@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use dualwrite_core::ports::{
-    ConflictRecord, ErrorRecord, EventClaim, IdempotencyStore, JournalStore, Link, LinkStore, MAX_COMMIT_OPS,
-    MapState, ParkedEvent, StoreError, StoreOp,
+    ConflictRecord, ErrorRecord, EventClaim, IdempotencyStore, JournalStore, Link, LinkStore,
+    MAX_COMMIT_OPS, MapState, ParkedEvent, StoreError, StoreOp,
 };
 use dualwrite_core::{IntegrationKey, Side};
 
@@ -51,41 +51,75 @@ impl MemoryStore {
 }
 
 fn stored_revision(inner: &Inner, map: &str, key: &IntegrationKey) -> u64 {
-    inner.links.get(&(map.to_string(), key.clone())).map_or(0, |l| l.revision)
+    inner
+        .links
+        .get(&(map.to_string(), key.clone()))
+        .map_or(0, |l| l.revision)
 }
 
 #[async_trait]
 impl LinkStore for MemoryStore {
     async fn link(&self, map: &str, key: &IntegrationKey) -> Result<Option<Link>, StoreError> {
-        Ok(lock(&self.inner).links.get(&(map.to_string(), key.clone())).cloned())
+        Ok(lock(&self.inner)
+            .links
+            .get(&(map.to_string(), key.clone()))
+            .cloned())
     }
 
-    async fn link_by_id(&self, map: &str, side: Side, id: &str) -> Result<Option<Link>, StoreError> {
+    async fn link_by_id(
+        &self,
+        map: &str,
+        side: Side,
+        id: &str,
+    ) -> Result<Option<Link>, StoreError> {
         let inner = lock(&self.inner);
-        Ok(inner.links.values().find(|l| l.map == map && l.id(side).is_some_and(|i| i.eq_ignore_ascii_case(id))).cloned())
+        Ok(inner
+            .links
+            .values()
+            .find(|l| l.map == map && l.id(side).is_some_and(|i| i.eq_ignore_ascii_case(id)))
+            .cloned())
     }
 
     async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
         if ops.len() > MAX_COMMIT_OPS {
-            return Err(StoreError::TooLarge { max: MAX_COMMIT_OPS, got: ops.len() });
+            return Err(StoreError::TooLarge {
+                max: MAX_COMMIT_OPS,
+                got: ops.len(),
+            });
         }
         let mut inner = lock(&self.inner);
         // Check every condition before applying anything: all or nothing.
         for op in &ops {
             let (map, key, expected) = match op {
-                StoreOp::PutLink { link, expected_revision } => (&link.map, &link.key, *expected_revision),
-                StoreOp::DeleteLink { map, key, expected_revision } => (map, key, *expected_revision),
+                StoreOp::PutLink {
+                    link,
+                    expected_revision,
+                } => (&link.map, &link.key, *expected_revision),
+                StoreOp::DeleteLink {
+                    map,
+                    key,
+                    expected_revision,
+                } => (map, key, *expected_revision),
                 _ => continue,
             };
             if stored_revision(&inner, map, key) != expected {
-                return Err(StoreError::Conflict { map: map.clone(), key: key.to_string(), expected });
+                return Err(StoreError::Conflict {
+                    map: map.clone(),
+                    key: key.to_string(),
+                    expected,
+                });
             }
         }
         for op in ops {
             match op {
-                StoreOp::PutLink { mut link, expected_revision } => {
+                StoreOp::PutLink {
+                    mut link,
+                    expected_revision,
+                } => {
                     link.revision = expected_revision + 1;
-                    inner.links.insert((link.map.clone(), link.key.clone()), link);
+                    inner
+                        .links
+                        .insert((link.map.clone(), link.key.clone()), link);
                 }
                 StoreOp::DeleteLink { map, key, .. } => {
                     inner.links.remove(&(map, key));
@@ -100,14 +134,22 @@ impl LinkStore for MemoryStore {
                 StoreOp::RecordError(e) => inner.errors.push(e),
                 StoreOp::Park(p) => {
                     let dup = inner.parked.iter().any(|x| {
-                        x.waiting_map == p.waiting_map && x.waiting_key == p.waiting_key && x.event.event_id == p.event.event_id
+                        x.waiting_map == p.waiting_map
+                            && x.waiting_key == p.waiting_key
+                            && x.event.event_id == p.event.event_id
                     });
                     if !dup {
                         inner.parked.push(p);
                     }
                 }
-                StoreOp::Unpark { waiting_map, waiting_key, event_id } => inner.parked.retain(|x| {
-                    !(x.waiting_map == waiting_map && x.waiting_key == waiting_key && x.event.event_id == event_id)
+                StoreOp::Unpark {
+                    waiting_map,
+                    waiting_key,
+                    event_id,
+                } => inner.parked.retain(|x| {
+                    !(x.waiting_map == waiting_map
+                        && x.waiting_key == waiting_key
+                        && x.event.event_id == event_id)
                 }),
                 StoreOp::PutMapState(s) => {
                     inner.map_states.insert(s.map.clone(), s);
@@ -120,7 +162,12 @@ impl LinkStore for MemoryStore {
 
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
-    async fn claim_event(&self, event_id: &str, now: DateTime<Utc>, lease: Duration) -> Result<EventClaim, StoreError> {
+    async fn claim_event(
+        &self,
+        event_id: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<EventClaim, StoreError> {
         let mut inner = lock(&self.inner);
         match inner.claims.get(event_id) {
             Some(Claim::Done) => return Ok(EventClaim::AlreadyDone),
@@ -128,7 +175,9 @@ impl IdempotencyStore for MemoryStore {
             _ => {}
         }
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        inner.claims.insert(event_id.to_string(), Claim::InProgress { until });
+        inner
+            .claims
+            .insert(event_id.to_string(), Claim::InProgress { until });
         Ok(EventClaim::Claimed)
     }
 
@@ -151,18 +200,44 @@ impl JournalStore for MemoryStore {
         Ok(lock(&self.inner).map_states.values().cloned().collect())
     }
 
-    async fn conflicts(&self, open_only: bool, limit: usize) -> Result<Vec<ConflictRecord>, StoreError> {
+    async fn conflicts(
+        &self,
+        open_only: bool,
+        limit: usize,
+    ) -> Result<Vec<ConflictRecord>, StoreError> {
         let inner = lock(&self.inner);
-        Ok(inner.conflicts.iter().rev().filter(|c| !open_only || c.open).take(limit).cloned().collect())
+        Ok(inner
+            .conflicts
+            .iter()
+            .rev()
+            .filter(|c| !open_only || c.open)
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     async fn errors(&self, limit: usize) -> Result<Vec<ErrorRecord>, StoreError> {
-        Ok(lock(&self.inner).errors.iter().rev().take(limit).cloned().collect())
+        Ok(lock(&self.inner)
+            .errors
+            .iter()
+            .rev()
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
-    async fn parked_for(&self, map: &str, key: &IntegrationKey) -> Result<Vec<ParkedEvent>, StoreError> {
+    async fn parked_for(
+        &self,
+        map: &str,
+        key: &IntegrationKey,
+    ) -> Result<Vec<ParkedEvent>, StoreError> {
         let inner = lock(&self.inner);
-        Ok(inner.parked.iter().filter(|p| p.waiting_map == map && &p.waiting_key == key).cloned().collect())
+        Ok(inner
+            .parked
+            .iter()
+            .filter(|p| p.waiting_map == map && &p.waiting_key == key)
+            .cloned()
+            .collect())
     }
 
     async fn parked_count(&self) -> Result<u64, StoreError> {
@@ -192,17 +267,47 @@ mod tests {
     #[tokio::test]
     async fn a_failed_revision_condition_applies_nothing() {
         let store = MemoryStore::new();
-        store.commit(vec![StoreOp::PutLink { link: link(0), expected_revision: 0 }]).await.unwrap();
+        store
+            .commit(vec![StoreOp::PutLink {
+                link: link(0),
+                expected_revision: 0,
+            }])
+            .await
+            .unwrap();
         let stale = vec![
-            StoreOp::CompleteEvent { event_id: "e1".into() },
-            StoreOp::PutLink { link: link(0), expected_revision: 0 },
+            StoreOp::CompleteEvent {
+                event_id: "e1".into(),
+            },
+            StoreOp::PutLink {
+                link: link(0),
+                expected_revision: 0,
+            },
         ];
-        assert!(matches!(store.commit(stale).await, Err(StoreError::Conflict { .. })));
+        assert!(matches!(
+            store.commit(stale).await,
+            Err(StoreError::Conflict { .. })
+        ));
         let now = DateTime::UNIX_EPOCH;
-        assert_eq!(store.claim_event("e1", now, Duration::from_secs(1)).await.unwrap(), EventClaim::Claimed);
-        let stored = store.link("m", &IntegrationKey("K".into())).await.unwrap().unwrap();
+        assert_eq!(
+            store
+                .claim_event("e1", now, Duration::from_secs(1))
+                .await
+                .unwrap(),
+            EventClaim::Claimed
+        );
+        let stored = store
+            .link("m", &IntegrationKey("K".into()))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(stored.revision, 1);
-        assert!(store.link_by_id("m", Side::Crm, "C1").await.unwrap().is_some());
+        assert!(
+            store
+                .link_by_id("m", Side::Crm, "C1")
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[tokio::test]
@@ -210,11 +315,28 @@ mod tests {
         let store = MemoryStore::new();
         let t0 = DateTime::UNIX_EPOCH;
         let lease = Duration::from_secs(10);
-        assert_eq!(store.claim_event("e", t0, lease).await.unwrap(), EventClaim::Claimed);
-        assert_eq!(store.claim_event("e", t0, lease).await.unwrap(), EventClaim::InProgress);
+        assert_eq!(
+            store.claim_event("e", t0, lease).await.unwrap(),
+            EventClaim::Claimed
+        );
+        assert_eq!(
+            store.claim_event("e", t0, lease).await.unwrap(),
+            EventClaim::InProgress
+        );
         let later = t0 + chrono::Duration::seconds(11);
-        assert_eq!(store.claim_event("e", later, lease).await.unwrap(), EventClaim::Claimed);
-        store.commit(vec![StoreOp::CompleteEvent { event_id: "e".into() }]).await.unwrap();
-        assert_eq!(store.claim_event("e", later, lease).await.unwrap(), EventClaim::AlreadyDone);
+        assert_eq!(
+            store.claim_event("e", later, lease).await.unwrap(),
+            EventClaim::Claimed
+        );
+        store
+            .commit(vec![StoreOp::CompleteEvent {
+                event_id: "e".into(),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.claim_event("e", later, lease).await.unwrap(),
+            EventClaim::AlreadyDone
+        );
     }
 }

@@ -1,1 +1,973 @@
-//! Integration tests for the simulators.
+//! Integration tests: each simulator driven over HTTP with reqwest, as the connectors use them.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dualwrite_simulators::{
+    ColumnKind, DataverseConfig, DataverseSim, EntraClient, EntraConfig, EntraSim, Fault,
+    FnoConfig, FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim, TableDef,
+    ThrottleConfig, WebhookAuth, WebhookMessage, WebhookRegistration,
+};
+use serde_json::{Value, json};
+
+fn accounts() -> TableDef {
+    TableDef {
+        entity_set: "accounts".into(),
+        logical_name: "account".into(),
+        primary_id: "accountid".into(),
+        alternate_keys: vec![
+            vec!["accountnumber".into()],
+            vec!["accountnumber".into(), "msdyn_company".into()],
+        ],
+    }
+}
+
+fn currencies() -> TableDef {
+    TableDef {
+        entity_set: "transactioncurrencies".into(),
+        logical_name: "transactioncurrency".into(),
+        primary_id: "transactioncurrencyid".into(),
+        alternate_keys: vec![vec!["isocurrencycode".into()]],
+    }
+}
+
+async fn dataverse() -> (DataverseSim, reqwest::Client) {
+    let sim = DataverseSim::start(DataverseConfig {
+        tables: vec![accounts(), currencies()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (sim, reqwest::Client::new())
+}
+
+async fn body(resp: reqwest::Response) -> Value {
+    resp.json().await.unwrap()
+}
+
+/// A tiny receiver that records every POST (headers + body + query) and answers with scripted statuses.
+#[derive(Clone, Default)]
+struct Receiver {
+    calls: Arc<Mutex<Vec<(String, axum::http::HeaderMap, Value)>>>,
+    statuses: Arc<Mutex<Vec<u16>>>,
+}
+
+async fn receiver(statuses: Vec<u16>) -> (String, Receiver) {
+    let r = Receiver {
+        statuses: Arc::new(Mutex::new(statuses)),
+        ..Default::default()
+    };
+    let rr = r.clone();
+    let app = axum::Router::new().fallback(
+        move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let rr = rr.clone();
+            async move {
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                rr.calls.lock().unwrap().push((uri.to_string(), headers, v));
+                let mut s = rr.statuses.lock().unwrap();
+                let code = if s.is_empty() { 200 } else { s.remove(0) };
+                axum::http::StatusCode::from_u16(code).unwrap()
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, r)
+}
+
+#[tokio::test]
+async fn entra_issues_scoped_tokens_and_rejects_bad_clients() {
+    let entra = EntraSim::start(EntraConfig {
+        clients: vec![EntraClient {
+            tenant: "contoso".into(),
+            client_id: "app1".into(),
+            client_secret: "s3cret".into(),
+            allowed_scopes: vec!["https://org.crm.dynamics.com/.default".into()],
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = reqwest::Client::new();
+    let form = |secret: &str, scope: &str| {
+        format!(
+            "client_id=app1&scope={}&client_secret={secret}&grant_type=client_credentials",
+            scope.replace(':', "%3A").replace('/', "%2F")
+        )
+    };
+    let ok = c
+        .post(entra.token_url("contoso"))
+        .body(form("s3cret", "https://org.crm.dynamics.com/.default"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let v = body(ok).await;
+    assert_eq!(v["token_type"], "Bearer");
+    assert_eq!(v["expires_in"], 3599);
+    assert!(v["access_token"].as_str().unwrap().len() > 20);
+    let bad_secret = c
+        .post(entra.token_url("contoso"))
+        .body(form("nope", "https://org.crm.dynamics.com/.default"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_secret.status(), 401);
+    assert_eq!(body(bad_secret).await["error"], "invalid_client");
+    let bad_scope = c
+        .post(entra.token_url("contoso"))
+        .body(form("s3cret", "https://other/.default"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_scope.status(), 400);
+    let v = body(bad_scope).await;
+    assert_eq!(v["error"], "invalid_scope");
+    assert_eq!(v["error_codes"][0], 70011);
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS70011")
+    );
+    assert_eq!(entra.tokens_issued(), 1);
+}
+
+#[tokio::test]
+async fn dataverse_requires_a_token_for_its_own_scope() {
+    let entra = EntraSim::start(EntraConfig::default()).await.unwrap();
+    let sim = DataverseSim::start(DataverseConfig {
+        tables: vec![accounts()],
+        auth: Some(entra.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    entra.add_client(EntraClient {
+        tenant: "t".into(),
+        client_id: "c".into(),
+        client_secret: "s".into(),
+        allowed_scopes: vec![],
+    });
+    let c = reqwest::Client::new();
+    let get_token = |scope: String| {
+        let c = c.clone();
+        let url = entra.token_url("t");
+        async move {
+            let v: Value = c
+                .post(url)
+                .form(&[
+                    ("client_id", "c"),
+                    ("client_secret", "s"),
+                    ("grant_type", "client_credentials"),
+                    ("scope", scope.as_str()),
+                ])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let url = format!("{}accounts", sim.api_url());
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 401);
+    let wrong = get_token("https://elsewhere.crm.dynamics.com/.default".into()).await;
+    assert_eq!(
+        c.get(&url)
+            .bearer_auth(&wrong)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let good = get_token(format!("{}/.default", sim.base_url())).await;
+    assert_eq!(
+        c.get(&url)
+            .bearer_auth(&good)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    entra.expire_all_tokens();
+    assert_eq!(
+        c.get(&url)
+            .bearer_auth(&good)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(sim.stats().unauthorized, 3);
+}
+
+#[tokio::test]
+async fn dataverse_create_get_update_delete_by_id() {
+    let (sim, c) = dataverse().await;
+    let api = sim.api_url();
+    let r = c
+        .post(format!("{api}accounts"))
+        .json(&json!({"name": "Contoso", "accountnumber": "A1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let loc = r.headers()["odata-entityid"].to_str().unwrap().to_owned();
+    assert!(loc.starts_with(&format!("{api}accounts(")));
+    let got = body(c.get(&loc).send().await.unwrap()).await;
+    assert_eq!(got["name"], "Contoso");
+    let etag = got["@odata.etag"].as_str().unwrap().to_owned();
+    assert!(etag.starts_with("W/\""));
+    assert!(got["createdon"].as_str().unwrap().ends_with('Z'));
+    // 304 when unchanged
+    assert_eq!(
+        c.get(&loc)
+            .header("If-None-Match", &etag)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        304
+    );
+    // update with matching etag, then stale etag → 412
+    let r = c
+        .patch(&loc)
+        .header("If-Match", &etag)
+        .json(&json!({"name": "Contoso 2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = c
+        .patch(&loc)
+        .header("If-Match", &etag)
+        .json(&json!({"name": "Contoso 3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 412);
+    let e = body(r).await;
+    assert_eq!(e["error"]["code"], "0x80060882");
+    assert_eq!(
+        e["error"]["message"],
+        "The version of the existing record doesn't match the RowVersion property provided."
+    );
+    let got2 = body(c.get(&loc).send().await.unwrap()).await;
+    assert_ne!(got2["versionnumber"], got["versionnumber"]);
+    assert_eq!(got2["name"], "Contoso 2");
+    // return=representation on create
+    let r = c
+        .post(format!("{api}accounts"))
+        .header("Prefer", "return=representation")
+        .json(&json!({"name": "B"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(body(r).await["name"], "B");
+    // delete with stale etag, then for real
+    assert_eq!(
+        c.delete(&loc)
+            .header("If-Match", &etag)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        412
+    );
+    assert_eq!(c.delete(&loc).send().await.unwrap().status(), 204);
+    let r = c.get(&loc).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(body(r).await["error"]["code"], "0x80040217");
+    // If-Match: * on a missing row → 404, not an upsert
+    let missing = format!("{api}accounts(00000000-0000-4000-8000-000000000099)");
+    assert_eq!(
+        c.patch(&missing)
+            .header("If-Match", "*")
+            .json(&json!({"name": "x"}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(sim.rows("accounts").len(), 1);
+}
+
+#[tokio::test]
+async fn dataverse_upsert_by_alternate_key_and_lookups() {
+    let (sim, c) = dataverse().await;
+    let api = sim.api_url();
+    c.post(format!("{api}transactioncurrencies"))
+        .json(&json!({"isocurrencycode": "USD"}))
+        .send()
+        .await
+        .unwrap();
+    let url = format!("{api}accounts(accountnumber='O''Neil')");
+    let r = c
+        .patch(&url)
+        .header("Prefer", "return=representation")
+        .json(&json!({"name": "first", "transactioncurrencyid@odata.bind": "/transactioncurrencies(isocurrencycode='USD')"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(r.headers()["etag"].to_str().unwrap().starts_with("W/\""));
+    let created = body(r).await;
+    assert_eq!(created["accountnumber"], "O'Neil");
+    let id = created["accountid"].as_str().unwrap().to_owned();
+    let r = c
+        .patch(&url)
+        .header("Prefer", "return=representation")
+        .json(&json!({"name": "second"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(body(r).await["accountid"], id.as_str());
+    assert_eq!(
+        c.patch(&url)
+            .json(&json!({"name": "third"}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    let r = c
+        .patch(&url)
+        .header("If-None-Match", "*")
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 412);
+    assert_eq!(
+        body(r).await["error"]["message"],
+        "A record with matching key values already exists."
+    );
+    let got = c
+        .get(&url)
+        .header("Prefer", "odata.include-annotations=\"*\"")
+        .query(&[("$select", "name,_transactioncurrencyid_value")])
+        .send()
+        .await
+        .unwrap();
+    let got = body(got).await;
+    assert_eq!(got["name"], "third");
+    assert!(got["_transactioncurrencyid_value"].as_str().is_some());
+    assert_eq!(
+        got["_transactioncurrencyid_value@Microsoft.Dynamics.CRM.lookuplogicalname"],
+        "transactioncurrency"
+    );
+    // unknown lookup target
+    let r = c
+        .patch(&url)
+        .json(&json!({"transactioncurrencyid@odata.bind": "/transactioncurrencies(isocurrencycode='EUR')"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(
+        body(r).await["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("transactioncurrency")
+    );
+    // compound key with a lookup
+    let co = "6d81597f-0f9f-e711-8122-000d3aa2331c";
+    let url2 = format!("{api}accounts(accountnumber='C1',_msdyn_company_value={co})");
+    assert_eq!(
+        c.patch(&url2)
+            .json(&json!({"name": "by compound"}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    let got = body(c.get(&url2).send().await.unwrap()).await;
+    assert_eq!(got["_msdyn_company_value"], co);
+    assert_eq!(sim.rows("accounts").len(), 2);
+}
+
+#[tokio::test]
+async fn dataverse_paging_follows_next_links_without_gaps() {
+    let (sim, c) = dataverse().await;
+    for i in 0..1234 {
+        sim.user_create("accounts", json!({"name": format!("n{i}"), "revenue": i}))
+            .unwrap();
+    }
+    let mut url = format!(
+        "{}accounts?$select=name&$filter=revenue ge 100",
+        sim.api_url()
+    );
+    let mut seen = std::collections::HashSet::new();
+    let mut pages = 0;
+    loop {
+        let r = c
+            .get(&url)
+            .header("Prefer", "odata.maxpagesize=100")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["preference-applied"], "odata.maxpagesize=100");
+        let v = body(r).await;
+        for row in v["value"].as_array().unwrap() {
+            assert!(
+                seen.insert(row["accountid"].as_str().unwrap().to_owned()),
+                "duplicate row"
+            );
+        }
+        pages += 1;
+        match v["@odata.nextLink"].as_str() {
+            Some(next) => {
+                assert!(next.contains("$skiptoken=%3Ccookie"));
+                url = next.to_owned();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 1134);
+    assert_eq!(pages, 12);
+    let r = c
+        .get(format!("{}accounts?$skip=10", sim.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn dataverse_batch_changesets_are_atomic() {
+    let (sim, c) = dataverse().await;
+    let api = sim.api_url();
+    let part = |cid: u32, method: &str, url: &str, body: &str| {
+        format!(
+            "--cs\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: {cid}\r\n\r\n{method} {url} HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{body}\r\n"
+        )
+    };
+    let batch = |parts: String| {
+        format!(
+            "--batch_x\r\nContent-Type: multipart/mixed; boundary=cs\r\n\r\n{parts}--cs--\r\n--batch_x--\r\n"
+        )
+    };
+    // good change set with a $1 reference
+    let ok = batch(format!(
+        "{}{}",
+        part(
+            1,
+            "POST",
+            &format!("{api}accounts"),
+            r#"{"name":"parent","accountnumber":"P"}"#
+        ),
+        part(2, "PATCH", "$1", r#"{"name":"parent renamed"}"#)
+    ));
+    let r = c
+        .post(format!("{api}$batch"))
+        .header("Content-Type", "multipart/mixed; boundary=batch_x")
+        .body(ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert_eq!(text.matches("HTTP/1.1 204").count(), 2, "{text}");
+    assert_eq!(sim.rows("accounts")[0]["name"], "parent renamed");
+    // second request fails (duplicate key) → first is rolled back
+    let bad = batch(format!(
+        "{}{}",
+        part(
+            1,
+            "POST",
+            "/api/data/v9.2/accounts",
+            r#"{"name":"new","accountnumber":"N"}"#
+        ),
+        part(
+            2,
+            "POST",
+            "accounts",
+            r#"{"name":"dup","accountnumber":"P"}"#
+        )
+    ));
+    let r = c
+        .post(format!("{api}$batch"))
+        .header("Content-Type", "multipart/mixed; boundary=batch_x")
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("HTTP/1.1 412"));
+    assert_eq!(sim.rows("accounts").len(), 1);
+}
+
+#[tokio::test]
+async fn dataverse_upsert_multiple_is_all_or_nothing() {
+    let (sim, c) = dataverse().await;
+    let url = format!(
+        "{}accounts/Microsoft.Dynamics.CRM.UpsertMultiple",
+        sim.api_url()
+    );
+    let t = |k: &str| json!({"@odata.type": "Microsoft.Dynamics.CRM.account", "@odata.id": format!("accounts(accountnumber='{k}')"), "name": k});
+    let r = c
+        .post(&url)
+        .json(&json!({"Targets": [t("a"), t("b")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(body(r).await["Ids"].as_array().unwrap().len(), 2);
+    let r = c.post(&url).json(&json!({"Targets": [t("c"), {"@odata.type": "Microsoft.Dynamics.CRM.contact", "name": "wrong"}]})).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(sim.rows("accounts").len(), 2);
+    let r = c
+        .post(format!(
+            "{}accounts/Microsoft.Dynamics.CRM.CreateMultiple",
+            sim.api_url()
+        ))
+        .json(&json!({"Targets": [t("d")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sim.rows("accounts").len(), 3);
+}
+
+#[tokio::test]
+async fn dataverse_throttles_with_retry_after_and_injects_faults() {
+    let (sim, c) = dataverse().await;
+    sim.set_throttle(ThrottleConfig {
+        requests_per_window: Some(3),
+        window: Duration::from_secs(30),
+        max_concurrent: None,
+    });
+    let url = format!("{}accounts", sim.api_url());
+    for _ in 0..3 {
+        assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    }
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry));
+    let e = body(r).await;
+    assert_eq!(e["error"]["code"], "0x80072322");
+    assert_eq!(
+        e["error"]["message"],
+        "Number of requests exceeded the limit of 3 over time window of 30 seconds."
+    );
+    assert_eq!(sim.stats().throttled, 1);
+    sim.set_throttle(ThrottleConfig::default());
+    sim.inject_faults([Fault::Status(503), Fault::DropConnection]);
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 503);
+    assert!(
+        c.get(&url).send().await.is_err(),
+        "dropped connection must not produce a response"
+    );
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    assert_eq!(sim.stats().faults, 2);
+}
+
+#[tokio::test]
+async fn dataverse_webhook_matches_the_documented_shape() {
+    let (sim, c) = dataverse().await;
+    sim.set_column_kind("accounts", "statuscode", ColumnKind::OptionSet)
+        .unwrap();
+    let (url, rec) = receiver(vec![]).await;
+    sim.register_webhook(WebhookRegistration {
+        url,
+        entity_logical_names: vec!["account".into()],
+        messages: vec![
+            WebhookMessage::Create,
+            WebhookMessage::Update,
+            WebhookMessage::Delete,
+        ],
+        auth: WebhookAuth::WebhookKey("k3y".into()),
+    });
+    let r = c
+        .post(format!("{}accounts?tag=dualwrite", sim.api_url()))
+        .json(&json!({"name": "A", "statuscode": 1}))
+        .send()
+        .await
+        .unwrap();
+    let loc = r.headers()["odata-entityid"].to_str().unwrap().to_owned();
+    let id = loc
+        .rsplit_once('(')
+        .unwrap()
+        .1
+        .trim_end_matches(')')
+        .to_owned();
+    sim.user_edit("accounts", &id, json!({"name": "B"}))
+        .unwrap();
+    sim.user_delete("accounts", &id).unwrap();
+    assert!(sim.wait_webhooks_idle(Duration::from_secs(5)).await);
+    let calls = rec.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3);
+    let fixture: Value = serde_json::from_str(include_str!(
+        "../fixtures/dataverse-webhook-contact-update.json"
+    ))
+    .unwrap();
+    let (uri, headers, create) = &calls[0];
+    assert!(uri.ends_with("?code=k3y"));
+    assert_eq!(headers["x-ms-dynamics-entity-name"], "account");
+    assert_eq!(headers["x-ms-dynamics-request-name"], "Create");
+    assert!(headers.contains_key("x-ms-correlation-request-id"));
+    assert_eq!(
+        create["SharedVariables"][0],
+        json!({"key": "tag", "value": "dualwrite"})
+    );
+    let (_, _, update) = &calls[1];
+    for k in fixture.as_object().unwrap().keys() {
+        assert!(update.get(k).is_some(), "webhook body lacks {k}");
+    }
+    for k in fixture["InputParameters"][0]["value"]
+        .as_object()
+        .unwrap()
+        .keys()
+    {
+        assert!(
+            update["InputParameters"][0]["value"].get(k).is_some(),
+            "webhook Target lacks {k}"
+        );
+    }
+    assert_eq!(update["MessageName"], "Update");
+    assert_eq!(update["Stage"], 40);
+    assert_eq!(update["Mode"], 1);
+    assert_eq!(update["PrimaryEntityId"], id.as_str());
+    assert_ne!(update["OperationId"], create["OperationId"]);
+    let attrs = update["InputParameters"][0]["value"]["Attributes"]
+        .as_array()
+        .unwrap();
+    let attr = |k: &str| {
+        attrs
+            .iter()
+            .find(|a| a["key"] == k)
+            .map(|a| a["value"].clone())
+    };
+    assert_eq!(attr("name"), Some(json!("B")));
+    assert_eq!(attr("accountid"), Some(json!(id)));
+    assert!(
+        attr("modifiedon")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .starts_with("/Date(")
+    );
+    assert_eq!(attr("modifiedby").unwrap()["LogicalName"], "systemuser");
+    let post = &update["PostEntityImages"][0]["value"]["Attributes"];
+    let status = post
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["key"] == "statuscode")
+        .unwrap();
+    assert_eq!(status["value"]["Value"], 1);
+    assert!(
+        status["value"]["__type"]
+            .as_str()
+            .unwrap()
+            .starts_with("OptionSetValue:")
+    );
+    assert_ne!(
+        update["UserId"], create["UserId"],
+        "UI edits and API writes act as different users"
+    );
+    let (_, _, delete) = &calls[2];
+    assert_eq!(delete["MessageName"], "Delete");
+    assert!(
+        delete["InputParameters"][0]["value"]["__type"]
+            .as_str()
+            .unwrap()
+            .starts_with("EntityReference:")
+    );
+}
+
+#[tokio::test]
+async fn dataverse_webhook_retries_once_on_gateway_errors_and_records_failures() {
+    let (sim, _) = dataverse().await;
+    let (url, rec) = receiver(vec![503, 200, 500]).await;
+    sim.register_webhook(WebhookRegistration {
+        url,
+        entity_logical_names: vec![],
+        messages: vec![WebhookMessage::Create],
+        auth: WebhookAuth::HttpHeader(vec![("x-key".into(), "v".into())]),
+    });
+    sim.set_msg_size_exceeded(true);
+    sim.user_create("accounts", json!({"name": "one"})).unwrap();
+    assert!(sim.wait_webhooks_idle(Duration::from_secs(5)).await);
+    sim.user_create("accounts", json!({"name": "two"})).unwrap();
+    assert!(sim.wait_webhooks_idle(Duration::from_secs(5)).await);
+    let calls = rec.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.len(),
+        3,
+        "503 gets exactly one more attempt, 500 none"
+    );
+    assert_eq!(calls[0].1["x-key"], "v");
+    assert_eq!(calls[0].1["x-ms-dynamics-msg-size-exceeded"], "true");
+    assert_eq!(calls[0].2["InputParameters"], json!([]));
+    let failed = sim.failed_webhook_deliveries();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].status, Some(500));
+    assert_eq!(sim.webhook_deliveries().len(), 2);
+}
+
+fn customers() -> FnoEntityDef {
+    FnoEntityDef {
+        entity_set: "CustomersV3".into(),
+        key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+        modified_field: Some("ModifiedDateTime".into()),
+    }
+}
+
+#[tokio::test]
+async fn fno_crud_company_scope_and_semantics() {
+    let sim = FnoSim::start(FnoConfig {
+        entities: vec![customers()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = reqwest::Client::new();
+    let data = sim.data_url();
+    let r = c
+        .post(format!("{data}CustomersV3"))
+        .json(&json!({"CustomerAccount": "US-001", "Name": "A", "Blocked": "No"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created = body(r).await;
+    assert_eq!(created["dataAreaId"], "usmf");
+    assert!(created["ModifiedDateTime"].as_str().is_some());
+    let r = c
+        .post(format!("{data}CustomersV3"))
+        .json(&json!({"CustomerAccount": "US-001", "Name": "dup"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    c.post(format!("{data}CustomersV3"))
+        .json(&json!({"dataAreaId": "DEMF", "CustomerAccount": "DE-001", "Blocked": "Yes"}))
+        .send()
+        .await
+        .unwrap();
+    let v = body(c.get(format!("{data}CustomersV3")).send().await.unwrap()).await;
+    assert_eq!(v["value"].as_array().unwrap().len(), 1);
+    let v = body(
+        c.get(format!("{data}CustomersV3?cross-company=true"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v["value"].as_array().unwrap().len(), 2);
+    let f = "cross-company=true&$filter=Blocked eq Microsoft.Dynamics.DataEntities.NoYes'Yes'&$count=true";
+    let v = body(
+        c.get(format!("{data}CustomersV3?{f}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v["@odata.count"], 1);
+    assert_eq!(v["value"][0]["CustomerAccount"], "DE-001");
+    let key = format!("{data}CustomersV3(dataAreaId='usmf',CustomerAccount='US-001')");
+    let got = body(c.get(&key).send().await.unwrap()).await;
+    let etag = got["@odata.etag"].as_str().unwrap().to_owned();
+    assert_eq!(
+        c.patch(&key)
+            .header("If-Match", &etag)
+            .json(&json!({"Name": "B"}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        c.patch(&key)
+            .header("If-Match", &etag)
+            .json(&json!({"Name": "C"}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        412
+    );
+    let missing = format!("{data}CustomersV3(dataAreaId='usmf',CustomerAccount='NOPE')");
+    assert_eq!(
+        c.patch(&missing)
+            .json(&json!({"Name": "x"}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(c.delete(&key).send().await.unwrap().status(), 204);
+    assert_eq!(c.get(&key).send().await.unwrap().status(), 404);
+}
+
+#[tokio::test]
+async fn fno_server_paging_and_throttling() {
+    let sim = FnoSim::start(FnoConfig {
+        entities: vec![customers()],
+        max_page_size: 250,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..1000 {
+        sim.user_create(
+            "CustomersV3",
+            json!({"CustomerAccount": format!("C{i:04}")}),
+        )
+        .unwrap();
+    }
+    let c = reqwest::Client::new();
+    let mut url = format!(
+        "{}CustomersV3?$select=CustomerAccount&$orderby=CustomerAccount desc",
+        sim.data_url()
+    );
+    let mut seen = Vec::new();
+    loop {
+        let v = body(c.get(&url).send().await.unwrap()).await;
+        seen.extend(
+            v["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["CustomerAccount"].as_str().unwrap().to_owned()),
+        );
+        match v["@odata.nextLink"].as_str() {
+            Some(n) => url = n.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 1000);
+    assert_eq!(seen[0], "C0999");
+    assert!(seen.windows(2).all(|w| w[0] > w[1]));
+    sim.throttle_next(1);
+    let r = c
+        .get(format!("{}CustomersV3?$top=1", sim.data_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(
+        body(r).await["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("high resource utilization")
+    );
+}
+
+#[tokio::test]
+async fn fno_batch_and_events() {
+    let sim = FnoSim::start(FnoConfig {
+        entities: vec![customers()],
+        event_retry_delay: Duration::from_millis(10),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (url, rec) = receiver(vec![500]).await;
+    sim.register_events(FnoEventRegistration {
+        url: url.clone(),
+        entity_sets: vec![],
+        messages: vec![FnoMessage::Created, FnoMessage::Updated],
+        format: FnoEventFormat::DataEvent,
+        headers: vec![],
+    });
+    sim.register_events(FnoEventRegistration {
+        url,
+        entity_sets: vec!["CustomersV3".into()],
+        messages: vec![FnoMessage::Created],
+        format: FnoEventFormat::BusinessEvent {
+            business_event_id: "CustomerChanged".into(),
+        },
+        headers: vec![],
+    });
+    let c = reqwest::Client::new();
+    let part = |cid: u32, body: &str| {
+        format!(
+            "--cs\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: {cid}\r\n\r\nPOST CustomersV3 HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{body}\r\n"
+        )
+    };
+    let batch = |parts: String| {
+        format!(
+            "--b\r\nContent-Type: multipart/mixed; boundary=cs\r\n\r\n{parts}--cs--\r\n--b--\r\n"
+        )
+    };
+    let bad = batch(format!(
+        "{}{}",
+        part(1, r#"{"CustomerAccount":"X1"}"#),
+        part(2, r#"{"CustomerAccount":"X1"}"#)
+    ));
+    let r = c
+        .post(format!("{}$batch", sim.data_url()))
+        .header("Content-Type", "multipart/mixed; boundary=b")
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().contains("HTTP/1.1 400"));
+    assert!(
+        sim.rows("CustomersV3").is_empty(),
+        "the change set must be rolled back"
+    );
+    let good = batch(part(1, r#"{"CustomerAccount":"X1","Name":"ok"}"#));
+    let r = c
+        .post(format!("{}$batch", sim.data_url()))
+        .header("Content-Type", "multipart/mixed; boundary=b")
+        .body(good)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().contains("HTTP/1.1 201"));
+    sim.user_edit(
+        "CustomersV3",
+        "dataAreaId='usmf',CustomerAccount='X1'",
+        json!({"Name": "edited"}),
+    )
+    .unwrap();
+    assert!(sim.wait_events_idle(Duration::from_secs(5)).await);
+    let calls = rec.calls.lock().unwrap().clone();
+    let data_events: Vec<&Value> = calls
+        .iter()
+        .map(|c| &c.2)
+        .filter(|b| b.get("MessageName").is_some())
+        .collect();
+    let business: Vec<&Value> = calls
+        .iter()
+        .map(|c| &c.2)
+        .filter(|b| b.get("ControlNumber").is_some())
+        .collect();
+    assert_eq!(business.len(), 1);
+    assert_eq!(business[0]["BusinessEventId"], "CustomerChanged");
+    assert_eq!(business[0]["BusinessEventLegalEntity"], "USMF");
+    let messages: Vec<&str> = data_events
+        .iter()
+        .map(|b| b["MessageName"].as_str().unwrap())
+        .collect();
+    assert!(messages.contains(&"OnExternalCreated") && messages.contains(&"OnExternalUpdated"));
+    assert!(
+        data_events
+            .iter()
+            .all(|b| b["PrimaryEntityName"] == "mserp_customersv3")
+    );
+    assert!(calls.len() >= 4, "a 500 is retried");
+    assert!(sim.failed_event_deliveries().is_empty());
+}

@@ -1,0 +1,221 @@
+//! `bench engine`: the per-record cost of the core — apply the Customers V3 ↔ accounts map,
+//! hash the mapped fields, decide — on generated F&O customer updates, all in memory.
+//!
+//! Each record goes through what the worker does between reading and writing: lookup requests
+//! built and answered from an in-memory link table, the source hash, and [`decide`] (which
+//! applies the map, checks filter/staleness/echo/conflict and plans the write). Every decision is
+//! checked to be the expected write, so a benchmark of a broken engine fails instead of
+//! reporting a fast no-op.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use dualwrite_core::decision::{Decision, DecisionInput, side_hash};
+use dualwrite_core::event::Operation;
+use dualwrite_core::map::apply::{
+    LookupResolution, LookupTarget, ResolvedLookups, integration_key, lookup_requests_with, record_key,
+};
+use dualwrite_core::map::{FieldMapping, TableMap};
+use dualwrite_core::ports::{Link, SideState};
+use dualwrite_core::record::{IntegrationKey, Record, Side, SourceVersion};
+use dualwrite_core::value::{LookupRef, Value, ValueType};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+/// The map the benchmark runs.
+pub const MAP: &str = "customers-v3-accounts";
+
+/// The figures of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineReport {
+    pub bench: &'static str,
+    pub map: &'static str,
+    pub records: usize,
+    pub fields_per_record: usize,
+    pub median_ns_per_record: u64,
+    pub p99_ns_per_record: u64,
+    pub mean_ns_per_record: u64,
+    pub records_per_sec: u64,
+    pub writes_planned: usize,
+    pub target_median_ns: u64,
+    pub target_met: bool,
+}
+
+/// Runs the benchmark over `records` generated records (plus a warm-up of a tenth of them).
+pub fn run(records: usize) -> Result<EngineReport, String> {
+    let maps = dualwrite_maps::builtin_maps();
+    let map = maps.iter().find(|m| m.name == MAP).ok_or_else(|| format!("map {MAP} is not shipped"))?;
+    let by_name: HashMap<&str, &TableMap> = maps.iter().map(|m| (m.name.as_str(), m)).collect();
+    let lookups = LookupTable::new(&maps);
+    let base = Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).single().ok_or("bad base time")?;
+
+    let cases: Vec<Case> = (0..records + records / 10).map(|i| Case::generate(map, i, base)).collect::<Result<_, _>>()?;
+    let warmup = records / 10;
+    let mut samples = Vec::with_capacity(records);
+    let mut writes = 0usize;
+    let started = Instant::now();
+    for (i, case) in cases.iter().enumerate() {
+        let t = Instant::now();
+        let requests = lookup_requests_with(map, Side::Erp, &case.erp, |n| by_name.get(n).copied());
+        let mut resolved = ResolvedLookups::with_capacity(requests.len());
+        for r in &requests {
+            resolved.insert(r.field_index, lookups.resolve(&r.target));
+        }
+        let source_hash = side_hash(map, Side::Erp, &case.erp);
+        let decision = dualwrite_core::decision::decide(&DecisionInput {
+            map,
+            source: Side::Erp,
+            operation: Operation::Upsert,
+            event_id: &case.event_id,
+            key: &case.key,
+            record: &case.erp,
+            link: Some(&case.link),
+            other: Some(&case.crm),
+            source_hash,
+            lookups: &resolved,
+            other_lookups: &ResolvedLookups::new(),
+            now: base,
+        });
+        let elapsed = t.elapsed();
+        match decision {
+            Decision::Write(plan) if plan.writes.len() == 1 && plan.writes[0].side == Side::Crm => writes += 1,
+            other => return Err(format!("record {i}: expected one write to Dataverse, the engine decided {other:?}")),
+        }
+        if i == warmup {
+            samples.clear();
+        }
+        if i >= warmup {
+            samples.push(elapsed.as_nanos() as u64);
+        }
+    }
+    let total = started.elapsed();
+    samples.sort_unstable();
+    let n = samples.len().max(1);
+    let median = samples[n / 2];
+    let p99 = samples[(n * 99 / 100).min(n - 1)];
+    let mean = samples.iter().sum::<u64>() / n as u64;
+    let target = 5_000;
+    Ok(EngineReport {
+        bench: "engine",
+        map: MAP,
+        records,
+        fields_per_record: cases[0].erp.fields.len(),
+        median_ns_per_record: median,
+        p99_ns_per_record: p99,
+        mean_ns_per_record: mean,
+        records_per_sec: (cases.len() as f64 / total.as_secs_f64()) as u64,
+        writes_planned: writes - warmup.min(writes),
+        target_median_ns: target,
+        target_met: median <= target,
+    })
+}
+
+/// One generated update: the F&O record, the linked Dataverse row, and the link.
+struct Case {
+    event_id: String,
+    key: IntegrationKey,
+    erp: Record,
+    crm: Record,
+    link: Link,
+}
+
+impl Case {
+    fn generate(map: &TableMap, i: usize, base: DateTime<Utc>) -> Result<Case, String> {
+        let account = format!("C{i:06}");
+        let mut erp = Record::new(map.erp.entity.clone());
+        erp.company = Some("usmf".into());
+        for f in &map.fields {
+            if let Some(field) = &f.erp {
+                erp.fields.insert(field.name.clone(), erp_value(f, field.ty, i));
+            }
+        }
+        erp.fields.insert(map.erp.key[0].clone(), Value::Text(account.clone()));
+        erp.version = Some(SourceVersion { modified_on: base + Duration::seconds(60), sequence: i as i64 });
+        let key = integration_key(map, Side::Erp, &erp).map_err(|e| e.to_string())?;
+        erp.id = Some(record_key(map, Side::Erp, &key).to_string());
+
+        // The Dataverse row as dualwrite last wrote it: same key, older values.
+        let mut crm = Record::new(map.crm.entity_set.clone());
+        crm.company = Some("USMF".into());
+        crm.id = Some(format!("00000000-0000-0000-0000-{i:012}"));
+        crm.fields.insert(map.crm.key[0].clone(), Value::Text(account));
+        crm.fields.insert("name".into(), Value::Text(format!("Old name {i}")));
+        crm.version = Some(SourceVersion { modified_on: base, sequence: i as i64 });
+        crm.etag = Some(format!("W/\"{i}\""));
+
+        let mut old_erp = erp.clone();
+        old_erp.fields.insert("OrganizationName".into(), Value::Text(format!("Old name {i}")));
+        let link = Link {
+            map: map.name.clone(),
+            key: key.clone(),
+            crm_id: crm.id.clone(),
+            erp_id: erp.id.clone(),
+            crm: SideState { hash: Some(side_hash(map, Side::Crm, &crm)), version: crm.version },
+            erp: SideState {
+                hash: Some(side_hash(map, Side::Erp, &old_erp)),
+                version: Some(SourceVersion { modified_on: base, sequence: i as i64 }),
+            },
+            revision: 3,
+            open_conflict: None,
+            updated_at: base,
+        };
+        Ok(Case { event_id: format!("bench-{i}"), key, erp, crm, link })
+    }
+}
+
+fn erp_value(f: &FieldMapping, ty: ValueType, i: usize) -> Value {
+    if let Some(vm) = &f.value_map {
+        return vm.pairs[i % vm.pairs.len()].0.clone();
+    }
+    if f.lookup.is_some() {
+        return Value::Text(format!("REF{}", i % 7));
+    }
+    match ty {
+        ValueType::Text => Value::Text(format!("{} {i}", f.erp.as_ref().map_or("", |e| e.name.as_str()))),
+        ValueType::Integer => Value::Integer(i as i64 % 1000),
+        ValueType::Decimal => Value::Decimal(Decimal::new(i as i64 * 100 + 37, 2)),
+        ValueType::Boolean => Value::Boolean(i % 2 == 0),
+        ValueType::Date => Value::Date(chrono::NaiveDate::from_ymd_opt(2026, 1, 1 + (i % 28) as u32).unwrap_or_default()),
+        ValueType::DateTime => Value::DateTime(Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap().fixed_offset()),
+        ValueType::Choice => Value::Choice(1),
+        ValueType::Enum => match f.erp.as_ref().map(|e| e.name.as_str()) {
+            Some("PartyType") => Value::Enum("Organization".into()),
+            _ => Value::Enum("Yes".into()),
+        },
+        ValueType::Lookup => Value::Null,
+    }
+}
+
+/// Links of the referenced maps, as the store would hold them, answering lookups.
+struct LookupTable {
+    by_key: HashMap<IntegrationKey, (String, String)>,
+}
+
+impl LookupTable {
+    fn new(maps: &[TableMap]) -> Self {
+        let mut by_key = HashMap::new();
+        for m in maps {
+            for r in 0..7 {
+                let key = IntegrationKey::from_parts(m.erp.company_specific.then_some("usmf"), [format!("REF{r}").as_str()]);
+                by_key.insert(key, (m.crm.entity_set.clone(), format!("{r:08}-0000-0000-0000-{:012}", m.name.len())));
+            }
+        }
+        LookupTable { by_key }
+    }
+
+    fn resolve(&self, target: &LookupTarget) -> LookupResolution {
+        if let LookupTarget::Keys(keys) = target {
+            for k in keys {
+                if let Some((set, id)) = self.by_key.get(k) {
+                    return LookupResolution::Resolved(Value::Lookup(LookupRef {
+                        entity_set: set.clone(),
+                        id: Some(id.clone()),
+                        key: None,
+                    }));
+                }
+            }
+        }
+        LookupResolution::Missing { map: "unknown".into(), key: IntegrationKey(String::new()) }
+    }
+}

@@ -1,0 +1,510 @@
+//! One test per behaviour of the worker step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualwrite_core::decision::SkipReason;
+use dualwrite_core::map::{ConflictPolicy, DeletePolicy};
+use dualwrite_core::ports::{
+    ConnectorErrorKind, ErrorClass, JournalStore, LinkStore, RecordRef, WorkQueue,
+};
+use dualwrite_core::{IntegrationKey, Operation, RecordKey, Side, Value};
+use dualwrite_engine::memory::MemoryQueue;
+use dualwrite_engine::{EventStatus, MapAction, drain, ingest, run_worker};
+
+use crate::harness::{ACCOUNTS, CUSTOMERS, World, accounts_map, orders_map};
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+fn action(outcome: &dualwrite_engine::ProcessOutcome) -> &MapAction {
+    &outcome.maps[0].action
+}
+
+/// A linked pair A1 = ("Contoso", 100) on both sides, echoes settled.
+async fn linked(conflict: ConflictPolicy, delete: DeletePolicy) -> World {
+    let w = World::accounts(conflict, delete);
+    let ev = w.edit_account(Side::Crm, "A1", Some("Contoso"), Some(100));
+    w.settle(vec![ev]).await;
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("Contoso"), Value::Integer(100)))
+    );
+    w
+}
+
+#[tokio::test]
+async fn dualwrites_own_write_coming_back_is_not_written_back() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    let ev = w.edit_account(Side::Crm, "A1", Some("Contoso"), Some(100));
+    let out = w.engine.process(&ev).await.unwrap();
+    assert!(matches!(
+        action(&out),
+        MapAction::Written {
+            writes: 1,
+            conflict: None
+        }
+    ));
+    let echoes = w.erp.take_echoes();
+    assert_eq!(echoes.len(), 1);
+    let out = w.engine.process(&echoes[0]).await.unwrap();
+    // The write's own version is already in the link, so the echo is also a duplicate of
+    // what dualwrite knows; either way it is suppressed.
+    assert!(
+        matches!(
+            action(&out),
+            MapAction::Skipped(SkipReason::Echo | SkipReason::Duplicate)
+        ),
+        "{out:?}"
+    );
+    assert_eq!(w.crm.write_count(), 0);
+    assert_eq!(w.erp.write_count(), 1);
+    assert_eq!(w.engine.stats().echoes_suppressed, 1);
+    let link = w
+        .store
+        .link("accounts", &IntegrationKey("A1".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        link.erp.version, echoes[0].record.version,
+        "the echo's version is what the link knows"
+    );
+}
+
+#[tokio::test]
+async fn an_older_change_after_a_newer_one_is_dropped() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    let old = w.edit_account(Side::Crm, "A1", Some("Old"), Some(1));
+    w.tick();
+    let new = w.edit_account(Side::Crm, "A1", Some("New"), None);
+    w.engine.process(&new).await.unwrap();
+    let out = w.engine.process(&old).await.unwrap();
+    assert_eq!(action(&out), &MapAction::Skipped(SkipReason::Stale));
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("New"), Value::Integer(1)))
+    );
+    assert_eq!(w.engine.stats().stale_dropped, 1);
+}
+
+#[tokio::test]
+async fn the_same_event_delivered_many_times_writes_once() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    let ev = w.edit_account(Side::Crm, "A1", Some("Contoso"), None);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(w.engine.process(&ev).await.unwrap().status);
+    }
+    assert_eq!(statuses[0], EventStatus::Processed);
+    assert!(statuses[1..].iter().all(|s| *s == EventStatus::Duplicate));
+    assert_eq!(w.erp.write_count(), 1);
+    assert_eq!(w.engine.stats().duplicates, 4);
+}
+
+/// Both sides edit A1 (CRM first, ERP one second later), then the CRM event is processed.
+async fn both_edit(
+    conflict: ConflictPolicy,
+    crm_later: bool,
+) -> (World, dualwrite_engine::ProcessOutcome) {
+    let w = linked(conflict, DeletePolicy::Propagate).await;
+    w.tick();
+    let (crm_ev, _erp_ev) = if crm_later {
+        let e = w.edit_account(Side::Erp, "A1", Some("ErpName"), Some(200));
+        w.tick();
+        (
+            w.edit_account(Side::Crm, "A1", Some("CrmName"), Some(300)),
+            e,
+        )
+    } else {
+        let c = w.edit_account(Side::Crm, "A1", Some("CrmName"), Some(300));
+        w.tick();
+        (
+            c,
+            w.edit_account(Side::Erp, "A1", Some("ErpName"), Some(200)),
+        )
+    };
+    let out = w.engine.process(&crm_ev).await.unwrap();
+    (w, out)
+}
+
+async fn only_conflict(w: &World) -> dualwrite_core::ports::ConflictRecord {
+    let conflicts = w.store.conflicts(false, 10).await.unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    let c = conflicts[0].clone();
+    assert_eq!(
+        c.crm.get("name"),
+        Some(&text("CrmName")),
+        "the CRM version is recorded"
+    );
+    assert_eq!(
+        c.erp.get("Name"),
+        Some(&text("ErpName")),
+        "the ERP version is recorded"
+    );
+    c
+}
+
+#[tokio::test]
+async fn last_writer_wins_takes_the_later_change_either_way() {
+    let (w, _) = both_edit(ConflictPolicy::LastWriterWins, false).await;
+    assert_eq!(
+        w.account(Side::Crm, "A1"),
+        Some((text("ErpName"), Value::Integer(200)))
+    );
+    assert_eq!(only_conflict(&w).await.winner, Some(Side::Erp));
+
+    let (w, _) = both_edit(ConflictPolicy::LastWriterWins, true).await;
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("CrmName"), Value::Integer(300)))
+    );
+    assert_eq!(only_conflict(&w).await.winner, Some(Side::Crm));
+    assert_eq!(w.engine.stats().conflicts, 1);
+}
+
+#[tokio::test]
+async fn crm_wins_and_erp_wins_ignore_timestamps() {
+    let (w, _) = both_edit(ConflictPolicy::CrmWins, false).await;
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("CrmName"), Value::Integer(300)))
+    );
+    assert_eq!(only_conflict(&w).await.winner, Some(Side::Crm));
+
+    let (w, _) = both_edit(ConflictPolicy::ErpWins, true).await;
+    assert_eq!(
+        w.account(Side::Crm, "A1"),
+        Some((text("ErpName"), Value::Integer(200)))
+    );
+    assert_eq!(only_conflict(&w).await.winner, Some(Side::Erp));
+}
+
+#[tokio::test]
+async fn field_level_takes_each_field_from_its_owner_and_writes_both_sides() {
+    let (w, out) = both_edit(ConflictPolicy::FieldLevel, false).await;
+    assert!(
+        matches!(
+            action(&out),
+            MapAction::Written {
+                writes: 2,
+                conflict: Some(_)
+            }
+        ),
+        "{out:?}"
+    );
+    // name is owned by CRM, credit by ERP.
+    let expected = Some((text("CrmName"), Value::Integer(200)));
+    assert_eq!(w.account(Side::Crm, "A1"), expected);
+    assert_eq!(w.account(Side::Erp, "A1"), expected);
+    assert_eq!(only_conflict(&w).await.winner, None);
+    w.settle(Vec::new()).await;
+    assert_eq!(w.account(Side::Crm, "A1"), w.account(Side::Erp, "A1"));
+}
+
+#[tokio::test]
+async fn manual_conflicts_write_nothing_and_park_later_changes() {
+    let writes_before = 1;
+    let (w, out) = both_edit(ConflictPolicy::Manual, false).await;
+    assert!(matches!(action(&out), MapAction::ConflictHeld { .. }));
+    assert_eq!(w.writes(), writes_before);
+    let conflict = only_conflict(&w).await;
+    assert!(conflict.open);
+    assert_eq!(w.store.conflicts(true, 10).await.unwrap().len(), 1);
+    let link = w
+        .store
+        .link("accounts", &IntegrationKey("A1".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(link.open_conflict.as_deref(), Some(conflict.id.as_str()));
+    w.tick();
+    let later = w.edit_account(Side::Crm, "A1", Some("Again"), None);
+    let out = w.engine.process(&later).await.unwrap();
+    assert!(matches!(action(&out), MapAction::Parked { .. }), "{out:?}");
+    assert_eq!(w.store.parked_count().await.unwrap(), 1);
+    assert_eq!(w.writes(), writes_before);
+}
+
+#[tokio::test]
+async fn delete_propagate_removes_the_other_record_and_the_link() {
+    let w = linked(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate).await;
+    let at = RecordRef::Key(RecordKey::new([("accountnumber", "A1")]));
+    let ev = w.crm.delete_by_user(ACCOUNTS, &at).unwrap();
+    let out = w.engine.process(&ev).await.unwrap();
+    assert_eq!(action(&out), &MapAction::Deleted);
+    assert_eq!(w.account(Side::Erp, "A1"), None);
+    assert!(
+        w.store
+            .link("accounts", &IntegrationKey("A1".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The ERP delete's own event finds no link: nothing more happens.
+    w.settle(Vec::new()).await;
+    assert_eq!(w.account(Side::Crm, "A1"), None);
+}
+
+#[tokio::test]
+async fn delete_ignore_keeps_the_other_record_and_drops_the_link() {
+    let w = linked(ConflictPolicy::LastWriterWins, DeletePolicy::Ignore).await;
+    let at = RecordRef::Key(RecordKey::new([("accountnumber", "A1")]));
+    let ev = w.crm.delete_by_user(ACCOUNTS, &at).unwrap();
+    w.engine.process(&ev).await.unwrap();
+    assert!(w.account(Side::Erp, "A1").is_some());
+    assert!(
+        w.store
+            .link("accounts", &IntegrationKey("A1".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(w.erp.write_count(), 1, "only the initial create");
+}
+
+#[tokio::test]
+async fn delete_deactivate_writes_the_deactivation_fields_without_resurrecting() {
+    let policy = DeletePolicy::Deactivate {
+        crm: vec![("statecode".into(), Value::Choice(1))],
+        erp: vec![("Blocked".into(), Value::Enum("Yes".into()))],
+    };
+    let w = linked(ConflictPolicy::LastWriterWins, policy).await;
+    let at = RecordRef::Key(RecordKey::new([("accountnumber", "A1")]));
+    let ev = w.crm.delete_by_user(ACCOUNTS, &at).unwrap();
+    w.engine.process(&ev).await.unwrap();
+    let erp = w
+        .erp
+        .record(
+            CUSTOMERS,
+            &RecordRef::Key(RecordKey::new([("CustomerAccount", "A1")])),
+        )
+        .unwrap();
+    assert_eq!(erp.get("Blocked"), Some(&Value::Enum("Yes".into())));
+    w.settle(Vec::new()).await;
+    assert_eq!(
+        w.account(Side::Crm, "A1"),
+        None,
+        "the deactivation's echo does not recreate the CRM row"
+    );
+}
+
+#[tokio::test]
+async fn a_delete_of_an_unlinked_record_is_skipped() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    w.edit_account(Side::Crm, "A1", Some("x"), None);
+    let ev = w
+        .crm
+        .delete_by_user(
+            ACCOUNTS,
+            &RecordRef::Key(RecordKey::new([("accountnumber", "A1")])),
+        )
+        .unwrap();
+    assert_eq!(ev.operation, Operation::Delete);
+    let out = w.engine.process(&ev).await.unwrap();
+    assert_eq!(action(&out), &MapAction::Skipped(SkipReason::NoLink));
+    assert_eq!(w.writes(), 0);
+}
+
+#[tokio::test]
+async fn an_order_waits_for_its_customer_then_syncs_with_the_reference() {
+    let w = World::new(vec![
+        accounts_map(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate),
+        orders_map(),
+    ]);
+    let order_at = RecordRef::Key(RecordKey::new([("SalesOrderNumber", "SO1")]));
+    let order = w.erp.edit(
+        "SalesOrders",
+        &order_at,
+        [("CustomerAccount".into(), text("C9"))],
+    );
+    let out = w.engine.process(&order).await.unwrap();
+    assert!(
+        matches!(action(&out), MapAction::Parked { waiting_map, waiting_key, .. } if waiting_map == "accounts" && waiting_key.as_str() == "C9"),
+        "{out:?}"
+    );
+    assert_eq!(w.store.parked_count().await.unwrap(), 1);
+    assert!(
+        w.crm.records("salesorders").is_empty(),
+        "never a dangling reference"
+    );
+
+    let customer = w.edit_account(Side::Erp, "C9", Some("Fabrikam"), None);
+    let out = w.engine.process(&customer).await.unwrap();
+    assert_eq!(out.requeue.len(), 1, "the parked order is released");
+    assert_eq!(w.store.parked_count().await.unwrap(), 0);
+    let out = w.engine.process(&out.requeue[0]).await.unwrap();
+    assert!(
+        matches!(action(&out), MapAction::Written { writes: 1, .. }),
+        "{out:?}"
+    );
+    let crm_order = &w.crm.records("salesorders")[0];
+    let crm_customer = w
+        .crm
+        .record(
+            ACCOUNTS,
+            &RecordRef::Key(RecordKey::new([("accountnumber", "C9")])),
+        )
+        .unwrap();
+    match crm_order.get("customerid") {
+        Some(Value::Lookup(l)) => {
+            assert_eq!(l.entity_set, ACCOUNTS);
+            assert_eq!(l.id, crm_customer.id);
+        }
+        other => panic!("expected a lookup, got {other:?}"),
+    }
+    w.settle(Vec::new()).await;
+    assert_eq!(w.crm.records("salesorders").len(), 1);
+}
+
+#[tokio::test]
+async fn an_unsynced_customer_that_exists_is_synced_before_its_order() {
+    let w = World::new(vec![
+        accounts_map(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate),
+        orders_map(),
+    ]);
+    let _customer_event_not_yet_processed = w.edit_account(Side::Erp, "C1", Some("Contoso"), None);
+    let order = w.erp.edit(
+        "SalesOrders",
+        &RecordRef::Key(RecordKey::new([("SalesOrderNumber", "SO1")])),
+        [("CustomerAccount".into(), text("C1"))],
+    );
+    let out = w.engine.process(&order).await.unwrap();
+    assert!(matches!(action(&out), MapAction::Written { .. }), "{out:?}");
+    assert_eq!(
+        w.account(Side::Crm, "C1"),
+        Some((text("Contoso"), Value::Null))
+    );
+    assert_eq!(w.engine.stats().dependencies_synced, 1);
+    assert_eq!(w.store.parked_count().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_permanent_connector_error_is_logged_and_the_event_completed() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    w.erp.fail_next(ConnectorErrorKind::BadRequest);
+    let ev = w.edit_account(Side::Crm, "A1", Some("x"), None);
+    let out = w.engine.process(&ev).await.unwrap();
+    assert!(matches!(action(&out), MapAction::Failed { .. }));
+    let errors = w.store.errors(10).await.unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].class, ErrorClass::Permanent);
+    assert_eq!(errors[0].event_id.as_deref(), Some(ev.event_id.as_str()));
+    assert_eq!(
+        w.engine.process(&ev).await.unwrap().status,
+        EventStatus::Duplicate,
+        "not retried forever"
+    );
+}
+
+#[tokio::test]
+async fn a_transient_error_asks_for_a_retry_and_the_retry_succeeds() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    w.erp.fail_next(ConnectorErrorKind::Throttled {
+        retry_after_ms: 3_000,
+    });
+    let ev = w.edit_account(Side::Crm, "A1", Some("x"), None);
+    let err = w.engine.process(&ev).await.unwrap_err();
+    assert!(err.retry_after() >= Duration::from_secs(3), "{err}");
+    let out = w.engine.process_attempt(&ev, 2).await.unwrap();
+    assert!(matches!(action(&out), MapAction::Written { .. }));
+}
+
+#[tokio::test]
+async fn a_412_is_read_again_and_decided_again() {
+    let w = linked(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate).await;
+    w.tick();
+    let ev = w.edit_account(Side::Crm, "A1", Some("New"), None);
+    w.erp.fail_next(ConnectorErrorKind::PreconditionFailed);
+    let out = w.engine.process(&ev).await.unwrap();
+    assert!(matches!(action(&out), MapAction::Written { .. }));
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("New"), Value::Integer(100)))
+    );
+    assert!(w.engine.stats().redecisions >= 1);
+}
+
+#[tokio::test]
+async fn the_worker_loop_drains_the_queue_and_stops_on_shutdown() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    let queue = Arc::new(MemoryQueue::new(w.clock.clone(), 5));
+    let events: Vec<_> = (0..5)
+        .map(|i| w.edit_account(Side::Crm, &format!("A{i}"), Some("n"), Some(i)))
+        .collect();
+    assert_eq!(ingest(queue.as_ref(), events).await.unwrap(), 5);
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let engine = w.engine.clone();
+    let q = queue.clone();
+    let worker = tokio::spawn(async move { run_worker(q.as_ref(), &engine, rx).await });
+    for _ in 0..200 {
+        if queue.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tx.send(true).unwrap();
+    let report = worker.await.unwrap().unwrap();
+    assert_eq!(report.acked, 5);
+    assert_eq!(w.erp.records(CUSTOMERS).len(), 5);
+    // The echoes go through the queue too and change nothing.
+    ingest(queue.as_ref(), w.erp.take_echoes()).await.unwrap();
+    let report = drain(queue.as_ref(), &w.engine).await.unwrap();
+    assert_eq!(report.acked, 5);
+    assert_eq!(w.crm.write_count(), 0);
+    assert_eq!(queue.depth().await.unwrap().ready, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_both_sides_of_one_pair_end_consistent() {
+    for round in 0..20 {
+        let w = linked(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate).await;
+        let mut crm_events = Vec::new();
+        let mut erp_events = Vec::new();
+        for i in 0..4 {
+            w.tick();
+            crm_events.push(w.edit_account(
+                Side::Crm,
+                "A1",
+                Some(&format!("crm{round}-{i}")),
+                None,
+            ));
+            erp_events.push(w.edit_account(Side::Erp, "A1", None, Some(i)));
+        }
+        let (e1, e2) = (w.engine.clone(), w.engine.clone());
+        let a = tokio::spawn(async move {
+            for ev in crm_events {
+                let mut attempt = 1;
+                while e1.process_attempt(&ev, attempt).await.is_err() {
+                    attempt += 1;
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let b = tokio::spawn(async move {
+            for ev in erp_events {
+                let mut attempt = 1;
+                while e2.process_attempt(&ev, attempt).await.is_err() {
+                    attempt += 1;
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        a.await.unwrap();
+        b.await.unwrap();
+        w.settle(Vec::new()).await;
+        assert_eq!(
+            w.account(Side::Crm, "A1"),
+            w.account(Side::Erp, "A1"),
+            "round {round}"
+        );
+        let link = w
+            .store
+            .link("accounts", &IntegrationKey("A1".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(link.open_conflict.is_none());
+    }
+}
