@@ -1,11 +1,12 @@
 //! OData JSON shared by both connectors: typed values ↔ JSON text (numbers kept as their
-//! exact text, never through `f64`), `$filter` rendering, and response-body parsing.
+//! exact text, never through `f64`), the filter of a query (rendered by core's
+//! [`Filter::to_odata`]), and response-body parsing.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDate, SecondsFormat};
-use dualwrite_core::map::filter::{CompareOp, Filter, Literal, TextFunc};
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use dualwrite_core::map::filter::{CompareOp, Filter, Literal};
 use dualwrite_core::value::{Value, ValueType};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -195,58 +196,22 @@ pub fn object_text(pairs: &[(String, String)]) -> String {
     out
 }
 
-/// An OData literal as `$filter` writes it: `'text'` (quotes doubled), numbers, `true`,
-/// `null`, unquoted ISO date-times.
-pub fn literal_text(literal: &Literal) -> String {
-    match literal {
-        Literal::Null => "null".to_string(),
-        Literal::Text(s) => format!("'{}'", s.replace('\'', "''")),
-        Literal::Number(d) => d.to_string(),
-        Literal::Boolean(b) => b.to_string(),
-        Literal::DateTime(t) => t.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-    }
-}
-
-/// Renders `filter` as `$filter` text; `literal` renders the literal compared with a field
-/// (connectors use it for F&O enum literals) and gets `(field, literal)`.
-pub fn render_filter(filter: &Filter, literal: &dyn Fn(&str, &Literal) -> String) -> String {
-    let child = |f: &Filter| match f {
-        Filter::And(..) | Filter::Or(..) => format!("({})", render_filter(f, literal)),
-        _ => render_filter(f, literal),
-    };
-    match filter {
-        Filter::And(a, b) => format!("{} and {}", child(a), child(b)),
-        Filter::Or(a, b) => format!("{} or {}", child(a), child(b)),
-        Filter::Not(a) => format!("not ({})", render_filter(a, literal)),
-        Filter::Compare { field, op, value } => {
-            let op = match op {
-                CompareOp::Eq => "eq",
-                CompareOp::Ne => "ne",
-                CompareOp::Gt => "gt",
-                CompareOp::Ge => "ge",
-                CompareOp::Lt => "lt",
-                CompareOp::Le => "le",
-            };
-            format!("{field} {op} {}", literal(field, value))
-        }
-        Filter::Text { func, field, value } => {
-            let func = match func {
-                TextFunc::StartsWith => "startswith",
-                TextFunc::Contains => "contains",
-                TextFunc::EndsWith => "endswith",
-            };
-            format!("{func}({field},'{}')", value.replace('\'', "''"))
-        }
-    }
-}
-
-/// The `$filter` of a query: the map's filter and the incremental bound, joined by `and`.
-pub fn query_filter(filter: Option<String>, modified: Option<String>) -> Option<String> {
-    match (filter, modified) {
-        (Some(f), Some(m)) => Some(format!("({f}) and {m}")),
-        (Some(f), None) => Some(f),
-        (None, Some(m)) => Some(m),
-        (None, None) => None,
+/// The filter of a query: the map's `filter` and, for incremental reads, `field ge since`
+/// (`modifiedon` / `ModifiedDateTime`), joined by `and`. Rendered by
+/// [`Filter::to_odata`]; `None` when there is nothing to filter on.
+pub fn query_filter(
+    filter: Option<&Filter>,
+    field: &str,
+    since: Option<DateTime<Utc>>,
+) -> Option<Filter> {
+    let modified = since.map(|t| Filter::Compare {
+        field: field.to_string(),
+        op: CompareOp::Ge,
+        value: Literal::DateTime(t.fixed_offset()),
+    });
+    match (filter.cloned(), modified) {
+        (Some(f), Some(m)) => Some(Filter::And(Box::new(f), Box::new(m))),
+        (f, m) => f.or(m),
     }
 }
 
@@ -358,33 +323,26 @@ mod tests {
     }
 
     #[test]
-    fn filters_render_as_odata() {
-        let f = Filter::And(
-            Box::new(Filter::Or(
-                Box::new(Filter::Compare {
-                    field: "a".into(),
-                    op: CompareOp::Eq,
-                    value: Literal::Text("O'Neil".into()),
-                }),
-                Box::new(Filter::Compare {
-                    field: "b".into(),
-                    op: CompareOp::Ge,
-                    value: Literal::Number(Decimal::from_str("1.50").unwrap()),
-                }),
-            )),
-            Box::new(Filter::Not(Box::new(Filter::Text {
-                func: TextFunc::StartsWith,
-                field: "c".into(),
-                value: "x".into(),
-            }))),
+    fn the_incremental_bound_is_anded_to_the_map_filter() {
+        let map_filter =
+            dualwrite_core::map::filter::parse_filter("a eq 'O''Neil' or b ge 1.50").unwrap();
+        let since = DateTime::parse_from_rfc3339("2026-05-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let f = query_filter(Some(&map_filter), "modifiedon", Some(since)).unwrap();
+        assert_eq!(
+            f.to_odata(),
+            "(a eq 'O''Neil' or b ge 1.50) and modifiedon ge 2026-05-01T00:00:00Z"
         );
         assert_eq!(
-            render_filter(&f, &|_, l| literal_text(l)),
-            "(a eq 'O''Neil' or b ge 1.50) and not (startswith(c,'x'))"
+            query_filter(None, "modifiedon", Some(since)).unwrap().to_odata(),
+            "modifiedon ge 2026-05-01T00:00:00Z"
         );
-        let t = DateTime::parse_from_rfc3339("2026-05-01T00:00:00+00:00").unwrap();
-        assert_eq!(literal_text(&Literal::DateTime(t)), "2026-05-01T00:00:00Z");
-        assert_eq!(literal_text(&Literal::Null), "null");
+        assert_eq!(
+            query_filter(Some(&map_filter), "modifiedon", None),
+            Some(map_filter)
+        );
+        assert_eq!(query_filter(None, "modifiedon", None), None);
     }
 
     #[test]

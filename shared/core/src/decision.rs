@@ -276,7 +276,7 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
 
     if let Some(link) = input.link {
         let known = link.side(source);
-        if false && is_older(record.version, known.version) {
+        if is_older(record.version, known.version) {
             return Ok(skip(SkipReason::Stale));
         }
         if known.hash == Some(input.source_hash) {
