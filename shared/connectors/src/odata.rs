@@ -335,7 +335,9 @@ mod tests {
             "(a eq 'O''Neil' or b ge 1.50) and modifiedon ge 2026-05-01T00:00:00Z"
         );
         assert_eq!(
-            query_filter(None, "modifiedon", Some(since)).unwrap().to_odata(),
+            query_filter(None, "modifiedon", Some(since))
+                .unwrap()
+                .to_odata(),
             "modifiedon ge 2026-05-01T00:00:00Z"
         );
         assert_eq!(

@@ -186,7 +186,11 @@ pub enum StoreOp {
     /// The stored link gets revision `expected_revision + 1`.
     PutLink { link: Link, expected_revision: u64 },
     /// Remove a link, on the same revision condition.
-    DeleteLink { map: String, key: IntegrationKey, expected_revision: u64 },
+    DeleteLink {
+        map: String,
+        key: IntegrationKey,
+        expected_revision: u64,
+    },
     /// Mark an event processed (idempotency): later claims answer [`EventClaim::AlreadyDone`].
     CompleteEvent { event_id: String },
     /// Append to the conflict log (or replace the entry with the same id).
@@ -196,7 +200,11 @@ pub enum StoreOp {
     /// Park an event until a link appears.
     Park(ParkedEvent),
     /// Remove a parked event (it was re-enqueued).
-    Unpark { waiting_map: String, waiting_key: IntegrationKey, event_id: String },
+    Unpark {
+        waiting_map: String,
+        waiting_key: IntegrationKey,
+        event_id: String,
+    },
     /// Create or replace a map's state.
     PutMapState(MapState),
 }
@@ -206,7 +214,11 @@ pub enum StoreOp {
 pub enum StoreError {
     /// A revision condition failed: someone else wrote the link first. Re-read and re-decide.
     #[error("link {map}/{key} was changed concurrently (expected revision {expected})")]
-    Conflict { map: String, key: String, expected: u64 },
+    Conflict {
+        map: String,
+        key: String,
+        expected: u64,
+    },
     /// The commit holds more operations than one transaction can take (100).
     #[error("a commit may hold at most {max} operations, this one holds {got}")]
     TooLarge { max: usize, got: usize },
@@ -234,7 +246,8 @@ pub trait LinkStore: Send + Sync {
     /// The link of `map` with integration key `key`.
     async fn link(&self, map: &str, key: &IntegrationKey) -> Result<Option<Link>, StoreError>;
     /// The link of `map` whose `side` id (CRM GUID / rendered F&O key) is `id`.
-    async fn link_by_id(&self, map: &str, side: Side, id: &str) -> Result<Option<Link>, StoreError>;
+    async fn link_by_id(&self, map: &str, side: Side, id: &str)
+    -> Result<Option<Link>, StoreError>;
     /// Applies `ops` atomically.
     async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError>;
 }
@@ -263,11 +276,22 @@ pub trait JournalStore: Send + Sync {
     async fn map_state(&self, map: &str) -> Result<Option<MapState>, StoreError>;
     async fn map_states(&self) -> Result<Vec<MapState>, StoreError>;
     /// Conflicts, newest first; only open ones when `open_only`.
-    async fn conflicts(&self, open_only: bool, limit: usize) -> Result<Vec<ConflictRecord>, StoreError>;
+    async fn conflicts(
+        &self,
+        open_only: bool,
+        limit: usize,
+    ) -> Result<Vec<ConflictRecord>, StoreError>;
     /// Errors, newest first.
     async fn errors(&self, limit: usize) -> Result<Vec<ErrorRecord>, StoreError>;
     /// Events parked until the link `map`/`key` exists.
-    async fn parked_for(&self, map: &str, key: &IntegrationKey) -> Result<Vec<ParkedEvent>, StoreError>;
+    async fn parked_for(
+        &self,
+        map: &str,
+        key: &IntegrationKey,
+    ) -> Result<Vec<ParkedEvent>, StoreError>;
+    /// Parked events of every map and key, oldest first, at most `limit` (for the sweep that
+    /// re-releases events whose dependency arrived while a release was interrupted).
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError>;
     /// How many events are parked in all.
     async fn parked_count(&self) -> Result<u64, StoreError>;
 }
@@ -294,7 +318,11 @@ pub struct QueueMessage {
 impl QueueMessage {
     /// The message for a change event: grouped by source record, deduplicated by event id.
     pub fn for_event(event: ChangeEvent) -> Self {
-        QueueMessage { group_id: event.group_id(), dedup_id: event.event_id.clone(), event }
+        QueueMessage {
+            group_id: event.group_id(),
+            dedup_id: event.event_id.clone(),
+            event,
+        }
     }
 }
 
@@ -360,7 +388,12 @@ pub trait WorkQueue: Send + Sync {
     async fn send(&self, messages: Vec<QueueMessage>) -> Result<(), QueueError>;
     async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, QueueError>;
     async fn ack(&self, receipt: &str) -> Result<(), QueueError>;
-    async fn retry(&self, receipt: &str, delay: Duration, error: &str) -> Result<RetryOutcome, QueueError>;
+    async fn retry(
+        &self,
+        receipt: &str,
+        delay: Duration,
+        error: &str,
+    ) -> Result<RetryOutcome, QueueError>;
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError>;
     async fn depth(&self) -> Result<QueueDepth, QueueError>;
 }

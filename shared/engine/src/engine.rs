@@ -23,8 +23,8 @@ use dualwrite_core::map::apply::{
     record_key,
 };
 use dualwrite_core::ports::{
-    Clock, Connector, ConnectorError, ErrorClass, ErrorRecord, EventClaim, Link, ParkedEvent,
-    RecordRef, StateStore, StoreError, StoreOp,
+    Clock, Connector, ConnectorError, ErrorClass, ErrorRecord, EventClaim, Link, MAX_COMMIT_OPS,
+    ParkedEvent, QueueError, QueueMessage, RecordRef, StateStore, StoreError, StoreOp, WorkQueue,
 };
 use dualwrite_core::{ChangeEvent, IntegrationKey, LookupRef, Operation, Record, Side, Value};
 use tracing::{debug, info, warn};
@@ -131,9 +131,10 @@ pub struct ProcessOutcome {
     pub status: EventStatus,
     /// One entry per map covering the record (empty for a duplicate).
     pub maps: Vec<MapResult>,
-    /// Parked events released because a link they waited for was created: send them to the
-    /// work queue again (they were removed from the parked list in the same commit).
-    pub requeue: Vec<ChangeEvent>,
+    /// Parked events released because a link they waited for exists now. They are still in
+    /// the parked list: the caller sends them to the work queue and only then removes them
+    /// ([`Engine::release`]), so a crash in between can duplicate them but never lose them.
+    pub released: Vec<ParkedEvent>,
 }
 
 /// Why an event could not be processed now. Every variant is retryable: the caller hands the
@@ -235,7 +236,7 @@ impl std::fmt::Debug for Engine {
 /// What one map's processing produced.
 struct MapStep {
     result: MapResult,
-    requeue: Vec<ChangeEvent>,
+    released: Vec<ParkedEvent>,
     parked: bool,
 }
 
@@ -248,9 +249,6 @@ enum Failure {
 }
 
 type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<MapStep, ProcessError>> + Send + 'a>>;
-
-/// At most this many unparks ride in the commit that creates a link; more go in later commits.
-const UNPARKS_PER_COMMIT: usize = 90;
 
 impl Engine {
     /// An engine over `maps` (already validated). `crm` and `erp` are the two systems.
@@ -355,7 +353,7 @@ impl Engine {
                     event_id: event.event_id.clone(),
                     status: EventStatus::Duplicate,
                     maps: Vec::new(),
-                    requeue: Vec::new(),
+                    released: Vec::new(),
                 });
             }
             EventClaim::InProgress => {
@@ -396,11 +394,11 @@ impl Engine {
                 event_id: event.event_id.clone(),
                 status: EventStatus::NoMap,
                 maps: Vec::new(),
-                requeue: Vec::new(),
+                released: Vec::new(),
             });
         }
         let mut results = Vec::new();
-        let mut requeue = Vec::new();
+        let mut released = Vec::new();
         let mut parked_any = false;
         let last = maps.len() - 1;
         for (i, map) in maps.into_iter().enumerate() {
@@ -411,7 +409,7 @@ impl Engine {
                 .await?;
             parked_any |= step.parked;
             results.push(step.result);
-            requeue.extend(step.requeue);
+            released.extend(step.released);
         }
         if parked_any && let Err(e) = self.store.release_event(&event.event_id).await {
             warn!(event_id = %event.event_id, error = %e, "could not release the claim of a parked event");
@@ -420,7 +418,7 @@ impl Engine {
             event_id: event.event_id.clone(),
             status: EventStatus::Processed,
             maps: results,
-            requeue,
+            released,
         })
     }
 
@@ -467,11 +465,11 @@ impl Engine {
                     key,
                     action,
                 },
-                requeue: Vec::new(),
+                released: Vec::new(),
                 parked: false,
             };
             let mut tried_dependencies: HashSet<(String, IntegrationKey)> = HashSet::new();
-            let mut requeue = Vec::new();
+            let mut released = Vec::new();
             let mut reread = event.partial;
             let mut decisions = 0u32;
             loop {
@@ -691,24 +689,15 @@ impl Engine {
                             ops.push(StoreOp::RecordConflict(c));
                         }
                         ops.extend(complete_op());
-                        let (unparks, released) = if created {
-                            self.release_parked(event, map, &key).await?
-                        } else {
-                            (Vec::new(), Vec::new())
-                        };
-                        let (now_ops, later_ops) = split_unparks(unparks);
-                        ops.extend(now_ops);
                         if !self.commit(event, ops).await? {
                             continue;
                         }
-                        for chunk in later_ops {
-                            self.commit(event, chunk).await?;
+                        if created {
+                            released.extend(self.parked_on(event, map, &key).await?);
                         }
                         if conflict_id.is_some() {
                             self.stats.inc(Counter::Conflicts);
                         }
-                        self.stats.add(Counter::Unparked, released.len() as u64);
-                        requeue.extend(released);
                         info!(event_id = %event.event_id, map = %map.name, key = %key, writes = plan.writes.len(), "record synced");
                         let mut step = done(
                             Some(key),
@@ -717,7 +706,7 @@ impl Engine {
                                 conflict: conflict_id,
                             },
                         );
-                        step.requeue = requeue;
+                        step.released = released;
                         return Ok(step);
                     }
                     Decision::Delete(mut plan) => {
@@ -811,7 +800,7 @@ impl Engine {
                                 .await?;
                             if let Some(step) = synced {
                                 self.stats.inc(Counter::DependenciesSynced);
-                                requeue.extend(step.requeue);
+                                released.extend(step.released);
                                 decisions -= 1; // not a re-decision: the world got better
                                 continue;
                             }
@@ -823,7 +812,8 @@ impl Engine {
                             event: event.clone(),
                             parked_at: now,
                         };
-                        self.commit(event, vec![StoreOp::Park(parked)]).await?;
+                        self.commit(event, vec![StoreOp::Park(parked.clone())])
+                            .await?;
                         self.stats.inc(Counter::Parked);
                         info!(event_id = %event.event_id, map = %map.name, key = %key, waiting_map = %waiting_map, waiting_key = %waiting_key, "change parked");
                         // The awaited link may have been created between the lookup and the
@@ -836,14 +826,7 @@ impl Engine {
                                 .map_err(|e| self.store_error(event, e))?
                                 .is_some()
                         {
-                            let unpark = StoreOp::Unpark {
-                                waiting_map: waiting_map.clone(),
-                                waiting_key: waiting_key.clone(),
-                                event_id: event.event_id.clone(),
-                            };
-                            self.commit(event, vec![unpark]).await?;
-                            self.stats.inc(Counter::Unparked);
-                            requeue.push(event.clone());
+                            released.push(parked);
                         }
                         let mut step = done(
                             Some(key),
@@ -854,7 +837,7 @@ impl Engine {
                             },
                         );
                         step.parked = true;
-                        step.requeue = requeue;
+                        step.released = released;
                         return Ok(step);
                     }
                     Decision::Invalid(e) => {
@@ -919,7 +902,7 @@ impl Engine {
                 key,
                 action: MapAction::Failed { message },
             },
-            requeue: Vec::new(),
+            released: Vec::new(),
             parked: false,
         })
     }
@@ -1112,42 +1095,87 @@ impl Engine {
         Ok(None)
     }
 
-    /// The events parked on `map`/`key`, and the unpark operations that release them.
-    async fn release_parked(
+    /// The events parked on `map`/`key` (released once that link exists).
+    async fn parked_on(
         &self,
         event: &ChangeEvent,
         map: &TableMap,
         key: &IntegrationKey,
-    ) -> Result<(Vec<StoreOp>, Vec<ChangeEvent>), ProcessError> {
-        let parked = self
-            .store
+    ) -> Result<Vec<ParkedEvent>, ProcessError> {
+        self.store
             .parked_for(&map.name, key)
             .await
-            .map_err(|e| self.store_error(event, e))?;
-        let ops = parked
-            .iter()
+            .map_err(|e| self.store_error(event, e))
+    }
+
+    /// Sends released parked events to the work queue, then removes them from the parked list.
+    /// In that order: a crash in between leaves them parked and queued (processed twice,
+    /// harmlessly: idempotency and versions), never lost.
+    ///
+    /// # Errors
+    /// The queue's or the store's error; what was not removed is released again by
+    /// [`Engine::sweep_parked`].
+    pub async fn release(
+        &self,
+        queue: &dyn WorkQueue,
+        released: Vec<ParkedEvent>,
+    ) -> Result<usize, ReleaseError> {
+        if released.is_empty() {
+            return Ok(0);
+        }
+        let n = released.len();
+        queue
+            .send(
+                released
+                    .iter()
+                    .map(|p| QueueMessage::for_event(p.event.clone()))
+                    .collect(),
+            )
+            .await?;
+        let unparks: Vec<StoreOp> = released
+            .into_iter()
             .map(|p| StoreOp::Unpark {
-                waiting_map: p.waiting_map.clone(),
-                waiting_key: p.waiting_key.clone(),
-                event_id: p.event.event_id.clone(),
+                waiting_map: p.waiting_map,
+                waiting_key: p.waiting_key,
+                event_id: p.event.event_id,
             })
             .collect();
-        Ok((ops, parked.into_iter().map(|p| p.event).collect()))
+        for chunk in unparks.chunks(MAX_COMMIT_OPS) {
+            self.store.commit(chunk.to_vec()).await?;
+        }
+        self.stats.add(Counter::Unparked, n as u64);
+        Ok(n)
+    }
+
+    /// Releases every parked event whose awaited link exists (and has no open conflict): the
+    /// safety net for a release interrupted by a crash, and how events parked behind a resolved
+    /// conflict move on. Run by the worker loop at start and when idle.
+    ///
+    /// # Errors
+    /// The queue's or the store's error.
+    pub async fn sweep_parked(&self, queue: &dyn WorkQueue) -> Result<usize, ReleaseError> {
+        let mut ready = Vec::new();
+        for p in self.store.parked(SWEEP_LIMIT).await? {
+            if let Some(link) = self.store.link(&p.waiting_map, &p.waiting_key).await?
+                && link.open_conflict.is_none()
+            {
+                ready.push(p);
+            }
+        }
+        self.release(queue, ready).await
     }
 }
 
-/// Splits unpark operations into those that fit in the main commit and later chunks.
-fn split_unparks(mut unparks: Vec<StoreOp>) -> (Vec<StoreOp>, Vec<Vec<StoreOp>>) {
-    if unparks.len() <= UNPARKS_PER_COMMIT {
-        return (unparks, Vec::new());
-    }
-    let rest = unparks.split_off(UNPARKS_PER_COMMIT);
-    (
-        unparks,
-        rest.chunks(UNPARKS_PER_COMMIT)
-            .map(<[StoreOp]>::to_vec)
-            .collect(),
-    )
+/// How many parked events one sweep looks at.
+const SWEEP_LIMIT: usize = 1_000;
+
+/// A release of parked events failed; they stay parked and are released by a later sweep.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Notes a successful write in the link: the side's id and the version the write produced.

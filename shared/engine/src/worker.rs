@@ -45,9 +45,11 @@ pub async fn handle_delivery(
     let event = &delivery.message.event;
     match engine.process_attempt(event, delivery.attempt).await {
         Ok(outcome) => {
-            // Released events go out before the ack: a crash in between redelivers this
-            // event (harmless, it is complete) rather than losing them.
-            ingest(queue, outcome.requeue).await?;
+            // Released events go out before the ack; if that fails they stay parked and the
+            // next sweep releases them (the event itself is complete).
+            if let Err(e) = engine.release(queue, outcome.released).await {
+                warn!(event_id = %event.event_id, error = %e, "released parked events will go out with the next sweep");
+            }
             queue.ack(&delivery.receipt).await?;
             Ok(DeliveryResult::Acked)
         }
@@ -97,10 +99,34 @@ pub async fn drain(queue: &dyn WorkQueue, engine: &Engine) -> Result<DrainReport
             .receive(engine.config().batch_size, engine.config().lease)
             .await?;
         if deliveries.is_empty() {
-            return Ok(report);
+            // Nothing deliverable: release parked events whose dependency is there now (an
+            // interrupted release, a resolved conflict) and go on if that queued any.
+            if sweep(queue, engine).await == 0 {
+                return Ok(report);
+            }
+            continue;
         }
         for delivery in deliveries {
             report.count(handle_delivery(queue, engine, delivery).await?);
+        }
+    }
+}
+
+/// How often an idle worker sweeps the parked events.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs [`Engine::sweep_parked`], logging (not failing on) its error: the next sweep retries.
+async fn sweep(queue: &dyn WorkQueue, engine: &Engine) -> usize {
+    match engine.sweep_parked(queue).await {
+        Ok(n) => {
+            if n > 0 {
+                info!(released = n, "parked events released by the sweep");
+            }
+            n
+        }
+        Err(e) => {
+            warn!(error = %e, "sweeping parked events failed; the next sweep retries");
+            0
         }
     }
 }
@@ -116,6 +142,8 @@ pub async fn run_worker(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<DrainReport, QueueError> {
     let mut report = DrainReport::default();
+    sweep(queue, engine).await;
+    let mut last_sweep = tokio::time::Instant::now();
     loop {
         if *shutdown.borrow() {
             break;
@@ -124,6 +152,12 @@ pub async fn run_worker(
             .receive(engine.config().batch_size, engine.config().lease)
             .await?;
         if deliveries.is_empty() {
+            if last_sweep.elapsed() >= SWEEP_EVERY {
+                last_sweep = tokio::time::Instant::now();
+                if sweep(queue, engine).await > 0 {
+                    continue;
+                }
+            }
             tokio::select! {
                 () = tokio::time::sleep(engine.config().idle_poll) => {}
                 changed = shutdown.changed() => {

@@ -513,6 +513,14 @@ impl JournalStore for SqliteStore {
         )
     }
 
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
+        self.list(
+            "parked events",
+            "SELECT body FROM parked ORDER BY parked_at_ms, rowid LIMIT ?1",
+            params![i64::try_from(limit).unwrap_or(i64::MAX)],
+        )
+    }
+
     async fn parked_count(&self) -> Result<u64, StoreError> {
         let conn = self.lock();
         conn.query_row("SELECT count(*) FROM parked", [], |r| r.get::<_, i64>(0))

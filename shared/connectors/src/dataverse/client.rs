@@ -5,7 +5,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use chrono::SecondsFormat;
 use dualwrite_core::Side;
 use dualwrite_core::ports::{
     Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition,
@@ -21,10 +20,7 @@ use crate::batch::{BatchRequest, build_changeset_batch, parse_batch_response};
 use crate::http::{
     HttpResponse, ODataClient, ODataRequest, encode_path, encode_query, server_message,
 };
-use crate::odata::{
-    RawObject, json_string, literal_text, parse_collection, parse_object, query_filter, raw_str,
-    render_filter,
-};
+use crate::odata::{RawObject, json_string, parse_collection, parse_object, query_filter, raw_str};
 use crate::schema::EntitySchema;
 
 /// Most targets of one `UpsertMultiple` call or `$batch`.
@@ -532,22 +528,14 @@ impl Connector for DataverseConnector {
                 }
                 next.clone()
             }
-            None => {
-                let filter = query
-                    .filter
-                    .as_ref()
-                    .map(|f| render_filter(f, &|_, l| literal_text(l)));
-                let modified = query.modified_since.map(|t| {
-                    format!(
-                        "modifiedon ge {}",
-                        t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-                    )
-                });
-                match query_filter(filter, modified) {
-                    Some(f) => format!("{}/{entity}?$filter={}", self.base, encode_query(&f)),
-                    None => format!("{}/{entity}", self.base),
-                }
-            }
+            None => match query_filter(query.filter.as_ref(), "modifiedon", query.modified_since) {
+                Some(f) => format!(
+                    "{}/{entity}?$filter={}",
+                    self.base,
+                    encode_query(&f.to_odata())
+                ),
+                None => format!("{}/{entity}", self.base),
+            },
         };
         let size = query
             .page_size

@@ -251,7 +251,7 @@ async fn query_filters_pages_and_follows_next_link_verbatim() {
     let seen = server.seen();
     assert_eq!(
         seen[0].uri,
-        "/api/data/v9.2/accounts?$filter=(customertypecode%20eq%203)%20and%20modifiedon%20ge%202026-05-01T00:00:00Z"
+        "/api/data/v9.2/accounts?$filter=customertypecode%20eq%203%20and%20modifiedon%20ge%202026-05-01T00:00:00Z"
     );
     assert_eq!(seen[0].header("prefer"), Some("odata.maxpagesize=1"));
     assert_eq!(

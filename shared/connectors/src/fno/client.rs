@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::SecondsFormat;
 use dualwrite_core::Side;
 use dualwrite_core::ports::{
     Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition,
@@ -14,10 +13,10 @@ use reqwest::Method;
 use tracing::info;
 
 use super::FnoConfig;
-use super::wire::{filter_literal, parse_key, record_body, record_from_row};
+use super::wire::{MODIFIED_FIELD, filter_text, parse_key, record_body, record_from_row};
 use crate::batch::{BatchRequest, build_changeset_batch, parse_batch_response};
 use crate::http::{HttpResponse, ODataClient, ODataRequest, encode_path, encode_query};
-use crate::odata::{parse_collection, parse_object, query_filter, render_filter};
+use crate::odata::{parse_collection, parse_object, query_filter};
 use crate::schema::{EntitySchema, EntitySchemas};
 
 /// Most operations of one `$batch` changeset.
@@ -227,20 +226,12 @@ impl Connector for FnoConnector {
                 next.clone()
             }
             None => {
-                let schema = self.schema(entity);
-                let filter = query
-                    .filter
-                    .as_ref()
-                    .map(|f| render_filter(f, &|field, l| filter_literal(schema, field, l)));
-                let modified = query.modified_since.map(|t| {
-                    format!(
-                        "ModifiedDateTime ge {}",
-                        t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-                    )
-                });
                 let mut url = format!("{}/{entity}?cross-company=true", self.data);
-                if let Some(f) = query_filter(filter, modified) {
-                    url.push_str(&format!("&$filter={}", encode_query(&f)));
+                let filter =
+                    query_filter(query.filter.as_ref(), MODIFIED_FIELD, query.modified_since);
+                if let Some(f) = filter {
+                    let text = filter_text(self.schema(entity), &f);
+                    url.push_str(&format!("&$filter={}", encode_query(&text)));
                 }
                 url
             }

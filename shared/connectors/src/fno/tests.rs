@@ -245,3 +245,33 @@ fn rendered_keys_parse_back() {
     );
     assert_eq!(wire::parse_key("a='x'junk"), None);
 }
+
+#[test]
+fn only_no_yes_literals_of_enum_fields_take_the_enum_form() {
+    let s = schemas();
+    let schema = s.get("CustomersV3");
+    let f = dualwrite_core::map::filter::parse_filter(
+        "not (CreditLimitIsMandatory eq 'No') or (PartyType eq 'Organization' and \
+         CreditLimitIsMandatory ne 'Yes') or Comment eq 'Yes' or CreditLimit gt 5",
+    )
+    .unwrap();
+    assert_eq!(
+        wire::filter_text(schema, &f),
+        "not (CreditLimitIsMandatory eq Microsoft.Dynamics.DataEntities.NoYes'No') or \
+         PartyType eq 'Organization' and CreditLimitIsMandatory ne \
+         Microsoft.Dynamics.DataEntities.NoYes'Yes' or Comment eq 'Yes' or CreditLimit gt 5"
+    );
+    // Without enum literals the text is core's rendering, unchanged.
+    let plain = dualwrite_core::map::filter::parse_filter("Comment eq '~enum~0~enum~'").unwrap();
+    assert_eq!(wire::filter_text(schema, &plain), plain.to_odata());
+    // A placeholder-looking text in the filter does not confuse the substitution.
+    let tricky = dualwrite_core::map::filter::parse_filter(
+        "Comment eq '~enum~0~enum~' and CreditLimitIsMandatory eq 'Yes'",
+    )
+    .unwrap();
+    assert_eq!(
+        wire::filter_text(schema, &tricky),
+        "Comment eq '~enum~0~enum~' and CreditLimitIsMandatory eq \
+         Microsoft.Dynamics.DataEntities.NoYes'Yes'"
+    );
+}

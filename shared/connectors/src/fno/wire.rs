@@ -2,13 +2,12 @@
 //! id, `ModifiedDateTime` as the version, and enum literals in `$filter`.
 
 use chrono::{DateTime, Utc};
-use dualwrite_core::map::filter::Literal;
+use dualwrite_core::map::filter::{Filter, Literal};
 use dualwrite_core::record::{Record, RecordKey, SourceVersion};
 use dualwrite_core::value::{Value, ValueType};
 
 use crate::odata::{
-    DateStyle, RawObject, json_string, literal_text, object_text, raw_str, value_from_json,
-    value_to_json,
+    DateStyle, RawObject, json_string, object_text, raw_str, value_from_json, value_to_json,
 };
 use crate::schema::EntitySchema;
 
@@ -18,19 +17,72 @@ pub const DATA_AREA_ID: &str = "dataAreaId";
 /// The enum type whose symbols are `Yes`/`No`.
 const NO_YES: &str = "Microsoft.Dynamics.DataEntities.NoYes";
 
-/// Renders `field`'s literal for `$filter`. A text literal compared with an enum field is
-/// written as an enum literal when its type is known: `Yes`/`No` as
-/// `Microsoft.Dynamics.DataEntities.NoYes'Yes'`. Other enum types cannot be named from a
-/// table map, so their symbols are sent as plain strings (`PartyType eq 'Organization'`),
-/// which F&O accepts for enum fields.
-pub fn filter_literal(schema: Option<&EntitySchema>, field: &str, literal: &Literal) -> String {
-    if let (Some(ValueType::Enum), Literal::Text(symbol)) =
-        (schema.and_then(|s| s.type_of(field)), literal)
-        && (symbol == "Yes" || symbol == "No")
-    {
-        return format!("{NO_YES}'{symbol}'");
+/// The version field of data entities that have one.
+pub const MODIFIED_FIELD: &str = "ModifiedDateTime";
+
+/// Renders `filter` as F&O `$filter` text: core's [`Filter::to_odata`], except that a `Yes` or
+/// `No` compared with a field the schema types as an enum is written as F&O's enum literal
+/// `Microsoft.Dynamics.DataEntities.NoYes'Yes'`. Other enum types cannot be named from a table
+/// map, so their symbols stay plain strings (`PartyType eq 'Organization'`).
+///
+/// Only that difference is F&O's: such literals are swapped for unique placeholder texts,
+/// core renders the filter, and the placeholders are replaced by the enum literals.
+pub fn filter_text(schema: Option<&EntitySchema>, filter: &Filter) -> String {
+    let plain = filter.to_odata();
+    // A placeholder prefix that occurs nowhere in the filter's own text.
+    let mut mark = String::from("~enum~");
+    while plain.contains(&mark) {
+        mark.push('~');
     }
-    literal_text(literal)
+    let mut symbols = Vec::new();
+    let marked = mark_no_yes(schema, filter, &mark, &mut symbols);
+    if symbols.is_empty() {
+        return plain;
+    }
+    let mut text = marked.to_odata();
+    for (i, symbol) in symbols.iter().enumerate() {
+        let placeholder = Literal::Text(format!("{mark}{i}{mark}")).to_string();
+        text = text.replacen(&placeholder, &format!("{NO_YES}'{symbol}'"), 1);
+    }
+    text
+}
+
+/// `filter` with each NoYes literal of an enum field replaced by placeholder text number `i`
+/// (`<mark>i<mark>`); the symbols are pushed to `symbols` in that order.
+fn mark_no_yes(
+    schema: Option<&EntitySchema>,
+    filter: &Filter,
+    mark: &str,
+    symbols: &mut Vec<String>,
+) -> Filter {
+    let mut child = |f: &Filter| Box::new(mark_no_yes(schema, f, mark, symbols));
+    match filter {
+        Filter::And(a, b) => {
+            let a = child(a);
+            Filter::And(a, child(b))
+        }
+        Filter::Or(a, b) => {
+            let a = child(a);
+            Filter::Or(a, child(b))
+        }
+        Filter::Not(a) => Filter::Not(child(a)),
+        Filter::Compare {
+            field,
+            op,
+            value: Literal::Text(symbol),
+        } if schema.and_then(|s| s.type_of(field)) == Some(ValueType::Enum)
+            && (symbol == "Yes" || symbol == "No") =>
+        {
+            let placeholder = format!("{mark}{}{mark}", symbols.len());
+            symbols.push(symbol.clone());
+            Filter::Compare {
+                field: field.clone(),
+                op: *op,
+                value: Literal::Text(placeholder),
+            }
+        }
+        other => other.clone(),
+    }
 }
 
 /// Parses a rendered key (`dataAreaId='usmf',CustomerAccount='US-001'`) back into pairs;
@@ -98,7 +150,7 @@ pub fn record_from_row(
     let mut record = Record::new(entity);
     record.etag = row.get("@odata.etag").and_then(|r| raw_str(r));
     record.company = row.get(DATA_AREA_ID).and_then(|r| raw_str(r));
-    if let Some(modified) = row.get("ModifiedDateTime").and_then(|r| raw_str(r)) {
+    if let Some(modified) = row.get(MODIFIED_FIELD).and_then(|r| raw_str(r)) {
         let at = DateTime::parse_from_rfc3339(&modified).map_err(|e| {
             format!("field ModifiedDateTime: {modified:?} is not an ISO 8601 date-time: {e}")
         })?;

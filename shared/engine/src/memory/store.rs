@@ -240,6 +240,15 @@ impl JournalStore for MemoryStore {
             .collect())
     }
 
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
+        Ok(lock(&self.inner)
+            .parked
+            .iter()
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     async fn parked_count(&self) -> Result<u64, StoreError> {
         Ok(lock(&self.inner).parked.len() as u64)
     }

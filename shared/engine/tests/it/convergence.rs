@@ -84,7 +84,7 @@ async fn run(steps: Vec<Step>, final_order: Vec<usize>) -> Result<(), TestCaseEr
                 let out = w.engine.process(&ev).await;
                 let out =
                     out.map_err(|e| TestCaseError::fail(format!("processing failed: {e}")))?;
-                pool.extend(out.requeue);
+                pool.extend(out.released.into_iter().map(|p| p.event));
             }
         }
     }

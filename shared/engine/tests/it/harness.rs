@@ -245,7 +245,7 @@ impl World {
                 .process(&event)
                 .await
                 .unwrap_or_else(|e| panic!("processing failed: {e}"));
-            pending.extend(outcome.requeue);
+            pending.extend(outcome.released.into_iter().map(|p| p.event));
         }
         panic!("the engine did not settle: writes keep causing writes");
     }

@@ -332,9 +332,23 @@ async fn an_order_waits_for_its_customer_then_syncs_with_the_reference() {
 
     let customer = w.edit_account(Side::Erp, "C9", Some("Fabrikam"), None);
     let out = w.engine.process(&customer).await.unwrap();
-    assert_eq!(out.requeue.len(), 1, "the parked order is released");
+    assert_eq!(out.released.len(), 1, "the parked order is released");
+    assert_eq!(
+        w.store.parked_count().await.unwrap(),
+        1,
+        "it stays parked until it is back in the queue"
+    );
+    let queue = dualwrite_engine::memory::MemoryQueue::new(w.clock.clone(), 5);
+    let released = out.released[0].event.clone();
+    assert_eq!(w.engine.release(&queue, out.released).await.unwrap(), 1);
     assert_eq!(w.store.parked_count().await.unwrap(), 0);
-    let out = w.engine.process(&out.requeue[0]).await.unwrap();
+    let deliveries = queue
+        .receive(10, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].message.event, released);
+    let out = w.engine.process(&released).await.unwrap();
     assert!(
         matches!(action(&out), MapAction::Written { writes: 1, .. }),
         "{out:?}"
@@ -507,4 +521,40 @@ async fn two_workers_on_both_sides_of_one_pair_end_consistent() {
             .unwrap();
         assert!(link.open_conflict.is_none());
     }
+}
+
+#[tokio::test]
+async fn a_release_interrupted_by_a_crash_is_completed_by_the_sweep() {
+    let w = World::new(vec![
+        accounts_map(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate),
+        orders_map(),
+    ]);
+    let order_at = RecordRef::Key(RecordKey::new([("SalesOrderNumber", "SO1")]));
+    let order = w.erp.edit(
+        "SalesOrders",
+        &order_at,
+        [("CustomerAccount".into(), text("C9"))],
+    );
+    w.engine.process(&order).await.unwrap();
+    let customer = w.edit_account(Side::Erp, "C9", Some("Fabrikam"), None);
+    let out = w.engine.process(&customer).await.unwrap();
+    assert_eq!(out.released.len(), 1);
+    // The worker dies here: the released order was never sent. It is still parked.
+    drop(out);
+    assert_eq!(w.store.parked_count().await.unwrap(), 1);
+    let queue = dualwrite_engine::memory::MemoryQueue::new(w.clock.clone(), 5);
+    assert_eq!(
+        w.engine.sweep_parked(&queue).await.unwrap(),
+        1,
+        "the sweep releases it"
+    );
+    assert_eq!(w.store.parked_count().await.unwrap(), 0);
+    let deliveries = queue
+        .receive(10, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].message.event.event_id, order.event_id);
+    // A sweep with nothing ready releases nothing.
+    assert_eq!(w.engine.sweep_parked(&queue).await.unwrap(), 0);
 }
