@@ -148,19 +148,14 @@ pub fn parse_wcf_date(text: &str) -> Option<DateTime<FixedOffset>> {
 
 /// A JSON number as an exact decimal.
 ///
-/// Whole numbers are exact at any size that fits `i64`/`u64`. Fractional numbers are read by
-/// the JSON parser as `f64` and rendered with the shortest text that reads back to the same
-/// `f64`: exact for every decimal of up to 15 significant digits (Dataverse Money has at
-/// most 4 decimal places, so amounts up to 99,999,999,999.9999 are exact).
+/// The workspace enables serde_json's `arbitrary_precision`, so a number keeps the text it was
+/// sent with and converts to [`Decimal`] without passing through a float: `1234567890123.4567`
+/// stays exact. Exponent forms (`1.5E3`) are accepted too.
 pub(crate) fn decimal_of(n: &Number) -> Option<Decimal> {
-    if let Some(i) = n.as_i64() {
-        return Some(Decimal::from(i));
-    }
-    if let Some(u) = n.as_u64() {
-        return Some(Decimal::from(u));
-    }
-    let f = n.as_f64()?;
-    Decimal::from_str(&format!("{f}")).ok()
+    let text = n.to_string();
+    Decimal::from_str(&text)
+        .or_else(|_| Decimal::from_scientific(&text))
+        .ok()
 }
 
 /// The `__type` of a typed value without its contract namespace (`EntityReference`).
@@ -389,6 +384,18 @@ mod tests {
                 field: "m.Value".into(),
                 expected: "a number"
             })
+        );
+    }
+
+    #[test]
+    fn money_beyond_float_precision_stays_exact() {
+        let cov = Coverage::default();
+        // Dataverse Money's largest value: 19 significant digits, more than an f64 holds.
+        let body = r#"{"__type":"Money:http://schemas.microsoft.com/xrm/2011/Contracts","Value":922337203685477.5807}"#;
+        let json: Json = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            typed_value(&json, "m", &cov),
+            Ok(Value::Decimal(Decimal::from_str("922337203685477.5807").unwrap()))
         );
     }
 }
