@@ -24,7 +24,8 @@ use dualwrite_core::map::apply::{
 };
 use dualwrite_core::ports::{
     Clock, Connector, ConnectorError, ErrorClass, ErrorRecord, EventClaim, Link, MAX_COMMIT_OPS,
-    ParkedEvent, QueueError, QueueMessage, RecordRef, StateStore, StoreError, StoreOp, WorkQueue,
+    ParkedEvent, QueueError, QueueMessage, RecordRef, SideState, StateStore, StoreError, StoreOp,
+    WorkQueue,
 };
 use dualwrite_core::{ChangeEvent, IntegrationKey, LookupRef, Operation, Record, Side, Value};
 use tracing::{debug, info, warn};
@@ -318,6 +319,89 @@ impl Engine {
             Side::Crm => self.crm.as_ref(),
             Side::Erp => self.erp.as_ref(),
         }
+    }
+
+    /// Resolves an open conflict (policy `manual`) the way a person decided: the current
+    /// record of `keep` wins and is written to the other side, the link leaves its conflict
+    /// state, and the conflict is closed with its winner. Changes parked behind the conflict
+    /// are released by the next [`Engine::sweep_parked`] (older ones are then dropped as stale).
+    ///
+    /// The winner's record goes through the ordinary decision path as a change event with id
+    /// `resolve:<conflict id>`, so a repeated resolution writes nothing new.
+    ///
+    /// # Errors
+    /// [`ResolveError`] naming what is missing or what failed; nothing is written then.
+    pub async fn resolve_conflict(
+        &self,
+        conflict_id: &str,
+        keep: Side,
+    ) -> Result<ProcessOutcome, ResolveError> {
+        let conflict = self
+            .store
+            .conflicts(true, usize::MAX)
+            .await?
+            .into_iter()
+            .find(|c| c.id == conflict_id)
+            .ok_or_else(|| ResolveError::NoOpenConflict(conflict_id.to_string()))?;
+        let map = self
+            .map_named(&conflict.map)
+            .ok_or_else(|| ResolveError::UnknownMap(conflict.map.clone()))?;
+        let link = self
+            .store
+            .link(&map.name, &conflict.key)
+            .await?
+            .ok_or_else(|| ResolveError::NoLink {
+                map: map.name.clone(),
+                key: conflict.key.to_string(),
+            })?;
+        let read = |side: Side| {
+            let at = match link.id(side) {
+                Some(id) => RecordRef::Id(id.to_string()),
+                None => RecordRef::Key(record_key(map, side, &conflict.key)),
+            };
+            async move { self.connector(side).read(&entity_of(map, side), &at).await }
+        };
+        let winner = read(keep).await?.ok_or_else(|| ResolveError::WinnerGone {
+            side: keep,
+            key: conflict.key.to_string(),
+        })?;
+        let loser = read(keep.other()).await?;
+
+        // The loser's current state becomes "last synced", the winner's is forgotten: the
+        // winner's record then flows as an ordinary change, with no conflict left to find.
+        let mut next = link.clone();
+        next.open_conflict = None;
+        next.side_mut(keep).hash = None;
+        if let Some(l) = &loser {
+            *next.side_mut(keep.other()) = SideState {
+                hash: Some(side_hash(map, keep.other(), l)),
+                version: l.version,
+            };
+        }
+        next.updated_at = self.clock.now();
+        let mut closed = conflict.clone();
+        closed.open = false;
+        closed.winner = Some(keep);
+        self.store
+            .commit(vec![
+                StoreOp::PutLink {
+                    link: next,
+                    expected_revision: link.revision,
+                },
+                StoreOp::RecordConflict(closed),
+            ])
+            .await?;
+        info!(conflict = %conflict_id, map = %map.name, key = %conflict.key, keep = %keep, "conflict resolved by a person");
+        let event = ChangeEvent {
+            event_id: format!("resolve:{conflict_id}"),
+            source: keep,
+            operation: Operation::Upsert,
+            record: winner,
+            partial: false,
+            received_at: self.clock.now(),
+            correlation_id: Some(conflict_id.to_string()),
+        };
+        Ok(self.process(&event).await?)
     }
 
     /// Processes one event, first delivery. See [`Engine::process_attempt`].
@@ -1164,6 +1248,25 @@ impl Engine {
         }
         self.release(queue, ready).await
     }
+}
+
+/// Why a conflict could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("there is no open conflict with id {0} (see `dualwrite status` for recent conflicts)")]
+    NoOpenConflict(String),
+    #[error("the conflict belongs to map {0}, which is not enabled")]
+    UnknownMap(String),
+    #[error("map {map} has no link for key {key} any more")]
+    NoLink { map: String, key: String },
+    #[error("the {side} record {key} chosen to win no longer exists")]
+    WinnerGone { side: Side, key: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
 }
 
 /// How many parked events one sweep looks at.

@@ -13,7 +13,7 @@ mod worker;
 pub use clock::{ManualClock, SystemClock};
 pub use engine::{
     Engine, EventStatus, MapAction, MapResult, ProcessError, ProcessOutcome, ReleaseError,
-    WorkerConfig,
+    ResolveError, WorkerConfig,
 };
 pub use stats::{EngineStats, StatsSnapshot};
 pub use worker::{DrainReport, drain, handle_delivery, ingest, run_worker};

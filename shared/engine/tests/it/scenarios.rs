@@ -228,6 +228,39 @@ async fn manual_conflicts_write_nothing_and_park_later_changes() {
 }
 
 #[tokio::test]
+async fn a_person_resolves_a_manual_conflict_and_parked_changes_move_on() {
+    let (w, _) = both_edit(ConflictPolicy::Manual, false).await;
+    let conflict = only_conflict(&w).await;
+    w.tick();
+    let later = w.edit_account(Side::Crm, "A1", Some("Again"), None);
+    w.engine.process(&later).await.unwrap();
+    assert_eq!(w.store.parked_count().await.unwrap(), 1);
+
+    let out = w.engine.resolve_conflict(&conflict.id, Side::Crm).await.unwrap();
+    assert!(matches!(action(&out), MapAction::Written { writes: 1, .. }), "{out:?}");
+    // The CRM record as it stands now (with the later edit) won.
+    assert_eq!(w.account(Side::Erp, "A1"), w.account(Side::Crm, "A1"));
+    assert_eq!(w.account(Side::Erp, "A1").map(|a| a.0), Some(text("Again")));
+    let closed = &w.store.conflicts(false, 10).await.unwrap()[0];
+    assert!(!closed.open);
+    assert_eq!(closed.winner, Some(Side::Crm));
+    assert!(w.store.conflicts(true, 10).await.unwrap().is_empty());
+
+    // The parked change is released and finds nothing left to do.
+    let queue = MemoryQueue::new(w.clock.clone(), 5);
+    assert_eq!(w.engine.sweep_parked(&queue).await.unwrap(), 1);
+    let writes = w.writes();
+    drain(&queue, &w.engine).await.unwrap();
+    assert_eq!(w.writes(), writes, "the released change is already applied");
+    w.settle(Vec::new()).await;
+    assert_eq!(w.account(Side::Erp, "A1"), w.account(Side::Crm, "A1"));
+
+    // Resolving again is refused with the reason.
+    let err = w.engine.resolve_conflict(&conflict.id, Side::Erp).await.unwrap_err();
+    assert!(err.to_string().contains("no open conflict"), "{err}");
+}
+
+#[tokio::test]
 async fn delete_propagate_removes_the_other_record_and_the_link() {
     let w = linked(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate).await;
     let at = RecordRef::Key(RecordKey::new([("accountnumber", "A1")]));
