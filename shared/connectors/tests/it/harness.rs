@@ -109,12 +109,21 @@ impl Env {
         .expect("FnoSim starts");
 
         let mut usmf_id = String::new();
-        for (code, name) in [("USMF", "Contoso Entertainment System USA"), ("DEMF", "Contoso Germany")] {
+        for (code, name) in [
+            ("USMF", "Contoso Entertainment System USA"),
+            ("DEMF", "Contoso Germany"),
+        ] {
             let row = dv
-                .user_create("cdm_companies", json!({"cdm_companycode": code, "cdm_name": name}))
+                .user_create(
+                    "cdm_companies",
+                    json!({"cdm_companycode": code, "cdm_name": name}),
+                )
                 .expect("company row");
             if code == "USMF" {
-                usmf_id = row["cdm_companyid"].as_str().expect("company id").to_string();
+                usmf_id = row["cdm_companyid"]
+                    .as_str()
+                    .expect("company id")
+                    .to_string();
             }
         }
         let usd = dv
@@ -123,11 +132,13 @@ impl Env {
                 json!({"isocurrencycode": "USD", "currencyname": "US Dollar", "exchangerate": 1.0}),
             )
             .expect("currency row");
-        let usd_id = usd["transactioncurrencyid"].as_str().expect("currency id").to_string();
+        let usd_id = usd["transactioncurrencyid"]
+            .as_str()
+            .expect("currency id")
+            .to_string();
 
         let token_stats = Arc::new(ConnectorStats::default());
-        let mut entra_config =
-            EntraConfig::new(TENANT, CLIENT_ID, Secret::new(CLIENT_SECRET));
+        let mut entra_config = EntraConfig::new(TENANT, CLIENT_ID, Secret::new(CLIENT_SECRET));
         entra_config.authority = entra.base_url();
         let tokens = Arc::new(
             EntraTokenProvider::new(entra_config, token_stats.clone()).expect("token provider"),
@@ -195,7 +206,10 @@ pub fn account(number: &str, name: &str, credit_limit: &str) -> Record {
     let mut r = Record::new("accounts")
         .with("accountnumber", Value::Text(number.into()))
         .with("name", Value::Text(name.into()))
-        .with("creditlimit", Value::Decimal(credit_limit.parse().expect("decimal")))
+        .with(
+            "creditlimit",
+            Value::Decimal(credit_limit.parse().expect("decimal")),
+        )
         .with("customertypecode", Value::Choice(3))
         .with(
             "transactioncurrencyid",
@@ -219,7 +233,10 @@ pub fn customer(company: &str, account: &str, name: &str, mandatory: &str) -> Re
     let mut r = Record::new("CustomersV3")
         .with("CustomerAccount", Value::Text(account.into()))
         .with("OrganizationName", Value::Text(name.into()))
-        .with("CreditLimit", Value::Decimal("1234567.891".parse().expect("decimal")))
+        .with(
+            "CreditLimit",
+            Value::Decimal("1234567.891".parse().expect("decimal")),
+        )
         .with("CreditLimitIsMandatory", Value::Enum(mandatory.into()))
         .with("PartyType", Value::Enum("Organization".into()));
     r.company = Some(company.into());

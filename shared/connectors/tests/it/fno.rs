@@ -1,0 +1,355 @@
+//! The F&O connector against FnoSim: cross-company reads, PATCH-or-POST upserts, enum fields,
+//! exact money, ETags, deletes, filtered paging and `$batch` upserts.
+
+use std::collections::BTreeSet;
+
+use chrono::Utc;
+use dualwrite_core::map::filter::parse_filter;
+use dualwrite_core::ports::{Connector, ConnectorErrorKind, Query, RecordRef, WriteCondition};
+use dualwrite_core::record::{Record, RecordKey};
+use dualwrite_core::value::Value;
+use serde_json::json;
+
+use crate::harness::{Env, customer, customer_key};
+
+#[tokio::test]
+async fn records_of_a_non_default_company_are_read_across_companies() {
+    let env = Env::start().await;
+    env.fno
+        .user_create(
+            "CustomersV3",
+            json!({
+                "dataAreaId": "demf",
+                "CustomerAccount": "DE-001",
+                "OrganizationName": "Contoso GmbH",
+                "CreditLimit": 5000.5,
+                "CreditLimitIsMandatory": "No",
+            }),
+        )
+        .expect("seed");
+    env.fno
+        .user_create(
+            "CustomersV3",
+            json!({
+                "dataAreaId": "usmf",
+                "CustomerAccount": "US-001",
+                "OrganizationName": "Contoso Inc",
+            }),
+        )
+        .expect("seed");
+    let key = customer_key("demf", "DE-001");
+    let r = env
+        .erp
+        .read("CustomersV3", &RecordRef::Key(key.clone()))
+        .await
+        .expect("read")
+        .expect("found although demf is not the default company");
+    assert_eq!(r.company.as_deref(), Some("demf"));
+    assert_eq!(r.id.as_deref(), Some(key.to_string().as_str()));
+    assert_eq!(
+        r.get("OrganizationName"),
+        Some(&Value::Text("Contoso GmbH".into()))
+    );
+    assert_eq!(
+        r.get("CreditLimitIsMandatory"),
+        Some(&Value::Enum("No".into()))
+    );
+    assert!(r.etag.is_some());
+    assert!(r.version.is_some(), "ModifiedDateTime is the version");
+
+    // The rendered id reads the same record.
+    let by_id = env
+        .erp
+        .read("CustomersV3", &RecordRef::Id(key.to_string()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_id, r);
+
+    let all = env
+        .erp
+        .query("CustomersV3", &Query::default())
+        .await
+        .expect("query");
+    let companies: BTreeSet<_> = all
+        .records
+        .iter()
+        .filter_map(|r| r.company.clone())
+        .collect();
+    assert_eq!(
+        companies,
+        BTreeSet::from(["demf".to_string(), "usmf".to_string()])
+    );
+}
+
+#[tokio::test]
+async fn upsert_posts_a_new_record_then_patches_it() {
+    let env = Env::start().await;
+    let key = RecordRef::Key(customer_key("usmf", "US-100"));
+    let created = env
+        .erp
+        .upsert(
+            "CustomersV3",
+            &key,
+            &customer("usmf", "US-100", "Fabrikam", "Yes"),
+            WriteCondition::None,
+        )
+        .await
+        .expect("create");
+    assert!(created.created);
+    assert_eq!(
+        created.id.as_deref(),
+        Some("dataAreaId='usmf',CustomerAccount='US-100'")
+    );
+    let updated = env
+        .erp
+        .upsert(
+            "CustomersV3",
+            &key,
+            &customer("usmf", "US-100", "Fabrikam Inc.", "No"),
+            WriteCondition::None,
+        )
+        .await
+        .expect("update");
+    assert!(!updated.created);
+    assert_eq!(env.fno.rows("CustomersV3").len(), 1);
+
+    let r = env
+        .erp
+        .read("CustomersV3", &key)
+        .await
+        .unwrap()
+        .expect("found");
+    assert_ne!(r.etag, created.etag, "the ETag changes with each write");
+    assert_eq!(
+        r.get("OrganizationName"),
+        Some(&Value::Text("Fabrikam Inc.".into()))
+    );
+    assert_eq!(
+        r.get("CreditLimitIsMandatory"),
+        Some(&Value::Enum("No".into()))
+    );
+    assert_eq!(
+        r.get("PartyType"),
+        Some(&Value::Enum("Organization".into()))
+    );
+    assert_eq!(
+        r.get("CreditLimit"),
+        Some(&Value::Decimal("1234567.891".parse().unwrap()))
+    );
+    assert_eq!(r.company.as_deref(), Some("usmf"));
+
+    // A global entity (no dataAreaId) works the same way.
+    let eur = RecordRef::Key(RecordKey::new([("CurrencyCode", "EUR")]));
+    let currency = Record::new("Currencies")
+        .with("CurrencyCode", Value::Text("EUR".into()))
+        .with("Name", Value::Text("Euro".into()));
+    let out = env
+        .erp
+        .upsert("Currencies", &eur, &currency, WriteCondition::None)
+        .await
+        .unwrap();
+    assert!(out.created);
+    let read = env
+        .erp
+        .read("Currencies", &eur)
+        .await
+        .unwrap()
+        .expect("found");
+    assert_eq!(read.company, None);
+    assert_eq!(read.get("Name"), Some(&Value::Text("Euro".into())));
+}
+
+#[tokio::test]
+async fn a_stale_etag_is_precondition_failed_and_deletes_are_final() {
+    let env = Env::start().await;
+    let key = RecordRef::Key(customer_key("usmf", "US-200"));
+    let first = env
+        .erp
+        .upsert(
+            "CustomersV3",
+            &key,
+            &customer("usmf", "US-200", "v1", "No"),
+            WriteCondition::None,
+        )
+        .await
+        .unwrap();
+    let stale = first.etag.expect("etag");
+    env.erp
+        .upsert(
+            "CustomersV3",
+            &key,
+            &customer("usmf", "US-200", "v2", "No"),
+            WriteCondition::IfMatch(stale.clone()),
+        )
+        .await
+        .expect("write with the current ETag");
+    let err = env
+        .erp
+        .upsert(
+            "CustomersV3",
+            &key,
+            &customer("usmf", "US-200", "v3", "No"),
+            WriteCondition::IfMatch(stale),
+        )
+        .await
+        .expect_err("stale ETag");
+    assert_eq!(err.kind, ConnectorErrorKind::PreconditionFailed);
+    assert_eq!(err.status, Some(412));
+    let now = env.erp.read("CustomersV3", &key).await.unwrap().unwrap();
+    assert_eq!(now.get("OrganizationName"), Some(&Value::Text("v2".into())));
+
+    env.erp.delete("CustomersV3", &key).await.expect("delete");
+    assert_eq!(env.erp.read("CustomersV3", &key).await.unwrap(), None);
+    assert!(env.fno.rows("CustomersV3").is_empty());
+    env.erp
+        .delete("CustomersV3", &key)
+        .await
+        .expect("deleting a missing record is not an error");
+}
+
+#[tokio::test]
+async fn enum_filters_and_incremental_paging_return_each_record_once() {
+    let env = Env::start().await;
+    let since = Utc::now() - chrono::Duration::seconds(1);
+    let mut expected = BTreeSet::new();
+    for n in 0..260 {
+        let company = if n % 2 == 0 { "usmf" } else { "demf" };
+        let account = format!("C-{n:04}");
+        env.fno
+            .user_create(
+                "CustomersV3",
+                json!({
+                    "dataAreaId": company,
+                    "CustomerAccount": account,
+                    "CreditLimitIsMandatory": "Yes",
+                    "PartyType": "Organization",
+                }),
+            )
+            .expect("seed");
+        expected.insert(customer_key(company, &account).to_string());
+    }
+    for n in 0..20 {
+        env.fno
+            .user_create(
+                "CustomersV3",
+                json!({
+                    "dataAreaId": "usmf",
+                    "CustomerAccount": format!("N-{n}"),
+                    "CreditLimitIsMandatory": "No",
+                    "PartyType": "Organization",
+                }),
+            )
+            .expect("seed");
+    }
+    let filter =
+        parse_filter("CreditLimitIsMandatory eq 'Yes' and PartyType eq 'Organization'").unwrap();
+    let mut query = Query {
+        filter: Some(filter),
+        modified_since: Some(since),
+        page_size: Some(50),
+        page_token: None,
+    };
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = env.erp.query("CustomersV3", &query).await.expect("page");
+        pages += 1;
+        assert!(page.records.len() <= 50);
+        for r in &page.records {
+            assert_eq!(
+                r.get("CreditLimitIsMandatory"),
+                Some(&Value::Enum("Yes".into()))
+            );
+            seen.push(r.id.clone().expect("id"));
+        }
+        match page.next {
+            Some(next) => query.page_token = Some(next),
+            None => break,
+        }
+        assert!(pages < 20, "paging does not end");
+    }
+    assert_eq!(pages, 6);
+    assert_eq!(seen.len(), 260, "no duplicates");
+    assert_eq!(
+        seen.into_iter().collect::<BTreeSet<_>>(),
+        expected,
+        "no gaps"
+    );
+
+    let later = Query {
+        modified_since: Some(Utc::now() + chrono::Duration::hours(1)),
+        ..Query::default()
+    };
+    assert!(
+        env.erp
+            .query("CustomersV3", &later)
+            .await
+            .unwrap()
+            .records
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn upsert_batch_writes_new_and_existing_records_in_one_changeset() {
+    let env = Env::start().await;
+    for n in 0..3 {
+        let account = format!("U-{n}");
+        env.erp
+            .upsert(
+                "CustomersV3",
+                &RecordRef::Key(customer_key("usmf", &account)),
+                &customer("usmf", &account, "old", "No"),
+                WriteCondition::None,
+            )
+            .await
+            .unwrap();
+    }
+    let items: Vec<_> = (0..10)
+        .map(|n| {
+            let account = format!("U-{n}");
+            (
+                RecordRef::Key(customer_key("usmf", &account)),
+                customer("usmf", &account, &format!("Batch {n}"), "Yes"),
+            )
+        })
+        .collect();
+    let requests_before = env.fno.stats().requests;
+    let results = env
+        .erp
+        .upsert_batch("CustomersV3", &items)
+        .await
+        .expect("batch");
+    assert_eq!(results.len(), 10);
+    for (n, r) in results.iter().enumerate() {
+        let out = r.as_ref().expect("item written");
+        assert_eq!(out.created, n >= 3, "item {n}");
+        assert_eq!(
+            out.id,
+            Some(customer_key("usmf", &format!("U-{n}")).to_string())
+        );
+    }
+    // Ten existence reads and one $batch.
+    assert_eq!(env.fno.stats().requests - requests_before, 11);
+    assert_eq!(env.fno.rows("CustomersV3").len(), 10);
+    for n in [0, 9] {
+        let r = env
+            .erp
+            .read(
+                "CustomersV3",
+                &RecordRef::Key(customer_key("usmf", &format!("U-{n}"))),
+            )
+            .await
+            .unwrap()
+            .expect("present");
+        assert_eq!(
+            r.get("OrganizationName"),
+            Some(&Value::Text(format!("Batch {n}")))
+        );
+        assert_eq!(
+            r.get("CreditLimitIsMandatory"),
+            Some(&Value::Enum("Yes".into()))
+        );
+    }
+}
