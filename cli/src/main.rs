@@ -13,7 +13,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "dualwrite", version, about, long_about = None)]
 struct Cli {
     /// The embedded state store and queue (SQLite file), created when missing.
-    #[arg(long, global = true, env = "DUALWRITE_DB", default_value = ".dualwrite/state.db")]
+    #[arg(
+        long,
+        global = true,
+        env = "DUALWRITE_DB",
+        default_value = ".dualwrite/state.db"
+    )]
     db: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -33,9 +38,14 @@ enum Command {
         #[command(subcommand)]
         command: commands::bench::BenchCommand,
     },
+    /// Run the webhook endpoints, workers and catch-up scheduler until Ctrl-C.
+    Serve(commands::serve::ServeArgs),
+    /// Run the whole pipeline against local simulators and check that both sides converge.
+    Demo(commands::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
+    exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -48,6 +58,8 @@ fn main() -> ExitCode {
         Command::Maps { command } => commands::maps::run(command),
         Command::Status(args) => commands::status::run(&cli.db, args),
         Command::Bench { command } => commands::bench::run(command),
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Demo(args) => commands::demo::run(args),
     };
     match result {
         Ok(code) => code,
@@ -56,4 +68,23 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `dualwrite maps show X | head` closes stdout early; `println!` then panics. That is not an
+/// error of ours: end quietly, as Unix tools do on SIGPIPE (which Rust ignores and `unsafe` would
+/// be needed to restore). Every other panic keeps the default report.
+fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }

@@ -37,7 +37,11 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
                     if report.target_met { "met" } else { "NOT met" }
                 );
             }
-            Ok(if report.target_met { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if report.target_met {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

@@ -102,7 +102,9 @@ fn validate(path: Option<&Path>) -> Result<ExitCode> {
 fn read_files(path: &Path) -> Result<Vec<(String, String)>> {
     let mut paths = Vec::new();
     if path.is_dir() {
-        for entry in std::fs::read_dir(path).with_context(|| format!("reading folder {}", path.display()))? {
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("reading folder {}", path.display()))?
+        {
             let p = entry?.path();
             if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
                 paths.push(p);
@@ -118,7 +120,8 @@ fn read_files(path: &Path) -> Result<Vec<(String, String)>> {
     paths
         .into_iter()
         .map(|p| {
-            let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
             Ok((p.display().to_string(), text))
         })
         .collect()
@@ -151,8 +154,16 @@ fn direction_word(map: &TableMap) -> &'static str {
 
 fn print_list(maps: &[TableMap]) {
     let w = maps.iter().map(|m| m.name.len()).max().unwrap_or(4).max(4);
-    let we = maps.iter().map(|m| m.erp.entity.len()).max().unwrap_or(3).max(3);
-    println!("{:w$}  {:we$}  dir  {:28}  fields  depends on", "name", "F&O", "Dataverse");
+    let we = maps
+        .iter()
+        .map(|m| m.erp.entity.len())
+        .max()
+        .unwrap_or(3)
+        .max(3);
+    println!(
+        "{:w$}  {:we$}  dir  {:28}  fields  depends on",
+        "name", "F&O", "Dataverse"
+    );
     for m in maps {
         println!(
             "{:w$}  {:we$}  {:3}  {:28}  {:6}  {}",
@@ -170,11 +181,34 @@ fn print_list(maps: &[TableMap]) {
 fn print_map(map: &TableMap) {
     println!("{} — {}", map.name, map.description);
     println!("  source:    {}", map.source);
-    let company = if map.erp.company_specific { "dataAreaId + " } else { "" };
-    println!("  F&O:       {} (key {company}{})", map.erp.entity, map.erp.key.join(", "));
-    let crm_company = map.crm.company_field.as_deref().map(|c| format!(" + {c}")).unwrap_or_default();
-    println!("  Dataverse: {} / {} (key {}{crm_company})", map.crm.entity_set, map.crm.logical_name, map.crm.key.join(", "));
-    println!("  direction: {}   conflicts: {:?}   deletes: {:?}", direction_word(map), map.conflict, map.delete);
+    let company = if map.erp.company_specific {
+        "dataAreaId + "
+    } else {
+        ""
+    };
+    println!(
+        "  F&O:       {} (key {company}{})",
+        map.erp.entity,
+        map.erp.key.join(", ")
+    );
+    let crm_company = map
+        .crm
+        .company_field
+        .as_deref()
+        .map(|c| format!(" + {c}"))
+        .unwrap_or_default();
+    println!(
+        "  Dataverse: {} / {} (key {}{crm_company})",
+        map.crm.entity_set,
+        map.crm.logical_name,
+        map.crm.key.join(", ")
+    );
+    println!(
+        "  direction: {}   conflicts: {:?}   deletes: {:?}",
+        direction_word(map),
+        map.conflict,
+        map.delete
+    );
     if let Some(f) = &map.filters.erp {
         println!("  F&O filter:       {}", f.to_odata());
     }
@@ -205,5 +239,9 @@ fn field_notes(f: &FieldMapping) -> String {
     if let Some(d) = &f.default {
         notes.push(format!("default {d}"));
     }
-    if notes.is_empty() { String::new() } else { format!("   ({})", notes.join("; ")) }
+    if notes.is_empty() {
+        String::new()
+    } else {
+        format!("   ({})", notes.join("; "))
+    }
 }

@@ -29,7 +29,9 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
     let store = SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))?;
     let queue = SqliteQueue::open(db, QueueConfig::default())
         .with_context(|| format!("opening the queue in {}", db.display()))?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let counts = store.counts()?;
         let states = store.map_states().await?;

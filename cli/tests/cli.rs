@@ -1,0 +1,123 @@
+//! The `dualwrite` binary as a user runs it: exit codes and what it prints.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn dualwrite(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dualwrite"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("DUALWRITE_DB")
+        .output()
+        .expect("the dualwrite binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn the_shipped_maps_validate_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dualwrite(&["maps", "validate"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("all valid"), "{}", stdout(&out));
+}
+
+#[test]
+fn maps_list_shows_at_least_18_standard_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dualwrite(&["maps", "list"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    for name in [
+        "customers-v3-accounts",
+        "vendors-v2",
+        "sales-order-lines",
+        "projects",
+        "currencies",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
+    let rows = text
+        .lines()
+        .filter(|l| l.contains("<->") || l.contains("->") || l.contains("<-"))
+        .count();
+    assert!(rows >= 18, "{rows} maps listed:\n{text}");
+}
+
+#[test]
+fn a_broken_map_is_rejected_with_every_fault_named_by_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("broken.yaml"),
+        r#"name: broken
+direction: bidirectional
+depends_on: [nowhere]
+erp:
+  entity: CustomersV3
+  key: [CustomerAccount]
+  company_specific: false
+crm:
+  entity_set: accounts
+  logical_name: account
+  key: [accountnumber]
+  colour: blue
+fields:
+  - { erp: CustomerAccount, crm: accountnumber, dir: ">" }
+  - { erp: Name, crm: name, dir: "=" }
+  - { erp: Name2, crm: name, dir: "=" }
+  - { erp: CreditLimit, crm: creditlimit, dir: "=", erp_type: decimal, crm_type: boolean }
+"#,
+    )
+    .unwrap();
+    let out = dualwrite(&["maps", "validate", "."], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = stdout(&out);
+    let file = "./broken.yaml";
+    // Unknown key, unknown dependency, key not bidirectional, field written twice, type mismatch.
+    for (line, words) in [
+        (12, "colour"),
+        (3, "nowhere"),
+        (14, "CustomerAccount"),
+        (16, "name"),
+        (17, "CreditLimit"),
+    ] {
+        let prefix = format!("{file}:{line}:");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&prefix) && l.contains(words)),
+            "no diagnostic at {prefix} mentioning {words}:\n{text}"
+        );
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("problems found"));
+}
+
+#[test]
+fn showing_an_unknown_map_lists_the_known_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dualwrite(&["maps", "show", "custmers"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no map named \"custmers\"") && err.contains("customers-v3-accounts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn maps_export_writes_files_that_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dualwrite(&["maps", "export", "mine"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    let out = dualwrite(&["maps", "validate", "mine"], dir.path());
+    assert!(out.status.success(), "{}", stdout(&out));
+}
+
+#[test]
+fn status_without_a_store_says_how_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dualwrite(&["status"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no local store"));
+}
