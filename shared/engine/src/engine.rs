@@ -740,12 +740,10 @@ impl Engine {
                             match result {
                                 Ok(out) => {
                                     self.stats.inc(Counter::Writes);
-                                    record_write(
-                                        &mut plan.link.link,
-                                        write.side,
-                                        out.id,
-                                        out.version,
-                                    );
+                                    let version = self
+                                        .written_version(&write.entity, &write.at, write.side, &out)
+                                        .await;
+                                    record_write(&mut plan.link.link, write.side, out.id, version);
                                 }
                                 Err(e) => match self
                                     .connector_failure(map, Some(&key), event, complete, attempt, e)
@@ -811,7 +809,9 @@ impl Engine {
                             Ok(out) => match (&plan.action, out, &mut plan.link) {
                                 (DeleteAction::Deactivate(w), Some(out), LinkChange::Put(c)) => {
                                     self.stats.inc(Counter::Writes);
-                                    record_write(&mut c.link, w.side, out.id, out.version);
+                                    let version =
+                                        self.written_version(&w.entity, &w.at, w.side, &out).await;
+                                    record_write(&mut c.link, w.side, out.id, version);
                                 }
                                 (DeleteAction::DeleteOther { .. }, _, _) => {
                                     self.stats.inc(Counter::Deletes)
@@ -1177,6 +1177,31 @@ impl Engine {
             }
         }
         Ok(None)
+    }
+
+    /// The version a write produced. When the target does not return it (F&O answers a PATCH
+    /// with a bare 204; bulk calls return ids only), the record is read back: without it, the
+    /// late echo of an earlier write could not be told from a person's change and would undo a
+    /// later write. A person editing between the write and the read only makes the link hold
+    /// that newer version: their change event then still differs in hash and is synced.
+    async fn written_version(
+        &self,
+        entity: &str,
+        at: &RecordRef,
+        side: Side,
+        out: &dualwrite_core::ports::WriteOutcome,
+    ) -> Option<dualwrite_core::SourceVersion> {
+        if out.version.is_some() {
+            return out.version;
+        }
+        let at = out.id.clone().map_or_else(|| at.clone(), RecordRef::Id);
+        match self.connector(side).read(entity, &at).await {
+            Ok(record) => record.and_then(|r| r.version),
+            Err(e) => {
+                warn!(side = %side, entity, error = %e, "could not read back the version of a write");
+                None
+            }
+        }
     }
 
     /// The events parked on `map`/`key` (released once that link exists).

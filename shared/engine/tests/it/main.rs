@@ -4,4 +4,5 @@
 
 mod convergence;
 mod harness;
+mod properties;
 mod scenarios;
