@@ -1,1 +1,22 @@
-//! x
+//! dualwrite-runtime: the local runtime behind `dualwrite serve` and `dualwrite demo`.
+//!
+//! [`config`] reads and validates the YAML configuration; [`Runtime::start`] runs the webhook
+//! endpoints (axum, wrapping the receivers), N worker tasks (the engine over the SQLite queue
+//! and store) and the catch-up scheduler in one process; [`demo`] runs the whole pipeline
+//! against the simulators and checks that both sides converged.
+//!
+//! Invariant: nothing here decides how a record syncs; that is the engine's and the maps'.
+//! This crate only wires adapters together.
+
+pub mod config;
+pub mod demo;
+mod enrich;
+mod runtime;
+mod scheduler;
+mod server;
+
+pub use config::{Config, ConfigError, ConfigProblem, EnvLookup, ProcessEnv};
+pub use runtime::{
+    DATAVERSE_API_PATH, QueueCounts, ReceiverCounts, Runtime, RuntimeHandle, RuntimeStats,
+    StartError,
+};

@@ -1,1 +1,196 @@
-//! x
+//! Integration tests of the runtime: configuration validation, the HTTP surface with bad and
+//! good webhooks, shutdown and restart over the same database, and the demo scenario.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use dualwrite_runtime::demo::{DemoOptions, run_demo};
+use dualwrite_runtime::{Config, ConfigError, Runtime};
+
+const CONTACT_UPDATE: &str = include_str!("fixtures/dataverse-webhook-contact-update.json");
+
+fn env() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "T_SECRET".to_string(),
+            "client-secret-value-123".to_string(),
+        ),
+        ("T_DV_HOOK".to_string(), "dv-hook-secret-456".to_string()),
+        ("T_FNO_HOOK".to_string(), "fno-hook-secret-789".to_string()),
+    ])
+}
+
+/// A configuration whose environments are not running: enough for the receivers.
+fn yaml(db: &str) -> String {
+    let enabled: Vec<String> = dualwrite_runtime::demo::demo_maps(&["cds-contacts-v2-contacts"])
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    let enabled = enabled.join(", ");
+    format!(
+        "listen: 127.0.0.1:0\ndb: {db}\nmaps:\n  enabled: [{enabled}]\n\
+         dataverse:\n  url: http://127.0.0.1:9\n  tenant: t\n  client_id: c\n  client_secret_env: T_SECRET\n  token_url: http://127.0.0.1:9\n\
+         fno:\n  url: http://127.0.0.1:9\n  tenant: t\n  client_id: c\n  client_secret_env: T_SECRET\n  token_url: http://127.0.0.1:9\n\
+         webhooks:\n  dataverse:\n    secret_env: T_DV_HOOK\n  fno:\n    secret_env: T_FNO_HOOK\n\
+         worker:\n  concurrency: 1\n  visibility_timeout: 5\n  max_attempts: 50\n"
+    )
+}
+
+fn config(dir: &Path) -> Config {
+    Config::parse(&yaml("state.db"), "test.yaml", dir, &env()).expect("valid configuration")
+}
+
+#[test]
+fn every_config_problem_is_reported_at_once() {
+    let text = "listen: nowhere\ndb: x.db\nmaps:\n  enabled: [customers-v3-accounts, no-such-map]\n\
+        dataverse:\n  url: ftp://x\n  tenant: t\n  client_id: c\n  client_secret_env: UNSET_VAR\n\
+        fno:\n  url: https://f\n  tenant: t\n  client_id: c\n  client_secret_env: T_SECRET\n  client_secret_file: s.txt\n\
+        webhooks:\n  dataverse:\n    secret_env: T_DV_HOOK\n  fno: {}\n\
+        worker:\n  concurrency: 0\n\
+        scheduler:\n  catch_up: \"every minute\"\n";
+    let err = Config::parse(text, "bad.yaml", Path::new("."), &env()).unwrap_err();
+    let ConfigError::Invalid { problems, .. } = &err else {
+        panic!("expected Invalid, got {err}");
+    };
+    let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+    for want in [
+        "listen",
+        "maps.enabled[1]",
+        "maps.enabled",
+        "dataverse.url",
+        "dataverse.client_secret_env",
+        "fno",
+        "webhooks.fno",
+        "worker.concurrency",
+        "scheduler.catch_up",
+    ] {
+        assert!(paths.contains(&want), "no problem at {want}: {paths:?}");
+    }
+    let text = err.to_string();
+    assert!(text.contains("bad.yaml"));
+    assert!(text.contains("customers-v3-accounts` depends on"), "{text}");
+    assert!(text.contains("UNSET_VAR"));
+}
+
+#[test]
+fn unknown_keys_are_refused_with_their_name() {
+    let text = yaml("a.db").replace("db: a.db", "db: a.db\ndbb: typo");
+    let err = Config::parse(&text, "t.yaml", Path::new("."), &env()).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { .. }));
+    assert!(err.to_string().contains("dbb"), "{err}");
+}
+
+#[test]
+fn secrets_never_appear_in_debug_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let shown = format!("{c:?}");
+    for (_, secret) in env() {
+        assert!(!shown.contains(&secret), "secret leaked in {shown}");
+    }
+    assert!(shown.contains("redacted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_webhooks_are_refused_and_enqueue_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).await.unwrap();
+    let base = format!("http://{}", rt.addr());
+    let http = reqwest::Client::new();
+    let post = |url: String, body: Vec<u8>| http.post(url).body(body).send();
+    let wrong = post(
+        format!("{base}/webhooks/dataverse?code=wrong"),
+        CONTACT_UPDATE.into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let missing = post(format!("{base}/webhooks/fno"), CONTACT_UPDATE.into())
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 401);
+    let malformed = post(
+        format!("{base}/webhooks/dataverse?code=dv-hook-secret-456"),
+        b"{not json".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let big = post(
+        format!("{base}/webhooks/dataverse?code=dv-hook-secret-456"),
+        vec![b' '; 1024 * 1024 + 10],
+    )
+    .await
+    .unwrap();
+    assert_eq!(big.status(), 413);
+    let s = rt.stats().await;
+    assert_eq!(s.receivers.accepted, 0);
+    assert_eq!(s.queue.ready + s.queue.in_flight + s.queue.delayed, 0);
+    assert_eq!(s.receivers.rejected_unauthorized, 2);
+    assert_eq!(s.receivers.rejected_malformed, 1);
+    assert_eq!(s.receivers.rejected_too_large, 1);
+    let status: serde_json::Value = http
+        .get(format!("{base}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["receivers"]["rejected_unauthorized"], 2);
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_event_survives_shutdown_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start(config(dir.path())).await.unwrap();
+    let url = format!(
+        "http://{}/webhooks/dataverse?code=dv-hook-secret-456",
+        rt.addr()
+    );
+    let resp = reqwest::Client::new()
+        .post(url)
+        .body(CONTACT_UPDATE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    // The environments are unreachable, so the event cannot complete: it stays queued.
+    rt.shutdown().await;
+    let rt = Runtime::start(config(dir.path())).await.unwrap();
+    let s = rt.stats().await;
+    assert_eq!(
+        s.queue.ready + s.queue.in_flight + s.queue.delayed,
+        1,
+        "{s:?}"
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_scenario_converges() {
+    let report = run_demo(DemoOptions { records: 2 }, &|_line: &str| {})
+        .await
+        .unwrap();
+    assert!(report.converged, "differences: {:#?}", report.differences);
+    assert!(report.records_checked >= 10);
+    assert!(report.writes > 0);
+    assert!(
+        report.echoes_suppressed > 0,
+        "echoes must be suppressed: {report:?}"
+    );
+    assert_eq!(report.errors, 0);
+    assert_eq!(report.dead_letters, 0);
+    let conflict = report.conflict.unwrap();
+    assert_ne!(conflict.winner, "none");
+    assert!(report.p50_ms > 0.0 && report.p99_ms >= report.p50_ms);
+}

@@ -1,0 +1,701 @@
+//! The `dualwrite serve` configuration: raw YAML structs (`deny_unknown_fields`) validated
+//! into a [`Config`], with every problem reported at once and secrets resolved but never shown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use dualwrite_connectors::Secret;
+use dualwrite_core::map::TableMap;
+use dualwrite_core::map::validate::load_maps;
+use dualwrite_receivers::SourceAuth;
+use serde::Deserialize;
+
+/// The Entra ID authority used when an environment does not name one.
+pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+/// The header F&O event endpoints carry their secret in, unless the configuration names one.
+pub const DEFAULT_FNO_SECRET_HEADER: &str = "x-dualwrite-secret";
+
+// ---------------------------------------------------------------------------------------------
+// Raw form, as written in the file
+// ---------------------------------------------------------------------------------------------
+
+/// The configuration file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address the webhook endpoints listen on, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+    /// The SQLite file holding the state store and the work queue (created when missing).
+    pub db: String,
+    /// Which table maps to load and which of them to run.
+    pub maps: RawMaps,
+    /// The Dataverse environment.
+    pub dataverse: RawEnvironment,
+    /// The Finance & Operations environment.
+    pub fno: RawEnvironment,
+    /// Secrets the webhook senders must present.
+    pub webhooks: RawWebhooks,
+    /// Worker settings; defaults when left out.
+    #[serde(default)]
+    pub worker: RawWorker,
+    /// The catch-up poll; no polling when left out.
+    #[serde(default)]
+    pub scheduler: Option<RawScheduler>,
+}
+
+/// Which maps to load and run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMaps {
+    /// `shipped` (the maps built into dualwrite, the default) or a folder of `*.yaml` map files.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Names of the maps to run; their `depends_on` maps must be listed too.
+    pub enabled: Vec<String>,
+}
+
+/// One environment (Dataverse or F&O) and the app registration used to reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnvironment {
+    /// Environment URL, e.g. `https://org.crm.dynamics.com` or
+    /// `https://contoso.operations.dynamics.com`. Tokens are asked for `<url>/.default`.
+    pub url: String,
+    /// Directory (tenant) id or domain.
+    pub tenant: String,
+    /// Application (client) id of the app registration.
+    pub client_id: String,
+    /// Name of the environment variable holding the client secret.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// File holding the client secret (trailing newline ignored).
+    #[serde(default)]
+    pub client_secret_file: Option<String>,
+    /// Entra ID authority base URL; the token endpoint is
+    /// `<token_url>/<tenant>/oauth2/v2.0/token`. Default `https://login.microsoftonline.com`.
+    #[serde(default)]
+    pub token_url: Option<String>,
+}
+
+/// Webhook secrets per source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhooks {
+    /// What Dataverse webhooks present.
+    pub dataverse: RawWebhookSecret,
+    /// What F&O data and business events present.
+    pub fno: RawWebhookSecret,
+}
+
+/// Where one webhook secret comes from and how it is sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhookSecret {
+    /// Name of the environment variable holding the secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// File holding the secret (trailing newline ignored).
+    #[serde(default)]
+    pub secret_file: Option<String>,
+    /// Header carrying the secret. Dataverse: when left out the secret is a `WebhookKey`
+    /// (`?code=`). F&O: default `x-dualwrite-secret`.
+    #[serde(default)]
+    pub header: Option<String>,
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorker {
+    /// Worker tasks processing the queue in parallel (1 to 64). Default 2.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Seconds a delivery stays invisible to other workers while being processed. Default 60.
+    #[serde(default = "default_visibility")]
+    pub visibility_timeout: u64,
+    /// Deliveries after which a message goes to the dead-letter queue. Default 5.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+impl Default for RawWorker {
+    fn default() -> Self {
+        RawWorker {
+            concurrency: default_concurrency(),
+            visibility_timeout: default_visibility(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+fn default_concurrency() -> usize {
+    2
+}
+fn default_visibility() -> u64 {
+    60
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+
+/// The catch-up poll.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScheduler {
+    /// When to poll every enabled map's source tables for changes since the last poll: a
+    /// 6- or 7-field cron expression (`sec min hour day month weekday [year]`), e.g.
+    /// `0 */5 * * * *` for every five minutes.
+    pub catch_up: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated form
+// ---------------------------------------------------------------------------------------------
+
+/// A validated configuration: what [`crate::Runtime::start`] takes.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the webhook endpoints listen (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// The SQLite file of the state store and the queue.
+    pub db: PathBuf,
+    /// The enabled maps, validated, in dependency-friendly order.
+    pub maps: Vec<TableMap>,
+    /// The Dataverse environment.
+    pub dataverse: Environment,
+    /// The F&O environment.
+    pub fno: Environment,
+    /// What Dataverse webhooks must present.
+    pub dataverse_auth: SourceAuth,
+    /// What F&O events must present.
+    pub fno_auth: SourceAuth,
+    /// Worker settings.
+    pub worker: WorkerSettings,
+    /// The catch-up poll, if any.
+    pub catch_up: Option<CatchUp>,
+}
+
+/// One environment, with its client secret resolved.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    /// Environment URL without a trailing slash.
+    pub url: String,
+    /// Tenant id or domain.
+    pub tenant: String,
+    /// Application (client) id.
+    pub client_id: String,
+    /// The client secret (redacted in `Debug`/`Display`).
+    pub client_secret: Secret,
+    /// Entra ID authority base URL.
+    pub authority: String,
+}
+
+/// Worker settings, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSettings {
+    /// Worker tasks.
+    pub concurrency: usize,
+    /// Visibility timeout (and claim lease) of a delivery.
+    pub visibility_timeout: Duration,
+    /// Deliveries before dead-lettering.
+    pub max_attempts: u32,
+}
+
+/// The catch-up poll schedule.
+#[derive(Debug, Clone)]
+pub struct CatchUp {
+    /// The expression as written.
+    pub expression: String,
+    /// The parsed schedule.
+    pub schedule: cron::Schedule,
+}
+
+/// One thing wrong with a configuration, at a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Key path, e.g. `dataverse.client_secret_env`.
+    pub path: String,
+    /// What is wrong and what to do, as a sentence.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error(
+        "cannot read the configuration file {file}: {source}; check the path given to --config"
+    )]
+    Read {
+        /// The file.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for the configuration format.
+    #[error("{file}: {message}; see docs for the `dualwrite serve` configuration format")]
+    Syntax {
+        /// The file.
+        file: String,
+        /// The parser's message, with the key path.
+        message: String,
+    },
+    /// The file parsed but its content is wrong; every problem is listed.
+    #[error("{file}: {} problem(s) in the configuration:\n{}", problems.len(), render(problems))]
+    Invalid {
+        /// The file.
+        file: String,
+        /// Every problem found.
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+fn render(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Where secrets named by `*_env` keys are looked up (the process environment normally).
+pub trait EnvLookup {
+    /// The value of variable `name`, `None` when unset.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl EnvLookup for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl EnvLookup for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+impl Config {
+    /// Reads and validates the configuration file at `path`; secrets from the process
+    /// environment or files. Relative `db`, map folder and secret file paths are relative to
+    /// the configuration file's folder.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file and every problem.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &file, base, &ProcessEnv)
+    }
+
+    /// Parses and validates configuration `text` (named `file` in messages); relative paths
+    /// are resolved against `base`, `*_env` secrets through `env`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Syntax`] for YAML or unknown/missing keys, [`ConfigError::Invalid`] with
+    /// every problem of the content.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        base: &Path,
+        env: &dyn EnvLookup,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = marked_yaml::from_yaml(0, text).map_err(|e| ConfigError::Syntax {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        raw.validate(base, env)
+            .map_err(|problems| ConfigError::Invalid {
+                file: file.to_string(),
+                problems,
+            })
+    }
+}
+
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl RawConfig {
+    /// Validates every part, collecting all problems.
+    ///
+    /// # Errors
+    /// Every problem found, each with its key path.
+    pub fn validate(self, base: &Path, env: &dyn EnvLookup) -> Result<Config, Vec<ConfigProblem>> {
+        let mut p = Problems(Vec::new());
+        let listen = match self.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                p.push(
+                    "listen",
+                    format!(
+                        "`{}` is not an address; write ip:port, e.g. 127.0.0.1:8080",
+                        self.listen
+                    ),
+                );
+                None
+            }
+        };
+        if self.db.trim().is_empty() {
+            p.push(
+                "db",
+                "is empty; name the SQLite file, e.g. .dualwrite/state.db",
+            );
+        }
+        let db = base.join(&self.db);
+        let maps = validate_maps(&self.maps, base, &mut p);
+        let dataverse = validate_env("dataverse", &self.dataverse, base, env, &mut p);
+        let fno = validate_env("fno", &self.fno, base, env, &mut p);
+        let dataverse_auth = validate_webhook(
+            "webhooks.dataverse",
+            &self.webhooks.dataverse,
+            None,
+            base,
+            env,
+            &mut p,
+        );
+        let fno_auth = validate_webhook(
+            "webhooks.fno",
+            &self.webhooks.fno,
+            Some(DEFAULT_FNO_SECRET_HEADER),
+            base,
+            env,
+            &mut p,
+        );
+        if !(1..=64).contains(&self.worker.concurrency) {
+            p.push(
+                "worker.concurrency",
+                format!("is {}; use 1 to 64 worker tasks", self.worker.concurrency),
+            );
+        }
+        if self.worker.visibility_timeout == 0 {
+            p.push(
+                "worker.visibility_timeout",
+                "is 0; give the seconds a delivery may take, e.g. 60",
+            );
+        }
+        if self.worker.max_attempts == 0 {
+            p.push(
+                "worker.max_attempts",
+                "is 0; allow at least 1 delivery, e.g. 5",
+            );
+        }
+        let catch_up = self
+            .scheduler
+            .and_then(|s| match cron::Schedule::from_str(&s.catch_up) {
+                Ok(schedule) => Some(CatchUp {
+                    expression: s.catch_up,
+                    schedule,
+                }),
+                Err(e) => {
+                    p.push(
+                        "scheduler.catch_up",
+                        format!(
+                            "`{}` is not a cron expression ({e}); write 6 or 7 fields \
+                             `sec min hour day month weekday [year]`, e.g. `0 */5 * * * *`",
+                            s.catch_up
+                        ),
+                    );
+                    None
+                }
+            });
+        match (listen, maps, dataverse, fno, dataverse_auth, fno_auth) {
+            (Some(listen), Some(maps), Some(dataverse), Some(fno), Some(da), Some(fa))
+                if p.0.is_empty() =>
+            {
+                Ok(Config {
+                    listen,
+                    db,
+                    maps,
+                    dataverse,
+                    fno,
+                    dataverse_auth: da,
+                    fno_auth: fa,
+                    worker: WorkerSettings {
+                        concurrency: self.worker.concurrency,
+                        visibility_timeout: Duration::from_secs(self.worker.visibility_timeout),
+                        max_attempts: self.worker.max_attempts,
+                    },
+                    catch_up,
+                })
+            }
+            _ => Err(p.0),
+        }
+    }
+}
+
+fn validate_maps(raw: &RawMaps, base: &Path, p: &mut Problems) -> Option<Vec<TableMap>> {
+    let source = raw.source.as_deref().unwrap_or("shipped");
+    let all = if source == "shipped" {
+        dualwrite_maps::builtin_maps()
+    } else {
+        let folder = base.join(source);
+        let mut files = Vec::new();
+        match std::fs::read_dir(&folder) {
+            Ok(entries) => {
+                let mut paths: Vec<PathBuf> = entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                    .collect();
+                paths.sort();
+                for path in paths {
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => files.push((path.display().to_string(), text)),
+                        Err(e) => p.push(
+                            "maps.source",
+                            format!("cannot read map file {}: {e}", path.display()),
+                        ),
+                    }
+                }
+            }
+            Err(e) => {
+                p.push(
+                    "maps.source",
+                    format!(
+                        "cannot read the map folder {}: {e}; write `shipped` or an existing folder",
+                        folder.display()
+                    ),
+                );
+                return None;
+            }
+        }
+        match load_maps(&files) {
+            Ok(maps) => maps,
+            Err(diagnostics) => {
+                for d in diagnostics {
+                    p.push("maps.source", d.to_string());
+                }
+                return None;
+            }
+        }
+    };
+    let known: BTreeSet<&str> = all.iter().map(|m| m.name.as_str()).collect();
+    let enabled: BTreeSet<&str> = raw.enabled.iter().map(String::as_str).collect();
+    if raw.enabled.is_empty() {
+        p.push("maps.enabled", "is empty; list the maps to run");
+    }
+    let mut ok = true;
+    for (i, name) in raw.enabled.iter().enumerate() {
+        if !known.contains(name.as_str()) {
+            ok = false;
+            p.push(
+                format!("maps.enabled[{i}]"),
+                format!(
+                    "no map named `{name}` in {source}; known maps: {}",
+                    known.iter().copied().collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+    }
+    for map in all.iter().filter(|m| enabled.contains(m.name.as_str())) {
+        let missing: Vec<&str> = map
+            .depends_on
+            .iter()
+            .map(String::as_str)
+            .filter(|d| !enabled.contains(d))
+            .collect();
+        if !missing.is_empty() {
+            ok = false;
+            p.push(
+                "maps.enabled",
+                format!(
+                    "map `{}` depends on {}, which {} not enabled; add {} to maps.enabled",
+                    map.name,
+                    missing.join(", "),
+                    if missing.len() == 1 { "is" } else { "are" },
+                    if missing.len() == 1 { "it" } else { "them" }
+                ),
+            );
+        }
+    }
+    ok.then(|| {
+        all.into_iter()
+            .filter(|m| enabled.contains(m.name.as_str()))
+            .collect()
+    })
+}
+
+fn read_secret(
+    path: &str,
+    from_env: Option<&str>,
+    from_file: Option<&str>,
+    (env_key, file_key): (&str, &str),
+    base: &Path,
+    env: &dyn EnvLookup,
+    p: &mut Problems,
+) -> Option<Secret> {
+    match (from_env, from_file) {
+        (Some(_), Some(_)) => {
+            p.push(
+                path,
+                format!("both {env_key} and {file_key} are set; keep one"),
+            );
+            None
+        }
+        (None, None) => {
+            p.push(
+                path,
+                format!("no secret; set {env_key} (an environment variable name) or {file_key}"),
+            );
+            None
+        }
+        (Some(var), None) => match env.var(var) {
+            Some(v) if !v.is_empty() => Some(Secret::new(v)),
+            _ => {
+                p.push(
+                    format!("{path}.{env_key}"),
+                    format!("environment variable {var} is not set or empty; export it"),
+                );
+                None
+            }
+        },
+        (None, Some(file)) => {
+            let full = base.join(file);
+            match std::fs::read_to_string(&full) {
+                Ok(v) if !v.trim().is_empty() => {
+                    Some(Secret::new(v.trim_end_matches(['\r', '\n'])))
+                }
+                Ok(_) => {
+                    p.push(
+                        format!("{path}.{file_key}"),
+                        format!("{} is empty; write the secret into it", full.display()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    p.push(
+                        format!("{path}.{file_key}"),
+                        format!("cannot read {}: {e}", full.display()),
+                    );
+                    None
+                }
+            }
+        }
+    }
+}
+
+fn validate_env(
+    path: &str,
+    raw: &RawEnvironment,
+    base: &Path,
+    env: &dyn EnvLookup,
+    p: &mut Problems,
+) -> Option<Environment> {
+    let before = p.0.len();
+    let url = raw.url.trim_end_matches('/').to_string();
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        p.push(
+            format!("{path}.url"),
+            format!(
+                "`{}` is not an http(s) URL; write the environment URL",
+                raw.url
+            ),
+        );
+    }
+    if raw.tenant.trim().is_empty() {
+        p.push(
+            format!("{path}.tenant"),
+            "is empty; give the tenant id or domain",
+        );
+    }
+    if raw.client_id.trim().is_empty() {
+        p.push(
+            format!("{path}.client_id"),
+            "is empty; give the app registration's client id",
+        );
+    }
+    let authority = raw
+        .token_url
+        .clone()
+        .unwrap_or_else(|| DEFAULT_AUTHORITY.to_string())
+        .trim_end_matches('/')
+        .to_string();
+    if !(authority.starts_with("https://") || authority.starts_with("http://")) {
+        p.push(
+            format!("{path}.token_url"),
+            format!("`{authority}` is not an http(s) URL"),
+        );
+    }
+    let secret = read_secret(
+        path,
+        raw.client_secret_env.as_deref(),
+        raw.client_secret_file.as_deref(),
+        ("client_secret_env", "client_secret_file"),
+        base,
+        env,
+        p,
+    );
+    let secret = secret?;
+    (p.0.len() == before).then(|| Environment {
+        url,
+        tenant: raw.tenant.clone(),
+        client_id: raw.client_id.clone(),
+        client_secret: secret,
+        authority,
+    })
+}
+
+fn validate_webhook(
+    path: &str,
+    raw: &RawWebhookSecret,
+    default_header: Option<&str>,
+    base: &Path,
+    env: &dyn EnvLookup,
+    p: &mut Problems,
+) -> Option<SourceAuth> {
+    if let Some(h) = &raw.header
+        && (h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        p.push(
+            format!("{path}.header"),
+            format!("`{h}` is not a header name; use letters, digits and dashes"),
+        );
+    }
+    let secret = read_secret(
+        path,
+        raw.secret_env.as_deref(),
+        raw.secret_file.as_deref(),
+        ("secret_env", "secret_file"),
+        base,
+        env,
+        p,
+    )?;
+    let secret = secret.expose().to_string();
+    Some(match raw.header.as_deref().or(default_header) {
+        Some(name) => SourceAuth::HttpHeader {
+            name: name.to_string(),
+            value: secret,
+        },
+        None => SourceAuth::WebhookKey { secret },
+    })
+}

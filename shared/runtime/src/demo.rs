@@ -1,0 +1,1218 @@
+//! `dualwrite demo`: the whole pipeline against local simulators of Entra ID, Dataverse and
+//! F&O — reference data seeded, a scenario run through real webhooks and connectors, a summary
+//! of what happened, and a pairwise check that both sides converged.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use dualwrite_core::map::TableMap;
+use dualwrite_core::map::apply::{
+    LookupResolution, LookupTarget, ResolvedLookups, apply_map, integration_key,
+    lookup_requests_with, record_key,
+};
+use dualwrite_core::ports::{Connector, JournalStore, LinkStore, Query, WorkQueue};
+use dualwrite_core::{IntegrationKey, LookupRef, Record, Side, Value, ValueType};
+use dualwrite_simulators::{
+    ColumnKind, DataverseConfig, DataverseSim, EntraClient, EntraConfig, EntraSim, FnoConfig,
+    FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim, TableDef, WebhookAuth,
+    WebhookMessage, WebhookRegistration,
+};
+use serde::Serialize;
+use serde_json::{Value as Json, json};
+
+use crate::config::Config;
+use crate::runtime::{Runtime, RuntimeHandle, StartError};
+
+/// The maps the demo enables (their dependencies are enabled too).
+pub const DEMO_MAPS: &[&str] = &[
+    "legal-entities",
+    "currencies",
+    "units",
+    "payment-terms",
+    "customer-groups",
+    "customers-v3-accounts",
+    "released-distinct-products",
+    "sales-order-headers",
+    "sales-order-lines",
+];
+
+/// How long the demo waits for one step before giving up.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemoOptions {
+    /// Accounts created on each side.
+    pub records: usize,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions { records: 5 }
+    }
+}
+
+/// Why the demo could not run to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A simulator failed to start or refused a call.
+    #[error("simulator: {0}")]
+    Simulator(String),
+    /// The generated configuration did not validate (a bug of the demo).
+    #[error("demo configuration: {0}")]
+    Config(#[from] crate::ConfigError),
+    /// The runtime did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// A step did not complete in time.
+    #[error("step `{step}` did not complete within {secs} s: still waiting for {waiting}")]
+    Timeout {
+        /// The step.
+        step: String,
+        /// Seconds waited.
+        secs: u64,
+        /// What was missing.
+        waiting: String,
+    },
+    /// Reading a side for the convergence check failed.
+    #[error("reading {entity} on {side} for the convergence check failed: {message}")]
+    Read {
+        /// The side.
+        side: Side,
+        /// The entity.
+        entity: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+fn sim_err(e: impl std::fmt::Display) -> DemoError {
+    DemoError::Simulator(e.to_string())
+}
+
+/// How the conflicting edit was resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConflictShown {
+    /// The record (F&O customer account).
+    pub record: String,
+    /// The value written in Dataverse.
+    pub crm_value: String,
+    /// The value written in F&O.
+    pub erp_value: String,
+    /// The value both sides hold at the end.
+    pub final_value: String,
+    /// `crm`, `erp`, or `none` when the sides still differ.
+    pub winner: String,
+}
+
+/// What the demo measured and found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DemoReport {
+    /// Events processed by the engine (duplicates included).
+    pub events: u64,
+    /// Records written by the engine.
+    pub writes: u64,
+    /// Changes recognised as dualwrite's own writes coming back.
+    pub echoes_suppressed: u64,
+    /// Conflicts detected.
+    pub conflicts: u64,
+    /// Changes parked for a dependency (and released later).
+    pub parked: u64,
+    /// Errors logged for a person.
+    pub errors: u64,
+    /// Messages in the dead-letter queue.
+    pub dead_letters: u64,
+    /// Webhook deliveries accepted by the receivers.
+    pub webhooks_accepted: u64,
+    /// Changes timed from a simulator change to the other side's write.
+    pub latency_samples: usize,
+    /// Median end-to-end latency in milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile end-to-end latency in milliseconds.
+    pub p99_ms: f64,
+    /// Linked record pairs compared.
+    pub records_checked: usize,
+    /// Every difference found, in words; empty when converged.
+    pub differences: Vec<String>,
+    /// True when every mapped record matched on both sides.
+    pub converged: bool,
+    /// The conflicting edit and its resolution.
+    pub conflict: Option<ConflictShown>,
+    /// Wall time of the whole demo in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Where progress lines go.
+pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
+/// The maps of `names` and every map they depend on, in the shipped order.
+pub fn demo_maps(names: &[&str]) -> Vec<TableMap> {
+    let all = dualwrite_maps::builtin_maps();
+    let by_name: HashMap<&str, &TableMap> = all.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    let mut stack: Vec<String> = names.iter().map(|s| (*s).to_string()).collect();
+    while let Some(n) = stack.pop() {
+        if wanted.insert(n.clone())
+            && let Some(m) = by_name.get(n.as_str())
+        {
+            stack.extend(m.depends_on.iter().cloned());
+        }
+    }
+    all.iter()
+        .filter(|m| wanted.contains(&m.name))
+        .cloned()
+        .collect()
+}
+
+/// The running simulators and pipeline.
+struct Stage {
+    dv: DataverseSim,
+    fno: FnoSim,
+    rt: RuntimeHandle,
+    maps: Vec<TableMap>,
+    latencies: Vec<Duration>,
+    _entra: EntraSim,
+    _dir: tempfile::TempDir,
+}
+
+/// Runs the demo: simulators up, reference data seeded, scenario run, pipeline idle, summary
+/// and convergence check. Progress lines go to `progress`.
+///
+/// # Errors
+/// [`DemoError`] when a step cannot run or does not complete in time; a run that completes
+/// but does not converge is an `Ok` report with `converged == false`.
+pub async fn run_demo(
+    options: DemoOptions,
+    progress: Progress<'_>,
+) -> Result<DemoReport, DemoError> {
+    let started = Instant::now();
+    let mut stage = start(progress).await?;
+    seed(&mut stage, progress).await?;
+    let n = options.records.max(1);
+    let crm_accounts = accounts_from_crm(&mut stage, n, progress).await?;
+    let erp_accounts = accounts_from_erp(&mut stage, n, progress).await?;
+    erp_update(&mut stage, &erp_accounts[0], progress).await?;
+    sales_order(&mut stage, &crm_accounts[0], progress).await?;
+    let conflict = conflict(&mut stage, &erp_accounts[0], progress).await?;
+    progress("waiting for the pipeline to go idle ...");
+    wait_idle(&stage, "final").await?;
+    let stats = stage.rt.stats().await;
+    let (records_checked, differences) = check_convergence(&stage).await?;
+    let mut lat: Vec<f64> = stage
+        .latencies
+        .iter()
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let errors = stage
+        .rt
+        .store()
+        .errors(100)
+        .await
+        .map(|e| e.len() as u64)
+        .unwrap_or(stats.engine.errors);
+    let report = DemoReport {
+        events: stats.engine.events,
+        writes: stats.engine.writes,
+        echoes_suppressed: stats.engine.echoes_suppressed,
+        conflicts: stats.engine.conflicts,
+        parked: stats.engine.parked,
+        errors: errors.max(stats.engine.errors),
+        dead_letters: stats.queue.dead,
+        webhooks_accepted: stats.receivers.accepted,
+        latency_samples: lat.len(),
+        p50_ms: percentile(&lat, 0.50),
+        p99_ms: percentile(&lat, 0.99),
+        records_checked,
+        converged: differences.is_empty(),
+        differences,
+        conflict: Some(conflict),
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    stage.rt.shutdown().await;
+    Ok(report)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    let value = sorted[rank.clamp(1, sorted.len()) - 1];
+    (value * 10.0).round() / 10.0
+}
+
+/// Renders the summary table printed by `dualwrite demo`.
+pub fn summary_table(r: &DemoReport) -> String {
+    let rows = [
+        ("events", r.events.to_string()),
+        ("writes", r.writes.to_string()),
+        ("echoes suppressed", r.echoes_suppressed.to_string()),
+        ("conflicts", r.conflicts.to_string()),
+        ("parked", r.parked.to_string()),
+        ("errors", r.errors.to_string()),
+        ("dead letters", r.dead_letters.to_string()),
+        ("webhooks accepted", r.webhooks_accepted.to_string()),
+        (
+            "latency p50",
+            format!("{:.1} ms ({} samples)", r.p50_ms, r.latency_samples),
+        ),
+        ("latency p99", format!("{:.1} ms", r.p99_ms)),
+        ("records checked", r.records_checked.to_string()),
+        (
+            "converged",
+            if r.converged {
+                "yes".into()
+            } else {
+                format!("NO ({} differences)", r.differences.len())
+            },
+        ),
+        (
+            "duration",
+            format!("{:.1} s", r.duration_ms as f64 / 1000.0),
+        ),
+    ];
+    let mut out = String::from("+---------------------+------------------------------+\n");
+    for (k, v) in rows {
+        out.push_str(&format!("| {k:<19} | {v:<28} |\n"));
+    }
+    out.push_str("+---------------------+------------------------------+\n");
+    out
+}
+
+async fn start(progress: Progress<'_>) -> Result<Stage, DemoError> {
+    let maps = demo_maps(DEMO_MAPS);
+    progress(&format!(
+        "enabling {} maps: {}",
+        maps.len(),
+        maps.iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let tenant = "demo-tenant";
+    let client_secret = format!("demo-{:032x}", rand_u128());
+    let entra = EntraSim::start(EntraConfig {
+        clients: vec![EntraClient {
+            tenant: tenant.into(),
+            client_id: "dualwrite-demo".into(),
+            client_secret: client_secret.clone(),
+            allowed_scopes: Vec::new(),
+        }],
+        ..EntraConfig::default()
+    })
+    .await
+    .map_err(sim_err)?;
+    let dv = DataverseSim::start(DataverseConfig {
+        tables: crm_tables(&maps),
+        auth: Some(entra.clone()),
+        ..DataverseConfig::default()
+    })
+    .await
+    .map_err(sim_err)?;
+    for map in &maps {
+        for f in &map.fields {
+            if let Some(c) = &f.crm
+                && c.ty == ValueType::Choice
+            {
+                dv.set_column_kind(&map.crm.entity_set, &c.name, ColumnKind::OptionSet)
+                    .map_err(sim_err)?;
+            }
+        }
+    }
+    let fno = FnoSim::start(FnoConfig {
+        entities: erp_entities(&maps),
+        default_company: "usmf".into(),
+        auth: Some(entra.clone()),
+        event_retry_delay: Duration::from_millis(200),
+        ..FnoConfig::default()
+    })
+    .await
+    .map_err(sim_err)?;
+    progress(&format!(
+        "simulators up: Entra ID {}, Dataverse {}, F&O {}",
+        entra.base_url(),
+        dv.base_url(),
+        fno.base_url()
+    ));
+
+    let dir = tempfile::tempdir().map_err(sim_err)?;
+    let dv_hook = format!("hook-{:032x}", rand_u128());
+    let fno_hook = format!("hook-{:032x}", rand_u128());
+    let env: BTreeMap<String, String> = BTreeMap::from([
+        ("DEMO_CLIENT_SECRET".to_string(), client_secret),
+        ("DEMO_DATAVERSE_WEBHOOK_SECRET".to_string(), dv_hook.clone()),
+        ("DEMO_FNO_WEBHOOK_SECRET".to_string(), fno_hook.clone()),
+    ]);
+    let yaml = demo_config_yaml(
+        &maps,
+        &dv.base_url(),
+        &fno.base_url(),
+        &entra.base_url(),
+        tenant,
+    );
+    let config = Config::parse(&yaml, "demo.yaml", dir.path(), &env)?;
+    let rt = Runtime::start(config).await?;
+    let addr = rt.addr();
+    progress(&format!("dualwrite runtime listening on http://{addr}"));
+    dv.register_webhook(WebhookRegistration {
+        url: format!("http://{addr}/webhooks/dataverse"),
+        entity_logical_names: Vec::new(),
+        messages: vec![
+            WebhookMessage::Create,
+            WebhookMessage::Update,
+            WebhookMessage::Delete,
+        ],
+        auth: WebhookAuth::WebhookKey(dv_hook),
+    });
+    fno.register_events(FnoEventRegistration {
+        url: format!("http://{addr}/webhooks/fno"),
+        entity_sets: Vec::new(),
+        messages: vec![
+            FnoMessage::Created,
+            FnoMessage::Updated,
+            FnoMessage::Deleted,
+        ],
+        format: FnoEventFormat::DataEvent,
+        headers: vec![(
+            crate::config::DEFAULT_FNO_SECRET_HEADER.to_string(),
+            fno_hook,
+        )],
+    });
+    Ok(Stage {
+        dv,
+        fno,
+        rt,
+        maps,
+        latencies: Vec::new(),
+        _entra: entra,
+        _dir: dir,
+    })
+}
+
+/// The YAML configuration the demo runs with (secrets by environment variable name).
+pub fn demo_config_yaml(
+    maps: &[TableMap],
+    dataverse_url: &str,
+    fno_url: &str,
+    authority: &str,
+    tenant: &str,
+) -> String {
+    let enabled: Vec<String> = maps.iter().map(|m| format!("\"{}\"", m.name)).collect();
+    format!(
+        "listen: 127.0.0.1:0\n\
+         db: demo.db\n\
+         maps:\n  source: shipped\n  enabled: [{}]\n\
+         dataverse:\n  url: {dataverse_url}\n  tenant: {tenant}\n  client_id: dualwrite-demo\n  client_secret_env: DEMO_CLIENT_SECRET\n  token_url: {authority}\n\
+         fno:\n  url: {fno_url}\n  tenant: {tenant}\n  client_id: dualwrite-demo\n  client_secret_env: DEMO_CLIENT_SECRET\n  token_url: {authority}\n\
+         webhooks:\n  dataverse:\n    secret_env: DEMO_DATAVERSE_WEBHOOK_SECRET\n  fno:\n    secret_env: DEMO_FNO_WEBHOOK_SECRET\n\
+         worker:\n  concurrency: 2\n  visibility_timeout: 30\n  max_attempts: 8\n",
+        enabled.join(", ")
+    )
+}
+
+/// Dataverse tables for the maps: one per entity set, alternate key = key columns + company.
+pub fn crm_tables(maps: &[TableMap]) -> Vec<TableDef> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for m in maps {
+        if !seen.insert(m.crm.entity_set.clone()) {
+            continue;
+        }
+        let mut key = m.crm.key.clone();
+        key.extend(m.crm.company_field.iter().cloned());
+        out.push(TableDef {
+            entity_set: m.crm.entity_set.clone(),
+            logical_name: m.crm.logical_name.clone(),
+            primary_id: m.crm.primary_id.clone(),
+            alternate_keys: vec![key],
+        });
+    }
+    out
+}
+
+/// F&O entities for the maps: key = `dataAreaId` (company-specific) + natural key.
+pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for m in maps {
+        if !seen.insert(m.erp.entity.clone()) {
+            continue;
+        }
+        let mut key = Vec::new();
+        if m.erp.company_specific {
+            key.push("dataAreaId".to_string());
+        }
+        key.extend(m.erp.key.iter().cloned());
+        out.push(FnoEntityDef {
+            entity_set: m.erp.entity.clone(),
+            key_fields: key,
+            modified_field: Some("ModifiedDateTime".into()),
+        });
+    }
+    out
+}
+
+fn rand_u128() -> u128 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    xxhash_rust::xxh3::xxh3_128(&t.to_le_bytes()) ^ u128::from(std::process::id())
+}
+
+/// Waits until the queue is empty, no webhook is pending and the engine counters stand still.
+async fn wait_idle(stage: &Stage, step: &str) -> Result<(), DemoError> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut last = None;
+    let mut quiet = 0;
+    loop {
+        let dv_idle = stage
+            .dv
+            .wait_webhooks_idle(Duration::from_millis(500))
+            .await;
+        let fno_idle = stage.fno.wait_events_idle(Duration::from_millis(500)).await;
+        let depth = stage.rt.queue().depth().await.unwrap_or_default();
+        let events = stage.rt.engine().stats().events;
+        let empty = depth.ready + depth.in_flight + depth.delayed == 0;
+        if dv_idle && fno_idle && empty && last == Some(events) {
+            quiet += 1;
+            if quiet >= 2 {
+                return Ok(());
+            }
+        } else {
+            quiet = 0;
+        }
+        last = Some(events);
+        if Instant::now() > deadline {
+            return Err(DemoError::Timeout {
+                step: step.into(),
+                secs: STEP_TIMEOUT.as_secs(),
+                waiting: format!(
+                    "queue ready {} in flight {} delayed {}, webhooks idle: dataverse {dv_idle}, fno {fno_idle}",
+                    depth.ready, depth.in_flight, depth.delayed
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// Polls until `found` holds for every pending item, recording each item's latency from
+/// `since`.
+async fn wait_for<T: Clone + std::fmt::Debug>(
+    step: &str,
+    mut pending: Vec<(T, Instant)>,
+    mut found: impl FnMut(&T) -> bool,
+    latencies: &mut Vec<Duration>,
+) -> Result<(), DemoError> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !pending.is_empty() {
+        let now = Instant::now();
+        pending.retain(|(item, since)| {
+            if found(item) {
+                latencies.push(now.duration_since(*since));
+                false
+            } else {
+                true
+            }
+        });
+        if pending.is_empty() {
+            break;
+        }
+        if now > deadline {
+            return Err(DemoError::Timeout {
+                step: step.into(),
+                secs: STEP_TIMEOUT.as_secs(),
+                waiting: format!("{:?}", pending.iter().map(|p| &p.0).collect::<Vec<_>>()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    Ok(())
+}
+
+fn field_eq(row: &Json, field: &str, want: &str) -> bool {
+    match row.get(field) {
+        Some(Json::String(s)) => s.eq_ignore_ascii_case(want),
+        Some(Json::Number(n)) => n.to_string() == want,
+        _ => false,
+    }
+}
+
+fn number_of(row: &Json, field: &str) -> Option<f64> {
+    match row.get(field)? {
+        Json::Number(n) => n.as_f64(),
+        Json::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn find_row(rows: &[Json], field: &str, want: &str) -> Option<Json> {
+    rows.iter().find(|r| field_eq(r, field, want)).cloned()
+}
+
+fn crm_id(
+    stage: &Stage,
+    set: &str,
+    id_field: &str,
+    field: &str,
+    want: &str,
+) -> Result<String, DemoError> {
+    find_row(&stage.dv.rows(set), field, want)
+        .and_then(|r| r.get(id_field).and_then(Json::as_str).map(str::to_string))
+        .ok_or_else(|| DemoError::Timeout {
+            step: "lookup in Dataverse".into(),
+            secs: 0,
+            waiting: format!("{set} row with {field} = {want}"),
+        })
+}
+
+/// One seeded F&O row: entity, fields, and the Dataverse (table, column, value) it must become.
+type SeedRow<'a> = (&'a str, Json, (&'a str, &'a str, String));
+
+async fn seed(stage: &mut Stage, progress: Progress<'_>) -> Result<(), DemoError> {
+    progress(
+        "seeding reference data in F&O: companies, currencies, units, payment terms, customer groups, products",
+    );
+    let t0 = Instant::now();
+    // In waves, dependencies first: a company must exist in Dataverse before its rows.
+    let mut waves: Vec<Vec<SeedRow<'_>>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    for (id, name) in [
+        ("USMF", "Contoso Entertainment System USA"),
+        ("DEMF", "Contoso Entertainment System Germany"),
+    ] {
+        waves[0].push((
+            "LegalEntities",
+            json!({"LegalEntityId": id, "Name": name}),
+            ("cdm_companies", "cdm_companycode", id.into()),
+        ));
+    }
+    for (code, name, sym) in [("USD", "US Dollar", "$"), ("EUR", "Euro", "€")] {
+        waves[1].push((
+            "Currencies",
+            json!({"CurrencyCode": code, "Name": name, "Symbol": sym}),
+            ("transactioncurrencies", "isocurrencycode", code.into()),
+        ));
+    }
+    for (sym, class) in [("ea", "Quantity"), ("pcs", "Quantity")] {
+        waves[1].push((
+            "UnitsOfMeasure",
+            json!({"UnitSymbol": sym, "UnitClass": class, "DecimalPrecision": 0}),
+            ("uoms", "msdyn_symbol", sym.into()),
+        ));
+    }
+    for company in ["usmf", "demf"] {
+        waves[1].push((
+            "TermsOfPayment",
+            json!({"dataAreaId": company, "Name": "Net30", "Description": "Net 30 days"}),
+            ("msdyn_paymentterms", "msdyn_name", "Net30".into()),
+        ));
+        for (group, desc) in [("10", "Wholesale customers"), ("20", "Retail customers")] {
+            waves[2].push(("CustomerGroups", json!({"dataAreaId": company, "CustomerGroupId": group, "Description": desc, "PaymentTermId": "Net30"}), ("msdyn_customergroups", "msdyn_groupid", group.into())));
+        }
+    }
+    for (num, name, price) in [
+        ("P-1000", "Surround speaker", 129.99),
+        ("P-2000", "Subwoofer", 349.5),
+        ("P-3000", "Installation service", 80.0),
+    ] {
+        let kind = if num == "P-3000" { "Service" } else { "Item" };
+        waves[2].push(("CDSReleasedDistinctProducts", json!({
+            "ProductNumber": num, "ProductName": name, "ProductDescription": format!("{name} (demo)"),
+            "ItemNumber": num, "CurrencyCode": "USD", "SalesUnitSymbol": "ea", "SalesPrice": price,
+            "UnitCost": price / 2.0, "ProductType": kind, "SalesUnitDecimalPrecision": 0
+        }), ("products", "msdyn_productnumber", num.into())));
+    }
+    for wave in waves {
+        let mut expect = Vec::new();
+        for (set, row, (crm_set, field, want)) in wave {
+            stage.fno.user_create(set, row).map_err(sim_err)?;
+            expect.push((
+                (crm_set.to_string(), field.to_string(), want),
+                Instant::now(),
+            ));
+        }
+        let dv = stage.dv.clone();
+        wait_for(
+            "seed reference data",
+            expect,
+            |(set, field, want)| dv.rows(set).iter().any(|r| field_eq(r, field, want)),
+            &mut stage.latencies,
+        )
+        .await?;
+        wait_idle(stage, "seed reference data").await?;
+    }
+    progress(&format!(
+        "  reference data arrived in Dataverse in {} ms",
+        t0.elapsed().as_millis()
+    ));
+    Ok(())
+}
+
+async fn accounts_from_crm(
+    stage: &mut Stage,
+    n: usize,
+    progress: Progress<'_>,
+) -> Result<Vec<String>, DemoError> {
+    progress(&format!(
+        "creating {n} accounts in Dataverse (as a user) ..."
+    ));
+    let usmf = crm_id(
+        stage,
+        "cdm_companies",
+        "cdm_companyid",
+        "cdm_companycode",
+        "USMF",
+    )?;
+    let usd = crm_id(
+        stage,
+        "transactioncurrencies",
+        "transactioncurrencyid",
+        "isocurrencycode",
+        "USD",
+    )?;
+    let group = stage
+        .dv
+        .rows("msdyn_customergroups")
+        .into_iter()
+        .find(|r| field_eq(r, "msdyn_groupid", "10") && field_eq(r, "_msdyn_company_value", &usmf))
+        .and_then(|r| {
+            r.get("msdyn_customergroupid")
+                .and_then(Json::as_str)
+                .map(str::to_string)
+        })
+        .ok_or_else(|| DemoError::Timeout {
+            step: "find customer group 10".into(),
+            secs: 0,
+            waiting: "msdyn_customergroups row 10 of USMF".into(),
+        })?;
+    let t0 = Instant::now();
+    let mut pending = Vec::new();
+    let mut numbers = Vec::new();
+    for i in 1..=n {
+        let number = format!("CRM-{i:04}");
+        stage
+            .dv
+            .user_create(
+                "accounts",
+                json!({
+                    "accountnumber": number,
+                    "name": format!("Fabrikam Branch {i}"),
+                    "customertypecode": 3,
+                    "creditlimit": 1000 * i,
+                    "address1_city": "Seattle",
+                    "telephone1": format!("+1 206 555 {i:04}"),
+                    "msdyn_company@odata.bind": format!("/cdm_companies({usmf})"),
+                    "transactioncurrencyid@odata.bind": format!("/transactioncurrencies({usd})"),
+                    "msdyn_customergroupid@odata.bind": format!("/msdyn_customergroups({group})"),
+                }),
+            )
+            .map_err(sim_err)?;
+        pending.push((number.clone(), Instant::now()));
+        numbers.push(number);
+    }
+    let fno = stage.fno.clone();
+    wait_for(
+        "accounts to F&O customers",
+        pending,
+        |num| {
+            fno.rows("CustomersV3")
+                .iter()
+                .any(|r| field_eq(r, "CustomerAccount", num))
+        },
+        &mut stage.latencies,
+    )
+    .await?;
+    progress(&format!(
+        "  {n} accounts appeared as F&O customers (CustomersV3) in {} ms",
+        t0.elapsed().as_millis()
+    ));
+    Ok(numbers)
+}
+
+async fn accounts_from_erp(
+    stage: &mut Stage,
+    n: usize,
+    progress: Progress<'_>,
+) -> Result<Vec<String>, DemoError> {
+    progress(&format!("creating {n} customers in F&O (as a user) ..."));
+    let t0 = Instant::now();
+    let mut pending = Vec::new();
+    let mut numbers = Vec::new();
+    for i in 1..=n {
+        let number = format!("ERP-{i:04}");
+        stage
+            .fno
+            .user_create(
+                "CustomersV3",
+                json!({
+                    "dataAreaId": "usmf",
+                    "CustomerAccount": number,
+                    "OrganizationName": format!("Northwind Outlet {i}"),
+                    "PartyType": "Organization",
+                    "SalesCurrencyCode": "USD",
+                    "CustomerGroupId": "20",
+                    "CreditLimit": 500 * i,
+                    "DeliveryAddressCity": "Redmond",
+                    "PaymentTerms": "Net30",
+                }),
+            )
+            .map_err(sim_err)?;
+        pending.push((number.clone(), Instant::now()));
+        numbers.push(number);
+    }
+    let dv = stage.dv.clone();
+    wait_for(
+        "F&O customers to accounts",
+        pending,
+        |num| {
+            dv.rows("accounts")
+                .iter()
+                .any(|r| field_eq(r, "accountnumber", num))
+        },
+        &mut stage.latencies,
+    )
+    .await?;
+    progress(&format!(
+        "  {n} customers appeared as Dataverse accounts in {} ms",
+        t0.elapsed().as_millis()
+    ));
+    Ok(numbers)
+}
+
+async fn erp_update(
+    stage: &mut Stage,
+    account: &str,
+    progress: Progress<'_>,
+) -> Result<(), DemoError> {
+    wait_idle(stage, "before the F&O update").await?;
+    progress(&format!(
+        "updating customer {account} in F&O: CreditLimit 98765.43 ..."
+    ));
+    stage
+        .fno
+        .user_edit(
+            "CustomersV3",
+            &format!("dataAreaId='usmf',CustomerAccount='{account}'"),
+            json!({"CreditLimit": 98765.43}),
+        )
+        .map_err(sim_err)?;
+    let dv = stage.dv.clone();
+    let account = account.to_string();
+    wait_for(
+        "F&O update to Dataverse",
+        vec![(account.clone(), Instant::now())],
+        |num| {
+            dv.rows("accounts").iter().any(|r| {
+                field_eq(r, "accountnumber", num)
+                    && number_of(r, "creditlimit").is_some_and(|c| (c - 98765.43).abs() < 1e-6)
+            })
+        },
+        &mut stage.latencies,
+    )
+    .await?;
+    progress(&format!(
+        "  account {account} in Dataverse now has creditlimit 98765.43"
+    ));
+    Ok(())
+}
+
+async fn sales_order(
+    stage: &mut Stage,
+    account: &str,
+    progress: Progress<'_>,
+) -> Result<(), DemoError> {
+    wait_idle(stage, "before the sales order").await?;
+    progress(&format!(
+        "creating sales order SO-DEMO-1 with 2 lines in Dataverse for account {account} ..."
+    ));
+    let usmf = crm_id(
+        stage,
+        "cdm_companies",
+        "cdm_companyid",
+        "cdm_companycode",
+        "USMF",
+    )?;
+    let usd = crm_id(
+        stage,
+        "transactioncurrencies",
+        "transactioncurrencyid",
+        "isocurrencycode",
+        "USD",
+    )?;
+    let acc = crm_id(stage, "accounts", "accountid", "accountnumber", account)?;
+    let ea = crm_id(stage, "uoms", "uomid", "msdyn_symbol", "ea")?;
+    let so = stage
+        .dv
+        .user_create(
+            "salesorders",
+            json!({
+                "msdyn_salesordernumber": "SO-DEMO-1",
+                "name": "Demo order",
+                "msdyn_ordertype": 192350000,
+                "shipto_city": "Seattle",
+                "customerid@odata.bind": format!("/accounts({acc})"),
+                "msdyn_invoicecustomerid@odata.bind": format!("/accounts({acc})"),
+                "transactioncurrencyid@odata.bind": format!("/transactioncurrencies({usd})"),
+                "msdyn_company@odata.bind": format!("/cdm_companies({usmf})"),
+            }),
+        )
+        .map_err(sim_err)?;
+    let t_header = Instant::now();
+    let so_id = so
+        .get("salesorderid")
+        .and_then(Json::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let mut pending = vec![("header SO-DEMO-1".to_string(), t_header)];
+    for (seq, product, qty, price) in [(1, "P-1000", 4, 129.99), (2, "P-2000", 1, 349.5)] {
+        let pid = crm_id(
+            stage,
+            "products",
+            "productid",
+            "msdyn_productnumber",
+            product,
+        )?;
+        stage
+            .dv
+            .user_create(
+                "salesorderdetails",
+                json!({
+                    "salesorderid@odata.bind": format!("/salesorders({so_id})"),
+                    "sequencenumber": seq,
+                    "productid@odata.bind": format!("/products({pid})"),
+                    "description": product,
+                    "quantity": qty,
+                    "priceperunit": price,
+                    "manualdiscountamount": 0,
+                    "ispriceoverridden": true,
+                    "uomid@odata.bind": format!("/uoms({ea})"),
+                    "msdyn_company@odata.bind": format!("/cdm_companies({usmf})"),
+                }),
+            )
+            .map_err(sim_err)?;
+        pending.push((format!("line {seq} {product}"), Instant::now()));
+    }
+    let fno = stage.fno.clone();
+    let account = account.to_string();
+    wait_for(
+        "sales order to F&O",
+        pending,
+        |what| {
+            if what.starts_with("header") {
+                fno.rows("CDSSalesOrderHeaders").iter().any(|r| {
+                    field_eq(r, "SalesOrderNumber", "SO-DEMO-1")
+                        && field_eq(r, "OrderingCustomerAccountNumber", &account)
+                })
+            } else {
+                let product = what.rsplit(' ').next().unwrap_or_default();
+                fno.rows("CDSSalesOrderLines").iter().any(|r| {
+                    field_eq(r, "SalesOrderNumber", "SO-DEMO-1")
+                        && field_eq(r, "ProductNumber", product)
+                })
+            }
+        },
+        &mut stage.latencies,
+    )
+    .await?;
+    progress(&format!(
+        "  order SO-DEMO-1 is in F&O for customer {account}, lines with products P-1000 and P-2000 resolved"
+    ));
+    Ok(())
+}
+
+async fn conflict(
+    stage: &mut Stage,
+    account: &str,
+    progress: Progress<'_>,
+) -> Result<ConflictShown, DemoError> {
+    wait_idle(stage, "before the conflicting edit").await?;
+    let id = crm_id(stage, "accounts", "accountid", "accountnumber", account)?;
+    let crm_value = format!("{account} renamed in Dataverse");
+    let erp_value = format!("{account} renamed in F&O");
+    progress(&format!(
+        "conflicting edit of {account} on both sides at once (policy last_writer_wins) ..."
+    ));
+    stage
+        .dv
+        .user_edit("accounts", &id, json!({"name": crm_value}))
+        .map_err(sim_err)?;
+    stage
+        .fno
+        .user_edit(
+            "CustomersV3",
+            &format!("dataAreaId='usmf',CustomerAccount='{account}'"),
+            json!({"OrganizationName": erp_value}),
+        )
+        .map_err(sim_err)?;
+    wait_idle(stage, "conflicting edit").await?;
+    let crm_now = stage
+        .dv
+        .row("accounts", &id)
+        .and_then(|r| r.get("name").and_then(Json::as_str).map(str::to_string))
+        .unwrap_or_default();
+    let erp_now = find_row(&stage.fno.rows("CustomersV3"), "CustomerAccount", account)
+        .and_then(|r| {
+            r.get("OrganizationName")
+                .and_then(Json::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let winner = if crm_now != erp_now {
+        "none"
+    } else if crm_now == crm_value {
+        "crm"
+    } else if crm_now == erp_value {
+        "erp"
+    } else {
+        "none"
+    };
+    progress(&format!(
+        "  Dataverse wrote \"{crm_value}\", F&O wrote \"{erp_value}\": {} won; both sides now hold \"{crm_now}\"",
+        match winner {
+            "crm" => "Dataverse",
+            "erp" => "F&O",
+            _ => "nobody",
+        }
+    ));
+    Ok(ConflictShown {
+        record: account.to_string(),
+        crm_value,
+        erp_value,
+        final_value: crm_now,
+        winner: winner.into(),
+    })
+}
+
+/// Every record of `entity` on one side, through the runtime's connector.
+async fn read_all(
+    connector: &dyn Connector,
+    side: Side,
+    entity: &str,
+) -> Result<Vec<Record>, DemoError> {
+    let mut out = Vec::new();
+    let mut query = Query {
+        page_size: Some(1000),
+        ..Query::default()
+    };
+    loop {
+        let page = connector
+            .query(entity, &query)
+            .await
+            .map_err(|e| DemoError::Read {
+                side,
+                entity: entity.into(),
+                message: e.to_string(),
+            })?;
+        out.extend(page.records);
+        match page.next {
+            Some(n) => query.page_token = Some(n),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Resolves the lookups of `record` (from `source`) through the store's links, the way the
+/// engine does, so [`apply_map`] can translate them.
+async fn resolve(stage: &Stage, map: &TableMap, source: Side, record: &Record) -> ResolvedLookups {
+    let find = |name: &str| stage.maps.iter().find(|m| m.name == name);
+    let mut out = ResolvedLookups::new();
+    for req in lookup_requests_with(map, source, record, find) {
+        let mut resolved = None;
+        match &req.target {
+            LookupTarget::Keys(keys) => {
+                for (name, key) in req.maps.iter().zip(keys) {
+                    if let (Ok(Some(link)), Some(target)) =
+                        (stage.rt.store().link(name, key).await, find(name))
+                    {
+                        resolved = Some(match source {
+                            Side::Erp => Value::Lookup(LookupRef {
+                                entity_set: target.crm.entity_set.clone(),
+                                id: link.crm_id.clone(),
+                                key: None,
+                            }),
+                            Side::Crm => natural_key(target, &link.key),
+                        });
+                        break;
+                    }
+                }
+            }
+            LookupTarget::CrmId(id) => {
+                for name in &req.maps {
+                    if let (Ok(Some(link)), Some(target)) = (
+                        stage.rt.store().link_by_id(name, Side::Crm, id).await,
+                        find(name),
+                    ) {
+                        resolved = Some(natural_key(target, &link.key));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(v) = resolved {
+            out.insert(req.field_index, LookupResolution::Resolved(v));
+        }
+    }
+    out
+}
+
+fn natural_key(map: &TableMap, key: &IntegrationKey) -> Value {
+    let rk = record_key(map, Side::Erp, key);
+    rk.0.iter()
+        .rev()
+        .find(|(f, _)| f != "dataAreaId")
+        .map_or(Value::Null, |(_, v)| Value::Text(v.clone()))
+}
+
+fn same(expected: &Value, actual: &Value) -> bool {
+    match (expected, actual) {
+        (Value::Lookup(a), Value::Lookup(b)) => match (&a.id, &b.id) {
+            (Some(x), Some(y)) => x.eq_ignore_ascii_case(y),
+            _ => a.key == b.key,
+        },
+        (Value::Text(a), Value::Text(b)) | (Value::Enum(a), Value::Enum(b)) => a == b,
+        (Value::Text(a), Value::Null) | (Value::Null, Value::Text(a)) => a.is_empty(),
+        _ => expected == actual,
+    }
+}
+
+/// Checks every record of every enabled map on both sides: each record of a side its map
+/// syncs from has a partner on the other side with the same integration key, and every field
+/// mapped on both sides holds the value [`apply_map`] gives from the side it flows from.
+async fn check_convergence(stage: &Stage) -> Result<(usize, Vec<String>), DemoError> {
+    let mut differences = Vec::new();
+    let mut checked = 0;
+    for map in &stage.maps {
+        let crm_rows = read_all(
+            stage.rt.connector(Side::Crm).as_ref(),
+            Side::Crm,
+            &map.crm.entity_set,
+        )
+        .await?;
+        let erp_rows = read_all(
+            stage.rt.connector(Side::Erp).as_ref(),
+            Side::Erp,
+            &map.erp.entity,
+        )
+        .await?;
+        let index = |side: Side, rows: Vec<Record>| -> BTreeMap<IntegrationKey, Record> {
+            rows.into_iter()
+                .filter(|r| map.filters.of(side).is_none_or(|f| f.matches(r)))
+                .filter_map(|r| integration_key(map, side, &r).ok().map(|k| (k, r)))
+                .collect()
+        };
+        let crm = index(Side::Crm, crm_rows);
+        let erp = index(Side::Erp, erp_rows);
+        for (side, mine, theirs) in [(Side::Crm, &crm, &erp), (Side::Erp, &erp, &crm)] {
+            if !map.direction.flows_from(side) {
+                continue;
+            }
+            for key in mine.keys().filter(|k| !theirs.contains_key(*k)) {
+                differences.push(format!(
+                    "map {}: {key} exists in {side} but not in {}",
+                    map.name,
+                    side.other()
+                ));
+            }
+        }
+        for (key, erp_rec) in &erp {
+            let Some(crm_rec) = crm.get(key) else {
+                continue;
+            };
+            checked += 1;
+            for source in [Side::Erp, Side::Crm] {
+                if !map.direction.flows_from(source) {
+                    continue;
+                }
+                let (src, dst) = match source {
+                    Side::Erp => (erp_rec, crm_rec),
+                    Side::Crm => (crm_rec, erp_rec),
+                };
+                let lookups = resolve(stage, map, source, src).await;
+                let expected = match apply_map(map, source, src, &lookups) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        differences.push(format!(
+                            "map {}: {key}: cannot map the {source} record: {e}",
+                            map.name
+                        ));
+                        continue;
+                    }
+                };
+                for fm in &map.fields {
+                    // Only two-sided fields; a bidirectional field is compared once, from F&O.
+                    let (Some(_), Some(_)) = (&fm.erp, &fm.crm) else {
+                        continue;
+                    };
+                    if !fm.direction.flows_from(source)
+                        || (source == Side::Crm && fm.direction.flows_from(Side::Erp))
+                    {
+                        continue;
+                    }
+                    let Some(target) = fm.field(source.other()) else {
+                        continue;
+                    };
+                    let Some(want) = expected.get(&target.name) else {
+                        continue;
+                    };
+                    let have = dst.get(&target.name).cloned().unwrap_or(Value::Null);
+                    if !same(want, &have) {
+                        differences.push(format!(
+                            "map {}: {key}: {} {} is {have}, expected {want} (from {source})",
+                            map.name,
+                            source.other(),
+                            target.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok((checked, differences))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_maps_include_every_dependency() {
+        let maps = demo_maps(DEMO_MAPS);
+        let names: BTreeSet<&str> = maps.iter().map(|m| m.name.as_str()).collect();
+        for m in &maps {
+            for d in &m.depends_on {
+                assert!(names.contains(d.as_str()), "{} needs {d}", m.name);
+            }
+        }
+        assert!(names.contains("sales-order-lines"));
+    }
+
+    #[test]
+    fn percentile_picks_the_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert!((percentile(&v, 0.5) - 50.0).abs() < f64::EPSILON);
+        assert!((percentile(&v, 0.99) - 99.0).abs() < f64::EPSILON);
+        assert!(percentile(&[], 0.5).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn tables_carry_the_company_in_the_alternate_key() {
+        let maps = demo_maps(DEMO_MAPS);
+        let t = crm_tables(&maps);
+        let accounts = t.iter().find(|t| t.entity_set == "accounts").unwrap();
+        assert_eq!(
+            accounts.alternate_keys,
+            vec![vec![
+                "accountnumber".to_string(),
+                "msdyn_company".to_string()
+            ]]
+        );
+        let e = erp_entities(&maps);
+        let cust = e.iter().find(|e| e.entity_set == "CustomersV3").unwrap();
+        assert_eq!(
+            cust.key_fields,
+            vec!["dataAreaId".to_string(), "CustomerAccount".to_string()]
+        );
+    }
+}
