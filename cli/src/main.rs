@@ -2,6 +2,11 @@
 
 mod commands;
 
+/// mimalloc instead of the system allocator: the engine's per-record path makes many small
+/// allocations, and glibc's malloc was most of its cost (docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

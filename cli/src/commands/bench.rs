@@ -16,10 +16,78 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Webhooks through the local pipeline (runtime, SQLite, connectors) against the
+    /// simulators: throughput, latency to the target write, and a check of both sides.
+    Live {
+        /// Webhook deliveries to send (one distinct account each).
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        /// Open loop at this many events/s; without it, closed loop at maximum throughput.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Most POSTs in flight at once (keep-alive connections).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Worker tasks of the runtime.
+        #[arg(long, default_value_t = 32)]
+        workers: usize,
+        /// Seconds to wait for every event to complete.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Print one JSON object on stdout instead of text (progress goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(command: BenchCommand) -> Result<ExitCode> {
     match command {
+        BenchCommand::Live {
+            events,
+            rate,
+            concurrency,
+            workers,
+            timeout,
+            json,
+        } => {
+            let options = dualwrite_bench::live::LiveOptions {
+                events,
+                rate,
+                concurrency,
+                workers,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let progress = move |line: &str| eprintln!("{line}");
+            let report = rt.block_on(dualwrite_bench::live::run(options, &progress))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "bench live: {} events in {:.2} s = {} events/s; latency p50 {} ms, p99 {} ms, max {} ms; lost {}, duplicated {} ({}: {})",
+                    report.events,
+                    report.duration_s,
+                    report.events_per_sec,
+                    report.p50_ms,
+                    report.p99_ms,
+                    report.max_ms,
+                    report.lost,
+                    report.duplicated,
+                    report.target,
+                    if report.target_met { "met" } else { "NOT met" }
+                );
+                for p in &report.problems {
+                    println!("  - {p}");
+                }
+            }
+            Ok(if report.target_met {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         BenchCommand::Engine { records, json } => {
             let report = dualwrite_bench::engine::run(records).map_err(anyhow::Error::msg)?;
             if json {

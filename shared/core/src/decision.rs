@@ -26,9 +26,10 @@
 use chrono::{DateTime, Utc};
 
 use crate::event::Operation;
-use crate::hash::hash_fields;
+use crate::hash::{SortedFields, hash_sorted_with};
 use crate::map::apply::{
-    ApplyError, LookupResolution, ResolvedLookups, apply_map, mapped_fields, record_key,
+    ApplyError, LookupResolution, ResolvedLookups, SideFields, apply_map_to, record_key,
+    side_fields,
 };
 use crate::map::{ConflictPolicy, DeletePolicy, FieldDirection, TableMap};
 use crate::ports::{ConflictRecord, FieldsHash, Link, RecordRef, SideState, WriteCondition};
@@ -320,39 +321,64 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
         }
     }
 
+    // The other side's current hash, computed once: the conflict check and the write plan
+    // both need it. A record still at the row version the link holds is unchanged since, and
+    // its hash is the link's (see `unchanged_since_link`).
+    let other_hash = input.other.map(|other| {
+        unchanged_since_link(input.link, other_side, other)
+            .unwrap_or_else(|| side_hash(map, other_side, other))
+    });
     let other_changed = match (input.other, input.link) {
         (None, _) => false,
-        (Some(other), Some(link)) => {
-            Some(side_hash(map, other_side, other)) != link.side(other_side).hash
-        }
+        (Some(_), Some(link)) => other_hash != link.side(other_side).hash,
         // Both exist but were never linked: they are the same pair only if the write would
         // change nothing; otherwise both sides hold data of their own.
         (Some(other), None) => {
             if let Some(park) = missing_lookup(input, input.lookups) {
                 return Ok(park);
             }
-            let projected = project(map, source, record, input.lookups, Some(other))?;
-            projected.changes
+            let projected = project(map, source, record, input.lookups, Some(other), other_hash)?;
+            if !projected.changes {
+                return Ok(planned_write(input, projected, None));
+            }
+            true
         }
     };
 
     if other_changed && let Some(other) = input.other {
-        return resolve_conflict(input, other);
+        return resolve_conflict(input, other, other_hash);
     }
-    plain_write(input, None)
+    plain_write(input, None, other_hash)
 }
 
 /// The source's values go to the other side (no conflict, or the source won one).
+/// `other_hash` is `side_hash` of `input.other`, when the caller has it.
 fn plain_write(
     input: &DecisionInput<'_>,
     conflict: Option<ConflictRecord>,
+    other_hash: Option<FieldsHash>,
 ) -> Result<Decision, ApplyError> {
     if let Some(park) = missing_lookup(input, input.lookups) {
         return Ok(park);
     }
-    let map = input.map;
+    let projected = project(
+        input.map,
+        input.source,
+        input.record,
+        input.lookups,
+        input.other,
+        other_hash,
+    )?;
+    Ok(planned_write(input, projected, conflict))
+}
+
+/// The plan for writing `projected` (the source mapped onto the other side) to the other side.
+fn planned_write(
+    input: &DecisionInput<'_>,
+    projected: Projection,
+    conflict: Option<ConflictRecord>,
+) -> Decision {
     let source = input.source;
-    let projected = project(map, source, input.record, input.lookups, input.other)?;
     let mut link = base_link(input);
     *link.link.side_mut(source) = SideState {
         hash: Some(input.source_hash),
@@ -362,13 +388,13 @@ fn plain_write(
     apply_target_state(&mut link.link, source.other(), &projected, input.other);
     if projected.changes {
         let write = sync_write(input, source.other(), projected.written, input.other);
-        return Ok(Decision::Write(WritePlan {
+        return Decision::Write(WritePlan {
             writes: vec![write],
             link,
             conflict,
-        }));
+        });
     }
-    Ok(skip_in_sync(input, link, conflict))
+    skip_in_sync(input, link, conflict)
 }
 
 /// Nothing to write: commit the link if it changed (and the conflict record, if any).
@@ -400,7 +426,11 @@ fn same_state(a: &Link, b: &Link) -> bool {
         && a.open_conflict == b.open_conflict
 }
 
-fn resolve_conflict(input: &DecisionInput<'_>, other: &Record) -> Result<Decision, ApplyError> {
+fn resolve_conflict(
+    input: &DecisionInput<'_>,
+    other: &Record,
+    other_hash: Option<FieldsHash>,
+) -> Result<Decision, ApplyError> {
     let map = input.map;
     let source = input.source;
     let (crm, erp) = match source {
@@ -437,8 +467,8 @@ fn resolve_conflict(input: &DecisionInput<'_>, other: &Record) -> Result<Decisio
             Ok(Decision::HoldConflict { link, conflict })
         }
         ConflictPolicy::FieldLevel => field_level_merge(input, other, conflict),
-        _ if winner == Some(source) => plain_write(input, Some(conflict)),
-        _ => other_wins(input, other, conflict),
+        _ if winner == Some(source) => plain_write(input, Some(conflict), other_hash),
+        _ => other_wins(input, other, conflict, other_hash),
     }
 }
 
@@ -447,6 +477,7 @@ fn other_wins(
     input: &DecisionInput<'_>,
     other: &Record,
     conflict: ConflictRecord,
+    other_hash: Option<FieldsHash>,
 ) -> Result<Decision, ApplyError> {
     if let Some(park) = missing_lookup(input, input.other_lookups) {
         return Ok(park);
@@ -460,10 +491,11 @@ fn other_wins(
         other,
         input.other_lookups,
         Some(input.record),
+        None,
     )?;
     let mut link = base_link(input);
     *link.link.side_mut(other_side) = SideState {
-        hash: Some(side_hash(map, other_side, other)),
+        hash: Some(other_hash.unwrap_or_else(|| side_hash(map, other_side, other))),
         version: other.version,
     };
     set_id(&mut link.link, other_side, other.id.clone());
@@ -501,7 +533,7 @@ fn field_level_merge(
         (other_side, other, input.other_lookups, input.record),
     ] {
         let to = from.other();
-        let mut projected = project(map, from, from_record, lookups, Some(to_record))?;
+        let mut projected = project(map, from, from_record, lookups, Some(to_record), None)?;
         // Keep only the fields `from` owns (keys always travel).
         for f in &map.fields {
             let owner = f.source_of_truth.unwrap_or(source);
@@ -513,7 +545,12 @@ fn field_level_merge(
                 projected.written.fields.remove(&target_field.name);
             }
         }
-        let projected = merge_into(map, to, projected.written, Some(to_record));
+        let projected = merge_into(
+            &side_fields(map, to),
+            projected.written,
+            Some(to_record),
+            None,
+        );
         apply_target_state(&mut link.link, to, &projected, Some(to_record));
         set_id(&mut link.link, from, from_record.id.clone());
         if projected.changes {
@@ -595,7 +632,7 @@ fn decide_delete(input: &DecisionInput<'_>) -> Decision {
                 .fields
                 .iter()
                 .all(|(name, value)| other.get(name) == Some(value));
-            let projected = merge_into(map, other_side, written, Some(other));
+            let projected = merge_into(&side_fields(map, other_side), written, Some(other), None);
             let mut next = link.clone();
             // The source record is gone: a record created again under the key is a change.
             *next.side_mut(source) = SideState {
@@ -643,34 +680,73 @@ struct Projection {
     changes: bool,
 }
 
+/// The link's hash of `side` when `record` provably has not changed since the link was
+/// written: same source version, and a version with a real row sequence (Dataverse
+/// `versionnumber`, F&O `ControlNumber`). A time-only version (sequence 0) may cover two edits
+/// within one timestamp, so it proves nothing and the record is hashed.
+fn unchanged_since_link(link: Option<&Link>, side: Side, record: &Record) -> Option<FieldsHash> {
+    let known = link?.side(side);
+    let version = record.version?;
+    if version.sequence != 0 && known.version == Some(version) {
+        known.hash
+    } else {
+        None
+    }
+}
+
+/// Maps `record` from `from` onto the other side's current record. `target_hash` is
+/// `side_hash` of `target_current`, when the caller has it.
 fn project(
     map: &TableMap,
     from: Side,
     record: &Record,
     lookups: &ResolvedLookups,
     target_current: Option<&Record>,
+    target_hash: Option<FieldsHash>,
 ) -> Result<Projection, ApplyError> {
-    let written = apply_map(map, from, record, lookups)?;
-    Ok(merge_into(map, from.other(), written, target_current))
+    let target_fields = side_fields(map, from.other());
+    let written = apply_map_to(
+        map,
+        from,
+        record,
+        lookups,
+        &side_fields(map, from),
+        &target_fields,
+    )?;
+    Ok(merge_into(
+        &target_fields,
+        written,
+        target_current,
+        target_hash,
+    ))
 }
 
+/// What `written` makes of `target_current`: the hash of the target's mapped fields after the
+/// write (the written value of a field where there is one, else the current value; the merged
+/// record is never built) and whether that changes them. `target_hash` is `side_hash` of
+/// `target_current`, when the caller has it.
 fn merge_into(
-    map: &TableMap,
-    to: Side,
+    target_fields: &SideFields,
     written: Record,
     target_current: Option<&Record>,
+    target_hash: Option<FieldsHash>,
 ) -> Projection {
-    let mut merged = target_current
-        .cloned()
-        .unwrap_or_else(|| Record::new(entity_of(map, to)));
-    for (name, value) in &written.fields {
-        merged.fields.insert(name.clone(), value.clone());
-    }
-    if written.company.is_some() {
-        merged.company.clone_from(&written.company);
-    }
-    let merged_hash = side_hash(map, to, &merged);
-    let changes = target_current.is_none_or(|current| side_hash(map, to, current) != merged_hash);
+    let merged_hash = match target_current {
+        None => target_fields.hash(&written),
+        Some(current) => {
+            let mut new_values = SortedFields::new(&written);
+            let mut old_values = SortedFields::new(current);
+            hash_sorted_with(&target_fields.names, target_fields.names_hash, |name| {
+                // Both readers must see every name, in order: seek both before choosing.
+                let new_value = new_values.seek(name);
+                let old_value = old_values.seek(name);
+                new_value.or(old_value)
+            })
+        }
+    };
+    let changes = target_current.is_none_or(|current| {
+        target_hash.unwrap_or_else(|| target_fields.hash(current)) != merged_hash
+    });
     Projection {
         written,
         merged_hash,
@@ -678,9 +754,10 @@ fn merge_into(
     }
 }
 
-/// The hash of `record`'s mapped fields on `side`.
+/// The hash of `record`'s mapped fields on `side`: `hash_fields(record, mapped_fields(map,
+/// side))`, with the sorted field list of the map computed once per thread.
 pub fn side_hash(map: &TableMap, side: Side, record: &Record) -> FieldsHash {
-    hash_fields(record, mapped_fields(map, side))
+    side_fields(map, side).hash(record)
 }
 
 fn apply_target_state(
@@ -764,25 +841,23 @@ fn set_id(link: &mut Link, side: Side, id: Option<String>) {
 }
 
 fn missing_lookup(input: &DecisionInput<'_>, lookups: &ResolvedLookups) -> Option<Decision> {
-    let mut missing: Vec<(&usize, &LookupResolution)> = lookups
+    // The first missing lookup in field order.
+    let (index, map, key) = lookups
         .iter()
-        .filter(|(_, r)| matches!(r, LookupResolution::Missing { .. }))
-        .collect();
-    missing.sort_by_key(|(i, _)| **i);
-    let (index, LookupResolution::Missing { map, key }) = missing.first()? else {
-        return None;
-    };
+        .filter_map(|(index, resolution)| match resolution {
+            LookupResolution::Missing { map, key } => Some((*index, map, key)),
+            LookupResolution::Resolved(_) => None,
+        })
+        .min_by_key(|(index, _, _)| *index)?;
     let label = input
         .map
         .fields
-        .get(**index)
+        .get(index)
         .map_or_else(|| format!("field #{index}"), |f| f.label());
     Some(Decision::Park {
         waiting_map: map.clone(),
         waiting_key: key.clone(),
-        cause: ParkCause::MissingLookup {
-            field_index: **index,
-        },
+        cause: ParkCause::MissingLookup { field_index: index },
         reason: format!(
             "map {}, key {}: lookup {label} = {key} in map {map} is not linked yet",
             input.map.name, input.key
@@ -1109,5 +1184,66 @@ mod tests {
             matches!(d, Decision::Park { ref waiting_map, cause: ParkCause::MissingLookup { field_index: 1 }, .. } if waiting_map == "currencies"),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn side_hash_is_hash_fields_of_mapped_fields_and_follows_map_changes() {
+        use crate::hash::hash_fields;
+        use crate::map::apply::mapped_fields;
+        let mut m = map();
+        let r = crm("Contoso", at(1, 1)).with("description", Value::Text("d".into()));
+        let expected = |m: &TableMap| hash_fields(&r, mapped_fields(m, Side::Crm));
+        let before = side_hash(&m, Side::Crm, &r);
+        assert_eq!(before, expected(&m));
+        // The same map value, changed in place: the per-thread field list must not go stale.
+        if let Some(crm) = m.fields[1].crm.as_mut() {
+            crm.name = "description".into();
+        }
+        assert_ne!(side_hash(&m, Side::Crm, &r), before);
+        assert_eq!(side_hash(&m, Side::Crm, &r), expected(&m));
+    }
+
+    #[test]
+    fn a_record_at_the_linked_row_version_is_not_rehashed_but_a_time_only_version_is() {
+        use crate::ports::SideState;
+        let at = chrono::DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
+        let record = |sequence| {
+            let mut r = Record::new("accounts");
+            r.version = Some(SourceVersion {
+                modified_on: at,
+                sequence,
+            });
+            r
+        };
+        let link = |sequence| Link {
+            map: "m".into(),
+            key: IntegrationKey("K".into()),
+            crm_id: None,
+            erp_id: None,
+            crm: SideState {
+                hash: Some(FieldsHash(7)),
+                version: Some(SourceVersion {
+                    modified_on: at,
+                    sequence,
+                }),
+            },
+            erp: SideState::default(),
+            revision: 1,
+            open_conflict: None,
+            updated_at: at,
+        };
+        assert_eq!(
+            unchanged_since_link(Some(&link(5)), Side::Crm, &record(5)),
+            Some(FieldsHash(7))
+        );
+        assert_eq!(
+            unchanged_since_link(Some(&link(5)), Side::Crm, &record(6)),
+            None
+        );
+        assert_eq!(
+            unchanged_since_link(Some(&link(0)), Side::Crm, &record(0)),
+            None
+        );
+        assert_eq!(unchanged_since_link(None, Side::Crm, &record(5)), None);
     }
 }

@@ -3,70 +3,211 @@
 //! The hash covers field names and typed values in name order, so it does not depend on the
 //! order a source lists fields in; decimals are normalised (`1.50` = `1.5`); a missing field and
 //! a null field hash the same.
+//!
+//! It sits on the per-record path several times per change, so it allocates nothing in steady
+//! state: the names are hashed once per field list (see `names_hash`), the values are encoded
+//! into a reused per-thread buffer (every variable-length part ends in a byte that UTF-8 never
+//! contains, so the encoding is unambiguous) and hashed once with XXH3-128, and a record's
+//! values are read by walking its name-ordered fields alongside the sorted names rather than
+//! by one map search per name.
 
-use xxhash_rust::xxh3::Xxh3;
+use std::cell::Cell;
+use std::cmp::Ordering;
+use std::collections::btree_map;
+use std::iter::Peekable;
+
+use chrono::Datelike;
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::ports::FieldsHash;
 use crate::record::Record;
 use crate::value::Value;
 
-/// Hashes the values of `fields` (need not be sorted) in `record`.
+/// Ends a field name (UTF-8 never contains 0xff).
+const END_NAME: u8 = 0xff;
+/// Ends a field's value (UTF-8 never contains 0xfe).
+const END_VALUE: u8 = 0xfe;
+/// Ends a text inside a value made of several texts (UTF-8 never contains 0xfd).
+const END_TEXT: u8 = 0xfd;
+
+thread_local! {
+    /// The encoding buffer, kept between calls so hashing does not allocate.
+    static BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Hashes the values of `fields` (need not be sorted, may repeat) in `record`.
 pub fn hash_fields<'a>(record: &Record, fields: impl IntoIterator<Item = &'a str>) -> FieldsHash {
     let mut names: Vec<&str> = fields.into_iter().collect();
     names.sort_unstable();
     names.dedup();
-    let mut h = Xxh3::new();
-    for name in names {
-        h.update(name.as_bytes());
-        h.update(&[0xff]);
-        hash_value(&mut h, record.get(name).unwrap_or(&Value::Null));
-        h.update(&[0xfe]);
-    }
-    FieldsHash(h.digest128())
+    hash_sorted_fields(record, &names, names_hash(&names))
 }
 
-fn hash_value(h: &mut Xxh3, v: &Value) {
+/// The part of a field hash that covers the names: a hash of `names` (sorted, without
+/// duplicates). Computed once per field list, so hashing a record reads only its values.
+pub(crate) fn names_hash<S: AsRef<str>>(names: &[S]) -> u128 {
+    let mut buf = Vec::with_capacity(names.iter().map(|n| n.as_ref().len() + 1).sum());
+    for name in names {
+        buf.extend_from_slice(name.as_ref().as_bytes());
+        buf.push(END_NAME);
+    }
+    xxh3_128(&buf)
+}
+
+/// [`hash_fields`] for `names` already sorted and without duplicates (as
+/// [`crate::map::apply::mapped_fields`] returns them), `names_hash` being [`names_hash`] of
+/// them: the same hash, without sorting.
+pub(crate) fn hash_sorted_fields<S: AsRef<str>>(
+    record: &Record,
+    names: &[S],
+    names_hash: u128,
+) -> FieldsHash {
+    let mut fields = SortedFields::new(record);
+    hash_sorted_with(names, names_hash, |name| fields.seek(name))
+}
+
+/// Hashes `names` (sorted, without duplicates; `names_hash` is [`names_hash`] of them) with
+/// `value_of` giving each name's value (`None` hashes as null). `value_of` is called once per
+/// name, in name order.
+///
+/// The names enter through `names_hash`; the values follow in name order, each
+/// self-delimiting (fixed size for its type tag, or text ended by a byte UTF-8 never
+/// contains), so the position of each value names its field.
+pub(crate) fn hash_sorted_with<'v, S: AsRef<str>>(
+    names: &[S],
+    names_hash: u128,
+    mut value_of: impl FnMut(&str) -> Option<&'v Value>,
+) -> FieldsHash {
+    debug_assert!(
+        names.windows(2).all(|w| w[0].as_ref() < w[1].as_ref()),
+        "hash_sorted_with needs sorted, distinct names"
+    );
+    let mut buf = BUFFER.take();
+    buf.clear();
+    buf.extend_from_slice(&names_hash.to_le_bytes());
+    for name in names {
+        encode_value(&mut buf, value_of(name.as_ref()).unwrap_or(&Value::Null));
+        buf.push(END_VALUE);
+    }
+    let hash = FieldsHash(xxh3_128(&buf));
+    BUFFER.set(buf);
+    hash
+}
+
+/// A record's fields read in name order: [`SortedFields::seek`] answers names asked in
+/// increasing order by advancing through the record once.
+#[derive(Debug)]
+pub(crate) struct SortedFields<'r> {
+    fields: Peekable<btree_map::Iter<'r, String, Value>>,
+}
+
+impl<'r> SortedFields<'r> {
+    /// A reader at the record's first field.
+    pub(crate) fn new(record: &'r Record) -> Self {
+        SortedFields {
+            fields: record.fields.iter().peekable(),
+        }
+    }
+
+    /// The value of field `name`, `None` when the record does not carry it. Each name must be
+    /// greater than the one asked before (skipping names is fine).
+    pub(crate) fn seek(&mut self, name: &str) -> Option<&'r Value> {
+        while let Some((field, value)) = self.fields.peek() {
+            match compare_names(field, name) {
+                Ordering::Less => {
+                    self.fields.next();
+                }
+                Ordering::Equal => {
+                    let value = *value;
+                    self.fields.next();
+                    return Some(value);
+                }
+                Ordering::Greater => return None,
+            }
+        }
+        None
+    }
+}
+
+/// `a.cmp(b)` for field names, eight bytes at a time: field names are short and share long
+/// prefixes (`msdyn_`, `address1_`), and this runs a few hundred times per change, where a
+/// `memcmp` call per comparison costs more than the comparison.
+fn compare_names(a: &str, b: &str) -> Ordering {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let common = a.len().min(b.len());
+    let (mut x, mut y) = (a[..common].chunks_exact(8), b[..common].chunks_exact(8));
+    for (p, q) in x.by_ref().zip(y.by_ref()) {
+        let (mut pw, mut qw) = ([0u8; 8], [0u8; 8]);
+        pw.copy_from_slice(p);
+        qw.copy_from_slice(q);
+        // Big-endian words order like their bytes.
+        let order = u64::from_be_bytes(pw).cmp(&u64::from_be_bytes(qw));
+        if order != Ordering::Equal {
+            return order;
+        }
+    }
+    x.remainder().cmp(y.remainder()).then(a.len().cmp(&b.len()))
+}
+
+fn encode_value(buf: &mut Vec<u8>, v: &Value) {
     match v {
-        Value::Null => h.update(&[0]),
+        Value::Null => buf.push(0),
         Value::Text(s) => {
-            h.update(&[1]);
-            h.update(s.as_bytes());
+            buf.push(1);
+            buf.extend_from_slice(s.as_bytes());
         }
         Value::Integer(i) => {
-            h.update(&[2]);
-            h.update(&i.to_le_bytes());
+            buf.push(2);
+            buf.extend_from_slice(&i.to_le_bytes());
         }
         Value::Decimal(d) => {
-            h.update(&[3]);
-            h.update(d.normalize().to_string().as_bytes());
+            // Normalised, the (mantissa, scale) pair is unique per numeric value (-0 is 0).
+            let d = d.normalize();
+            buf.push(3);
+            buf.extend_from_slice(&d.mantissa().to_le_bytes());
+            buf.extend_from_slice(&d.scale().to_le_bytes());
         }
-        Value::Boolean(b) => h.update(&[4, u8::from(*b)]),
+        Value::Boolean(b) => buf.extend_from_slice(&[4, u8::from(*b)]),
         Value::Date(d) => {
-            h.update(&[5]);
-            h.update(d.to_string().as_bytes());
+            buf.push(5);
+            buf.extend_from_slice(&d.num_days_from_ce().to_le_bytes());
         }
         Value::DateTime(t) => {
-            h.update(&[6]);
-            h.update(&t.timestamp_micros().to_le_bytes());
+            buf.push(6);
+            buf.extend_from_slice(&t.timestamp_micros().to_le_bytes());
         }
         Value::Choice(i) => {
-            h.update(&[7]);
-            h.update(&i.to_le_bytes());
+            buf.push(7);
+            buf.extend_from_slice(&i.to_le_bytes());
         }
         Value::Enum(s) => {
-            h.update(&[8]);
-            h.update(s.to_ascii_lowercase().as_bytes());
+            // Enum symbols compare without case.
+            buf.push(8);
+            buf.extend(s.bytes().map(|b| b.to_ascii_lowercase()));
         }
         Value::Lookup(l) => {
-            h.update(&[9]);
-            h.update(l.entity_set.as_bytes());
-            h.update(&[0]);
-            // A lookup is the same reference whether written by key or by id: hash the key
-            // when present (what dualwrite writes), else the id.
-            match (&l.key, &l.id) {
-                (Some(k), _) => h.update(k.to_string().as_bytes()),
-                (None, Some(id)) => h.update(id.to_ascii_lowercase().as_bytes()),
-                (None, None) => {}
+            buf.push(9);
+            buf.extend_from_slice(l.entity_set.as_bytes());
+            buf.push(END_TEXT);
+            // A lookup is the same reference whether written by key or by id. Hash the id when
+            // known (GUIDs compare without case): Dataverse returns lookups by id, and the
+            // engine writes them with the linked row's id, so dualwrite's own write and its echo
+            // hash alike. Only a reference known by key alone hashes its key.
+            match (&l.id, &l.key) {
+                (Some(id), _) => {
+                    buf.push(2);
+                    buf.extend(id.bytes().map(|b| b.to_ascii_lowercase()));
+                }
+                (None, Some(k)) => {
+                    buf.push(1);
+                    for (field, value) in &k.0 {
+                        buf.extend_from_slice(field.as_bytes());
+                        buf.push(END_TEXT);
+                        buf.extend_from_slice(value.as_bytes());
+                        buf.push(END_TEXT);
+                    }
+                }
+                (None, None) => buf.push(0),
             }
         }
     }
@@ -75,6 +216,8 @@ fn hash_value(h: &mut Xxh3, v: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::RecordKey;
+    use crate::value::LookupRef;
     use rust_decimal::Decimal;
     use std::str::FromStr;
 
@@ -82,11 +225,20 @@ mod tests {
     fn field_order_and_decimal_scale_do_not_matter() {
         let a = Record::new("accounts")
             .with("name", Value::Text("Contoso".into()))
-            .with("creditlimit", Value::Decimal(Decimal::from_str("1.50").unwrap()));
+            .with(
+                "creditlimit",
+                Value::Decimal(Decimal::from_str("1.50").unwrap()),
+            );
         let b = Record::new("accounts")
-            .with("creditlimit", Value::Decimal(Decimal::from_str("1.5").unwrap()))
+            .with(
+                "creditlimit",
+                Value::Decimal(Decimal::from_str("1.5").unwrap()),
+            )
             .with("name", Value::Text("Contoso".into()));
-        assert_eq!(hash_fields(&a, ["name", "creditlimit"]), hash_fields(&b, ["creditlimit", "name"]));
+        assert_eq!(
+            hash_fields(&a, ["name", "creditlimit"]),
+            hash_fields(&b, ["creditlimit", "name"])
+        );
     }
 
     #[test]
@@ -107,8 +259,106 @@ mod tests {
 
     #[test]
     fn fields_outside_the_list_are_ignored() {
-        let a = Record::new("accounts").with("name", Value::Text("A".into())).with("x", Value::Integer(1));
-        let b = Record::new("accounts").with("name", Value::Text("A".into())).with("x", Value::Integer(2));
+        let a = Record::new("accounts")
+            .with("name", Value::Text("A".into()))
+            .with("x", Value::Integer(1));
+        let b = Record::new("accounts")
+            .with("name", Value::Text("A".into()))
+            .with("x", Value::Integer(2));
         assert_eq!(hash_fields(&a, ["name"]), hash_fields(&b, ["name"]));
+    }
+
+    #[test]
+    fn the_sorted_path_hashes_like_hash_fields() {
+        let r = Record::new("accounts")
+            .with("a", Value::Integer(1))
+            .with("c", Value::Enum("Yes".into()))
+            .with("e", Value::Text("x".into()));
+        let names = ["a", "b", "c", "d", "e", "f"];
+        assert_eq!(
+            hash_sorted_fields(&r, &names, names_hash(&names)),
+            hash_fields(&r, ["f", "e", "d", "c", "b", "a", "a"])
+        );
+        // Same values (1, null), other names: the names are covered.
+        assert_ne!(hash_fields(&r, ["a", "b"]), hash_fields(&r, ["a", "d"]));
+    }
+
+    #[test]
+    fn values_of_one_meaning_hash_the_same_and_others_differ() {
+        let one = |v: Value| hash_fields(&Record::new("t").with("f", v), ["f"]);
+        let dec = |s: &str| Value::Decimal(Decimal::from_str(s).unwrap());
+        assert_eq!(one(dec("0")), one(dec("-0.00")));
+        assert_ne!(one(dec("1.5")), one(dec("15")));
+        assert_eq!(
+            one(Value::Enum("Yes".into())),
+            one(Value::Enum("YES".into()))
+        );
+        assert_ne!(
+            one(Value::Enum("Yes".into())),
+            one(Value::Text("yes".into()))
+        );
+        assert_ne!(one(Value::Integer(7)), one(Value::Choice(7)));
+        let date = |d: u32| Value::Date(chrono::NaiveDate::from_ymd_opt(2026, 1, d).unwrap());
+        assert_ne!(one(date(1)), one(date(2)));
+        let lookup = |id: Option<&str>, key: Option<&str>| {
+            Value::Lookup(LookupRef {
+                entity_set: "currencies".into(),
+                id: id.map(str::to_owned),
+                key: key.map(|k| RecordKey::new([("isocurrencycode", k)])),
+            })
+        };
+        assert_eq!(
+            one(lookup(Some("ABC-1"), None)),
+            one(lookup(Some("abc-1"), None))
+        );
+        // Written with id and key, read back with the id only: the same reference.
+        assert_eq!(
+            one(lookup(Some("X"), Some("USD"))),
+            one(lookup(Some("x"), None))
+        );
+        assert_ne!(
+            one(lookup(None, Some("USD"))),
+            one(lookup(None, Some("EUR")))
+        );
+        assert_ne!(
+            one(lookup(Some("USD"), None)),
+            one(lookup(None, Some("USD")))
+        );
+    }
+
+    #[test]
+    fn text_boundaries_cannot_be_shifted_between_names_and_values() {
+        let a = Record::new("t")
+            .with("a", Value::Text("bc".into()))
+            .with("ab", Value::Null);
+        let b = Record::new("t")
+            .with("a", Value::Null)
+            .with("ab", Value::Text("c".into()));
+        assert_ne!(hash_fields(&a, ["a", "ab"]), hash_fields(&b, ["a", "ab"]));
+    }
+
+    #[test]
+    fn name_comparison_orders_like_str() {
+        let names = [
+            "",
+            "a",
+            "ab",
+            "abcdefgh",
+            "abcdefghi",
+            "abcdefgg",
+            "address1_city",
+            "address1_line1",
+            "address2_city",
+            "msdyn_company",
+            "msdyn_companyz",
+            "Z",
+            "é",
+            "e",
+        ];
+        for a in names {
+            for b in names {
+                assert_eq!(compare_names(a, b), a.cmp(b), "{a:?} vs {b:?}");
+            }
+        }
     }
 }

@@ -69,12 +69,20 @@ impl RecordKey {
         F: Into<String>,
         V: Into<String>,
     {
-        RecordKey(pairs.into_iter().map(|(f, v)| (f.into(), v.into())).collect())
+        RecordKey(
+            pairs
+                .into_iter()
+                .map(|(f, v)| (f.into(), v.into()))
+                .collect(),
+        )
     }
 
     /// The value of one key field.
     pub fn get(&self, field: &str) -> Option<&str> {
-        self.0.iter().find(|(f, _)| f == field).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(f, _)| f == field)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -101,11 +109,17 @@ pub struct IntegrationKey(pub String);
 impl IntegrationKey {
     /// Builds the canonical key from the company (if the map is company-specific) and the key
     /// values in map order. `/` and `\` in values are escaped so distinct keys never collide.
-    pub fn from_parts<'a>(company: Option<&str>, values: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut out = String::new();
+    pub fn from_parts<'a>(
+        company: Option<&str>,
+        values: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let mut out = String::with_capacity(32);
         let mut first = true;
         if let Some(c) = company {
-            push_escaped(&mut out, &c.to_uppercase());
+            // Upper-cased char by char: the same text as `c.to_uppercase()`, no temporary.
+            for upper in c.chars().flat_map(char::to_uppercase) {
+                push_escaped_char(&mut out, upper);
+            }
             first = false;
         }
         for v in values {
@@ -125,12 +139,20 @@ impl IntegrationKey {
 }
 
 fn push_escaped(out: &mut String, v: &str) {
-    for c in v.chars() {
-        if c == '/' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
+    if !v.contains(['/', '\\']) {
+        out.push_str(v);
+        return;
     }
+    for c in v.chars() {
+        push_escaped_char(out, c);
+    }
+}
+
+fn push_escaped_char(out: &mut String, c: char) {
+    if c == '/' || c == '\\' {
+        out.push('\\');
+    }
+    out.push(c);
 }
 
 #[cfg(test)]
@@ -143,6 +165,12 @@ mod tests {
         let b = IntegrationKey::from_parts(None, ["a"]);
         assert_ne!(a, b);
         assert_eq!(a.as_str(), "/a");
+    }
+
+    #[test]
+    fn the_company_is_upper_cased_and_escaped_like_values() {
+        let a = IntegrationKey::from_parts(Some("straße/1"), ["x"]);
+        assert_eq!(a.as_str(), "STRASSE\\/1/x");
     }
 
     #[test]

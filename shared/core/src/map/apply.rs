@@ -5,13 +5,16 @@
 //! change (budget: a few microseconds for a 40-field map), so nothing clones the map and values
 //! are transformed in place where the step allows it. Decimals never go through floats.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::str::FromStr;
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime};
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 
+use crate::hash::SortedFields;
 use crate::map::{FieldMapping, TableMap, TransformStep, ValueMap};
 use crate::record::{IntegrationKey, Record, RecordKey, Side};
 use crate::value::{Value, ValueType};
@@ -182,6 +185,113 @@ pub fn mapped_fields(map: &TableMap, side: Side) -> Vec<&str> {
     names
 }
 
+/// How many (map, side) field lists [`side_fields`] keeps per thread.
+const SIDE_FIELDS_CACHE_SIZE: usize = 64;
+
+/// The mapped fields of one side of a map, prepared for the per-record path.
+#[derive(Debug)]
+pub(crate) struct SideFields {
+    /// [`mapped_fields`]: sorted, deduplicated.
+    pub(crate) names: Box<[Box<str>]>,
+    /// Per field mapping (by index in `map.fields`), the position of its field of this side
+    /// in `names`; `None` for a mapping without a field on this side.
+    pub(crate) position: Box<[Option<usize>]>,
+    /// [`crate::hash::names_hash`] of `names`.
+    pub(crate) names_hash: u128,
+}
+
+impl SideFields {
+    fn new(map: &TableMap, side: Side) -> Self {
+        let names: Box<[Box<str>]> = mapped_fields(map, side)
+            .into_iter()
+            .map(Box::from)
+            .collect();
+        let position = map
+            .fields
+            .iter()
+            .map(|f| {
+                let name = f.field(side)?.name.as_str();
+                names.binary_search_by(|n| (**n).cmp(name)).ok()
+            })
+            .collect();
+        let names_hash = crate::hash::names_hash(&names);
+        SideFields {
+            names,
+            position,
+            names_hash,
+        }
+    }
+
+    /// Hash of `record`'s values of these fields (what `decision::side_hash` returns).
+    pub(crate) fn hash(&self, record: &Record) -> crate::ports::FieldsHash {
+        crate::hash::hash_sorted_fields(record, &self.names, self.names_hash)
+    }
+}
+
+/// One memoised [`SideFields`].
+#[derive(Debug)]
+struct SideFieldsEntry {
+    /// Address of the map it was computed for (an identity hint only: `names` decides).
+    map: usize,
+    side: Side,
+    /// Per field mapping, the side's field name when the entry was computed. The entry is used
+    /// only while the map still names exactly these fields, so a map changed in place or a new
+    /// map at a reused address never gets a stale list.
+    names: Vec<Option<Box<str>>>,
+    fields: Rc<SideFields>,
+}
+
+thread_local! {
+    static SIDE_FIELDS: RefCell<Vec<SideFieldsEntry>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The [`SideFields`] of `side` in `map`, memoised per thread: the engine hashes a side's
+/// mapped fields several times per change, and sorting a 50-field map's names each time would
+/// dominate the cost. Checking that a cached entry still fits the map is one string
+/// comparison per field mapping.
+pub(crate) fn side_fields(map: &TableMap, side: Side) -> Rc<SideFields> {
+    let address = std::ptr::from_ref(map) as usize;
+    let fits = |entry: &SideFieldsEntry| {
+        entry.names.len() == map.fields.len()
+            && map
+                .fields
+                .iter()
+                .zip(&entry.names)
+                .all(|(f, name)| f.field(side).map(|r| r.name.as_str()) == name.as_deref())
+    };
+    SIDE_FIELDS.with_borrow_mut(|cache| {
+        let slot = cache
+            .iter()
+            .position(|e| e.map == address && e.side == side);
+        if let Some(i) = slot
+            && fits(&cache[i])
+        {
+            return Rc::clone(&cache[i].fields);
+        }
+        let entry = SideFieldsEntry {
+            map: address,
+            side,
+            names: map
+                .fields
+                .iter()
+                .map(|f| f.field(side).map(|r| r.name.as_str().into()))
+                .collect(),
+            fields: Rc::new(SideFields::new(map, side)),
+        };
+        let fields = Rc::clone(&entry.fields);
+        match slot {
+            Some(i) => cache[i] = entry,
+            None => {
+                if cache.len() >= SIDE_FIELDS_CACHE_SIZE {
+                    cache.remove(0);
+                }
+                cache.push(entry);
+            }
+        }
+        fields
+    })
+}
+
 /// The lookups to resolve before mapping `record` (from `source`) to the other side.
 ///
 /// Knows only `map`, so an F&O natural key gets the record's company whenever the record has
@@ -237,7 +347,10 @@ pub fn lookup_requests_with<'m>(
                 (None, None) => continue,
             },
             other => {
-                let text = other.to_string();
+                // Text and enum values render as themselves: no formatting on the hot path.
+                let text = other
+                    .as_str()
+                    .map_or_else(|| std::borrow::Cow::Owned(other.to_string()), Into::into);
                 LookupTarget::Keys(
                     spec.maps
                         .iter()
@@ -245,7 +358,7 @@ pub fn lookup_requests_with<'m>(
                             let company_specific = find_map(name)
                                 .map_or(company.is_some(), |m| m.erp.company_specific);
                             let company = if company_specific { company } else { None };
-                            IntegrationKey::from_parts(company, [text.as_str()])
+                            IntegrationKey::from_parts(company, [&*text])
                         })
                         .collect(),
                 )
@@ -289,15 +402,99 @@ pub fn apply_map(
     record: &Record,
     lookups: &ResolvedLookups,
 ) -> Result<Record, ApplyError> {
+    apply_map_to(
+        map,
+        source,
+        record,
+        lookups,
+        &side_fields(map, source),
+        &side_fields(map, source.other()),
+    )
+}
+
+/// [`apply_map`] with the source and target sides' [`SideFields`] at hand.
+///
+/// The source record is read in one pass in name order (not one tree search per field).
+/// Values are computed in field-mapping order (so the first error is the first bad field, and
+/// a later mapping of the same target field wins), into one slot per target field; the slots
+/// are then read in name order, so the record's fields are built in one sorted pass instead of
+/// one tree insertion per field.
+pub(crate) fn apply_map_to(
+    map: &TableMap,
+    source: Side,
+    record: &Record,
+    lookups: &ResolvedLookups,
+    source_fields: &SideFields,
+    target_fields: &SideFields,
+) -> Result<Record, ApplyError> {
     let target = source.other();
+    let mut reader = SortedFields::new(record);
+    let source_values: Vec<Option<&Value>> = source_fields
+        .names
+        .iter()
+        .map(|name| reader.seek(name))
+        .collect();
     let entity = match target {
         Side::Crm => &map.crm.entity_set,
         Side::Erp => &map.erp.entity,
     };
     let mut out = Record::new(entity.as_str());
     out.company = record.company.clone();
+    let mut slots = SLOTS.take();
+    slots.clear();
+    slots.resize_with(target_fields.names.len(), || None);
+    let filled = fill_slots(
+        map,
+        Source {
+            side: source,
+            record,
+            values: &source_values,
+            fields: source_fields,
+        },
+        lookups,
+        target_fields,
+        &mut slots,
+    );
+    if filled.is_ok() {
+        let mut pairs = Vec::with_capacity(slots.len());
+        for (name, slot) in target_fields.names.iter().zip(slots.iter_mut()) {
+            if let Some(value) = slot.take() {
+                pairs.push((String::from(&**name), value));
+            }
+        }
+        // Sorted and distinct: the tree is built in one pass.
+        out.fields = pairs.into_iter().collect();
+    }
+    slots.clear();
+    SLOTS.set(slots);
+    filled.map(|()| out)
+}
+
+thread_local! {
+    /// [`apply_map_to`]'s slots, kept between calls (emptied after each).
+    static SLOTS: std::cell::Cell<Vec<Option<Value>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The record [`apply_map_to`] maps, with its values by position in `fields.names`.
+struct Source<'a> {
+    side: Side,
+    record: &'a Record,
+    values: &'a [Option<&'a Value>],
+    fields: &'a SideFields,
+}
+
+/// Computes [`apply_map`]'s values into `slots` (one per target field, by position in
+/// `target_fields.names`).
+fn fill_slots(
+    map: &TableMap,
+    from: Source<'_>,
+    lookups: &ResolvedLookups,
+    target_fields: &SideFields,
+    slots: &mut [Option<Value>],
+) -> Result<(), ApplyError> {
+    let (source, record) = (from.side, from.record);
     for (index, fm) in map.fields.iter().enumerate() {
-        let Some(dst) = fm.field(target) else {
+        let Some(slot) = target_fields.position[index] else {
             continue;
         };
         let flows = fm.direction.flows_from(source);
@@ -311,7 +508,8 @@ pub fn apply_map(
                 if !flows && !is_key {
                     continue;
                 }
-                let Some(raw) = record.get(&src.name) else {
+                let raw = from.fields.position[index].and_then(|i| from.values[i]);
+                let Some(raw) = raw else {
                     continue;
                 };
                 let value = if fm.lookup.is_some() {
@@ -329,9 +527,9 @@ pub fn apply_map(
                 value
             }
         };
-        out.fields.insert(dst.name.clone(), value);
+        slots[slot] = Some(value);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Translates one value of `fm` from `source` to the other side: value map, then the target

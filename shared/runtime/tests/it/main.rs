@@ -1,8 +1,14 @@
 //! Integration tests of the runtime: configuration validation, the HTTP surface with bad and
-//! good webhooks, shutdown and restart over the same database, and the demo scenario.
+//! good webhooks, shutdown and restart over the same database, and the demo scenario; the
+//! end-to-end tests against the simulators are in the modules below.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+
+mod catch_up;
+mod harness;
+mod manual_conflict;
+mod serve_http;
 
 use dualwrite_runtime::demo::{DemoOptions, run_demo};
 use dualwrite_runtime::{Config, ConfigError, Runtime};
