@@ -41,4 +41,16 @@ pub enum OpenError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The thread that applies the database's writes could not be started.
+    #[error(
+        "cannot start the writer thread for the dualwrite database {path}: {source}; the system \
+         is out of threads or memory, free some and retry"
+    )]
+    WriterThread {
+        /// The database file (`:memory:` for an in-memory database).
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -13,19 +13,25 @@
 //!
 //! Durability: every connection runs in WAL mode with `synchronous=FULL`, so a transaction that
 //! returned is on disk, even across power loss (see [`schema`] for the measurement behind that
-//! choice). Concurrency: rusqlite is synchronous; each adapter holds one connection behind a
-//! `std::sync::Mutex` and its async methods lock it and run one short transaction. That blocks
-//! the calling executor thread for the duration of that transaction (well under a millisecond
-//! plus one fsync), which is acceptable for an embedded, single-process store; several processes
-//! may still share a file, SQLite serialises their writes (`BEGIN IMMEDIATE` + busy timeout).
+//! choice).
+//!
+//! Concurrency and throughput: each adapter has a writer thread that owns its write connection
+//! and applies concurrent callers' writes in one transaction per batch — one fsync for the whole
+//! batch — each write in its own savepoint, answering every caller only after the COMMIT
+//! returned ([`group_commit`] explains the guarantees). Async writers await that answer without
+//! blocking the executor. Reads use a second connection (WAL lets it read while the writer
+//! commits) behind a `std::sync::Mutex`, held for one short query. Several processes may still
+//! share a file: SQLite serialises their writes (`BEGIN IMMEDIATE` + busy timeout).
 
 pub mod clock;
 pub mod error;
+pub mod group_commit;
 pub mod queue;
 pub mod schema;
 pub mod store;
 
 pub use clock::{ManualClock, SystemClock};
 pub use error::OpenError;
+pub use group_commit::{BatchError, WriterStats};
 pub use queue::{QueueConfig, SqliteQueue};
 pub use store::{SqliteStore, StoreCounts};

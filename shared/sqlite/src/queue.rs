@@ -13,18 +13,18 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use dualwrite_core::ports::{
     Clock, DeadLetter, Delivery, QueueDepth, QueueError, QueueMessage, RetryOutcome, WorkQueue,
 };
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::clock::SystemClock;
 use crate::error::OpenError;
-use crate::schema;
+use crate::group_commit::{BatchError, Connections, WriterStats};
 
 /// How a [`SqliteQueue`] behaves.
 #[derive(Clone)]
@@ -57,15 +57,26 @@ impl fmt::Debug for QueueConfig {
 
 /// The work queue on SQLite. Implements [`WorkQueue`].
 ///
-/// `send` commits with `synchronous=FULL` before it returns, so an accepted message survives a
-/// crash or power loss. Messages are not deduplicated by `dedup_id` (the engine does not rely on
-/// it; the store's idempotency records make duplicates harmless).
+/// `send` returns only after the transaction holding its messages committed with
+/// `synchronous=FULL`, so an accepted message survives a crash or power loss. The writes of
+/// concurrent callers (`send`, `receive`, `ack`, `retry`) share one transaction and one fsync,
+/// each in its own savepoint (see [`crate::group_commit`]); reads (`pending`, `dead_letters`,
+/// `depth`) use a separate connection. Messages are not deduplicated by `dedup_id` (the engine
+/// does not rely on it; the store's idempotency records make duplicates harmless).
 #[derive(Debug)]
 pub struct SqliteQueue {
-    conn: Mutex<Connection>,
+    connections: Connections,
     config: QueueConfig,
+    file: Arc<QueueFile>,
+}
+
+/// What the queue's code on either side of the writer thread needs.
+#[derive(Debug)]
+struct QueueFile {
     /// The file, for error messages (`:memory:` for an in-memory queue).
     location: String,
+    /// [`QueueConfig::max_attempts`].
+    max_attempts: u32,
 }
 
 /// One message row as read for delivery.
@@ -80,28 +91,37 @@ impl SqliteQueue {
     /// file may be shared with a [`crate::SqliteStore`].
     pub fn open(path: impl AsRef<Path>, config: QueueConfig) -> Result<Self, OpenError> {
         let path = path.as_ref();
-        let conn = schema::open_connection(Some(path))?;
         Ok(SqliteQueue {
-            conn: Mutex::new(conn),
+            connections: Connections::open(Some(path))?,
+            file: Arc::new(QueueFile {
+                location: path.display().to_string(),
+                max_attempts: config.max_attempts,
+            }),
             config,
-            location: path.display().to_string(),
         })
     }
 
     /// A queue that lives in memory only (tests).
     pub fn open_in_memory(config: QueueConfig) -> Result<Self, OpenError> {
-        let conn = schema::open_connection(None)?;
         Ok(SqliteQueue {
-            conn: Mutex::new(conn),
+            connections: Connections::open(None)?,
+            file: Arc::new(QueueFile {
+                location: ":memory:".to_owned(),
+                max_attempts: config.max_attempts,
+            }),
             config,
-            location: ":memory:".to_owned(),
         })
+    }
+
+    /// How many batches (transactions) and writes the queue's writer has committed.
+    pub fn writer_stats(&self) -> WriterStats {
+        self.connections.writer.stats()
     }
 
     /// Every message still in the queue (ready, in flight or delayed), in send order, up to
     /// `limit`. Dead letters are not included. For status pages and checks.
     pub fn pending(&self, limit: usize) -> Result<Vec<QueueMessage>, QueueError> {
-        let conn = self.lock();
+        let conn = self.connections.read();
         let bodies: Vec<String> = conn
             .prepare_cached("SELECT body FROM queue ORDER BY seq LIMIT ?1")
             .and_then(|mut s| s.query_map([limit_to_sql(limit)], |r| r.get(0))?.collect())
@@ -109,15 +129,36 @@ impl SqliteQueue {
         bodies.iter().map(|b| self.decode(b)).collect()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // An unfinished transaction rolls back on drop, so a poisoned lock is safe to reuse.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn now_ms(&self) -> i64 {
         self.config.clock.now().timestamp_millis()
     }
 
+    fn unavailable(&self, doing: &str, e: rusqlite::Error) -> QueueError {
+        self.file.unavailable(doing, e)
+    }
+
+    fn decode(&self, body: &str) -> Result<QueueMessage, QueueError> {
+        self.file.decode(body)
+    }
+
+    /// Runs `op` through the group committer; a failed batch becomes
+    /// [`QueueError::Unavailable`] naming the file and what was being done.
+    async fn write<T, F>(&self, doing: &str, bytes: usize, op: F) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
+    {
+        self.connections
+            .writer
+            .write(bytes, op)
+            .await
+            .map_err(|e: BatchError| {
+                QueueError::Unavailable(format!("{}: {doing}: {e}", self.file.location))
+            })?
+    }
+}
+
+impl QueueFile {
     fn unavailable(&self, doing: &str, e: rusqlite::Error) -> QueueError {
         QueueError::Unavailable(format!("{}: {doing}: {e}", self.location))
     }
@@ -132,13 +173,118 @@ impl SqliteQueue {
         })
     }
 
-    /// The message sequence a receipt (`<seq>.<attempt>`) names; whether the receipt is still
-    /// the current one is checked against the row.
-    fn parse_receipt(receipt: &str) -> Option<i64> {
-        receipt
-            .split_once('.')
-            .and_then(|(seq, _)| seq.parse().ok())
+    /// The body of [`WorkQueue::receive`], run by the writer thread: dead-letters expired last
+    /// attempts, then marks up to `max` group heads in flight until `visible_at`.
+    fn receive(
+        &self,
+        conn: &Connection,
+        now: i64,
+        visible_at: i64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let fail = |e| self.unavailable("receiving", e);
+        let max_attempts = i64::from(self.max_attempts);
+        // Deliveries that timed out on their last allowed attempt go to the dead letters.
+        conn.prepare_cached(
+            "INSERT INTO dead_letters (seq, group_id, dedup_id, body, attempts, last_error, dead_at_ms) \
+             SELECT seq, group_id, dedup_id, body, attempt, \
+                    coalesce(last_error || '; ', '') || 'visibility timeout expired without ack', ?1 \
+             FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
+        )
+        .and_then(|mut s| s.execute(params![now, max_attempts]))
+        .map_err(fail)?;
+        conn.prepare_cached(
+            "DELETE FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
+        )
+        .and_then(|mut s| s.execute(params![now, max_attempts]))
+        .map_err(fail)?;
+        let rows: Vec<Row> = conn
+            .prepare_cached(
+                // Walks the queue in send order and stops after `max` visible group heads; each
+                // head test is one probe of `queue_by_group`. (Grouping the whole table to find
+                // the heads first cost a full index scan per receive: O(queue length).)
+                "SELECT q.seq, q.body, q.attempt FROM queue q \
+                 WHERE q.visible_at_ms <= ?1 AND NOT EXISTS \
+                   (SELECT 1 FROM queue p WHERE p.group_id = q.group_id AND p.seq < q.seq) \
+                 ORDER BY q.seq LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![now, limit_to_sql(max)], |r| {
+                    Ok(Row {
+                        seq: r.get(0)?,
+                        body: r.get(1)?,
+                        attempt: r.get(2)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(fail)?;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        let mut mark = conn
+            .prepare_cached(
+                "UPDATE queue SET attempt = ?2, receipt = ?3, visible_at_ms = ?4 WHERE seq = ?1",
+            )
+            .map_err(fail)?;
+        for row in rows {
+            let attempt = row.attempt + 1;
+            // Unique per delivery: a receipt from an earlier delivery no longer matches.
+            let receipt = format!("{}.{attempt}", row.seq);
+            mark.execute(params![row.seq, attempt, receipt, visible_at])
+                .map_err(fail)?;
+            deliveries.push(Delivery {
+                receipt,
+                message: self.decode(&row.body)?,
+                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+            });
+        }
+        Ok(deliveries)
     }
+
+    /// The body of [`WorkQueue::retry`], run by the writer thread.
+    fn retry(
+        &self,
+        conn: &Connection,
+        seq: i64,
+        receipt: &str,
+        now: i64,
+        delay: Duration,
+        error: &str,
+    ) -> Result<RetryOutcome, QueueError> {
+        let fail = |e| self.unavailable("retrying", e);
+        let attempt: Option<i64> = conn
+            .prepare_cached("SELECT attempt FROM queue WHERE seq = ?1 AND receipt = ?2")
+            .and_then(|mut s| s.query_row(params![seq, receipt], |r| r.get(0)).optional())
+            .map_err(fail)?;
+        let Some(attempt) = attempt else {
+            return Err(QueueError::UnknownReceipt(receipt.to_owned()));
+        };
+        if attempt >= i64::from(self.max_attempts) {
+            conn.execute(
+                "INSERT INTO dead_letters (seq, group_id, dedup_id, body, attempts, last_error, dead_at_ms) \
+                 SELECT seq, group_id, dedup_id, body, attempt, ?2, ?3 FROM queue WHERE seq = ?1",
+                params![seq, error, now],
+            )
+            .map_err(fail)?;
+            conn.execute("DELETE FROM queue WHERE seq = ?1", [seq])
+                .map_err(fail)?;
+            Ok(RetryOutcome::DeadLettered)
+        } else {
+            conn.prepare_cached(
+                "UPDATE queue SET receipt = NULL, visible_at_ms = ?2, last_error = ?3 WHERE seq = ?1",
+            )
+            .and_then(|mut s| s.execute(params![seq, now.saturating_add(millis(delay)), error]))
+            .map_err(fail)?;
+            Ok(RetryOutcome::Requeued)
+        }
+    }
+}
+
+/// The message sequence a receipt (`<seq>.<attempt>`) names; whether the receipt is still the
+/// current one is checked against the row.
+fn parse_receipt(receipt: &str) -> Option<i64> {
+    receipt
+        .split_once('.')
+        .and_then(|(seq, _)| seq.parse().ok())
 }
 
 fn limit_to_sql(limit: usize) -> i64 {
@@ -156,28 +302,40 @@ impl WorkQueue for SqliteQueue {
             return Ok(());
         }
         let now = self.now_ms();
-        let mut conn = self.lock();
-        let fail = |e| self.unavailable("sending", e);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(fail)?;
-        {
-            let mut insert = tx
+        // Encoded here, on the caller's thread; the writer thread only executes SQL.
+        let rows = messages
+            .into_iter()
+            .map(|m| {
+                let body = serde_json::to_string(&m).map_err(|e| {
+                    QueueError::Unavailable(format!(
+                        "{}: encoding a message: {e}",
+                        self.file.location
+                    ))
+                })?;
+                Ok((m.group_id, m.dedup_id, body))
+            })
+            .collect::<Result<Vec<_>, QueueError>>()?;
+        let bytes = rows
+            .iter()
+            .map(|(g, d, b)| g.len() + d.len() + b.len())
+            .sum();
+        let file = self.file.clone();
+        // Answered only after the batch holding these rows committed with synchronous=FULL (the
+        // WAL was fsynced): once this returns Ok, the send is durable.
+        self.write("sending", bytes, move |conn| {
+            let mut insert = conn
                 .prepare_cached(
                     "INSERT INTO queue (group_id, dedup_id, body, sent_at_ms) VALUES (?1, ?2, ?3, ?4)",
                 )
-                .map_err(fail)?;
-            for m in messages {
-                let body = serde_json::to_string(&m).map_err(|e| {
-                    QueueError::Unavailable(format!("{}: encoding a message: {e}", self.location))
-                })?;
+                .map_err(|e| file.unavailable("sending", e))?;
+            for (group_id, dedup_id, body) in rows {
                 insert
-                    .execute(params![m.group_id, m.dedup_id, body, now])
-                    .map_err(fail)?;
+                    .execute(params![group_id, dedup_id, body, now])
+                    .map_err(|e| file.unavailable("sending", e))?;
             }
-        }
-        // With synchronous=FULL the WAL is fsynced here: once this returns, the send is durable.
-        tx.commit().map_err(fail)
+            Ok(())
+        })
+        .await
     }
 
     async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, QueueError> {
@@ -186,84 +344,32 @@ impl WorkQueue for SqliteQueue {
         }
         let now = self.now_ms();
         let visible_at = now.saturating_add(millis(visibility));
-        let max_attempts = i64::from(self.config.max_attempts);
-        let mut conn = self.lock();
-        let fail = |e| self.unavailable("receiving", e);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(fail)?;
-        // Deliveries that timed out on their last allowed attempt go to the dead letters.
-        tx.execute(
-            "INSERT INTO dead_letters (seq, group_id, dedup_id, body, attempts, last_error, dead_at_ms) \
-             SELECT seq, group_id, dedup_id, body, attempt, \
-                    coalesce(last_error || '; ', '') || 'visibility timeout expired without ack', ?1 \
-             FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
-            params![now, max_attempts],
-        )
-        .map_err(fail)?;
-        tx.execute(
-            "DELETE FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
-            params![now, max_attempts],
-        )
-        .map_err(fail)?;
-        let rows: Vec<Row> = tx
-            .prepare_cached(
-                "SELECT q.seq, q.body, q.attempt FROM queue q \
-                 JOIN (SELECT min(seq) AS head FROM queue GROUP BY group_id) h ON q.seq = h.head \
-                 WHERE q.visible_at_ms <= ?1 ORDER BY q.seq LIMIT ?2",
-            )
-            .and_then(|mut s| {
-                s.query_map(params![now, limit_to_sql(max)], |r| {
-                    Ok(Row {
-                        seq: r.get(0)?,
-                        body: r.get(1)?,
-                        attempt: r.get(2)?,
-                    })
-                })?
-                .collect()
-            })
-            .map_err(fail)?;
-        let mut deliveries = Vec::with_capacity(rows.len());
-        {
-            let mut mark = tx
-                .prepare_cached(
-                    "UPDATE queue SET attempt = ?2, receipt = ?3, visible_at_ms = ?4 WHERE seq = ?1",
-                )
-                .map_err(fail)?;
-            for row in rows {
-                let attempt = row.attempt + 1;
-                // Unique per delivery: a receipt from an earlier delivery no longer matches.
-                let receipt = format!("{}.{attempt}", row.seq);
-                mark.execute(params![row.seq, attempt, receipt, visible_at])
-                    .map_err(fail)?;
-                deliveries.push(Delivery {
-                    receipt,
-                    message: self.decode(&row.body)?,
-                    attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-                });
-            }
-        }
-        tx.commit().map_err(fail)?;
-        Ok(deliveries)
+        let file = self.file.clone();
+        self.write("receiving", 64, move |conn| {
+            file.receive(conn, now, visible_at, max)
+        })
+        .await
     }
 
     async fn ack(&self, receipt: &str) -> Result<(), QueueError> {
-        let seq = Self::parse_receipt(receipt)
-            .ok_or_else(|| QueueError::UnknownReceipt(receipt.to_owned()))?;
-        let conn = self.lock();
-        // A receipt stays valid until the message is delivered again, even past its visibility
-        // timeout (as on SQS): acking then is still correct, the work was done.
-        let deleted = conn
-            .execute(
-                "DELETE FROM queue WHERE seq = ?1 AND receipt = ?2",
-                params![seq, receipt],
-            )
-            .map_err(|e| self.unavailable("acking", e))?;
-        if deleted == 1 {
-            Ok(())
-        } else {
-            Err(QueueError::UnknownReceipt(receipt.to_owned()))
-        }
+        let seq =
+            parse_receipt(receipt).ok_or_else(|| QueueError::UnknownReceipt(receipt.to_owned()))?;
+        let file = self.file.clone();
+        let receipt = receipt.to_owned();
+        self.write("acking", receipt.len(), move |conn| {
+            // A receipt stays valid until the message is delivered again, even past its
+            // visibility timeout (as on SQS): acking then is still correct, the work was done.
+            let deleted = conn
+                .prepare_cached("DELETE FROM queue WHERE seq = ?1 AND receipt = ?2")
+                .and_then(|mut s| s.execute(params![seq, receipt]))
+                .map_err(|e| file.unavailable("acking", e))?;
+            if deleted == 1 {
+                Ok(())
+            } else {
+                Err(QueueError::UnknownReceipt(receipt))
+            }
+        })
+        .await
     }
 
     async fn retry(
@@ -272,50 +378,21 @@ impl WorkQueue for SqliteQueue {
         delay: Duration,
         error: &str,
     ) -> Result<RetryOutcome, QueueError> {
-        let seq = Self::parse_receipt(receipt)
-            .ok_or_else(|| QueueError::UnknownReceipt(receipt.to_owned()))?;
+        let seq =
+            parse_receipt(receipt).ok_or_else(|| QueueError::UnknownReceipt(receipt.to_owned()))?;
         let now = self.now_ms();
-        let mut conn = self.lock();
-        let fail = |e| self.unavailable("retrying", e);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(fail)?;
-        let attempt: Option<i64> = tx
-            .query_row(
-                "SELECT attempt FROM queue WHERE seq = ?1 AND receipt = ?2",
-                params![seq, receipt],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(fail)?;
-        let Some(attempt) = attempt else {
-            return Err(QueueError::UnknownReceipt(receipt.to_owned()));
-        };
-        let outcome = if attempt >= i64::from(self.config.max_attempts) {
-            tx.execute(
-                "INSERT INTO dead_letters (seq, group_id, dedup_id, body, attempts, last_error, dead_at_ms) \
-                 SELECT seq, group_id, dedup_id, body, attempt, ?2, ?3 FROM queue WHERE seq = ?1",
-                params![seq, error, now],
-            )
-            .map_err(fail)?;
-            tx.execute("DELETE FROM queue WHERE seq = ?1", [seq])
-                .map_err(fail)?;
-            RetryOutcome::DeadLettered
-        } else {
-            tx.execute(
-                "UPDATE queue SET receipt = NULL, visible_at_ms = ?2, last_error = ?3 WHERE seq = ?1",
-                params![seq, now.saturating_add(millis(delay)), error],
-            )
-            .map_err(fail)?;
-            RetryOutcome::Requeued
-        };
-        tx.commit().map_err(fail)?;
-        Ok(outcome)
+        let file = self.file.clone();
+        let (receipt, error) = (receipt.to_owned(), error.to_owned());
+        let bytes = receipt.len() + error.len();
+        self.write("retrying", bytes, move |conn| {
+            file.retry(conn, seq, &receipt, now, delay, &error)
+        })
+        .await
     }
 
     /// Dead letters, oldest first (the order they died in).
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let conn = self.lock();
+        let conn = self.connections.read();
         let rows: Vec<(String, i64, String)> = conn
             .prepare_cached(
                 "SELECT body, attempts, last_error FROM dead_letters \
@@ -343,7 +420,7 @@ impl WorkQueue for SqliteQueue {
     /// including those waiting behind an earlier message of their group.
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
         let now = self.now_ms();
-        let conn = self.lock();
+        let conn = self.connections.read();
         let fail = |e| self.unavailable("counting", e);
         let (ready, in_flight, delayed): (i64, i64, i64) = conn
             .query_row(

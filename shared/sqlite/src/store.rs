@@ -1,7 +1,7 @@
 //! [`SqliteStore`]: links, idempotency records, journals and map states in one SQLite file.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,11 +11,12 @@ use dualwrite_core::ports::{
     MAX_COMMIT_OPS, MapState, ParkedEvent, StoreError, StoreOp,
 };
 use dualwrite_core::{IntegrationKey, Side};
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::OpenError;
+use crate::group_commit::{BatchError, Connections, WriterStats};
 use crate::schema;
 
 /// The state store on SQLite. Implements [`LinkStore`], [`IdempotencyStore`] and
@@ -25,13 +26,22 @@ use crate::schema;
 /// with the columns queries need (map, key, ids, revision, timestamps) beside it. The `revision`
 /// column is authoritative: a link read back carries it whatever the JSON says.
 ///
-/// Every method takes the connection's mutex and runs one short transaction; see the crate
-/// docs for why that is fine here. Writes use `BEGIN IMMEDIATE`, so two stores (or processes)
-/// on one file serialise instead of failing on a lock upgrade.
+/// Writes (`commit`, `claim_event`, `release_event`) go through the group committer: the writes
+/// of concurrent callers share one transaction and one fsync, each in its own savepoint, and
+/// each caller is answered after the COMMIT returned (see [`crate::group_commit`]). Reads use a
+/// separate connection and see every write that returned. Batches use `BEGIN IMMEDIATE`, so two
+/// stores (or processes) on one file serialise instead of failing on a lock upgrade.
 #[derive(Debug)]
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
-    /// The file, for error messages (`:memory:` for an in-memory store).
+    connections: Connections,
+    file: Arc<StoreFile>,
+}
+
+/// What the store's code on either side of the writer thread needs: the file's name for error
+/// messages, and the encoding of rows.
+#[derive(Debug)]
+struct StoreFile {
+    /// The file (`:memory:` for an in-memory store).
     location: String,
 }
 
@@ -59,50 +69,57 @@ impl SqliteStore {
     /// file may be shared with a [`crate::SqliteQueue`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
         let path = path.as_ref();
-        let conn = schema::open_connection(Some(path))?;
         Ok(SqliteStore {
-            conn: Mutex::new(conn),
-            location: path.display().to_string(),
+            connections: Connections::open(Some(path))?,
+            file: Arc::new(StoreFile {
+                location: path.display().to_string(),
+            }),
         })
     }
 
     /// A store that lives in memory only (tests, dry runs).
     pub fn open_in_memory() -> Result<Self, OpenError> {
-        let conn = schema::open_connection(None)?;
         Ok(SqliteStore {
-            conn: Mutex::new(conn),
-            location: ":memory:".to_owned(),
+            connections: Connections::open(None)?,
+            file: Arc::new(StoreFile {
+                location: ":memory:".to_owned(),
+            }),
         })
+    }
+
+    /// How many batches (transactions) and writes the store's writer has committed.
+    pub fn writer_stats(&self) -> WriterStats {
+        self.connections.writer.stats()
     }
 
     /// All links, of one map or of all, ordered by map then integration key.
     pub fn links(&self, map: Option<&str>) -> Result<Vec<Link>, StoreError> {
-        let conn = self.lock();
+        let conn = self.connections.read();
         let mut stmt = conn
             .prepare_cached(
                 "SELECT map, key, revision, body FROM links \
                  WHERE ?1 IS NULL OR map = ?1 ORDER BY map, key",
             )
-            .map_err(|e| self.unavailable("listing links", e))?;
+            .map_err(|e| self.file.unavailable("listing links", e))?;
         let rows = stmt
             .query_map([map], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .map_err(|e| self.unavailable("listing links", e))?;
+            .map_err(|e| self.file.unavailable("listing links", e))?;
         let mut links = Vec::new();
         for row in rows {
             let (map, key, revision, body): (String, String, i64, String) =
-                row.map_err(|e| self.unavailable("listing links", e))?;
-            links.push(self.decode_link(&map, &key, revision, &body)?);
+                row.map_err(|e| self.file.unavailable("listing links", e))?;
+            links.push(self.file.decode_link(&map, &key, revision, &body)?);
         }
         Ok(links)
     }
 
     /// Counts of links, conflicts, errors, parked and completed events.
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {
-        let conn = self.lock();
+        let conn = self.connections.read();
         let count = |sql: &str| -> Result<u64, StoreError> {
             conn.query_row(sql, [], |r| r.get::<_, i64>(0))
                 .map(|n| n as u64)
-                .map_err(|e| self.unavailable("counting", e))
+                .map_err(|e| self.file.unavailable("counting", e))
         };
         Ok(StoreCounts {
             links: count("SELECT count(*) FROM links")?,
@@ -117,7 +134,7 @@ impl SqliteStore {
 
     /// True when `event_id` was processed to completion ([`StoreOp::CompleteEvent`]).
     pub fn event_done(&self, event_id: &str) -> Result<bool, StoreError> {
-        let conn = self.lock();
+        let conn = self.connections.read();
         conn.query_row(
             "SELECT done FROM events WHERE event_id = ?1",
             [event_id],
@@ -125,31 +142,57 @@ impl SqliteStore {
         )
         .optional()
         .map(|done| done == Some(1))
-        .map_err(|e| self.unavailable("reading an idempotency record", e))
+        .map_err(|e| self.file.unavailable("reading an idempotency record", e))
     }
 
     /// Runs SQLite's `PRAGMA integrity_check`; [`StoreError::Corrupt`] lists what it found.
     pub fn integrity_check(&self) -> Result<(), StoreError> {
-        let conn = self.lock();
+        let conn = self.connections.read();
         let problems = schema::integrity_problems(&conn)
-            .map_err(|e| self.unavailable("checking integrity", e))?;
+            .map_err(|e| self.file.unavailable("checking integrity", e))?;
         if problems.is_empty() {
             Ok(())
         } else {
             Err(StoreError::Corrupt(format!(
                 "{}: integrity check failed: {}; restore the file from a backup",
-                self.location,
+                self.file.location,
                 problems.join("; ")
             )))
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave a transaction half-applied (an unfinished
-        // rusqlite Transaction rolls back on drop), so a poisoned lock is safe to keep using.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    fn list<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<T>, StoreError> {
+        let conn = self.connections.read();
+        let bodies: Vec<String> = conn
+            .prepare_cached(sql)
+            .and_then(|mut stmt| stmt.query_map(params, |r| r.get(0))?.collect())
+            .map_err(|e| self.file.unavailable(&format!("listing {what}"), e))?;
+        bodies.iter().map(|b| self.file.decode(what, b)).collect()
     }
 
+    /// Runs `op` through the group committer; a failed batch becomes
+    /// [`StoreError::Unavailable`] naming the file and what was being done.
+    async fn write<T, F>(&self, doing: String, bytes: usize, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.connections
+            .writer
+            .write(bytes, op)
+            .await
+            .map_err(|e: BatchError| {
+                StoreError::Unavailable(format!("{}: {doing}: {e}", self.file.location))
+            })?
+    }
+}
+
+impl StoreFile {
     fn unavailable(&self, doing: &str, e: rusqlite::Error) -> StoreError {
         StoreError::Unavailable(format!("{}: {doing}: {e}", self.location))
     }
@@ -202,16 +245,48 @@ impl SqliteStore {
             .transpose()
     }
 
-    fn apply(&self, tx: &Transaction<'_>, op: StoreOp) -> Result<(), StoreError> {
-        let fail = |e| self.unavailable("committing", e);
+    /// Encodes the row body of `op` (empty for operations without one), and sets a put link's
+    /// new revision. Runs on the caller's thread, so the writer thread only executes SQL.
+    fn prepare(&self, op: StoreOp) -> Result<(StoreOp, String), StoreError> {
         match op {
             StoreOp::PutLink {
                 mut link,
                 expected_revision,
             } => {
-                self.check_revision(tx, &link.map, &link.key, expected_revision)?;
-                link.revision = expected_revision + 1;
+                // Saturating: a wild expected revision must fail its condition, not overflow here.
+                link.revision = expected_revision.saturating_add(1);
                 let body = self.encode("a link", &link)?;
+                let op = StoreOp::PutLink {
+                    link,
+                    expected_revision,
+                };
+                Ok((op, body))
+            }
+            other => {
+                let body = match &other {
+                    StoreOp::RecordConflict(conflict) => self.encode("a conflict", conflict)?,
+                    StoreOp::RecordError(error) => self.encode("an error record", error)?,
+                    StoreOp::Park(parked) => self.encode("a parked event", parked)?,
+                    StoreOp::PutMapState(state) => self.encode("a map state", state)?,
+                    StoreOp::PutLink { .. }
+                    | StoreOp::DeleteLink { .. }
+                    | StoreOp::CompleteEvent { .. }
+                    | StoreOp::Unpark { .. } => String::new(),
+                };
+                Ok((other, body))
+            }
+        }
+    }
+
+    /// Applies one operation of a commit; `body` is its row encoded by [`StoreFile::prepare`].
+    fn apply(&self, tx: &Connection, op: StoreOp, body: String) -> Result<(), StoreError> {
+        let fail = |e| self.unavailable("committing", e);
+        match op {
+            StoreOp::PutLink {
+                link,
+                expected_revision,
+            } => {
+                self.check_revision(tx, &link.map, &link.key, expected_revision)?;
                 tx.prepare_cached(
                     "INSERT INTO links (map, key, crm_id, erp_id, revision, body) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
@@ -251,7 +326,6 @@ impl SqliteStore {
                 .map_err(fail)?;
             }
             StoreOp::RecordConflict(conflict) => {
-                let body = self.encode("a conflict", &conflict)?;
                 tx.execute(
                     "INSERT INTO conflicts (id, detected_at_ms, open, body) VALUES (?1, ?2, ?3, ?4) \
                      ON CONFLICT (id) DO UPDATE SET detected_at_ms = ?2, open = ?3, body = ?4",
@@ -260,7 +334,6 @@ impl SqliteStore {
                 .map_err(fail)?;
             }
             StoreOp::RecordError(error) => {
-                let body = self.encode("an error record", &error)?;
                 tx.execute(
                     "INSERT INTO errors (at_ms, body) VALUES (?1, ?2)",
                     params![error.at.timestamp_millis(), body],
@@ -268,7 +341,6 @@ impl SqliteStore {
                 .map_err(fail)?;
             }
             StoreOp::Park(parked) => {
-                let body = self.encode("a parked event", &parked)?;
                 tx.execute(
                     "INSERT OR REPLACE INTO parked \
                      (waiting_map, waiting_key, event_id, parked_at_ms, body) \
@@ -295,7 +367,6 @@ impl SqliteStore {
                 .map_err(fail)?;
             }
             StoreOp::PutMapState(state) => {
-                let body = self.encode("a map state", &state)?;
                 tx.execute(
                     "INSERT OR REPLACE INTO map_states (map, body) VALUES (?1, ?2)",
                     params![state.map, body],
@@ -310,7 +381,7 @@ impl SqliteStore {
     /// there is no link) is `expected`.
     fn check_revision(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Connection,
         map: &str,
         key: &IntegrationKey,
         expected: u64,
@@ -333,20 +404,6 @@ impl SqliteStore {
             })
         }
     }
-
-    fn list<T: DeserializeOwned>(
-        &self,
-        what: &str,
-        sql: &str,
-        params: impl rusqlite::Params,
-    ) -> Result<Vec<T>, StoreError> {
-        let conn = self.lock();
-        let bodies: Vec<String> = conn
-            .prepare_cached(sql)
-            .and_then(|mut stmt| stmt.query_map(params, |r| r.get(0))?.collect())
-            .map_err(|e| self.unavailable(&format!("listing {what}"), e))?;
-        bodies.iter().map(|b| self.decode(what, b)).collect()
-    }
 }
 
 fn revision_to_sql(revision: u64) -> i64 {
@@ -364,8 +421,8 @@ fn millis(d: Duration) -> i64 {
 #[async_trait]
 impl LinkStore for SqliteStore {
     async fn link(&self, map: &str, key: &IntegrationKey) -> Result<Option<Link>, StoreError> {
-        let conn = self.lock();
-        self.read_link(
+        let conn = self.connections.read();
+        self.file.read_link(
             &conn,
             "SELECT map, key, revision, body FROM links WHERE map = ?1 AND key = ?2",
             params![map, key.as_str()],
@@ -388,8 +445,8 @@ impl LinkStore for SqliteStore {
                  ORDER BY key LIMIT 1"
             }
         };
-        let conn = self.lock();
-        self.read_link(&conn, sql, params![map, id])
+        let conn = self.connections.read();
+        self.file.read_link(&conn, sql, params![map, id])
     }
 
     async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
@@ -402,15 +459,22 @@ impl LinkStore for SqliteStore {
         if ops.is_empty() {
             return Ok(());
         }
-        let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.unavailable("starting a commit", e))?;
-        for op in ops {
-            // An error drops `tx`, which rolls back every operation applied so far.
-            self.apply(&tx, op)?;
-        }
-        tx.commit().map_err(|e| self.unavailable("committing", e))
+        let prepared = ops
+            .into_iter()
+            .map(|op| self.file.prepare(op))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Rows plus a little for keys and ids: what the batch byte cap weighs.
+        let bytes = prepared.iter().map(|(_, body)| body.len() + 64).sum();
+        let file = self.file.clone();
+        self.write("committing".to_owned(), bytes, move |conn| {
+            // The group committer runs this in a savepoint: an error rolls back every operation
+            // applied so far, and only them.
+            for (op, body) in prepared {
+                file.apply(conn, op, body)?;
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -424,43 +488,46 @@ impl IdempotencyStore for SqliteStore {
     ) -> Result<EventClaim, StoreError> {
         let now_ms = now.timestamp_millis();
         let until = now_ms.saturating_add(millis(lease));
-        let mut conn = self.lock();
-        let fail = |e| self.unavailable(&format!("claiming event {event_id}"), e);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(fail)?;
-        let existing: Option<(i64, Option<i64>)> = tx
-            .prepare_cached("SELECT done, lease_until_ms FROM events WHERE event_id = ?1")
-            .and_then(|mut s| {
-                s.query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-            })
-            .map_err(fail)?;
-        let claim = match existing {
-            Some((1, _)) => EventClaim::AlreadyDone,
-            Some((_, Some(lease_until))) if lease_until > now_ms => EventClaim::InProgress,
-            _ => {
-                tx.prepare_cached(
-                    "INSERT INTO events (event_id, done, lease_until_ms) VALUES (?1, 0, ?2) \
-                     ON CONFLICT (event_id) DO UPDATE SET lease_until_ms = ?2",
-                )
-                .and_then(|mut s| s.execute(params![event_id, until]))
+        let file = self.file.clone();
+        let event_id = event_id.to_owned();
+        let doing = format!("claiming event {event_id}");
+        self.write(doing.clone(), event_id.len(), move |conn| {
+            let fail = |e| file.unavailable(&doing, e);
+            let existing: Option<(i64, Option<i64>)> = conn
+                .prepare_cached("SELECT done, lease_until_ms FROM events WHERE event_id = ?1")
+                .and_then(|mut s| {
+                    s.query_row([&event_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
                 .map_err(fail)?;
-                EventClaim::Claimed
-            }
-        };
-        tx.commit().map_err(fail)?;
-        Ok(claim)
+            Ok(match existing {
+                Some((1, _)) => EventClaim::AlreadyDone,
+                Some((_, Some(lease_until))) if lease_until > now_ms => EventClaim::InProgress,
+                _ => {
+                    conn.prepare_cached(
+                        "INSERT INTO events (event_id, done, lease_until_ms) VALUES (?1, 0, ?2) \
+                         ON CONFLICT (event_id) DO UPDATE SET lease_until_ms = ?2",
+                    )
+                    .and_then(|mut s| s.execute(params![event_id, until]))
+                    .map_err(fail)?;
+                    EventClaim::Claimed
+                }
+            })
+        })
+        .await
     }
 
     async fn release_event(&self, event_id: &str) -> Result<(), StoreError> {
-        let conn = self.lock();
-        conn.execute(
-            "DELETE FROM events WHERE event_id = ?1 AND done = 0",
-            [event_id],
-        )
-        .map(|_| ())
-        .map_err(|e| self.unavailable(&format!("releasing event {event_id}"), e))
+        let file = self.file.clone();
+        let event_id = event_id.to_owned();
+        let doing = format!("releasing event {event_id}");
+        self.write(doing.clone(), event_id.len(), move |conn| {
+            conn.prepare_cached("DELETE FROM events WHERE event_id = ?1 AND done = 0")
+                .and_then(|mut s| s.execute([&event_id]))
+                .map(|_| ())
+                .map_err(|e| file.unavailable(&doing, e))
+        })
+        .await
     }
 }
 
@@ -522,9 +589,9 @@ impl JournalStore for SqliteStore {
     }
 
     async fn parked_count(&self) -> Result<u64, StoreError> {
-        let conn = self.lock();
+        let conn = self.connections.read();
         conn.query_row("SELECT count(*) FROM parked", [], |r| r.get::<_, i64>(0))
             .map(|n| n as u64)
-            .map_err(|e| self.unavailable("counting parked events", e))
+            .map_err(|e| self.file.unavailable("counting parked events", e))
     }
 }

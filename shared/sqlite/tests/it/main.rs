@@ -3,5 +3,6 @@
 
 mod crash;
 mod fixtures;
+mod group_commit;
 mod queue;
 mod store;
