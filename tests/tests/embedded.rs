@@ -389,3 +389,64 @@ where
     }
     panic!("timed out waiting until {what}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_of_a_company_not_yet_in_dataverse_waits_for_its_company() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let crm = Arc::new(MemoryConnector::new(Side::Crm, clock.clone()));
+    let erp = Arc::new(MemoryConnector::new(Side::Erp, clock));
+    let stack = Stack::open(&dir.path().join("dualwrite.db"), crm.clone(), erp.clone());
+    let terms = |company: &str, name: &str| {
+        erp.edit(
+            "TermsOfPayment",
+            &erp_key(&[("dataAreaId", company), ("Name", name)]),
+            fields(&[("Description", text("Net 10 days"))]),
+        )
+    };
+
+    // F&O has company DEMF but its own event was missed: the engine syncs the company first.
+    let _missed = erp.edit(
+        "LegalEntities",
+        &erp_key(&[("LegalEntityId", "DEMF")]),
+        fields(&[("Name", text("Contoso Europe"))]),
+    );
+    stack.sync(vec![terms("demf", "Net10")]).await;
+    let company = stack.crm_row("cdm_companies", "cdm_companycode", "DEMF");
+    let row = stack.crm_row("msdyn_paymentterms", "msdyn_name", "Net10");
+    // Company codes compare without case (F&O's dataAreaId is lower case).
+    assert!(
+        row.company
+            .as_deref()
+            .is_some_and(|c| c.eq_ignore_ascii_case("DEMF"))
+    );
+    assert!(company.id.is_some());
+
+    // Company FRRT exists nowhere yet: the payment terms are parked, not failed.
+    stack.sync(vec![terms("frrt", "Net20")]).await;
+    assert!(
+        crm.records("msdyn_paymentterms")
+            .iter()
+            .all(|r| r.company.as_deref() != Some("FRRT"))
+    );
+    assert_eq!(stack.store.parked_count().await.unwrap(), 1);
+    assert!(
+        stack.store.errors(10).await.unwrap().is_empty(),
+        "a missing company is not an error"
+    );
+
+    // The company arrives: the parked terms follow it into Dataverse.
+    let company = erp.edit(
+        "LegalEntities",
+        &erp_key(&[("LegalEntityId", "FRRT")]),
+        fields(&[("Name", text("Contoso France"))]),
+    );
+    stack.sync(vec![company]).await;
+    assert_eq!(stack.store.parked_count().await.unwrap(), 0);
+    let row = stack.crm_row("msdyn_paymentterms", "msdyn_name", "Net20");
+    assert!(
+        row.company
+            .as_deref()
+            .is_some_and(|c| c.eq_ignore_ascii_case("FRRT"))
+    );
+}

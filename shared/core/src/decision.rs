@@ -187,6 +187,12 @@ pub enum ParkCause {
         /// Index of the field mapping in `map.fields`.
         field_index: usize,
     },
+    /// The record's company (legal entity) has no linked `cdm_companies` row yet: a
+    /// company-specific row cannot be written to Dataverse before its company exists there.
+    MissingCompany {
+        /// The company code.
+        company: String,
+    },
     /// The pair has an open conflict that a person must resolve first.
     OpenConflict {
         /// The conflict's id.

@@ -19,8 +19,8 @@ use dualwrite_core::decision::{
 use dualwrite_core::error_policy::{Backoff, Disposition, disposition, error_class};
 use dualwrite_core::map::TableMap;
 use dualwrite_core::map::apply::{
-    LookupResolution, LookupTarget, ResolvedLookups, integration_key, lookup_requests_with,
-    record_key,
+    CRM_COMPANY_ENTITY_SET, LookupResolution, LookupTarget, ResolvedLookups, integration_key,
+    lookup_requests_with, record_key,
 };
 use dualwrite_core::ports::{
     Clock, Connector, ConnectorError, ErrorClass, ErrorRecord, EventClaim, Link, MAX_COMMIT_OPS,
@@ -696,7 +696,7 @@ impl Engine {
                     other_lookups: &other_lookups,
                     now,
                 };
-                let decision = decide(&input);
+                let decision = self.company_gate(map, event, decide(&input)).await?;
                 debug!(event_id = %event.event_id, map = %map.name, key = %key, decision = ?decision, "decided");
 
                 // 6. Execute.
@@ -874,7 +874,10 @@ impl Engine {
                         cause,
                         reason,
                     } => {
-                        let missing_lookup = matches!(cause, ParkCause::MissingLookup { .. });
+                        let missing_lookup = matches!(
+                            cause,
+                            ParkCause::MissingLookup { .. } | ParkCause::MissingCompany { .. }
+                        );
                         if missing_lookup
                             && depth < self.config.max_dependency_depth
                             && tried_dependencies.insert((waiting_map.clone(), waiting_key.clone()))
@@ -1201,6 +1204,54 @@ impl Engine {
                 warn!(side = %side, entity, error = %e, "could not read back the version of a write");
                 None
             }
+        }
+    }
+
+    /// Holds back a write to Dataverse of a company-specific row whose company is not linked
+    /// yet (the row's `msdyn_company` would bind to a `cdm_companies` row that does not exist):
+    /// the decision becomes a park on the company's link, which syncs the company first when
+    /// F&O has it. Without an enabled map to `cdm_companies` the write goes ahead as decided.
+    async fn company_gate(
+        &self,
+        map: &TableMap,
+        event: &ChangeEvent,
+        decision: dualwrite_core::decision::Decision,
+    ) -> Result<dualwrite_core::decision::Decision, ProcessError> {
+        use dualwrite_core::decision::Decision;
+        if map.crm.company_field.is_none() {
+            return Ok(decision);
+        }
+        let company = match &decision {
+            Decision::Write(plan) => plan
+                .writes
+                .iter()
+                .find(|w| w.side == Side::Crm)
+                .and_then(|w| w.record.company.clone()),
+            _ => None,
+        };
+        let Some(company) = company else {
+            return Ok(decision);
+        };
+        let Some(companies) = self
+            .maps
+            .iter()
+            .find(|m| m.crm.entity_set == CRM_COMPANY_ENTITY_SET)
+        else {
+            return Ok(decision);
+        };
+        let key = IntegrationKey::from_parts(None, [company.to_uppercase().as_str()]);
+        match self.store.link(&companies.name, &key).await {
+            Ok(Some(_)) => Ok(decision),
+            Ok(None) => Ok(Decision::Park {
+                waiting_map: companies.name.clone(),
+                waiting_key: key,
+                reason: format!(
+                    "map {}: company {company} is not in Dataverse yet (no link in map {})",
+                    map.name, companies.name
+                ),
+                cause: ParkCause::MissingCompany { company },
+            }),
+            Err(e) => Err(self.store_error(event, e)),
         }
     }
 
