@@ -14,7 +14,8 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use dualwrite_core::decision::{Decision, DecisionInput, side_hash};
 use dualwrite_core::event::Operation;
 use dualwrite_core::map::apply::{
-    LookupResolution, LookupTarget, ResolvedLookups, integration_key, lookup_requests_with, record_key,
+    LookupResolution, LookupTarget, ResolvedLookups, integration_key, lookup_requests_with,
+    record_key,
 };
 use dualwrite_core::map::{FieldMapping, TableMap};
 use dualwrite_core::ports::{Link, SideState};
@@ -45,12 +46,20 @@ pub struct EngineReport {
 /// Runs the benchmark over `records` generated records (plus a warm-up of a tenth of them).
 pub fn run(records: usize) -> Result<EngineReport, String> {
     let maps = dualwrite_maps::builtin_maps();
-    let map = maps.iter().find(|m| m.name == MAP).ok_or_else(|| format!("map {MAP} is not shipped"))?;
+    let map = maps
+        .iter()
+        .find(|m| m.name == MAP)
+        .ok_or_else(|| format!("map {MAP} is not shipped"))?;
     let by_name: HashMap<&str, &TableMap> = maps.iter().map(|m| (m.name.as_str(), m)).collect();
     let lookups = LookupTable::new(&maps);
-    let base = Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).single().ok_or("bad base time")?;
+    let base = Utc
+        .with_ymd_and_hms(2026, 11, 1, 8, 0, 0)
+        .single()
+        .ok_or("bad base time")?;
 
-    let cases: Vec<Case> = (0..records + records / 10).map(|i| Case::generate(map, i, base)).collect::<Result<_, _>>()?;
+    let cases: Vec<Case> = (0..records + records / 10)
+        .map(|i| Case::generate(map, i, base))
+        .collect::<Result<_, _>>()?;
     let warmup = records / 10;
     let mut samples = Vec::with_capacity(records);
     let mut writes = 0usize;
@@ -79,8 +88,14 @@ pub fn run(records: usize) -> Result<EngineReport, String> {
         });
         let elapsed = t.elapsed();
         match decision {
-            Decision::Write(plan) if plan.writes.len() == 1 && plan.writes[0].side == Side::Crm => writes += 1,
-            other => return Err(format!("record {i}: expected one write to Dataverse, the engine decided {other:?}")),
+            Decision::Write(plan) if plan.writes.len() == 1 && plan.writes[0].side == Side::Crm => {
+                writes += 1
+            }
+            other => {
+                return Err(format!(
+                    "record {i}: expected one write to Dataverse, the engine decided {other:?}"
+                ));
+            }
         }
         if i == warmup {
             samples.clear();
@@ -127,11 +142,16 @@ impl Case {
         erp.company = Some("usmf".into());
         for f in &map.fields {
             if let Some(field) = &f.erp {
-                erp.fields.insert(field.name.clone(), erp_value(f, field.ty, i));
+                erp.fields
+                    .insert(field.name.clone(), erp_value(f, field.ty, i));
             }
         }
-        erp.fields.insert(map.erp.key[0].clone(), Value::Text(account.clone()));
-        erp.version = Some(SourceVersion { modified_on: base + Duration::seconds(60), sequence: i as i64 });
+        erp.fields
+            .insert(map.erp.key[0].clone(), Value::Text(account.clone()));
+        erp.version = Some(SourceVersion {
+            modified_on: base + Duration::seconds(60),
+            sequence: i as i64,
+        });
         let key = integration_key(map, Side::Erp, &erp).map_err(|e| e.to_string())?;
         erp.id = Some(record_key(map, Side::Erp, &key).to_string());
 
@@ -139,28 +159,48 @@ impl Case {
         let mut crm = Record::new(map.crm.entity_set.clone());
         crm.company = Some("USMF".into());
         crm.id = Some(format!("00000000-0000-0000-0000-{i:012}"));
-        crm.fields.insert(map.crm.key[0].clone(), Value::Text(account));
-        crm.fields.insert("name".into(), Value::Text(format!("Old name {i}")));
-        crm.version = Some(SourceVersion { modified_on: base, sequence: i as i64 });
+        crm.fields
+            .insert(map.crm.key[0].clone(), Value::Text(account));
+        crm.fields
+            .insert("name".into(), Value::Text(format!("Old name {i}")));
+        crm.version = Some(SourceVersion {
+            modified_on: base,
+            sequence: i as i64,
+        });
         crm.etag = Some(format!("W/\"{i}\""));
 
         let mut old_erp = erp.clone();
-        old_erp.fields.insert("OrganizationName".into(), Value::Text(format!("Old name {i}")));
+        old_erp.fields.insert(
+            "OrganizationName".into(),
+            Value::Text(format!("Old name {i}")),
+        );
         let link = Link {
             map: map.name.clone(),
             key: key.clone(),
             crm_id: crm.id.clone(),
             erp_id: erp.id.clone(),
-            crm: SideState { hash: Some(side_hash(map, Side::Crm, &crm)), version: crm.version },
+            crm: SideState {
+                hash: Some(side_hash(map, Side::Crm, &crm)),
+                version: crm.version,
+            },
             erp: SideState {
                 hash: Some(side_hash(map, Side::Erp, &old_erp)),
-                version: Some(SourceVersion { modified_on: base, sequence: i as i64 }),
+                version: Some(SourceVersion {
+                    modified_on: base,
+                    sequence: i as i64,
+                }),
             },
             revision: 3,
             open_conflict: None,
             updated_at: base,
         };
-        Ok(Case { event_id: format!("bench-{i}"), key, erp, crm, link })
+        Ok(Case {
+            event_id: format!("bench-{i}"),
+            key,
+            erp,
+            crm,
+            link,
+        })
     }
 }
 
@@ -172,12 +212,21 @@ fn erp_value(f: &FieldMapping, ty: ValueType, i: usize) -> Value {
         return Value::Text(format!("REF{}", i % 7));
     }
     match ty {
-        ValueType::Text => Value::Text(format!("{} {i}", f.erp.as_ref().map_or("", |e| e.name.as_str()))),
+        ValueType::Text => Value::Text(format!(
+            "{} {i}",
+            f.erp.as_ref().map_or("", |e| e.name.as_str())
+        )),
         ValueType::Integer => Value::Integer(i as i64 % 1000),
         ValueType::Decimal => Value::Decimal(Decimal::new(i as i64 * 100 + 37, 2)),
-        ValueType::Boolean => Value::Boolean(i % 2 == 0),
-        ValueType::Date => Value::Date(chrono::NaiveDate::from_ymd_opt(2026, 1, 1 + (i % 28) as u32).unwrap_or_default()),
-        ValueType::DateTime => Value::DateTime(Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap().fixed_offset()),
+        ValueType::Boolean => Value::Boolean(i.is_multiple_of(2)),
+        ValueType::Date => Value::Date(
+            chrono::NaiveDate::from_ymd_opt(2026, 1, 1 + (i % 28) as u32).unwrap_or_default(),
+        ),
+        ValueType::DateTime => Value::DateTime(
+            Utc.timestamp_opt(1_700_000_000 + i as i64, 0)
+                .unwrap()
+                .fixed_offset(),
+        ),
         ValueType::Choice => Value::Choice(1),
         ValueType::Enum => match f.erp.as_ref().map(|e| e.name.as_str()) {
             Some("PartyType") => Value::Enum("Organization".into()),
@@ -197,8 +246,17 @@ impl LookupTable {
         let mut by_key = HashMap::new();
         for m in maps {
             for r in 0..7 {
-                let key = IntegrationKey::from_parts(m.erp.company_specific.then_some("usmf"), [format!("REF{r}").as_str()]);
-                by_key.insert(key, (m.crm.entity_set.clone(), format!("{r:08}-0000-0000-0000-{:012}", m.name.len())));
+                let key = IntegrationKey::from_parts(
+                    m.erp.company_specific.then_some("usmf"),
+                    [format!("REF{r}").as_str()],
+                );
+                by_key.insert(
+                    key,
+                    (
+                        m.crm.entity_set.clone(),
+                        format!("{r:08}-0000-0000-0000-{:012}", m.name.len()),
+                    ),
+                );
             }
         }
         LookupTable { by_key }
@@ -216,6 +274,9 @@ impl LookupTable {
                 }
             }
         }
-        LookupResolution::Missing { map: "unknown".into(), key: IntegrationKey(String::new()) }
+        LookupResolution::Missing {
+            map: "unknown".into(),
+            key: IntegrationKey(String::new()),
+        }
     }
 }
