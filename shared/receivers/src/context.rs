@@ -395,7 +395,9 @@ mod tests {
         let json: Json = serde_json::from_str(body).unwrap();
         assert_eq!(
             typed_value(&json, "m", &cov),
-            Ok(Value::Decimal(Decimal::from_str("922337203685477.5807").unwrap()))
+            Ok(Value::Decimal(
+                Decimal::from_str("922337203685477.5807").unwrap()
+            ))
         );
     }
 }

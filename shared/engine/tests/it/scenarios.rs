@@ -236,8 +236,15 @@ async fn a_person_resolves_a_manual_conflict_and_parked_changes_move_on() {
     w.engine.process(&later).await.unwrap();
     assert_eq!(w.store.parked_count().await.unwrap(), 1);
 
-    let out = w.engine.resolve_conflict(&conflict.id, Side::Crm).await.unwrap();
-    assert!(matches!(action(&out), MapAction::Written { writes: 1, .. }), "{out:?}");
+    let out = w
+        .engine
+        .resolve_conflict(&conflict.id, Side::Crm)
+        .await
+        .unwrap();
+    assert!(
+        matches!(action(&out), MapAction::Written { writes: 1, .. }),
+        "{out:?}"
+    );
     // The CRM record as it stands now (with the later edit) won.
     assert_eq!(w.account(Side::Erp, "A1"), w.account(Side::Crm, "A1"));
     assert_eq!(w.account(Side::Erp, "A1").map(|a| a.0), Some(text("Again")));
@@ -256,7 +263,11 @@ async fn a_person_resolves_a_manual_conflict_and_parked_changes_move_on() {
     assert_eq!(w.account(Side::Erp, "A1"), w.account(Side::Crm, "A1"));
 
     // Resolving again is refused with the reason.
-    let err = w.engine.resolve_conflict(&conflict.id, Side::Erp).await.unwrap_err();
+    let err = w
+        .engine
+        .resolve_conflict(&conflict.id, Side::Erp)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no open conflict"), "{err}");
 }
 
