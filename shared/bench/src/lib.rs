@@ -2,3 +2,4 @@
 //! JSON object the command prints. Figures are recorded in docs/PERFORMANCE.md.
 
 pub mod engine;
+pub mod live;

@@ -2,23 +2,29 @@
 //! store and queue, the HTTP server, N worker tasks and the catch-up scheduler, with a
 //! graceful shutdown.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
 
 use dualwrite_connectors::{
     DataverseConfig, DataverseConnector, EntitySchemas, EntraConfig, EntraTokenProvider, FnoConfig,
     FnoConnector, TokenSource,
 };
 use dualwrite_core::Side;
-use dualwrite_core::ports::{Connector, QueueDepth, WorkQueue};
-use dualwrite_engine::{Engine, StatsSnapshot, SystemClock, WorkerConfig, run_worker};
+use dualwrite_core::ports::{
+    Connector, DeadLetter, Delivery, QueueDepth, QueueError, QueueMessage, RetryOutcome, WorkQueue,
+};
+use dualwrite_engine::{Engine, StatsSnapshot, SystemClock, WorkerConfig, handle_delivery};
 use dualwrite_receivers::{Coverage, ReceiverConfig};
 use dualwrite_sqlite::{QueueConfig, SqliteQueue, SqliteStore};
 use serde::Serialize;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, Environment};
 use crate::scheduler::run_scheduler;
@@ -110,10 +116,271 @@ pub struct ReceiverCounts {
     pub rejected_queue_unavailable: u64,
 }
 
+/// One event the workers finished: processed (or found to be a duplicate), its effects
+/// committed, and its queue message being acked. See [`RuntimeHandle::completions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The event's id (a Dataverse `OperationId`, an F&O `EventId`, ...).
+    pub event_id: String,
+    /// The side the change came from.
+    pub source: Side,
+    /// When the worker finished it (just before the ack).
+    pub at: Instant,
+}
+
+/// How long an idle worker waits for a wake-up before looking at the queue anyway: delayed
+/// retries and expired visibility timeouts become deliverable without any `send`.
+const IDLE_FALLBACK_POLL: Duration = Duration::from_millis(250);
+
+/// How often worker 0 releases parked events whose dependency arrived meanwhile (what the
+/// engine's own `run_worker` does every 30 s when idle).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// The queue as the workers and receivers see it: the SQLite queue, plus
+/// - a wake-up: every `send` wakes as many idle workers as messages were sent, so a webhook is
+///   picked up at once instead of at the next poll;
+/// - completion notices: the event of every acked delivery is reported to the subscribers of
+///   [`RuntimeHandle::completions`] (bookkeeping only while someone subscribes).
+pub(crate) struct WorkerQueue {
+    inner: Arc<SqliteQueue>,
+    wake: Notify,
+    /// Receipt of each delivery in hand → its event (only while observed).
+    receipts: Mutex<HashMap<String, (String, Side)>>,
+    observed: AtomicBool,
+    observers: Mutex<Vec<mpsc::UnboundedSender<Completion>>>,
+    workers: usize,
+}
+
+impl std::fmt::Debug for WorkerQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerQueue")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerQueue {
+    fn new(inner: Arc<SqliteQueue>, workers: usize) -> Self {
+        WorkerQueue {
+            inner,
+            wake: Notify::new(),
+            receipts: Mutex::new(HashMap::new()),
+            observed: AtomicBool::new(false),
+            observers: Mutex::new(Vec::new()),
+            workers: workers.max(1),
+        }
+    }
+
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<Completion> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.observers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tx);
+        self.observed.store(true, Ordering::Release);
+        rx
+    }
+
+    fn take_receipt(&self, receipt: &str) -> Option<(String, Side)> {
+        if !self.observed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.receipts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(receipt)
+    }
+
+    fn complete(&self, event_id: String, source: Side) {
+        let done = Completion {
+            event_id,
+            source,
+            at: Instant::now(),
+        };
+        let mut observers = self
+            .observers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        observers.retain(|tx| tx.send(done.clone()).is_ok());
+        if observers.is_empty() {
+            self.observed.store(false, Ordering::Release);
+        }
+    }
+}
+
+#[async_trait]
+impl WorkQueue for WorkerQueue {
+    async fn send(&self, messages: Vec<QueueMessage>) -> Result<(), QueueError> {
+        let n = messages.len();
+        self.inner.send(messages).await?;
+        for _ in 0..n.min(self.workers) {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let deliveries = self.inner.receive(max, visibility).await?;
+        if self.observed.load(Ordering::Acquire) && !deliveries.is_empty() {
+            let mut receipts = self
+                .receipts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for d in &deliveries {
+                receipts.insert(
+                    d.receipt.clone(),
+                    (d.message.event.event_id.clone(), d.message.event.source),
+                );
+            }
+        }
+        Ok(deliveries)
+    }
+
+    async fn ack(&self, receipt: &str) -> Result<(), QueueError> {
+        if let Some((event_id, source)) = self.take_receipt(receipt) {
+            self.complete(event_id, source);
+        }
+        self.inner.ack(receipt).await
+    }
+
+    async fn retry(
+        &self,
+        receipt: &str,
+        delay: Duration,
+        error: &str,
+    ) -> Result<RetryOutcome, QueueError> {
+        self.take_receipt(receipt);
+        self.inner.retry(receipt, delay, error).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        self.inner.dead_letters(limit).await
+    }
+
+    async fn depth(&self) -> Result<QueueDepth, QueueError> {
+        self.inner.depth().await
+    }
+}
+
+/// Receiver loops per runtime: each receives up to [`MAX_RECEIVE`] deliveries at a time and
+/// hands them to processing tasks. Several, so one receive's commit does not hold up the next.
+const RECEIVERS: usize = 4;
+
+/// Most deliveries one receive asks for.
+const MAX_RECEIVE: usize = 64;
+
+/// One receiver loop of the worker pool. The pool processes at most `permits` deliveries at
+/// once (the configured worker concurrency, shared by every receiver loop): the loop waits for
+/// a free permit, receives as many deliveries as permits are free (at most [`MAX_RECEIVE`]),
+/// and processes each in its own task (ack on success, retry with the error's delay
+/// otherwise). The queue's per-group order makes that safe: no later message of a record is
+/// delivered while one is in hand. When the queue has nothing deliverable the loop sleeps until
+/// a `send` wakes it (or [`IDLE_FALLBACK_POLL`]). Loop 0 also sweeps parked events at start and
+/// every [`SWEEP_EVERY`]. When `stop` turns true it stops receiving and waits for the
+/// deliveries in hand.
+///
+/// Compared with N loops that each receive 10 and process them one after the other, this
+/// receives far less often (each receive is a queue transaction) and never leaves a delivery
+/// waiting behind a slow one of the same batch.
+async fn run_receiver(
+    shared: Arc<Shared>,
+    n: usize,
+    permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let lease = shared.engine.config().lease;
+    let mut in_hand = JoinSet::new();
+    let mut last_sweep: Option<Instant> = None;
+    loop {
+        while in_hand.try_join_next().is_some() {}
+        if *stop.borrow() {
+            break;
+        }
+        if n == 0 && last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+            last_sweep = Some(Instant::now());
+            match shared.engine.sweep_parked(shared.work.as_ref()).await {
+                Ok(0) => {}
+                Ok(released) => info!(released, "parked events released by the sweep"),
+                Err(e) => {
+                    warn!(error = %e, "sweeping parked events failed; the next sweep retries")
+                }
+            }
+        }
+        let first = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        // Registered before looking at the queue, so a send between an empty receive and the
+        // wait still wakes this loop.
+        let woken = shared.work.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let free = (permits.available_permits() + 1).min(MAX_RECEIVE);
+        let deliveries = match shared.work.receive(free, lease).await {
+            Ok(d) => d,
+            Err(e) => {
+                drop(first);
+                error!(receiver = n, error = %e, "receiving from the queue failed; retrying in 1 s");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+        };
+        if deliveries.is_empty() {
+            drop(first);
+            tokio::select! {
+                () = &mut woken => {}
+                () = tokio::time::sleep(IDLE_FALLBACK_POLL) => {}
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        let mut first = Some(first);
+        for delivery in deliveries {
+            let permit = match first.take() {
+                Some(p) => p,
+                // Cannot fail for want of permits: `free` were available and only this loop's
+                // own tasks or other loops take them; waiting is the fallback.
+                None => match permits.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let shared = shared.clone();
+            in_hand.spawn(async move {
+                let event_id = delivery.message.event.event_id.clone();
+                if let Err(e) =
+                    handle_delivery(shared.work.as_ref(), &shared.engine, delivery).await
+                {
+                    warn!(%event_id, error = %e, "ack or retry failed; the event is redelivered after its visibility timeout");
+                }
+                drop(permit);
+            });
+        }
+    }
+    while in_hand.join_next().await.is_some() {}
+}
+
 /// Shared parts of a running pipeline.
 pub(crate) struct Shared {
     pub engine: Arc<Engine>,
     pub queue: Arc<SqliteQueue>,
+    /// The queue the workers receive from and the receivers send to (wake-ups, completions).
+    pub work: Arc<WorkerQueue>,
     pub store: Arc<SqliteStore>,
     pub receiver: Arc<ReceiverConfig>,
     /// Where receivers and the scheduler send events: the queue, behind key-lookup completion.
@@ -200,9 +467,10 @@ impl Runtime {
         let erp: Arc<dyn Connector> = Arc::new(build_fno(&config)?);
         let worker_config = WorkerConfig {
             lease: config.worker.visibility_timeout,
-            idle_poll: Duration::from_millis(20),
+            idle_poll: IDLE_FALLBACK_POLL,
             ..WorkerConfig::default()
         };
+        let work = Arc::new(WorkerQueue::new(queue.clone(), config.worker.concurrency));
         let engine = Arc::new(Engine::new(
             store.clone(),
             crm.clone(),
@@ -217,7 +485,7 @@ impl Runtime {
             Coverage::from_maps(&config.maps),
         ));
         let inbound: Arc<dyn WorkQueue> = Arc::new(crate::enrich::KeyLookupQueue {
-            inner: queue.clone(),
+            inner: work.clone(),
             crm: crm.clone(),
             maps: config.maps.clone(),
         });
@@ -225,6 +493,7 @@ impl Runtime {
             engine,
             inbound,
             queue,
+            work,
             store,
             receiver,
             crm,
@@ -257,24 +526,13 @@ impl Runtime {
         });
 
         let (stop_workers, stop_workers_rx) = watch::channel(false);
-        let workers = (0..config.worker.concurrency)
+        let permits = Arc::new(Semaphore::new(config.worker.concurrency.max(1)));
+        let workers = (0..RECEIVERS.min(config.worker.concurrency.max(1)))
             .map(|n| {
                 let shared = shared.clone();
                 let rx = stop_workers_rx.clone();
-                tokio::spawn(async move {
-                    loop {
-                        match run_worker(shared.queue.as_ref(), &shared.engine, rx.clone()).await {
-                            Ok(_) => break,
-                            Err(e) => {
-                                error!(worker = n, error = %e, "worker failed on the queue; restarting in 1 s");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                                if *rx.borrow() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                })
+                let permits = permits.clone();
+                tokio::spawn(run_receiver(shared, n, permits, rx))
             })
             .collect();
         let scheduler = config.catch_up.clone().map(|catch_up| {
@@ -319,6 +577,13 @@ impl RuntimeHandle {
     /// The work queue.
     pub fn queue(&self) -> &Arc<SqliteQueue> {
         &self.shared.queue
+    }
+
+    /// A stream of every event the workers finish from now on (processed or duplicate, effects
+    /// committed), with the instant it finished: how `dualwrite bench live` times each webhook
+    /// to the moment its write is done. Each call gets its own stream; drop it to unsubscribe.
+    pub fn completions(&self) -> mpsc::UnboundedReceiver<Completion> {
+        self.shared.work.subscribe()
     }
 
     /// The connector of `side`.
