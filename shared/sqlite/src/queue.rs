@@ -14,6 +14,7 @@
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -77,7 +78,12 @@ struct QueueFile {
     location: String,
     /// [`QueueConfig::max_attempts`].
     max_attempts: u32,
+    /// When expired deliveries were last moved to the dead letters (ms since the epoch).
+    last_expiry_sweep_ms: AtomicI64,
 }
+
+/// How often `receive` looks for deliveries that timed out on their last attempt.
+const EXPIRY_SWEEP_MS: i64 = 500;
 
 /// One message row as read for delivery.
 struct Row {
@@ -94,6 +100,7 @@ impl SqliteQueue {
         Ok(SqliteQueue {
             connections: Connections::open(Some(path))?,
             file: Arc::new(QueueFile {
+                last_expiry_sweep_ms: AtomicI64::new(i64::MIN),
                 location: path.display().to_string(),
                 max_attempts: config.max_attempts,
             }),
@@ -106,6 +113,7 @@ impl SqliteQueue {
         Ok(SqliteQueue {
             connections: Connections::open(None)?,
             file: Arc::new(QueueFile {
+                last_expiry_sweep_ms: AtomicI64::new(i64::MIN),
                 location: ":memory:".to_owned(),
                 max_attempts: config.max_attempts,
             }),
@@ -184,32 +192,28 @@ impl QueueFile {
     ) -> Result<Vec<Delivery>, QueueError> {
         let fail = |e| self.unavailable("receiving", e);
         let max_attempts = i64::from(self.max_attempts);
-        // Deliveries that timed out on their last allowed attempt go to the dead letters.
-        conn.prepare_cached(
-            "INSERT INTO dead_letters (seq, group_id, dedup_id, body, attempts, last_error, dead_at_ms) \
-             SELECT seq, group_id, dedup_id, body, attempt, \
-                    coalesce(last_error || '; ', '') || 'visibility timeout expired without ack', ?1 \
-             FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
-        )
-        .and_then(|mut s| s.execute(params![now, max_attempts]))
-        .map_err(fail)?;
-        conn.prepare_cached(
-            "DELETE FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
-        )
-        .and_then(|mut s| s.execute(params![now, max_attempts]))
-        .map_err(fail)?;
+        // Deliveries that timed out on their last allowed attempt go to the dead letters. The
+        // check reads in-flight rows only (index `queue_in_flight`) and runs at most every
+        // `EXPIRY_SWEEP_MS`; until it has run, the select below never delivers such a row again
+        // (it stays at its group's head, holding the group back, for at most that long).
+        let last = self.last_expiry_sweep_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= EXPIRY_SWEEP_MS || now < last {
+            self.last_expiry_sweep_ms.store(now, Ordering::Relaxed);
+            self.move_expired_to_dead_letters(conn, now, max_attempts)?;
+        }
         let rows: Vec<Row> = conn
             .prepare_cached(
                 // Walks the queue in send order and stops after `max` visible group heads; each
                 // head test is one probe of `queue_by_group`. (Grouping the whole table to find
                 // the heads first cost a full index scan per receive: O(queue length).)
                 "SELECT q.seq, q.body, q.attempt FROM queue q \
-                 WHERE q.visible_at_ms <= ?1 AND NOT EXISTS \
+                 WHERE q.visible_at_ms <= ?1 AND (q.receipt IS NULL OR q.attempt < ?3) \
+                 AND NOT EXISTS \
                    (SELECT 1 FROM queue p WHERE p.group_id = q.group_id AND p.seq < q.seq) \
                  ORDER BY q.seq LIMIT ?2",
             )
             .and_then(|mut s| {
-                s.query_map(params![now, limit_to_sql(max)], |r| {
+                s.query_map(params![now, limit_to_sql(max), max_attempts], |r| {
                     Ok(Row {
                         seq: r.get(0)?,
                         body: r.get(1)?,
@@ -238,6 +242,31 @@ impl QueueFile {
             });
         }
         Ok(deliveries)
+    }
+
+    /// Moves deliveries whose visibility timed out on their last allowed attempt to the dead
+    /// letters.
+    fn move_expired_to_dead_letters(
+        &self,
+        conn: &Connection,
+        now: i64,
+        max_attempts: i64,
+    ) -> Result<(), QueueError> {
+        let fail = |e| self.unavailable("receiving", e);
+        conn.prepare_cached(
+            "INSERT INTO dead_letters (seq, group_id, dedup_id, body, attempts, last_error, dead_at_ms) \
+             SELECT seq, group_id, dedup_id, body, attempt, \
+                    coalesce(last_error || '; ', '') || 'visibility timeout expired without ack', ?1 \
+             FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
+        )
+        .and_then(|mut s| s.execute(params![now, max_attempts]))
+        .map_err(fail)?;
+        conn.prepare_cached(
+            "DELETE FROM queue WHERE receipt IS NOT NULL AND visible_at_ms <= ?1 AND attempt >= ?2",
+        )
+        .and_then(|mut s| s.execute(params![now, max_attempts]))
+        .map_err(fail)?;
+        Ok(())
     }
 
     /// The body of [`WorkQueue::retry`], run by the writer thread.

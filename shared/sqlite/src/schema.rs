@@ -105,6 +105,11 @@ pub const MIGRATIONS: &[&str] = &[
         dead_at_ms INTEGER NOT NULL
     );
     "#,
+    // Version 2: in-flight messages by visibility deadline, so finding deliveries whose
+    // visibility timed out reads only in-flight rows, not every queued body.
+    r#"
+    CREATE INDEX queue_in_flight ON queue (visible_at_ms) WHERE receipt IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build migrates to.
