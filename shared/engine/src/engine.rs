@@ -642,61 +642,89 @@ impl Engine {
                     (key, link)
                 };
 
-                // 3. The other side as it stands.
-                let other_at = match link.as_ref().and_then(|l| l.id(other_side)) {
-                    Some(id) => Some(RecordRef::Id(id.to_string())),
-                    None if event.operation == Operation::Upsert => {
-                        Some(RecordRef::Key(record_key(map, other_side, &key)))
-                    }
-                    None => None,
-                };
-                let other = match other_at {
-                    Some(at) => match self
-                        .connector(other_side)
-                        .read(&entity_of(map, other_side), &at)
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(e) => match self
-                            .connector_failure(map, Some(&key), event, complete, attempt, e)
-                            .await?
-                        {
-                            Failure::Redecide => continue,
-                            Failure::Done(step) => return Ok(step),
-                        },
-                    },
-                    None => None,
-                };
-
-                // 4. Lookups, both ways.
-                let (lookups, other_lookups) = if event.operation == Operation::Upsert {
-                    let mine = self.resolve_lookups(event, map, source, &record).await?;
-                    let theirs = match &other {
-                        Some(o) => self.resolve_lookups(event, map, other_side, o).await?,
-                        None => ResolvedLookups::new(),
-                    };
-                    (mine, theirs)
-                } else {
-                    (ResolvedLookups::new(), ResolvedLookups::new())
-                };
-
-                // 5. Decide.
+                // 3. What the link alone decides (stale, duplicate, echo, filtered out) needs
+                // neither the other side nor lookups: no read, no API call for those.
                 let source_hash = side_hash(map, source, &record);
-                let input = DecisionInput {
-                    map,
-                    source,
-                    operation: event.operation,
-                    event_id: &event.event_id,
-                    key: &key,
-                    record: &record,
-                    link: link.as_ref(),
-                    other: other.as_ref(),
-                    source_hash,
-                    lookups: &lookups,
-                    other_lookups: &other_lookups,
-                    now,
+                let early = match (&link, event.operation) {
+                    (Some(_), Operation::Upsert) => {
+                        let none = ResolvedLookups::new();
+                        let d = decide(&DecisionInput {
+                            map,
+                            source,
+                            operation: event.operation,
+                            event_id: &event.event_id,
+                            key: &key,
+                            record: &record,
+                            link: link.as_ref(),
+                            other: None,
+                            source_hash,
+                            lookups: &none,
+                            other_lookups: &none,
+                            now,
+                        });
+                        decided_by_link_alone(&d).then_some(d)
+                    }
+                    _ => None,
                 };
-                let decision = self.company_gate(map, event, decide(&input)).await?;
+                let decision = match early {
+                    Some(d) => d,
+                    None => {
+                        // 3. The other side as it stands.
+                        let other_at = match link.as_ref().and_then(|l| l.id(other_side)) {
+                            Some(id) => Some(RecordRef::Id(id.to_string())),
+                            None if event.operation == Operation::Upsert => {
+                                Some(RecordRef::Key(record_key(map, other_side, &key)))
+                            }
+                            None => None,
+                        };
+                        let other = match other_at {
+                            Some(at) => match self
+                                .connector(other_side)
+                                .read(&entity_of(map, other_side), &at)
+                                .await
+                            {
+                                Ok(r) => r,
+                                Err(e) => match self
+                                    .connector_failure(map, Some(&key), event, complete, attempt, e)
+                                    .await?
+                                {
+                                    Failure::Redecide => continue,
+                                    Failure::Done(step) => return Ok(step),
+                                },
+                            },
+                            None => None,
+                        };
+
+                        // 4. Lookups, both ways.
+                        let (lookups, other_lookups) = if event.operation == Operation::Upsert {
+                            let mine = self.resolve_lookups(event, map, source, &record).await?;
+                            let theirs = match &other {
+                                Some(o) => self.resolve_lookups(event, map, other_side, o).await?,
+                                None => ResolvedLookups::new(),
+                            };
+                            (mine, theirs)
+                        } else {
+                            (ResolvedLookups::new(), ResolvedLookups::new())
+                        };
+
+                        // 5. Decide.
+                        let input = DecisionInput {
+                            map,
+                            source,
+                            operation: event.operation,
+                            event_id: &event.event_id,
+                            key: &key,
+                            record: &record,
+                            link: link.as_ref(),
+                            other: other.as_ref(),
+                            source_hash,
+                            lookups: &lookups,
+                            other_lookups: &other_lookups,
+                            now,
+                        };
+                        self.company_gate(map, event, decide(&input)).await?
+                    }
+                };
                 debug!(event_id = %event.event_id, map = %map.name, key = %key, decision = ?decision, "decided");
 
                 // 6. Execute.
@@ -1343,6 +1371,22 @@ pub enum ResolveError {
     Connector(#[from] ConnectorError),
     #[error(transparent)]
     Process(#[from] ProcessError),
+}
+
+/// True for the decisions that depend only on the change and the link, which the engine makes
+/// before reading the other side.
+fn decided_by_link_alone(d: &dualwrite_core::decision::Decision) -> bool {
+    matches!(
+        d,
+        dualwrite_core::decision::Decision::Skip {
+            reason: SkipReason::Stale
+                | SkipReason::Duplicate
+                | SkipReason::Echo
+                | SkipReason::FilteredOut
+                | SkipReason::DirectionNotSynced,
+            ..
+        }
+    )
 }
 
 /// How many parked events one sweep looks at.

@@ -42,6 +42,8 @@ struct Inner {
     writes: Vec<WriteLogEntry>,
     echoes: Vec<ChangeEvent>,
     failures: VecDeque<ConnectorErrorKind>,
+    /// Reads made through the [`Connector`] API (API calls a real system would count).
+    reads: usize,
 }
 
 /// A system of one side, in memory. Safe for concurrent use.
@@ -333,6 +335,11 @@ impl MemoryConnector {
         lock(&self.inner).writes.len()
     }
 
+    /// How many reads dualwrite made through the [`Connector`] API.
+    pub fn read_count(&self) -> usize {
+        lock(&self.inner).reads
+    }
+
     /// Takes the change events caused by dualwrite's own writes (what the system's webhooks
     /// would send back), oldest first.
     pub fn take_echoes(&self) -> Vec<ChangeEvent> {
@@ -353,6 +360,7 @@ impl Connector for MemoryConnector {
     }
 
     async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
+        lock(&self.inner).reads += 1;
         Ok(self.record(entity, at))
     }
 

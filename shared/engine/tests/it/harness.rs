@@ -81,6 +81,7 @@ pub fn accounts_map(conflict: ConflictPolicy, delete: DeletePolicy) -> TableMap 
         depends_on: Vec::new(),
         conflict,
         delete,
+        plan: Default::default(),
     }
 }
 
@@ -125,6 +126,7 @@ pub fn orders_map() -> TableMap {
         depends_on: vec!["accounts".into()],
         conflict: ConflictPolicy::LastWriterWins,
         delete: DeletePolicy::Propagate,
+        plan: Default::default(),
     }
 }
 

@@ -602,3 +602,24 @@ async fn a_release_interrupted_by_a_crash_is_completed_by_the_sweep() {
     // A sweep with nothing ready releases nothing.
     assert_eq!(w.engine.sweep_parked(&queue).await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn echoes_and_redeliveries_cost_no_read_of_the_other_side() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    let ev = w.edit_account(Side::Crm, "A9", Some("Contoso"), Some(10));
+    w.engine.process(&ev).await.unwrap();
+    let echoes = w.erp.take_echoes();
+    assert_eq!(echoes.len(), 1, "dualwrite wrote F&O once");
+    let reads = (w.crm.read_count(), w.erp.read_count());
+    // The echo of dualwrite's F&O write, and the same CRM change delivered again.
+    w.engine.process(&echoes[0]).await.unwrap();
+    let mut again = ev.clone();
+    again.event_id = format!("{}-redelivered", ev.event_id);
+    w.engine.process(&again).await.unwrap();
+    assert_eq!(
+        (w.crm.read_count(), w.erp.read_count()),
+        reads,
+        "decided from the link alone: no API call"
+    );
+    assert_eq!(w.writes(), 1);
+}
