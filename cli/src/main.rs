@@ -38,6 +38,11 @@ enum Command {
     },
     /// Show map states, links, queue depth, dead letters, conflicts and errors of the local store.
     Status(commands::status::StatusArgs),
+    /// List the conflict log; resolve a conflict held for a person.
+    Conflicts {
+        #[command(subcommand)]
+        command: commands::conflicts::ConflictsCommand,
+    },
     /// Run a benchmark and print its figures.
     Bench {
         #[command(subcommand)]
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Maps { command } => commands::maps::run(command),
         Command::Status(args) => commands::status::run(&cli.db, args),
+        Command::Conflicts { command } => commands::conflicts::run(&cli.db, command),
         Command::Bench { command } => commands::bench::run(command),
         Command::Serve(args) => commands::serve::run(args),
         Command::Demo(args) => commands::demo::run(args),

@@ -121,3 +121,55 @@ fn status_without_a_store_says_how_to_get_one() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no local store"));
 }
+
+#[test]
+fn conflicts_list_shows_open_conflicts_with_both_versions() {
+    use dualwrite_core::ports::{ConflictRecord, LinkStore, StoreOp};
+    use dualwrite_core::{IntegrationKey, Record, Side, Value};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let store = dualwrite_sqlite::SqliteStore::open(&db).unwrap();
+    let conflict = |id: &str, open: bool| ConflictRecord {
+        id: id.into(),
+        map: "customers-v3-accounts".into(),
+        key: IntegrationKey("USMF/C-1".into()),
+        detected_at: chrono::Utc::now(),
+        policy: "manual".into(),
+        crm: Record::new("accounts").with("name", Value::Text("Name in Dataverse".into())),
+        erp: Record::new("CustomersV3").with("OrganizationName", Value::Text("Name in F&O".into())),
+        winner: (!open).then_some(Side::Erp),
+        open,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(store.commit(vec![
+        StoreOp::RecordConflict(conflict("c-open", true)),
+        StoreOp::RecordConflict(conflict("c-done", false)),
+    ]))
+    .unwrap();
+    drop(store);
+
+    let db_arg = db.display().to_string();
+    let out = dualwrite(
+        &["--db", &db_arg, "conflicts", "list", "--open"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.contains("c-open") && text.contains("OPEN"), "{text}");
+    assert!(
+        text.contains("Name in Dataverse") && text.contains("Name in F&O"),
+        "{text}"
+    );
+    assert!(!text.contains("c-done"), "only open ones: {text}");
+
+    let out = dualwrite(&["--db", &db_arg, "conflicts", "list"], dir.path());
+    assert!(
+        stdout(&out).contains("c-done") && stdout(&out).contains("erp won"),
+        "{}",
+        stdout(&out)
+    );
+}

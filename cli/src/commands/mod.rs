@@ -1,6 +1,7 @@
 //! One module per top-level command; each stays thin and calls into the shared crates.
 
 pub mod bench;
+pub mod conflicts;
 pub mod demo;
 pub mod maps;
 pub mod serve;

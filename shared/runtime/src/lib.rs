@@ -17,6 +17,6 @@ mod server;
 
 pub use config::{Config, ConfigError, ConfigProblem, EnvLookup, ProcessEnv};
 pub use runtime::{
-    Completion, DATAVERSE_API_PATH, QueueCounts, ReceiverCounts, Runtime, RuntimeHandle,
+    Completion, DATAVERSE_API_PATH, Parts, QueueCounts, ReceiverCounts, Runtime, RuntimeHandle,
     RuntimeStats, StartError,
 };

@@ -445,40 +445,14 @@ impl Runtime {
         {
             let _ = std::fs::create_dir_all(parent);
         }
-        let db_err = |e: &dyn std::fmt::Display| StartError::Database {
-            path: config.db.display().to_string(),
-            message: e.to_string(),
-        };
-        let store = Arc::new(SqliteStore::open(&config.db).map_err(|e| db_err(&e))?);
-        let queue = Arc::new(
-            SqliteQueue::open(
-                &config.db,
-                QueueConfig {
-                    max_attempts: config.worker.max_attempts,
-                    ..QueueConfig::default()
-                },
-            )
-            .map_err(|e| db_err(&e))?,
-        );
-        let crm: Arc<dyn Connector> = Arc::new(crate::enrich::KeyLookupConnector {
-            inner: Arc::new(build_dataverse(&config)?),
-            maps: config.maps.clone(),
-        });
-        let erp: Arc<dyn Connector> = Arc::new(build_fno(&config)?);
-        let worker_config = WorkerConfig {
-            lease: config.worker.visibility_timeout,
-            idle_poll: IDLE_FALLBACK_POLL,
-            ..WorkerConfig::default()
-        };
-        let work = Arc::new(WorkerQueue::new(queue.clone(), config.worker.concurrency));
-        let engine = Arc::new(Engine::new(
-            store.clone(),
-            crm.clone(),
-            erp.clone(),
-            config.maps.clone(),
-            Arc::new(SystemClock),
-            worker_config,
-        ));
+        let Parts {
+            store,
+            queue,
+            crm,
+            erp,
+            engine,
+            work,
+        } = Parts::build(&config)?;
         let receiver = Arc::new(ReceiverConfig::new(
             config.dataverse_auth.clone(),
             config.fno_auth.clone(),
@@ -635,6 +609,76 @@ fn token_provider(
             url: env.url.clone(),
             message: e.to_string(),
         })
+}
+
+/// The store, queue, connectors and engine of a configuration: what `serve` runs, and what a
+/// one-off command (resolving a conflict) needs without the server.
+pub struct Parts {
+    pub store: Arc<SqliteStore>,
+    pub queue: Arc<SqliteQueue>,
+    pub crm: Arc<dyn Connector>,
+    pub erp: Arc<dyn Connector>,
+    pub engine: Arc<Engine>,
+    work: Arc<WorkerQueue>,
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Parts {
+    /// Opens the store and queue of `config.db` and builds the connectors and the engine.
+    ///
+    /// # Errors
+    /// [`StartError`] naming what could not be set up.
+    pub fn build(config: &Config) -> Result<Parts, StartError> {
+        let db_err = |e: &dyn std::fmt::Display| StartError::Database {
+            path: config.db.display().to_string(),
+            message: e.to_string(),
+        };
+        let store = Arc::new(SqliteStore::open(&config.db).map_err(|e| db_err(&e))?);
+        let queue = Arc::new(
+            SqliteQueue::open(
+                &config.db,
+                QueueConfig {
+                    max_attempts: config.worker.max_attempts,
+                    ..QueueConfig::default()
+                },
+            )
+            .map_err(|e| db_err(&e))?,
+        );
+        let crm: Arc<dyn Connector> = Arc::new(crate::enrich::KeyLookupConnector {
+            inner: Arc::new(build_dataverse(config)?),
+            maps: config.maps.clone(),
+        });
+        let erp: Arc<dyn Connector> = Arc::new(build_fno(config)?);
+        let worker_config = WorkerConfig {
+            lease: config.worker.visibility_timeout,
+            idle_poll: IDLE_FALLBACK_POLL,
+            ..WorkerConfig::default()
+        };
+        let work = Arc::new(WorkerQueue::new(queue.clone(), config.worker.concurrency));
+        let engine = Arc::new(Engine::new(
+            store.clone(),
+            crm.clone(),
+            erp.clone(),
+            config.maps.clone(),
+            Arc::new(SystemClock),
+            worker_config,
+        ));
+        Ok(Parts {
+            store,
+            queue,
+            crm,
+            erp,
+            engine,
+            work,
+        })
+    }
 }
 
 fn build_dataverse(config: &Config) -> Result<DataverseConnector, StartError> {
