@@ -339,3 +339,36 @@ impl Hasher for FxHasher {
         self.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_record_plans_the_expected_write() {
+        let report = run(50).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.records, 50);
+        assert_eq!(report.writes_planned, 50);
+        assert_eq!(report.fields_per_record, 52);
+        assert!(report.median_ns_per_record > 0);
+        assert!(report.p99_ns_per_record >= report.median_ns_per_record);
+    }
+
+    #[test]
+    fn lookups_resolve_known_keys_and_report_unknown_ones_missing() {
+        let maps = dualwrite_maps::builtin_maps();
+        let table = LookupTable::new(&maps);
+        let known = IntegrationKey::from_parts(None, ["REF3"]);
+        let found = table.resolve(&LookupTarget::Keys(vec![known]));
+        assert!(
+            matches!(found, LookupResolution::Resolved(Value::Lookup(ref l)) if l.id.is_some()),
+            "{found:?}"
+        );
+        let unknown = IntegrationKey::from_parts(None, ["NOPE"]);
+        let missing = table.resolve(&LookupTarget::Keys(vec![unknown]));
+        assert!(
+            matches!(missing, LookupResolution::Missing { .. }),
+            "{missing:?}"
+        );
+    }
+}

@@ -182,6 +182,7 @@ mod tests {
             depends_on: vec![],
             conflict: ConflictPolicy::default(),
             delete: DeletePolicy::default(),
+            plan: Default::default(),
         }
     }
 

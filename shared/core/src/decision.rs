@@ -28,9 +28,10 @@ use chrono::{DateTime, Utc};
 use crate::event::Operation;
 use crate::hash::{SortedFields, hash_sorted_with};
 use crate::map::apply::{
-    ApplyError, LookupResolution, ResolvedLookups, SideFields, apply_map_to, record_key,
-    side_fields,
+    ApplyError, LookupResolution, ResolvedLookups, fill_slots, record_key, slots_to_record,
+    with_slots,
 };
+use crate::map::plan::SideFields;
 use crate::map::{ConflictPolicy, DeletePolicy, FieldDirection, TableMap};
 use crate::ports::{ConflictRecord, FieldsHash, Link, RecordRef, SideState, WriteCondition};
 use crate::record::{IntegrationKey, Record, Side, SourceVersion};
@@ -552,7 +553,7 @@ fn field_level_merge(
             }
         }
         let projected = merge_into(
-            &side_fields(map, to),
+            map.plan().side(to),
             projected.written,
             Some(to_record),
             None,
@@ -638,7 +639,7 @@ fn decide_delete(input: &DecisionInput<'_>) -> Decision {
                 .fields
                 .iter()
                 .all(|(name, value)| other.get(name) == Some(value));
-            let projected = merge_into(&side_fields(map, other_side), written, Some(other), None);
+            let projected = merge_into(map.plan().side(other_side), written, Some(other), None);
             let mut next = link.clone();
             // The source record is gone: a record created again under the key is a change.
             *next.side_mut(source) = SideState {
@@ -702,6 +703,9 @@ fn unchanged_since_link(link: Option<&Link>, side: Side, record: &Record) -> Opt
 
 /// Maps `record` from `from` onto the other side's current record. `target_hash` is
 /// `side_hash` of `target_current`, when the caller has it.
+///
+/// The hash after the write is computed from the mapped values before they become the written
+/// record (the written value of a field where there is one, else the current value).
 fn project(
     map: &TableMap,
     from: Side,
@@ -710,21 +714,30 @@ fn project(
     target_current: Option<&Record>,
     target_hash: Option<FieldsHash>,
 ) -> Result<Projection, ApplyError> {
-    let target_fields = side_fields(map, from.other());
-    let written = apply_map_to(
-        map,
-        from,
-        record,
-        lookups,
-        &side_fields(map, from),
-        &target_fields,
-    )?;
-    Ok(merge_into(
-        &target_fields,
-        written,
-        target_current,
-        target_hash,
-    ))
+    let plan = map.plan();
+    let to = from.other();
+    let target_fields = plan.side(to);
+    with_slots(|slots| {
+        fill_slots(map, plan, from, record, lookups, slots)?;
+        let mut old_values = target_current.map(SortedFields::new);
+        let merged_hash = hash_sorted_with(
+            &target_fields.names,
+            target_fields.names_hash,
+            |i, name| match (&slots[i], &mut old_values) {
+                (Some(new_value), _) => Some(new_value),
+                (None, Some(old_values)) => old_values.seek(name),
+                (None, None) => None,
+            },
+        );
+        let changes = target_current.is_none_or(|current| {
+            target_hash.unwrap_or_else(|| target_fields.hash(current)) != merged_hash
+        });
+        Ok(Projection {
+            written: slots_to_record(map, to, record, plan, slots),
+            merged_hash,
+            changes,
+        })
+    })
 }
 
 /// What `written` makes of `target_current`: the hash of the target's mapped fields after the
@@ -742,7 +755,7 @@ fn merge_into(
         Some(current) => {
             let mut new_values = SortedFields::new(&written);
             let mut old_values = SortedFields::new(current);
-            hash_sorted_with(&target_fields.names, target_fields.names_hash, |name| {
+            hash_sorted_with(&target_fields.names, target_fields.names_hash, |_, name| {
                 // Both readers must see every name, in order: seek both before choosing.
                 let new_value = new_values.seek(name);
                 let old_value = old_values.seek(name);
@@ -761,9 +774,10 @@ fn merge_into(
 }
 
 /// The hash of `record`'s mapped fields on `side`: `hash_fields(record, mapped_fields(map,
-/// side))`, with the sorted field list of the map computed once per thread.
+/// side))`, with the sorted field list of the map computed once per map (see
+/// [`crate::map::plan`]).
 pub fn side_hash(map: &TableMap, side: Side, record: &Record) -> FieldsHash {
-    side_fields(map, side).hash(record)
+    map.plan().side(side).hash(record)
 }
 
 fn apply_target_state(
@@ -851,7 +865,7 @@ fn missing_lookup(input: &DecisionInput<'_>, lookups: &ResolvedLookups) -> Optio
     let (index, map, key) = lookups
         .iter()
         .filter_map(|(index, resolution)| match resolution {
-            LookupResolution::Missing { map, key } => Some((*index, map, key)),
+            LookupResolution::Missing { map, key } => Some((index, map, key)),
             LookupResolution::Resolved(_) => None,
         })
         .min_by_key(|(index, _, _)| *index)?;
@@ -963,6 +977,7 @@ mod tests {
             depends_on: Vec::new(),
             conflict: ConflictPolicy::LastWriterWins,
             delete: DeletePolicy::Propagate,
+            plan: Default::default(),
         }
     }
 
@@ -1196,12 +1211,14 @@ mod tests {
     fn side_hash_is_hash_fields_of_mapped_fields_and_follows_map_changes() {
         use crate::hash::hash_fields;
         use crate::map::apply::mapped_fields;
-        let mut m = map();
+        let m = map();
         let r = crm("Contoso", at(1, 1)).with("description", Value::Text("d".into()));
         let expected = |m: &TableMap| hash_fields(&r, mapped_fields(m, Side::Crm));
         let before = side_hash(&m, Side::Crm, &r);
         assert_eq!(before, expected(&m));
-        // The same map value, changed in place: the per-thread field list must not go stale.
+        // A map with other fields (a map is never changed once used: a new one is built, here
+        // from a clone, which starts without a plan): the hash follows its fields.
+        let mut m = m.clone();
         if let Some(crm) = m.fields[1].crm.as_mut() {
             crm.name = "description".into();
         }

@@ -14,7 +14,6 @@
 use std::cell::Cell;
 use std::cmp::Ordering;
 use std::collections::btree_map;
-use std::iter::Peekable;
 
 use chrono::Datelike;
 use xxhash_rust::xxh3::xxh3_128;
@@ -63,12 +62,12 @@ pub(crate) fn hash_sorted_fields<S: AsRef<str>>(
     names_hash: u128,
 ) -> FieldsHash {
     let mut fields = SortedFields::new(record);
-    hash_sorted_with(names, names_hash, |name| fields.seek(name))
+    hash_sorted_with(names, names_hash, |_, name| fields.seek(name))
 }
 
 /// Hashes `names` (sorted, without duplicates; `names_hash` is [`names_hash`] of them) with
-/// `value_of` giving each name's value (`None` hashes as null). `value_of` is called once per
-/// name, in name order.
+/// `value_of` giving each name's value from its position in `names` and the name (`None`
+/// hashes as null). `value_of` is called once per name, in name order.
 ///
 /// The names enter through `names_hash`; the values follow in name order, each
 /// self-delimiting (fixed size for its type tag, or text ended by a byte UTF-8 never
@@ -76,7 +75,7 @@ pub(crate) fn hash_sorted_fields<S: AsRef<str>>(
 pub(crate) fn hash_sorted_with<'v, S: AsRef<str>>(
     names: &[S],
     names_hash: u128,
-    mut value_of: impl FnMut(&str) -> Option<&'v Value>,
+    mut value_of: impl FnMut(usize, &str) -> Option<&'v Value>,
 ) -> FieldsHash {
     debug_assert!(
         names.windows(2).all(|w| w[0].as_ref() < w[1].as_ref()),
@@ -84,9 +83,14 @@ pub(crate) fn hash_sorted_with<'v, S: AsRef<str>>(
     );
     let mut buf = BUFFER.take();
     buf.clear();
+    // Room for the usual value sizes, so the encoding rarely grows the buffer.
+    buf.reserve(16 + names.len() * 24);
     buf.extend_from_slice(&names_hash.to_le_bytes());
-    for name in names {
-        encode_value(&mut buf, value_of(name.as_ref()).unwrap_or(&Value::Null));
+    for (index, name) in names.iter().enumerate() {
+        encode_value(
+            &mut buf,
+            value_of(index, name.as_ref()).unwrap_or(&Value::Null),
+        );
         buf.push(END_VALUE);
     }
     let hash = FieldsHash(xxh3_128(&buf));
@@ -98,28 +102,28 @@ pub(crate) fn hash_sorted_with<'v, S: AsRef<str>>(
 /// increasing order by advancing through the record once.
 #[derive(Debug)]
 pub(crate) struct SortedFields<'r> {
-    fields: Peekable<btree_map::Iter<'r, String, Value>>,
+    fields: btree_map::Iter<'r, String, Value>,
+    /// The first field not yet passed.
+    current: Option<(&'r String, &'r Value)>,
 }
 
 impl<'r> SortedFields<'r> {
     /// A reader at the record's first field.
     pub(crate) fn new(record: &'r Record) -> Self {
-        SortedFields {
-            fields: record.fields.iter().peekable(),
-        }
+        let mut fields = record.fields.iter();
+        let current = fields.next();
+        SortedFields { fields, current }
     }
 
     /// The value of field `name`, `None` when the record does not carry it. Each name must be
     /// greater than the one asked before (skipping names is fine).
+    #[inline]
     pub(crate) fn seek(&mut self, name: &str) -> Option<&'r Value> {
-        while let Some((field, value)) = self.fields.peek() {
+        while let Some((field, value)) = self.current {
             match compare_names(field, name) {
-                Ordering::Less => {
-                    self.fields.next();
-                }
+                Ordering::Less => self.current = self.fields.next(),
                 Ordering::Equal => {
-                    let value = *value;
-                    self.fields.next();
+                    self.current = self.fields.next();
                     return Some(value);
                 }
                 Ordering::Greater => return None,
@@ -131,24 +135,48 @@ impl<'r> SortedFields<'r> {
 
 /// `a.cmp(b)` for field names, eight bytes at a time: field names are short and share long
 /// prefixes (`msdyn_`, `address1_`), and this runs a few hundred times per change, where a
-/// `memcmp` call per comparison costs more than the comparison.
+/// `memcmp` call per comparison costs more than the comparison. Words of the common length
+/// compare as big-endian integers (which order like their bytes), the last partial word as the
+/// overlapping last eight bytes (byte by byte below eight); then the shorter name is first.
+#[inline]
 fn compare_names(a: &str, b: &str) -> Ordering {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let common = a.len().min(b.len());
-    let (mut x, mut y) = (a[..common].chunks_exact(8), b[..common].chunks_exact(8));
-    for (p, q) in x.by_ref().zip(y.by_ref()) {
-        let (mut pw, mut qw) = ([0u8; 8], [0u8; 8]);
-        pw.copy_from_slice(p);
-        qw.copy_from_slice(q);
-        // Big-endian words order like their bytes.
-        let order = u64::from_be_bytes(pw).cmp(&u64::from_be_bytes(qw));
+    let mut at = 0;
+    while at + 8 <= common {
+        let order = word(a, at).cmp(&word(b, at));
         if order != Ordering::Equal {
             return order;
         }
+        at += 8;
     }
-    x.remainder().cmp(y.remainder()).then(a.len().cmp(&b.len()))
+    if at < common && common >= 8 {
+        // The last eight bytes of the common length: the bytes before `at` are equal, so the
+        // overlapping word orders like the bytes after them.
+        let order = word(a, common - 8).cmp(&word(b, common - 8));
+        if order != Ordering::Equal {
+            return order;
+        }
+        at = common;
+    }
+    while at < common {
+        let order = a[at].cmp(&b[at]);
+        if order != Ordering::Equal {
+            return order;
+        }
+        at += 1;
+    }
+    a.len().cmp(&b.len())
 }
 
+/// The eight bytes of `bytes` at `at` as a big-endian word (a fixed-size load, no call).
+fn word(bytes: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_be_bytes(w)
+}
+
+#[inline]
 fn encode_value(buf: &mut Vec<u8>, v: &Value) {
     match v {
         Value::Null => buf.push(0),
@@ -183,7 +211,7 @@ fn encode_value(buf: &mut Vec<u8>, v: &Value) {
         Value::Enum(s) => {
             // Enum symbols compare without case.
             buf.push(8);
-            buf.extend(s.bytes().map(|b| b.to_ascii_lowercase()));
+            push_lowercase(buf, s);
         }
         Value::Lookup(l) => {
             buf.push(9);
@@ -196,7 +224,7 @@ fn encode_value(buf: &mut Vec<u8>, v: &Value) {
             match (&l.id, &l.key) {
                 (Some(id), _) => {
                     buf.push(2);
-                    buf.extend(id.bytes().map(|b| b.to_ascii_lowercase()));
+                    push_lowercase(buf, id);
                 }
                 (None, Some(k)) => {
                     buf.push(1);
@@ -211,6 +239,13 @@ fn encode_value(buf: &mut Vec<u8>, v: &Value) {
             }
         }
     }
+}
+
+/// Appends `s` with ASCII letters in lower case.
+fn push_lowercase(buf: &mut Vec<u8>, s: &str) {
+    let start = buf.len();
+    buf.extend_from_slice(s.as_bytes());
+    buf[start..].make_ascii_lowercase();
 }
 
 #[cfg(test)]
@@ -335,6 +370,15 @@ mod tests {
             .with("a", Value::Null)
             .with("ab", Value::Text("c".into()));
         assert_ne!(hash_fields(&a, ["a", "ab"]), hash_fields(&b, ["a", "ab"]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn name_comparison_orders_like_str_for_any_text(a in ".{0,24}", b in ".{0,24}") {
+            proptest::prop_assert_eq!(compare_names(&a, &b), a.cmp(&b));
+            let prefixed = format!("{a}{b}");
+            proptest::prop_assert_eq!(compare_names(&a, &prefixed), a.cmp(&prefixed));
+        }
     }
 
     #[test]

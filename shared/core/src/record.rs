@@ -116,9 +116,16 @@ impl IntegrationKey {
         let mut out = String::with_capacity(32);
         let mut first = true;
         if let Some(c) = company {
-            // Upper-cased char by char: the same text as `c.to_uppercase()`, no temporary.
-            for upper in c.chars().flat_map(char::to_uppercase) {
-                push_escaped_char(&mut out, upper);
+            if c.is_ascii() && !has_separator(c) {
+                // The usual company code (`usmf`): upper-cased in place, nothing to escape.
+                let start = out.len();
+                out.push_str(c);
+                out[start..].make_ascii_uppercase();
+            } else {
+                // Upper-cased char by char: the same text as `c.to_uppercase()`, no temporary.
+                for upper in c.chars().flat_map(char::to_uppercase) {
+                    push_escaped_char(&mut out, upper);
+                }
             }
             first = false;
         }
@@ -139,13 +146,19 @@ impl IntegrationKey {
 }
 
 fn push_escaped(out: &mut String, v: &str) {
-    if !v.contains(['/', '\\']) {
+    if !has_separator(v) {
         out.push_str(v);
         return;
     }
     for c in v.chars() {
         push_escaped_char(out, c);
     }
+}
+
+/// True when `v` holds a `/` or `\\` (a byte scan: both are ASCII, so never part of another
+/// character).
+fn has_separator(v: &str) -> bool {
+    v.bytes().any(|b| b == b'/' || b == b'\\')
 }
 
 fn push_escaped_char(out: &mut String, c: char) {
@@ -171,6 +184,12 @@ mod tests {
     fn the_company_is_upper_cased_and_escaped_like_values() {
         let a = IntegrationKey::from_parts(Some("straße/1"), ["x"]);
         assert_eq!(a.as_str(), "STRASSE\\/1/x");
+        let ascii = IntegrationKey::from_parts(Some("us\\mf/1"), ["x"]);
+        assert_eq!(ascii.as_str(), "US\\\\MF\\/1/x");
+        assert_eq!(
+            IntegrationKey::from_parts(Some("usMf"), ["x"]).as_str(),
+            "USMF/x"
+        );
     }
 
     #[test]

@@ -5,9 +5,6 @@
 //! change (budget: a few microseconds for a 40-field map), so nothing clones the map and values
 //! are transformed in place where the step allows it. Decimals never go through floats.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::rc::Rc;
 use std::str::FromStr;
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime};
@@ -15,6 +12,7 @@ use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 
 use crate::hash::SortedFields;
+use crate::map::plan::{MapPlan, SideFields};
 use crate::map::{FieldMapping, TableMap, TransformStep, ValueMap};
 use crate::record::{IntegrationKey, Record, RecordKey, Side};
 use crate::value::{Value, ValueType};
@@ -82,8 +80,82 @@ pub enum LookupResolution {
     Missing { map: String, key: IntegrationKey },
 }
 
-/// Resolutions by field index.
-pub type ResolvedLookups = HashMap<usize, LookupResolution>;
+/// Resolutions by field index (index of the field mapping in `map.fields`).
+///
+/// A map has a handful of lookups, so this is a small vector searched from the end (a later
+/// [`ResolvedLookups::insert`] of an index replaces the earlier one), not a hash map.
+#[derive(Debug, Clone, Default)]
+pub struct ResolvedLookups {
+    entries: Vec<(usize, LookupResolution)>,
+}
+
+impl ResolvedLookups {
+    /// No resolutions.
+    pub fn new() -> Self {
+        ResolvedLookups::default()
+    }
+
+    /// No resolutions, with room for `capacity` of them.
+    pub fn with_capacity(capacity: usize) -> Self {
+        ResolvedLookups {
+            entries: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Records the resolution of field mapping `field_index`; returns the one it replaces.
+    pub fn insert(
+        &mut self,
+        field_index: usize,
+        resolution: LookupResolution,
+    ) -> Option<LookupResolution> {
+        match self.entries.iter_mut().find(|(i, _)| *i == field_index) {
+            Some((_, slot)) => Some(std::mem::replace(slot, resolution)),
+            None => {
+                self.entries.push((field_index, resolution));
+                None
+            }
+        }
+    }
+
+    /// The resolution of field mapping `field_index`.
+    pub fn get(&self, field_index: usize) -> Option<&LookupResolution> {
+        self.entries
+            .iter()
+            .find(|(i, _)| *i == field_index)
+            .map(|(_, r)| r)
+    }
+
+    /// The resolutions with their field indices, in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &LookupResolution)> {
+        self.entries.iter().map(|(i, r)| (*i, r))
+    }
+
+    /// How many fields are resolved.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no field is resolved.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl FromIterator<(usize, LookupResolution)> for ResolvedLookups {
+    fn from_iter<I: IntoIterator<Item = (usize, LookupResolution)>>(iter: I) -> Self {
+        let mut out = ResolvedLookups::new();
+        out.extend(iter);
+        out
+    }
+}
+
+impl Extend<(usize, LookupResolution)> for ResolvedLookups {
+    fn extend<I: IntoIterator<Item = (usize, LookupResolution)>>(&mut self, iter: I) {
+        for (index, resolution) in iter {
+            self.insert(index, resolution);
+        }
+    }
+}
 
 /// The integration key of a record of `side`.
 ///
@@ -185,113 +257,6 @@ pub fn mapped_fields(map: &TableMap, side: Side) -> Vec<&str> {
     names
 }
 
-/// How many (map, side) field lists [`side_fields`] keeps per thread.
-const SIDE_FIELDS_CACHE_SIZE: usize = 64;
-
-/// The mapped fields of one side of a map, prepared for the per-record path.
-#[derive(Debug)]
-pub(crate) struct SideFields {
-    /// [`mapped_fields`]: sorted, deduplicated.
-    pub(crate) names: Box<[Box<str>]>,
-    /// Per field mapping (by index in `map.fields`), the position of its field of this side
-    /// in `names`; `None` for a mapping without a field on this side.
-    pub(crate) position: Box<[Option<usize>]>,
-    /// [`crate::hash::names_hash`] of `names`.
-    pub(crate) names_hash: u128,
-}
-
-impl SideFields {
-    fn new(map: &TableMap, side: Side) -> Self {
-        let names: Box<[Box<str>]> = mapped_fields(map, side)
-            .into_iter()
-            .map(Box::from)
-            .collect();
-        let position = map
-            .fields
-            .iter()
-            .map(|f| {
-                let name = f.field(side)?.name.as_str();
-                names.binary_search_by(|n| (**n).cmp(name)).ok()
-            })
-            .collect();
-        let names_hash = crate::hash::names_hash(&names);
-        SideFields {
-            names,
-            position,
-            names_hash,
-        }
-    }
-
-    /// Hash of `record`'s values of these fields (what `decision::side_hash` returns).
-    pub(crate) fn hash(&self, record: &Record) -> crate::ports::FieldsHash {
-        crate::hash::hash_sorted_fields(record, &self.names, self.names_hash)
-    }
-}
-
-/// One memoised [`SideFields`].
-#[derive(Debug)]
-struct SideFieldsEntry {
-    /// Address of the map it was computed for (an identity hint only: `names` decides).
-    map: usize,
-    side: Side,
-    /// Per field mapping, the side's field name when the entry was computed. The entry is used
-    /// only while the map still names exactly these fields, so a map changed in place or a new
-    /// map at a reused address never gets a stale list.
-    names: Vec<Option<Box<str>>>,
-    fields: Rc<SideFields>,
-}
-
-thread_local! {
-    static SIDE_FIELDS: RefCell<Vec<SideFieldsEntry>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The [`SideFields`] of `side` in `map`, memoised per thread: the engine hashes a side's
-/// mapped fields several times per change, and sorting a 50-field map's names each time would
-/// dominate the cost. Checking that a cached entry still fits the map is one string
-/// comparison per field mapping.
-pub(crate) fn side_fields(map: &TableMap, side: Side) -> Rc<SideFields> {
-    let address = std::ptr::from_ref(map) as usize;
-    let fits = |entry: &SideFieldsEntry| {
-        entry.names.len() == map.fields.len()
-            && map
-                .fields
-                .iter()
-                .zip(&entry.names)
-                .all(|(f, name)| f.field(side).map(|r| r.name.as_str()) == name.as_deref())
-    };
-    SIDE_FIELDS.with_borrow_mut(|cache| {
-        let slot = cache
-            .iter()
-            .position(|e| e.map == address && e.side == side);
-        if let Some(i) = slot
-            && fits(&cache[i])
-        {
-            return Rc::clone(&cache[i].fields);
-        }
-        let entry = SideFieldsEntry {
-            map: address,
-            side,
-            names: map
-                .fields
-                .iter()
-                .map(|f| f.field(side).map(|r| r.name.as_str().into()))
-                .collect(),
-            fields: Rc::new(SideFields::new(map, side)),
-        };
-        let fields = Rc::clone(&entry.fields);
-        match slot {
-            Some(i) => cache[i] = entry,
-            None => {
-                if cache.len() >= SIDE_FIELDS_CACHE_SIZE {
-                    cache.remove(0);
-                }
-                cache.push(entry);
-            }
-        }
-        fields
-    })
-}
-
 /// The lookups to resolve before mapping `record` (from `source`) to the other side.
 ///
 /// Knows only `map`, so an F&O natural key gets the record's company whenever the record has
@@ -322,8 +287,10 @@ pub fn lookup_requests_with<'m>(
     find_map: impl Fn(&str) -> Option<&'m TableMap>,
 ) -> Vec<LookupRequest> {
     let target_side = source.other();
-    let mut requests = Vec::new();
-    for (field_index, fm) in map.fields.iter().enumerate() {
+    let lookup_fields = &map.plan().lookups;
+    let mut requests = Vec::with_capacity(lookup_fields.len());
+    for &field_index in lookup_fields.iter() {
+        let fm = &map.fields[field_index];
         let Some(spec) = &fm.lookup else { continue };
         if !fm.direction.flows_from(source) || fm.field(target_side).is_none() {
             continue;
@@ -402,97 +369,93 @@ pub fn apply_map(
     record: &Record,
     lookups: &ResolvedLookups,
 ) -> Result<Record, ApplyError> {
-    apply_map_to(
-        map,
-        source,
-        record,
-        lookups,
-        &side_fields(map, source),
-        &side_fields(map, source.other()),
-    )
+    let plan = map.plan();
+    with_slots(|slots| {
+        fill_slots(map, plan, source, record, lookups, slots)?;
+        Ok(slots_to_record(map, source.other(), record, plan, slots))
+    })
 }
 
-/// [`apply_map`] with the source and target sides' [`SideFields`] at hand.
+/// Runs `f` with the per-thread slot buffer (one slot per target field), emptied after.
+pub(crate) fn with_slots<T>(f: impl FnOnce(&mut Vec<Option<Value>>) -> T) -> T {
+    let mut slots = SLOTS.take();
+    let out = f(&mut slots);
+    slots.clear();
+    SLOTS.set(slots);
+    out
+}
+
+thread_local! {
+    /// [`with_slots`]' buffer, kept between calls (emptied after each).
+    static SLOTS: std::cell::Cell<Vec<Option<Value>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The record [`apply_map`] returns, from the slots [`fill_slots`] filled: a record of the
+/// `target` entity with the source record's company and the filled slots as fields. Takes the
+/// values out of the slots.
+///
+/// The slots are in name order, so the record's fields are built in one sorted pass instead
+/// of one tree insertion per field.
+pub(crate) fn slots_to_record(
+    map: &TableMap,
+    target: Side,
+    source_record: &Record,
+    plan: &MapPlan,
+    slots: &mut [Option<Value>],
+) -> Record {
+    let entity = match target {
+        Side::Crm => &map.crm.entity_set,
+        Side::Erp => &map.erp.entity,
+    };
+    let mut out = Record::new(entity.as_str());
+    out.company = source_record.company.clone();
+    let target_fields = plan.side(target);
+    if slots.iter().all(Option::is_some) {
+        // Every field written (the usual full record): the tree is the template's, only the
+        // values change.
+        out.fields = target_fields.template.clone();
+        for (value, slot) in out.fields.values_mut().zip(slots.iter_mut()) {
+            if let Some(new_value) = slot.take() {
+                *value = new_value;
+            }
+        }
+        return out;
+    }
+    let mut pairs = Vec::with_capacity(slots.len());
+    for (name, slot) in target_fields.names.iter().zip(slots.iter_mut()) {
+        if let Some(value) = slot.take() {
+            pairs.push((String::from(&**name), value));
+        }
+    }
+    // Sorted and distinct: the tree is built in one pass.
+    out.fields = pairs.into_iter().collect();
+    out
+}
+
+/// Computes [`apply_map`]'s values into `slots` (cleared, then one per target field, by
+/// position in the target side's sorted names).
 ///
 /// The source record is read in one pass in name order (not one tree search per field).
-/// Values are computed in field-mapping order (so the first error is the first bad field, and
-/// a later mapping of the same target field wins), into one slot per target field; the slots
-/// are then read in name order, so the record's fields are built in one sorted pass instead of
-/// one tree insertion per field.
-pub(crate) fn apply_map_to(
+/// Values are computed in field-mapping order, so the first error is the first bad field, and
+/// a later mapping of the same target field wins.
+pub(crate) fn fill_slots(
     map: &TableMap,
+    plan: &MapPlan,
     source: Side,
     record: &Record,
     lookups: &ResolvedLookups,
-    source_fields: &SideFields,
-    target_fields: &SideFields,
-) -> Result<Record, ApplyError> {
-    let target = source.other();
+    slots: &mut Vec<Option<Value>>,
+) -> Result<(), ApplyError> {
+    let source_fields: &SideFields = plan.side(source);
+    let target_fields: &SideFields = plan.side(source.other());
     let mut reader = SortedFields::new(record);
     let source_values: Vec<Option<&Value>> = source_fields
         .names
         .iter()
         .map(|name| reader.seek(name))
         .collect();
-    let entity = match target {
-        Side::Crm => &map.crm.entity_set,
-        Side::Erp => &map.erp.entity,
-    };
-    let mut out = Record::new(entity.as_str());
-    out.company = record.company.clone();
-    let mut slots = SLOTS.take();
     slots.clear();
     slots.resize_with(target_fields.names.len(), || None);
-    let filled = fill_slots(
-        map,
-        Source {
-            side: source,
-            record,
-            values: &source_values,
-            fields: source_fields,
-        },
-        lookups,
-        target_fields,
-        &mut slots,
-    );
-    if filled.is_ok() {
-        let mut pairs = Vec::with_capacity(slots.len());
-        for (name, slot) in target_fields.names.iter().zip(slots.iter_mut()) {
-            if let Some(value) = slot.take() {
-                pairs.push((String::from(&**name), value));
-            }
-        }
-        // Sorted and distinct: the tree is built in one pass.
-        out.fields = pairs.into_iter().collect();
-    }
-    slots.clear();
-    SLOTS.set(slots);
-    filled.map(|()| out)
-}
-
-thread_local! {
-    /// [`apply_map_to`]'s slots, kept between calls (emptied after each).
-    static SLOTS: std::cell::Cell<Vec<Option<Value>>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// The record [`apply_map_to`] maps, with its values by position in `fields.names`.
-struct Source<'a> {
-    side: Side,
-    record: &'a Record,
-    values: &'a [Option<&'a Value>],
-    fields: &'a SideFields,
-}
-
-/// Computes [`apply_map`]'s values into `slots` (one per target field, by position in
-/// `target_fields.names`).
-fn fill_slots(
-    map: &TableMap,
-    from: Source<'_>,
-    lookups: &ResolvedLookups,
-    target_fields: &SideFields,
-    slots: &mut [Option<Value>],
-) -> Result<(), ApplyError> {
-    let (source, record) = (from.side, from.record);
     for (index, fm) in map.fields.iter().enumerate() {
         let Some(slot) = target_fields.position[index] else {
             continue;
@@ -504,23 +467,27 @@ fn fill_slots(
                 _ => continue,
             },
             Some(src) => {
-                let is_key = is_key_field(map, fm);
+                let is_key = plan.is_key[index];
                 if !flows && !is_key {
                     continue;
                 }
-                let raw = from.fields.position[index].and_then(|i| from.values[i]);
+                let raw = source_fields.position[index].and_then(|i| source_values[i]);
                 let Some(raw) = raw else {
                     continue;
                 };
-                let value = if fm.lookup.is_some() {
+                let mut value = if fm.lookup.is_some() {
                     resolve_lookup(map, fm, index, raw, lookups)?
+                } else if fm.value_map.is_none() && steps_to(fm, source.other()).is_empty() {
+                    // Most fields: the value as it is, no translation to run.
+                    raw.clone()
                 } else {
                     transform_value(map, fm, source, raw.clone())?
                 };
-                let value = match (&fm.default, value) {
-                    (Some(default), Value::Null) => default.clone(),
-                    (_, value) => value,
-                };
+                if value.is_null()
+                    && let Some(default) = &fm.default
+                {
+                    value = default.clone();
+                }
                 if is_key && value.is_null() {
                     return Err(missing_key(map, source, record, &src.name));
                 }
@@ -548,14 +515,18 @@ pub fn transform_value(
         Some(value_map) if !value.is_null() => map_value(map, fm, value_map, source, &value)?,
         _ => value,
     };
-    let steps = match source.other() {
-        Side::Crm => &fm.to_crm,
-        Side::Erp => &fm.to_erp,
-    };
-    for step in steps {
+    for step in steps_to(fm, source.other()) {
         value = apply_step(step, value).map_err(|message| bad_value(map, fm, message))?;
     }
     Ok(value)
+}
+
+/// The steps of `fm` applied on the way to `target`.
+fn steps_to(fm: &FieldMapping, target: Side) -> &[TransformStep] {
+    match target {
+        Side::Crm => &fm.to_crm,
+        Side::Erp => &fm.to_erp,
+    }
 }
 
 /// Applies one transform step to a value. Null passes through every step.
@@ -779,7 +750,7 @@ fn resolve_lookup(
     if raw.is_null() {
         return Ok(Value::Null);
     }
-    match lookups.get(&index) {
+    match lookups.get(index) {
         Some(LookupResolution::Resolved(value)) => Ok(value.clone()),
         Some(LookupResolution::Missing {
             map: referenced,
@@ -855,7 +826,7 @@ fn key_mapping<'m>(map: &'m TableMap, erp_name: &str) -> Option<&'m FieldMapping
         .find(|f| f.erp.as_ref().is_some_and(|e| e.name == erp_name))
 }
 
-fn is_key_field(map: &TableMap, fm: &FieldMapping) -> bool {
+pub(crate) fn is_key_field(map: &TableMap, fm: &FieldMapping) -> bool {
     fm.is_key
         || fm
             .erp
@@ -1089,6 +1060,7 @@ mod tests {
             depends_on: Vec::new(),
             conflict: ConflictPolicy::default(),
             delete: DeletePolicy::default(),
+            plan: Default::default(),
         }
     }
 
@@ -1238,7 +1210,7 @@ mod tests {
     }
 
     fn resolved(index: usize, value: Value) -> ResolvedLookups {
-        HashMap::from([(index, LookupResolution::Resolved(value))])
+        ResolvedLookups::from_iter([(index, LookupResolution::Resolved(value))])
     }
 
     fn bad_value_message(result: Result<Record, ApplyError>) -> (String, String) {
@@ -1675,7 +1647,7 @@ mod tests {
         ));
         assert_eq!(field, "SalesCurrencyCode = transactioncurrencyid");
         assert!(message.contains("unresolved"), "{message}");
-        let missing = HashMap::from([(
+        let missing = ResolvedLookups::from_iter([(
             CURRENCY,
             LookupResolution::Missing {
                 map: "currencies".into(),

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod filter;
+pub mod plan;
 pub mod raw;
 pub mod validate;
 
@@ -16,8 +17,12 @@ use crate::record::Side;
 use crate::value::{Value, ValueType};
 
 pub use filter::Filter;
+pub use plan::PlanCell;
 
 /// A validated table map.
+///
+/// A map must not be changed after its first use (build a new one instead): the per-record
+/// path keeps a plan derived from it in its `plan` field (see [`plan`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TableMap {
     /// Unique name, e.g. `customers-v3-accounts`.
@@ -42,6 +47,10 @@ pub struct TableMap {
     pub conflict: ConflictPolicy,
     /// What to do on the other side when a record is deleted.
     pub delete: DeletePolicy,
+    /// The per-record plan derived from the fields above on first use; `Default::default()`
+    /// when building a map. Not part of the map's meaning (see [`plan`]).
+    #[serde(skip)]
+    pub plan: PlanCell,
 }
 
 /// The Dataverse table of a map.
@@ -197,7 +206,10 @@ pub enum TransformStep {
     /// Remove a leading text if present.
     StripPrefix(String),
     /// Replace every occurrence of `from` with `to`.
-    Replace { from: String, to: String },
+    Replace {
+        from: String,
+        to: String,
+    },
     /// Explicit type coercion (text ↔ integer/decimal/boolean/date…, choice ↔ integer, enum ↔ text).
     Convert(ValueType),
 }

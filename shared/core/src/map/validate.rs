@@ -311,6 +311,7 @@ impl Checker<'_> {
             depends_on,
             conflict,
             delete,
+            plan: Default::default(),
         })
     }
 
@@ -1607,7 +1608,8 @@ fields:
         let d = errors_of(&with_fields("  - { erp: Name, crm: name2, dir: \"=\" }\n"));
         assert!(
             d.iter().any(|x| x.line == 14
-                && x.message.contains("source field `Name` is already mapped both ways on line 13")
+                && x.message
+                    .contains("source field `Name` is already mapped both ways on line 13")
                 && x.message.contains("DIPV1023")),
             "{d:#?}"
         );

@@ -89,6 +89,7 @@ fn map(
         depends_on: Vec::new(),
         conflict: ConflictPolicy::default(),
         delete: DeletePolicy::default(),
+        plan: Default::default(),
     }
 }
 

@@ -1,0 +1,220 @@
+//! The per-map plan: what the per-record path needs to know about a [`TableMap`] (sorted field
+//! lists, their name hashes, each mapping's position in them, key flags, lookup fields),
+//! computed once per map on first use and kept in the map itself.
+//!
+//! A map is data that the engine reads millions of times and never changes after loading, so
+//! the plan is derived lazily from `&TableMap` and stored in its [`PlanCell`]. The price is a
+//! rule: **a `TableMap` must not be mutated after its first use** (build a new map instead; a
+//! clone starts with an empty plan). Debug builds check the rule on every use and panic with the
+//! map's name when it is broken; release builds trust it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::OnceLock;
+
+use crate::hash::{hash_sorted_fields, names_hash};
+use crate::map::TableMap;
+use crate::map::apply::{is_key_field, mapped_fields};
+use crate::ports::FieldsHash;
+use crate::record::{Record, Side};
+use crate::value::Value;
+
+/// Where a [`TableMap`] keeps its plan. Not part of the map's meaning: it compares equal to
+/// every other cell, is not serialised, and a clone starts empty.
+///
+/// Build one with `PlanCell::default()` (or `Default::default()` in a `TableMap { .. }`
+/// literal).
+#[derive(Default)]
+pub struct PlanCell(OnceLock<MapPlan>);
+
+impl Clone for PlanCell {
+    /// An empty cell: the clone may be changed before its first use, so it computes its own.
+    fn clone(&self) -> Self {
+        PlanCell::default()
+    }
+}
+
+impl PartialEq for PlanCell {
+    /// Always true: two maps with the same content are equal whatever they have computed.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for PlanCell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "PlanCell(computed)"
+        } else {
+            "PlanCell(empty)"
+        })
+    }
+}
+
+/// What the per-record path needs to know about a map, computed once (see the module docs).
+#[derive(Debug, PartialEq)]
+pub(crate) struct MapPlan {
+    /// The Dataverse side's mapped fields.
+    crm: SideFields,
+    /// The F&O side's mapped fields.
+    erp: SideFields,
+    /// Per field mapping (by index in `map.fields`): whether it is a key field
+    /// ([`is_key_field`]).
+    pub(crate) is_key: Box<[bool]>,
+    /// Indices in `map.fields` of the mappings with a `lookup`, in map order.
+    pub(crate) lookups: Box<[usize]>,
+}
+
+impl MapPlan {
+    fn new(map: &TableMap) -> Self {
+        MapPlan {
+            crm: SideFields::new(map, Side::Crm),
+            erp: SideFields::new(map, Side::Erp),
+            is_key: map.fields.iter().map(|f| is_key_field(map, f)).collect(),
+            lookups: map
+                .fields
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.lookup.is_some())
+                .map(|(i, _)| i)
+                .collect(),
+        }
+    }
+
+    /// The mapped fields of `side`.
+    pub(crate) fn side(&self, side: Side) -> &SideFields {
+        match side {
+            Side::Crm => &self.crm,
+            Side::Erp => &self.erp,
+        }
+    }
+}
+
+impl TableMap {
+    /// The map's plan, computed on first use.
+    ///
+    /// # Panics
+    /// In debug builds, when the map was changed after the plan was computed (see the module
+    /// docs): a stale plan would silently hash and map the wrong fields.
+    pub(crate) fn plan(&self) -> &MapPlan {
+        let plan = self.plan.0.get_or_init(|| MapPlan::new(self));
+        debug_assert!(
+            *plan == MapPlan::new(self),
+            "table map {} was changed after its first use; a TableMap must not be mutated once \
+             used: build a new one (or clone it before the change)",
+            self.name
+        );
+        plan
+    }
+}
+
+/// The mapped fields of one side of a map, prepared for the per-record path.
+#[derive(Debug, PartialEq)]
+pub(crate) struct SideFields {
+    /// [`mapped_fields`]: sorted, deduplicated.
+    pub(crate) names: Box<[Box<str>]>,
+    /// Per field mapping (by index in `map.fields`), the position of its field of this side
+    /// in `names`; `None` for a mapping without a field on this side.
+    pub(crate) position: Box<[Option<usize>]>,
+    /// [`names_hash`] of `names`.
+    pub(crate) names_hash: u128,
+    /// A record's fields with every name of `names` and null values: cloning it builds the
+    /// tree of a record that carries all of them without comparing or sorting names.
+    pub(crate) template: BTreeMap<String, Value>,
+}
+
+impl SideFields {
+    fn new(map: &TableMap, side: Side) -> Self {
+        let names: Box<[Box<str>]> = mapped_fields(map, side)
+            .into_iter()
+            .map(Box::from)
+            .collect();
+        let position = map
+            .fields
+            .iter()
+            .map(|f| {
+                let name = f.field(side)?.name.as_str();
+                names.binary_search_by(|n| (**n).cmp(name)).ok()
+            })
+            .collect();
+        let names_hash = names_hash(&names);
+        let template = names
+            .iter()
+            .map(|n| (String::from(&**n), Value::Null))
+            .collect();
+        SideFields {
+            names,
+            position,
+            names_hash,
+            template,
+        }
+    }
+
+    /// Hash of `record`'s values of these fields (what `decision::side_hash` returns).
+    pub(crate) fn hash(&self, record: &Record) -> FieldsHash {
+        hash_sorted_fields(record, &self.names, self.names_hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::map::validate::load_maps;
+    use crate::record::Side;
+
+    const MAP: &str = "\
+name: m
+description: test
+crm: { entity_set: accounts, logical_name: account, primary_id: accountid, key: [accountnumber] }
+erp: { entity: Customers, key: [CustomerAccount], company_specific: false }
+fields:
+  - { erp: CustomerAccount, crm: accountnumber, dir: \"=\" }
+  - { erp: Name, crm: name, dir: \"=\" }
+  - { erp: Group, crm: groupid, dir: \"=\", crm_type: lookup, lookup: m }
+";
+
+    fn map() -> crate::map::TableMap {
+        let mut maps = load_maps(&[("m.yaml".into(), MAP.into())]).unwrap_or_else(|d| {
+            panic!(
+                "{}",
+                d.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        maps.remove(0)
+    }
+
+    #[test]
+    fn the_plan_lists_sorted_fields_positions_keys_and_lookups() {
+        let m = map();
+        let plan = m.plan();
+        let crm: Vec<&str> = plan.side(Side::Crm).names.iter().map(|n| &**n).collect();
+        assert_eq!(crm, ["accountnumber", "groupid", "name"]);
+        assert_eq!(&*plan.side(Side::Crm).position, [Some(0), Some(2), Some(1)]);
+        assert_eq!(&*plan.is_key, [true, false, false]);
+        assert_eq!(&*plan.lookups, [2]);
+    }
+
+    #[test]
+    fn a_clone_starts_without_a_plan_and_equals_its_original() {
+        let m = map();
+        let _ = m.plan();
+        assert_eq!(format!("{:?}", m.plan), "PlanCell(computed)");
+        let copy = m.clone();
+        assert_eq!(format!("{:?}", copy.plan), "PlanCell(empty)");
+        assert_eq!(copy, m);
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "table map m was changed after its first use")]
+    fn changing_a_used_map_is_caught_in_debug_builds() {
+        let mut m = map();
+        let _ = m.plan();
+        if let Some(crm) = m.fields[1].crm.as_mut() {
+            crm.name = "description".into();
+        }
+        let _ = m.plan();
+    }
+}
