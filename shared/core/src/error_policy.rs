@@ -31,7 +31,11 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { base: Duration::from_millis(200), max: Duration::from_secs(60), max_attempts: 8 }
+        Backoff {
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(60),
+            max_attempts: 8,
+        }
     }
 }
 
@@ -40,7 +44,9 @@ impl Backoff {
     /// between half and all of `base * 2^(attempt-1)`, capped at `max`. `jitter` is a number in
     /// [0, 1) supplied by the caller so this stays deterministic under test.
     pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
         let capped = exp.min(self.max);
         let half = capped / 2;
         half + half.mul_f64(jitter.clamp(0.0, 1.0))
@@ -48,30 +54,43 @@ impl Backoff {
 }
 
 /// Classifies a connector failure on attempt `attempt` (1-based).
-pub fn disposition(error: &ConnectorError, attempt: u32, backoff: &Backoff, jitter: f64) -> Disposition {
+pub fn disposition(
+    error: &ConnectorError,
+    attempt: u32,
+    backoff: &Backoff,
+    jitter: f64,
+) -> Disposition {
     match &error.kind {
         ConnectorErrorKind::Unauthorized if attempt <= 1 => Disposition::RefreshTokenOnce,
         ConnectorErrorKind::Unauthorized => Disposition::Permanent,
-        ConnectorErrorKind::Forbidden | ConnectorErrorKind::NotFound | ConnectorErrorKind::BadRequest => {
-            Disposition::Permanent
-        }
+        ConnectorErrorKind::Forbidden
+        | ConnectorErrorKind::NotFound
+        | ConnectorErrorKind::BadRequest => Disposition::Permanent,
         ConnectorErrorKind::PreconditionFailed => Disposition::RereadAndRedecide,
         ConnectorErrorKind::Throttled { retry_after_ms } if attempt < backoff.max_attempts => {
-            Disposition::RetryAfter(Duration::from_millis(*retry_after_ms).max(backoff.delay(attempt, jitter)))
+            Disposition::RetryAfter(
+                Duration::from_millis(*retry_after_ms).max(backoff.delay(attempt, jitter)),
+            )
         }
         ConnectorErrorKind::Transient if attempt < backoff.max_attempts => {
             Disposition::RetryAfter(backoff.delay(attempt, jitter))
         }
-        ConnectorErrorKind::Throttled { .. } | ConnectorErrorKind::Transient => Disposition::Permanent,
+        ConnectorErrorKind::Throttled { .. } | ConnectorErrorKind::Transient => {
+            Disposition::Permanent
+        }
     }
 }
 
 /// How a failure is logged for operators.
 pub fn error_class(error: &ConnectorError) -> ErrorClass {
     match error.kind {
-        ConnectorErrorKind::Throttled { .. } | ConnectorErrorKind::Transient => ErrorClass::Retryable,
+        ConnectorErrorKind::Throttled { .. } | ConnectorErrorKind::Transient => {
+            ErrorClass::Retryable
+        }
         ConnectorErrorKind::PreconditionFailed => ErrorClass::Retryable,
-        ConnectorErrorKind::Unauthorized | ConnectorErrorKind::Forbidden => ErrorClass::NeedsAttention,
+        ConnectorErrorKind::Unauthorized | ConnectorErrorKind::Forbidden => {
+            ErrorClass::NeedsAttention
+        }
         ConnectorErrorKind::NotFound | ConnectorErrorKind::BadRequest => ErrorClass::Permanent,
     }
 }
@@ -82,21 +101,40 @@ mod tests {
     use crate::record::Side;
 
     fn err(kind: ConnectorErrorKind) -> ConnectorError {
-        ConnectorError { side: Side::Crm, entity: "accounts".into(), kind, status: None, message: "x".into() }
+        ConnectorError {
+            side: Side::Crm,
+            entity: "accounts".into(),
+            kind,
+            status: None,
+            message: "x".into(),
+        }
     }
 
     #[test]
     fn throttling_waits_at_least_retry_after() {
         let b = Backoff::default();
-        let d = disposition(&err(ConnectorErrorKind::Throttled { retry_after_ms: 5_000 }), 1, &b, 0.0);
+        let d = disposition(
+            &err(ConnectorErrorKind::Throttled {
+                retry_after_ms: 5_000,
+            }),
+            1,
+            &b,
+            0.0,
+        );
         assert_eq!(d, Disposition::RetryAfter(Duration::from_secs(5)));
     }
 
     #[test]
     fn unauthorized_refreshes_once_then_gives_up() {
         let b = Backoff::default();
-        assert_eq!(disposition(&err(ConnectorErrorKind::Unauthorized), 1, &b, 0.5), Disposition::RefreshTokenOnce);
-        assert_eq!(disposition(&err(ConnectorErrorKind::Unauthorized), 2, &b, 0.5), Disposition::Permanent);
+        assert_eq!(
+            disposition(&err(ConnectorErrorKind::Unauthorized), 1, &b, 0.5),
+            Disposition::RefreshTokenOnce
+        );
+        assert_eq!(
+            disposition(&err(ConnectorErrorKind::Unauthorized), 2, &b, 0.5),
+            Disposition::Permanent
+        );
     }
 
     #[test]
@@ -106,15 +144,25 @@ mod tests {
         let d3 = b.delay(3, 1.0);
         assert!(d3 > d1);
         assert!(b.delay(30, 1.0) <= b.max);
-        assert_eq!(disposition(&err(ConnectorErrorKind::Transient), b.max_attempts, &b, 0.0), Disposition::Permanent);
+        assert_eq!(
+            disposition(&err(ConnectorErrorKind::Transient), b.max_attempts, &b, 0.0),
+            Disposition::Permanent
+        );
     }
 
     #[test]
     fn client_errors_are_permanent() {
         let b = Backoff::default();
-        for k in [ConnectorErrorKind::BadRequest, ConnectorErrorKind::Forbidden, ConnectorErrorKind::NotFound] {
+        for k in [
+            ConnectorErrorKind::BadRequest,
+            ConnectorErrorKind::Forbidden,
+            ConnectorErrorKind::NotFound,
+        ] {
             assert_eq!(disposition(&err(k), 1, &b, 0.0), Disposition::Permanent);
         }
-        assert_eq!(disposition(&err(ConnectorErrorKind::PreconditionFailed), 1, &b, 0.0), Disposition::RereadAndRedecide);
+        assert_eq!(
+            disposition(&err(ConnectorErrorKind::PreconditionFailed), 1, &b, 0.0),
+            Disposition::RereadAndRedecide
+        );
     }
 }

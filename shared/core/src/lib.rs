@@ -9,8 +9,8 @@
 //! Invariant: this crate never touches the network, the file system or a clock; it has no
 //! AWS, SQLite or HTTP dependency.
 
-pub mod error_policy;
 pub mod decision;
+pub mod error_policy;
 pub mod event;
 pub mod hash;
 pub mod map;
