@@ -2,7 +2,6 @@
 //! simulators, the runtime wired to them through a relay that can capture webhooks instead of
 //! delivering them, reference data seeding, and wait-until-condition helpers.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,15 +11,10 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use dualwrite_core::ValueType;
 use dualwrite_core::map::ConflictPolicy;
-use dualwrite_runtime::demo::{crm_tables, demo_config_yaml, demo_maps, erp_entities};
-use dualwrite_runtime::{Config, Runtime, RuntimeHandle, RuntimeStats};
-use dualwrite_simulators::{
-    ColumnKind, DataverseConfig, DataverseSim, EntraClient, EntraConfig, EntraSim, FnoConfig,
-    FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim, WebhookAuth, WebhookMessage,
-    WebhookRegistration,
-};
+use dualwrite_runtime::demo::demo_maps;
+use dualwrite_runtime::{LocalSecrets, LocalStack, LocalStackOptions, RuntimeHandle, RuntimeStats};
+use dualwrite_simulators::{DataverseSim, EntraSim, FnoSim};
 use serde_json::{Value as Json, json};
 
 /// The map every end-to-end test exercises.
@@ -243,105 +237,37 @@ pub struct Stack {
 impl Stack {
     /// Starts everything and seeds USMF, USD, Net30 and customer group 10 through webhooks.
     pub async fn start(options: StackOptions) -> Stack {
-        let maps = demo_maps(&[CUSTOMERS]);
-        let tenant = "e2e-tenant";
-        let client_secret = "e2e-client-secret-0123456789".to_string();
-        let entra = EntraSim::start(EntraConfig {
-            clients: vec![EntraClient {
-                tenant: tenant.into(),
-                client_id: "dualwrite-demo".into(),
-                client_secret: client_secret.clone(),
-                allowed_scopes: Vec::new(),
-            }],
-            ..EntraConfig::default()
-        })
-        .await
-        .unwrap();
-        let dv = DataverseSim::start(DataverseConfig {
-            tables: crm_tables(&maps),
-            auth: Some(entra.clone()),
-            ..DataverseConfig::default()
-        })
-        .await
-        .unwrap();
-        for map in &maps {
-            for f in &map.fields {
-                if let Some(c) = &f.crm
-                    && c.ty == ValueType::Choice
-                {
-                    dv.set_column_kind(&map.crm.entity_set, &c.name, ColumnKind::OptionSet)
-                        .unwrap();
-                }
-            }
-        }
-        let fno = FnoSim::start(FnoConfig {
-            entities: erp_entities(&maps),
-            default_company: "usmf".into(),
-            auth: Some(entra.clone()),
-            event_retry_delay: Duration::from_millis(100),
-            ..FnoConfig::default()
-        })
-        .await
-        .unwrap();
-
-        let dir = tempfile::tempdir().unwrap();
-        let mut yaml = demo_config_yaml(
-            &maps,
-            &dv.base_url(),
-            &fno.base_url(),
-            &entra.base_url(),
-            tenant,
-        );
+        let mut local_options = LocalStackOptions::new("e2e", demo_maps(&[CUSTOMERS]));
+        local_options.fno_event_retry_delay = Duration::from_millis(100);
+        local_options.catch_up = options.catch_up;
+        local_options.secrets = Some(LocalSecrets {
+            client_secret: "e2e-client-secret-0123456789".to_string(),
+            dataverse_webhook_key: DV_KEY.to_string(),
+            fno_event_secret: FNO_SECRET.to_string(),
+        });
         if options.manual_conflict {
-            export_maps_with_manual_customers(&dir.path().join("maps"));
-            yaml = yaml.replace("source: shipped", "source: maps");
+            local_options.map_files = Some(maps_with_manual_customers());
         }
-        if let Some(cron) = &options.catch_up {
-            yaml.push_str(&format!("scheduler:\n  catch_up: \"{cron}\"\n"));
-        }
-        let env: BTreeMap<String, String> = BTreeMap::from([
-            ("DEMO_CLIENT_SECRET".to_string(), client_secret),
-            (
-                "DEMO_DATAVERSE_WEBHOOK_SECRET".to_string(),
-                DV_KEY.to_string(),
-            ),
-            (
-                "DEMO_FNO_WEBHOOK_SECRET".to_string(),
-                FNO_SECRET.to_string(),
-            ),
-        ]);
-        let config = Config::parse(&yaml, "e2e.yaml", dir.path(), &env).unwrap();
+        let local = LocalStack::start(local_options).await.unwrap();
         if options.manual_conflict {
-            let customers = config.maps.iter().find(|m| m.name == CUSTOMERS).unwrap();
+            let customers = local.maps.iter().find(|m| m.name == CUSTOMERS).unwrap();
             assert_eq!(
                 customers.conflict,
                 ConflictPolicy::Manual,
                 "the exported customers map must carry conflict: manual"
             );
         }
-        let rt = Runtime::start(config).await.unwrap();
-        let relay = Relay::start(format!("http://{}", rt.addr())).await;
-        dv.register_webhook(WebhookRegistration {
-            url: relay.url(Source::Dataverse),
-            entity_logical_names: Vec::new(),
-            messages: vec![
-                WebhookMessage::Create,
-                WebhookMessage::Update,
-                WebhookMessage::Delete,
-            ],
-            auth: WebhookAuth::WebhookKey(DV_KEY.to_string()),
-        });
-        fno.register_events(FnoEventRegistration {
-            url: relay.url(Source::Fno),
-            entity_sets: Vec::new(),
-            messages: vec![
-                FnoMessage::Created,
-                FnoMessage::Updated,
-                FnoMessage::Deleted,
-            ],
-            format: FnoEventFormat::DataEvent,
-            headers: vec![(FNO_SECRET_HEADER.to_string(), FNO_SECRET.to_string())],
-        });
+        let relay = Relay::start(local.runtime_url()).await;
+        local.register_dataverse_webhook(&relay.url(Source::Dataverse));
+        local.register_fno_events(&relay.url(Source::Fno));
+        let LocalStack {
+            entra,
+            dv,
+            fno,
+            rt,
+            dir,
+            ..
+        } = local;
         let mut stack = Stack {
             dv,
             fno,
@@ -582,12 +508,15 @@ impl Stack {
     }
 }
 
-/// Writes the shipped maps to `folder`, with `conflict: manual` on the customers map.
-fn export_maps_with_manual_customers(folder: &std::path::Path) {
-    std::fs::create_dir_all(folder).unwrap();
-    for (name, text) in dualwrite_maps::builtin_files() {
-        let file = name.rsplit('/').next().unwrap().to_string();
-        let text = if file == format!("{CUSTOMERS}.yaml") {
+/// The shipped map files, with `conflict: manual` on the customers map.
+fn maps_with_manual_customers() -> Vec<(String, String)> {
+    dualwrite_maps::builtin_files()
+        .into_iter()
+        .map(|(name, text)| {
+            let file = name.rsplit('/').next().unwrap().to_string();
+            if file != format!("{CUSTOMERS}.yaml") {
+                return (file, text.to_string());
+            }
             let mut out = String::new();
             let mut replaced = false;
             for line in text.lines() {
@@ -605,12 +534,9 @@ fn export_maps_with_manual_customers(folder: &std::path::Path) {
                 replaced,
                 "the customers map has no `direction:` line to anchor on"
             );
-            out
-        } else {
-            text
-        };
-        std::fs::write(folder.join(file), text).unwrap();
-    }
+            (file, out)
+        })
+        .collect()
 }
 
 /// The first row whose `field` equals `want` (text, case-insensitive, or number).

@@ -200,3 +200,35 @@ async fn the_demo_scenario_converges() {
     assert_ne!(conflict.winner, "none");
     assert!(report.p50_ms > 0.0 && report.p99_ms >= report.p50_ms);
 }
+
+#[test]
+fn the_example_serve_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/serve.yaml");
+    let text = std::fs::read_to_string(&path).expect("examples/serve.yaml exists");
+    let env: BTreeMap<String, String> = [
+        "DUALWRITE_DATAVERSE_SECRET",
+        "DUALWRITE_FNO_SECRET",
+        "DUALWRITE_DATAVERSE_WEBHOOK_KEY",
+        "DUALWRITE_FNO_WEBHOOK_SECRET",
+    ]
+    .into_iter()
+    .map(|k| (k.to_string(), format!("{k}-value")))
+    .collect();
+    let config = Config::parse(&text, "examples/serve.yaml", Path::new("."), &env)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.maps.len(), 13);
+    assert!(config.catch_up.is_some());
+    // Without the secrets in the environment, each missing one is named.
+    let err = Config::parse(
+        &text,
+        "examples/serve.yaml",
+        Path::new("."),
+        &BTreeMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("DUALWRITE_FNO_SECRET") && err.contains("DUALWRITE_DATAVERSE_WEBHOOK_KEY"),
+        "{err}"
+    );
+}
