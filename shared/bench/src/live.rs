@@ -20,20 +20,20 @@
 //!    F&O with the event's values (else *lost*); F&O reported exactly one write of it and the
 //!    Dataverse row was not written again (else *duplicated*).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::HeaderMap;
-use dualwrite_core::{Side, ValueType};
-use dualwrite_runtime::demo::{crm_tables, demo_maps, erp_entities};
-use dualwrite_runtime::{Config, Runtime, RuntimeHandle, RuntimeStats};
+use dualwrite_core::Side;
+use dualwrite_runtime::demo::demo_maps;
+use dualwrite_runtime::{
+    LocalStack, LocalStackError, LocalStackOptions, RuntimeHandle, RuntimeStats,
+};
 use dualwrite_simulators::{
-    ColumnKind, DataverseConfig, DataverseSim, EntraClient, EntraConfig, EntraSim, FnoConfig,
-    FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim, WebhookAuth, WebhookMessage,
-    WebhookRegistration,
+    DataverseSim, EntraSim, FnoSim, WebhookAuth, WebhookMessage, WebhookRegistration,
 };
 use serde::Serialize;
 use serde_json::{Value as Json, json};
@@ -150,6 +150,16 @@ pub enum LiveError {
     /// The local HTTP client or the capture endpoint could not be set up.
     #[error("local HTTP: {0}")]
     Http(String),
+}
+
+impl From<LocalStackError> for LiveError {
+    fn from(e: LocalStackError) -> Self {
+        match e {
+            LocalStackError::Simulator(m) => LiveError::Simulator(m),
+            LocalStackError::Config(e) => LiveError::Config(e),
+            LocalStackError::Start(e) => LiveError::Start(e),
+        }
+    }
 }
 
 fn sim_err(e: impl std::fmt::Display) -> LiveError {
@@ -293,102 +303,28 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     round1(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-fn random_secret(tag: &str) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    format!("{tag}-{t:x}{:x}", std::process::id())
-}
-
 async fn start(workers: usize) -> Result<Stage, LiveError> {
-    let maps = demo_maps(&[MAP]);
-    let tenant = "bench-tenant";
-    let client_secret = random_secret("client");
-    let entra = EntraSim::start(EntraConfig {
-        clients: vec![EntraClient {
-            tenant: tenant.into(),
-            client_id: "dualwrite-bench".into(),
-            client_secret: client_secret.clone(),
-            allowed_scopes: Vec::new(),
-        }],
-        ..EntraConfig::default()
-    })
-    .await
-    .map_err(sim_err)?;
-    let dv = DataverseSim::start(DataverseConfig {
-        tables: crm_tables(&maps),
-        auth: Some(entra.clone()),
-        ..DataverseConfig::default()
-    })
-    .await
-    .map_err(sim_err)?;
-    for map in &maps {
-        for f in &map.fields {
-            if let Some(c) = &f.crm
-                && c.ty == ValueType::Choice
-            {
-                dv.set_column_kind(&map.crm.entity_set, &c.name, ColumnKind::OptionSet)
-                    .map_err(sim_err)?;
-            }
-        }
-    }
-    let fno = FnoSim::start(FnoConfig {
-        entities: erp_entities(&maps),
-        default_company: "usmf".into(),
-        auth: Some(entra.clone()),
-        event_retry_delay: Duration::from_millis(200),
-        ..FnoConfig::default()
-    })
-    .await
-    .map_err(sim_err)?;
-
-    let dir = tempfile::tempdir().map_err(sim_err)?;
-    let dv_secret = random_secret("dv-hook");
-    let fno_secret = random_secret("fno-hook");
-    let env = BTreeMap::from([
-        ("BENCH_CLIENT_SECRET".to_string(), client_secret),
-        (
-            "BENCH_DATAVERSE_WEBHOOK_SECRET".to_string(),
-            dv_secret.clone(),
-        ),
-        ("BENCH_FNO_WEBHOOK_SECRET".to_string(), fno_secret.clone()),
-    ]);
-    let enabled: Vec<String> = maps.iter().map(|m| format!("\"{}\"", m.name)).collect();
-    let (dv_url, fno_url, authority) = (dv.base_url(), fno.base_url(), entra.base_url());
-    let yaml = format!(
-        "listen: 127.0.0.1:0\n\
-         db: bench.db\n\
-         maps:\n  source: shipped\n  enabled: [{}]\n\
-         dataverse:\n  url: {dv_url}\n  tenant: {tenant}\n  client_id: dualwrite-bench\n  client_secret_env: BENCH_CLIENT_SECRET\n  token_url: {authority}\n\
-         fno:\n  url: {fno_url}\n  tenant: {tenant}\n  client_id: dualwrite-bench\n  client_secret_env: BENCH_CLIENT_SECRET\n  token_url: {authority}\n\
-         webhooks:\n  dataverse:\n    secret_env: BENCH_DATAVERSE_WEBHOOK_SECRET\n  fno:\n    secret_env: BENCH_FNO_WEBHOOK_SECRET\n\
-         worker:\n  concurrency: {workers}\n  visibility_timeout: 60\n  max_attempts: 8\n",
-        enabled.join(", ")
-    );
-    let config = Config::parse(&yaml, "bench-live.yaml", dir.path(), &env)?;
-    let rt = Runtime::start(config).await?;
+    let mut options = LocalStackOptions::new("bench", demo_maps(&[MAP]));
+    options.workers = workers;
+    options.visibility_timeout_secs = 60;
+    let local = LocalStack::start(options).await?;
     // F&O echoes every write of the engine back to the runtime, as in production. Dataverse
     // webhooks are not registered: the bench itself is the Dataverse webhook source.
-    fno.register_events(FnoEventRegistration {
-        url: format!("http://{}/webhooks/fno", rt.addr()),
-        entity_sets: Vec::new(),
-        messages: vec![
-            FnoMessage::Created,
-            FnoMessage::Updated,
-            FnoMessage::Deleted,
-        ],
-        format: FnoEventFormat::DataEvent,
-        headers: vec![(
-            dualwrite_runtime::config::DEFAULT_FNO_SECRET_HEADER.to_string(),
-            fno_secret,
-        )],
-    });
+    local.register_fno_events(&format!("{}/webhooks/fno", local.runtime_url()));
+    let LocalStack {
+        entra,
+        dv,
+        fno,
+        rt,
+        secrets,
+        dir,
+        ..
+    } = local;
     Ok(Stage {
         dv,
         fno,
         rt,
-        dv_secret,
+        dv_secret: secrets.dataverse_webhook_key,
         _entra: entra,
         _dir: dir,
     })

@@ -12,7 +12,8 @@ use reqwest::Method;
 use reqwest::header::HeaderMap;
 use tracing::{debug, warn};
 
-use crate::entra::TokenSource;
+use crate::entra::{TokenSource, default_scope};
+use crate::schema::EntitySchemas;
 use crate::stats::ConnectorStats;
 
 /// The wait assumed for a 429 that carries no usable `Retry-After`.
@@ -176,6 +177,76 @@ impl ODataRequest {
     }
 }
 
+/// How an OData connector reaches its environment: what the Dataverse and F&O configurations
+/// share. It holds live objects (the token source, the schemas, the counters), so it is built in
+/// code from the validated application configuration rather than deserialized.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// Root URL requests are built from (no trailing slash needed); what it points at is the
+    /// connector's (Dataverse: the Web API root, F&O: the environment URL).
+    pub base_url: String,
+    /// Where bearer tokens come from.
+    pub tokens: Arc<dyn TokenSource>,
+    /// Token scope; `<base_url origin>/.default` when `None`.
+    pub scope: Option<String>,
+    /// Field types per entity, from the table maps.
+    pub schemas: Arc<EntitySchemas>,
+    /// Rows per page when a query does not say (`Prefer: odata.maxpagesize`).
+    pub page_size: usize,
+    /// Timeout of one request.
+    pub timeout: Duration,
+    /// Counters shared with the retrying wrapper.
+    pub stats: Arc<ConnectorStats>,
+}
+
+impl ConnectionConfig {
+    /// A connection to `base_url` with the default scope and fresh counters.
+    pub fn new(
+        base_url: impl Into<String>,
+        tokens: Arc<dyn TokenSource>,
+        schemas: Arc<EntitySchemas>,
+        page_size: usize,
+        timeout: Duration,
+    ) -> Self {
+        ConnectionConfig {
+            base_url: base_url.into(),
+            tokens,
+            scope: None,
+            schemas,
+            page_size,
+            timeout,
+            stats: Arc::new(ConnectorStats::default()),
+        }
+    }
+
+    /// The token scope to ask for.
+    pub fn scope(&self) -> String {
+        self.scope
+            .clone()
+            .unwrap_or_else(|| default_scope(&self.base_url))
+    }
+
+    /// An [`ODataClient`] sending to `side` with this connection's tokens, timeout and
+    /// counters.
+    ///
+    /// # Errors
+    /// A [`ConnectorErrorKind::BadRequest`] error when the HTTP client cannot be built.
+    pub fn client(&self, side: Side) -> Result<ODataClient, ConnectorError> {
+        ODataClient::new(
+            side,
+            self.tokens.clone(),
+            self.scope(),
+            self.timeout,
+            self.stats.clone(),
+        )
+    }
+
+    /// The base URL without a trailing slash.
+    pub fn root(&self) -> &str {
+        self.base_url.trim_end_matches('/')
+    }
+}
+
 /// Sends OData requests for one connector: OData headers, bearer tokens, counters, tracing.
 #[derive(Debug, Clone)]
 pub struct ODataClient {
@@ -220,14 +291,47 @@ impl ODataClient {
         &self.stats
     }
 
+    /// An error of `kind` about `entity` on this client's side, with no HTTP status.
+    pub fn error(&self, entity: &str, kind: ConnectorErrorKind, message: String) -> ConnectorError {
+        ConnectorError {
+            side: self.side,
+            entity: entity.to_string(),
+            kind,
+            status: None,
+            message,
+        }
+    }
+
+    /// A transient error for an answer that could not be read (`message` says why).
+    pub fn bad_answer(&self, entity: &str, message: String) -> ConnectorError {
+        self.error(
+            entity,
+            ConnectorErrorKind::Transient,
+            format!(
+                "unreadable answer from {}: {message}",
+                system_name(self.side)
+            ),
+        )
+    }
+
+    /// A bad-request error for a record that does not fit the table maps' schema of `entity`.
+    pub fn unfit(&self, entity: &str, problem: impl std::fmt::Display) -> ConnectorError {
+        self.error(
+            entity,
+            ConnectorErrorKind::BadRequest,
+            format!("record does not fit the table maps: {problem}"),
+        )
+    }
+
     /// Sends `request` and reads the answer, whatever its status. On a 401 the token is
     /// invalidated and the request sent once more, as [`disposition`] says; a second 401 is
     /// returned as it is. Transport failures and token failures are errors.
     pub async fn send(
         &self,
         entity: &str,
-        request: &ODataRequest,
+        request: impl std::borrow::Borrow<ODataRequest>,
     ) -> Result<HttpResponse, ConnectorError> {
+        let request = request.borrow();
         let mut attempt = 1;
         loop {
             let token = self
@@ -286,6 +390,14 @@ impl ODataClient {
             }
             return Ok(answer);
         }
+    }
+}
+
+/// The system on `side`, as messages name it.
+fn system_name(side: Side) -> &'static str {
+    match side {
+        Side::Crm => "Dataverse",
+        Side::Erp => "F&O",
     }
 }
 
@@ -356,6 +468,46 @@ pub fn encode_query(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entra::{Secret, StaticToken};
+
+    fn connection(base_url: &str) -> ConnectionConfig {
+        ConnectionConfig::new(
+            base_url,
+            Arc::new(StaticToken(Secret::new("t"))),
+            Arc::new(EntitySchemas::default()),
+            100,
+            Duration::from_secs(5),
+        )
+    }
+
+    #[test]
+    fn connection_scope_defaults_to_the_origin_and_root_drops_the_slash() {
+        let mut c = connection("https://org.crm.dynamics.com/api/data/v9.2/");
+        assert_eq!(c.scope(), "https://org.crm.dynamics.com/.default");
+        assert_eq!(c.root(), "https://org.crm.dynamics.com/api/data/v9.2");
+        c.scope = Some("api://custom/.default".into());
+        assert_eq!(c.scope(), "api://custom/.default");
+    }
+
+    #[test]
+    fn client_errors_name_the_side_and_entity() {
+        let c = connection("https://contoso.operations.dynamics.com");
+        let erp = c.client(Side::Erp).unwrap();
+        let e = erp.bad_answer("CustomersV3", "not JSON".into());
+        assert_eq!((e.side, e.kind), (Side::Erp, ConnectorErrorKind::Transient));
+        assert_eq!(e.entity, "CustomersV3");
+        assert_eq!(e.message, "unreadable answer from F&O: not JSON");
+        let crm = c.client(Side::Crm).unwrap();
+        let e = crm.unfit("accounts", "field x is not a number");
+        assert_eq!(
+            (e.side, e.kind),
+            (Side::Crm, ConnectorErrorKind::BadRequest)
+        );
+        assert_eq!(
+            e.message,
+            "record does not fit the table maps: field x is not a number"
+        );
+    }
 
     #[test]
     fn retry_after_is_read_in_seconds() {

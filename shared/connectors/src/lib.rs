@@ -26,6 +26,7 @@ mod test_server;
 pub use dataverse::{DataverseConfig, DataverseConnector};
 pub use entra::{EntraConfig, EntraTokenProvider, Secret, StaticToken, TokenError, TokenSource};
 pub use fno::{FnoConfig, FnoConnector};
+pub use http::ConnectionConfig;
 pub use retrying::RetryingConnector;
 pub use schema::{EntitySchema, EntitySchemas};
 pub use stats::{ConnectorStats, StatsSnapshot};

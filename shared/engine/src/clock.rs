@@ -16,7 +16,8 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that only moves when told to (tests, deterministic benchmarks).
+/// A clock that only moves when told to (tests, deterministic benchmarks): makes visibility
+/// timeouts and delays testable without sleeping.
 #[derive(Debug)]
 pub struct ManualClock {
     now: Mutex<DateTime<Utc>>,
@@ -68,5 +69,7 @@ mod tests {
         assert_eq!(clock.now(), start);
         clock.advance(Duration::from_secs(5));
         assert_eq!(clock.now(), start + chrono::Duration::seconds(5));
+        clock.set(start);
+        assert_eq!(clock.now(), start);
     }
 }

@@ -1,16 +1,18 @@
 //! Reading a serialized RemoteExecutionContext: JSON accessors with precise errors, WCF dates,
 //! `[{key,value}]` dictionaries and typed attribute values (EntityReference, OptionSetValue,
-//! Money).
+//! Money), and what every context carries (message, entity, head fields).
 
 use std::str::FromStr;
 
 use chrono::{DateTime, FixedOffset, TimeZone, Utc};
-use dualwrite_core::{LookupRef, RecordKey, Value};
+use dualwrite_core::{ChangeEvent, LookupRef, Operation, Record, RecordKey, Side, Value};
 use rust_decimal::Decimal;
 use serde_json::{Map, Number, Value as Json};
 
 use crate::config::Coverage;
 use crate::error::PayloadError;
+use crate::receive::{Accepted, Parsed};
+use crate::request::WebhookRequest;
 
 /// A JSON object.
 pub(crate) type Obj = Map<String, Json>;
@@ -315,10 +317,178 @@ pub(crate) fn is_reference(obj: &Obj) -> bool {
     }
 }
 
+/// The context fields every RemoteExecutionContext carries (Dataverse and F&O data events).
+pub(crate) struct ContextHead {
+    pub(crate) depth: Option<i64>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) operation_id: Option<String>,
+    pub(crate) request_id: Option<String>,
+    pub(crate) created_on: Option<DateTime<FixedOffset>>,
+}
+
+impl ContextHead {
+    pub(crate) fn read(ctx: &Obj) -> Result<Self, PayloadError> {
+        Ok(ContextHead {
+            depth: opt_i64(ctx, "Depth", "")?,
+            correlation_id: opt_str(ctx, "CorrelationId", "")?.map(str::to_string),
+            operation_id: opt_str(ctx, "OperationId", "")?.map(str::to_string),
+            request_id: opt_str(ctx, "RequestId", "")?.map(str::to_string),
+            created_on: opt_wcf_date(ctx, "OperationCreatedOn", "")?,
+        })
+    }
+
+    /// The accepted change: `record` changed by `operation` on `source`, with this context's
+    /// correlation id and depth.
+    pub(crate) fn accept(
+        self,
+        event_id: String,
+        source: Side,
+        operation: Operation,
+        record: Record,
+        partial: bool,
+        now: DateTime<Utc>,
+    ) -> Parsed {
+        Parsed::Event(Box::new(Accepted {
+            event: ChangeEvent {
+                event_id,
+                source,
+                operation,
+                record,
+                partial,
+                received_at: now,
+                correlation_id: self.correlation_id,
+            },
+            depth: self.depth,
+        }))
+    }
+
+    /// `OperationId`, else `RequestId`, else correlation id + record id + modified time.
+    pub(crate) fn event_id(
+        &self,
+        record_id: &str,
+        modified: Option<DateTime<FixedOffset>>,
+    ) -> String {
+        if let Some(id) = self.operation_id.as_ref().or(self.request_id.as_ref()) {
+            return id.clone();
+        }
+        let modified = modified
+            .map(|t| t.to_utc().to_rfc3339())
+            .unwrap_or_default();
+        format!(
+            "{}:{record_id}:{modified}",
+            self.correlation_id.as_deref().unwrap_or("-")
+        )
+    }
+}
+
+/// The messages of one kind of context and the operation each stands for.
+pub(crate) struct Messages {
+    /// Messages of a create or an update.
+    pub(crate) upsert: &'static [&'static str],
+    /// The message of a delete.
+    pub(crate) delete: &'static str,
+    /// Every message, listed for [`PayloadError::UnsupportedMessage`].
+    pub(crate) expected: &'static str,
+}
+
+/// Reads `MessageName` and `PrimaryEntityName`, checks the `x-ms-dynamics-*` headers against
+/// them and maps the message to an operation; any other message is
+/// [`PayloadError::UnsupportedMessage`].
+pub(crate) fn read_message<'a>(
+    req: &WebhookRequest,
+    ctx: &'a Obj,
+    messages: &Messages,
+) -> Result<(Operation, &'a str), PayloadError> {
+    let message = req_str(ctx, "MessageName", "")?;
+    let entity_name = req_str(ctx, "PrimaryEntityName", "")?;
+    check_headers(req, message, entity_name)?;
+    let operation = if messages.upsert.contains(&message) {
+        Operation::Upsert
+    } else if message == messages.delete {
+        Operation::Delete
+    } else {
+        return Err(PayloadError::UnsupportedMessage {
+            found: message.into(),
+            expected: messages.expected,
+        });
+    };
+    Ok((operation, entity_name))
+}
+
+/// Checks `x-ms-dynamics-entity-name` and `x-ms-dynamics-request-name` against the body.
+fn check_headers(
+    req: &WebhookRequest,
+    message: &str,
+    entity_name: &str,
+) -> Result<(), PayloadError> {
+    let checks = [
+        (
+            "x-ms-dynamics-entity-name",
+            "PrimaryEntityName",
+            entity_name,
+        ),
+        ("x-ms-dynamics-request-name", "MessageName", message),
+    ];
+    for (header, field, body_value) in checks {
+        if let Some(value) = req.header(header)
+            && !value.trim().eq_ignore_ascii_case(body_value)
+        {
+            return Err(PayloadError::HeaderMismatch {
+                header,
+                header_value: value.into(),
+                field,
+                body_value: body_value.into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::SourceKind;
     use serde_json::json;
+
+    const MESSAGES: Messages = Messages {
+        upsert: &["Create", "Update"],
+        delete: "Delete",
+        expected: "Create, Update, Delete",
+    };
+
+    fn context(message: &str) -> Obj {
+        match json!({"MessageName": message, "PrimaryEntityName": "account"}) {
+            Json::Object(o) => o,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn messages_map_to_operations_and_others_are_refused() {
+        let req = WebhookRequest::new(SourceKind::Dataverse, Vec::new());
+        let ctx = context("Update");
+        assert_eq!(
+            read_message(&req, &ctx, &MESSAGES).unwrap(),
+            (Operation::Upsert, "account")
+        );
+        let ctx = context("Delete");
+        assert_eq!(
+            read_message(&req, &ctx, &MESSAGES).unwrap().0,
+            Operation::Delete
+        );
+        let ctx = context("Assign");
+        assert!(matches!(
+            read_message(&req, &ctx, &MESSAGES),
+            Err(PayloadError::UnsupportedMessage { found, expected })
+                if found == "Assign" && expected == "Create, Update, Delete"
+        ));
+        let req = req.with_header("x-ms-dynamics-entity-name", "contact");
+        let ctx = context("Update");
+        assert!(matches!(
+            read_message(&req, &ctx, &MESSAGES),
+            Err(PayloadError::HeaderMismatch { .. })
+        ));
+    }
 
     #[test]
     fn wcf_dates_with_and_without_offset() {

@@ -2,22 +2,29 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, FixedOffset, Utc};
-use dualwrite_core::{ChangeEvent, Operation, Record, Side, SourceVersion, Value};
+use chrono::{DateTime, Utc};
+use dualwrite_core::{Operation, Record, Side, SourceVersion, Value};
 use serde_json::Value as Json;
 
 use crate::config::{Coverage, CrmCoverage};
 use crate::context::{
-    Obj, entity_attributes, images, is_reference, kv_list, opt_i64, opt_str, opt_wcf_date,
-    parse_object, req_str, target,
+    ContextHead, Messages, Obj, entity_attributes, images, is_reference, kv_list, opt_str,
+    parse_object, read_message, req_str, target,
 };
 use crate::error::PayloadError;
-use crate::receive::{Accepted, Parsed};
+use crate::receive::Parsed;
 use crate::request::WebhookRequest;
 
 /// Header Dataverse adds when the body would exceed 256 KB: images and InputParameters are
 /// then removed from the body.
 pub const MSG_SIZE_EXCEEDED_HEADER: &str = "x-ms-dynamics-msg-size-exceeded";
+
+/// The messages of a Dataverse webhook and the operation each stands for.
+const DATAVERSE_MESSAGES: Messages = Messages {
+    upsert: &["Create", "Update"],
+    delete: "Delete",
+    expected: "Create, Update, Delete",
+};
 
 /// Parses a Dataverse webhook call into a change event (pure: no I/O).
 ///
@@ -34,19 +41,7 @@ pub fn parse_dataverse(
     now: DateTime<Utc>,
 ) -> Result<Parsed, PayloadError> {
     let ctx = parse_object(&req.body)?;
-    let message = req_str(&ctx, "MessageName", "")?;
-    let entity_name = req_str(&ctx, "PrimaryEntityName", "")?;
-    check_headers(req, message, entity_name)?;
-    let operation = match message {
-        "Create" | "Update" => Operation::Upsert,
-        "Delete" => Operation::Delete,
-        other => {
-            return Err(PayloadError::UnsupportedMessage {
-                found: other.into(),
-                expected: "Create, Update, Delete",
-            });
-        }
-    };
+    let (operation, entity_name) = read_message(req, &ctx, &DATAVERSE_MESSAGES)?;
     let primary_id = req_str(&ctx, "PrimaryEntityId", "")?;
     let head = ContextHead::read(&ctx)?;
     let Some(cov) = coverage.crm(entity_name) else {
@@ -109,86 +104,7 @@ pub fn parse_dataverse(
         sequence,
     });
     let event_id = head.event_id(primary_id, modified);
-    Ok(Parsed::Event(Box::new(Accepted {
-        event: ChangeEvent {
-            event_id,
-            source: Side::Crm,
-            operation,
-            record,
-            partial,
-            received_at: now,
-            correlation_id: head.correlation_id,
-        },
-        depth: head.depth,
-    })))
-}
-
-/// The context fields every RemoteExecutionContext carries (Dataverse and F&O data events).
-pub(crate) struct ContextHead {
-    pub(crate) depth: Option<i64>,
-    pub(crate) correlation_id: Option<String>,
-    pub(crate) operation_id: Option<String>,
-    pub(crate) request_id: Option<String>,
-    pub(crate) created_on: Option<DateTime<FixedOffset>>,
-}
-
-impl ContextHead {
-    pub(crate) fn read(ctx: &Obj) -> Result<Self, PayloadError> {
-        Ok(ContextHead {
-            depth: opt_i64(ctx, "Depth", "")?,
-            correlation_id: opt_str(ctx, "CorrelationId", "")?.map(str::to_string),
-            operation_id: opt_str(ctx, "OperationId", "")?.map(str::to_string),
-            request_id: opt_str(ctx, "RequestId", "")?.map(str::to_string),
-            created_on: opt_wcf_date(ctx, "OperationCreatedOn", "")?,
-        })
-    }
-
-    /// `OperationId`, else `RequestId`, else correlation id + record id + modified time.
-    pub(crate) fn event_id(
-        &self,
-        record_id: &str,
-        modified: Option<DateTime<FixedOffset>>,
-    ) -> String {
-        if let Some(id) = self.operation_id.as_ref().or(self.request_id.as_ref()) {
-            return id.clone();
-        }
-        let modified = modified
-            .map(|t| t.to_utc().to_rfc3339())
-            .unwrap_or_default();
-        format!(
-            "{}:{record_id}:{modified}",
-            self.correlation_id.as_deref().unwrap_or("-")
-        )
-    }
-}
-
-/// Checks `x-ms-dynamics-entity-name` and `x-ms-dynamics-request-name` against the body.
-pub(crate) fn check_headers(
-    req: &WebhookRequest,
-    message: &str,
-    entity_name: &str,
-) -> Result<(), PayloadError> {
-    let checks = [
-        (
-            "x-ms-dynamics-entity-name",
-            "PrimaryEntityName",
-            entity_name,
-        ),
-        ("x-ms-dynamics-request-name", "MessageName", message),
-    ];
-    for (header, field, body_value) in checks {
-        if let Some(value) = req.header(header)
-            && !value.trim().eq_ignore_ascii_case(body_value)
-        {
-            return Err(PayloadError::HeaderMismatch {
-                header,
-                header_value: value.into(),
-                field,
-                body_value: body_value.into(),
-            });
-        }
-    }
-    Ok(())
+    Ok(head.accept(event_id, Side::Crm, operation, record, partial, now))
 }
 
 /// What the payload says of the owning company.

@@ -9,10 +9,9 @@ use serde_json::Value as Json;
 
 use crate::config::{BusinessEventRoute, Coverage, ErpCoverage};
 use crate::context::{
-    Obj, entity_attributes, images, is_reference, kv_list, opt_i64, opt_str, opt_wcf_date,
-    parse_object, req_str, target, typed_value,
+    ContextHead, Messages, Obj, entity_attributes, images, is_reference, kv_list, opt_i64, opt_str,
+    opt_wcf_date, parse_object, read_message, req_str, target, typed_value,
 };
-use crate::dataverse::{ContextHead, check_headers};
 use crate::error::PayloadError;
 use crate::receive::{Accepted, Parsed};
 use crate::request::WebhookRequest;
@@ -34,6 +33,13 @@ pub fn parse_fno(
         Err(PayloadError::UnknownFnoPayload)
     }
 }
+
+/// The messages of an F&O data event and the operation each stands for.
+const DATA_EVENT_MESSAGES: Messages = Messages {
+    upsert: &["OnExternalCreated", "OnExternalUpdated"],
+    delete: "OnExternalDeleted",
+    expected: "OnExternalCreated, OnExternalUpdated, OnExternalDeleted",
+};
 
 /// Parses an F&O data event (pure: no I/O).
 ///
@@ -60,19 +66,7 @@ fn data_event(
     coverage: &Coverage,
     now: DateTime<Utc>,
 ) -> Result<Parsed, PayloadError> {
-    let message = req_str(ctx, "MessageName", "")?;
-    let entity_name = req_str(ctx, "PrimaryEntityName", "")?;
-    check_headers(req, message, entity_name)?;
-    let operation = match message {
-        "OnExternalCreated" | "OnExternalUpdated" => Operation::Upsert,
-        "OnExternalDeleted" => Operation::Delete,
-        other => {
-            return Err(PayloadError::UnsupportedMessage {
-                found: other.into(),
-                expected: "OnExternalCreated, OnExternalUpdated, OnExternalDeleted",
-            });
-        }
-    };
+    let (operation, entity_name) = read_message(req, ctx, &DATA_EVENT_MESSAGES)?;
     let head = ContextHead::read(ctx)?;
     let Some(cov) = coverage.erp(entity_name) else {
         return Ok(Parsed::Ignored {
@@ -127,18 +121,7 @@ fn data_event(
         record.fields = fields;
     }
     let event_id = head.event_id(record.id.as_deref().unwrap_or_default(), modified);
-    Ok(Parsed::Event(Box::new(Accepted {
-        event: ChangeEvent {
-            event_id,
-            source: Side::Erp,
-            operation,
-            record,
-            partial,
-            received_at: now,
-            correlation_id: head.correlation_id,
-        },
-        depth: head.depth,
-    })))
+    Ok(head.accept(event_id, Side::Erp, operation, record, partial, now))
 }
 
 /// Parses an F&O business event (pure: no I/O).

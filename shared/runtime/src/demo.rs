@@ -2,7 +2,7 @@
 //! F&O — reference data seeded, a scenario run through real webhooks and connectors, a summary
 //! of what happened, and a pairwise check that both sides converged.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use dualwrite_core::map::TableMap;
@@ -11,17 +11,14 @@ use dualwrite_core::map::apply::{
     lookup_requests_with, record_key,
 };
 use dualwrite_core::ports::{Connector, JournalStore, LinkStore, Query, WorkQueue};
-use dualwrite_core::{IntegrationKey, LookupRef, Record, Side, Value, ValueType};
-use dualwrite_simulators::{
-    ColumnKind, DataverseConfig, DataverseSim, EntraClient, EntraConfig, EntraSim, FnoConfig,
-    FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim, TableDef, WebhookAuth,
-    WebhookMessage, WebhookRegistration,
-};
+use dualwrite_core::{IntegrationKey, LookupRef, Record, Side, Value};
+use dualwrite_simulators::{DataverseSim, EntraSim, FnoSim};
 use serde::Serialize;
 use serde_json::{Value as Json, json};
 
-use crate::config::Config;
-use crate::runtime::{Runtime, RuntimeHandle, StartError};
+use crate::local::{LocalStack, LocalStackError, LocalStackOptions};
+pub use crate::local::{crm_tables, erp_entities, maps_with_dependencies as demo_maps};
+use crate::runtime::{RuntimeHandle, StartError};
 
 /// The maps the demo enables (their dependencies are enabled too).
 pub const DEMO_MAPS: &[&str] = &[
@@ -86,6 +83,16 @@ pub enum DemoError {
     },
 }
 
+impl From<LocalStackError> for DemoError {
+    fn from(e: LocalStackError) -> Self {
+        match e {
+            LocalStackError::Simulator(m) => DemoError::Simulator(m),
+            LocalStackError::Config(e) => DemoError::Config(e),
+            LocalStackError::Start(e) => DemoError::Start(e),
+        }
+    }
+}
+
 fn sim_err(e: impl std::fmt::Display) -> DemoError {
     DemoError::Simulator(e.to_string())
 }
@@ -144,25 +151,6 @@ pub struct DemoReport {
 
 /// Where progress lines go.
 pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
-
-/// The maps of `names` and every map they depend on, in the shipped order.
-pub fn demo_maps(names: &[&str]) -> Vec<TableMap> {
-    let all = dualwrite_maps::builtin_maps();
-    let by_name: HashMap<&str, &TableMap> = all.iter().map(|m| (m.name.as_str(), m)).collect();
-    let mut wanted: BTreeSet<String> = BTreeSet::new();
-    let mut stack: Vec<String> = names.iter().map(|s| (*s).to_string()).collect();
-    while let Some(n) = stack.pop() {
-        if wanted.insert(n.clone())
-            && let Some(m) = by_name.get(n.as_str())
-        {
-            stack.extend(m.depends_on.iter().cloned());
-        }
-    }
-    all.iter()
-        .filter(|m| wanted.contains(&m.name))
-        .cloned()
-        .collect()
-}
 
 /// The running simulators and pipeline.
 struct Stage {
@@ -290,95 +278,26 @@ async fn start(progress: Progress<'_>) -> Result<Stage, DemoError> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let tenant = "demo-tenant";
-    let client_secret = format!("demo-{:032x}", rand_u128());
-    let entra = EntraSim::start(EntraConfig {
-        clients: vec![EntraClient {
-            tenant: tenant.into(),
-            client_id: "dualwrite-demo".into(),
-            client_secret: client_secret.clone(),
-            allowed_scopes: Vec::new(),
-        }],
-        ..EntraConfig::default()
-    })
-    .await
-    .map_err(sim_err)?;
-    let dv = DataverseSim::start(DataverseConfig {
-        tables: crm_tables(&maps),
-        auth: Some(entra.clone()),
-        ..DataverseConfig::default()
-    })
-    .await
-    .map_err(sim_err)?;
-    for map in &maps {
-        for f in &map.fields {
-            if let Some(c) = &f.crm
-                && c.ty == ValueType::Choice
-            {
-                dv.set_column_kind(&map.crm.entity_set, &c.name, ColumnKind::OptionSet)
-                    .map_err(sim_err)?;
-            }
-        }
-    }
-    let fno = FnoSim::start(FnoConfig {
-        entities: erp_entities(&maps),
-        default_company: "usmf".into(),
-        auth: Some(entra.clone()),
-        event_retry_delay: Duration::from_millis(200),
-        ..FnoConfig::default()
-    })
-    .await
-    .map_err(sim_err)?;
+    let local = LocalStack::start(LocalStackOptions::new("demo", maps.clone())).await?;
     progress(&format!(
         "simulators up: Entra ID {}, Dataverse {}, F&O {}",
-        entra.base_url(),
-        dv.base_url(),
-        fno.base_url()
+        local.entra.base_url(),
+        local.dv.base_url(),
+        local.fno.base_url()
     ));
-
-    let dir = tempfile::tempdir().map_err(sim_err)?;
-    let dv_hook = format!("hook-{:032x}", rand_u128());
-    let fno_hook = format!("hook-{:032x}", rand_u128());
-    let env: BTreeMap<String, String> = BTreeMap::from([
-        ("DEMO_CLIENT_SECRET".to_string(), client_secret),
-        ("DEMO_DATAVERSE_WEBHOOK_SECRET".to_string(), dv_hook.clone()),
-        ("DEMO_FNO_WEBHOOK_SECRET".to_string(), fno_hook.clone()),
-    ]);
-    let yaml = demo_config_yaml(
-        &maps,
-        &dv.base_url(),
-        &fno.base_url(),
-        &entra.base_url(),
-        tenant,
-    );
-    let config = Config::parse(&yaml, "demo.yaml", dir.path(), &env)?;
-    let rt = Runtime::start(config).await?;
-    let addr = rt.addr();
-    progress(&format!("dualwrite runtime listening on http://{addr}"));
-    dv.register_webhook(WebhookRegistration {
-        url: format!("http://{addr}/webhooks/dataverse"),
-        entity_logical_names: Vec::new(),
-        messages: vec![
-            WebhookMessage::Create,
-            WebhookMessage::Update,
-            WebhookMessage::Delete,
-        ],
-        auth: WebhookAuth::WebhookKey(dv_hook),
-    });
-    fno.register_events(FnoEventRegistration {
-        url: format!("http://{addr}/webhooks/fno"),
-        entity_sets: Vec::new(),
-        messages: vec![
-            FnoMessage::Created,
-            FnoMessage::Updated,
-            FnoMessage::Deleted,
-        ],
-        format: FnoEventFormat::DataEvent,
-        headers: vec![(
-            crate::config::DEFAULT_FNO_SECRET_HEADER.to_string(),
-            fno_hook,
-        )],
-    });
+    progress(&format!(
+        "dualwrite runtime listening on {}",
+        local.runtime_url()
+    ));
+    local.connect_webhooks();
+    let LocalStack {
+        entra,
+        dv,
+        fno,
+        rt,
+        dir,
+        ..
+    } = local;
     Ok(Stage {
         dv,
         fno,
@@ -388,77 +307,6 @@ async fn start(progress: Progress<'_>) -> Result<Stage, DemoError> {
         _entra: entra,
         _dir: dir,
     })
-}
-
-/// The YAML configuration the demo runs with (secrets by environment variable name).
-pub fn demo_config_yaml(
-    maps: &[TableMap],
-    dataverse_url: &str,
-    fno_url: &str,
-    authority: &str,
-    tenant: &str,
-) -> String {
-    let enabled: Vec<String> = maps.iter().map(|m| format!("\"{}\"", m.name)).collect();
-    format!(
-        "listen: 127.0.0.1:0\n\
-         db: demo.db\n\
-         maps:\n  source: shipped\n  enabled: [{}]\n\
-         dataverse:\n  url: {dataverse_url}\n  tenant: {tenant}\n  client_id: dualwrite-demo\n  client_secret_env: DEMO_CLIENT_SECRET\n  token_url: {authority}\n\
-         fno:\n  url: {fno_url}\n  tenant: {tenant}\n  client_id: dualwrite-demo\n  client_secret_env: DEMO_CLIENT_SECRET\n  token_url: {authority}\n\
-         webhooks:\n  dataverse:\n    secret_env: DEMO_DATAVERSE_WEBHOOK_SECRET\n  fno:\n    secret_env: DEMO_FNO_WEBHOOK_SECRET\n\
-         worker:\n  concurrency: 2\n  visibility_timeout: 30\n  max_attempts: 8\n",
-        enabled.join(", ")
-    )
-}
-
-/// Dataverse tables for the maps: one per entity set, alternate key = key columns + company.
-pub fn crm_tables(maps: &[TableMap]) -> Vec<TableDef> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for m in maps {
-        if !seen.insert(m.crm.entity_set.clone()) {
-            continue;
-        }
-        let mut key = m.crm.key.clone();
-        key.extend(m.crm.company_field.iter().cloned());
-        out.push(TableDef {
-            entity_set: m.crm.entity_set.clone(),
-            logical_name: m.crm.logical_name.clone(),
-            primary_id: m.crm.primary_id.clone(),
-            alternate_keys: vec![key],
-        });
-    }
-    out
-}
-
-/// F&O entities for the maps: key = `dataAreaId` (company-specific) + natural key.
-pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for m in maps {
-        if !seen.insert(m.erp.entity.clone()) {
-            continue;
-        }
-        let mut key = Vec::new();
-        if m.erp.company_specific {
-            key.push("dataAreaId".to_string());
-        }
-        key.extend(m.erp.key.iter().cloned());
-        out.push(FnoEntityDef {
-            entity_set: m.erp.entity.clone(),
-            key_fields: key,
-            modified_field: Some("ModifiedDateTime".into()),
-        });
-    }
-    out
-}
-
-fn rand_u128() -> u128 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    xxhash_rust::xxh3::xxh3_128(&t.to_le_bytes()) ^ u128::from(std::process::id())
 }
 
 /// Waits until the queue is empty, no webhook is pending and the engine counters stand still.
@@ -1174,6 +1022,8 @@ async fn check_convergence(stage: &Stage) -> Result<(usize, Vec<String>), DemoEr
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]

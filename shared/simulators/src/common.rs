@@ -19,6 +19,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::entra::{EntraState, TokenProblem};
+
 /// What can go wrong when starting or driving a simulator from a test.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -448,6 +450,79 @@ impl Guard {
     }
 }
 
+/// Why [`Guard::screen`] turned a request away; each simulator answers it in its API's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Fault injection: close the connection without answering.
+    Drop,
+    /// Fault injection: answer with this status.
+    Fault(StatusCode),
+    /// Authentication failed: no bearer token (`None`) or one the Entra simulator rejects.
+    Unauthorized(Option<TokenProblem>),
+    /// Service protection refused the request.
+    Throttled(Throttled),
+}
+
+impl Guard {
+    /// What every simulator does before it looks at a request, in the real services' order:
+    /// counts it, applies fault injection, checks the bearer token (when `auth` is set; tokens
+    /// must be issued for `base`) and applies service protection to the token's client. The
+    /// in-flight guard it returns must be held while the request runs.
+    pub async fn screen(
+        &self,
+        req: &SimRequest,
+        auth: Option<&EntraState>,
+        base: &str,
+    ) -> Result<InFlight<'_>, Refusal> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match self.fault().await {
+            Some(Fault::DropConnection) => return Err(Refusal::Drop),
+            Some(Fault::Status(s)) => {
+                return Err(Refusal::Fault(
+                    StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                ));
+            }
+            _ => {}
+        }
+        let mut user = "anonymous".to_owned();
+        if let Some(auth) = auth {
+            match bearer(req).map(|t| auth.validate(t, base)) {
+                Some(Ok(client)) => user = client,
+                problem => {
+                    self.unauthorized.fetch_add(1, Ordering::Relaxed);
+                    return Err(Refusal::Unauthorized(problem.and_then(Result::err)));
+                }
+            }
+        }
+        self.admit(&user).map_err(Refusal::Throttled)
+    }
+}
+
+/// The answer to a simulated user action (`operation` on `entity_set(key)`): the JSON body on
+/// success, [`SimError::Rejected`] with the API's error message otherwise.
+pub(crate) fn user_op_result(
+    sim: &'static str,
+    operation: &'static str,
+    entity_set: &str,
+    key: Option<&str>,
+    resp: &SimResponse,
+) -> Result<serde_json::Value, SimError> {
+    if !resp.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&resp.body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        return Err(SimError::Rejected {
+            sim,
+            operation,
+            target: format!("{entity_set}({})", key.unwrap_or("")),
+            status: resp.status.as_u16(),
+            message,
+        });
+    }
+    Ok(serde_json::from_slice(&resp.body).unwrap_or(serde_json::Value::Null))
+}
+
 /// A new random GUID (version 4), lower case.
 pub(crate) fn new_guid() -> String {
     let mut b: u128 = rand::random();
@@ -582,5 +657,43 @@ mod tests {
         );
         assert!(g.admit("b").is_ok());
         assert_eq!(g.stats().throttled, 1);
+    }
+
+    fn request() -> SimRequest {
+        SimRequest {
+            method: Method::GET,
+            path: "/".into(),
+            query: String::new(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn screen_applies_faults_then_service_protection() {
+        let g = Guard::new(
+            ThrottleConfig {
+                requests_per_window: Some(1),
+                window: Duration::from_secs(60),
+                max_concurrent: None,
+            },
+            FaultConfig {
+                sequence: vec![Fault::Status(502), Fault::DropConnection],
+                ..FaultConfig::default()
+            },
+        );
+        let req = request();
+        assert_eq!(
+            g.screen(&req, None, "").await.err(),
+            Some(Refusal::Fault(StatusCode::BAD_GATEWAY))
+        );
+        assert_eq!(g.screen(&req, None, "").await.err(), Some(Refusal::Drop));
+        assert!(g.screen(&req, None, "").await.is_ok());
+        assert!(matches!(
+            g.screen(&req, None, "").await.err(),
+            Some(Refusal::Throttled(Throttled::Rate { .. }))
+        ));
+        let stats = g.stats();
+        assert_eq!((stats.requests, stats.faults, stats.throttled), (4, 2, 1));
     }
 }

@@ -15,9 +15,9 @@ use serde_json::{Map, Value, json};
 
 use crate::batch::{self, BatchTarget};
 use crate::common::{
-    Fault, FaultConfig, Guard, Outcome, Server, SimError, SimRequest, SimResponse, SimStats,
-    ThrottleConfig, Throttled, bearer, is_guid, iso, new_guid, norm_guid, parse_query, pct_decode,
-    pct_encode, prefers, serve, wcf_date,
+    Fault, FaultConfig, Guard, Outcome, Refusal, Server, SimError, SimRequest, SimResponse,
+    SimStats, ThrottleConfig, Throttled, is_guid, iso, new_guid, norm_guid, parse_query,
+    pct_decode, pct_encode, prefers, serve, user_op_result, wcf_date,
 };
 use crate::entra::{EntraSim, TokenProblem};
 use crate::odata::{
@@ -1352,55 +1352,43 @@ impl BatchTarget for DvBatch<'_> {
 
 impl crate::common::Handler for DvState {
     async fn handle(self: Arc<Self>, req: SimRequest) -> Outcome {
-        self.guard.requests.fetch_add(1, Ordering::Relaxed);
-        match self.guard.fault().await {
-            Some(Fault::DropConnection) => return Outcome::Drop,
-            Some(Fault::Status(s)) => {
-                let status = StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let base = self.base.get().map_or("", String::as_str);
+        let _in_flight = match self.guard.screen(&req, self.auth.as_deref(), base).await {
+            Ok(g) => g,
+            Err(Refusal::Drop) => return Outcome::Drop,
+            Err(Refusal::Fault(status)) => {
                 return Outcome::Respond(err(
                     status,
                     "0x80040216",
                     "An unexpected error occurred (fault injected by the simulator).",
                 ));
             }
-            _ => {}
-        }
-        let mut user = "anonymous".to_owned();
-        if let Some(auth) = &self.auth {
-            let base = self.base.get().cloned().unwrap_or_default();
-            match bearer(&req).map(|t| auth.validate(t, &base)) {
-                Some(Ok(client)) => user = client,
-                problem => {
-                    self.guard.unauthorized.fetch_add(1, Ordering::Relaxed);
-                    let why = match problem {
-                        None => "the request has no Authorization: Bearer header",
-                        Some(Err(TokenProblem::Expired)) => {
-                            "the access token has expired; request a new one"
-                        }
-                        Some(Err(TokenProblem::WrongAudience)) => {
-                            "the access token was issued for another resource; request it for <environment-url>/.default"
-                        }
-                        _ => "the access token is not valid",
-                    };
-                    let resp = err(
-                        StatusCode::UNAUTHORIZED,
-                        "0x80072560",
-                        &format!("Authentication failed: {why}."),
-                    )
-                    .with_header(
-                        "www-authenticate",
-                        &format!(
-                            "Bearer authorization_uri={}, error=\"invalid_token\"",
-                            "https://login.microsoftonline.com/common/oauth2/authorize"
-                        ),
-                    );
-                    return Outcome::Respond(resp);
-                }
+            Err(Refusal::Unauthorized(problem)) => {
+                let why = match problem {
+                    None => "the request has no Authorization: Bearer header",
+                    Some(TokenProblem::Expired) => {
+                        "the access token has expired; request a new one"
+                    }
+                    Some(TokenProblem::WrongAudience) => {
+                        "the access token was issued for another resource; request it for <environment-url>/.default"
+                    }
+                    Some(TokenProblem::Unknown) => "the access token is not valid",
+                };
+                let resp = err(
+                    StatusCode::UNAUTHORIZED,
+                    "0x80072560",
+                    &format!("Authentication failed: {why}."),
+                )
+                .with_header(
+                    "www-authenticate",
+                    &format!(
+                        "Bearer authorization_uri={}, error=\"invalid_token\"",
+                        "https://login.microsoftonline.com/common/oauth2/authorize"
+                    ),
+                );
+                return Outcome::Respond(resp);
             }
-        }
-        let _in_flight = match self.guard.admit(&user) {
-            Ok(g) => g,
-            Err(Throttled::Rate { retry_after_secs }) => {
+            Err(Refusal::Throttled(Throttled::Rate { retry_after_secs })) => {
                 let limit = self.guard_limit();
                 let resp = err(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -1410,7 +1398,7 @@ impl crate::common::Handler for DvState {
                 .with_header("retry-after", &retry_after_secs.to_string());
                 return Outcome::Respond(resp);
             }
-            Err(Throttled::Concurrency) => {
+            Err(Refusal::Throttled(Throttled::Concurrency)) => {
                 let n = self.guard.throttle_config().max_concurrent.unwrap_or(52);
                 let resp = err(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -1531,20 +1519,7 @@ impl DvState {
         let pending = std::mem::take(&mut store.pending);
         drop(store);
         self.flush(pending);
-        if !resp.is_success() {
-            let message = serde_json::from_slice::<Value>(&resp.body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-                .unwrap_or_default();
-            return Err(SimError::Rejected {
-                sim: "Dataverse",
-                operation,
-                target: format!("{entity_set}({})", id_or_key.unwrap_or("")),
-                status: resp.status.as_u16(),
-                message,
-            });
-        }
-        Ok(serde_json::from_slice(&resp.body).unwrap_or(Value::Null))
+        user_op_result("Dataverse", operation, entity_set, id_or_key, &resp)
     }
 }
 

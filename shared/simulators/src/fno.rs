@@ -14,8 +14,9 @@ use serde_json::{Map, Value, json};
 
 use crate::batch::{self, BatchTarget};
 use crate::common::{
-    Fault, FaultConfig, Guard, Outcome, Server, SimError, SimRequest, SimResponse, SimStats,
-    ThrottleConfig, Throttled, bearer, new_guid, parse_query, pct_decode, prefers, serve, wcf_date,
+    Fault, FaultConfig, Guard, Outcome, Refusal, Server, SimError, SimRequest, SimResponse,
+    SimStats, ThrottleConfig, Throttled, new_guid, parse_query, pct_decode, prefers, serve,
+    user_op_result, wcf_date,
 };
 use crate::entra::EntraSim;
 use crate::odata::{
@@ -764,41 +765,29 @@ impl BatchTarget for FnoBatch<'_> {
 
 impl crate::common::Handler for FnoState {
     async fn handle(self: Arc<Self>, req: SimRequest) -> Outcome {
-        self.guard.requests.fetch_add(1, Ordering::Relaxed);
-        match self.guard.fault().await {
-            Some(Fault::DropConnection) => return Outcome::Drop,
-            Some(Fault::Status(s)) => {
-                let status = StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let base = self.base.get().map_or("", String::as_str);
+        let _in_flight = match self.guard.screen(&req, self.auth.as_deref(), base).await {
+            Ok(g) => g,
+            Err(Refusal::Drop) => return Outcome::Drop,
+            Err(Refusal::Fault(status)) => {
                 return Outcome::Respond(err(
                     status,
                     "An error has occurred (fault injected by the simulator).",
                 ));
             }
-            _ => {}
-        }
-        let mut user = "anonymous".to_owned();
-        if let Some(auth) = &self.auth {
-            let base = self.base.get().cloned().unwrap_or_default();
-            match bearer(&req).map(|t| auth.validate(t, &base)) {
-                Some(Ok(client)) => user = client,
-                _ => {
-                    self.guard.unauthorized.fetch_add(1, Ordering::Relaxed);
-                    return Outcome::Respond(
-                        err(StatusCode::UNAUTHORIZED, "Authentication failed: send a valid, unexpired bearer token issued for <environment-url>/.default.")
-                            .with_header("www-authenticate", "Bearer"),
-                    );
-                }
+            Err(Refusal::Unauthorized(_)) => {
+                return Outcome::Respond(
+                    err(StatusCode::UNAUTHORIZED, "Authentication failed: send a valid, unexpired bearer token issued for <environment-url>/.default.")
+                        .with_header("www-authenticate", "Bearer"),
+                );
             }
-        }
-        let _in_flight = match self.guard.admit(&user) {
-            Ok(g) => g,
-            Err(Throttled::Rate { retry_after_secs }) => {
+            Err(Refusal::Throttled(Throttled::Rate { retry_after_secs })) => {
                 return Outcome::Respond(
                     err(StatusCode::TOO_MANY_REQUESTS, THROTTLE_MSG)
                         .with_header("retry-after", &retry_after_secs.to_string()),
                 );
             }
-            Err(Throttled::Concurrency) => {
+            Err(Refusal::Throttled(Throttled::Concurrency)) => {
                 return Outcome::Respond(
                     err(StatusCode::TOO_MANY_REQUESTS, THROTTLE_MSG)
                         .with_header("retry-after", "1"),
@@ -886,20 +875,7 @@ impl FnoState {
         let pending = std::mem::take(&mut store.pending);
         drop(store);
         self.flush(pending);
-        if !resp.is_success() {
-            let message = serde_json::from_slice::<Value>(&resp.body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-                .unwrap_or_default();
-            return Err(SimError::Rejected {
-                sim: "F&O",
-                operation,
-                target: format!("{entity_set}({})", key.unwrap_or("")),
-                status: resp.status.as_u16(),
-                message,
-            });
-        }
-        Ok(serde_json::from_slice(&resp.body).unwrap_or(Value::Null))
+        user_op_result("F&O", operation, entity_set, key, &resp)
     }
 }
 

@@ -23,14 +23,16 @@
 //! commits) behind a `std::sync::Mutex`, held for one short query. Several processes may still
 //! share a file: SQLite serialises their writes (`BEGIN IMMEDIATE` + busy timeout).
 
-pub mod clock;
 pub mod error;
 pub mod group_commit;
 pub mod queue;
 pub mod schema;
 pub mod store;
 
-pub use clock::{ManualClock, SystemClock};
+/// The clocks live in the engine; re-exported so `dualwrite_sqlite::{SystemClock, ManualClock}`
+/// and `dualwrite_sqlite::clock::*` keep working.
+pub use dualwrite_engine::clock;
+pub use dualwrite_engine::clock::{ManualClock, SystemClock};
 pub use error::OpenError;
 pub use group_commit::{BatchError, WriterStats};
 pub use queue::{QueueConfig, SqliteQueue};

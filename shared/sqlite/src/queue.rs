@@ -21,9 +21,9 @@ use async_trait::async_trait;
 use dualwrite_core::ports::{
     Clock, DeadLetter, Delivery, QueueDepth, QueueError, QueueMessage, RetryOutcome, WorkQueue,
 };
+use dualwrite_engine::clock::SystemClock;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::clock::SystemClock;
 use crate::error::OpenError;
 use crate::group_commit::{BatchError, Connections, WriterStats};
 

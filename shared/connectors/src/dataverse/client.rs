@@ -46,14 +46,8 @@ pub struct DataverseConnector {
 impl DataverseConnector {
     /// A connector for `config`.
     pub fn new(config: DataverseConfig) -> Result<Self, ConnectorError> {
-        let client = ODataClient::new(
-            Side::Crm,
-            config.tokens.clone(),
-            config.scope(),
-            config.timeout,
-            config.stats.clone(),
-        )?;
-        let base = config.base_url.trim_end_matches('/').to_string();
+        let client = config.connection.client(Side::Crm)?;
+        let base = config.connection.root().to_string();
         Ok(DataverseConnector {
             config,
             base,
@@ -70,37 +64,11 @@ impl DataverseConnector {
 
     /// The counters of this connector.
     pub fn stats(&self) -> &std::sync::Arc<crate::stats::ConnectorStats> {
-        &self.config.stats
+        &self.config.connection.stats
     }
 
     fn schema(&self, entity: &str) -> Option<&EntitySchema> {
-        self.config.schemas.get(entity)
-    }
-
-    fn error(&self, entity: &str, kind: ConnectorErrorKind, message: String) -> ConnectorError {
-        ConnectorError {
-            side: Side::Crm,
-            entity: entity.to_string(),
-            kind,
-            status: None,
-            message,
-        }
-    }
-
-    fn bad_answer(&self, entity: &str, message: String) -> ConnectorError {
-        self.error(
-            entity,
-            ConnectorErrorKind::Transient,
-            format!("unreadable answer from Dataverse: {message}"),
-        )
-    }
-
-    async fn send(
-        &self,
-        entity: &str,
-        request: ODataRequest,
-    ) -> Result<HttpResponse, ConnectorError> {
-        self.client.send(entity, &request).await
+        self.config.connection.schemas.get(entity)
     }
 
     /// Reads every company row into the cache.
@@ -113,12 +81,15 @@ impl DataverseConnector {
         let mut url = format!("{}/{set}?$select={id_f},{code_f}", self.base);
         let mut companies = Companies::default();
         loop {
-            let answer = self.send(set, ODataRequest::new(Method::GET, &url)).await?;
+            let answer = self
+                .client
+                .send(set, ODataRequest::new(Method::GET, &url))
+                .await?;
             if !answer.is_success() {
                 return Err(answer.to_error(Side::Crm, set));
             }
             let (rows, next) =
-                parse_collection(&answer.body).map_err(|e| self.bad_answer(set, e))?;
+                parse_collection(&answer.body).map_err(|e| self.client.bad_answer(set, e))?;
             for row in rows {
                 if let (Some(id), Some(code)) = (
                     row.get(id_f.as_str()).and_then(|r| raw_str(r)),
@@ -160,7 +131,7 @@ impl DataverseConnector {
         }
         self.load_companies().await?;
         self.cached_company_id(code).ok_or_else(|| {
-            self.error(
+            self.client.error(
                 entity,
                 ConnectorErrorKind::BadRequest,
                 format!(
@@ -192,13 +163,7 @@ impl DataverseConnector {
         record_from_row(entity, self.schema(entity), row, &|id| {
             self.cached_company_code(id)
         })
-        .map_err(|e| {
-            self.error(
-                entity,
-                ConnectorErrorKind::BadRequest,
-                format!("record does not fit the table maps: {e}"),
-            )
-        })
+        .map_err(|e| self.client.unfit(entity, e))
     }
 
     async fn rows_to_records(
@@ -221,7 +186,7 @@ impl DataverseConnector {
                     None => None,
                 };
                 let rendered = render_key(schema, key, company.as_deref())
-                    .map_err(|e| self.error(entity, ConnectorErrorKind::BadRequest, e))?;
+                    .map_err(|e| self.client.error(entity, ConnectorErrorKind::BadRequest, e))?;
                 Ok(format!("{entity}({})", encode_path(&rendered)))
             }
         }
@@ -251,7 +216,7 @@ impl DataverseConnector {
             extra,
         )
         .map_err(|e| {
-            self.error(
+            self.client.error(
                 entity,
                 ConnectorErrorKind::BadRequest,
                 format!("cannot write the record: {e}"),
@@ -270,7 +235,7 @@ impl DataverseConnector {
             ..WriteOutcome::default()
         };
         if !answer.body.trim().is_empty() {
-            let row = parse_object(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
+            let row = parse_object(&answer.body).map_err(|e| self.client.bad_answer(entity, e))?;
             let record = self
                 .rows_to_records(entity, std::slice::from_ref(&row))
                 .await?
@@ -321,6 +286,7 @@ impl DataverseConnector {
             self.base
         );
         let answer = self
+            .client
             .send(entity, ODataRequest::new(Method::POST, url).json(body))
             .await?;
         if !answer.is_success() {
@@ -409,6 +375,7 @@ impl DataverseConnector {
         let (content_type, body) = build_changeset_batch(&id, &requests);
         let url = format!("{}/$batch", self.base);
         let answer = self
+            .client
             .send(
                 entity,
                 ODataRequest::new(Method::POST, url).body(content_type, body),
@@ -422,7 +389,7 @@ impl DataverseConnector {
             .unwrap_or_default()
             .to_string();
         let parts = parse_batch_response(&content_type, &answer.body)
-            .map_err(|e| self.bad_answer(entity, e))?;
+            .map_err(|e| self.client.bad_answer(entity, e))?;
         batch_outcomes(Side::Crm, entity, items.len(), &parts)
     }
 }
@@ -501,12 +468,14 @@ impl Connector for DataverseConnector {
     async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
         let url = format!("{}/{}", self.base, self.address(entity, at).await?);
         let answer = self
+            .client
             .send(entity, ODataRequest::new(Method::GET, url))
             .await?;
         match answer.status {
             404 => Ok(None),
             _ if answer.is_success() => {
-                let row = parse_object(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
+                let row =
+                    parse_object(&answer.body).map_err(|e| self.client.bad_answer(entity, e))?;
                 Ok(self
                     .rows_to_records(entity, std::slice::from_ref(&row))
                     .await?
@@ -520,7 +489,7 @@ impl Connector for DataverseConnector {
         let url = match &query.page_token {
             Some(next) => {
                 if !next.starts_with(&self.base) {
-                    return Err(self.error(
+                    return Err(self.client.error(
                         entity,
                         ConnectorErrorKind::BadRequest,
                         format!("page token {next} does not belong to {}", self.base),
@@ -539,16 +508,16 @@ impl Connector for DataverseConnector {
         };
         let size = query
             .page_size
-            .unwrap_or(self.config.page_size)
+            .unwrap_or(self.config.connection.page_size)
             .clamp(1, 5000);
         let request = ODataRequest::new(Method::GET, url)
             .header("Prefer", format!("odata.maxpagesize={size}"));
-        let answer = self.send(entity, request).await?;
+        let answer = self.client.send(entity, request).await?;
         if !answer.is_success() {
             return Err(answer.to_error(Side::Crm, entity));
         }
         let (rows, next) =
-            parse_collection(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
+            parse_collection(&answer.body).map_err(|e| self.client.bad_answer(entity, e))?;
         let records = self.rows_to_records(entity, &rows).await?;
         Ok(Page { records, next })
     }
@@ -566,6 +535,7 @@ impl Connector for DataverseConnector {
             .header("Prefer", "return=representation")
             .json(body);
         let answer = self
+            .client
             .send(entity, condition_headers(request, &condition))
             .await?;
         if !answer.is_success() {
@@ -577,6 +547,7 @@ impl Connector for DataverseConnector {
     async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
         let url = format!("{}/{}", self.base, self.address(entity, at).await?);
         let answer = self
+            .client
             .send(entity, ODataRequest::new(Method::DELETE, url))
             .await?;
         if answer.is_success() || answer.status == 404 {

@@ -33,14 +33,8 @@ pub struct FnoConnector {
 impl FnoConnector {
     /// A connector for `config`.
     pub fn new(config: FnoConfig) -> Result<Self, ConnectorError> {
-        let client = ODataClient::new(
-            Side::Erp,
-            config.tokens.clone(),
-            config.scope(),
-            config.timeout,
-            config.stats.clone(),
-        )?;
-        let data = format!("{}/data", config.base_url.trim_end_matches('/'));
+        let client = config.connection.client(Side::Erp)?;
+        let data = format!("{}/data", config.connection.root());
         Ok(FnoConnector {
             config,
             data,
@@ -50,34 +44,16 @@ impl FnoConnector {
 
     /// The schemas this connector converts by.
     pub fn schemas(&self) -> &Arc<EntitySchemas> {
-        &self.config.schemas
+        &self.config.connection.schemas
     }
 
     /// The counters of this connector.
     pub fn stats(&self) -> &Arc<crate::stats::ConnectorStats> {
-        &self.config.stats
+        &self.config.connection.stats
     }
 
     fn schema(&self, entity: &str) -> Option<&EntitySchema> {
-        self.config.schemas.get(entity)
-    }
-
-    fn error(&self, entity: &str, kind: ConnectorErrorKind, message: String) -> ConnectorError {
-        ConnectorError {
-            side: Side::Erp,
-            entity: entity.to_string(),
-            kind,
-            status: None,
-            message,
-        }
-    }
-
-    fn bad_answer(&self, entity: &str, message: String) -> ConnectorError {
-        self.error(
-            entity,
-            ConnectorErrorKind::Transient,
-            format!("unreadable answer from F&O: {message}"),
-        )
+        self.config.connection.schemas.get(entity)
     }
 
     /// The record's key: the rendered id parsed back, or the key itself.
@@ -85,7 +61,7 @@ impl FnoConnector {
         match at {
             RecordRef::Key(k) => Ok(k.clone()),
             RecordRef::Id(id) => parse_key(id).ok_or_else(|| {
-                self.error(
+                self.client.error(
                     entity,
                     ConnectorErrorKind::BadRequest,
                     format!("record id {id} is not an OData key (field='value',…)"),
@@ -99,22 +75,8 @@ impl FnoConnector {
     }
 
     fn to_record(&self, entity: &str, body: &str) -> Result<Record, ConnectorError> {
-        let row = parse_object(body).map_err(|e| self.bad_answer(entity, e))?;
-        record_from_row(entity, self.schema(entity), &row).map_err(|e| {
-            self.error(
-                entity,
-                ConnectorErrorKind::BadRequest,
-                format!("record does not fit the table maps: {e}"),
-            )
-        })
-    }
-
-    async fn send(
-        &self,
-        entity: &str,
-        request: ODataRequest,
-    ) -> Result<HttpResponse, ConnectorError> {
-        self.client.send(entity, &request).await
+        let row = parse_object(body).map_err(|e| self.client.bad_answer(entity, e))?;
+        record_from_row(entity, self.schema(entity), &row).map_err(|e| self.client.unfit(entity, e))
     }
 
     fn body(
@@ -124,12 +86,31 @@ impl FnoConnector {
         key: &RecordKey,
     ) -> Result<String, ConnectorError> {
         record_body(record, Some(key)).map_err(|e| {
-            self.error(
+            self.client.error(
                 entity,
                 ConnectorErrorKind::BadRequest,
                 format!("cannot write the record: {e}"),
             )
         })
+    }
+
+    /// Fills the ETag and version of `outcome` from a write's answer: from the record it
+    /// returned when it has a body, else from the `ETag` header. Gives the returned record's id,
+    /// if any.
+    fn read_written(
+        &self,
+        entity: &str,
+        answer: &HttpResponse,
+        outcome: &mut WriteOutcome,
+    ) -> Result<Option<String>, ConnectorError> {
+        if answer.body.trim().is_empty() {
+            outcome.etag = answer.header("ETag").map(str::to_string);
+            return Ok(None);
+        }
+        let written = self.to_record(entity, &answer.body)?;
+        outcome.etag = written.etag;
+        outcome.version = written.version;
+        Ok(written.id)
     }
 
     async fn patch(
@@ -142,7 +123,7 @@ impl FnoConnector {
         let request = ODataRequest::new(Method::PATCH, self.entity_url(entity, key))
             .header("If-Match", if_match)
             .json(self.body(entity, record, key)?);
-        let answer = self.send(entity, request).await?;
+        let answer = self.client.send(entity, request).await?;
         if !answer.is_success() {
             return Err(answer.to_error(Side::Erp, entity));
         }
@@ -150,13 +131,7 @@ impl FnoConnector {
             id: Some(key.to_string()),
             ..WriteOutcome::default()
         };
-        if answer.body.trim().is_empty() {
-            outcome.etag = answer.header("ETag").map(str::to_string);
-        } else {
-            let written = self.to_record(entity, &answer.body)?;
-            outcome.etag = written.etag;
-            outcome.version = written.version;
-        }
+        self.read_written(entity, &answer, &mut outcome)?;
         Ok(outcome)
     }
 
@@ -169,7 +144,7 @@ impl FnoConnector {
         let request = ODataRequest::new(Method::POST, format!("{}/{entity}", self.data))
             .header("Prefer", "return=representation")
             .json(self.body(entity, record, key)?);
-        let answer = self.send(entity, request).await?;
+        let answer = self.client.send(entity, request).await?;
         if !answer.is_success() {
             return Err(answer.to_error(Side::Erp, entity));
         }
@@ -178,13 +153,8 @@ impl FnoConnector {
             created: true,
             ..WriteOutcome::default()
         };
-        if answer.body.trim().is_empty() {
-            outcome.etag = answer.header("ETag").map(str::to_string);
-        } else {
-            let written = self.to_record(entity, &answer.body)?;
-            outcome.etag = written.etag;
-            outcome.version = written.version;
-            outcome.id = written.id.or(outcome.id);
+        if let Some(id) = self.read_written(entity, &answer, &mut outcome)? {
+            outcome.id = Some(id);
         }
         Ok(outcome)
     }
@@ -200,6 +170,7 @@ impl Connector for FnoConnector {
         let key = self.key(entity, at)?;
         let url = format!("{}?cross-company=true", self.entity_url(entity, &key));
         let answer = self
+            .client
             .send(entity, ODataRequest::new(Method::GET, url))
             .await?;
         match answer.status {
@@ -217,7 +188,7 @@ impl Connector for FnoConnector {
         let url = match &query.page_token {
             Some(next) => {
                 if !next.starts_with(&self.data) {
-                    return Err(self.error(
+                    return Err(self.client.error(
                         entity,
                         ConnectorErrorKind::BadRequest,
                         format!("page token {next} does not belong to {}", self.data),
@@ -238,27 +209,21 @@ impl Connector for FnoConnector {
         };
         let size = query
             .page_size
-            .unwrap_or(self.config.page_size)
+            .unwrap_or(self.config.connection.page_size)
             .clamp(1, 10_000);
         let request = ODataRequest::new(Method::GET, url)
             .header("Prefer", format!("odata.maxpagesize={size}"));
-        let answer = self.send(entity, request).await?;
+        let answer = self.client.send(entity, request).await?;
         if !answer.is_success() {
             return Err(answer.to_error(Side::Erp, entity));
         }
         let (rows, next) =
-            parse_collection(&answer.body).map_err(|e| self.bad_answer(entity, e))?;
+            parse_collection(&answer.body).map_err(|e| self.client.bad_answer(entity, e))?;
         let schema = self.schema(entity);
         let records = rows
             .iter()
             .map(|row| {
-                record_from_row(entity, schema, row).map_err(|e| {
-                    self.error(
-                        entity,
-                        ConnectorErrorKind::BadRequest,
-                        format!("record does not fit the table maps: {e}"),
-                    )
-                })
+                record_from_row(entity, schema, row).map_err(|e| self.client.unfit(entity, e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Page { records, next })
@@ -292,6 +257,7 @@ impl Connector for FnoConnector {
     async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
         let key = self.key(entity, at)?;
         let answer = self
+            .client
             .send(
                 entity,
                 ODataRequest::new(Method::DELETE, self.entity_url(entity, &key)),
@@ -342,6 +308,7 @@ impl Connector for FnoConnector {
             let id = format!("{:016x}", rand::random::<u64>());
             let (content_type, body) = build_changeset_batch(&id, &requests);
             let answer = self
+                .client
                 .send(
                     entity,
                     ODataRequest::new(Method::POST, format!("{}/$batch", self.data))
@@ -356,7 +323,7 @@ impl Connector for FnoConnector {
                 .unwrap_or_default()
                 .to_string();
             let parts = parse_batch_response(&content_type, &answer.body)
-                .map_err(|e| self.bad_answer(entity, e))?;
+                .map_err(|e| self.client.bad_answer(entity, e))?;
             let outcomes =
                 crate::dataverse::batch_outcomes(Side::Erp, entity, chunk.len(), &parts)?;
             results.extend(outcomes.into_iter().zip(keys).map(|(r, key)| {

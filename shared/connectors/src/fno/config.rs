@@ -1,32 +1,18 @@
-//! Configuration of the F&O connector.
-//!
-//! Like the Dataverse one it holds live objects and is built in code, not deserialized.
+//! Configuration of the F&O connector: the shared [`ConnectionConfig`] with F&O's defaults.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::entra::{TokenSource, default_scope};
+use crate::entra::TokenSource;
+use crate::http::ConnectionConfig;
 use crate::schema::EntitySchemas;
-use crate::stats::ConnectorStats;
 
 /// How to reach one F&O environment.
 #[derive(Debug, Clone)]
 pub struct FnoConfig {
-    /// Environment URL, e.g. `https://contoso.operations.dynamics.com`; entities are under
-    /// `<base_url>/data/`.
-    pub base_url: String,
-    /// Where bearer tokens come from.
-    pub tokens: Arc<dyn TokenSource>,
-    /// Token scope; `<base_url origin>/.default` when `None`.
-    pub scope: Option<String>,
-    /// Field types per data entity, from the table maps.
-    pub schemas: Arc<EntitySchemas>,
-    /// Rows per page when a query does not say (`Prefer: odata.maxpagesize`, at most 10,000).
-    pub page_size: usize,
-    /// Timeout of one request.
-    pub timeout: Duration,
-    /// Counters shared with the retrying wrapper.
-    pub stats: Arc<ConnectorStats>,
+    /// Environment URL (e.g. `https://contoso.operations.dynamics.com`; entities are under
+    /// `<base_url>/data/`), tokens, schemas, page size (at most 10,000), timeout and counters.
+    pub connection: ConnectionConfig,
 }
 
 impl FnoConfig {
@@ -37,20 +23,13 @@ impl FnoConfig {
         schemas: Arc<EntitySchemas>,
     ) -> Self {
         FnoConfig {
-            base_url: base_url.into(),
-            tokens,
-            scope: None,
-            schemas,
-            page_size: 10_000,
-            timeout: Duration::from_secs(120),
-            stats: Arc::new(ConnectorStats::default()),
+            connection: ConnectionConfig::new(
+                base_url,
+                tokens,
+                schemas,
+                10_000,
+                Duration::from_secs(120),
+            ),
         }
-    }
-
-    /// The token scope to ask for.
-    pub fn scope(&self) -> String {
-        self.scope
-            .clone()
-            .unwrap_or_else(|| default_scope(&self.base_url))
     }
 }

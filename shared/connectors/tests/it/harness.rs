@@ -180,7 +180,7 @@ fn dataverse_connector(
 ) -> DataverseConnector {
     let schemas = EntitySchemas::from_maps(&dualwrite_maps::builtin_maps(), Side::Crm);
     let mut config = DataverseConfig::new(dv.api_url(), tokens.clone(), Arc::new(schemas));
-    config.stats = stats.clone();
+    config.connection.stats = stats.clone();
     DataverseConnector::new(config).expect("Dataverse connector")
 }
 
@@ -191,7 +191,7 @@ fn fno_connector(
 ) -> FnoConnector {
     let schemas = EntitySchemas::from_maps(&dualwrite_maps::builtin_maps(), Side::Erp);
     let mut config = FnoConfig::new(fno.base_url(), tokens.clone(), Arc::new(schemas));
-    config.stats = stats.clone();
+    config.connection.stats = stats.clone();
     FnoConnector::new(config).expect("F&O connector")
 }
 

@@ -1,0 +1,422 @@
+//! A local stack: the Entra ID, Dataverse and F&O simulators and a runtime wired to them, with
+//! a temporary database — what `dualwrite demo`, `dualwrite bench live` and the end-to-end
+//! tests start.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use dualwrite_core::ValueType;
+use dualwrite_core::map::TableMap;
+use dualwrite_simulators::{
+    ColumnKind, DataverseConfig, DataverseSim, EntraClient, EntraConfig, EntraSim, FnoConfig,
+    FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim, TableDef, WebhookAuth,
+    WebhookMessage, WebhookRegistration,
+};
+
+use crate::config::{Config, ConfigError, DEFAULT_FNO_SECRET_HEADER};
+use crate::runtime::{Runtime, RuntimeHandle, StartError};
+
+/// Environment variable names the generated configuration reads its secrets from (looked up in
+/// the stack's own map, never in the process environment).
+const CLIENT_SECRET_ENV: &str = "LOCAL_CLIENT_SECRET";
+const DATAVERSE_WEBHOOK_SECRET_ENV: &str = "LOCAL_DATAVERSE_WEBHOOK_SECRET";
+const FNO_WEBHOOK_SECRET_ENV: &str = "LOCAL_FNO_WEBHOOK_SECRET";
+
+/// The secrets shared by the simulators and the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSecrets {
+    /// The client secret the runtime presents to the Entra ID simulator.
+    pub client_secret: String,
+    /// The Dataverse webhook key the runtime expects (`?code=`).
+    pub dataverse_webhook_key: String,
+    /// The F&O event secret the runtime expects in [`DEFAULT_FNO_SECRET_HEADER`].
+    pub fno_event_secret: String,
+}
+
+impl LocalSecrets {
+    /// Fresh secrets, different in every call.
+    pub fn random() -> LocalSecrets {
+        LocalSecrets {
+            client_secret: format!("local-{:032x}", rand_u128()),
+            dataverse_webhook_key: format!("hook-{:032x}", rand_u128()),
+            fno_event_secret: format!("hook-{:032x}", rand_u128()),
+        }
+    }
+}
+
+/// What to start. [`LocalStackOptions::new`] gives the defaults for a set of maps.
+#[derive(Debug, Clone)]
+pub struct LocalStackOptions {
+    /// Names the stack in its tenant, client id, database and configuration file (`demo`,
+    /// `bench`, `e2e`): it shows in the runtime's logs and configuration errors.
+    pub name: String,
+    /// The maps the simulators get tables and entities for and the runtime enables, each with
+    /// its dependencies (see [`maps_with_dependencies`]).
+    pub maps: Vec<TableMap>,
+    /// Worker tasks of the runtime.
+    pub workers: usize,
+    /// Seconds a delivered queue message stays invisible before it is delivered again.
+    pub visibility_timeout_secs: u64,
+    /// How long the F&O simulator waits before retrying a failed event delivery.
+    pub fno_event_retry_delay: Duration,
+    /// A cron expression for the catch-up scheduler; no scheduler when `None`.
+    pub catch_up: Option<String>,
+    /// Map files (name, YAML text) the runtime loads from `<dir>/maps` instead of the shipped
+    /// maps (e.g. a shipped map changed to `conflict: manual`); the shipped maps when `None`.
+    pub map_files: Option<Vec<(String, String)>>,
+    /// The secrets to use; random ones when `None`.
+    pub secrets: Option<LocalSecrets>,
+}
+
+impl LocalStackOptions {
+    /// The defaults for `maps`: 2 workers, 30 s visibility timeout, F&O event retries after
+    /// 200 ms, no catch-up, shipped maps, random secrets.
+    pub fn new(name: &str, maps: Vec<TableMap>) -> LocalStackOptions {
+        LocalStackOptions {
+            name: name.to_string(),
+            maps,
+            workers: 2,
+            visibility_timeout_secs: 30,
+            fno_event_retry_delay: Duration::from_millis(200),
+            catch_up: None,
+            map_files: None,
+            secrets: None,
+        }
+    }
+}
+
+/// Why a local stack did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalStackError {
+    /// A simulator failed to start or refused a call: a bug of the simulators or of the stack.
+    #[error("simulator: {0}")]
+    Simulator(String),
+    /// The generated configuration did not validate: a bug of the stack or of the map files
+    /// given in [`LocalStackOptions::map_files`].
+    #[error("local stack configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The runtime did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+fn sim_err(e: impl std::fmt::Display) -> LocalStackError {
+    LocalStackError::Simulator(e.to_string())
+}
+
+/// The running simulators and runtime. Dropping it stops the simulators and removes the
+/// temporary directory; call [`RuntimeHandle::shutdown`] first for a clean stop.
+pub struct LocalStack {
+    /// The Entra ID simulator both environments authenticate against.
+    pub entra: EntraSim,
+    /// The Dataverse simulator.
+    pub dv: DataverseSim,
+    /// The F&O simulator.
+    pub fno: FnoSim,
+    /// The running pipeline.
+    pub rt: RuntimeHandle,
+    /// The maps the runtime runs, as its configuration validated them.
+    pub maps: Vec<TableMap>,
+    /// The secrets shared by the simulators and the runtime.
+    pub secrets: LocalSecrets,
+    /// The temporary directory of the database (and map files); removed when dropped.
+    pub dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for LocalStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStack")
+            .field("runtime", &self.rt.addr())
+            .field("dataverse", &self.dv.base_url())
+            .field("fno", &self.fno.base_url())
+            .field("dir", &self.dir.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalStack {
+    /// Starts the simulators (a Dataverse table and an F&O entity per map, choice columns as
+    /// option sets) and the runtime against them. No webhook is registered yet: see
+    /// [`LocalStack::connect_webhooks`] and the `register_*` methods.
+    ///
+    /// # Errors
+    /// [`LocalStackError`] when a simulator or the runtime does not start.
+    pub async fn start(options: LocalStackOptions) -> Result<LocalStack, LocalStackError> {
+        let maps = options.maps;
+        let tenant = format!("{}-tenant", options.name);
+        let client_id = format!("dualwrite-{}", options.name);
+        let secrets = options.secrets.unwrap_or_else(LocalSecrets::random);
+        let entra = EntraSim::start(EntraConfig {
+            clients: vec![EntraClient {
+                tenant: tenant.clone(),
+                client_id: client_id.clone(),
+                client_secret: secrets.client_secret.clone(),
+                allowed_scopes: Vec::new(),
+            }],
+            ..EntraConfig::default()
+        })
+        .await
+        .map_err(sim_err)?;
+        let dv = DataverseSim::start(DataverseConfig {
+            tables: crm_tables(&maps),
+            auth: Some(entra.clone()),
+            ..DataverseConfig::default()
+        })
+        .await
+        .map_err(sim_err)?;
+        for map in &maps {
+            for f in &map.fields {
+                if let Some(c) = &f.crm
+                    && c.ty == ValueType::Choice
+                {
+                    dv.set_column_kind(&map.crm.entity_set, &c.name, ColumnKind::OptionSet)
+                        .map_err(sim_err)?;
+                }
+            }
+        }
+        let fno = FnoSim::start(FnoConfig {
+            entities: erp_entities(&maps),
+            default_company: "usmf".into(),
+            auth: Some(entra.clone()),
+            event_retry_delay: options.fno_event_retry_delay,
+            ..FnoConfig::default()
+        })
+        .await
+        .map_err(sim_err)?;
+
+        let dir = tempfile::tempdir().map_err(sim_err)?;
+        let map_source = match &options.map_files {
+            None => "shipped",
+            Some(files) => {
+                let folder = dir.path().join("maps");
+                std::fs::create_dir_all(&folder).map_err(sim_err)?;
+                for (name, text) in files {
+                    std::fs::write(folder.join(name), text).map_err(sim_err)?;
+                }
+                "maps"
+            }
+        };
+        let enabled: Vec<String> = maps.iter().map(|m| format!("\"{}\"", m.name)).collect();
+        let (dv_url, fno_url, authority) = (dv.base_url(), fno.base_url(), entra.base_url());
+        let mut yaml = format!(
+            "listen: 127.0.0.1:0\n\
+             db: {name}.db\n\
+             maps:\n  source: {map_source}\n  enabled: [{enabled}]\n\
+             dataverse:\n  url: {dv_url}\n  tenant: {tenant}\n  client_id: {client_id}\n  client_secret_env: {CLIENT_SECRET_ENV}\n  token_url: {authority}\n\
+             fno:\n  url: {fno_url}\n  tenant: {tenant}\n  client_id: {client_id}\n  client_secret_env: {CLIENT_SECRET_ENV}\n  token_url: {authority}\n\
+             webhooks:\n  dataverse:\n    secret_env: {DATAVERSE_WEBHOOK_SECRET_ENV}\n  fno:\n    secret_env: {FNO_WEBHOOK_SECRET_ENV}\n\
+             worker:\n  concurrency: {workers}\n  visibility_timeout: {visibility}\n  max_attempts: 8\n",
+            name = options.name,
+            enabled = enabled.join(", "),
+            workers = options.workers,
+            visibility = options.visibility_timeout_secs,
+        );
+        if let Some(cron) = &options.catch_up {
+            yaml.push_str(&format!("scheduler:\n  catch_up: \"{cron}\"\n"));
+        }
+        let env: BTreeMap<String, String> = BTreeMap::from([
+            (CLIENT_SECRET_ENV.to_string(), secrets.client_secret.clone()),
+            (
+                DATAVERSE_WEBHOOK_SECRET_ENV.to_string(),
+                secrets.dataverse_webhook_key.clone(),
+            ),
+            (
+                FNO_WEBHOOK_SECRET_ENV.to_string(),
+                secrets.fno_event_secret.clone(),
+            ),
+        ]);
+        let file = format!("{}.yaml", options.name);
+        let config = Config::parse(&yaml, &file, dir.path(), &env)?;
+        let maps = config.maps.clone();
+        let rt = Runtime::start(config).await?;
+        Ok(LocalStack {
+            entra,
+            dv,
+            fno,
+            rt,
+            maps,
+            secrets,
+            dir,
+        })
+    }
+
+    /// The runtime's base URL (`http://127.0.0.1:<port>`).
+    pub fn runtime_url(&self) -> String {
+        format!("http://{}", self.rt.addr())
+    }
+
+    /// Points the Dataverse simulator's webhook (create, update, delete of every table, with
+    /// the stack's webhook key) at `url`.
+    pub fn register_dataverse_webhook(&self, url: &str) {
+        self.dv.register_webhook(WebhookRegistration {
+            url: url.to_string(),
+            entity_logical_names: Vec::new(),
+            messages: vec![
+                WebhookMessage::Create,
+                WebhookMessage::Update,
+                WebhookMessage::Delete,
+            ],
+            auth: WebhookAuth::WebhookKey(self.secrets.dataverse_webhook_key.clone()),
+        });
+    }
+
+    /// Points the F&O simulator's data events (created, updated, deleted of every entity, with
+    /// the stack's event secret) at `url`.
+    pub fn register_fno_events(&self, url: &str) {
+        self.fno.register_events(FnoEventRegistration {
+            url: url.to_string(),
+            entity_sets: Vec::new(),
+            messages: vec![
+                FnoMessage::Created,
+                FnoMessage::Updated,
+                FnoMessage::Deleted,
+            ],
+            format: FnoEventFormat::DataEvent,
+            headers: vec![(
+                DEFAULT_FNO_SECRET_HEADER.to_string(),
+                self.secrets.fno_event_secret.clone(),
+            )],
+        });
+    }
+
+    /// Points both simulators' webhooks straight at the runtime's endpoints, as in
+    /// production.
+    pub fn connect_webhooks(&self) {
+        let base = self.runtime_url();
+        self.register_dataverse_webhook(&format!("{base}/webhooks/dataverse"));
+        self.register_fno_events(&format!("{base}/webhooks/fno"));
+    }
+
+    /// The temporary directory of the database.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// The maps of `names` and every map they depend on, in the shipped order.
+pub fn maps_with_dependencies(names: &[&str]) -> Vec<TableMap> {
+    let all = dualwrite_maps::builtin_maps();
+    let by_name: HashMap<&str, &TableMap> = all.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    let mut stack: Vec<String> = names.iter().map(|s| (*s).to_string()).collect();
+    while let Some(n) = stack.pop() {
+        if wanted.insert(n.clone())
+            && let Some(m) = by_name.get(n.as_str())
+        {
+            stack.extend(m.depends_on.iter().cloned());
+        }
+    }
+    all.iter()
+        .filter(|m| wanted.contains(&m.name))
+        .cloned()
+        .collect()
+}
+
+/// Dataverse tables for the maps: one per entity set, alternate key = key columns + company.
+pub fn crm_tables(maps: &[TableMap]) -> Vec<TableDef> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for m in maps {
+        if !seen.insert(m.crm.entity_set.clone()) {
+            continue;
+        }
+        let mut key = m.crm.key.clone();
+        key.extend(m.crm.company_field.iter().cloned());
+        out.push(TableDef {
+            entity_set: m.crm.entity_set.clone(),
+            logical_name: m.crm.logical_name.clone(),
+            primary_id: m.crm.primary_id.clone(),
+            alternate_keys: vec![key],
+        });
+    }
+    out
+}
+
+/// F&O entities for the maps: key = `dataAreaId` (company-specific) + natural key.
+pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for m in maps {
+        if !seen.insert(m.erp.entity.clone()) {
+            continue;
+        }
+        let mut key = Vec::new();
+        if m.erp.company_specific {
+            key.push("dataAreaId".to_string());
+        }
+        key.extend(m.erp.key.iter().cloned());
+        out.push(FnoEntityDef {
+            entity_set: m.erp.entity.clone(),
+            key_fields: key,
+            modified_field: Some("ModifiedDateTime".into()),
+        });
+    }
+    out
+}
+
+/// A value unlikely to repeat across calls and processes (secrets of a local run).
+fn rand_u128() -> u128 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    xxhash_rust::xxh3::xxh3_128(&t.to_le_bytes()) ^ u128::from(std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_secrets_differ() {
+        let (a, b) = (LocalSecrets::random(), LocalSecrets::random());
+        assert_ne!(a.client_secret, a.dataverse_webhook_key);
+        assert_ne!(a.dataverse_webhook_key, a.fno_event_secret);
+        assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn starts_a_stack_whose_webhooks_reach_the_runtime() {
+        let maps = maps_with_dependencies(&["currencies"]);
+        let mut options = LocalStackOptions::new("unit", maps);
+        options.catch_up = Some("0 0 * * * *".into());
+        let stack = LocalStack::start(options).await.unwrap();
+        assert_eq!(
+            stack
+                .maps
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["legal-entities", "currencies"]
+        );
+        assert!(stack.path().join("unit.db").exists());
+        let health = reqwest::get(format!("{}/healthz", stack.runtime_url()))
+            .await
+            .unwrap();
+        assert_eq!(health.status().as_u16(), 200);
+
+        stack.connect_webhooks();
+        stack
+            .fno
+            .user_create(
+                "Currencies",
+                serde_json::json!({"CurrencyCode": "USD", "Name": "US Dollar", "Symbol": "$"}),
+            )
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !stack
+            .dv
+            .rows("transactioncurrencies")
+            .iter()
+            .any(|r| r["isocurrencycode"] == "USD")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "currency USD did not reach Dataverse through the registered webhooks"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stack.rt.shutdown().await;
+    }
+}
