@@ -574,7 +574,7 @@ impl Engine {
                 let now = self.clock.now();
 
                 // 1. The full, current source record.
-                let record = if event.operation == Operation::Delete || !reread {
+                let mut record = if event.operation == Operation::Delete || !reread {
                     event.record.clone()
                 } else {
                     let at = match &event.record.id {
@@ -605,6 +605,20 @@ impl Engine {
                         },
                     }
                 };
+
+                // Dataverse sends key lookups (an order line's order) as ids only.
+                if source == Side::Crm
+                    && event.operation == Operation::Upsert
+                    && let Err(e) = self.complete_key_lookups(map, &mut record).await
+                {
+                    match self
+                        .connector_failure(map, None, event, complete, attempt, e)
+                        .await?
+                    {
+                        Failure::Redecide => continue,
+                        Failure::Done(step) => return Ok(step),
+                    }
+                }
 
                 // 2. The pair's key and link.
                 let (key, link) = if event.operation == Operation::Delete {
@@ -754,6 +768,16 @@ impl Engine {
                         return Ok(done(Some(key), MapAction::Skipped(reason)));
                     }
                     Decision::Write(mut plan) => {
+                        // A conflict found against a link that moved meanwhile is usually the
+                        // other side's echo overtaking the commit of the write it echoes:
+                        // decide again on the new link rather than "resolve" it with a write.
+                        if plan.conflict.is_some()
+                            && self
+                                .link_moved(event, map, &key, plan.link.expected_revision)
+                                .await?
+                        {
+                            continue;
+                        }
                         let mut redecide = false;
                         for write in &plan.writes {
                             let result = self
@@ -1281,6 +1305,73 @@ impl Engine {
             }),
             Err(e) => Err(self.store_error(event, e)),
         }
+    }
+
+    /// Gives the key lookups of a Dataverse row that carry only the referenced row's id (a
+    /// webhook's `EntityReference`) the referenced row's alternate key, which the pair's
+    /// integration key is built from: from the referenced row's link when it is linked, else by
+    /// reading that row. A lookup no candidate map can complete is left as it is (the key then
+    /// reports what is missing).
+    ///
+    /// # Errors
+    /// The Dataverse read's error.
+    pub async fn complete_key_lookups(
+        &self,
+        map: &TableMap,
+        record: &mut Record,
+    ) -> Result<(), ConnectorError> {
+        for fm in map.fields.iter().filter(|f| f.lookup.is_some()) {
+            let Some(field) = &fm.crm else { continue };
+            if !map.crm.key.contains(&field.name) {
+                continue;
+            }
+            let Some(Value::Lookup(reference)) = record.fields.get(&field.name) else {
+                continue;
+            };
+            let (Some(id), None) = (reference.id.clone(), &reference.key) else {
+                continue;
+            };
+            let entity_set = reference.entity_set.clone();
+            let candidates = fm
+                .lookup
+                .iter()
+                .flat_map(|l| l.maps.iter())
+                .filter_map(|name| self.map_named(name))
+                .filter(|m| m.crm.entity_set == entity_set);
+            for target in candidates {
+                let key = match self.store.link_by_id(&target.name, Side::Crm, &id).await {
+                    Ok(Some(link)) => Some(link.key),
+                    Ok(None) | Err(_) => self
+                        .crm
+                        .read(&target.crm.entity_set, &RecordRef::Id(id.clone()))
+                        .await?
+                        .and_then(|row| integration_key(target, Side::Crm, &row).ok()),
+                };
+                if let Some(key) = key {
+                    if let Some(Value::Lookup(r)) = record.fields.get_mut(&field.name) {
+                        r.key = Some(record_key(target, Side::Crm, &key));
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the link of `map`/`key` is no longer at `revision` (0: absent).
+    async fn link_moved(
+        &self,
+        event: &ChangeEvent,
+        map: &TableMap,
+        key: &IntegrationKey,
+        revision: u64,
+    ) -> Result<bool, ProcessError> {
+        let now = self
+            .store
+            .link(&map.name, key)
+            .await
+            .map_err(|e| self.store_error(event, e))?;
+        Ok(now.map_or(0, |l| l.revision) != revision)
     }
 
     /// The events parked on `map`/`key` (released once that link exists).

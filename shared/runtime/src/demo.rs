@@ -932,12 +932,26 @@ async fn check_convergence(stage: &Stage) -> Result<(usize, Vec<String>), DemoEr
     let mut differences = Vec::new();
     let mut checked = 0;
     for map in &stage.maps {
-        let crm_rows = read_all(
+        let mut crm_rows = read_all(
             stage.rt.connector(Side::Crm).as_ref(),
             Side::Crm,
             &map.crm.entity_set,
         )
         .await?;
+        // Dataverse returns key lookups (an order line's order) by id; the engine completes
+        // them the same way for its own key.
+        for row in &mut crm_rows {
+            stage
+                .rt
+                .engine()
+                .complete_key_lookups(map, row)
+                .await
+                .map_err(|e| DemoError::Read {
+                    side: Side::Crm,
+                    entity: map.crm.entity_set.clone(),
+                    message: e.to_string(),
+                })?;
+        }
         let erp_rows = read_all(
             stage.rt.connector(Side::Erp).as_ref(),
             Side::Erp,

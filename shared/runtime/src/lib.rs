@@ -11,7 +11,6 @@
 
 pub mod config;
 pub mod demo;
-mod enrich;
 pub mod local;
 mod runtime;
 mod scheduler;

@@ -458,11 +458,7 @@ impl Runtime {
             config.fno_auth.clone(),
             Coverage::from_maps(&config.maps),
         ));
-        let inbound: Arc<dyn WorkQueue> = Arc::new(crate::enrich::KeyLookupQueue {
-            inner: work.clone(),
-            crm: crm.clone(),
-            maps: config.maps.clone(),
-        });
+        let inbound: Arc<dyn WorkQueue> = work.clone();
         let shared = Arc::new(Shared {
             engine,
             inbound,
@@ -651,10 +647,7 @@ impl Parts {
             )
             .map_err(|e| db_err(&e))?,
         );
-        let crm: Arc<dyn Connector> = Arc::new(crate::enrich::KeyLookupConnector {
-            inner: Arc::new(build_dataverse(config)?),
-            maps: config.maps.clone(),
-        });
+        let crm: Arc<dyn Connector> = Arc::new(build_dataverse(config)?);
         let erp: Arc<dyn Connector> = Arc::new(build_fno(config)?);
         let worker_config = WorkerConfig {
             lease: config.worker.visibility_timeout,
