@@ -40,6 +40,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!();
         print!("{}", summary_table(&report));
+        if !report.error_messages.is_empty() {
+            println!("errors logged for a person:");
+            for e in &report.error_messages {
+                println!("  - {e}");
+            }
+        }
         if report.converged {
             println!(
                 "converged: all {} linked record pairs match on both sides",

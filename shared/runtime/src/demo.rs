@@ -127,6 +127,8 @@ pub struct DemoReport {
     pub parked: u64,
     /// Errors logged for a person.
     pub errors: u64,
+    /// The error log's messages (newest first), so a failed run says what went wrong.
+    pub error_messages: Vec<String>,
     /// Messages in the dead-letter queue.
     pub dead_letters: u64,
     /// Webhook deliveries accepted by the receivers.
@@ -192,13 +194,20 @@ pub async fn run_demo(
         .map(|d| d.as_secs_f64() * 1000.0)
         .collect();
     lat.sort_by(f64::total_cmp);
-    let errors = stage
-        .rt
-        .store()
-        .errors(100)
-        .await
-        .map(|e| e.len() as u64)
-        .unwrap_or(stats.engine.errors);
+    let logged = stage.rt.store().errors(100).await.unwrap_or_default();
+    let error_messages: Vec<String> = logged
+        .iter()
+        .map(|e| {
+            format!(
+                "{:?} {} {}: {}",
+                e.class,
+                e.map.as_deref().unwrap_or("-"),
+                e.key.as_deref().unwrap_or("-"),
+                e.message
+            )
+        })
+        .collect();
+    let errors = logged.len() as u64;
     let report = DemoReport {
         events: stats.engine.events,
         writes: stats.engine.writes,
@@ -206,6 +215,7 @@ pub async fn run_demo(
         conflicts: stats.engine.conflicts,
         parked: stats.engine.parked,
         errors: errors.max(stats.engine.errors),
+        error_messages,
         dead_letters: stats.queue.dead,
         webhooks_accepted: stats.receivers.accepted,
         latency_samples: lat.len(),

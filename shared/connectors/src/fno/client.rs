@@ -146,7 +146,13 @@ impl FnoConnector {
             .json(self.body(entity, record, key)?);
         let answer = self.client.send(entity, request).await?;
         if !answer.is_success() {
-            return Err(answer.to_error(Side::Erp, entity));
+            let mut error = answer.to_error(Side::Erp, entity);
+            if is_duplicate_key(&error) {
+                // F&O answers a create of an existing key with 400, where Dataverse says 412:
+                // someone created it first. Re-read and decide again, as on a 412.
+                error.kind = ConnectorErrorKind::PreconditionFailed;
+            }
+            return Err(error);
         }
         let mut outcome = WriteOutcome {
             id: Some(key.to_string()),
@@ -341,4 +347,10 @@ impl Connector for FnoConnector {
         );
         Ok(results)
     }
+}
+
+/// True for F&O's answer to a create of a record whose key exists already: 400 with an
+/// Infolog saying "The record already exists".
+fn is_duplicate_key(error: &ConnectorError) -> bool {
+    error.status == Some(400) && error.message.contains("already exists")
 }

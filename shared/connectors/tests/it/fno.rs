@@ -353,3 +353,34 @@ async fn upsert_batch_writes_new_and_existing_records_in_one_changeset() {
         );
     }
 }
+
+#[tokio::test]
+async fn creating_a_record_someone_created_first_asks_for_a_reread() {
+    let env = Env::start().await;
+    env.fno
+        .user_create(
+            "CustomersV3",
+            json!({"dataAreaId": "usmf", "CustomerAccount": "US-009", "OrganizationName": "First"}),
+        )
+        .expect("seed");
+    let key = customer_key("usmf", "US-009");
+    let mut record = Record::new("CustomersV3");
+    record.company = Some("usmf".into());
+    record
+        .fields
+        .insert("OrganizationName".into(), Value::Text("Second".into()));
+    let err = env
+        .erp
+        .upsert(
+            "CustomersV3",
+            &RecordRef::Key(key),
+            &record,
+            WriteCondition::MustNotExist,
+        )
+        .await
+        .expect_err("the key exists");
+    // F&O says 400 "The record already exists"; the engine must re-read, as on a 412.
+    assert_eq!(err.kind, ConnectorErrorKind::PreconditionFailed, "{err}");
+    assert_eq!(err.status, Some(400));
+    assert!(err.message.contains("already exists"), "{err}");
+}

@@ -194,7 +194,7 @@ async fn the_demo_scenario_converges() {
         report.echoes_suppressed > 0,
         "echoes must be suppressed: {report:?}"
     );
-    assert_eq!(report.errors, 0);
+    assert_eq!(report.errors, 0, "{:#?}", report.error_messages);
     assert_eq!(report.dead_letters, 0);
     let conflict = report.conflict.unwrap();
     assert_ne!(conflict.winner, "none");

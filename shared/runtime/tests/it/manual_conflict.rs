@@ -49,7 +49,12 @@ async fn a_manual_conflict_is_held_until_a_person_resolves_it() {
     let held = s.stats().await.engine;
     assert_eq!(held.conflicts - before.conflicts, 1, "{held}");
     assert_eq!(held.writes, before.writes, "nothing written: {held}");
-    assert_eq!(s.fno_events("CustomersV3"), fno_events, "no F&O write");
+    assert_eq!(
+        s.fno_events("CustomersV3"),
+        fno_events,
+        "no F&O write: {:#?}",
+        s.fno.event_deliveries()
+    );
     assert_eq!(s.dv_webhooks("account"), dv_hooks, "no Dataverse write");
     assert_eq!(
         s.customer("E2E-0030").unwrap()["OrganizationName"],
