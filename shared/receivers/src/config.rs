@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use dualwrite_core::Side;
 use dualwrite_core::map::TableMap;
+use dualwrite_core::value::ValueType;
 
 use crate::receive::ReceiverStats;
 
@@ -101,6 +102,10 @@ pub struct CrmCoverage {
     /// Columns the maps read from this table (mapped fields flowing to F&O, key columns and the
     /// company column). An event carrying all of them is complete (not `partial`).
     pub needed: BTreeSet<String>,
+    /// The type the maps declare for each column they name (the first map's, as in the
+    /// connectors' schemas). Event values are converted to it, so an event's values are typed
+    /// like the connector's read of the same row and hash alike.
+    pub types: BTreeMap<String, ValueType>,
 }
 
 /// What the receivers need to know of one covered F&O entity.
@@ -118,6 +123,10 @@ pub struct ErpCoverage {
     /// Fields the maps read from this entity (mapped fields flowing to Dataverse and key
     /// fields). An event carrying all of them is complete (not `partial`).
     pub needed: BTreeSet<String>,
+    /// The type the maps declare for each field they name (the first map's, as in the
+    /// connectors' schemas). Event values are converted to it, so an event's values are typed
+    /// like the connector's read of the same row and hash alike.
+    pub types: BTreeMap<String, ValueType>,
 }
 
 /// The entities the enabled maps cover, per side.
@@ -164,13 +173,16 @@ impl Coverage {
                 primary_id: map.crm.primary_id.clone(),
                 company_field: map.crm.company_field.clone(),
                 needed: BTreeSet::new(),
+                types: BTreeMap::new(),
             });
         entry.needed.extend(map.crm.key.iter().cloned());
         entry.needed.extend(map.crm.company_field.iter().cloned());
         for field in &map.fields {
-            if let Some(crm) = &field.crm
-                && field.direction.flows_from(Side::Crm)
-            {
+            let Some(crm) = &field.crm else {
+                continue;
+            };
+            entry.types.entry(crm.name.clone()).or_insert(crm.ty);
+            if field.direction.flows_from(Side::Crm) {
                 entry.needed.insert(crm.name.clone());
             }
         }
@@ -191,6 +203,7 @@ impl Coverage {
                 company_specific: map.erp.company_specific,
                 field_names: BTreeMap::new(),
                 needed: BTreeSet::new(),
+                types: BTreeMap::new(),
             });
         // Standard fields every entity has: the company and the modification time.
         entry
@@ -210,6 +223,7 @@ impl Coverage {
                 entry
                     .field_names
                     .insert(erp.name.to_ascii_lowercase(), erp.name.clone());
+                entry.types.entry(erp.name.clone()).or_insert(erp.ty);
                 if field.direction.flows_from(Side::Erp) {
                     entry.needed.insert(erp.name.clone());
                 }

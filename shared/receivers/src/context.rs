@@ -5,7 +5,12 @@
 use std::str::FromStr;
 
 use chrono::{DateTime, FixedOffset, TimeZone, Utc};
-use dualwrite_core::{ChangeEvent, LookupRef, Operation, Record, RecordKey, Side, Value};
+use std::collections::BTreeMap;
+
+use dualwrite_core::map::apply::convert;
+use dualwrite_core::{
+    ChangeEvent, LookupRef, Operation, Record, RecordKey, Side, Value, ValueType,
+};
 use rust_decimal::Decimal;
 use serde_json::{Map, Number, Value as Json};
 
@@ -246,6 +251,36 @@ fn number_value(obj: &Obj, path: &str) -> Result<(i64, Decimal), PayloadError> {
         None => Err(PayloadError::Missing(at(path, "Value"))),
         Some(_) => Err(wrong()),
     }
+}
+
+/// Converts each value of `fields` to the type the maps declare for its field (`types`), as the
+/// connectors type what they read: a payload types values by their JSON shape alone, so a
+/// whole-number decimal arrives as an integer and an F&O enum symbol as text, and such values
+/// would hash differently from the same row read through a connector, which hides echoes.
+///
+/// Returns `false` when some value does not convert (an F&O enum sent as its virtual-entity
+/// option value, a date in a form the conversion does not read): that value is kept as sent
+/// and the caller marks the event partial, so the worker reads the record through the
+/// connector instead of trusting the payload.
+pub(crate) fn conform_to_declared_types(
+    fields: &mut BTreeMap<String, Value>,
+    types: &BTreeMap<String, ValueType>,
+) -> bool {
+    let mut all_typed = true;
+    for (name, value) in fields.iter_mut() {
+        let Some(&ty) = types.get(name) else {
+            continue;
+        };
+        // Lookups arrive as references already; the engine completes their keys.
+        if ty == ValueType::Lookup || value.value_type().is_none_or(|t| t == ty) {
+            continue;
+        }
+        match convert(value.clone(), ty) {
+            Ok(typed) => *value = typed,
+            Err(_) => all_typed = false,
+        }
+    }
+    all_typed
 }
 
 /// The typed attributes of an Entity (`Attributes` list), in payload order.

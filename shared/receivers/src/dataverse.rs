@@ -8,8 +8,8 @@ use serde_json::Value as Json;
 
 use crate::config::{Coverage, CrmCoverage};
 use crate::context::{
-    ContextHead, Messages, Obj, entity_attributes, images, is_reference, kv_list, opt_str,
-    parse_object, read_message, req_str, target,
+    ContextHead, Messages, Obj, conform_to_declared_types, entity_attributes, images, is_reference,
+    kv_list, opt_str, parse_object, read_message, req_str, target,
 };
 use crate::error::PayloadError;
 use crate::receive::Parsed;
@@ -30,7 +30,9 @@ const DATAVERSE_MESSAGES: Messages = Messages {
 ///
 /// - Create/Update: the Target's attributes, overlaid with every post image. The event is
 ///   complete (`partial: false`) only when it carries every column the maps read from the table
-///   and the owning company is known; otherwise the worker reads the record.
+///   and the owning company is known; otherwise the worker reads the record. Values are
+///   converted to the types the maps declare, as the connector types what it reads; an event
+///   with a value that does not convert is partial too.
 /// - Delete: the Target is an EntityReference; the company comes from a pre image if any.
 /// - With `x-ms-dynamics-msg-size-exceeded` the body has no Target or images: a partial event
 ///   naming `PrimaryEntityName`/`PrimaryEntityId` is built and the worker reads the record.
@@ -79,6 +81,7 @@ pub fn parse_dataverse(
         for (path, entity) in &sources {
             fields.extend(entity_attributes(entity, path, coverage)?);
         }
+        let typed = conform_to_declared_types(&mut fields, &cov.types);
         let company = company_of(cov, &sources)?;
         record.company = company.code().map(str::to_string);
         // A delete carries no values: only identity and company matter, and its version is
@@ -88,6 +91,7 @@ pub fn parse_dataverse(
         }
         operation == Operation::Upsert
             && (company == Company::Unknown
+                || !typed
                 || !cov.needed.iter().all(|f| record.fields.contains_key(f)))
     };
 

@@ -9,8 +9,9 @@ use serde_json::Value as Json;
 
 use crate::config::{BusinessEventRoute, Coverage, ErpCoverage};
 use crate::context::{
-    ContextHead, Messages, Obj, entity_attributes, images, is_reference, kv_list, opt_i64, opt_str,
-    opt_wcf_date, parse_object, read_message, req_str, target, typed_value,
+    ContextHead, Messages, Obj, conform_to_declared_types, entity_attributes, images, is_reference,
+    kv_list, opt_i64, opt_str, opt_wcf_date, parse_object, read_message, req_str, target,
+    typed_value,
 };
 use crate::error::PayloadError;
 use crate::receive::{Accepted, Parsed};
@@ -48,7 +49,9 @@ const DATA_EVENT_MESSAGES: Messages = Messages {
 /// maps use (`CustomerAccount`), unknown ones are kept as sent. Values come from the pre
 /// images, then the Target, then the post images (later wins). F&O drops null date-times from
 /// data events, so a missing field does not mean null: an event that lacks any field the maps
-/// read is `partial` and the worker reads the record. The company is `dataAreaId`
+/// read is `partial` and the worker reads the record. Values are converted to the types the
+/// maps declare (see `conform_to_declared_types`); an event with a value that does not convert
+/// is `partial` too. The company is `dataAreaId`
 /// (lower-cased, as F&O returns it) and the record id is the rendered key
 /// `dataAreaId='usmf',CustomerAccount='US-001'`.
 pub fn parse_data_event(
@@ -94,18 +97,19 @@ fn data_event(
     for (path, image) in images(ctx, "PostEntityImages")? {
         raw.extend(entity_attributes(image, &path, coverage)?);
     }
-    let fields: BTreeMap<String, Value> = raw
+    let mut fields: BTreeMap<String, Value> = raw
         .into_iter()
         .map(|(k, v)| (real_name(cov, &k), v))
         .collect();
+    let typed = conform_to_declared_types(&mut fields, &cov.types);
 
     let looked_in = "Target, its KeyAttributes and the entity images";
     let (company, key) = erp_key(cov, |f| non_null_text(fields.get(f)), looked_in)?;
     let mut record = Record::new(&cov.entity);
     record.id = Some(key.to_string());
     record.company = company;
-    let partial =
-        operation == Operation::Upsert && !cov.needed.iter().all(|f| fields.contains_key(f));
+    let partial = operation == Operation::Upsert
+        && (!typed || !cov.needed.iter().all(|f| fields.contains_key(f)));
     let modified = match fields
         .get("ModifiedDateTime")
         .or_else(|| fields.get("modifiedon"))

@@ -1,6 +1,7 @@
 //! Integration tests of the receivers: fixtures per payload shape, every answer of `receive`.
 
 mod dataverse;
+mod echo_typing;
 mod fno;
 mod receive;
 
@@ -68,6 +69,17 @@ fn field(
         source_of_truth: None,
         line: 1,
     }
+}
+
+/// `mapping` with the types the shipped maps declare for its F&O and Dataverse fields.
+fn typed(mut mapping: FieldMapping, erp: ValueType, crm: ValueType) -> FieldMapping {
+    if let Some(f) = &mut mapping.erp {
+        f.ty = erp;
+    }
+    if let Some(f) = &mut mapping.crm {
+        f.ty = crm;
+    }
+    mapping
 }
 
 fn map(
@@ -144,26 +156,46 @@ pub fn test_maps() -> Vec<TableMap> {
                     true,
                 ),
                 field(Some("OrganizationName"), Some("name"), Bidirectional, false),
-                field(
-                    Some("CreditLimit"),
-                    Some("creditlimit"),
-                    Bidirectional,
-                    false,
+                typed(
+                    field(
+                        Some("CreditLimit"),
+                        Some("creditlimit"),
+                        Bidirectional,
+                        false,
+                    ),
+                    ValueType::Decimal,
+                    ValueType::Decimal,
                 ),
-                field(
-                    Some("SalesCurrencyCode"),
-                    Some("transactioncurrencyid"),
-                    Bidirectional,
-                    false,
+                typed(
+                    field(
+                        Some("SalesCurrencyCode"),
+                        Some("transactioncurrencyid"),
+                        Bidirectional,
+                        false,
+                    ),
+                    ValueType::Text,
+                    ValueType::Lookup,
                 ),
-                field(
-                    Some("CreditLimitIsMandatory"),
-                    Some("msdyn_creditlimitismandatory"),
-                    ErpToCrm,
-                    false,
+                typed(
+                    field(
+                        Some("CreditLimitIsMandatory"),
+                        Some("msdyn_creditlimitismandatory"),
+                        ErpToCrm,
+                        false,
+                    ),
+                    ValueType::Enum,
+                    ValueType::Boolean,
                 ),
-                field(Some("PartyType"), None, CrmToErp, false),
-                field(None, Some("customertypecode"), ErpToCrm, false),
+                typed(
+                    field(Some("PartyType"), None, CrmToErp, false),
+                    ValueType::Enum,
+                    ValueType::Text,
+                ),
+                typed(
+                    field(None, Some("customertypecode"), ErpToCrm, false),
+                    ValueType::Text,
+                    ValueType::Choice,
+                ),
             ],
         ),
         map(

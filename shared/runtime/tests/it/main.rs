@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 mod catch_up;
+mod echo_hash;
 mod harness;
 mod manual_conflict;
 mod serve_http;
