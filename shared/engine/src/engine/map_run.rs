@@ -1,0 +1,720 @@
+//! One map's processing of one change event, as a sequence of named steps.
+//!
+//! Each attempt reads the full source record, finds the pair's key and link, decides (from the
+//! link alone when it can, else after reading the other side and resolving lookups) and carries
+//! out the decision. A step that finds the pair changed under it (a 412, a moved link, a failed
+//! revision condition) interrupts the attempt and the next one reads again and decides again,
+//! at most [`crate::WorkerConfig::max_redecisions`] times.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use dualwrite_core::decision::{
+    Decision, DecisionInput, DeleteAction, DeletePlan, LinkChange, LinkCommit, ParkCause,
+    SkipReason, WritePlan, decide, entity_of, side_hash,
+};
+use dualwrite_core::map::TableMap;
+use dualwrite_core::map::apply::{ResolvedLookups, integration_key, record_key};
+use dualwrite_core::ports::{
+    ConflictRecord, ConnectorError, FieldsHash, Link, ParkedEvent, RecordRef, StoreOp,
+};
+use dualwrite_core::{ChangeEvent, IntegrationKey, Operation, Record, Side};
+use tracing::{debug, info, warn};
+
+use super::{
+    Engine, Failure, MapAction, MapResult, MapStep, ProcessError, decided_by_link_alone, jitter,
+    record_write,
+};
+use crate::stats::Counter;
+
+/// Why an attempt stopped before carrying its decision out to the end.
+enum Interrupt {
+    /// The pair changed under the attempt: read again, decide again (counted as a
+    /// re-decision).
+    Redecide,
+    /// A missing dependency was synced on the spot: decide again, not counted as a
+    /// re-decision (the world got better, nothing was contended).
+    DependencySynced,
+    /// The map is done early with this result (source gone, no link to delete, an unmappable
+    /// record, a permanent connector failure).
+    Finished(MapStep),
+    /// The event must be retried later.
+    Error(ProcessError),
+}
+
+impl From<ProcessError> for Interrupt {
+    fn from(e: ProcessError) -> Self {
+        Interrupt::Error(e)
+    }
+}
+
+impl From<Failure> for Interrupt {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Redecide => Interrupt::Redecide,
+            Failure::Done(step) => Interrupt::Finished(step),
+        }
+    }
+}
+
+/// What one attempt knows of the pair once it has the source record, the key and the link.
+struct Pair {
+    /// When the attempt started (for the decision and a park's timestamp).
+    now: DateTime<Utc>,
+    /// The full, current source record (as the event carried it for a delete).
+    record: Record,
+    /// The pair's integration key.
+    key: IntegrationKey,
+    /// The pair's link, if any.
+    link: Option<Link>,
+    /// The hash of the source record's mapped fields.
+    source_hash: FieldsHash,
+}
+
+/// A decision to wait for another pair's link ([`Decision::Park`], unpacked).
+struct Parking {
+    /// The map whose link is awaited.
+    waiting_map: String,
+    /// The key of the awaited link.
+    waiting_key: IntegrationKey,
+    /// Why, as data.
+    cause: ParkCause,
+    /// Why, in words.
+    reason: String,
+}
+
+/// The processing of one event under one map: what stays fixed, and what carries over from
+/// one attempt to the next.
+pub(super) struct MapRun<'a> {
+    engine: &'a Engine,
+    map: &'a TableMap,
+    event: &'a ChangeEvent,
+    /// Whether this map's commit also completes the event.
+    complete: bool,
+    /// How deep in dependency syncs this run is (0: the event itself).
+    depth: u32,
+    /// The event's delivery attempt (for the error policy's backoff).
+    attempt: u32,
+    /// Decisions taken so far (dependency syncs excepted).
+    decisions: u32,
+    /// Whether the source record must be read rather than taken from the event.
+    reread: bool,
+    /// Dependencies already synced on the spot (each is tried once).
+    tried_dependencies: HashSet<(String, IntegrationKey)>,
+    /// Parked events released by dependency syncs so far.
+    released: Vec<ParkedEvent>,
+}
+
+impl<'a> MapRun<'a> {
+    /// A run of `event` under `map`; `complete`: its last commit also completes the event.
+    pub(super) fn new(
+        engine: &'a Engine,
+        map: &'a TableMap,
+        event: &'a ChangeEvent,
+        complete: bool,
+        depth: u32,
+        attempt: u32,
+    ) -> Self {
+        MapRun {
+            engine,
+            map,
+            event,
+            complete,
+            depth,
+            attempt,
+            decisions: 0,
+            reread: event.partial,
+            tried_dependencies: HashSet::new(),
+            released: Vec::new(),
+        }
+    }
+
+    /// Runs attempts until one finishes the map or the pair has changed under the worker too
+    /// many times in a row.
+    pub(super) async fn run(mut self) -> Result<MapStep, ProcessError> {
+        loop {
+            if !self.count_decision() {
+                return Err(self.contention());
+            }
+            match self.attempt().await {
+                Ok(step) | Err(Interrupt::Finished(step)) => return Ok(step),
+                Err(Interrupt::Error(e)) => return Err(e),
+                Err(Interrupt::Redecide) => {}
+                // Not a re-decision: the world got better.
+                Err(Interrupt::DependencySynced) => self.decisions -= 1,
+            }
+        }
+    }
+
+    /// Counts the decision about to be taken; `false` past the limit of decisions. From the
+    /// second decision on, the source record is read again.
+    fn count_decision(&mut self) -> bool {
+        self.decisions += 1;
+        if self.decisions > self.engine.config.max_redecisions {
+            return false;
+        }
+        if self.decisions > 1 {
+            self.engine.stats.inc(Counter::Redecisions);
+            self.reread = true;
+        }
+        true
+    }
+
+    /// The pair kept changing under the worker: the event is handed back for later.
+    fn contention(&self) -> ProcessError {
+        ProcessError::Contention {
+            event_id: self.event.event_id.clone(),
+            map: self.map.name.clone(),
+            key: self.event.record.id.clone().unwrap_or_default(),
+            attempts: self.decisions - 1,
+            retry_after: self
+                .engine
+                .config
+                .backoff
+                .delay(self.attempt, jitter(&self.event.event_id)),
+        }
+    }
+
+    /// One attempt: the steps from the source record to the executed decision.
+    async fn attempt(&mut self) -> Result<MapStep, Interrupt> {
+        let now = self.engine.clock.now();
+        let mut record = self.source_record().await?;
+        self.complete_key_lookups(&mut record).await?;
+        let (key, link) = self.key_and_link(&record).await?;
+        let pair = Pair {
+            now,
+            source_hash: side_hash(self.map, self.event.source, &record),
+            record,
+            key,
+            link,
+        };
+        let decision = match self.decide_by_link_alone(&pair) {
+            Some(d) => d,
+            None => self.decide_with_other_side(&pair).await?,
+        };
+        debug!(event_id = %self.event.event_id, map = %self.map.name, key = %pair.key, decision = ?decision, "decided");
+        self.execute(decision, pair).await
+    }
+
+    /// Step 1: the full, current source record. The event's own record on a first decision of
+    /// a full event and for a delete; read from the source otherwise.
+    async fn source_record(&self) -> Result<Record, Interrupt> {
+        let (map, event, source) = (self.map, self.event, self.event.source);
+        if event.operation == Operation::Delete || !self.reread {
+            return Ok(event.record.clone());
+        }
+        let at = match &event.record.id {
+            Some(id) => RecordRef::Id(id.clone()),
+            None => match integration_key(map, source, &event.record) {
+                Ok(k) => RecordRef::Key(record_key(map, source, &k)),
+                Err(e) => return Err(self.invalid(None, e.to_string()).await),
+            },
+        };
+        match self
+            .engine
+            .connector(source)
+            .read(&event.record.entity, &at)
+            .await
+        {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(self.finish_unkeyed(MapAction::SourceGone).await),
+            Err(e) => Err(self.connector_failure(None, e).await),
+        }
+    }
+
+    /// Step 1b: Dataverse sends key lookups (an order line's order) as ids only; gives them
+    /// the referenced row's alternate key (see [`Engine::complete_key_lookups`]).
+    async fn complete_key_lookups(&self, record: &mut Record) -> Result<(), Interrupt> {
+        if self.event.source == Side::Crm
+            && self.event.operation == Operation::Upsert
+            && let Err(e) = self.engine.complete_key_lookups(self.map, record).await
+        {
+            return Err(self.connector_failure(None, e).await);
+        }
+        Ok(())
+    }
+
+    /// Step 2: the pair's key and link. A delete finds its link by the record's id (or key);
+    /// without one there is nothing to delete and the map is done.
+    async fn key_and_link(
+        &self,
+        record: &Record,
+    ) -> Result<(IntegrationKey, Option<Link>), Interrupt> {
+        let (engine, map, event, source) = (self.engine, self.map, self.event, self.event.source);
+        if event.operation == Operation::Delete {
+            let found = match &record.id {
+                Some(id) => engine.store.link_by_id(&map.name, source, id).await,
+                None => match integration_key(map, source, record) {
+                    Ok(k) => engine.store.link(&map.name, &k).await,
+                    Err(_) => Ok(None),
+                },
+            }
+            .map_err(|e| engine.store_error(event, e))?;
+            return match found {
+                Some(link) => Ok((link.key.clone(), Some(link))),
+                None => Err(self
+                    .finish_unkeyed(MapAction::Skipped(SkipReason::NoLink))
+                    .await),
+            };
+        }
+        let key = match integration_key(map, source, record) {
+            Ok(k) => k,
+            Err(e) => return Err(self.invalid(None, e.to_string()).await),
+        };
+        let link = engine
+            .store
+            .link(&map.name, &key)
+            .await
+            .map_err(|e| engine.store_error(event, e))?;
+        Ok((key, link))
+    }
+
+    /// Step 3: what the link alone decides (stale, duplicate, echo, filtered out) for an
+    /// upsert of a linked pair. Needs neither the other side nor lookups: no read, no API call
+    /// for those. `None`: the full decision is needed.
+    fn decide_by_link_alone(&self, pair: &Pair) -> Option<Decision> {
+        if pair.link.is_none() || self.event.operation != Operation::Upsert {
+            return None;
+        }
+        let none = ResolvedLookups::new();
+        let d = decide(&self.decision_input(pair, None, &none, &none));
+        decided_by_link_alone(&d).then_some(d)
+    }
+
+    /// Steps 4 and 5: reads the other side as it stands, resolves the lookups both ways,
+    /// decides, and holds back a Dataverse write whose company is not linked yet
+    /// ([`Engine::company_gate`]).
+    async fn decide_with_other_side(&self, pair: &Pair) -> Result<Decision, Interrupt> {
+        let other = self.read_other_side(pair).await?;
+        let (lookups, other_lookups) = self.resolve_lookups(&pair.record, other.as_ref()).await?;
+        let input = self.decision_input(pair, other.as_ref(), &lookups, &other_lookups);
+        Ok(self
+            .engine
+            .company_gate(self.map, self.event, decide(&input))
+            .await?)
+    }
+
+    /// Step 4: the other side's record, by the link's id, else (for an upsert) by key. `None`
+    /// when it does not exist or there is nothing to read it by.
+    async fn read_other_side(&self, pair: &Pair) -> Result<Option<Record>, Interrupt> {
+        let other_side = self.event.source.other();
+        let other_at = match pair.link.as_ref().and_then(|l| l.id(other_side)) {
+            Some(id) => RecordRef::Id(id.to_string()),
+            None if self.event.operation == Operation::Upsert => {
+                RecordRef::Key(record_key(self.map, other_side, &pair.key))
+            }
+            None => return Ok(None),
+        };
+        match self
+            .engine
+            .connector(other_side)
+            .read(&entity_of(self.map, other_side), &other_at)
+            .await
+        {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.connector_failure(Some(&pair.key), e).await),
+        }
+    }
+
+    /// Step 4b: the lookups of the source record and of the other side's record (empty for a
+    /// delete, and for the other side when it has no record).
+    async fn resolve_lookups(
+        &self,
+        record: &Record,
+        other: Option<&Record>,
+    ) -> Result<(ResolvedLookups, ResolvedLookups), ProcessError> {
+        if self.event.operation != Operation::Upsert {
+            return Ok((ResolvedLookups::new(), ResolvedLookups::new()));
+        }
+        let (engine, map, event, source) = (self.engine, self.map, self.event, self.event.source);
+        let mine = engine.resolve_lookups(event, map, source, record).await?;
+        let theirs = match other {
+            Some(o) => {
+                engine
+                    .resolve_lookups(event, map, source.other(), o)
+                    .await?
+            }
+            None => ResolvedLookups::new(),
+        };
+        Ok((mine, theirs))
+    }
+
+    /// The input of [`decide`] for this attempt.
+    fn decision_input<'p>(
+        &'p self,
+        pair: &'p Pair,
+        other: Option<&'p Record>,
+        lookups: &'p ResolvedLookups,
+        other_lookups: &'p ResolvedLookups,
+    ) -> DecisionInput<'p> {
+        DecisionInput {
+            map: self.map,
+            source: self.event.source,
+            operation: self.event.operation,
+            event_id: &self.event.event_id,
+            key: &pair.key,
+            record: &pair.record,
+            link: pair.link.as_ref(),
+            other,
+            source_hash: pair.source_hash,
+            lookups,
+            other_lookups,
+            now: pair.now,
+        }
+    }
+
+    /// Step 6: carries the decision out.
+    async fn execute(&mut self, decision: Decision, pair: Pair) -> Result<MapStep, Interrupt> {
+        match decision {
+            Decision::Skip { reason, link } => self.skip(reason, link, pair.key).await,
+            Decision::Write(plan) => self.write(plan, pair.key).await,
+            Decision::Delete(plan) => self.delete(plan, pair.key).await,
+            Decision::HoldConflict { link, conflict } => {
+                self.hold_conflict(link, conflict, pair.key).await
+            }
+            Decision::Park {
+                waiting_map,
+                waiting_key,
+                cause,
+                reason,
+            } => {
+                let parking = Parking {
+                    waiting_map,
+                    waiting_key,
+                    cause,
+                    reason,
+                };
+                self.park(parking, pair.key, pair.now).await
+            }
+            Decision::Invalid(e) => Ok(self
+                .engine
+                .invalid(
+                    self.map,
+                    self.event,
+                    Some(pair.key),
+                    self.complete,
+                    e.to_string(),
+                )
+                .await?),
+        }
+    }
+
+    /// Nothing to write: commits the link change, if any, with the completion.
+    async fn skip(
+        &self,
+        reason: SkipReason,
+        link: Option<LinkCommit>,
+        key: IntegrationKey,
+    ) -> Result<MapStep, Interrupt> {
+        let mut ops: Vec<StoreOp> = link
+            .map(|c| StoreOp::PutLink {
+                link: c.link,
+                expected_revision: c.expected_revision,
+            })
+            .into_iter()
+            .collect();
+        ops.extend(self.complete_op());
+        self.commit_or_redecide(ops).await?;
+        self.engine.stats.inc(match reason {
+            SkipReason::Echo | SkipReason::Duplicate => Counter::EchoesSuppressed,
+            SkipReason::Stale => Counter::StaleDropped,
+            _ => Counter::Skipped,
+        });
+        debug!(event_id = %self.event.event_id, map = %self.map.name, key = %key, reason = reason.as_str(), "skipped");
+        Ok(self.done(Some(key), MapAction::Skipped(reason)))
+    }
+
+    /// Writes the plan's records, then commits the link (and the conflict it resolves) with
+    /// the completion. A newly created link releases the events parked on it.
+    async fn write(
+        &mut self,
+        mut plan: WritePlan,
+        key: IntegrationKey,
+    ) -> Result<MapStep, Interrupt> {
+        let (engine, map, event) = (self.engine, self.map, self.event);
+        // A conflict found against a link that moved meanwhile is usually the other side's
+        // echo overtaking the commit of the write it echoes: decide again on the new link
+        // rather than "resolve" it with a write.
+        if plan.conflict.is_some()
+            && engine
+                .link_moved(event, map, &key, plan.link.expected_revision)
+                .await?
+        {
+            return Err(Interrupt::Redecide);
+        }
+        for write in &plan.writes {
+            let result = engine
+                .connector(write.side)
+                .upsert(
+                    &write.entity,
+                    &write.at,
+                    &write.record,
+                    write.condition.clone(),
+                )
+                .await;
+            match result {
+                Ok(out) => {
+                    engine.stats.inc(Counter::Writes);
+                    let version = engine
+                        .written_version(&write.entity, &write.at, write.side, &out)
+                        .await;
+                    record_write(&mut plan.link.link, write.side, out.id, version);
+                }
+                // A 412 (the target changed since it was read) reads again and decides again.
+                Err(e) => return Err(self.connector_failure(Some(&key), e).await),
+            }
+        }
+        let created = plan.link.expected_revision == 0;
+        let conflict_id = plan.conflict.as_ref().map(|c| c.id.clone());
+        let mut ops = vec![StoreOp::PutLink {
+            link: plan.link.link,
+            expected_revision: plan.link.expected_revision,
+        }];
+        if let Some(c) = plan.conflict {
+            ops.push(StoreOp::RecordConflict(c));
+        }
+        ops.extend(self.complete_op());
+        self.commit_or_redecide(ops).await?;
+        if created {
+            self.released
+                .extend(engine.parked_on(event, map, &key).await?);
+        }
+        if conflict_id.is_some() {
+            engine.stats.inc(Counter::Conflicts);
+        }
+        info!(event_id = %event.event_id, map = %map.name, key = %key, writes = plan.writes.len(), "record synced");
+        let mut step = self.done(
+            Some(key),
+            MapAction::Written {
+                writes: plan.writes.len(),
+                conflict: conflict_id,
+            },
+        );
+        step.released = std::mem::take(&mut self.released);
+        Ok(step)
+    }
+
+    /// Applies a delete per the map's delete policy (delete or deactivate the other side, or
+    /// leave it), then removes or updates the link with the completion.
+    async fn delete(
+        &self,
+        mut plan: DeletePlan,
+        key: IntegrationKey,
+    ) -> Result<MapStep, Interrupt> {
+        let engine = self.engine;
+        let result = match &plan.action {
+            DeleteAction::DeleteOther { side, entity, at } => engine
+                .connector(*side)
+                .delete(entity, at)
+                .await
+                .map(|()| None),
+            DeleteAction::Deactivate(w) => engine
+                .connector(w.side)
+                .upsert(&w.entity, &w.at, &w.record, w.condition.clone())
+                .await
+                .map(Some),
+            DeleteAction::Nothing => Ok(None),
+        };
+        match result {
+            Ok(out) => match (&plan.action, out, &mut plan.link) {
+                (DeleteAction::Deactivate(w), Some(out), LinkChange::Put(c)) => {
+                    engine.stats.inc(Counter::Writes);
+                    let version = engine.written_version(&w.entity, &w.at, w.side, &out).await;
+                    record_write(&mut c.link, w.side, out.id, version);
+                }
+                (DeleteAction::DeleteOther { .. }, _, _) => engine.stats.inc(Counter::Deletes),
+                _ => {}
+            },
+            Err(e) => return Err(self.connector_failure(Some(&key), e).await),
+        }
+        let mut ops = vec![match plan.link {
+            LinkChange::Remove {
+                map,
+                key,
+                expected_revision,
+            } => StoreOp::DeleteLink {
+                map,
+                key,
+                expected_revision,
+            },
+            LinkChange::Put(c) => StoreOp::PutLink {
+                link: c.link,
+                expected_revision: c.expected_revision,
+            },
+        }];
+        ops.extend(self.complete_op());
+        self.commit_or_redecide(ops).await?;
+        info!(event_id = %self.event.event_id, map = %self.map.name, key = %key, "delete applied");
+        Ok(self.done(Some(key), MapAction::Deleted))
+    }
+
+    /// Policy `manual`: records the open conflict and marks the link, writing nothing.
+    async fn hold_conflict(
+        &self,
+        link: LinkCommit,
+        conflict: ConflictRecord,
+        key: IntegrationKey,
+    ) -> Result<MapStep, Interrupt> {
+        let conflict_id = conflict.id.clone();
+        let mut ops = vec![
+            StoreOp::PutLink {
+                link: link.link,
+                expected_revision: link.expected_revision,
+            },
+            StoreOp::RecordConflict(conflict),
+        ];
+        ops.extend(self.complete_op());
+        self.commit_or_redecide(ops).await?;
+        self.engine.stats.inc(Counter::Conflicts);
+        warn!(event_id = %self.event.event_id, map = %self.map.name, key = %key, conflict = %conflict_id, "conflict held for a person");
+        Ok(self.done(Some(key), MapAction::ConflictHeld { conflict_id }))
+    }
+
+    /// Waits for another pair's link. A missing lookup or company is first synced on the spot
+    /// when either system has it (once per dependency, within the depth limit), and the change
+    /// is decided again; otherwise the event is parked. Parking does not complete the event.
+    async fn park(
+        &mut self,
+        parking: Parking,
+        key: IntegrationKey,
+        now: DateTime<Utc>,
+    ) -> Result<MapStep, Interrupt> {
+        let (engine, event) = (self.engine, self.event);
+        let Parking {
+            waiting_map,
+            waiting_key,
+            cause,
+            reason,
+        } = parking;
+        let missing_lookup = matches!(
+            cause,
+            ParkCause::MissingLookup { .. } | ParkCause::MissingCompany { .. }
+        );
+        if missing_lookup
+            && self.depth < engine.config.max_dependency_depth
+            && self
+                .tried_dependencies
+                .insert((waiting_map.clone(), waiting_key.clone()))
+        {
+            let synced = engine
+                .sync_dependency(event, &waiting_map, &waiting_key, self.depth, self.attempt)
+                .await?;
+            if let Some(step) = synced {
+                engine.stats.inc(Counter::DependenciesSynced);
+                self.released.extend(step.released);
+                return Err(Interrupt::DependencySynced);
+            }
+        }
+        let parked = ParkedEvent {
+            waiting_map: waiting_map.clone(),
+            waiting_key: waiting_key.clone(),
+            reason: reason.clone(),
+            event: event.clone(),
+            parked_at: now,
+        };
+        engine
+            .commit(event, vec![StoreOp::Park(parked.clone())])
+            .await?;
+        engine.stats.inc(Counter::Parked);
+        info!(event_id = %event.event_id, map = %self.map.name, key = %key, waiting_map = %waiting_map, waiting_key = %waiting_key, "change parked");
+        // The awaited link may have been created between the lookup and the park: its creator
+        // then did not see this event. Release it ourselves.
+        if missing_lookup
+            && engine
+                .store
+                .link(&waiting_map, &waiting_key)
+                .await
+                .map_err(|e| engine.store_error(event, e))?
+                .is_some()
+        {
+            self.released.push(parked);
+        }
+        let mut step = self.done(
+            Some(key),
+            MapAction::Parked {
+                waiting_map,
+                waiting_key,
+                reason,
+            },
+        );
+        step.parked = true;
+        step.released = std::mem::take(&mut self.released);
+        Ok(step)
+    }
+
+    /// The event's completion, when this map's commit completes it.
+    fn complete_op(&self) -> Option<StoreOp> {
+        self.complete.then(|| StoreOp::CompleteEvent {
+            event_id: self.event.event_id.clone(),
+        })
+    }
+
+    /// This map's result, releasing nothing.
+    fn done(&self, key: Option<IntegrationKey>, action: MapAction) -> MapStep {
+        MapStep {
+            result: MapResult {
+                map: self.map.name.clone(),
+                key,
+                action,
+            },
+            released: Vec::new(),
+            parked: false,
+        }
+    }
+
+    /// Commits `ops`; [`Interrupt::Redecide`] when a revision condition failed.
+    async fn commit_or_redecide(&self, ops: Vec<StoreOp>) -> Result<(), Interrupt> {
+        if self.engine.commit(self.event, ops).await? {
+            Ok(())
+        } else {
+            Err(Interrupt::Redecide)
+        }
+    }
+
+    /// Ends the map before a key was found (`action`: the source is gone, or a delete has no
+    /// link): commits the completion and counts a skip.
+    async fn finish_unkeyed(&self, action: MapAction) -> Interrupt {
+        let completion = self.complete_op().into_iter().collect();
+        if let Err(e) = self.engine.commit(self.event, completion).await {
+            return Interrupt::Error(e);
+        }
+        self.engine.stats.inc(Counter::Skipped);
+        Interrupt::Finished(self.done(None, action))
+    }
+
+    /// Logs an unmappable record for a person and completes the event: the map is done.
+    async fn invalid(&self, key: Option<IntegrationKey>, message: String) -> Interrupt {
+        let result = self
+            .engine
+            .invalid(self.map, self.event, key, self.complete, message)
+            .await;
+        match result {
+            Ok(step) => Interrupt::Finished(step),
+            Err(e) => Interrupt::Error(e),
+        }
+    }
+
+    /// Classifies a connector failure by the error policy: decide again, retry the event
+    /// later, or log it and finish the map.
+    async fn connector_failure(
+        &self,
+        key: Option<&IntegrationKey>,
+        error: ConnectorError,
+    ) -> Interrupt {
+        let failure = self
+            .engine
+            .connector_failure(
+                self.map,
+                key,
+                self.event,
+                self.complete,
+                self.attempt,
+                error,
+            )
+            .await;
+        match failure {
+            Ok(failure) => failure.into(),
+            Err(e) => Interrupt::Error(e),
+        }
+    }
+}
