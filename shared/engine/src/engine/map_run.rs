@@ -137,7 +137,12 @@ impl<'a> MapRun<'a> {
                 return Err(self.contention());
             }
             match self.attempt().await {
-                Ok(step) | Err(Interrupt::Finished(step)) => return Ok(step),
+                Ok(mut step) | Err(Interrupt::Finished(mut step)) => {
+                    // Events a dependency sync released go back to the queue whatever this
+                    // map's own outcome (skip, delete, held conflict…), not at the next sweep.
+                    step.released.append(&mut self.released);
+                    return Ok(step);
+                }
                 Err(Interrupt::Error(e)) => return Err(e),
                 Err(Interrupt::Redecide) => {}
                 // Not a re-decision: the world got better.
