@@ -250,9 +250,11 @@ fn erp_value(f: &FieldMapping, ty: ValueType, i: usize) -> Value {
     }
 }
 
-/// Links of the referenced maps, as the store would hold them, answering lookups.
+/// Links of the referenced maps, as the store would hold them, answering lookups. Each link's
+/// answer is built once, so resolving one costs the key's hash search and a clone of the
+/// answer (the owned value the engine's resolver also returns), not its construction.
 struct LookupTable {
-    by_key: FastMap<IntegrationKey, (String, String)>,
+    by_key: FastMap<IntegrationKey, LookupResolution>,
 }
 
 impl LookupTable {
@@ -264,29 +266,22 @@ impl LookupTable {
                     m.erp.company_specific.then_some("usmf"),
                     [format!("REF{r}").as_str()],
                 );
-                by_key.insert(
-                    key,
-                    (
-                        m.crm.entity_set.clone(),
-                        format!("{r:08}-0000-0000-0000-{:012}", m.name.len()),
-                    ),
-                );
+                let reference = LookupRef {
+                    entity_set: m.crm.entity_set.clone(),
+                    id: Some(format!("{r:08}-0000-0000-0000-{:012}", m.name.len())),
+                    key: None,
+                };
+                by_key.insert(key, LookupResolution::Resolved(Value::Lookup(reference)));
             }
         }
         LookupTable { by_key }
     }
 
     fn resolve(&self, target: &LookupTarget) -> LookupResolution {
-        if let LookupTarget::Keys(keys) = target {
-            for k in keys {
-                if let Some((set, id)) = self.by_key.get(k) {
-                    return LookupResolution::Resolved(Value::Lookup(LookupRef {
-                        entity_set: set.clone(),
-                        id: Some(id.clone()),
-                        key: None,
-                    }));
-                }
-            }
+        if let LookupTarget::Keys(keys) = target
+            && let Some(found) = keys.iter().find_map(|k| self.by_key.get(k))
+        {
+            return found.clone();
         }
         LookupResolution::Missing {
             map: "unknown".into(),
@@ -359,13 +354,13 @@ mod tests {
         let maps = dualwrite_maps::builtin_maps();
         let table = LookupTable::new(&maps);
         let known = IntegrationKey::from_parts(None, ["REF3"]);
-        let found = table.resolve(&LookupTarget::Keys(vec![known]));
+        let found = table.resolve(&LookupTarget::Keys(known.into()));
         assert!(
             matches!(found, LookupResolution::Resolved(Value::Lookup(ref l)) if l.id.is_some()),
             "{found:?}"
         );
         let unknown = IntegrationKey::from_parts(None, ["NOPE"]);
-        let missing = table.resolve(&LookupTarget::Keys(vec![unknown]));
+        let missing = table.resolve(&LookupTarget::Keys(unknown.into()));
         assert!(
             matches!(missing, LookupResolution::Missing { .. }),
             "{missing:?}"

@@ -48,15 +48,62 @@ pub enum ApplyError {
 }
 
 /// A lookup the engine must resolve (through the store's links) before [`apply_map`].
+///
+/// Borrows its candidate map names from the map it was built from (`'m`), so building one
+/// copies no name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct LookupRequest {
+pub struct LookupRequest<'m> {
     /// Index of the field mapping in `map.fields`.
     pub field_index: usize,
     /// Candidate maps, in order (several for a polymorphic lookup).
-    pub maps: Vec<String>,
+    pub maps: CandidateMaps<'m>,
     /// What to find: from F&O, the integration key the referenced map's link must have; from
     /// Dataverse, the referenced row's id.
     pub target: LookupTarget,
+}
+
+/// The candidate maps of a [`LookupRequest`], in order: the field's `lookup.maps`, borrowed
+/// from its map. Reads as a `[String]` (`&request.maps` where a `&[String]` is expected,
+/// `for name in &request.maps`, `request.maps.iter()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CandidateMaps<'m>(&'m [String]);
+
+impl<'m> CandidateMaps<'m> {
+    /// The candidates `names`, in order.
+    pub fn new(names: &'m [String]) -> Self {
+        CandidateMaps(names)
+    }
+
+    /// The names, with the map's lifetime (longer than a borrow of `self`).
+    pub fn as_slice(&self) -> &'m [String] {
+        self.0
+    }
+}
+
+impl std::ops::Deref for CandidateMaps<'_> {
+    type Target = [String];
+
+    fn deref(&self) -> &[String] {
+        self.0
+    }
+}
+
+impl<'m> IntoIterator for &CandidateMaps<'m> {
+    type Item = &'m String;
+    type IntoIter = std::slice::Iter<'m, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<'m> IntoIterator for CandidateMaps<'m> {
+    type Item = &'m String;
+    type IntoIter = std::slice::Iter<'m, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 /// The identity a lookup searches for.
@@ -65,9 +112,107 @@ pub enum LookupTarget {
     /// Find the link whose integration key is this (value came from F&O). The key includes
     /// the record's company when the referenced map is company-specific; the engine tries each
     /// candidate map with the key built for it, so one key per candidate map, in order.
-    Keys(Vec<IntegrationKey>),
+    Keys(LookupKeys),
     /// Find the link whose Dataverse id is this (value came from Dataverse).
     CrmId(String),
+}
+
+/// The keys of a [`LookupTarget::Keys`], one per candidate map, in order. Reads as a
+/// `[IntegrationKey]`; the usual single key is held without a separate allocation.
+#[derive(Clone)]
+pub struct LookupKeys(KeysRepr);
+
+#[derive(Clone)]
+enum KeysRepr {
+    /// One candidate map (the usual lookup): the key inline.
+    One([IntegrationKey; 1]),
+    /// Any other number of candidates (a polymorphic lookup).
+    Many(Vec<IntegrationKey>),
+}
+
+impl LookupKeys {
+    /// The keys, in candidate order.
+    pub fn as_slice(&self) -> &[IntegrationKey] {
+        match &self.0 {
+            KeysRepr::One(one) => one,
+            KeysRepr::Many(many) => many,
+        }
+    }
+}
+
+impl std::ops::Deref for LookupKeys {
+    type Target = [IntegrationKey];
+
+    fn deref(&self) -> &[IntegrationKey] {
+        self.as_slice()
+    }
+}
+
+impl std::fmt::Debug for LookupKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
+impl From<Vec<IntegrationKey>> for LookupKeys {
+    fn from(keys: Vec<IntegrationKey>) -> Self {
+        LookupKeys::from_iter(keys)
+    }
+}
+
+impl From<IntegrationKey> for LookupKeys {
+    fn from(key: IntegrationKey) -> Self {
+        LookupKeys(KeysRepr::One([key]))
+    }
+}
+
+impl FromIterator<IntegrationKey> for LookupKeys {
+    /// One key is kept inline, whatever the iterator's size hint; more go to a vector.
+    fn from_iter<I: IntoIterator<Item = IntegrationKey>>(iter: I) -> Self {
+        let mut iter = iter.into_iter();
+        let Some(first) = iter.next() else {
+            return LookupKeys(KeysRepr::Many(Vec::new()));
+        };
+        match iter.next() {
+            None => LookupKeys(KeysRepr::One([first])),
+            Some(second) => {
+                let mut many = Vec::with_capacity(2 + iter.size_hint().0);
+                many.push(first);
+                many.push(second);
+                many.extend(iter);
+                LookupKeys(KeysRepr::Many(many))
+            }
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a LookupKeys {
+    type Item = &'a IntegrationKey;
+    type IntoIter = std::slice::Iter<'a, IntegrationKey>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
+impl PartialEq for LookupKeys {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for LookupKeys {}
+
+impl std::hash::Hash for LookupKeys {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl PartialEq<Vec<IntegrationKey>> for LookupKeys {
+    fn eq(&self, other: &Vec<IntegrationKey>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
 }
 
 /// The engine's answer to a [`LookupRequest`].
@@ -262,7 +407,11 @@ pub fn mapped_fields(map: &TableMap, side: Side) -> Vec<&str> {
 /// Knows only `map`, so an F&O natural key gets the record's company whenever the record has
 /// one; use [`lookup_requests_with`] to build each candidate's key by its own map (company
 /// only for company-specific referenced maps), which is what the engine should call.
-pub fn lookup_requests(map: &TableMap, source: Side, record: &Record) -> Vec<LookupRequest> {
+pub fn lookup_requests<'m>(
+    map: &'m TableMap,
+    source: Side,
+    record: &Record,
+) -> Vec<LookupRequest<'m>> {
     lookup_requests_with(map, source, record, |_| None)
 }
 
@@ -270,7 +419,7 @@ pub fn lookup_requests(map: &TableMap, source: Side, record: &Record) -> Vec<Loo
 /// `find_map` giving the referenced maps by name.
 ///
 /// One request per field with a `lookup` that flows from `source`, has a target field, and
-/// whose source value is present and not null:
+/// whose source value is present and not null, in map order:
 /// - an F&O value (the referenced record's natural key text) → [`LookupTarget::Keys`], one
 ///   key per candidate map: the record's company (when that map is company-specific, or, for
 ///   a map `find_map` does not know, when the record has a company) and the value;
@@ -279,29 +428,28 @@ pub fn lookup_requests(map: &TableMap, source: Side, record: &Record) -> Vec<Loo
 ///   map's key order (all the key's values in order for a map `find_map` does not know).
 ///
 /// A lookup carrying neither id nor key yields no request (so [`apply_map`] reports it as
-/// unresolved). Key transforms of the referenced map are not applied.
-pub fn lookup_requests_with<'m>(
-    map: &TableMap,
+/// unresolved). Key transforms of the referenced map are not applied. The requests borrow
+/// their candidate map names from `map`.
+pub fn lookup_requests_with<'m, 'f>(
+    map: &'m TableMap,
     source: Side,
     record: &Record,
-    find_map: impl Fn(&str) -> Option<&'m TableMap>,
-) -> Vec<LookupRequest> {
-    let target_side = source.other();
-    let lookup_fields = &map.plan().lookups;
+    find_map: impl Fn(&str) -> Option<&'f TableMap>,
+) -> Vec<LookupRequest<'m>> {
+    // The plan lists the lookups this side feeds (direction and target field checked once).
+    // A search per lookup, not a walk through the record: a map has a few lookups among
+    // dozens of fields, and a walk to the last of them cost more (measured).
+    let lookup_fields = &map.plan().side(source).lookups;
     let mut requests = Vec::with_capacity(lookup_fields.len());
+    let company = record.company.as_deref().filter(|c| !c.is_empty());
     for &field_index in lookup_fields.iter() {
         let fm = &map.fields[field_index];
-        let Some(spec) = &fm.lookup else { continue };
-        if !fm.direction.flows_from(source) || fm.field(target_side).is_none() {
-            continue;
-        }
-        let Some(src) = fm.field(source) else {
+        let (Some(spec), Some(src)) = (&fm.lookup, fm.field(source)) else {
             continue;
         };
         let Some(value) = record.get(&src.name).filter(|v| !v.is_null()) else {
             continue;
         };
-        let company = record.company.as_deref().filter(|c| !c.is_empty());
         let target = match value {
             Value::Lookup(reference) => match (&reference.id, &reference.key) {
                 (Some(id), _) => LookupTarget::CrmId(id.clone()),
@@ -322,9 +470,9 @@ pub fn lookup_requests_with<'m>(
                     spec.maps
                         .iter()
                         .map(|name| {
-                            let company_specific = find_map(name)
-                                .map_or(company.is_some(), |m| m.erp.company_specific);
-                            let company = if company_specific { company } else { None };
+                            // Without a company the key is the same either way: no map search.
+                            let company = company
+                                .filter(|_| find_map(name).is_none_or(|m| m.erp.company_specific));
                             IntegrationKey::from_parts(company, [&*text])
                         })
                         .collect(),
@@ -333,7 +481,7 @@ pub fn lookup_requests_with<'m>(
         };
         requests.push(LookupRequest {
             field_index,
-            maps: spec.maps.clone(),
+            maps: CandidateMaps::new(&spec.maps),
             target,
         });
     }
@@ -1209,6 +1357,10 @@ mod tests {
         })
     }
 
+    fn keys(keys: Vec<IntegrationKey>) -> LookupTarget {
+        LookupTarget::Keys(keys.into())
+    }
+
     fn resolved(index: usize, value: Value) -> ResolvedLookups {
         ResolvedLookups::from_iter([(index, LookupResolution::Resolved(value))])
     }
@@ -1693,15 +1845,15 @@ mod tests {
             requests,
             [LookupRequest {
                 field_index: CURRENCY,
-                maps: vec!["currencies".into()],
-                target: LookupTarget::Keys(vec![IntegrationKey::from_parts(None, ["USD"])]),
+                maps: CandidateMaps::new(&["currencies".to_owned()]),
+                target: keys(vec![IntegrationKey::from_parts(None, ["USD"])]),
             }]
         );
         // Without the referenced map, the record's company is included.
         let requests = lookup_requests(&map, Side::Erp, &erp_customer());
         assert_eq!(
             requests[0].target,
-            LookupTarget::Keys(vec![IntegrationKey::from_parts(Some("usmf"), ["USD"])])
+            keys(vec![IntegrationKey::from_parts(Some("usmf"), ["USD"])])
         );
     }
 
@@ -1743,7 +1895,7 @@ mod tests {
         });
         assert_eq!(
             requests[0].target,
-            LookupTarget::Keys(vec![
+            keys(vec![
                 IntegrationKey::from_parts(Some("USMF"), ["US-001"]),
                 IntegrationKey::from_parts(None, ["US-001"]),
             ])
@@ -1764,11 +1916,84 @@ mod tests {
         });
         assert_eq!(
             requests[0].target,
-            LookupTarget::Keys(vec![
+            keys(vec![
                 IntegrationKey::from_parts(Some("USMF"), ["US-001"]),
                 IntegrationKey::from_parts(Some("USMF"), ["US-001"]),
             ])
         );
+    }
+
+    #[test]
+    fn lookup_requests_come_in_map_order_whatever_the_field_names() {
+        let currencies = currencies();
+        let lookup = |erp: &str, crm: &str| FieldMapping {
+            lookup: Some(LookupSpec {
+                maps: vec!["currencies".into()],
+            }),
+            ..field(Some(erp), Some(crm), FieldDirection::Bidirectional)
+        };
+        // Map order Zeta, Alpha, Zeta again (a second mapping of the same source field),
+        // Middle; field-name order Alpha, Middle, Zeta.
+        let map = table_map(
+            "lines",
+            ("Lines", &["LineNumber"], false),
+            ("lines", &["linenumber"], None),
+            vec![
+                key_field("LineNumber", "linenumber"),
+                lookup("Zeta", "zetaid"),
+                lookup("Alpha", "alphaid"),
+                lookup("Zeta", "otherzetaid"),
+                field(Some("Plain"), Some("plain"), FieldDirection::Bidirectional),
+                lookup("Middle", "middleid"),
+            ],
+        );
+        let record = Record::new("Lines")
+            .with("Alpha", text("A"))
+            .with("LineNumber", text("1"))
+            .with("Middle", Value::Null)
+            .with("Plain", text("P"))
+            .with("Zeta", text("Z"));
+        let requests = lookup_requests_with(&map, Side::Erp, &record, |_| Some(&currencies));
+        let got: Vec<(usize, LookupTarget)> = requests
+            .into_iter()
+            .map(|r| (r.field_index, r.target))
+            .collect();
+        let key = |v: &str| keys(vec![IntegrationKey::from_parts(None, [v])]);
+        assert_eq!(got, [(1, key("Z")), (2, key("A")), (3, key("Z"))]);
+    }
+
+    #[test]
+    fn lookup_requests_borrow_their_candidate_names_from_the_map() {
+        let map = customers();
+        let requests = lookup_requests(&map, Side::Erp, &erp_customer());
+        let spec = map.fields[CURRENCY]
+            .lookup
+            .as_ref()
+            .map(|l| l.maps.as_slice());
+        assert_eq!(Some(requests[0].maps.as_slice()), spec);
+        assert!(std::ptr::eq(
+            requests[0].maps.as_ptr(),
+            spec.unwrap_or_default().as_ptr()
+        ));
+        let names: Vec<&String> = (&requests[0].maps).into_iter().collect();
+        assert_eq!(names, ["currencies"]);
+    }
+
+    #[test]
+    fn lookup_keys_read_as_a_slice_however_many_there_are() {
+        let a = IntegrationKey::from_parts(None, ["A"]);
+        let b = IntegrationKey::from_parts(None, ["B"]);
+        let none = LookupKeys::from(Vec::new());
+        let one = LookupKeys::from(vec![a.clone()]);
+        let two = LookupKeys::from(vec![a.clone(), b.clone()]);
+        assert!(none.is_empty());
+        assert_eq!(one.as_slice(), std::slice::from_ref(&a));
+        assert_eq!(one, LookupKeys::from(a.clone()));
+        assert_eq!(two.as_slice(), [a.clone(), b.clone()]);
+        assert_eq!(two, vec![a.clone(), b.clone()]);
+        assert_ne!(one, two);
+        assert_eq!(format!("{two:?}"), format!("{:?}", [a, b]));
+        assert_eq!((&two).into_iter().count(), 2);
     }
 
     #[test]
@@ -1779,7 +2004,7 @@ mod tests {
             requests,
             [LookupRequest {
                 field_index: CURRENCY,
-                maps: vec!["currencies".into()],
+                maps: CandidateMaps::new(&["currencies".to_owned()]),
                 target: LookupTarget::CrmId("c0ffee00-0000-0000-0000-000000000001".into()),
             }]
         );
@@ -1788,7 +2013,7 @@ mod tests {
         let requests = lookup_requests_with(&map, Side::Crm, &by_key, |_| Some(&currencies));
         assert_eq!(
             requests[0].target,
-            LookupTarget::Keys(vec![IntegrationKey::from_parts(None, ["USD"])])
+            keys(vec![IntegrationKey::from_parts(None, ["USD"])])
         );
         let null = crm_account().with("transactioncurrencyid", Value::Null);
         assert!(lookup_requests(&map, Side::Crm, &null).is_empty());

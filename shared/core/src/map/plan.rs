@@ -1,5 +1,6 @@
 //! The per-map plan: what the per-record path needs to know about a [`TableMap`] (sorted field
-//! lists, their name hashes, each mapping's position in them, key flags, lookup fields),
+//! lists, their name hashes, each mapping's position in them, key flags, the lookups read from
+//! each side),
 //! computed once per map on first use and kept in the map itself.
 //!
 //! A map is data that the engine reads millions of times and never changes after loading, so
@@ -61,8 +62,6 @@ pub(crate) struct MapPlan {
     /// Per field mapping (by index in `map.fields`): whether it is a key field
     /// ([`is_key_field`]).
     pub(crate) is_key: Box<[bool]>,
-    /// Indices in `map.fields` of the mappings with a `lookup`, in map order.
-    pub(crate) lookups: Box<[usize]>,
 }
 
 impl MapPlan {
@@ -71,13 +70,6 @@ impl MapPlan {
             crm: SideFields::new(map, Side::Crm),
             erp: SideFields::new(map, Side::Erp),
             is_key: map.fields.iter().map(|f| is_key_field(map, f)).collect(),
-            lookups: map
-                .fields
-                .iter()
-                .enumerate()
-                .filter(|(_, f)| f.lookup.is_some())
-                .map(|(i, _)| i)
-                .collect(),
         }
     }
 
@@ -121,6 +113,9 @@ pub(crate) struct SideFields {
     /// A record's fields with every name of `names` and null values: cloning it builds the
     /// tree of a record that carries all of them without comparing or sorting names.
     pub(crate) template: BTreeMap<String, Value>,
+    /// Indices in `map.fields` of the mappings with a `lookup` that a record of this side
+    /// feeds (flowing from this side, with a field on both sides), in map order.
+    pub(crate) lookups: Box<[usize]>,
 }
 
 impl SideFields {
@@ -142,11 +137,24 @@ impl SideFields {
             .iter()
             .map(|n| (String::from(&**n), Value::Null))
             .collect();
+        let lookups = map
+            .fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                f.lookup.is_some()
+                    && f.direction.flows_from(side)
+                    && f.field(side).is_some()
+                    && f.field(side.other()).is_some()
+            })
+            .map(|(i, _)| i)
+            .collect();
         SideFields {
             names,
             position,
             names_hash,
             template,
+            lookups,
         }
     }
 
@@ -193,7 +201,31 @@ fields:
         assert_eq!(crm, ["accountnumber", "groupid", "name"]);
         assert_eq!(&*plan.side(Side::Crm).position, [Some(0), Some(2), Some(1)]);
         assert_eq!(&*plan.is_key, [true, false, false]);
-        assert_eq!(&*plan.lookups, [2]);
+        assert_eq!(&*plan.side(Side::Crm).lookups, [2]);
+        assert_eq!(&*plan.side(Side::Erp).lookups, [2]);
+    }
+
+    #[test]
+    fn each_side_lists_the_lookups_it_feeds() {
+        const LOOKUPS: &str = "\
+name: m
+description: test
+crm: { entity_set: accounts, logical_name: account, primary_id: accountid, key: [accountnumber] }
+erp: { entity: Customers, key: [CustomerAccount], company_specific: false }
+fields:
+  - { erp: CustomerAccount, crm: accountnumber, dir: \"=\" }
+  - { erp: Zone, crm: azoneid, dir: \"=\", crm_type: lookup, lookup: m }
+  - { erp: Group, crm: groupid, dir: \">\", crm_type: lookup, lookup: m }
+  - { erp: Area, crm: zareaid, dir: \"<\", crm_type: lookup, lookup: m }
+";
+        let m = load_maps(&[("m.yaml".into(), LOOKUPS.into())])
+            .unwrap_or_else(|d| panic!("{d:?}"))
+            .remove(0);
+        let plan = m.plan();
+        // From F&O: Zone and Group (Area flows only to F&O).
+        assert_eq!(&*plan.side(Side::Erp).lookups, [1, 2]);
+        // From Dataverse: Zone and Area (Group flows only to Dataverse).
+        assert_eq!(&*plan.side(Side::Crm).lookups, [1, 3]);
     }
 
     #[test]
