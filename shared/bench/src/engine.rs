@@ -206,6 +206,7 @@ impl Case {
             },
             revision: 3,
             open_conflict: None,
+            pending: None,
             updated_at: base,
         };
         Ok(Case {

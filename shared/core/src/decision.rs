@@ -11,12 +11,15 @@
 //! 2. The source filter does not match → [`SkipReason::FilteredOut`].
 //! 3. With a link: a version older than the one applied → [`SkipReason::Stale`]; the same
 //!    version and hash → [`SkipReason::Duplicate`]; the same hash → [`SkipReason::Echo`] (what
-//!    dualwrite wrote, or already applied; the link's version for the side may advance).
+//!    dualwrite wrote, or already applied; the link's version for the side may advance); the
+//!    hash of a write still in flight to that side ([`Link::pending`]) → [`SkipReason::Echo`]
+//!    too, with nothing to commit (the echo overtook the write's commit).
 //! 4. An open (manual) conflict on the pair → [`Decision::Park`].
 //! 5. Both sides changed since the last sync (or, without a link, both exist and differ) → the
 //!    map's [`ConflictPolicy`]. `last_writer_wins` compares the two records'
 //!    `SourceVersion::modified_on`; on a tie **the ERP side wins** (F&O is the system of record
-//!    for master data in Dual-write's own defaults).
+//!    for master data in Dual-write's own defaults). The other side holding exactly the link's
+//!    pending write has not changed by itself: it holds what dualwrite is writing.
 //! 6. Otherwise the source's mapped fields are written to the other side, unless the other side
 //!    already holds them ([`SkipReason::InSync`], link still committed).
 //!
@@ -313,6 +316,11 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
                 link: commit,
             });
         }
+        if is_pending(link, source, input.source_hash) {
+            // The echo of a write still in flight: its own commit records the side's hash and
+            // version; advancing them from here would race with it.
+            return Ok(skip(SkipReason::Echo));
+        }
         if let Some(conflict_id) = &link.open_conflict {
             return Ok(Decision::Park {
                 waiting_map: map.name.clone(),
@@ -337,7 +345,11 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
     });
     let other_changed = match (input.other, input.link) {
         (None, _) => false,
-        (Some(_), Some(link)) => other_hash != link.side(other_side).hash,
+        // The other side holding exactly the write in flight to it did not change by itself.
+        (Some(_), Some(link)) => {
+            other_hash != link.side(other_side).hash
+                && !other_hash.is_some_and(|h| is_pending(link, other_side, h))
+        }
         // Both exist but were never linked: they are the same pair only if the write would
         // change nothing; otherwise both sides hold data of their own.
         (Some(other), None) => {
@@ -356,6 +368,12 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
         return resolve_conflict(input, other, other_hash);
     }
     plain_write(input, None, other_hash)
+}
+
+/// True when `hash` is the write to `side` that `link` announces as in flight.
+fn is_pending(link: &Link, side: Side, hash: FieldsHash) -> bool {
+    link.pending
+        .is_some_and(|p| p.side == side && p.hash == hash)
 }
 
 /// The source's values go to the other side (no conflict, or the source won one).
@@ -431,6 +449,7 @@ fn same_state(a: &Link, b: &Link) -> bool {
         && a.crm_id == b.crm_id
         && a.erp_id == b.erp_id
         && a.open_conflict == b.open_conflict
+        && a.pending == b.pending
 }
 
 fn resolve_conflict(
@@ -825,11 +844,14 @@ fn sync_write(
     }
 }
 
-/// The link the decision starts from: the current one, or a fresh one for a new pair.
+/// The link the decision starts from: the current one, or a fresh one for a new pair. Any
+/// pending write is cleared: the decided link states the pair as it stands after this
+/// decision, and an in-flight write's own commit then fails its revision condition.
 fn base_link(input: &DecisionInput<'_>) -> LinkCommit {
     match input.link {
         Some(link) => {
             let mut next = link.clone();
+            next.pending = None;
             next.updated_at = input.now;
             LinkCommit {
                 expected_revision: link.revision,
@@ -847,6 +869,7 @@ fn base_link(input: &DecisionInput<'_>) -> LinkCommit {
                 erp: SideState::default(),
                 revision: 0,
                 open_conflict: None,
+                pending: None,
                 updated_at: input.now,
             },
         },
@@ -1024,6 +1047,7 @@ mod tests {
             },
             revision: 3,
             open_conflict: None,
+            pending: None,
             updated_at: DateTime::UNIX_EPOCH,
         }
     }
@@ -1101,6 +1125,44 @@ mod tests {
         };
         assert_eq!(next.link.crm.version, at(12, 6));
         assert_eq!(next.expected_revision, 3);
+    }
+
+    #[test]
+    fn a_pending_write_is_an_echo_from_its_side_and_no_change_of_the_other_side() {
+        use crate::ports::PendingWrite;
+        let m = map();
+        let (c, e) = (crm("Contoso", at(10, 5)), erp("Contoso", at(11, 1)));
+        let mut link = link_of(&m, &c, &e);
+        // A CRM edit is being written to F&O; its echo overtakes the write's commit.
+        let (c2, e2) = (crm("Renamed", at(20, 6)), erp("Renamed", at(21, 2)));
+        link.pending = Some(PendingWrite {
+            side: Side::Erp,
+            hash: side_hash(&m, Side::Erp, &e2),
+        });
+        assert_eq!(
+            run(&m, &e2, Some(&link), Some(&c2)),
+            Decision::Skip {
+                reason: SkipReason::Echo,
+                link: None
+            }
+        );
+        // The CRM change itself again (another delivery): F&O holds the pending write, which
+        // is no change of its own: in sync, no conflict, the announcement cleared.
+        let Decision::Skip {
+            reason: SkipReason::InSync,
+            link: Some(next),
+        } = run(&m, &c2, Some(&link), Some(&e2))
+        else {
+            panic!("expected in sync")
+        };
+        assert_eq!(next.link.pending, None);
+        assert_eq!(next.link.erp.hash, link.pending.map(|p| p.hash));
+        // A real F&O change with other values is not hidden by the announcement.
+        let e3 = erp("Other", at(22, 3));
+        assert!(matches!(
+            run(&m, &e3, Some(&link), Some(&c)),
+            Decision::Write(_)
+        ));
     }
 
     #[test]
@@ -1253,6 +1315,7 @@ mod tests {
             erp: SideState::default(),
             revision: 1,
             open_conflict: None,
+            pending: None,
             updated_at: at,
         };
         assert_eq!(

@@ -45,6 +45,16 @@ pub struct SideState {
     pub version: Option<SourceVersion>,
 }
 
+/// A write dualwrite has announced but not yet confirmed: the hash the target side's mapped
+/// fields will have once the write lands. See [`Link::pending`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingWrite {
+    /// The side being written to.
+    pub side: Side,
+    /// Hash of that side's mapped fields as they stand after the write.
+    pub hash: FieldsHash,
+}
+
 /// The link between a Dataverse row and an F&O record of one map.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Link {
@@ -64,6 +74,17 @@ pub struct Link {
     pub revision: u64,
     /// Id of an open conflict (policy `manual`): while set, changes of this pair are parked.
     pub open_conflict: Option<String>,
+    /// A write in flight to one side of a linked pair, committed (revision-conditioned) BEFORE
+    /// the write is executed and cleared by the commit that records it (or by the commit that
+    /// logs it as failed for good). While set, a change from `pending.side` whose hash equals
+    /// `pending.hash` is the echo of that write, even when it overtakes the write's commit,
+    /// and that side currently holding `pending.hash` does not count as a change of its own
+    /// when conflicts are looked for. It never moves the source side's hash or version and
+    /// never completes the event: after a crash before the write the event is redelivered and
+    /// processed normally. A stale value is harmless: a real change with other values has
+    /// another hash. Links stored before this field existed load with `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingWrite>,
     /// When the link last changed.
     pub updated_at: DateTime<Utc>,
 }

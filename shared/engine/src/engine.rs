@@ -243,6 +243,25 @@ struct MapStep {
     parked: bool,
 }
 
+/// What the commit logging a permanent failure carries besides the error record.
+struct FailureCommit {
+    /// Also complete the event (this map's commit completes it).
+    complete: bool,
+    /// Link writes to make in the same commit, on their revision conditions; dropped when a
+    /// condition fails (the link moved on meanwhile) so the error is still logged.
+    cleanup: Vec<StoreOp>,
+}
+
+impl FailureCommit {
+    /// The error record (and the completion, when `complete`) only.
+    fn new(complete: bool) -> Self {
+        FailureCommit {
+            complete,
+            cleanup: Vec::new(),
+        }
+    }
+}
+
 /// A connector failure, classified.
 enum Failure {
     /// Read again, decide again.
@@ -373,6 +392,7 @@ impl Engine {
         // winner's record then flows as an ordinary change, with no conflict left to find.
         let mut next = link.clone();
         next.open_conflict = None;
+        next.pending = None;
         next.side_mut(keep).hash = None;
         if let Some(l) = &loser {
             *next.side_mut(keep.other()) = SideState {
@@ -554,19 +574,20 @@ impl Engine {
             map,
             event,
             key,
-            complete,
+            FailureCommit::new(complete),
             ErrorClass::NeedsAttention,
             message,
         )
         .await
     }
 
+    /// Logs a permanent failure, with what `closing` asks for in the same commit.
     async fn fail(
         &self,
         map: &TableMap,
         event: &ChangeEvent,
         key: Option<IntegrationKey>,
-        complete: bool,
+        closing: FailureCommit,
         class: ErrorClass,
         message: String,
     ) -> Result<MapStep, ProcessError> {
@@ -579,12 +600,18 @@ impl Engine {
             message: message.clone(),
         };
         let mut ops = vec![StoreOp::RecordError(record)];
-        if complete {
+        if closing.complete {
             ops.push(StoreOp::CompleteEvent {
                 event_id: event.event_id.clone(),
             });
         }
-        self.commit(event, ops).await?;
+        // The cleanup's revision condition failing means the link moved on: log without it.
+        let with_cleanup = !closing.cleanup.is_empty();
+        let mut all = ops.clone();
+        all.extend(closing.cleanup);
+        if !self.commit(event, all).await? && with_cleanup {
+            self.commit(event, ops).await?;
+        }
         self.stats.inc(Counter::Errors);
         warn!(event_id = %event.event_id, map = %map.name, error = %message, "change failed permanently");
         Ok(MapStep {
@@ -598,12 +625,14 @@ impl Engine {
         })
     }
 
+    /// Classifies a connector failure by the error policy; a permanent one is logged with what
+    /// `closing` asks for (see [`Engine::fail`]).
     async fn connector_failure(
         &self,
         map: &TableMap,
         key: Option<&IntegrationKey>,
         event: &ChangeEvent,
-        complete: bool,
+        closing: FailureCommit,
         attempt: u32,
         error: ConnectorError,
     ) -> Result<Failure, ProcessError> {
@@ -633,7 +662,7 @@ impl Engine {
                     "{error} (status {:?}); fix the cause, then replay the event",
                     error.status
                 );
-                self.fail(map, event, key.cloned(), complete, class, message)
+                self.fail(map, event, key.cloned(), closing, class, message)
                     .await
                     .map(Failure::Done)
             }

@@ -54,6 +54,7 @@ fn link(key: &str) -> Link {
         erp: SideState::default(),
         revision: 0,
         open_conflict: None,
+        pending: None,
         updated_at: t0(),
     }
 }

@@ -16,14 +16,14 @@ use dualwrite_core::decision::{
 use dualwrite_core::map::TableMap;
 use dualwrite_core::map::apply::{ResolvedLookups, integration_key, record_key};
 use dualwrite_core::ports::{
-    ConflictRecord, ConnectorError, FieldsHash, Link, ParkedEvent, RecordRef, StoreOp,
+    ConflictRecord, ConnectorError, FieldsHash, Link, ParkedEvent, PendingWrite, RecordRef, StoreOp,
 };
 use dualwrite_core::{ChangeEvent, IntegrationKey, Operation, Record, Side};
 use tracing::{debug, info, warn};
 
 use super::{
-    Engine, Failure, MapAction, MapResult, MapStep, ProcessError, decided_by_link_alone, jitter,
-    record_write,
+    Engine, Failure, FailureCommit, MapAction, MapResult, MapStep, ProcessError,
+    decided_by_link_alone, jitter, record_write,
 };
 use crate::stats::Counter;
 
@@ -372,7 +372,7 @@ impl<'a> MapRun<'a> {
     async fn execute(&mut self, decision: Decision, pair: Pair) -> Result<MapStep, Interrupt> {
         match decision {
             Decision::Skip { reason, link } => self.skip(reason, link, pair.key).await,
-            Decision::Write(plan) => self.write(plan, pair.key).await,
+            Decision::Write(plan) => self.write(plan, pair.key, pair.link).await,
             Decision::Delete(plan) => self.delete(plan, pair.key).await,
             Decision::HoldConflict { link, conflict } => {
                 self.hold_conflict(link, conflict, pair.key).await
@@ -431,10 +431,22 @@ impl<'a> MapRun<'a> {
 
     /// Writes the plan's records, then commits the link (and the conflict it resolves) with
     /// the completion. A newly created link releases the events parked on it.
+    ///
+    /// Before each write to an already linked pair the write is announced: `read` (the link
+    /// the decision was made on) is committed with [`Link::pending`] set to the hash the
+    /// target will hold, nothing else changed and the event not completed. The target's echo
+    /// can then be told from a person's change even when it is processed before the final
+    /// commit. A crash in between leaves the event to be redelivered and decided again. A
+    /// write failing for good clears the announcement in the commit that logs the error; one
+    /// that will be retried (or decided again) leaves it, since the write may have landed, and
+    /// the next announcement or commit replaces it. A new pair announces nothing: there is no
+    /// link yet to announce on, and creating one early would publish a pair that does not
+    /// exist (lookups, parked events); a pair found identical on both sides is in sync anyway.
     async fn write(
         &mut self,
         mut plan: WritePlan,
         key: IntegrationKey,
+        read: Option<Link>,
     ) -> Result<MapStep, Interrupt> {
         let (engine, map, event) = (self.engine, self.map, self.event);
         // A conflict found against a link that moved meanwhile is usually the other side's
@@ -447,7 +459,19 @@ impl<'a> MapRun<'a> {
         {
             return Err(Interrupt::Redecide);
         }
+        let created = plan.link.expected_revision == 0;
+        // The link as it stands in the store while the writes run (announcements included).
+        let mut current = read.filter(|_| !created).map(|mut link| {
+            link.revision = plan.link.expected_revision;
+            link
+        });
         for write in &plan.writes {
+            if let Some(link) = current.as_mut()
+                && let Some(hash) = plan.link.link.side(write.side).hash
+            {
+                self.announce(link, write.side, hash).await?;
+                plan.link.expected_revision = link.revision;
+            }
             let result = engine
                 .connector(write.side)
                 .upsert(
@@ -466,10 +490,9 @@ impl<'a> MapRun<'a> {
                     record_write(&mut plan.link.link, write.side, out.id, version);
                 }
                 // A 412 (the target changed since it was read) reads again and decides again.
-                Err(e) => return Err(self.connector_failure(Some(&key), e).await),
+                Err(e) => return Err(self.write_failure(&key, current.as_ref(), e).await),
             }
         }
-        let created = plan.link.expected_revision == 0;
         let conflict_id = plan.conflict.as_ref().map(|c| c.id.clone());
         let mut ops = vec![StoreOp::PutLink {
             link: plan.link.link,
@@ -497,6 +520,69 @@ impl<'a> MapRun<'a> {
         );
         step.released = std::mem::take(&mut self.released);
         Ok(step)
+    }
+
+    /// Commits `link` (as stored, at its revision) announcing a write of `hash` to `side`, and
+    /// moves `link` to the stored state. [`Interrupt::Redecide`] when the link moved.
+    async fn announce(
+        &self,
+        link: &mut Link,
+        side: Side,
+        hash: FieldsHash,
+    ) -> Result<(), Interrupt> {
+        let mut next = link.clone();
+        next.pending = Some(PendingWrite { side, hash });
+        next.updated_at = self.engine.clock.now();
+        self.commit_or_redecide(vec![StoreOp::PutLink {
+            link: next.clone(),
+            expected_revision: link.revision,
+        }])
+        .await?;
+        next.revision = link.revision + 1;
+        *link = next;
+        Ok(())
+    }
+
+    /// A failed write: classified like any connector failure; when it fails for good, the
+    /// commit logging it also clears the link's announcement of it (`announced`, the link as
+    /// stored), as no echo of it will come.
+    async fn write_failure(
+        &self,
+        key: &IntegrationKey,
+        announced: Option<&Link>,
+        error: ConnectorError,
+    ) -> Interrupt {
+        let cleanup = announced
+            .filter(|l| l.pending.is_some())
+            .map(|l| {
+                let mut cleared = l.clone();
+                cleared.pending = None;
+                cleared.updated_at = self.engine.clock.now();
+                StoreOp::PutLink {
+                    link: cleared,
+                    expected_revision: l.revision,
+                }
+            })
+            .into_iter()
+            .collect();
+        let failure = self
+            .engine
+            .connector_failure(
+                self.map,
+                Some(key),
+                self.event,
+                FailureCommit {
+                    complete: self.complete,
+                    cleanup,
+                },
+                self.attempt,
+                error,
+            )
+            .await;
+        match failure {
+            Ok(failure) => failure.into(),
+            Err(e) => Interrupt::Error(e),
+        }
     }
 
     /// Applies a delete per the map's delete policy (delete or deactivate the other side, or
@@ -712,7 +798,7 @@ impl<'a> MapRun<'a> {
                 self.map,
                 key,
                 self.event,
-                self.complete,
+                FailureCommit::new(self.complete),
                 self.attempt,
                 error,
             )

@@ -269,6 +269,7 @@ mod tests {
             erp: SideState::default(),
             revision: rev,
             open_conflict: None,
+            pending: None,
             updated_at: DateTime::UNIX_EPOCH,
         }
     }

@@ -20,6 +20,7 @@ pub fn link(map: &str, key: &str, crm_id: Option<&str>, erp_id: Option<&str>) ->
         erp: SideState::default(),
         revision: 0,
         open_conflict: None,
+        pending: None,
         updated_at: t0(),
     }
 }

@@ -1,0 +1,366 @@
+//! Regression tests for races between workers, replayed deterministically: an F&O connector
+//! that runs other events' processing at the instant a write has landed but before its writer
+//! committed the link, and one that stops the writer there for good (a crash).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dualwrite_core::decision::SkipReason;
+use dualwrite_core::map::{ConflictPolicy, DeletePolicy};
+use dualwrite_core::ports::{
+    Connector, ConnectorError, JournalStore, Link, LinkStore, Page, PendingWrite, Query, RecordRef,
+    WriteCondition, WriteOutcome,
+};
+use dualwrite_core::{ChangeEvent, IntegrationKey, Record, Side, Value};
+use dualwrite_engine::memory::{MemoryConnector, MemoryStore};
+use dualwrite_engine::{Engine, MapAction, ProcessOutcome, WorkerConfig};
+use tokio::sync::Notify;
+
+use crate::harness::{World, accounts_map};
+
+/// What the F&O connector does right after an upsert has landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterWrite {
+    /// Nothing: the writer goes on to its commit.
+    Proceed,
+    /// Another worker processes the write's echo before the writer commits.
+    ProcessEchoes,
+    /// Another worker processes `event` (kept in `Hooked::overtaking`) before the writer
+    /// commits.
+    ProcessOvertaking,
+}
+
+/// The F&O side of the test world: a [`MemoryConnector`] with the hooks above.
+struct Hooked {
+    inner: Arc<MemoryConnector>,
+    /// The engine, for the "other worker" (set once it is built).
+    engine: OnceLock<Weak<Engine>>,
+    /// What the next upsert does after landing (reset to `Proceed` once used).
+    after_write: Mutex<AfterWrite>,
+    /// The event processed by [`AfterWrite::ProcessOvertaking`].
+    overtaking: Mutex<Option<ChangeEvent>>,
+    /// Outcomes of what the other worker processed.
+    outcomes: Mutex<Vec<ProcessOutcome>>,
+    /// When set, the next upsert signals `stalled` and never returns (the writer crashed
+    /// before its write reached F&O).
+    stall: AtomicBool,
+    stalled: Notify,
+}
+
+impl Hooked {
+    fn arm(&self, after: AfterWrite) {
+        *self.after_write.lock().unwrap() = after;
+    }
+
+    fn outcomes(&self) -> Vec<ProcessOutcome> {
+        self.outcomes.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Connector for Hooked {
+    fn side(&self) -> Side {
+        self.inner.side()
+    }
+
+    async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
+        self.inner.read(entity, at).await
+    }
+
+    async fn query(&self, entity: &str, query: &Query) -> Result<Page, ConnectorError> {
+        self.inner.query(entity, query).await
+    }
+
+    async fn upsert(
+        &self,
+        entity: &str,
+        at: &RecordRef,
+        record: &Record,
+        condition: WriteCondition,
+    ) -> Result<WriteOutcome, ConnectorError> {
+        if self.stall.swap(false, Ordering::SeqCst) {
+            self.stalled.notify_one();
+            std::future::pending::<()>().await;
+        }
+        let out = self.inner.upsert(entity, at, record, condition).await?;
+        let after = std::mem::replace(&mut *self.after_write.lock().unwrap(), AfterWrite::Proceed);
+        let events = match after {
+            AfterWrite::Proceed => Vec::new(),
+            AfterWrite::ProcessEchoes => self.inner.take_echoes(),
+            AfterWrite::ProcessOvertaking => {
+                self.overtaking.lock().unwrap().take().into_iter().collect()
+            }
+        };
+        if !events.is_empty() {
+            let engine = self
+                .engine
+                .get()
+                .and_then(Weak::upgrade)
+                .expect("engine set");
+            for event in events {
+                let outcome = engine
+                    .process(&event)
+                    .await
+                    .expect("the other worker's event");
+                self.outcomes.lock().unwrap().push(outcome);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
+        self.inner.delete(entity, at).await
+    }
+
+    async fn upsert_batch(
+        &self,
+        entity: &str,
+        items: &[(RecordRef, Record)],
+    ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
+        self.inner.upsert_batch(entity, items).await
+    }
+}
+
+/// The accounts world under `conflict`, its engine writing F&O through a [`Hooked`] connector.
+fn hooked_world(conflict: ConflictPolicy) -> (World, Arc<Hooked>) {
+    let plain = World::accounts(conflict, DeletePolicy::Propagate);
+    let hooked = Arc::new(Hooked {
+        inner: plain.erp.clone(),
+        engine: OnceLock::new(),
+        after_write: Mutex::new(AfterWrite::Proceed),
+        overtaking: Mutex::new(None),
+        outcomes: Mutex::new(Vec::new()),
+        stall: AtomicBool::new(false),
+        stalled: Notify::new(),
+    });
+    let store = Arc::new(MemoryStore::new());
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        plain.crm.clone(),
+        hooked.clone(),
+        vec![accounts_map(conflict, DeletePolicy::Propagate)],
+        plain.clock.clone(),
+        WorkerConfig::default(),
+    ));
+    let _ = hooked.engine.set(Arc::downgrade(&engine));
+    let world = World {
+        clock: plain.clock,
+        store,
+        crm: plain.crm,
+        erp: plain.erp,
+        engine,
+    };
+    (world, hooked)
+}
+
+/// A1 = ("Contoso", 100) linked on both sides, echoes settled.
+async fn linked(conflict: ConflictPolicy) -> (World, Arc<Hooked>) {
+    let (w, hooked) = hooked_world(conflict);
+    let ev = w.edit_account(Side::Crm, "A1", Some("Contoso"), Some(100));
+    w.settle(vec![ev]).await;
+    w.tick();
+    (w, hooked)
+}
+
+async fn link_of(w: &World) -> Link {
+    w.store
+        .link("accounts", &IntegrationKey("A1".into()))
+        .await
+        .unwrap()
+        .expect("A1 is linked")
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+/// The echo of a write processed by a second worker before the writer commits its link: it
+/// used to be compared with the link's old F&O hash, taken for a person's change, and meet
+/// the writer's own uncommitted source change as a "conflict" (written back under
+/// `last_writer_wins`, held for a person under `manual`).
+async fn an_echo_overtaking_the_commit_of_its_write_is_an_echo(conflict: ConflictPolicy) {
+    let (w, hooked) = linked(conflict).await;
+    let writes_before = w.writes();
+    let user_edit = w.edit_account(Side::Crm, "A1", Some("Renamed"), None);
+    hooked.arm(AfterWrite::ProcessEchoes);
+    let out = w.engine.process(&user_edit).await.unwrap();
+
+    assert_eq!(
+        out.maps[0].action,
+        MapAction::Written {
+            writes: 1,
+            conflict: None
+        },
+        "{conflict:?}"
+    );
+    let echoes = hooked.outcomes();
+    assert_eq!(
+        echoes.len(),
+        1,
+        "the echo was processed mid-write: {echoes:?}"
+    );
+    assert_eq!(
+        echoes[0].maps[0].action,
+        MapAction::Skipped(SkipReason::Echo),
+        "{conflict:?}"
+    );
+    assert_eq!(
+        w.writes(),
+        writes_before + 1,
+        "only the user's change was written"
+    );
+    assert!(
+        w.store.conflicts(false, 10).await.unwrap().is_empty(),
+        "{conflict:?}"
+    );
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("Renamed"), Value::Integer(100)))
+    );
+    assert_eq!(
+        w.account(Side::Crm, "A1"),
+        Some((text("Renamed"), Value::Integer(100)))
+    );
+    let link = link_of(&w).await;
+    assert_eq!(
+        link.pending, None,
+        "the final commit clears the announcement"
+    );
+    assert!(link.open_conflict.is_none());
+    // Nothing is left to do: no further echo, no ping-pong.
+    w.settle(Vec::new()).await;
+    assert_eq!(w.writes(), writes_before + 1);
+}
+
+#[tokio::test]
+async fn an_echo_overtaking_its_writes_commit_is_skipped_under_last_writer_wins() {
+    an_echo_overtaking_the_commit_of_its_write_is_an_echo(ConflictPolicy::LastWriterWins).await;
+}
+
+#[tokio::test]
+async fn an_echo_overtaking_its_writes_commit_holds_no_conflict_under_manual() {
+    an_echo_overtaking_the_commit_of_its_write_is_an_echo(ConflictPolicy::Manual).await;
+}
+
+/// The same Dataverse change delivered again under another event id (a webhook retried)
+/// processed while the first delivery's write is in flight: F&O already holds what dualwrite
+/// is writing, which is no change of its own, so no conflict is found.
+#[tokio::test]
+async fn a_redelivered_change_during_the_write_finds_no_conflict() {
+    for conflict in [ConflictPolicy::LastWriterWins, ConflictPolicy::Manual] {
+        let (w, hooked) = linked(conflict).await;
+        let writes_before = w.writes();
+        let user_edit = w.edit_account(Side::Crm, "A1", Some("Renamed"), None);
+        let mut again = user_edit.clone();
+        again.event_id = format!("{}-redelivered", user_edit.event_id);
+        *hooked.overtaking.lock().unwrap() = Some(again);
+        hooked.arm(AfterWrite::ProcessOvertaking);
+        let out = w.engine.process(&user_edit).await.unwrap();
+
+        let other = hooked.outcomes();
+        assert_eq!(other.len(), 1);
+        assert_eq!(
+            other[0].maps[0].action,
+            MapAction::Skipped(SkipReason::InSync),
+            "{conflict:?}"
+        );
+        // The writer finds its link moved, decides again and finds the change applied.
+        assert!(
+            matches!(
+                out.maps[0].action,
+                MapAction::Skipped(SkipReason::Duplicate | SkipReason::Echo)
+            ),
+            "{conflict:?}: {out:?}"
+        );
+        assert!(
+            w.store.conflicts(false, 10).await.unwrap().is_empty(),
+            "{conflict:?}"
+        );
+        assert_eq!(w.writes(), writes_before + 1, "{conflict:?}");
+        w.settle(Vec::new()).await;
+        assert_eq!(w.writes(), writes_before + 1, "{conflict:?}");
+        assert_eq!(
+            w.account(Side::Crm, "A1"),
+            Some((text("Renamed"), Value::Integer(100)))
+        );
+        assert_eq!(link_of(&w).await.pending, None);
+    }
+}
+
+/// A worker that dies after announcing its write and before the write reaches F&O leaves the
+/// announcement and an uncompleted event; the redelivered event is processed normally.
+#[tokio::test]
+async fn a_crash_between_announcing_and_writing_is_repaired_by_the_redelivery() {
+    let (w, hooked) = linked(ConflictPolicy::LastWriterWins).await;
+    let before = link_of(&w).await;
+    let writes_before = w.writes();
+    let user_edit = w.edit_account(Side::Crm, "A1", Some("Renamed"), None);
+    hooked.stall.store(true, Ordering::SeqCst);
+    let worker = {
+        let (engine, event) = (w.engine.clone(), user_edit.clone());
+        tokio::spawn(async move { engine.process(&event).await })
+    };
+    hooked.stalled.notified().await;
+    worker.abort();
+    assert!(worker.await.unwrap_err().is_cancelled());
+
+    let announced = link_of(&w).await;
+    assert_eq!(w.writes(), writes_before, "the write never happened");
+    assert!(
+        matches!(
+            announced.pending,
+            Some(PendingWrite {
+                side: Side::Erp,
+                ..
+            })
+        ),
+        "{announced:?}"
+    );
+    assert_eq!(announced.crm, before.crm, "the source side is not advanced");
+    assert_eq!(announced.erp, before.erp);
+    assert_eq!(announced.revision, before.revision + 1);
+
+    // The claim's lease runs out; the queue delivers the event again.
+    w.clock
+        .advance(WorkerConfig::default().lease + Duration::from_secs(1));
+    let out = w.engine.process_attempt(&user_edit, 2).await.unwrap();
+    assert_eq!(
+        out.maps[0].action,
+        MapAction::Written {
+            writes: 1,
+            conflict: None
+        }
+    );
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("Renamed"), Value::Integer(100)))
+    );
+    let link = link_of(&w).await;
+    assert_eq!(link.pending, None);
+    assert_ne!(link.crm, before.crm);
+    w.settle(Vec::new()).await;
+    assert_eq!(w.writes(), writes_before + 1);
+    assert!(w.store.conflicts(false, 10).await.unwrap().is_empty());
+    // Delivered once more: a duplicate, nothing written.
+    let again = w.engine.process(&user_edit).await.unwrap();
+    assert!(again.maps.is_empty());
+    assert_eq!(w.writes(), writes_before + 1);
+}
+
+/// A write refused for good clears its announcement in the commit that logs the error.
+#[tokio::test]
+async fn a_write_refused_for_good_clears_its_announcement() {
+    let (w, _hooked) = linked(ConflictPolicy::LastWriterWins).await;
+    let user_edit = w.edit_account(Side::Crm, "A1", Some("Renamed"), None);
+    w.erp
+        .fail_next(dualwrite_core::ports::ConnectorErrorKind::BadRequest);
+    let out = w.engine.process(&user_edit).await.unwrap();
+    assert!(
+        matches!(out.maps[0].action, MapAction::Failed { .. }),
+        "{out:?}"
+    );
+    assert_eq!(w.store.errors(10).await.unwrap().len(), 1);
+    assert_eq!(link_of(&w).await.pending, None);
+}
