@@ -97,11 +97,11 @@ fn fields(pairs: &[(&str, Value)]) -> Vec<(String, Value)> {
 }
 
 fn lookup(entity_set: &str, row: &Record) -> Value {
-    Value::Lookup(LookupRef {
+    Value::Lookup(Arc::new(LookupRef {
         entity_set: entity_set.into(),
         id: row.id.clone(),
         key: None,
-    })
+    }))
 }
 
 fn lookup_id(value: Option<&Value>) -> Option<String> {
@@ -368,11 +368,11 @@ async fn records_flow_both_ways_on_the_embedded_store_and_survive_a_restart() {
 /// A lookup to a company row carrying its company code (the `cdm_companies` alternate key),
 /// which is how the engine tells a Dataverse row's company.
 fn company_lookup(company: &Record) -> Value {
-    Value::Lookup(LookupRef {
+    Value::Lookup(Arc::new(LookupRef {
         entity_set: "cdm_companies".into(),
         id: company.id.clone(),
         key: Some(RecordKey::new([("cdm_companycode", "USMF")])),
-    })
+    }))
 }
 
 /// Polls `check` every 10 ms for up to 20 s.

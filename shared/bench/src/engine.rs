@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -157,11 +158,13 @@ impl Case {
         for f in &map.fields {
             if let Some(field) = &f.erp {
                 erp.fields
-                    .insert(field.name.clone(), erp_value(f, field.ty, i));
+                    .insert(field.name.as_str().into(), erp_value(f, field.ty, i));
             }
         }
-        erp.fields
-            .insert(map.erp.key[0].clone(), Value::Text(account.clone()));
+        erp.fields.insert(
+            map.erp.key[0].as_str().into(),
+            Value::Text(account.as_str().into()),
+        );
         erp.version = Some(SourceVersion {
             modified_on: base + Duration::seconds(60),
             sequence: i as i64,
@@ -174,9 +177,11 @@ impl Case {
         crm.company = Some("USMF".into());
         crm.id = Some(format!("00000000-0000-0000-0000-{i:012}"));
         crm.fields
-            .insert(map.crm.key[0].clone(), Value::Text(account));
-        crm.fields
-            .insert("name".into(), Value::Text(format!("Old name {i}")));
+            .insert(map.crm.key[0].as_str().into(), Value::Text(account.into()));
+        crm.fields.insert(
+            "name".into(),
+            Value::Text(dualwrite_core::format_smolstr!("Old name {i}")),
+        );
         crm.version = Some(SourceVersion {
             modified_on: base,
             sequence: i as i64,
@@ -186,7 +191,7 @@ impl Case {
         let mut old_erp = erp.clone();
         old_erp.fields.insert(
             "OrganizationName".into(),
-            Value::Text(format!("Old name {i}")),
+            Value::Text(dualwrite_core::format_smolstr!("Old name {i}")),
         );
         let link = Link {
             map: map.name.clone(),
@@ -224,10 +229,10 @@ fn erp_value(f: &FieldMapping, ty: ValueType, i: usize) -> Value {
         return vm.pairs[i % vm.pairs.len()].0.clone();
     }
     if f.lookup.is_some() {
-        return Value::Text(format!("REF{}", i % 7));
+        return Value::Text(dualwrite_core::format_smolstr!("REF{}", i % 7));
     }
     match ty {
-        ValueType::Text => Value::Text(format!(
+        ValueType::Text => Value::Text(dualwrite_core::format_smolstr!(
             "{} {i}",
             f.erp.as_ref().map_or("", |e| e.name.as_str())
         )),
@@ -272,7 +277,10 @@ impl LookupTable {
                     id: Some(format!("{r:08}-0000-0000-0000-{:012}", m.name.len())),
                     key: None,
                 };
-                by_key.insert(key, LookupResolution::Resolved(Value::Lookup(reference)));
+                by_key.insert(
+                    key,
+                    LookupResolution::Resolved(Value::Lookup(Arc::new(reference))),
+                );
             }
         }
         LookupTable { by_key }

@@ -91,7 +91,7 @@ pub fn value_from_json(raw: &RawValue, ty: Option<ValueType>) -> Result<Value, S
     let value = match ty {
         None => {
             if let Some(s) = string {
-                Value::Text(s)
+                Value::Text(s.into())
             } else if text == "true" || text == "false" {
                 Value::Boolean(text == "true")
             } else if is_number(text) {
@@ -103,13 +103,13 @@ pub fn value_from_json(raw: &RawValue, ty: Option<ValueType>) -> Result<Value, S
                 }
             } else {
                 // Objects and arrays are kept as their JSON text.
-                Value::Text(text.to_string())
+                Value::Text(text.to_string().into())
             }
         }
         Some(ValueType::Text) => match string {
-            Some(s) => Value::Text(s),
+            Some(s) => Value::Text(s.into()),
             None if is_number(text) || text == "true" || text == "false" => {
-                Value::Text(text.to_string())
+                Value::Text(text.to_string().into())
             }
             None => return Err(mismatch("text")),
         },
@@ -141,7 +141,7 @@ pub fn value_from_json(raw: &RawValue, ty: Option<ValueType>) -> Result<Value, S
                 .ok_or_else(|| mismatch("an ISO 8601 date-time"))?,
         ),
         Some(ValueType::Enum) => match string {
-            Some(s) => Value::Enum(s),
+            Some(s) => Value::Enum(s.into()),
             None => return Err(mismatch("an enum symbol (string)")),
         },
         Some(ValueType::Lookup) => {

@@ -568,7 +568,7 @@ fn field_level_merge(
                 && owner != from
                 && let Some(target_field) = f.field(to)
             {
-                projected.written.fields.remove(&target_field.name);
+                projected.written.fields.remove(target_field.name.as_str());
             }
         }
         let projected = merge_into(
@@ -651,7 +651,7 @@ fn decide_delete(input: &DecisionInput<'_>) -> Decision {
             };
             let mut written = Record::new(entity_of(map, other_side));
             for (name, value) in fields {
-                written.fields.insert(name.clone(), value.clone());
+                written.fields.insert(name.as_str().into(), value.clone());
             }
             // Deactivation fields are usually not mapped: compare them, not the mapped hash.
             let already = written

@@ -16,6 +16,7 @@ use std::cmp::Ordering;
 use std::collections::btree_map;
 
 use chrono::Datelike;
+use smol_str::SmolStr;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::ports::FieldsHash;
@@ -102,9 +103,9 @@ pub(crate) fn hash_sorted_with<'v, S: AsRef<str>>(
 /// increasing order by advancing through the record once.
 #[derive(Debug)]
 pub(crate) struct SortedFields<'r> {
-    fields: btree_map::Iter<'r, String, Value>,
+    fields: btree_map::Iter<'r, SmolStr, Value>,
     /// The first field not yet passed.
-    current: Option<(&'r String, &'r Value)>,
+    current: Option<(&'r SmolStr, &'r Value)>,
 }
 
 impl<'r> SortedFields<'r> {
@@ -255,6 +256,7 @@ mod tests {
     use crate::value::LookupRef;
     use rust_decimal::Decimal;
     use std::str::FromStr;
+    use std::sync::Arc;
 
     #[test]
     fn field_order_and_decimal_scale_do_not_matter() {
@@ -287,7 +289,7 @@ mod tests {
     fn missing_and_null_are_the_same_but_not_empty_text() {
         let a = Record::new("accounts");
         let b = Record::new("accounts").with("name", Value::Null);
-        let c = Record::new("accounts").with("name", Value::Text(String::new()));
+        let c = Record::new("accounts").with("name", Value::Text(String::new().into()));
         assert_eq!(hash_fields(&a, ["name"]), hash_fields(&b, ["name"]));
         assert_ne!(hash_fields(&a, ["name"]), hash_fields(&c, ["name"]));
     }
@@ -336,11 +338,11 @@ mod tests {
         let date = |d: u32| Value::Date(chrono::NaiveDate::from_ymd_opt(2026, 1, d).unwrap());
         assert_ne!(one(date(1)), one(date(2)));
         let lookup = |id: Option<&str>, key: Option<&str>| {
-            Value::Lookup(LookupRef {
+            Value::Lookup(Arc::new(LookupRef {
                 entity_set: "currencies".into(),
                 id: id.map(str::to_owned),
                 key: key.map(|k| RecordKey::new([("isocurrencycode", k)])),
-            })
+            }))
         };
         assert_eq!(
             one(lookup(Some("ABC-1"), None)),

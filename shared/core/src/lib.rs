@@ -20,4 +20,7 @@ pub mod value;
 
 pub use event::{ChangeEvent, Operation};
 pub use record::{IntegrationKey, Record, RecordKey, Side, SourceVersion};
+/// Field names and text values: short strings (the usual field name or value) are kept inline,
+/// so copying a record does not allocate per field.
+pub use smol_str::{SmolStr, ToSmolStr, format_smolstr};
 pub use value::{LookupRef, Value, ValueType};

@@ -5,6 +5,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 use crate::value::Value;
 
@@ -218,7 +219,7 @@ pub struct Record {
     /// Legal entity: F&O `dataAreaId`, Dataverse `cdm_companycode` of the owning company.
     pub company: Option<String>,
     /// Field values by field name (Dataverse logical name / F&O OData field name).
-    pub fields: BTreeMap<String, Value>,
+    pub fields: BTreeMap<SmolStr, Value>,
     /// When and in which order the source last changed it.
     pub version: Option<SourceVersion>,
     /// The source's concurrency token (`W/"468026"`), for `If-Match` writes.
@@ -239,7 +240,7 @@ impl Record {
     }
 
     /// Sets a field (builder style).
-    pub fn with(mut self, field: impl Into<String>, value: Value) -> Self {
+    pub fn with(mut self, field: impl Into<SmolStr>, value: Value) -> Self {
         self.fields.insert(field.into(), value);
         self
     }

@@ -3,10 +3,12 @@
 //! Money and quantities are exact decimals ([`rust_decimal::Decimal`]), never floats.
 
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset, NaiveDate};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 use crate::record::RecordKey;
 
@@ -17,7 +19,7 @@ pub enum Value {
     /// No value (Dataverse `null`, an F&O field left empty by the source).
     Null,
     /// Text of any length.
-    Text(String),
+    Text(SmolStr),
     /// A whole number (Dataverse Whole Number, F&O Int/Int64).
     Integer(i64),
     /// An exact decimal: money, quantities, rates.
@@ -31,9 +33,9 @@ pub enum Value {
     /// A Dataverse option-set (choice) value, e.g. `806380000`.
     Choice(i64),
     /// An F&O enum symbol, e.g. `Yes`, `Organization` (sent as `Microsoft.Dynamics.DataEntities.NoYes'Yes'`).
-    Enum(String),
+    Enum(SmolStr),
     /// A reference to another Dataverse row (lookup column).
-    Lookup(LookupRef),
+    Lookup(Arc<LookupRef>),
 }
 
 /// A reference to a Dataverse row: by primary id, by alternate key, or both.

@@ -704,11 +704,13 @@ impl Engine {
                 .await
                 .map_err(|e| self.store_error(event, e))?
             {
-                return Ok(LookupResolution::Resolved(Value::Lookup(LookupRef {
-                    entity_set: referenced.crm.entity_set.clone(),
-                    id: link.crm_id.clone(),
-                    key: Some(record_key(referenced, Side::Crm, key)),
-                })));
+                return Ok(LookupResolution::Resolved(Value::Lookup(Arc::new(
+                    LookupRef {
+                        entity_set: referenced.crm.entity_set.clone(),
+                        id: link.crm_id.clone(),
+                        key: Some(record_key(referenced, Side::Crm, key)),
+                    },
+                ))));
             }
         }
         Ok(LookupResolution::Missing {
@@ -737,7 +739,7 @@ impl Engine {
                 .map_err(|e| self.store_error(event, e))?
             {
                 let natural = erp_natural_key(referenced, &link);
-                return Ok(LookupResolution::Resolved(Value::Text(natural)));
+                return Ok(LookupResolution::Resolved(Value::Text(natural.into())));
             }
         }
         // Not linked: find the referenced row to know which key to wait for.
@@ -906,7 +908,7 @@ impl Engine {
             if !map.crm.key.contains(&field.name) {
                 continue;
             }
-            let Some(Value::Lookup(reference)) = record.fields.get(&field.name) else {
+            let Some(Value::Lookup(reference)) = record.fields.get(field.name.as_str()) else {
                 continue;
             };
             let (Some(id), None) = (reference.id.clone(), &reference.key) else {
@@ -929,8 +931,8 @@ impl Engine {
                         .and_then(|row| integration_key(target, Side::Crm, &row).ok()),
                 };
                 if let Some(key) = key {
-                    if let Some(Value::Lookup(r)) = record.fields.get_mut(&field.name) {
-                        r.key = Some(record_key(target, Side::Crm, &key));
+                    if let Some(Value::Lookup(r)) = record.fields.get_mut(field.name.as_str()) {
+                        Arc::make_mut(r).key = Some(record_key(target, Side::Crm, &key));
                     }
                     break;
                 }

@@ -3,13 +3,14 @@
 //! Money), and what every context carries (message, entity, head fields).
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset, TimeZone, Utc};
 use std::collections::BTreeMap;
 
 use dualwrite_core::map::apply::convert;
 use dualwrite_core::{
-    ChangeEvent, LookupRef, Operation, Record, RecordKey, Side, Value, ValueType,
+    ChangeEvent, LookupRef, Operation, Record, RecordKey, Side, SmolStr, Value, ValueType,
 };
 use rust_decimal::Decimal;
 use serde_json::{Map, Number, Value as Json};
@@ -212,7 +213,7 @@ pub(crate) fn typed_value(
         Json::Bool(b) => Value::Boolean(*b),
         Json::Number(n) => match n.as_i64() {
             Some(i) => Value::Integer(i),
-            None => decimal_of(n).map_or_else(|| Value::Text(n.to_string()), Value::Decimal),
+            None => decimal_of(n).map_or_else(|| Value::Text(n.to_string().into()), Value::Decimal),
         },
         Json::String(s) => match parse_wcf_date(s) {
             Some(t) => Value::DateTime(t),
@@ -222,17 +223,19 @@ pub(crate) fn typed_value(
                     value: s.clone(),
                 });
             }
-            None => Value::Text(s.clone()),
+            None => Value::Text(s.as_str().into()),
         },
-        Json::Array(_) => Value::Text(v.to_string()),
+        Json::Array(_) => Value::Text(v.to_string().into()),
         Json::Object(obj) => match type_name(obj) {
-            Some("EntityReference") => Value::Lookup(entity_reference(obj, path, coverage)?),
+            Some("EntityReference") => {
+                Value::Lookup(Arc::new(entity_reference(obj, path, coverage)?))
+            }
             Some("OptionSetValue") => Value::Choice(number_value(obj, path)?.0),
             Some("Money") => Value::Decimal(number_value(obj, path)?.1),
             None if obj.contains_key("LogicalName") && obj.contains_key("Id") => {
-                Value::Lookup(entity_reference(obj, path, coverage)?)
+                Value::Lookup(Arc::new(entity_reference(obj, path, coverage)?))
             }
-            _ => Value::Text(v.to_string()),
+            _ => Value::Text(v.to_string().into()),
         },
     })
 }
@@ -263,12 +266,12 @@ fn number_value(obj: &Obj, path: &str) -> Result<(i64, Decimal), PayloadError> {
 /// and the caller marks the event partial, so the worker reads the record through the
 /// connector instead of trusting the payload.
 pub(crate) fn conform_to_declared_types(
-    fields: &mut BTreeMap<String, Value>,
+    fields: &mut BTreeMap<SmolStr, Value>,
     types: &BTreeMap<String, ValueType>,
 ) -> bool {
     let mut all_typed = true;
     for (name, value) in fields.iter_mut() {
-        let Some(&ty) = types.get(name) else {
+        let Some(&ty) = types.get(name.as_str()) else {
             continue;
         };
         // Lookups arrive as references already; the engine completes their keys.
@@ -288,13 +291,13 @@ pub(crate) fn entity_attributes(
     entity: &Obj,
     path: &str,
     coverage: &Coverage,
-) -> Result<Vec<(String, Value)>, PayloadError> {
+) -> Result<Vec<(SmolStr, Value)>, PayloadError> {
     let attrs_path = at(path, "Attributes");
     kv_list(entity, "Attributes", path)?
         .into_iter()
         .map(|(k, v)| {
             Ok((
-                k.to_string(),
+                SmolStr::from(k),
                 typed_value(v, &format!("{attrs_path}.{k}"), coverage)?,
             ))
         })

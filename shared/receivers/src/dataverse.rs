@@ -92,7 +92,10 @@ pub fn parse_dataverse(
         operation == Operation::Upsert
             && (company == Company::Unknown
                 || !typed
-                || !cov.needed.iter().all(|f| record.fields.contains_key(f)))
+                || !cov
+                    .needed
+                    .iter()
+                    .all(|f| record.fields.contains_key(f.as_str())))
     };
 
     let modified = match record.get("modifiedon") {

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, FixedOffset, Utc};
-use dualwrite_core::{ChangeEvent, Operation, Record, RecordKey, Side, SourceVersion, Value};
+use dualwrite_core::{
+    ChangeEvent, Operation, Record, RecordKey, Side, SmolStr, SourceVersion, Value,
+};
 use serde_json::Value as Json;
 
 use crate::config::{BusinessEventRoute, Coverage, ErpCoverage};
@@ -78,7 +80,7 @@ fn data_event(
     };
 
     let (target_path, target) = target(ctx)?;
-    let mut raw: Vec<(String, Value)> = Vec::new();
+    let mut raw: Vec<(SmolStr, Value)> = Vec::new();
     for (path, image) in images(ctx, "PreEntityImages")? {
         raw.extend(entity_attributes(image, &path, coverage)?);
     }
@@ -87,7 +89,7 @@ fn data_event(
         let keys_path = format!("{target_path}.KeyAttributes");
         for (k, v) in kv_list(target, "KeyAttributes", &target_path)? {
             raw.push((
-                k.to_string(),
+                SmolStr::from(k),
                 typed_value(v, &format!("{keys_path}.{k}"), coverage)?,
             ));
         }
@@ -97,7 +99,7 @@ fn data_event(
     for (path, image) in images(ctx, "PostEntityImages")? {
         raw.extend(entity_attributes(image, &path, coverage)?);
     }
-    let mut fields: BTreeMap<String, Value> = raw
+    let mut fields: BTreeMap<SmolStr, Value> = raw
         .into_iter()
         .map(|(k, v)| (real_name(cov, &k), v))
         .collect();
@@ -109,7 +111,7 @@ fn data_event(
     record.id = Some(key.to_string());
     record.company = company;
     let partial = operation == Operation::Upsert
-        && (!typed || !cov.needed.iter().all(|f| fields.contains_key(f)));
+        && (!typed || !cov.needed.iter().all(|f| fields.contains_key(f.as_str())));
     let modified = match fields
         .get("ModifiedDateTime")
         .or_else(|| fields.get("modifiedon"))
@@ -196,7 +198,7 @@ fn business_event(
         pairs.push((key_field.clone(), value));
     }
     for (field, value) in &pairs {
-        fields.insert(field.clone(), Value::Text(value.clone()));
+        fields.insert(field.as_str().into(), Value::Text(value.as_str().into()));
     }
     let key = RecordKey(pairs);
     let mut record = Record::new(&cov.entity);
@@ -233,15 +235,14 @@ fn event_time(env: &Obj) -> Result<DateTime<FixedOffset>, PayloadError> {
 }
 
 /// The name the maps use for a payload field: `mserp_customeraccount` → `CustomerAccount`.
-fn real_name(cov: &ErpCoverage, sent: &str) -> String {
+fn real_name(cov: &ErpCoverage, sent: &str) -> SmolStr {
     let bare = sent
         .strip_prefix("mserp_")
         .unwrap_or(sent)
         .to_ascii_lowercase();
     cov.field_names
         .get(&bare)
-        .cloned()
-        .unwrap_or_else(|| sent.to_string())
+        .map_or_else(|| sent.into(), |name| name.as_str().into())
 }
 
 /// A field's value as key text, `None` when absent or null.

@@ -3,6 +3,7 @@
 //! of what happened, and a pairwise check that both sides converged.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dualwrite_core::map::TableMap;
@@ -885,11 +886,11 @@ async fn resolve(stage: &Stage, map: &TableMap, source: Side, record: &Record) -
                         (stage.rt.store().link(name, key).await, find(name))
                     {
                         resolved = Some(match source {
-                            Side::Erp => Value::Lookup(LookupRef {
+                            Side::Erp => Value::Lookup(Arc::new(LookupRef {
                                 entity_set: target.crm.entity_set.clone(),
                                 id: link.crm_id.clone(),
                                 key: None,
-                            }),
+                            })),
                             Side::Crm => natural_key(target, &link.key),
                         });
                         break;
@@ -920,7 +921,7 @@ fn natural_key(map: &TableMap, key: &IntegrationKey) -> Value {
     rk.0.iter()
         .rev()
         .find(|(f, _)| f != "dataAreaId")
-        .map_or(Value::Null, |(_, v)| Value::Text(v.clone()))
+        .map_or(Value::Null, |(_, v)| Value::Text(v.as_str().into()))
 }
 
 fn same(expected: &Value, actual: &Value) -> bool {

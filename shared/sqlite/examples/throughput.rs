@@ -31,7 +31,7 @@ fn t0() -> DateTime<Utc> {
 }
 
 fn message(event_id: String, record_id: String) -> QueueMessage {
-    let mut record = Record::new("accounts").with("name", Value::Text("Contoso Ltd".to_owned()));
+    let mut record = Record::new("accounts").with("name", Value::Text("Contoso Ltd".into()));
     record.id = Some(record_id);
     QueueMessage::for_event(ChangeEvent {
         event_id,

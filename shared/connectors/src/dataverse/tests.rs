@@ -91,11 +91,11 @@ async fn read_by_alternate_key_resolves_the_company_and_converts_every_field() {
     assert_eq!(record.get("customertypecode"), Some(&Value::Choice(3)));
     assert_eq!(
         record.get("transactioncurrencyid"),
-        Some(&Value::Lookup(LookupRef {
+        Some(&Value::Lookup(Arc::new(LookupRef {
             entity_set: "transactioncurrencies".into(),
             id: Some("c0ffee".into()),
             key: None
-        }))
+        })))
     );
     assert_eq!(
         record.get("msdyn_since"),
@@ -140,11 +140,11 @@ async fn upsert_sends_typed_body_binds_and_conditions() {
         )
         .with(
             "transactioncurrencyid",
-            Value::Lookup(LookupRef {
+            Value::Lookup(Arc::new(LookupRef {
                 entity_set: "transactioncurrencies".into(),
                 id: Some("c0ffee".into()),
                 key: None,
-            }),
+            })),
         );
     record.company = Some("USMF".into());
     let out = c

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use dualwrite_core::record::{Record, RecordKey, SourceVersion};
 use dualwrite_core::value::{LookupRef, Value, ValueType};
+use std::sync::Arc;
 
 use crate::odata::{
     DateStyle, RawObject, decimal_from_text, json_string, object_text, raw_str, value_from_json,
@@ -127,21 +128,21 @@ pub fn record_from_row(
             }
             let value = match guid {
                 None => Value::Null,
-                Some(id) => Value::Lookup(LookupRef {
+                Some(id) => Value::Lookup(Arc::new(LookupRef {
                     entity_set: schema
                         .and_then(|s| s.lookup_targets.get(field))
                         .cloned()
                         .unwrap_or_default(),
                     id: Some(id),
                     key: None,
-                }),
+                })),
             };
-            record.fields.insert(field.to_string(), value);
+            record.fields.insert(field.to_string().into(), value);
             continue;
         }
         let ty = schema.and_then(|s| s.type_of(name));
         let value = value_from_json(raw, ty).map_err(|e| format!("field {name}: {e}"))?;
-        record.fields.insert(name.clone(), value);
+        record.fields.insert(name.as_str().into(), value);
     }
     Ok(record)
 }
@@ -183,7 +184,7 @@ pub fn record_body(
             other => {
                 let json = value_to_json(other, DateStyle::DateOnly)
                     .map_err(|e| format!("field {name}: {e}"))?;
-                pairs.push((name.clone(), json));
+                pairs.push((name.as_str().into(), json));
             }
         }
     }

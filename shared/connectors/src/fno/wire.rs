@@ -133,7 +133,7 @@ pub fn key_of_row(schema: &EntitySchema, record: &Record) -> Option<RecordKey> {
         pairs.push((DATA_AREA_ID.to_string(), record.company.clone()?));
     }
     for field in &schema.key {
-        let value = record.fields.get(field).filter(|v| !v.is_null())?;
+        let value = record.fields.get(field.as_str()).filter(|v| !v.is_null())?;
         pairs.push((field.clone(), value.to_string()));
     }
     Some(RecordKey(pairs))
@@ -165,7 +165,7 @@ pub fn record_from_row(
         }
         let ty = schema.and_then(|s| s.type_of(name));
         let value = value_from_json(raw, ty).map_err(|e| format!("field {name}: {e}"))?;
-        record.fields.insert(name.clone(), value);
+        record.fields.insert(name.as_str().into(), value);
     }
     record.id = schema
         .and_then(|s| key_of_row(s, &record))
@@ -187,7 +187,7 @@ pub fn record_body(record: &Record, key: Option<&RecordKey>) -> Result<String, S
             ));
         }
         pairs.push((
-            name.clone(),
+            name.to_string(),
             value_to_json(value, DateStyle::Midnight).map_err(|e| format!("field {name}: {e}"))?,
         ));
     }
@@ -195,7 +195,7 @@ pub fn record_body(record: &Record, key: Option<&RecordKey>) -> Result<String, S
     for (field, value) in key.map(|k| k.0.as_slice()).unwrap_or_default() {
         if field == DATA_AREA_ID {
             company = company.or_else(|| Some(value.clone()));
-        } else if !record.fields.contains_key(field) {
+        } else if !record.fields.contains_key(field.as_str()) {
             pairs.push((field.clone(), json_string(value)));
         }
     }

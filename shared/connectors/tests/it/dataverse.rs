@@ -2,6 +2,7 @@
 //! the company, exact money, ETags, deletes, filtered and incremental paging, UpsertMultiple.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use chrono::Utc;
 use dualwrite_core::map::filter::parse_filter;
@@ -101,11 +102,11 @@ async fn reads_by_id_and_by_key_return_company_lookups_and_exact_money() {
     assert_eq!(r.get("customertypecode"), Some(&Value::Choice(3)));
     assert_eq!(
         r.get("transactioncurrencyid"),
-        Some(&Value::Lookup(LookupRef {
+        Some(&Value::Lookup(Arc::new(LookupRef {
             entity_set: "transactioncurrencies".into(),
             id: Some(env.usd_id.clone()),
             key: None,
-        }))
+        })))
     );
     assert!(
         r.get("msdyn_company").is_none(),

@@ -345,7 +345,7 @@ async fn upsert_batch_writes_new_and_existing_records_in_one_changeset() {
             .expect("present");
         assert_eq!(
             r.get("OrganizationName"),
-            Some(&Value::Text(format!("Batch {n}")))
+            Some(&Value::Text(dualwrite_core::format_smolstr!("Batch {n}")))
         );
         assert_eq!(
             r.get("CreditLimitIsMandatory"),

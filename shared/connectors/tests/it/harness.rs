@@ -213,11 +213,11 @@ pub fn account(number: &str, name: &str, credit_limit: &str) -> Record {
         .with("customertypecode", Value::Choice(3))
         .with(
             "transactioncurrencyid",
-            Value::Lookup(LookupRef {
+            Value::Lookup(Arc::new(LookupRef {
                 entity_set: "transactioncurrencies".into(),
                 id: None,
                 key: Some(RecordKey::new([("isocurrencycode", "USD")])),
-            }),
+            })),
         );
     r.company = Some("USMF".into());
     r

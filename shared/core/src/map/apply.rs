@@ -10,6 +10,7 @@ use std::str::FromStr;
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime};
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
+use smol_str::{SmolStr, StrExt, ToSmolStr, format_smolstr};
 
 use crate::hash::SortedFields;
 use crate::map::plan::{MapPlan, SideFields};
@@ -572,7 +573,7 @@ pub(crate) fn slots_to_record(
     let mut pairs = Vec::with_capacity(slots.len());
     for (name, slot) in target_fields.names.iter().zip(slots.iter_mut()) {
         if let Some(value) = slot.take() {
-            pairs.push((String::from(&**name), value));
+            pairs.push((SmolStr::from(&**name), value));
         }
     }
     // Sorted and distinct: the tree is built in one pass.
@@ -689,32 +690,29 @@ pub fn apply_step(step: &TransformStep, value: Value) -> Result<Value, String> {
             if trimmed.len() == s.len() {
                 s
             } else {
-                trimmed.to_owned()
+                trimmed.into()
             }
         }),
-        TransformStep::Upper => text_step(step, value, |s| s.to_uppercase()),
-        TransformStep::Lower => text_step(step, value, |s| s.to_lowercase()),
-        TransformStep::Truncate(max) => text_step(step, value, |mut s| {
-            if let Some((cut, _)) = s.char_indices().nth(*max) {
-                s.truncate(cut);
-            }
-            s
-        }),
-        TransformStep::Prefix(prefix) => text_step(step, value, |mut s| {
-            s.insert_str(0, prefix);
-            s
-        }),
-        TransformStep::StripPrefix(prefix) => text_step(step, value, |mut s| {
-            if !prefix.is_empty() && s.starts_with(prefix.as_str()) {
-                s.drain(..prefix.len());
-            }
-            s
-        }),
+        TransformStep::Upper => text_step(step, value, |s| s.to_uppercase_smolstr()),
+        TransformStep::Lower => text_step(step, value, |s| s.to_lowercase_smolstr()),
+        TransformStep::Truncate(max) => {
+            text_step(step, value, |s| match s.char_indices().nth(*max) {
+                Some((cut, _)) => SmolStr::new(&s[..cut]),
+                None => s,
+            })
+        }
+        TransformStep::Prefix(prefix) => text_step(step, value, |s| format_smolstr!("{prefix}{s}")),
+        TransformStep::StripPrefix(prefix) => {
+            text_step(step, value, |s| match s.strip_prefix(prefix.as_str()) {
+                Some(rest) if !prefix.is_empty() => SmolStr::new(rest),
+                _ => s,
+            })
+        }
         TransformStep::Replace { from, to } => text_step(step, value, |s| {
             if from.is_empty() || !s.contains(from.as_str()) {
                 s
             } else {
-                s.replace(from.as_str(), to)
+                s.replace(from.as_str(), to).into()
             }
         }),
         TransformStep::Convert(ty) => convert(value, *ty),
@@ -741,7 +739,9 @@ pub fn convert(value: Value, ty: ValueType) -> Result<Value, String> {
         (Value::Text(s), _) => text_to(s, ty),
         (Value::Enum(s), ValueType::Text) => Some(Value::Text(s.clone())),
         (Value::Enum(s), ValueType::Boolean) => parse_bool(s),
-        (Value::Integer(i) | Value::Choice(i), ValueType::Text) => Some(Value::Text(i.to_string())),
+        (Value::Integer(i) | Value::Choice(i), ValueType::Text) => {
+            Some(Value::Text(i.to_smolstr()))
+        }
         (Value::Integer(i), ValueType::Decimal) => Some(Value::Decimal(Decimal::from(*i))),
         (Value::Integer(i), ValueType::Choice) => Some(Value::Choice(*i)),
         (Value::Choice(i), ValueType::Integer) => Some(Value::Integer(*i)),
@@ -750,20 +750,24 @@ pub fn convert(value: Value, ty: ValueType) -> Result<Value, String> {
             1 => Some(Value::Boolean(true)),
             _ => None,
         },
-        (Value::Decimal(d), ValueType::Text) => Some(Value::Text(d.normalize().to_string())),
+        (Value::Decimal(d), ValueType::Text) => Some(Value::Text(d.normalize().to_smolstr())),
         (Value::Decimal(d), ValueType::Integer) if d.fract().is_zero() => {
             d.to_i64().map(Value::Integer)
         }
-        (Value::Boolean(b), ValueType::Text) => Some(Value::Text(b.to_string())),
+        (Value::Boolean(b), ValueType::Text) => Some(Value::Text(b.to_smolstr())),
         (Value::Boolean(b), ValueType::Integer) => Some(Value::Integer(i64::from(*b))),
-        (Value::Boolean(b), ValueType::Enum) => {
-            Some(Value::Enum(if *b { "Yes" } else { "No" }.to_owned()))
+        (Value::Boolean(b), ValueType::Enum) => Some(Value::Enum(SmolStr::new_static(if *b {
+            "Yes"
+        } else {
+            "No"
+        }))),
+        (Value::Date(d), ValueType::Text) => {
+            Some(Value::Text(format_smolstr!("{}", d.format("%Y-%m-%d"))))
         }
-        (Value::Date(d), ValueType::Text) => Some(Value::Text(d.format("%Y-%m-%d").to_string())),
         (Value::Date(d), ValueType::DateTime) => d
             .and_hms_opt(0, 0, 0)
             .map(|t| Value::DateTime(t.and_utc().fixed_offset())),
-        (Value::DateTime(t), ValueType::Text) => Some(Value::Text(t.to_rfc3339())),
+        (Value::DateTime(t), ValueType::Text) => Some(Value::Text(t.to_rfc3339().into())),
         (Value::DateTime(t), ValueType::Date) => Some(Value::Date(t.date_naive())),
         _ => None,
     };
@@ -773,14 +777,14 @@ pub fn convert(value: Value, ty: ValueType) -> Result<Value, String> {
 fn text_to(s: &str, ty: ValueType) -> Option<Value> {
     let t = s.trim();
     match ty {
-        ValueType::Text => Some(Value::Text(s.to_owned())),
+        ValueType::Text => Some(Value::Text(s.into())),
         ValueType::Integer => t.parse().ok().map(Value::Integer),
         ValueType::Choice => t.parse().ok().map(Value::Choice),
         ValueType::Decimal => Decimal::from_str_exact(t).ok().map(Value::Decimal),
         ValueType::Boolean => parse_bool(t),
         ValueType::Date => NaiveDate::from_str(t).ok().map(Value::Date),
         ValueType::DateTime => parse_datetime(t).map(Value::DateTime),
-        ValueType::Enum => (!t.is_empty()).then(|| Value::Enum(t.to_owned())),
+        ValueType::Enum => (!t.is_empty()).then(|| Value::Enum(t.into())),
         ValueType::Lookup => None,
     }
 }
@@ -823,7 +827,7 @@ fn step_name(step: &TransformStep) -> &'static str {
 fn text_step(
     step: &TransformStep,
     value: Value,
-    f: impl FnOnce(String) -> String,
+    f: impl FnOnce(SmolStr) -> SmolStr,
 ) -> Result<Value, String> {
     match value {
         Value::Null => Ok(Value::Null),
@@ -1061,7 +1065,7 @@ fn crm_key_value(map: &TableMap, crm_name: &str, parts: &[String]) -> String {
     if fm.value_map.is_none() && fm.to_crm.is_empty() {
         return part.clone();
     }
-    let typed = text_to(part, erp.ty).unwrap_or_else(|| Value::Text(part.clone()));
+    let typed = text_to(part, erp.ty).unwrap_or_else(|| Value::Text(part.as_str().into()));
     match transform_value(map, fm, Side::Erp, typed) {
         Ok(value) if !value.is_null() => value.to_string(),
         _ => part.clone(),
@@ -1124,9 +1128,10 @@ mod tests {
     use crate::value::LookupRef;
     use chrono::{TimeZone, Utc};
     use proptest::prelude::*;
+    use std::sync::Arc;
 
     fn text(s: &str) -> Value {
-        Value::Text(s.to_owned())
+        Value::Text(s.into())
     }
 
     fn dec(s: &str) -> Value {
@@ -1333,11 +1338,11 @@ mod tests {
             .with("creditlimit", dec("1500.5"))
             .with(
                 "transactioncurrencyid",
-                Value::Lookup(LookupRef {
+                Value::Lookup(Arc::new(LookupRef {
                     entity_set: "transactioncurrencies".into(),
                     id: Some("c0ffee00-0000-0000-0000-000000000001".into()),
                     key: None,
-                }),
+                })),
             )
             .with("msdyn_creditlimitismandatory", Value::Boolean(false))
             .with("customertypecode", Value::Choice(3))
@@ -1350,11 +1355,11 @@ mod tests {
     }
 
     fn usd_lookup() -> Value {
-        Value::Lookup(LookupRef {
+        Value::Lookup(Arc::new(LookupRef {
             entity_set: "transactioncurrencies".into(),
             id: None,
             key: Some(RecordKey::new([("isocurrencycode", "USD")])),
-        })
+        }))
     }
 
     fn keys(keys: Vec<IntegrationKey>) -> LookupTarget {
@@ -1393,11 +1398,11 @@ mod tests {
         crm.company = None;
         crm.fields.insert(
             "msdyn_company".into(),
-            Value::Lookup(LookupRef {
+            Value::Lookup(Arc::new(LookupRef {
                 entity_set: CRM_COMPANY_ENTITY_SET.into(),
                 id: None,
                 key: Some(RecordKey::new([(CRM_COMPANY_CODE_FIELD, "USMF")])),
-            }),
+            })),
         );
         assert_eq!(
             integration_key(&map, Side::Erp, &erp).unwrap().as_str(),
@@ -1519,7 +1524,7 @@ mod tests {
         let crm_key = record_key(&map, Side::Crm, &key);
         let mut crm = Record::new("msdyn_addresses");
         for (f, v) in &crm_key.0[..2] {
-            crm.fields.insert(f.clone(), text(v));
+            crm.fields.insert(f.as_str().into(), text(v));
         }
         crm.company = crm_key.get("msdyn_company").map(str::to_owned);
         assert_eq!(integration_key(&map, Side::Crm, &crm).unwrap(), key);
@@ -1591,11 +1596,11 @@ mod tests {
             .with("LineCreationSequenceNumber", Value::Integer(2));
         erp.company = Some("usmf".into());
         let order = |id: Option<&str>, key: Option<RecordKey>| {
-            Value::Lookup(LookupRef {
+            Value::Lookup(Arc::new(LookupRef {
                 entity_set: "salesorders".into(),
                 id: id.map(str::to_owned),
                 key,
-            })
+            }))
         };
         let mut crm = Record::new("salesorderdetails")
             .with(
@@ -1903,11 +1908,11 @@ mod tests {
         // A Dataverse reference by alternate key resolves through the candidate's key order.
         let mut crm_order = Record::new("salesorders").with(
             "customerid",
-            Value::Lookup(LookupRef {
+            Value::Lookup(Arc::new(LookupRef {
                 entity_set: "accounts".into(),
                 id: None,
                 key: Some(RecordKey::new([("accountnumber", "US-001")])),
-            }),
+            })),
         );
         crm_order.company = Some("USMF".into());
         let requests = lookup_requests_with(&lines, Side::Crm, &crm_order, |name| match name {
@@ -2200,8 +2205,8 @@ mod tests {
     fn any_value() -> impl Strategy<Value = Value> {
         prop_oneof![
             Just(Value::Null),
-            any::<String>().prop_map(Value::Text),
-            "[ -~]{0,12}".prop_map(Value::Text),
+            any::<String>().prop_map(|s| Value::Text(s.into())),
+            "[ -~]{0,12}".prop_map(|s: String| Value::Text(s.into())),
             any::<i64>().prop_map(Value::Integer),
             (any::<i64>(), 0u32..=28).prop_map(|(m, s)| Value::Decimal(Decimal::new(m, s))),
             any::<bool>().prop_map(Value::Boolean),
@@ -2218,13 +2223,13 @@ mod tests {
                 }
             ),
             any::<i64>().prop_map(Value::Choice),
-            "[A-Za-z]{0,10}".prop_map(Value::Enum),
+            "[A-Za-z]{0,10}".prop_map(|s: String| Value::Enum(s.into())),
             ("[a-z]{1,8}", proptest::option::of("[0-9a-f-]{1,12}")).prop_map(|(set, id)| {
-                Value::Lookup(LookupRef {
+                Value::Lookup(Arc::new(LookupRef {
                     entity_set: set,
                     id,
                     key: None,
-                })
+                }))
             }),
         ]
     }
@@ -2262,7 +2267,7 @@ mod tests {
             let pairs: Vec<(Value, Value)> = symbols
                 .iter()
                 .enumerate()
-                .map(|(i, s)| (Value::Enum(s.clone()), Value::Choice(806_380_000 + i as i64)))
+                .map(|(i, s)| (Value::Enum(s.as_str().into()), Value::Choice(806_380_000 + i as i64)))
                 .collect();
             let original = pairs[pick.index(pairs.len())].0.clone();
             let map = table_map(
@@ -2316,7 +2321,7 @@ mod tests {
             let mut record = Record::new("x");
             record.company = Some("usmf".into());
             for (name, value) in names.iter().zip(values) {
-                record.fields.insert((*name).to_owned(), value);
+                record.fields.insert((*name).into(), value);
             }
             let _ = integration_key(&map, source, &record);
             let _ = lookup_requests(&map, source, &record);

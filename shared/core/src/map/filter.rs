@@ -278,7 +278,9 @@ fn compare(actual: &Value, literal: &Literal) -> Option<Ordering> {
         (Value::Null, Literal::Null) => Some(Ordering::Equal),
         (Value::Null, _) | (_, Literal::Null) => None,
         (Value::Text(s), Literal::Text(t)) => Some(s.as_str().cmp(t.as_str())),
-        (Value::Enum(s), Literal::Text(t)) => Some(s.to_lowercase().cmp(&t.to_lowercase())),
+        (Value::Enum(s), Literal::Text(t)) => {
+            Some(s.to_lowercase().as_str().cmp(t.to_lowercase().as_str()))
+        }
         (Value::Lookup(l), Literal::Text(t)) => {
             l.id.as_ref()
                 .map(|id| id.to_lowercase().cmp(&t.to_lowercase()))
@@ -634,6 +636,7 @@ fn is_keyword(word: &str) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::sync::Arc;
 
     use crate::value::LookupRef;
 
@@ -782,11 +785,11 @@ mod tests {
             )
             .with(
                 "parent",
-                Value::Lookup(LookupRef {
+                Value::Lookup(Arc::new(LookupRef {
                     entity_set: "accounts".into(),
                     id: Some("ABC-1".into()),
                     key: None,
-                }),
+                })),
             )
     }
 

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::OnceLock;
 
+use smol_str::SmolStr;
+
 use crate::hash::{hash_sorted_fields, names_hash};
 use crate::map::TableMap;
 use crate::map::apply::{is_key_field, mapped_fields};
@@ -112,7 +114,7 @@ pub(crate) struct SideFields {
     pub(crate) names_hash: u128,
     /// A record's fields with every name of `names` and null values: cloning it builds the
     /// tree of a record that carries all of them without comparing or sorting names.
-    pub(crate) template: BTreeMap<String, Value>,
+    pub(crate) template: BTreeMap<SmolStr, Value>,
     /// Indices in `map.fields` of the mappings with a `lookup` that a record of this side
     /// feeds (flowing from this side, with a field on both sides), in map order.
     pub(crate) lookups: Box<[usize]>,
@@ -135,7 +137,7 @@ impl SideFields {
         let names_hash = names_hash(&names);
         let template = names
             .iter()
-            .map(|n| (String::from(&**n), Value::Null))
+            .map(|n| (SmolStr::from(&**n), Value::Null))
             .collect();
         let lookups = map
             .fields

@@ -129,7 +129,7 @@ pub fn parse_value(scalar: &RawScalar, ty: ValueType) -> Result<Value, String> {
     let text = scalar.text.as_str();
     let bad = |example: &str| format!("`{text}` is not a valid {ty} (write e.g. {example})");
     match ty {
-        ValueType::Text => Ok(Value::Text(text.to_string())),
+        ValueType::Text => Ok(Value::Text(text.into())),
         ValueType::Integer => text.parse().map(Value::Integer).map_err(|_| bad("42")),
         ValueType::Choice => text
             .parse()
@@ -151,7 +151,7 @@ pub fn parse_value(scalar: &RawScalar, ty: ValueType) -> Result<Value, String> {
             .map(Value::DateTime)
             .map_err(|_| bad("2026-05-01T00:00:00Z (RFC 3339)")),
         ValueType::Enum if text.is_empty() => Err(bad("Yes")),
-        ValueType::Enum => Ok(Value::Enum(text.to_string())),
+        ValueType::Enum => Ok(Value::Enum(text.into())),
         ValueType::Lookup => Err(format!(
             "`{text}`: a lookup value cannot be written in a map (it is resolved through the lookup's map); \
              remove it or map a text field instead"
@@ -1055,9 +1055,9 @@ fn infer_value(s: &RawScalar, side: Side) -> Value {
         }
     }
     if side == Side::Crm {
-        Value::Text(s.text.clone())
+        Value::Text(s.text.as_str().into())
     } else {
-        Value::Enum(s.text.clone())
+        Value::Enum(s.text.as_str().into())
     }
 }
 

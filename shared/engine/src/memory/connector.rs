@@ -72,7 +72,7 @@ enum Actor {
 
 fn matches_key(record: &Record, key: &RecordKey) -> bool {
     key.0.iter().all(|(field, value)| {
-        if field == ERP_COMPANY_FIELD && !record.fields.contains_key(field) {
+        if field == ERP_COMPANY_FIELD && !record.fields.contains_key(field.as_str()) {
             return record
                 .company
                 .as_deref()
@@ -188,7 +188,8 @@ impl MemoryConnector {
                     if field == ERP_COMPANY_FIELD {
                         r.company = Some(value.clone());
                     } else {
-                        r.fields.insert(field.clone(), Value::Text(value.clone()));
+                        r.fields
+                            .insert(field.as_str().into(), Value::Text(value.as_str().into()));
                     }
                 }
             }
@@ -296,7 +297,9 @@ impl MemoryConnector {
         fields: impl IntoIterator<Item = (String, Value)>,
     ) -> ChangeEvent {
         let mut record = Record::new(entity);
-        record.fields.extend(fields);
+        record
+            .fields
+            .extend(fields.into_iter().map(|(k, v)| (k.into(), v)));
         match self.change(entity, at, &record, &WriteCondition::None, Actor::User) {
             Ok((event, _)) => event,
             // Unreachable: user edits have no condition and skip injected failures.

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
 use dualwrite_core::{ChangeEvent, LookupRef, Operation, Record, Side, SourceVersion, Value};
@@ -36,26 +37,26 @@ fn vendor_fixture_parses_into_the_expected_event() {
     let id = "6d81597f-0f9f-e711-8122-000d3aa2331c";
     let modified = Utc.timestamp_millis_opt(1_506_384_247_000).unwrap();
     let fields = BTreeMap::from([
-        ("firstname".to_string(), Value::Text("James".into())),
-        ("contactid".to_string(), Value::Text(id.into())),
+        ("firstname".into(), Value::Text("James".into())),
+        ("contactid".into(), Value::Text(id.into())),
         (
-            "fullname".to_string(),
+            "fullname".into(),
             Value::Text("James Glynn (sample)".into()),
         ),
         (
-            "yomifullname".to_string(),
+            "yomifullname".into(),
             Value::Text("James Glynn (sample)".into()),
         ),
-        ("modifiedon".to_string(), time("2017-09-26T00:04:07+00:00")),
+        ("modifiedon".into(), time("2017-09-26T00:04:07+00:00")),
         (
-            "modifiedby".to_string(),
-            Value::Lookup(LookupRef {
+            "modifiedby".into(),
+            Value::Lookup(Arc::new(LookupRef {
                 entity_set: "systemuser".into(),
                 id: Some("75c2dd85-e89e-e711-8122-000d3aa2331c".into()),
                 key: None,
-            }),
+            })),
         ),
-        ("modifiedonbehalfby".to_string(), Value::Null),
+        ("modifiedonbehalfby".into(), Value::Null),
     ]);
     let expected = ChangeEvent {
         event_id: "4af10637-4ea2-e711-8122-000d3aa2331c".into(),
@@ -130,19 +131,19 @@ fn create_with_typed_values_and_full_post_image() {
     // A covered table's lookup resolves to its entity set; an uncovered one keeps its name.
     assert_eq!(
         rec.get("transactioncurrencyid"),
-        Some(&Value::Lookup(LookupRef {
+        Some(&Value::Lookup(Arc::new(LookupRef {
             entity_set: "transactioncurrencies".into(),
             id: Some("0a5f9b3c-e89e-e711-8122-000d3aa2331c".into()),
             key: None,
-        }))
+        })))
     );
     assert_eq!(
         rec.get("msdyn_company"),
-        Some(&Value::Lookup(LookupRef {
+        Some(&Value::Lookup(Arc::new(LookupRef {
             entity_set: "cdm_company".into(),
             id: Some("1c2d3e4f-e89e-e711-8122-000d3aa2331c".into()),
             key: None,
-        }))
+        })))
     );
     assert_eq!(
         rec.version,
