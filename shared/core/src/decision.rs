@@ -651,7 +651,7 @@ fn decide_delete(input: &DecisionInput<'_>) -> Decision {
             };
             let mut written = Record::new(entity_of(map, other_side));
             for (name, value) in fields {
-                written.fields.insert(name.as_str().into(), value.clone());
+                written.fields.insert(name.as_str(), value.clone());
             }
             // Deactivation fields are usually not mapped: compare them, not the mapped hash.
             let already = written

@@ -13,7 +13,6 @@
 
 use std::cell::Cell;
 use std::cmp::Ordering;
-use std::collections::btree_map;
 
 use chrono::Datelike;
 use smol_str::SmolStr;
@@ -103,28 +102,27 @@ pub(crate) fn hash_sorted_with<'v, S: AsRef<str>>(
 /// increasing order by advancing through the record once.
 #[derive(Debug)]
 pub(crate) struct SortedFields<'r> {
-    fields: btree_map::Iter<'r, SmolStr, Value>,
-    /// The first field not yet passed.
-    current: Option<(&'r SmolStr, &'r Value)>,
+    /// The fields not yet passed, in name order.
+    rest: &'r [(SmolStr, Value)],
 }
 
 impl<'r> SortedFields<'r> {
     /// A reader at the record's first field.
     pub(crate) fn new(record: &'r Record) -> Self {
-        let mut fields = record.fields.iter();
-        let current = fields.next();
-        SortedFields { fields, current }
+        SortedFields {
+            rest: record.fields.as_slice(),
+        }
     }
 
     /// The value of field `name`, `None` when the record does not carry it. Each name must be
     /// greater than the one asked before (skipping names is fine).
     #[inline]
     pub(crate) fn seek(&mut self, name: &str) -> Option<&'r Value> {
-        while let Some((field, value)) = self.current {
+        while let Some(((field, value), rest)) = self.rest.split_first() {
             match compare_names(field, name) {
-                Ordering::Less => self.current = self.fields.next(),
+                Ordering::Less => self.rest = rest,
                 Ordering::Equal => {
-                    self.current = self.fields.next();
+                    self.rest = rest;
                     return Some(value);
                 }
                 Ordering::Greater => return None,

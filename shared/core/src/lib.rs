@@ -12,6 +12,7 @@
 pub mod decision;
 pub mod error_policy;
 pub mod event;
+pub mod fields;
 pub mod hash;
 pub mod map;
 pub mod ports;
@@ -19,6 +20,7 @@ pub mod record;
 pub mod value;
 
 pub use event::{ChangeEvent, Operation};
+pub use fields::Fields;
 pub use record::{IntegrationKey, Record, RecordKey, Side, SourceVersion};
 /// Field names and text values: short strings (the usual field name or value) are kept inline,
 /// so copying a record does not allocate per field.

@@ -1,12 +1,12 @@
 //! Records, their keys, their company and their source version.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
 
+use crate::fields::Fields;
 use crate::value::Value;
 
 /// Which system a record, event or write belongs to.
@@ -219,7 +219,7 @@ pub struct Record {
     /// Legal entity: F&O `dataAreaId`, Dataverse `cdm_companycode` of the owning company.
     pub company: Option<String>,
     /// Field values by field name (Dataverse logical name / F&O OData field name).
-    pub fields: BTreeMap<SmolStr, Value>,
+    pub fields: Fields,
     /// When and in which order the source last changed it.
     pub version: Option<SourceVersion>,
     /// The source's concurrency token (`W/"468026"`), for `If-Match` writes.
@@ -233,7 +233,7 @@ impl Record {
             entity: entity.into(),
             id: None,
             company: None,
-            fields: BTreeMap::new(),
+            fields: Fields::new(),
             version: None,
             etag: None,
         }
@@ -241,7 +241,7 @@ impl Record {
 
     /// Sets a field (builder style).
     pub fn with(mut self, field: impl Into<SmolStr>, value: Value) -> Self {
-        self.fields.insert(field.into(), value);
+        self.fields.insert(field, value);
         self
     }
 

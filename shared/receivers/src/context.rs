@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use dualwrite_core::map::apply::convert;
 use dualwrite_core::{
-    ChangeEvent, LookupRef, Operation, Record, RecordKey, Side, SmolStr, Value, ValueType,
+    ChangeEvent, Fields, LookupRef, Operation, Record, RecordKey, Side, SmolStr, Value, ValueType,
 };
 use rust_decimal::Decimal;
 use serde_json::{Map, Number, Value as Json};
@@ -266,7 +266,7 @@ fn number_value(obj: &Obj, path: &str) -> Result<(i64, Decimal), PayloadError> {
 /// and the caller marks the event partial, so the worker reads the record through the
 /// connector instead of trusting the payload.
 pub(crate) fn conform_to_declared_types(
-    fields: &mut BTreeMap<SmolStr, Value>,
+    fields: &mut Fields,
     types: &BTreeMap<String, ValueType>,
 ) -> bool {
     let mut all_typed = true;

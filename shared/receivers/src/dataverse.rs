@@ -1,9 +1,7 @@
 //! Dataverse webhooks: a RemoteExecutionContext (Create/Update/Delete) into a change event.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
-use dualwrite_core::{Operation, Record, Side, SourceVersion, Value};
+use dualwrite_core::{Fields, Operation, Record, Side, SourceVersion, Value};
 use serde_json::Value as Json;
 
 use crate::config::{Coverage, CrmCoverage};
@@ -77,7 +75,7 @@ pub fn parse_dataverse(
             sources.push((target_path, target));
             sources.extend(images(&ctx, "PostEntityImages")?);
         }
-        let mut fields = BTreeMap::new();
+        let mut fields = Fields::new();
         for (path, entity) in &sources {
             fields.extend(entity_attributes(entity, path, coverage)?);
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, FixedOffset, Utc};
 use dualwrite_core::{
-    ChangeEvent, Operation, Record, RecordKey, Side, SmolStr, SourceVersion, Value,
+    ChangeEvent, Fields, Operation, Record, RecordKey, Side, SmolStr, SourceVersion, Value,
 };
 use serde_json::Value as Json;
 
@@ -99,7 +99,7 @@ fn data_event(
     for (path, image) in images(ctx, "PostEntityImages")? {
         raw.extend(entity_attributes(image, &path, coverage)?);
     }
-    let mut fields: BTreeMap<SmolStr, Value> = raw
+    let mut fields: Fields = raw
         .into_iter()
         .map(|(k, v)| (real_name(cov, &k), v))
         .collect();
@@ -170,7 +170,7 @@ fn business_event(
         });
     };
 
-    let mut fields = BTreeMap::new();
+    let mut fields = Fields::new();
     let mut pairs = Vec::new();
     if cov.company_specific {
         let company =
@@ -198,7 +198,7 @@ fn business_event(
         pairs.push((key_field.clone(), value));
     }
     for (field, value) in &pairs {
-        fields.insert(field.as_str().into(), Value::Text(value.as_str().into()));
+        fields.insert(field.as_str(), Value::Text(value.as_str().into()));
     }
     let key = RecordKey(pairs);
     let mut record = Record::new(&cov.entity);

@@ -137,12 +137,12 @@ pub fn record_from_row(
                     key: None,
                 })),
             };
-            record.fields.insert(field.to_string().into(), value);
+            record.fields.insert(field.to_string(), value);
             continue;
         }
         let ty = schema.and_then(|s| s.type_of(name));
         let value = value_from_json(raw, ty).map_err(|e| format!("field {name}: {e}"))?;
-        record.fields.insert(name.as_str().into(), value);
+        record.fields.insert(name.as_str(), value);
     }
     Ok(record)
 }

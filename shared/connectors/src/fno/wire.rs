@@ -165,7 +165,7 @@ pub fn record_from_row(
         }
         let ty = schema.and_then(|s| s.type_of(name));
         let value = value_from_json(raw, ty).map_err(|e| format!("field {name}: {e}"))?;
-        record.fields.insert(name.as_str().into(), value);
+        record.fields.insert(name.as_str(), value);
     }
     record.id = schema
         .and_then(|s| key_of_row(s, &record))

@@ -368,7 +368,7 @@ async fn creating_a_record_someone_created_first_asks_for_a_reread() {
     record.company = Some("usmf".into());
     record
         .fields
-        .insert("OrganizationName".into(), Value::Text("Second".into()));
+        .insert("OrganizationName", Value::Text("Second".into()));
     let err = env
         .erp
         .upsert(

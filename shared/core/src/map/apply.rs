@@ -12,6 +12,7 @@ use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 use smol_str::{SmolStr, StrExt, ToSmolStr, format_smolstr};
 
+use crate::fields::Fields;
 use crate::hash::SortedFields;
 use crate::map::plan::{MapPlan, SideFields};
 use crate::map::{FieldMapping, TableMap, TransformStep, ValueMap};
@@ -577,7 +578,7 @@ pub(crate) fn slots_to_record(
         }
     }
     // Sorted and distinct: the tree is built in one pass.
-    out.fields = pairs.into_iter().collect();
+    out.fields = Fields::from_sorted(pairs);
     out
 }
 
@@ -1393,11 +1394,11 @@ mod tests {
         let map = customers();
         let mut erp = erp_customer();
         erp.company = None;
-        erp.fields.insert(ERP_COMPANY_FIELD.into(), text("usmf"));
+        erp.fields.insert(ERP_COMPANY_FIELD, text("usmf"));
         let mut crm = crm_account();
         crm.company = None;
         crm.fields.insert(
-            "msdyn_company".into(),
+            "msdyn_company",
             Value::Lookup(Arc::new(LookupRef {
                 entity_set: CRM_COMPANY_ENTITY_SET.into(),
                 id: None,
@@ -1430,9 +1431,7 @@ mod tests {
         );
         let mut null_key = erp_customer();
         null_key.id = None;
-        null_key
-            .fields
-            .insert("CustomerAccount".into(), Value::Null);
+        null_key.fields.insert("CustomerAccount", Value::Null);
         let err = integration_key(&map, Side::Erp, &null_key).unwrap_err();
         assert_eq!(
             err,
@@ -1524,7 +1523,7 @@ mod tests {
         let crm_key = record_key(&map, Side::Crm, &key);
         let mut crm = Record::new("msdyn_addresses");
         for (f, v) in &crm_key.0[..2] {
-            crm.fields.insert(f.as_str().into(), text(v));
+            crm.fields.insert(f.as_str(), text(v));
         }
         crm.company = crm_key.get("msdyn_company").map(str::to_owned);
         assert_eq!(integration_key(&map, Side::Crm, &crm).unwrap(), key);
@@ -2321,7 +2320,7 @@ mod tests {
             let mut record = Record::new("x");
             record.company = Some("usmf".into());
             for (name, value) in names.iter().zip(values) {
-                record.fields.insert((*name).into(), value);
+                record.fields.insert(*name, value);
             }
             let _ = integration_key(&map, source, &record);
             let _ = lookup_requests(&map, source, &record);

@@ -9,12 +9,12 @@
 //! clone starts with an empty plan). Debug builds check the rule on every use and panic with the
 //! map's name when it is broken; release builds trust it.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::OnceLock;
 
 use smol_str::SmolStr;
 
+use crate::fields::Fields;
 use crate::hash::{hash_sorted_fields, names_hash};
 use crate::map::TableMap;
 use crate::map::apply::{is_key_field, mapped_fields};
@@ -114,7 +114,7 @@ pub(crate) struct SideFields {
     pub(crate) names_hash: u128,
     /// A record's fields with every name of `names` and null values: cloning it builds the
     /// tree of a record that carries all of them without comparing or sorting names.
-    pub(crate) template: BTreeMap<SmolStr, Value>,
+    pub(crate) template: Fields,
     /// Indices in `map.fields` of the mappings with a `lookup` that a record of this side
     /// feeds (flowing from this side, with a field on both sides), in map order.
     pub(crate) lookups: Box<[usize]>,
@@ -135,10 +135,12 @@ impl SideFields {
             })
             .collect();
         let names_hash = names_hash(&names);
-        let template = names
-            .iter()
-            .map(|n| (SmolStr::from(&**n), Value::Null))
-            .collect();
+        let template = Fields::from_sorted(
+            names
+                .iter()
+                .map(|n| (SmolStr::from(&**n), Value::Null))
+                .collect(),
+        );
         let lookups = map
             .fields
             .iter()

@@ -189,7 +189,7 @@ impl MemoryConnector {
                         r.company = Some(value.clone());
                     } else {
                         r.fields
-                            .insert(field.as_str().into(), Value::Text(value.as_str().into()));
+                            .insert(field.as_str(), Value::Text(value.as_str().into()));
                     }
                 }
             }
@@ -297,9 +297,7 @@ impl MemoryConnector {
         fields: impl IntoIterator<Item = (String, Value)>,
     ) -> ChangeEvent {
         let mut record = Record::new(entity);
-        record
-            .fields
-            .extend(fields.into_iter().map(|(k, v)| (k.into(), v)));
+        record.fields.extend(fields);
         match self.change(entity, at, &record, &WriteCondition::None, Actor::User) {
             Ok((event, _)) => event,
             // Unreachable: user edits have no condition and skip injected failures.

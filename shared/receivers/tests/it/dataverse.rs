@@ -1,6 +1,5 @@
 //! Dataverse webhook payloads parsed into change events.
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -36,27 +35,21 @@ fn vendor_fixture_parses_into_the_expected_event() {
 
     let id = "6d81597f-0f9f-e711-8122-000d3aa2331c";
     let modified = Utc.timestamp_millis_opt(1_506_384_247_000).unwrap();
-    let fields = BTreeMap::from([
-        ("firstname".into(), Value::Text("James".into())),
-        ("contactid".into(), Value::Text(id.into())),
+    let fields = dualwrite_core::Fields::from([
+        ("firstname", Value::Text("James".into())),
+        ("contactid", Value::Text(id.into())),
+        ("fullname", Value::Text("James Glynn (sample)".into())),
+        ("yomifullname", Value::Text("James Glynn (sample)".into())),
+        ("modifiedon", time("2017-09-26T00:04:07+00:00")),
         (
-            "fullname".into(),
-            Value::Text("James Glynn (sample)".into()),
-        ),
-        (
-            "yomifullname".into(),
-            Value::Text("James Glynn (sample)".into()),
-        ),
-        ("modifiedon".into(), time("2017-09-26T00:04:07+00:00")),
-        (
-            "modifiedby".into(),
+            "modifiedby",
             Value::Lookup(Arc::new(LookupRef {
                 entity_set: "systemuser".into(),
                 id: Some("75c2dd85-e89e-e711-8122-000d3aa2331c".into()),
                 key: None,
             })),
         ),
-        ("modifiedonbehalfby".into(), Value::Null),
+        ("modifiedonbehalfby", Value::Null),
     ]);
     let expected = ChangeEvent {
         event_id: "4af10637-4ea2-e711-8122-000d3aa2331c".into(),
