@@ -36,7 +36,8 @@ impl Fields {
     }
 
     fn position(&self, name: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
+        self.0
+            .binary_search_by(|(n, _)| crate::hash::compare_names(n, name))
     }
 
     /// The value of `name`, `None` when there is no such field.

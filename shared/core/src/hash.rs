@@ -138,7 +138,7 @@ impl<'r> SortedFields<'r> {
 /// compare as big-endian integers (which order like their bytes), the last partial word as the
 /// overlapping last eight bytes (byte by byte below eight); then the shorter name is first.
 #[inline]
-fn compare_names(a: &str, b: &str) -> Ordering {
+pub(crate) fn compare_names(a: &str, b: &str) -> Ordering {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let common = a.len().min(b.len());
     let mut at = 0;

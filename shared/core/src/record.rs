@@ -105,16 +105,20 @@ impl fmt::Display for RecordKey {
 /// carry the same key values; the integration key is those values (company first, upper-cased),
 /// in the map's key order. It names the link in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct IntegrationKey(pub String);
+pub struct IntegrationKey(pub SmolStr);
 
 impl IntegrationKey {
     /// Builds the canonical key from the company (if the map is company-specific) and the key
     /// values in map order. `/` and `\` in values are escaped so distinct keys never collide.
+    ///
+    /// The key is written into a reused per-thread buffer and kept inline when short (the
+    /// usual `USMF/US-001`), so building one allocates nothing.
     pub fn from_parts<'a>(
         company: Option<&str>,
         values: impl IntoIterator<Item = &'a str>,
     ) -> Self {
-        let mut out = String::with_capacity(32);
+        let mut out = KEY_BUFFER.take();
+        out.clear();
         let mut first = true;
         if let Some(c) = company {
             if c.is_ascii() && !has_separator(c) {
@@ -137,13 +141,20 @@ impl IntegrationKey {
             first = false;
             push_escaped(&mut out, v);
         }
-        IntegrationKey(out)
+        let key = IntegrationKey(SmolStr::new(&out));
+        KEY_BUFFER.set(out);
+        key
     }
 
     /// The key as a string.
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+thread_local! {
+    /// [`IntegrationKey::from_parts`]' buffer, kept between calls.
+    static KEY_BUFFER: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
 }
 
 fn push_escaped(out: &mut String, v: &str) {

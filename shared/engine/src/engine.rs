@@ -25,7 +25,9 @@ use dualwrite_core::ports::{
     ParkedEvent, QueueError, QueueMessage, RecordRef, SideState, StateStore, StoreError, StoreOp,
     WorkQueue,
 };
-use dualwrite_core::{ChangeEvent, IntegrationKey, LookupRef, Operation, Record, Side, Value};
+use dualwrite_core::{
+    ChangeEvent, IntegrationKey, LookupRef, Operation, Record, Side, SmolStr, Value,
+};
 use tracing::{debug, info, warn};
 
 use crate::stats::{Counter, EngineStats, StatsSnapshot};
@@ -718,7 +720,7 @@ impl Engine {
             key: keys
                 .first()
                 .cloned()
-                .unwrap_or_else(|| IntegrationKey(String::new())),
+                .unwrap_or_else(|| IntegrationKey(SmolStr::default())),
         })
     }
 
@@ -762,7 +764,7 @@ impl Engine {
         }
         Ok(LookupResolution::Missing {
             map: maps.first().cloned().unwrap_or_default(),
-            key: IntegrationKey(id.to_string()),
+            key: IntegrationKey(id.into()),
         })
     }
 

@@ -47,7 +47,7 @@ fn message(event_id: String, record_id: String) -> QueueMessage {
 fn link(key: &str) -> Link {
     Link {
         map: "accounts".to_owned(),
-        key: IntegrationKey(key.to_owned()),
+        key: IntegrationKey(key.to_owned().into()),
         crm_id: Some(key.to_owned()),
         erp_id: Some(format!("dataAreaId='usmf',AccountNum='{key}'")),
         crm: SideState::default(),
@@ -138,7 +138,8 @@ async fn events_per_second(queue: Arc<SqliteQueue>, store: Arc<SqliteStore>) -> 
                             .await
                             .expect("claim");
                         if claim == EventClaim::Claimed {
-                            let key = IntegrationKey(event.record.id.clone().unwrap_or_default());
+                            let key =
+                                IntegrationKey(event.record.id.clone().unwrap_or_default().into());
                             let current = store.link("accounts", &key).await.expect("link");
                             let revision = current.as_ref().map_or(0, |l| l.revision);
                             let ops = vec![

@@ -14,7 +14,7 @@ use smol_str::{SmolStr, StrExt, ToSmolStr, format_smolstr};
 
 use crate::fields::Fields;
 use crate::hash::SortedFields;
-use crate::map::plan::{MapPlan, SideFields};
+use crate::map::plan::{MapPlan, SideFields, StepKind};
 use crate::map::{FieldMapping, TableMap, TransformStep, ValueMap};
 use crate::record::{IntegrationKey, Record, RecordKey, Side};
 use crate::value::{Value, ValueType};
@@ -544,8 +544,7 @@ thread_local! {
 /// `target` entity with the source record's company and the filled slots as fields. Takes the
 /// values out of the slots.
 ///
-/// The slots are in name order, so the record's fields are built in one sorted pass instead
-/// of one tree insertion per field.
+/// The slots are in name order, so the record's fields are built in that order, with no sort.
 pub(crate) fn slots_to_record(
     map: &TableMap,
     target: Side,
@@ -560,24 +559,13 @@ pub(crate) fn slots_to_record(
     let mut out = Record::new(entity.as_str());
     out.company = source_record.company.clone();
     let target_fields = plan.side(target);
-    if slots.iter().all(Option::is_some) {
-        // Every field written (the usual full record): the tree is the template's, only the
-        // values change.
-        out.fields = target_fields.template.clone();
-        for (value, slot) in out.fields.values_mut().zip(slots.iter_mut()) {
-            if let Some(new_value) = slot.take() {
-                *value = new_value;
-            }
-        }
-        return out;
-    }
     let mut pairs = Vec::with_capacity(slots.len());
     for (name, slot) in target_fields.names.iter().zip(slots.iter_mut()) {
         if let Some(value) = slot.take() {
-            pairs.push((SmolStr::from(&**name), value));
+            pairs.push((name.clone(), value));
         }
     }
-    // Sorted and distinct: the tree is built in one pass.
+    // The slots are in name order, without repeats: the fields are built as they are.
     out.fields = Fields::from_sorted(pairs);
     out
 }
@@ -606,45 +594,37 @@ pub(crate) fn fill_slots(
         .collect();
     slots.clear();
     slots.resize_with(target_fields.names.len(), || None);
-    for (index, fm) in map.fields.iter().enumerate() {
-        let Some(slot) = target_fields.position[index] else {
-            continue;
-        };
-        let flows = fm.direction.flows_from(source);
-        let value = match fm.field(source) {
-            None => match &fm.default {
-                Some(constant) if flows => constant.clone(),
-                _ => continue,
-            },
-            Some(src) => {
-                let is_key = plan.is_key[index];
-                if !flows && !is_key {
-                    continue;
-                }
-                let raw = source_fields.position[index].and_then(|i| source_values[i]);
-                let Some(raw) = raw else {
-                    continue;
-                };
-                let mut value = if fm.lookup.is_some() {
-                    resolve_lookup(map, fm, index, raw, lookups)?
-                } else if fm.value_map.is_none() && steps_to(fm, source.other()).is_empty() {
-                    // Most fields: the value as it is, no translation to run.
-                    raw.clone()
-                } else {
-                    transform_value(map, fm, source, raw.clone())?
-                };
-                if value.is_null()
-                    && let Some(default) = &fm.default
-                {
-                    value = default.clone();
-                }
-                if is_key && value.is_null() {
-                    return Err(missing_key(map, source, record, &src.name));
-                }
-                value
+    for step in plan.steps_from(source) {
+        let index = step.index as usize;
+        let fm = &map.fields[index];
+        let value = if step.kind == StepKind::Constant {
+            match &fm.default {
+                Some(constant) => constant.clone(),
+                None => continue,
             }
+        } else {
+            let Some(raw) = source_values[step.source as usize] else {
+                continue;
+            };
+            let mut value = match step.kind {
+                // Most fields: the value as it is, no translation to run.
+                StepKind::Copy | StepKind::Constant => raw.clone(),
+                StepKind::Lookup => resolve_lookup(map, fm, index, raw, lookups)?,
+                StepKind::Transform => transform_value(map, fm, source, raw.clone())?,
+            };
+            if step.has_default
+                && value.is_null()
+                && let Some(default) = &fm.default
+            {
+                value = default.clone();
+            }
+            if step.is_key && value.is_null() {
+                let name = fm.field(source).map_or("", |f| f.name.as_str());
+                return Err(missing_key(map, source, record, name));
+            }
+            value
         };
-        slots[slot] = Some(value);
+        slots[step.slot as usize] = Some(value);
     }
     Ok(())
 }

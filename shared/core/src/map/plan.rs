@@ -14,13 +14,11 @@ use std::sync::OnceLock;
 
 use smol_str::SmolStr;
 
-use crate::fields::Fields;
 use crate::hash::{hash_sorted_fields, names_hash};
 use crate::map::TableMap;
 use crate::map::apply::{is_key_field, mapped_fields};
 use crate::ports::FieldsHash;
 use crate::record::{Record, Side};
-use crate::value::Value;
 
 /// Where a [`TableMap`] keeps its plan. Not part of the map's meaning: it compares equal to
 /// every other cell, is not serialised, and a clone starts empty.
@@ -64,14 +62,23 @@ pub(crate) struct MapPlan {
     /// Per field mapping (by index in `map.fields`): whether it is a key field
     /// ([`is_key_field`]).
     pub(crate) is_key: Box<[bool]>,
+    /// What mapping a Dataverse record to F&O does, field by field.
+    from_crm: Box<[FieldStep]>,
+    /// What mapping an F&O record to Dataverse does, field by field.
+    from_erp: Box<[FieldStep]>,
 }
 
 impl MapPlan {
     fn new(map: &TableMap) -> Self {
+        let crm = SideFields::new(map, Side::Crm);
+        let erp = SideFields::new(map, Side::Erp);
+        let is_key: Box<[bool]> = map.fields.iter().map(|f| is_key_field(map, f)).collect();
         MapPlan {
-            crm: SideFields::new(map, Side::Crm),
-            erp: SideFields::new(map, Side::Erp),
-            is_key: map.fields.iter().map(|f| is_key_field(map, f)).collect(),
+            from_crm: FieldStep::plan(map, Side::Crm, &crm, &erp, &is_key),
+            from_erp: FieldStep::plan(map, Side::Erp, &erp, &crm, &is_key),
+            crm,
+            erp,
+            is_key,
         }
     }
 
@@ -81,6 +88,93 @@ impl MapPlan {
             Side::Crm => &self.crm,
             Side::Erp => &self.erp,
         }
+    }
+
+    /// The steps that map a record of `source` to the other side, in map order.
+    pub(crate) fn steps_from(&self, source: Side) -> &[FieldStep] {
+        match source {
+            Side::Crm => &self.from_crm,
+            Side::Erp => &self.from_erp,
+        }
+    }
+}
+
+/// How one target field gets its value when a record of one side is mapped to the other:
+/// what `apply::fill_slots` reads per field, a few bytes instead of the whole
+/// [`crate::map::FieldMapping`] (which it reads only for the rare kinds and for errors).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct FieldStep {
+    /// The mapping's index in `map.fields`.
+    pub(crate) index: u32,
+    /// Position of the target field in the target side's `names`.
+    pub(crate) slot: u32,
+    /// Position of the source field in the source side's `names` (unused for a constant).
+    pub(crate) source: u32,
+    pub(crate) kind: StepKind,
+    /// A key field: written whatever its direction, and never null.
+    pub(crate) is_key: bool,
+    /// The mapping has a default, written in place of a null.
+    pub(crate) has_default: bool,
+}
+
+/// What a [`FieldStep`] does with the source value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StepKind {
+    /// No source field: the mapping's default is written.
+    Constant,
+    /// The value as it is (no value map, no steps towards the target).
+    Copy,
+    /// The value resolved through another map's links.
+    Lookup,
+    /// The value through the value map and the target side's steps.
+    Transform,
+}
+
+impl FieldStep {
+    /// The steps of the mappings that write a field of the other side when a record of
+    /// `source` is mapped (see `apply::apply_map` for the rules), in map order.
+    fn plan(
+        map: &TableMap,
+        source: Side,
+        from: &SideFields,
+        to: &SideFields,
+        is_key: &[bool],
+    ) -> Box<[FieldStep]> {
+        let target = source.other();
+        let mut steps = Vec::new();
+        for (index, fm) in map.fields.iter().enumerate() {
+            let Some(slot) = to.position[index] else {
+                continue;
+            };
+            let flows = fm.direction.flows_from(source);
+            let (kind, source_position) = match (fm.field(source), from.position[index]) {
+                (None, _) if flows && fm.default.is_some() => (StepKind::Constant, 0),
+                (Some(_), Some(position)) if flows || is_key[index] => {
+                    let steps_to_target = match target {
+                        Side::Crm => &fm.to_crm,
+                        Side::Erp => &fm.to_erp,
+                    };
+                    let kind = if fm.lookup.is_some() {
+                        StepKind::Lookup
+                    } else if fm.value_map.is_none() && steps_to_target.is_empty() {
+                        StepKind::Copy
+                    } else {
+                        StepKind::Transform
+                    };
+                    (kind, position)
+                }
+                _ => continue,
+            };
+            steps.push(FieldStep {
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                slot: u32::try_from(slot).unwrap_or(u32::MAX),
+                source: u32::try_from(source_position).unwrap_or(u32::MAX),
+                kind,
+                is_key: is_key[index],
+                has_default: fm.default.is_some(),
+            });
+        }
+        steps.into_boxed_slice()
     }
 }
 
@@ -106,15 +200,12 @@ impl TableMap {
 #[derive(Debug, PartialEq)]
 pub(crate) struct SideFields {
     /// [`mapped_fields`]: sorted, deduplicated.
-    pub(crate) names: Box<[Box<str>]>,
+    pub(crate) names: Box<[SmolStr]>,
     /// Per field mapping (by index in `map.fields`), the position of its field of this side
     /// in `names`; `None` for a mapping without a field on this side.
     pub(crate) position: Box<[Option<usize>]>,
     /// [`names_hash`] of `names`.
     pub(crate) names_hash: u128,
-    /// A record's fields with every name of `names` and null values: cloning it builds the
-    /// tree of a record that carries all of them without comparing or sorting names.
-    pub(crate) template: Fields,
     /// Indices in `map.fields` of the mappings with a `lookup` that a record of this side
     /// feeds (flowing from this side, with a field on both sides), in map order.
     pub(crate) lookups: Box<[usize]>,
@@ -122,9 +213,9 @@ pub(crate) struct SideFields {
 
 impl SideFields {
     fn new(map: &TableMap, side: Side) -> Self {
-        let names: Box<[Box<str>]> = mapped_fields(map, side)
+        let names: Box<[SmolStr]> = mapped_fields(map, side)
             .into_iter()
-            .map(Box::from)
+            .map(SmolStr::from)
             .collect();
         let position = map
             .fields
@@ -135,12 +226,6 @@ impl SideFields {
             })
             .collect();
         let names_hash = names_hash(&names);
-        let template = Fields::from_sorted(
-            names
-                .iter()
-                .map(|n| (SmolStr::from(&**n), Value::Null))
-                .collect(),
-        );
         let lookups = map
             .fields
             .iter()
@@ -157,7 +242,6 @@ impl SideFields {
             names,
             position,
             names_hash,
-            template,
             lookups,
         }
     }

@@ -78,7 +78,7 @@ async fn apply(store: &SqliteStore, queue: &SqliteQueue, d: Delivery, now: DateT
                 .unwrap();
         }
         EventClaim::Claimed => {
-            let key = IntegrationKey(event.record.id.clone().unwrap());
+            let key = IntegrationKey(event.record.id.clone().unwrap().into());
             let current = store.link(MAP, &key).await.unwrap();
             let revision = current.as_ref().map_or(0, |l| l.revision);
             let mut l =
@@ -226,7 +226,7 @@ async fn check(
             "round {round}: link {} order",
             l.key
         );
-        revisions.insert(l.key.0, l.revision);
+        revisions.insert(l.key.0.to_string(), l.revision);
     }
     let linked: u64 = revisions.values().sum();
     assert_eq!(

@@ -13,7 +13,7 @@ pub fn t0() -> DateTime<Utc> {
 pub fn link(map: &str, key: &str, crm_id: Option<&str>, erp_id: Option<&str>) -> Link {
     Link {
         map: map.to_owned(),
-        key: IntegrationKey(key.to_owned()),
+        key: IntegrationKey(key.to_owned().into()),
         crm_id: crm_id.map(str::to_owned),
         erp_id: erp_id.map(str::to_owned),
         crm: SideState::default(),

@@ -106,7 +106,7 @@ async fn concurrent_commits_fail_only_where_the_revision_condition_fails() {
                 let result = store.commit(ops).await;
                 // Read-your-writes right after the commit returned.
                 let seen = store
-                    .link("m", &IntegrationKey(key.clone()))
+                    .link("m", &IntegrationKey(key.clone().into()))
                     .await
                     .unwrap()
                     .map(|l| l.revision);
@@ -145,7 +145,7 @@ async fn concurrent_commits_fail_only_where_the_revision_condition_fails() {
     }
     for k in 0..KEYS {
         let l = store
-            .link("m", &IntegrationKey(format!("k{k}")))
+            .link("m", &IntegrationKey(format!("k{k}").into()))
             .await
             .unwrap()
             .unwrap();

@@ -14,7 +14,7 @@ use dualwrite_sqlite::{SqliteStore, StoreCounts};
 use crate::fixtures::{event, link, t0};
 
 fn key(k: &str) -> IntegrationKey {
-    IntegrationKey(k.to_owned())
+    IntegrationKey(k.to_owned().into())
 }
 
 fn put(l: dualwrite_core::ports::Link, expected_revision: u64) -> StoreOp {
