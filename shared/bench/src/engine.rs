@@ -16,10 +16,10 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use dualwrite_core::decision::{Decision, DecisionInput, side_hash};
 use dualwrite_core::event::Operation;
 use dualwrite_core::map::apply::{
-    LookupResolution, LookupTarget, ResolvedLookups, integration_key, lookup_requests_with,
+    LookupResolution, LookupTarget, ResolvedLookups, integration_key, lookup_requests_at,
     record_key,
 };
-use dualwrite_core::map::{FieldMapping, TableMap};
+use dualwrite_core::map::{FieldMapping, SideFieldsAt, TableMap};
 use dualwrite_core::ports::{Link, SideState};
 use dualwrite_core::record::{IntegrationKey, Record, Side, SourceVersion};
 use dualwrite_core::value::{LookupRef, Value, ValueType};
@@ -121,12 +121,17 @@ fn process(
     case: &Case,
     now: DateTime<Utc>,
 ) -> Decision {
-    let requests = lookup_requests_with(map, Side::Erp, &case.erp, |n| by_name.get(n).copied());
+    // As the worker does: the source fields located once, for the hash, the lookups and the
+    // map.
+    let source_fields = SideFieldsAt::new(map, Side::Erp, &case.erp);
+    let source_hash = source_fields.hash(map, &case.erp);
+    let requests = lookup_requests_at(map, Side::Erp, &case.erp, Some(&source_fields), |n| {
+        by_name.get(n).copied()
+    });
     let mut resolved = ResolvedLookups::with_capacity(requests.len());
     for r in &requests {
         resolved.insert(r.field_index, lookups.resolve(&r.target));
     }
-    let source_hash = side_hash(map, Side::Erp, &case.erp);
     dualwrite_core::decision::decide(&DecisionInput {
         map,
         source: Side::Erp,
@@ -137,6 +142,7 @@ fn process(
         link: Some(&case.link),
         other: Some(&case.crm),
         source_hash,
+        source_fields: Some(&source_fields),
         lookups: &resolved,
         other_lookups: &ResolvedLookups::new(),
         now,

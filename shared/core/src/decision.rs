@@ -34,7 +34,7 @@ use crate::map::apply::{
     ApplyError, LookupResolution, ResolvedLookups, fill_slots, record_key, slots_to_record,
     with_slots,
 };
-use crate::map::plan::SideFields;
+use crate::map::plan::{SideFields, SideFieldsAt};
 use crate::map::{ConflictPolicy, DeletePolicy, FieldDirection, TableMap};
 use crate::ports::{ConflictRecord, FieldsHash, Link, RecordRef, SideState, WriteCondition};
 use crate::record::{IntegrationKey, Record, Side, SourceVersion};
@@ -61,6 +61,10 @@ pub struct DecisionInput<'a> {
     pub other: Option<&'a Record>,
     /// `hash_fields(record, mapped_fields(map, source))`.
     pub source_hash: FieldsHash,
+    /// Where `record` keeps the source side's mapped fields, when the caller located them to
+    /// compute `source_hash` ([`SideFieldsAt::hash`]): the map then reads them by position.
+    /// `None` lets the decision find them itself.
+    pub source_fields: Option<&'a SideFieldsAt>,
     /// Lookups of `record` (source → other side), resolved by the worker.
     pub lookups: &'a ResolvedLookups,
     /// Lookups of `other` (other side → source), resolved by the worker; used only when the
@@ -356,7 +360,15 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
             if let Some(park) = missing_lookup(input, input.lookups) {
                 return Ok(park);
             }
-            let projected = project(map, source, record, input.lookups, Some(other), other_hash)?;
+            let projected = project(
+                map,
+                source,
+                record,
+                input.source_fields,
+                input.lookups,
+                Some(other),
+                other_hash,
+            )?;
             if !projected.changes {
                 return Ok(planned_write(input, projected, None));
             }
@@ -390,6 +402,7 @@ fn plain_write(
         input.map,
         input.source,
         input.record,
+        input.source_fields,
         input.lookups,
         input.other,
         other_hash,
@@ -515,6 +528,7 @@ fn other_wins(
         map,
         other_side,
         other,
+        None,
         input.other_lookups,
         Some(input.record),
         None,
@@ -559,7 +573,16 @@ fn field_level_merge(
         (other_side, other, input.other_lookups, input.record),
     ] {
         let to = from.other();
-        let mut projected = project(map, from, from_record, lookups, Some(to_record), None)?;
+        let located = input.source_fields.filter(|_| from == source);
+        let mut projected = project(
+            map,
+            from,
+            from_record,
+            located,
+            lookups,
+            Some(to_record),
+            None,
+        )?;
         // Keep only the fields `from` owns (keys always travel).
         for f in &map.fields {
             let owner = f.source_of_truth.unwrap_or(source);
@@ -729,6 +752,7 @@ fn project(
     map: &TableMap,
     from: Side,
     record: &Record,
+    located: Option<&SideFieldsAt>,
     lookups: &ResolvedLookups,
     target_current: Option<&Record>,
     target_hash: Option<FieldsHash>,
@@ -737,7 +761,7 @@ fn project(
     let to = from.other();
     let target_fields = plan.side(to);
     with_slots(|slots| {
-        fill_slots(map, plan, from, record, lookups, slots)?;
+        fill_slots(map, plan, from, record, located, lookups, slots)?;
         let mut old_values = target_current.map(SortedFields::new);
         let merged_hash = hash_sorted_with(
             &target_fields.names,
@@ -1060,7 +1084,7 @@ mod tests {
         } else {
             Side::Erp
         };
-        decide(&DecisionInput {
+        let input = |source_fields| DecisionInput {
             map: m,
             source,
             operation: Operation::Upsert,
@@ -1070,10 +1094,18 @@ mod tests {
             link,
             other,
             source_hash: side_hash(m, source, record),
+            source_fields,
             lookups: &empty,
             other_lookups: &empty,
             now: DateTime::UNIX_EPOCH,
-        })
+        };
+        // The source fields located once (as the engine does) or searched by the decision:
+        // the same hash and the same decision.
+        let located = SideFieldsAt::new(m, source, record);
+        assert_eq!(located.hash(m, record), side_hash(m, source, record));
+        let searched = decide(&input(None));
+        assert_eq!(decide(&input(Some(&located))), searched);
+        searched
     }
 
     #[test]
@@ -1259,6 +1291,7 @@ mod tests {
             link: None,
             other: None,
             source_hash: side_hash(&m, Side::Crm, &record),
+            source_fields: None,
             lookups: &lookups,
             other_lookups: &ResolvedLookups::new(),
             now: DateTime::UNIX_EPOCH,

@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use dualwrite_core::decision::{ParkCause, SkipReason, entity_of, side_hash};
 use dualwrite_core::error_policy::{Backoff, Disposition, disposition, error_class};
-use dualwrite_core::map::TableMap;
 use dualwrite_core::map::apply::{
     CRM_COMPANY_ENTITY_SET, LookupResolution, LookupTarget, ResolvedLookups, integration_key,
-    lookup_requests_with, record_key,
+    lookup_requests_at, record_key,
 };
+use dualwrite_core::map::{SideFieldsAt, TableMap};
 use dualwrite_core::ports::{
     Clock, Connector, ConnectorError, ErrorClass, ErrorRecord, EventClaim, Link, MAX_COMMIT_OPS,
     ParkedEvent, QueueError, QueueMessage, RecordRef, SideState, StateStore, StoreError, StoreOp,
@@ -678,9 +678,10 @@ impl Engine {
         map: &TableMap,
         side: Side,
         record: &Record,
+        located: Option<&SideFieldsAt>,
     ) -> Result<ResolvedLookups, ProcessError> {
         let mut out = ResolvedLookups::new();
-        for request in lookup_requests_with(map, side, record, |n| self.map_named(n)) {
+        for request in lookup_requests_at(map, side, record, located, |n| self.map_named(n)) {
             let resolution = match &request.target {
                 LookupTarget::Keys(keys) => self.resolve_by_key(event, &request.maps, keys).await?,
                 LookupTarget::CrmId(id) => self.resolve_by_crm_id(event, &request.maps, id).await?,

@@ -14,7 +14,7 @@ use smol_str::{SmolStr, StrExt, ToSmolStr, format_smolstr};
 
 use crate::fields::Fields;
 use crate::hash::SortedFields;
-use crate::map::plan::{MapPlan, SideFields, StepKind};
+use crate::map::plan::{MapPlan, SideFields, SideFieldsAt, StepKind};
 use crate::map::{FieldMapping, TableMap, TransformStep, ValueMap};
 use crate::record::{IntegrationKey, Record, RecordKey, Side};
 use crate::value::{Value, ValueType};
@@ -438,6 +438,19 @@ pub fn lookup_requests_with<'m, 'f>(
     record: &Record,
     find_map: impl Fn(&str) -> Option<&'f TableMap>,
 ) -> Vec<LookupRequest<'m>> {
+    lookup_requests_at(map, source, record, None, find_map)
+}
+
+/// [`lookup_requests_with`], reading the lookup fields at the positions `located` took of
+/// them (see [`SideFieldsAt`]) instead of searching the record, when it has them.
+pub fn lookup_requests_at<'m, 'f>(
+    map: &'m TableMap,
+    source: Side,
+    record: &Record,
+    located: Option<&SideFieldsAt>,
+    find_map: impl Fn(&str) -> Option<&'f TableMap>,
+) -> Vec<LookupRequest<'m>> {
+    let located = located.filter(|at| at.side() == source);
     // The plan lists the lookups this side feeds (direction and target field checked once).
     // A search per lookup, not a walk through the record: a map has a few lookups among
     // dozens of fields, and a walk to the last of them cost more (measured).
@@ -449,7 +462,11 @@ pub fn lookup_requests_with<'m, 'f>(
         let (Some(spec), Some(src)) = (&fm.lookup, fm.field(source)) else {
             continue;
         };
-        let Some(value) = record.get(&src.name).filter(|v| !v.is_null()) else {
+        let value = match located.and_then(|at| at.value_of_mapping(map, record, field_index)) {
+            Some(value) => value,
+            None => record.get(&src.name),
+        };
+        let Some(value) = value.filter(|v| !v.is_null()) else {
             continue;
         };
         let target = match value {
@@ -521,7 +538,7 @@ pub fn apply_map(
 ) -> Result<Record, ApplyError> {
     let plan = map.plan();
     with_slots(|slots| {
-        fill_slots(map, plan, source, record, lookups, slots)?;
+        fill_slots(map, plan, source, record, None, lookups, slots)?;
         Ok(slots_to_record(map, source.other(), record, plan, slots))
     })
 }
@@ -581,17 +598,26 @@ pub(crate) fn fill_slots(
     plan: &MapPlan,
     source: Side,
     record: &Record,
+    located: Option<&SideFieldsAt>,
     lookups: &ResolvedLookups,
     slots: &mut Vec<Option<Value>>,
 ) -> Result<(), ApplyError> {
     let source_fields: &SideFields = plan.side(source);
     let target_fields: &SideFields = plan.side(source.other());
-    let mut reader = SortedFields::new(record);
-    let source_values: Vec<Option<&Value>> = source_fields
-        .names
-        .iter()
-        .map(|name| reader.seek(name))
-        .collect();
+    let source_values: Vec<Option<&Value>> = match located
+        .filter(|at| at.side() == source)
+        .and_then(|at| at.values(map, record))
+    {
+        Some(values) => values,
+        None => {
+            let mut reader = SortedFields::new(record);
+            source_fields
+                .names
+                .iter()
+                .map(|name| reader.seek(name))
+                .collect()
+        }
+    };
     slots.clear();
     slots.resize_with(target_fields.names.len(), || None);
     for step in plan.steps_from(source) {
@@ -1832,6 +1858,21 @@ mod tests {
                 maps: CandidateMaps::new(&["currencies".to_owned()]),
                 target: keys(vec![IntegrationKey::from_parts(None, ["USD"])]),
             }]
+        );
+        // The fields located once (as the worker does) give the same requests; positions taken
+        // of another record are not trusted.
+        let record = erp_customer();
+        let located = SideFieldsAt::new(&map, Side::Erp, &record);
+        let find = |name: &str| (name == "currencies").then_some(&currencies);
+        assert_eq!(
+            lookup_requests_at(&map, Side::Erp, &record, Some(&located), find),
+            requests
+        );
+        let mut other = erp_customer();
+        other.fields.remove("SalesCurrencyCode");
+        assert_eq!(
+            lookup_requests_at(&map, Side::Erp, &other, Some(&located), find),
+            lookup_requests_with(&map, Side::Erp, &other, find)
         );
         // Without the referenced map, the record's company is included.
         let requests = lookup_requests(&map, Side::Erp, &erp_customer());

@@ -272,19 +272,29 @@ fn render_grouped(filter: &Filter, out: &mut String, parens: bool) {
     }
 }
 
+/// Orders `a` and `b` as their lower-cased characters (as `to_lowercase` does, but character by
+/// character and without building either text): filters compare enum symbols and ids without
+/// case once per record.
+fn cmp_ignoring_case(a: &str, b: &str) -> Ordering {
+    if a.is_ascii() && b.is_ascii() {
+        a.bytes()
+            .map(|c| c.to_ascii_lowercase())
+            .cmp(b.bytes().map(|c| c.to_ascii_lowercase()))
+    } else {
+        a.chars()
+            .flat_map(char::to_lowercase)
+            .cmp(b.chars().flat_map(char::to_lowercase))
+    }
+}
+
 /// Orders a record value against a literal; `None` when they are not comparable.
 fn compare(actual: &Value, literal: &Literal) -> Option<Ordering> {
     match (actual, literal) {
         (Value::Null, Literal::Null) => Some(Ordering::Equal),
         (Value::Null, _) | (_, Literal::Null) => None,
         (Value::Text(s), Literal::Text(t)) => Some(s.as_str().cmp(t.as_str())),
-        (Value::Enum(s), Literal::Text(t)) => {
-            Some(s.to_lowercase().as_str().cmp(t.to_lowercase().as_str()))
-        }
-        (Value::Lookup(l), Literal::Text(t)) => {
-            l.id.as_ref()
-                .map(|id| id.to_lowercase().cmp(&t.to_lowercase()))
-        }
+        (Value::Enum(s), Literal::Text(t)) => Some(cmp_ignoring_case(s, t)),
+        (Value::Lookup(l), Literal::Text(t)) => l.id.as_ref().map(|id| cmp_ignoring_case(id, t)),
         (Value::Integer(i) | Value::Choice(i), Literal::Number(n)) => {
             Some(Decimal::from(*i).cmp(n))
         }
@@ -928,6 +938,14 @@ mod tests {
             let text = f.to_odata();
             let parsed = parse_filter(&text);
             prop_assert_eq!(parsed, Ok(f), "text: {}", text);
+        }
+
+        #[test]
+        fn caseless_order_is_the_order_of_the_lower_cased_texts(
+            a in "[A-Za-z0-9 éÉßü_-]{0,8}",
+            b in "[A-Za-z0-9 éÉßü_-]{0,8}",
+        ) {
+            prop_assert_eq!(cmp_ignoring_case(&a, &b), a.to_lowercase().cmp(&b.to_lowercase()));
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::record::Side;
 use crate::value::{Value, ValueType};
 
 pub use filter::Filter;
-pub use plan::PlanCell;
+pub use plan::{PlanCell, SideFieldsAt};
 
 /// A validated table map.
 ///

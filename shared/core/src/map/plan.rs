@@ -19,6 +19,7 @@ use crate::map::TableMap;
 use crate::map::apply::{is_key_field, mapped_fields};
 use crate::ports::FieldsHash;
 use crate::record::{Record, Side};
+use crate::value::Value;
 
 /// Where a [`TableMap`] keeps its plan. Not part of the map's meaning: it compares equal to
 /// every other cell, is not serialised, and a clone starts empty.
@@ -250,6 +251,133 @@ impl SideFields {
     pub(crate) fn hash(&self, record: &Record) -> FieldsHash {
         hash_sorted_fields(record, &self.names, self.names_hash)
     }
+}
+
+/// Where a record keeps the mapped fields of one side of a map: for each of the side's sorted
+/// field names, the position of that field in the record's [`crate::Fields`].
+///
+/// The worker hashes the source record before deciding (echo and staleness are decided from
+/// the hash), and the decision then maps the same fields: locating them once serves both, so
+/// the map reads the values by position instead of searching the names again. Positions are
+/// only meaningful for the record they were taken from, unchanged; a record with another
+/// number of fields is located again, and debug builds check every name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SideFieldsAt {
+    side: Side,
+    /// Per name of the side (sorted), its index in the record's fields, or [`ABSENT`].
+    positions: Box<[u32]>,
+    /// How many fields the record had.
+    fields_len: usize,
+}
+
+/// [`SideFieldsAt`]'s mark for a name the record does not carry.
+const ABSENT: u32 = u32::MAX;
+
+impl SideFieldsAt {
+    /// Locates `map`'s mapped fields of `side` in `record` (one walk through its fields).
+    pub fn new(map: &TableMap, side: Side, record: &Record) -> Self {
+        let names = &map.plan().side(side).names;
+        let fields = record.fields.as_slice();
+        let mut at = 0usize;
+        let positions = names
+            .iter()
+            .map(|name| {
+                while let Some((field, _)) = fields.get(at) {
+                    match crate::hash::compare_names(field, name) {
+                        std::cmp::Ordering::Less => at += 1,
+                        std::cmp::Ordering::Equal => {
+                            at += 1;
+                            return u32::try_from(at - 1).unwrap_or(ABSENT);
+                        }
+                        std::cmp::Ordering::Greater => return ABSENT,
+                    }
+                }
+                ABSENT
+            })
+            .collect();
+        SideFieldsAt {
+            side,
+            positions,
+            fields_len: fields.len(),
+        }
+    }
+
+    /// The side these positions are of.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// The hash of `record`'s mapped fields of the side: what `decision::side_hash` returns,
+    /// without searching the names.
+    pub fn hash(&self, map: &TableMap, record: &Record) -> FieldsHash {
+        let side_fields = map.plan().side(self.side);
+        if !self.fits(side_fields, record) {
+            return side_fields.hash(record);
+        }
+        let fields = record.fields.as_slice();
+        crate::hash::hash_sorted_with(&side_fields.names, side_fields.names_hash, |i, name| {
+            value_at(fields, self.positions[i], name)
+        })
+    }
+
+    /// The value in `record` of the field of mapping `field_index` (by index in `map.fields`)
+    /// on this side (`Some(None)` when the record does not carry it); `None` when `record`
+    /// cannot be the record these positions were taken from (the caller searches instead).
+    pub(crate) fn value_of_mapping<'r>(
+        &self,
+        map: &TableMap,
+        record: &'r Record,
+        field_index: usize,
+    ) -> Option<Option<&'r Value>> {
+        let side_fields = map.plan().side(self.side);
+        if !self.fits(side_fields, record) {
+            return None;
+        }
+        let Some(Some(name_position)) = side_fields.position.get(field_index) else {
+            return Some(None);
+        };
+        Some(value_at(
+            record.fields.as_slice(),
+            self.positions[*name_position],
+            &side_fields.names[*name_position],
+        ))
+    }
+
+    /// True when `record` can be the record these positions were taken from.
+    fn fits(&self, side_fields: &SideFields, record: &Record) -> bool {
+        record.fields.len() == self.fields_len && side_fields.names.len() == self.positions.len()
+    }
+
+    /// `record`'s values of the side's names, by position in the sorted names; `None` when
+    /// `record` cannot be the record these positions were taken from (another field count),
+    /// so the caller locates the fields itself.
+    pub(crate) fn values<'r>(
+        &self,
+        map: &TableMap,
+        record: &'r Record,
+    ) -> Option<Vec<Option<&'r Value>>> {
+        let side_fields = map.plan().side(self.side);
+        if !self.fits(side_fields, record) {
+            return None;
+        }
+        let fields = record.fields.as_slice();
+        Some(
+            self.positions
+                .iter()
+                .zip(side_fields.names.iter())
+                .map(|(&at, name)| value_at(fields, at, name))
+                .collect(),
+        )
+    }
+}
+
+/// The value at position `at` of `fields` (the field `name`), `None` for [`ABSENT`].
+#[inline]
+fn value_at<'r>(fields: &'r [(SmolStr, Value)], at: u32, name: &str) -> Option<&'r Value> {
+    let (field, value) = fields.get(at as usize)?;
+    debug_assert_eq!(field, name, "SideFieldsAt used with another record");
+    let _ = name;
+    Some(value)
 }
 
 #[cfg(test)]

@@ -11,10 +11,10 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use dualwrite_core::decision::{
     Decision, DecisionInput, DeleteAction, DeletePlan, LinkChange, LinkCommit, ParkCause,
-    SkipReason, WritePlan, decide, entity_of, side_hash,
+    SkipReason, WritePlan, decide, entity_of,
 };
-use dualwrite_core::map::TableMap;
 use dualwrite_core::map::apply::{ResolvedLookups, integration_key, record_key};
+use dualwrite_core::map::{SideFieldsAt, TableMap};
 use dualwrite_core::ports::{
     ConflictRecord, ConnectorError, FieldsHash, Link, ParkedEvent, PendingWrite, RecordRef, StoreOp,
 };
@@ -69,6 +69,8 @@ struct Pair {
     link: Option<Link>,
     /// The hash of the source record's mapped fields.
     source_hash: FieldsHash,
+    /// Where `record` keeps them (located once, for the hash and the decision's map).
+    source_fields: SideFieldsAt,
 }
 
 /// A decision to wait for another pair's link ([`Decision::Park`], unpacked).
@@ -186,9 +188,11 @@ impl<'a> MapRun<'a> {
         let mut record = self.source_record().await?;
         self.complete_key_lookups(&mut record).await?;
         let (key, link) = self.key_and_link(&record).await?;
+        let source_fields = SideFieldsAt::new(self.map, self.event.source, &record);
         let pair = Pair {
             now,
-            source_hash: side_hash(self.map, self.event.source, &record),
+            source_hash: source_fields.hash(self.map, &record),
+            source_fields,
             record,
             key,
             link,
@@ -291,7 +295,9 @@ impl<'a> MapRun<'a> {
     /// ([`Engine::company_gate`]).
     async fn decide_with_other_side(&self, pair: &Pair) -> Result<Decision, Interrupt> {
         let other = self.read_other_side(pair).await?;
-        let (lookups, other_lookups) = self.resolve_lookups(&pair.record, other.as_ref()).await?;
+        let (lookups, other_lookups) = self
+            .resolve_lookups(&pair.record, &pair.source_fields, other.as_ref())
+            .await?;
         let input = self.decision_input(pair, other.as_ref(), &lookups, &other_lookups);
         Ok(self
             .engine
@@ -326,17 +332,20 @@ impl<'a> MapRun<'a> {
     async fn resolve_lookups(
         &self,
         record: &Record,
+        located: &SideFieldsAt,
         other: Option<&Record>,
     ) -> Result<(ResolvedLookups, ResolvedLookups), ProcessError> {
         if self.event.operation != Operation::Upsert {
             return Ok((ResolvedLookups::new(), ResolvedLookups::new()));
         }
         let (engine, map, event, source) = (self.engine, self.map, self.event, self.event.source);
-        let mine = engine.resolve_lookups(event, map, source, record).await?;
+        let mine = engine
+            .resolve_lookups(event, map, source, record, Some(located))
+            .await?;
         let theirs = match other {
             Some(o) => {
                 engine
-                    .resolve_lookups(event, map, source.other(), o)
+                    .resolve_lookups(event, map, source.other(), o, None)
                     .await?
             }
             None => ResolvedLookups::new(),
@@ -362,6 +371,7 @@ impl<'a> MapRun<'a> {
             link: pair.link.as_ref(),
             other,
             source_hash: pair.source_hash,
+            source_fields: Some(&pair.source_fields),
             lookups,
             other_lookups,
             now: pair.now,
