@@ -62,7 +62,7 @@ pub(crate) fn hash_sorted_fields<S: AsRef<str>>(
     names_hash: u128,
 ) -> FieldsHash {
     let mut fields = SortedFields::new(record);
-    hash_sorted_with(names, names_hash, |_, name| fields.seek(name))
+    hash_sorted_with(names, names_hash, |_, name| fields.seek(name.as_ref()))
 }
 
 /// Hashes `names` (sorted, without duplicates; `names_hash` is [`names_hash`] of them) with
@@ -75,7 +75,7 @@ pub(crate) fn hash_sorted_fields<S: AsRef<str>>(
 pub(crate) fn hash_sorted_with<'v, S: AsRef<str>>(
     names: &[S],
     names_hash: u128,
-    mut value_of: impl FnMut(usize, &str) -> Option<&'v Value>,
+    mut value_of: impl FnMut(usize, &S) -> Option<&'v Value>,
 ) -> FieldsHash {
     debug_assert!(
         names.windows(2).all(|w| w[0].as_ref() < w[1].as_ref()),
@@ -89,7 +89,7 @@ pub(crate) fn hash_sorted_with<'v, S: AsRef<str>>(
     for (index, name) in names.iter().enumerate() {
         encode_value(
             &mut buf,
-            value_of(index, name.as_ref()).unwrap_or(&Value::Null),
+            value_of(index, name).unwrap_or(&Value::Null),
         );
         buf.push(END_VALUE);
     }

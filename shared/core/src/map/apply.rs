@@ -604,11 +604,13 @@ pub(crate) fn fill_slots(
 ) -> Result<(), ApplyError> {
     let source_fields: &SideFields = plan.side(source);
     let target_fields: &SideFields = plan.side(source.other());
-    let source_values: Vec<Option<&Value>> = match located
+    // The source values by position in the source side's names: read at the positions the
+    // caller located, or found here in one walk.
+    let positioned = located
         .filter(|at| at.side() == source)
-        .and_then(|at| at.values(map, record))
-    {
-        Some(values) => values,
+        .and_then(|at| at.values(map, record));
+    let searched: Vec<Option<&Value>> = match positioned {
+        Some(_) => Vec::new(),
         None => {
             let mut reader = SortedFields::new(record);
             source_fields
@@ -617,6 +619,10 @@ pub(crate) fn fill_slots(
                 .map(|name| reader.seek(name))
                 .collect()
         }
+    };
+    let source_value = |index: usize| match &positioned {
+        Some(values) => values.get(index),
+        None => searched.get(index).copied().flatten(),
     };
     slots.clear();
     slots.resize_with(target_fields.names.len(), || None);
@@ -629,7 +635,7 @@ pub(crate) fn fill_slots(
                 None => continue,
             }
         } else {
-            let Some(raw) = source_values[step.source as usize] else {
+            let Some(raw) = source_value(step.source as usize) else {
                 continue;
             };
             let mut value = match step.kind {

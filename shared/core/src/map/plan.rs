@@ -283,6 +283,12 @@ impl SideFieldsAt {
             .iter()
             .map(|name| {
                 while let Some((field, _)) = fields.get(at) {
+                    // Usually the record carries exactly the mapped names: two short names
+                    // compare equal as a whole (inline `SmolStr`s), without reading their text.
+                    if field == name {
+                        at += 1;
+                        return u32::try_from(at - 1).unwrap_or(ABSENT);
+                    }
                     match crate::hash::compare_names(field, name) {
                         std::cmp::Ordering::Less => at += 1,
                         std::cmp::Ordering::Equal => {
@@ -351,23 +357,32 @@ impl SideFieldsAt {
     /// `record`'s values of the side's names, by position in the sorted names; `None` when
     /// `record` cannot be the record these positions were taken from (another field count),
     /// so the caller locates the fields itself.
-    pub(crate) fn values<'r>(
-        &self,
+    pub(crate) fn values<'s, 'r>(
+        &'s self,
         map: &TableMap,
         record: &'r Record,
-    ) -> Option<Vec<Option<&'r Value>>> {
+    ) -> Option<PositionedValues<'s, 'r>> {
         let side_fields = map.plan().side(self.side);
-        if !self.fits(side_fields, record) {
-            return None;
-        }
-        let fields = record.fields.as_slice();
-        Some(
-            self.positions
-                .iter()
-                .zip(side_fields.names.iter())
-                .map(|(&at, name)| value_at(fields, at, name))
-                .collect(),
-        )
+        self.fits(side_fields, record).then(|| PositionedValues {
+            fields: record.fields.as_slice(),
+            positions: &self.positions,
+        })
+    }
+}
+
+/// A record's values of one side's names, read by the positions of a [`SideFieldsAt`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PositionedValues<'s, 'r> {
+    fields: &'r [(SmolStr, Value)],
+    positions: &'s [u32],
+}
+
+impl<'r> PositionedValues<'_, 'r> {
+    /// The value of the side's `index`-th name (in sorted order), `None` when absent.
+    #[inline]
+    pub(crate) fn get(&self, index: usize) -> Option<&'r Value> {
+        let at = *self.positions.get(index)?;
+        self.fields.get(at as usize).map(|(_, value)| value)
     }
 }
 
