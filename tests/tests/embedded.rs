@@ -99,7 +99,7 @@ fn fields(pairs: &[(&str, Value)]) -> Vec<(String, Value)> {
 fn lookup(entity_set: &str, row: &Record) -> Value {
     Value::Lookup(Arc::new(LookupRef {
         entity_set: entity_set.into(),
-        id: row.id.clone(),
+        id: row.id.clone().map(Into::into),
         key: None,
     }))
 }
@@ -166,7 +166,7 @@ async fn records_flow_both_ways_on_the_embedded_store_and_survive_a_restart() {
     let group = stack.crm_row("msdyn_customergroups", "msdyn_groupid", "10");
     assert_eq!(
         lookup_id(group.get("msdyn_paymenttermid")),
-        terms.id,
+        terms.id.map(Into::into),
         "the customer group's payment terms point at the synced Dataverse row"
     );
 
@@ -285,10 +285,13 @@ async fn records_flow_both_ways_on_the_embedded_store_and_survive_a_restart() {
     let litware = stack.crm_row("accounts", "accountnumber", "C-0002");
     assert_eq!(
         lookup_id(order_row.get("customerid")),
-        litware.id,
+        litware.id.map(Into::into),
         "the order's customer is the Dataverse account synced for C-0002"
     );
-    assert_eq!(lookup_id(order_row.get("transactioncurrencyid")), usd.id);
+    assert_eq!(
+        lookup_id(order_row.get("transactioncurrencyid")),
+        usd.id.map(Into::into)
+    );
 
     // 5. Restart: reopen the SQLite file; links, queue and parked events are as left.
     drop(stack);
@@ -370,7 +373,7 @@ async fn records_flow_both_ways_on_the_embedded_store_and_survive_a_restart() {
 fn company_lookup(company: &Record) -> Value {
     Value::Lookup(Arc::new(LookupRef {
         entity_set: "cdm_companies".into(),
-        id: company.id.clone(),
+        id: company.id.clone().map(Into::into),
         key: Some(RecordKey::new([("cdm_companycode", "USMF")])),
     }))
 }

@@ -41,7 +41,7 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
         let dead = queue.dead_letters(args.recent).await?;
         let mut per_map = std::collections::BTreeMap::<String, usize>::new();
         for link in store.links(None)? {
-            *per_map.entry(link.map).or_default() += 1;
+            *per_map.entry(link.map.into()).or_default() += 1;
         }
         if args.json {
             let out = json!({

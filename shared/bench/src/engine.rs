@@ -178,12 +178,12 @@ impl Case {
             sequence: i as i64,
         });
         let key = integration_key(map, Side::Erp, &erp).map_err(|e| e.to_string())?;
-        erp.id = Some(record_key(map, Side::Erp, &key).to_string());
+        erp.id = Some(record_key(map, Side::Erp, &key).to_string().into());
 
         // The Dataverse row as dualwrite last wrote it: same key, older values.
         let mut crm = Record::new(map.crm.entity_set.clone());
         crm.company = Some("USMF".into());
-        crm.id = Some(format!("00000000-0000-0000-0000-{i:012}"));
+        crm.id = Some(format!("00000000-0000-0000-0000-{i:012}").into());
         crm.fields
             .insert(map.crm.key[0].as_str(), Value::Text(account.into()));
         crm.fields.insert(
@@ -202,7 +202,7 @@ impl Case {
             Value::Text(dualwrite_core::format_smolstr!("Old name {i}")),
         );
         let link = Link {
-            map: map.name.clone(),
+            map: map.name.clone().into(),
             key: key.clone(),
             crm_id: crm.id.clone(),
             erp_id: erp.id.clone(),

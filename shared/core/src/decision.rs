@@ -27,6 +27,7 @@
 //! pair is linked: never a dangling reference, never a dropped event.
 
 use chrono::{DateTime, Utc};
+use smol_str::SmolStr;
 
 use crate::event::Operation;
 use crate::hash::{SortedFields, hash_sorted_with};
@@ -845,11 +846,14 @@ fn sync_write(
     target_current: Option<&Record>,
 ) -> SyncWrite {
     let map = input.map;
-    let known_id = target_current
-        .and_then(|r| r.id.clone())
-        .or_else(|| input.link.and_then(|l| l.id(to).map(str::to_string)));
+    let known_id = target_current.and_then(|r| r.id.clone()).or_else(|| {
+        input
+            .link
+            .and_then(|l| l.id(to).map(str::to_string))
+            .map(Into::into)
+    });
     let at = match known_id {
-        Some(id) => RecordRef::Id(id),
+        Some(id) => RecordRef::Id(id.into()),
         None => RecordRef::Key(record_key(map, to, input.key)),
     };
     let condition = match target_current {
@@ -885,7 +889,7 @@ fn base_link(input: &DecisionInput<'_>) -> LinkCommit {
         None => LinkCommit {
             expected_revision: 0,
             link: Link {
-                map: input.map.name.clone(),
+                map: input.map.name.clone().into(),
                 key: input.key.clone(),
                 crm_id: None,
                 erp_id: None,
@@ -900,7 +904,7 @@ fn base_link(input: &DecisionInput<'_>) -> LinkCommit {
     }
 }
 
-fn set_id(link: &mut Link, side: Side, id: Option<String>) {
+fn set_id(link: &mut Link, side: Side, id: Option<SmolStr>) {
     match side {
         Side::Crm => link.crm_id = id.or_else(|| link.crm_id.take()),
         Side::Erp => link.erp_id = id.or_else(|| link.erp_id.take()),
@@ -1057,7 +1061,7 @@ mod tests {
     /// The link as it stands after `crm_rec` and `erp_rec` were last synced.
     fn link_of(m: &TableMap, crm_rec: &Record, erp_rec: &Record) -> Link {
         Link {
-            map: m.name.clone(),
+            map: m.name.clone().into(),
             key: IntegrationKey("A1".into()),
             crm_id: crm_rec.id.clone(),
             erp_id: erp_rec.id.clone(),

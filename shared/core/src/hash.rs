@@ -87,10 +87,7 @@ pub(crate) fn hash_sorted_with<'v, S: AsRef<str>>(
     buf.reserve(16 + names.len() * 24);
     buf.extend_from_slice(&names_hash.to_le_bytes());
     for (index, name) in names.iter().enumerate() {
-        encode_value(
-            &mut buf,
-            value_of(index, name).unwrap_or(&Value::Null),
-        );
+        encode_value(&mut buf, value_of(index, name).unwrap_or(&Value::Null));
         buf.push(END_VALUE);
     }
     let hash = FieldsHash(xxh3_128(&buf));

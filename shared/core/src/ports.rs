@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 use crate::event::ChangeEvent;
 use crate::map::filter::Filter;
@@ -59,13 +60,13 @@ pub struct PendingWrite {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Link {
     /// The map the link belongs to.
-    pub map: String,
+    pub map: SmolStr,
     /// The pair's integration key (same from either side).
     pub key: IntegrationKey,
     /// Dataverse primary id of the row, once known.
-    pub crm_id: Option<String>,
+    pub crm_id: Option<SmolStr>,
     /// The F&O record's rendered OData key, once known.
-    pub erp_id: Option<String>,
+    pub erp_id: Option<SmolStr>,
     /// Last known state of the Dataverse side.
     pub crm: SideState,
     /// Last known state of the F&O side.

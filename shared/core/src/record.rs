@@ -223,12 +223,12 @@ impl fmt::Display for IntegrationKey {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// Dataverse entity set (`accounts`) or F&O data entity (`CustomersV3`).
-    pub entity: String,
+    pub entity: SmolStr,
     /// The source's identity of the row: Dataverse primary id (GUID); for F&O the rendered
     /// OData key (`dataAreaId='usmf',CustomerAccount='US-001'`, see [`RecordKey`]).
-    pub id: Option<String>,
+    pub id: Option<SmolStr>,
     /// Legal entity: F&O `dataAreaId`, Dataverse `cdm_companycode` of the owning company.
-    pub company: Option<String>,
+    pub company: Option<SmolStr>,
     /// Field values by field name (Dataverse logical name / F&O OData field name).
     pub fields: Fields,
     /// When and in which order the source last changed it.
@@ -239,7 +239,7 @@ pub struct Record {
 
 impl Record {
     /// An empty record of `entity`.
-    pub fn new(entity: impl Into<String>) -> Self {
+    pub fn new(entity: impl Into<SmolStr>) -> Self {
         Record {
             entity: entity.into(),
             id: None,

@@ -710,7 +710,7 @@ impl Engine {
                 return Ok(LookupResolution::Resolved(Value::Lookup(Arc::new(
                     LookupRef {
                         entity_set: referenced.crm.entity_set.clone(),
-                        id: link.crm_id.clone(),
+                        id: link.crm_id.clone().map(Into::into),
                         key: Some(record_key(referenced, Side::Crm, key)),
                     },
                 ))));
@@ -887,7 +887,9 @@ impl Engine {
                     "map {}: company {company} is not in Dataverse yet (no link in map {})",
                     map.name, companies.name
                 ),
-                cause: ParkCause::MissingCompany { company },
+                cause: ParkCause::MissingCompany {
+                    company: company.into(),
+                },
             }),
             Err(e) => Err(self.store_error(event, e)),
         }
@@ -1087,8 +1089,8 @@ fn record_write(
 ) {
     if let Some(id) = id {
         match side {
-            Side::Crm => link.crm_id = Some(id),
-            Side::Erp => link.erp_id = Some(id),
+            Side::Crm => link.crm_id = Some(id.into()),
+            Side::Erp => link.erp_id = Some(id.into()),
         }
     }
     if version.is_some() {

@@ -51,7 +51,7 @@ pub fn parse_dataverse(
     };
 
     let mut record = Record::new(&cov.entity_set);
-    record.id = Some(primary_id.to_string());
+    record.id = Some(primary_id.to_string().into());
     let partial = if req.header(MSG_SIZE_EXCEEDED_HEADER).is_some() {
         operation == Operation::Upsert
     } else {
@@ -81,7 +81,7 @@ pub fn parse_dataverse(
         }
         let typed = conform_to_declared_types(&mut fields, &cov.types);
         let company = company_of(cov, &sources)?;
-        record.company = company.code().map(str::to_string);
+        record.company = company.code().map(Into::into);
         // A delete carries no values: only identity and company matter, and its version is
         // the time of the delete (`OperationCreatedOn`), not the pre image's `modifiedon`.
         if operation == Operation::Upsert {

@@ -108,8 +108,8 @@ fn data_event(
     let looked_in = "Target, its KeyAttributes and the entity images";
     let (company, key) = erp_key(cov, |f| non_null_text(fields.get(f)), looked_in)?;
     let mut record = Record::new(&cov.entity);
-    record.id = Some(key.to_string());
-    record.company = company;
+    record.id = Some(key.to_string().into());
+    record.company = company.map(Into::into);
     let partial = operation == Operation::Upsert
         && (!typed || !cov.needed.iter().all(|f| fields.contains_key(f.as_str())));
     let modified = match fields
@@ -202,8 +202,8 @@ fn business_event(
     }
     let key = RecordKey(pairs);
     let mut record = Record::new(&cov.entity);
-    record.id = Some(key.to_string());
-    record.company = key.get("dataAreaId").map(str::to_string);
+    record.id = Some(key.to_string().into());
+    record.company = key.get("dataAreaId").map(Into::into);
     record.fields = fields;
     record.version = Some(SourceVersion {
         modified_on: time.to_utc(),

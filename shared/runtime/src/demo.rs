@@ -888,7 +888,7 @@ async fn resolve(stage: &Stage, map: &TableMap, source: Side, record: &Record) -
                         resolved = Some(match source {
                             Side::Erp => Value::Lookup(Arc::new(LookupRef {
                                 entity_set: target.crm.entity_set.clone(),
-                                id: link.crm_id.clone(),
+                                id: link.crm_id.clone().map(Into::into),
                                 key: None,
                             })),
                             Side::Crm => natural_key(target, &link.key),

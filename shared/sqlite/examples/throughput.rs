@@ -32,7 +32,7 @@ fn t0() -> DateTime<Utc> {
 
 fn message(event_id: String, record_id: String) -> QueueMessage {
     let mut record = Record::new("accounts").with("name", Value::Text("Contoso Ltd".into()));
-    record.id = Some(record_id);
+    record.id = Some(record_id.into());
     QueueMessage::for_event(ChangeEvent {
         event_id,
         source: Side::Crm,
@@ -46,10 +46,10 @@ fn message(event_id: String, record_id: String) -> QueueMessage {
 
 fn link(key: &str) -> Link {
     Link {
-        map: "accounts".to_owned(),
+        map: "accounts".to_owned().into(),
         key: IntegrationKey(key.to_owned().into()),
-        crm_id: Some(key.to_owned()),
-        erp_id: Some(format!("dataAreaId='usmf',AccountNum='{key}'")),
+        crm_id: Some(key.to_owned().into()),
+        erp_id: Some(format!("dataAreaId='usmf',AccountNum='{key}'").into()),
         crm: SideState::default(),
         erp: SideState::default(),
         revision: 0,
@@ -138,8 +138,7 @@ async fn events_per_second(queue: Arc<SqliteQueue>, store: Arc<SqliteStore>) -> 
                             .await
                             .expect("claim");
                         if claim == EventClaim::Claimed {
-                            let key =
-                                IntegrationKey(event.record.id.clone().unwrap_or_default().into());
+                            let key = IntegrationKey(event.record.id.clone().unwrap_or_default());
                             let current = store.link("accounts", &key).await.expect("link");
                             let revision = current.as_ref().map_or(0, |l| l.revision);
                             let ops = vec![

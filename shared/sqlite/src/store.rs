@@ -295,10 +295,10 @@ impl StoreFile {
                 )
                 .and_then(|mut s| {
                     s.execute(params![
-                        link.map,
+                        link.map.as_str(),
                         link.key.as_str(),
-                        link.crm_id,
-                        link.erp_id,
+                        link.crm_id.as_deref(),
+                        link.erp_id.as_deref(),
                         revision_to_sql(link.revision),
                         body
                     ])

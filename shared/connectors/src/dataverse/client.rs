@@ -240,7 +240,7 @@ impl DataverseConnector {
                 .rows_to_records(entity, std::slice::from_ref(&row))
                 .await?
                 .remove(0);
-            outcome.id = record.id;
+            outcome.id = record.id.map(Into::into);
             outcome.etag = record.etag;
             outcome.version = record.version;
         }

@@ -105,7 +105,7 @@ pub fn record_from_row(
     record.etag = row.get("@odata.etag").and_then(|r| raw_str(r));
     record.version = version_of(row)?;
     if let Some(pid) = primary_id {
-        record.id = row.get(pid).and_then(|r| raw_str(r));
+        record.id = row.get(pid).and_then(|r| raw_str(r)).map(Into::into);
     }
     for (name, raw) in row {
         if name.contains('@') || Some(name.as_str()) == primary_id {
@@ -118,11 +118,12 @@ pub fn record_from_row(
             let guid = raw_str(raw);
             if Some(field) == company_field {
                 if let Some(guid) = guid {
-                    record.company = Some(company_code(&guid).ok_or_else(|| {
+                    let code = company_code(&guid).ok_or_else(|| {
                         format!(
                             "field {field}: company row {guid} is not in {entity}'s company table"
                         )
-                    })?);
+                    })?;
+                    record.company = Some(code.into());
                 }
                 continue;
             }

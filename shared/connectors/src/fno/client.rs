@@ -110,7 +110,7 @@ impl FnoConnector {
         let written = self.to_record(entity, &answer.body)?;
         outcome.etag = written.etag;
         outcome.version = written.version;
-        Ok(written.id)
+        Ok(written.id.map(Into::into))
     }
 
     async fn patch(
@@ -183,7 +183,7 @@ impl Connector for FnoConnector {
             404 => Ok(None),
             _ if answer.is_success() => {
                 let mut record = self.to_record(entity, &answer.body)?;
-                record.id = record.id.or_else(|| Some(key.to_string()));
+                record.id = record.id.or_else(|| Some(key.to_string().into()));
                 Ok(Some(record))
             }
             _ => Err(answer.to_error(Side::Erp, entity)),

@@ -130,7 +130,10 @@ pub fn parse_key(text: &str) -> Option<RecordKey> {
 pub fn key_of_row(schema: &EntitySchema, record: &Record) -> Option<RecordKey> {
     let mut pairs = Vec::new();
     if schema.company_specific {
-        pairs.push((DATA_AREA_ID.to_string(), record.company.clone()?));
+        pairs.push((
+            DATA_AREA_ID.to_string(),
+            record.company.as_deref()?.to_string(),
+        ));
     }
     for field in &schema.key {
         let value = record.fields.get(field.as_str()).filter(|v| !v.is_null())?;
@@ -149,7 +152,10 @@ pub fn record_from_row(
 ) -> Result<Record, String> {
     let mut record = Record::new(entity);
     record.etag = row.get("@odata.etag").and_then(|r| raw_str(r));
-    record.company = row.get(DATA_AREA_ID).and_then(|r| raw_str(r));
+    record.company = row
+        .get(DATA_AREA_ID)
+        .and_then(|r| raw_str(r))
+        .map(Into::into);
     if let Some(modified) = row.get(MODIFIED_FIELD).and_then(|r| raw_str(r)) {
         let at = DateTime::parse_from_rfc3339(&modified).map_err(|e| {
             format!("field ModifiedDateTime: {modified:?} is not an ISO 8601 date-time: {e}")
@@ -169,7 +175,8 @@ pub fn record_from_row(
     }
     record.id = schema
         .and_then(|s| key_of_row(s, &record))
-        .map(|k| k.to_string());
+        .map(|k| k.to_string())
+        .map(Into::into);
     Ok(record)
 }
 
@@ -194,7 +201,7 @@ pub fn record_body(record: &Record, key: Option<&RecordKey>) -> Result<String, S
     let mut company = record.company.clone();
     for (field, value) in key.map(|k| k.0.as_slice()).unwrap_or_default() {
         if field == DATA_AREA_ID {
-            company = company.or_else(|| Some(value.clone()));
+            company = company.or_else(|| Some(value.clone().into()));
         } else if !record.fields.contains_key(field.as_str()) {
             pairs.push((field.clone(), json_string(value)));
         }

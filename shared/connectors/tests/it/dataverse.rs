@@ -265,7 +265,7 @@ async fn filtered_incremental_query_pages_through_every_row_once() {
     }
     assert_eq!(pages, 6);
     assert_eq!(seen.len(), 260, "no duplicates");
-    let seen: BTreeSet<String> = seen.into_iter().collect();
+    let seen: BTreeSet<String> = seen.into_iter().map(|id| id.to_string()).collect();
     assert_eq!(seen, expected, "no gaps");
 
     // Nothing changed after a later instant.

@@ -74,7 +74,7 @@ async fn records_of_a_non_default_company_are_read_across_companies() {
     let companies: BTreeSet<_> = all
         .records
         .iter()
-        .filter_map(|r| r.company.clone())
+        .filter_map(|r| r.company.as_deref().map(str::to_string))
         .collect();
     assert_eq!(
         companies,
@@ -272,7 +272,9 @@ async fn enum_filters_and_incremental_paging_return_each_record_once() {
     assert_eq!(pages, 6);
     assert_eq!(seen.len(), 260, "no duplicates");
     assert_eq!(
-        seen.into_iter().collect::<BTreeSet<_>>(),
+        seen.into_iter()
+            .map(|id| id.to_string())
+            .collect::<BTreeSet<_>>(),
         expected,
         "no gaps"
     );

@@ -949,7 +949,7 @@ fn bad_value(map: &TableMap, fm: &FieldMapping, message: String) -> ApplyError {
 
 fn missing_key(map: &TableMap, side: Side, record: &Record, field: &str) -> ApplyError {
     let record = match &record.id {
-        Some(id) => id.clone(),
+        Some(id) => id.to_string(),
         None => format!("{} (no id)", record.entity),
     };
     ApplyError::MissingKey {
@@ -1537,7 +1537,10 @@ mod tests {
         for (f, v) in &crm_key.0[..2] {
             crm.fields.insert(f.as_str(), text(v));
         }
-        crm.company = crm_key.get("msdyn_company").map(str::to_owned);
+        crm.company = crm_key
+            .get("msdyn_company")
+            .map(str::to_owned)
+            .map(Into::into);
         assert_eq!(integration_key(&map, Side::Crm, &crm).unwrap(), key);
     }
 
@@ -2368,7 +2371,7 @@ mod tests {
             let mut erp = Record::new("Addresses")
                 .with("PartyNumber", text(&parts[0]))
                 .with("LocationId", text(&parts[1]));
-            erp.company = Some(company.clone());
+            erp.company = Some(company.clone().into());
             let key = integration_key(&map, Side::Erp, &erp).unwrap();
             let erp_key = record_key(&map, Side::Erp, &key);
             let lower = company.to_lowercase();
@@ -2379,7 +2382,7 @@ mod tests {
             let mut crm = Record::new("msdyn_addresses")
                 .with("msdyn_partynumber", text(crm_key.get("msdyn_partynumber").unwrap()))
                 .with("msdyn_locationid", text(crm_key.get("msdyn_locationid").unwrap()));
-            crm.company = crm_key.get("msdyn_company").map(str::to_owned);
+            crm.company = crm_key.get("msdyn_company").map(Into::into);
             prop_assert_eq!(integration_key(&map, Side::Crm, &crm).unwrap(), key);
         }
     }

@@ -172,7 +172,7 @@ impl<'a> MapRun<'a> {
         ProcessError::Contention {
             event_id: self.event.event_id.clone(),
             map: self.map.name.clone(),
-            key: self.event.record.id.clone().unwrap_or_default(),
+            key: self.event.record.id.clone().unwrap_or_default().into(),
             attempts: self.decisions - 1,
             retry_after: self
                 .engine
@@ -213,7 +213,7 @@ impl<'a> MapRun<'a> {
             return Ok(event.record.clone());
         }
         let at = match &event.record.id {
-            Some(id) => RecordRef::Id(id.clone()),
+            Some(id) => RecordRef::Id(id.clone().into()),
             None => match integration_key(map, source, &event.record) {
                 Ok(k) => RecordRef::Key(record_key(map, source, &k)),
                 Err(e) => return Err(self.invalid(None, e.to_string()).await),

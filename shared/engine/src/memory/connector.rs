@@ -182,11 +182,11 @@ impl MemoryConnector {
         let created = existing.is_none();
         let mut stored = existing.unwrap_or_else(|| {
             let mut r = Record::new(entity);
-            r.id = Some(self.new_id(sequence, at));
+            r.id = Some(self.new_id(sequence, at).into());
             if let RecordRef::Key(key) = at {
                 for (field, value) in &key.0 {
                     if field == ERP_COMPANY_FIELD {
-                        r.company = Some(value.clone());
+                        r.company = Some(value.clone().into());
                     } else {
                         r.fields
                             .insert(field.as_str(), Value::Text(value.as_str().into()));
@@ -211,19 +211,19 @@ impl MemoryConnector {
             .tables
             .entry(entity.to_string())
             .or_default()
-            .insert(id.clone(), stored.clone());
+            .insert(id.clone().into(), stored.clone());
         let event = self.event(sequence, Operation::Upsert, stored.clone(), now);
         if actor == Actor::Dualwrite {
             inner.writes.push(WriteLogEntry {
                 entity: entity.to_string(),
-                id: id.clone(),
+                id: id.clone().into(),
                 kind: WriteKind::Upsert,
                 record: record.clone(),
             });
             inner.echoes.push(event.clone());
         }
         let outcome = WriteOutcome {
-            id: Some(id),
+            id: Some(id.into()),
             etag: stored.etag.clone(),
             version: stored.version,
             created,
@@ -251,7 +251,7 @@ impl MemoryConnector {
         inner.sequence += 1;
         let sequence = inner.sequence;
         let mut gone = Record::new(entity);
-        gone.id = Some(id.clone());
+        gone.id = Some(id.clone().into());
         gone.version = Some(SourceVersion {
             modified_on: now,
             sequence,

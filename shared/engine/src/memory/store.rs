@@ -94,17 +94,17 @@ impl LinkStore for MemoryStore {
                 StoreOp::PutLink {
                     link,
                     expected_revision,
-                } => (&link.map, &link.key, *expected_revision),
+                } => (link.map.as_str(), &link.key, *expected_revision),
                 StoreOp::DeleteLink {
                     map,
                     key,
                     expected_revision,
-                } => (map, key, *expected_revision),
+                } => (map.as_str(), key, *expected_revision),
                 _ => continue,
             };
             if stored_revision(&inner, map, key) != expected {
                 return Err(StoreError::Conflict {
-                    map: map.clone(),
+                    map: map.to_string(),
                     key: key.to_string(),
                     expected,
                 });
@@ -119,7 +119,7 @@ impl LinkStore for MemoryStore {
                     link.revision = expected_revision + 1;
                     inner
                         .links
-                        .insert((link.map.clone(), link.key.clone()), link);
+                        .insert((link.map.clone().into(), link.key.clone()), link);
                 }
                 StoreOp::DeleteLink { map, key, .. } => {
                     inner.links.remove(&(map, key));

@@ -131,7 +131,7 @@ fn action(out: &ProcessOutcome) -> Option<&MapAction> {
 fn current_version(w: &World, ev: &ChangeEvent) -> Option<SourceVersion> {
     let id = ev.record.id.clone()?;
     w.side(ev.source)
-        .record(&ev.record.entity, &RecordRef::Id(id))
+        .record(&ev.record.entity, &RecordRef::Id(id.into()))
         .and_then(|r| r.version)
 }
 

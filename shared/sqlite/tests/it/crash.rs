@@ -78,7 +78,7 @@ async fn apply(store: &SqliteStore, queue: &SqliteQueue, d: Delivery, now: DateT
                 .unwrap();
         }
         EventClaim::Claimed => {
-            let key = IntegrationKey(event.record.id.clone().unwrap().into());
+            let key = IntegrationKey(event.record.id.clone().unwrap());
             let current = store.link(MAP, &key).await.unwrap();
             let revision = current.as_ref().map_or(0, |l| l.revision);
             let mut l =

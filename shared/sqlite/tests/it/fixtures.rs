@@ -12,10 +12,10 @@ pub fn t0() -> DateTime<Utc> {
 /// A link of `map`/`key` with the given side ids and revision 0 (as a writer builds it).
 pub fn link(map: &str, key: &str, crm_id: Option<&str>, erp_id: Option<&str>) -> Link {
     Link {
-        map: map.to_owned(),
+        map: map.to_owned().into(),
         key: IntegrationKey(key.to_owned().into()),
-        crm_id: crm_id.map(str::to_owned),
-        erp_id: erp_id.map(str::to_owned),
+        crm_id: crm_id.map(Into::into),
+        erp_id: erp_id.map(Into::into),
         crm: SideState::default(),
         erp: SideState::default(),
         revision: 0,
@@ -29,7 +29,7 @@ pub fn link(map: &str, key: &str, crm_id: Option<&str>, erp_id: Option<&str>) ->
 /// `sequence`.
 pub fn event(event_id: &str, entity: &str, record_id: &str, sequence: i64) -> ChangeEvent {
     let mut record = Record::new(entity);
-    record.id = Some(record_id.to_owned());
+    record.id = Some(record_id.to_owned().into());
     record.version = Some(SourceVersion {
         modified_on: t0(),
         sequence,

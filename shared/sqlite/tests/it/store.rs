@@ -95,7 +95,7 @@ async fn stale_revisions_fail_with_conflict_and_change_nothing() {
     );
 
     let mut newer = l.clone();
-    newer.erp_id = Some("b".to_owned());
+    newer.erp_id = Some("b".to_owned().into());
     store.commit(vec![put(newer, 1)]).await.unwrap();
     let err = store.commit(vec![put(l.clone(), 1)]).await.unwrap_err();
     assert!(
@@ -524,7 +524,7 @@ async fn reopening_the_file_keeps_everything() {
         .links(None)
         .unwrap()
         .into_iter()
-        .map(|l| l.map)
+        .map(|l| l.map.to_string())
         .collect();
     assert_eq!(all, ["customers", "vendors"]);
     let vendors = store.links(Some("vendors")).unwrap();
