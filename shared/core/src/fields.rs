@@ -3,7 +3,7 @@
 //! A record carries a few dozen fields, is built once and read many times, and is walked in
 //! name order by the hash and the map (see [`crate::hash`]). A sorted vector does all of that
 //! with one allocation per record and no tree nodes: lookups are a binary search, walks are a
-//! slice iteration, and copying a record's template (see `map::plan`) is one vector clone.
+//! slice iteration, and a record built from a map's sorted names is one vector, pushed in order.
 //! Insertion and removal shift the tail, which is cheap at record sizes.
 //!
 //! It reads like a `BTreeMap<SmolStr, Value>`: iteration in name order, `insert` replacing an

@@ -590,7 +590,8 @@ pub(crate) fn slots_to_record(
 /// Computes [`apply_map`]'s values into `slots` (cleared, then one per target field, by
 /// position in the target side's sorted names).
 ///
-/// The source record is read in one pass in name order (not one tree search per field).
+/// The source record is read at the positions `located` took of it, or else in one pass in name
+/// order (not one search per field).
 /// Values are computed in field-mapping order, so the first error is the first bad field, and
 /// a later mapping of the same target field wins.
 pub(crate) fn fill_slots(

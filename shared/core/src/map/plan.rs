@@ -1,7 +1,8 @@
 //! The per-map plan: what the per-record path needs to know about a [`TableMap`] (sorted field
 //! lists, their name hashes, each mapping's position in them, key flags, the lookups read from
-//! each side),
-//! computed once per map on first use and kept in the map itself.
+//! each side, and per direction the `FieldStep`s that map a record), computed once per map on
+//! first use and kept in the map itself; and [`SideFieldsAt`], where one record keeps a side's
+//! mapped fields, located once per record.
 //!
 //! A map is data that the engine reads millions of times and never changes after loading, so
 //! the plan is derived lazily from `&TableMap` and stored in its [`PlanCell`]. The price is a
