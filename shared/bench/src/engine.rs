@@ -1,11 +1,15 @@
 //! `bench engine`: the per-record cost of the core — apply the Customers V3 ↔ accounts map,
 //! hash the mapped fields, decide — on generated F&O customer updates, all in memory.
 //!
-//! Each record goes through what the worker does between reading and writing: lookup requests
-//! built and answered from an in-memory link table, the source hash, and [`decide`] (which
-//! applies the map, checks filter/staleness/echo/conflict and plans the write). Every decision is
-//! checked to be the expected write, so a benchmark of a broken engine fails instead of
-//! reporting a fast no-op.
+//! Each record goes through what the worker does between reading and writing: its mapped fields
+//! located once ([`SideFieldsAt`]), the source hash, lookup requests built and answered from an
+//! in-memory link table, and [`decide`] (which applies the map, checks
+//! filter/staleness/echo/conflict and plans the write). Every decision is checked to be the
+//! expected write, so a benchmark of a broken engine fails instead of reporting a fast no-op.
+//!
+//! Each record is generated right before it is processed (warm, like a record a worker has just
+//! parsed), and a run measures [`ROUNDS`] rounds; see [`EngineReport`] for which figures are
+//! reported.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
