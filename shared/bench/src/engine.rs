@@ -3,9 +3,10 @@
 //!
 //! Each record goes through what the worker does between reading and writing: its mapped fields
 //! located once ([`SideFieldsAt`]), the source hash, lookup requests built and answered from an
-//! in-memory link table, and [`decide`] (which applies the map, checks
-//! filter/staleness/echo/conflict and plans the write). Every decision is checked to be the
-//! expected write, so a benchmark of a broken engine fails instead of reporting a fast no-op.
+//! in-memory link table, and [`decide`](dualwrite_core::decision::decide) (which applies the
+//! map, checks filter/staleness/echo/conflict and plans the write). Every decision is checked to
+//! be the expected write, so a benchmark of a broken engine fails instead of reporting a fast
+//! no-op.
 //!
 //! Each record is generated right before it is processed (warm, like a record a worker has just
 //! parsed), and a run measures [`ROUNDS`] rounds; see [`EngineReport`] for which figures are
