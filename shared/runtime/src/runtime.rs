@@ -638,8 +638,8 @@ impl Parts {
         };
         let store = Arc::new(SqliteStore::open(&config.db).map_err(|e| db_err(&e))?);
         let queue = Arc::new(
-            SqliteQueue::open(
-                &config.db,
+            SqliteQueue::open_beside(
+                &store,
                 QueueConfig {
                     max_attempts: config.worker.max_attempts,
                     ..QueueConfig::default()

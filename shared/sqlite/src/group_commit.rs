@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -141,11 +142,12 @@ where
 }
 
 /// The writer thread and the channel feeding it. Dropping it lets the thread finish the writes
-/// already queued, then joins it (closing the write connection).
+/// already queued, then joins it (closing the write connection), then stops the checkpointer.
 pub(crate) struct GroupCommitter {
     sender: Option<mpsc::Sender<Box<dyn PendingWrite>>>,
     thread: Option<JoinHandle<()>>,
     counters: Arc<Counters>,
+    checkpointer: Option<Checkpointer>,
 }
 
 impl fmt::Debug for GroupCommitter {
@@ -170,7 +172,39 @@ impl GroupCommitter {
             sender: Some(sender),
             thread: Some(thread),
             counters,
+            checkpointer: None,
         })
+    }
+
+    /// Like [`GroupCommitter::start`], for the database file at `path`: the writer no longer
+    /// checkpoints the WAL itself (SQLite's automatic checkpoint runs in the committing
+    /// connection, so every few thousand pages one batch waited for the pages to be copied
+    /// and the database fsynced); a checkpointer thread with its own connection does it in
+    /// the background (`PASSIVE`: it never takes the write lock, so commits go on meanwhile).
+    /// Durability is unchanged: every commit is fsynced in the WAL before it is answered.
+    pub(crate) fn start_on_file(
+        conn: Arc<Mutex<Connection>>,
+        path: &Path,
+        location: &str,
+    ) -> Result<Self, OpenError> {
+        let sqlite_err = |source| OpenError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        lock(&conn)
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(sqlite_err)?;
+        let checkpoint_conn = schema::open_connection(Some(path))?;
+        let thread_err = |source| OpenError::WriterThread {
+            path: location.into(),
+            source,
+        };
+        let mut committer = Self::start(conn, location).map_err(thread_err)?;
+        committer.checkpointer = Some(
+            Checkpointer::start(checkpoint_conn, committer.counters.clone(), location)
+                .map_err(thread_err)?,
+        );
+        Ok(committer)
     }
 
     /// Queues `op` and returns the channel its answer arrives on. `bytes` is the payload size
@@ -226,18 +260,72 @@ impl Drop for GroupCommitter {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        // Then the checkpointer, which checkpoints once more on its way out.
+        drop(self.checkpointer.take());
+    }
+}
+
+/// How often the checkpointer looks for new commits to checkpoint.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The background checkpointer of one database file (see [`GroupCommitter::start_on_file`]).
+struct Checkpointer {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(conn: Connection, counters: Arc<Counters>, location: &str) -> std::io::Result<Self> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("dualwrite-sqlite-checkpoint {location}"))
+            .spawn(move || {
+                let mut checkpointed_at = 0;
+                loop {
+                    let last = matches!(
+                        stopped.recv_timeout(CHECKPOINT_EVERY),
+                        Err(mpsc::RecvTimeoutError::Disconnected) | Ok(())
+                    );
+                    let batches = counters.batches.load(Ordering::Relaxed);
+                    if batches != checkpointed_at || last {
+                        // A checkpoint that cannot finish (a reader holds an old snapshot) is
+                        // simply tried again next time; errors are of the same kind.
+                        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                        checkpointed_at = batches;
+                    }
+                    if last {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Checkpointer {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
 /// The write side and the read side of one database, as the store and the queue hold them.
 #[derive(Debug)]
 pub(crate) struct Connections {
-    /// The group committer owning the write connection.
-    pub(crate) writer: GroupCommitter,
+    /// The group committer owning the write connection; shared by a store and a queue opened
+    /// together on one file ([`Connections::beside`]), so the file has one writer.
+    pub(crate) writer: Arc<GroupCommitter>,
     /// The connection reads use. For a file it is a second connection (WAL lets it read while
     /// the writer commits, and it sees every commit that returned); for an in-memory database it
     /// is the writer's own connection, as a second one would open another, empty database.
     pub(crate) reader: Arc<Mutex<Connection>>,
+    /// The file, `None` in memory.
+    path: Option<std::path::PathBuf>,
 }
 
 impl Connections {
@@ -247,31 +335,57 @@ impl Connections {
         let location = path.map_or_else(|| ":memory:".to_owned(), |p| p.display().to_string());
         let write_conn = Arc::new(Mutex::new(schema::open_connection(path)?));
         let reader = match path {
-            Some(p) => {
-                let conn = schema::open_connection(Some(p))?;
-                // Reads only: a write here would bypass the group committer.
-                conn.pragma_update(None, "query_only", true)
-                    .map_err(|source| OpenError::Sqlite {
-                        path: p.to_path_buf(),
-                        source,
-                    })?;
-                Arc::new(Mutex::new(conn))
-            }
+            Some(p) => read_connection(p)?,
             None => write_conn.clone(),
         };
-        let writer = GroupCommitter::start(write_conn, &location).map_err(|source| {
-            OpenError::WriterThread {
-                path: location.clone().into(),
-                source,
-            }
-        })?;
-        Ok(Connections { writer, reader })
+        let writer = match path {
+            Some(p) => GroupCommitter::start_on_file(write_conn, p, &location)?,
+            None => GroupCommitter::start(write_conn, &location).map_err(|source| {
+                OpenError::WriterThread {
+                    path: location.clone().into(),
+                    source,
+                }
+            })?,
+        };
+        Ok(Connections {
+            writer: Arc::new(writer),
+            reader,
+            path: path.map(Path::to_path_buf),
+        })
+    }
+
+    /// Connections to the same database sharing this one's writer thread: a read connection of
+    /// their own (for a file; an in-memory database has only the one connection). Two writer
+    /// threads on one file would take turns at SQLite's write lock, each waiting in the busy
+    /// handler; one writer batches both adapters' writes into the same transactions.
+    pub(crate) fn beside(&self) -> Result<Self, OpenError> {
+        let reader = match &self.path {
+            Some(p) => read_connection(p)?,
+            None => self.reader.clone(),
+        };
+        Ok(Connections {
+            writer: self.writer.clone(),
+            reader,
+            path: self.path.clone(),
+        })
     }
 
     /// The read connection, locked.
     pub(crate) fn read(&self) -> MutexGuard<'_, Connection> {
         lock(&self.reader)
     }
+}
+
+/// A read connection to the file at `path`.
+fn read_connection(path: &Path) -> Result<Arc<Mutex<Connection>>, OpenError> {
+    let conn = schema::open_connection(Some(path))?;
+    // Reads only: a write here would bypass the group committer.
+    conn.pragma_update(None, "query_only", true)
+        .map_err(|source| OpenError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(Arc::new(Mutex::new(conn)))
 }
 
 /// Locks a connection. A panic while holding the lock cannot leave a transaction half-applied
@@ -386,7 +500,14 @@ mod tests {
             .unwrap();
         let writer = GroupCommitter::start(Arc::new(Mutex::new(write_conn)), "gc.db").unwrap();
         let reader = Arc::new(Mutex::new(schema::open_connection(Some(&path)).unwrap()));
-        (dir, Connections { writer, reader })
+        (
+            dir,
+            Connections {
+                writer: Arc::new(writer),
+                reader,
+                path: Some(path),
+            },
+        )
     }
 
     fn insert(k: &str, v: i64) -> impl FnOnce(&Connection) -> rusqlite::Result<usize> + use<> {

@@ -108,6 +108,22 @@ impl SqliteQueue {
         })
     }
 
+    /// Opens the queue in the database of `store`, sharing its writer thread: the store's and
+    /// the queue's writes then go into the same group-committed transactions (one fsync for
+    /// both) instead of two writers taking turns at the file's write lock. This is how
+    /// `dualwrite serve` opens its database.
+    pub fn open_beside(store: &crate::SqliteStore, config: QueueConfig) -> Result<Self, OpenError> {
+        Ok(SqliteQueue {
+            connections: store.connections().beside()?,
+            file: Arc::new(QueueFile {
+                last_expiry_sweep_ms: AtomicI64::new(i64::MIN),
+                location: store.location().to_owned(),
+                max_attempts: config.max_attempts,
+            }),
+            config,
+        })
+    }
+
     /// A queue that lives in memory only (tests).
     pub fn open_in_memory(config: QueueConfig) -> Result<Self, OpenError> {
         Ok(SqliteQueue {

@@ -87,6 +87,16 @@ impl SqliteStore {
         })
     }
 
+    /// The connections, for a queue opened beside the store.
+    pub(crate) fn connections(&self) -> &Connections {
+        &self.connections
+    }
+
+    /// The file (or `:memory:`), as messages name it.
+    pub(crate) fn location(&self) -> &str {
+        &self.file.location
+    }
+
     /// How many batches (transactions) and writes the store's writer has committed.
     pub fn writer_stats(&self) -> WriterStats {
         self.connections.writer.stats()

@@ -162,3 +162,64 @@ async fn concurrent_commits_fail_only_where_the_revision_condition_fails() {
         .unwrap();
     assert_eq!(claim, dualwrite_core::ports::EventClaim::Claimed);
 }
+
+/// A store and a queue opened together share one writer: their writes go into the same
+/// transactions (one writer's statistics count both), and both see their own writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_opened_beside_the_store_shares_its_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("local.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let queue = SqliteQueue::open_beside(&store, QueueConfig::default()).unwrap();
+    queue.send(vec![message("e1", "g1")]).await.unwrap();
+    store
+        .commit(vec![StoreOp::PutLink {
+            link: link("accounts", "A1", Some("c1"), None),
+            expected_revision: 0,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.writer_stats(), queue.writer_stats());
+    assert_eq!(store.writer_stats().writes, 2);
+    assert_eq!(queue.pending(10).unwrap().len(), 1);
+    assert!(
+        store
+            .link("accounts", &IntegrationKey("A1".into()))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    drop((store, queue));
+    let queue = SqliteQueue::open(&path, QueueConfig::default()).unwrap();
+    assert_eq!(queue.pending(10).unwrap().len(), 1, "durable across reopen");
+}
+
+/// The writer does not checkpoint the WAL itself; the background checkpointer copies committed
+/// pages into the database file while the writer goes on (without it, the file would not grow
+/// until the last connection closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_pages_reach_the_database_file_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let queue = SqliteQueue::open(&path, QueueConfig::default()).unwrap();
+    let before = std::fs::metadata(&path).unwrap().len();
+    for i in 0..300 {
+        queue
+            .send(vec![message(&format!("e{i}"), &format!("g{i}"))])
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = std::fs::metadata(&path).unwrap().len();
+        if now > before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file stayed at {now} bytes: nothing was checkpointed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(queue.pending(1000).unwrap().len(), 300);
+}
