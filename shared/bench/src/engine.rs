@@ -271,6 +271,7 @@ impl Case {
             revision: 3,
             open_conflict: None,
             pending: None,
+            provisional: false,
             updated_at: base,
         };
         Ok(Case {

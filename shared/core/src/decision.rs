@@ -880,6 +880,7 @@ fn base_link(input: &DecisionInput<'_>) -> LinkCommit {
         Some(link) => {
             let mut next = link.clone();
             next.pending = None;
+            next.provisional = false;
             next.updated_at = input.now;
             LinkCommit {
                 expected_revision: link.revision,
@@ -898,6 +899,7 @@ fn base_link(input: &DecisionInput<'_>) -> LinkCommit {
                 revision: 0,
                 open_conflict: None,
                 pending: None,
+                provisional: false,
                 updated_at: input.now,
             },
         },
@@ -1076,6 +1078,7 @@ mod tests {
             revision: 3,
             open_conflict: None,
             pending: None,
+            provisional: false,
             updated_at: DateTime::UNIX_EPOCH,
         }
     }
@@ -1353,6 +1356,7 @@ mod tests {
             revision: 1,
             open_conflict: None,
             pending: None,
+            provisional: false,
             updated_at: at,
         };
         assert_eq!(

@@ -86,11 +86,25 @@ pub struct Link {
     /// another hash. Links stored before this field existed load with `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingWrite>,
+    /// A pair being created: committed before the first write of a new pair, holding only the
+    /// source record's id and [`Link::pending`] (no hash or version of either side, so a
+    /// redelivery after a crash writes again). It lets the target's echo be recognised when
+    /// it overtakes the final commit, as for a linked pair. The pair is not linked yet: lookups,
+    /// parked events and the company gate treat a provisional link as absent. The final
+    /// commit (or the one logging the write as failed for good, which deletes it) ends it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub provisional: bool,
     /// When the link last changed.
     pub updated_at: DateTime<Utc>,
 }
 
 impl Link {
+    /// The link, unless it is [provisional](Link::provisional): what a lookup, a parked event
+    /// or the company gate may rely on.
+    pub fn linked(self) -> Option<Link> {
+        (!self.provisional).then_some(self)
+    }
+
     /// The state of `side`.
     pub fn side(&self, side: Side) -> &SideState {
         match side {

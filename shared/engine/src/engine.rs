@@ -706,6 +706,7 @@ impl Engine {
                 .link(name, key)
                 .await
                 .map_err(|e| self.store_error(event, e))?
+                .and_then(Link::linked)
             {
                 return Ok(LookupResolution::Resolved(Value::Lookup(Arc::new(
                     LookupRef {
@@ -740,6 +741,7 @@ impl Engine {
                 .link_by_id(name, Side::Crm, id)
                 .await
                 .map_err(|e| self.store_error(event, e))?
+                .and_then(Link::linked)
             {
                 let natural = erp_natural_key(referenced, &link);
                 return Ok(LookupResolution::Resolved(Value::Text(natural.into())));
@@ -811,6 +813,7 @@ impl Engine {
                 .link(dep_map, dep_key)
                 .await
                 .map_err(|e| self.store_error(event, e))?
+                .and_then(Link::linked)
                 .is_some();
             if linked {
                 info!(event_id = %event.event_id, dependency_map = %dep_map, dependency_key = %dep_key, "dependency synced first");
@@ -878,7 +881,12 @@ impl Engine {
             return Ok(decision);
         };
         let key = IntegrationKey::from_parts(None, [company.to_uppercase().as_str()]);
-        match self.store.link(&companies.name, &key).await {
+        match self
+            .store
+            .link(&companies.name, &key)
+            .await
+            .map(|l| l.and_then(Link::linked))
+        {
             Ok(Some(_)) => Ok(decision),
             Ok(None) => Ok(Decision::Park {
                 waiting_map: companies.name.clone(),
@@ -927,7 +935,12 @@ impl Engine {
                 .filter_map(|name| self.map_named(name))
                 .filter(|m| m.crm.entity_set == entity_set);
             for target in candidates {
-                let key = match self.store.link_by_id(&target.name, Side::Crm, &id).await {
+                let linked = self
+                    .store
+                    .link_by_id(&target.name, Side::Crm, &id)
+                    .await
+                    .map(|l| l.and_then(Link::linked));
+                let key = match linked {
                     Ok(Some(link)) => Some(link.key),
                     Ok(None) | Err(_) => self
                         .crm
@@ -1023,7 +1036,11 @@ impl Engine {
     pub async fn sweep_parked(&self, queue: &dyn WorkQueue) -> Result<usize, ReleaseError> {
         let mut ready = Vec::new();
         for p in self.store.parked(SWEEP_LIMIT).await? {
-            if let Some(link) = self.store.link(&p.waiting_map, &p.waiting_key).await?
+            if let Some(link) = self
+                .store
+                .link(&p.waiting_map, &p.waiting_key)
+                .await?
+                .and_then(Link::linked)
                 && link.open_conflict.is_none()
             {
                 ready.push(p);

@@ -55,6 +55,7 @@ fn link(key: &str) -> Link {
         revision: 0,
         open_conflict: None,
         pending: None,
+        provisional: false,
         updated_at: t0(),
     }
 }

@@ -16,7 +16,8 @@ use dualwrite_core::decision::{
 use dualwrite_core::map::apply::{ResolvedLookups, integration_key, record_key};
 use dualwrite_core::map::{SideFieldsAt, TableMap};
 use dualwrite_core::ports::{
-    ConflictRecord, ConnectorError, FieldsHash, Link, ParkedEvent, PendingWrite, RecordRef, StoreOp,
+    ConflictRecord, ConnectorError, FieldsHash, Link, ParkedEvent, PendingWrite, RecordRef,
+    SideState, StoreOp,
 };
 use dualwrite_core::{ChangeEvent, IntegrationKey, Operation, Record, Side};
 use tracing::{debug, info, warn};
@@ -449,9 +450,13 @@ impl<'a> MapRun<'a> {
     /// commit. A crash in between leaves the event to be redelivered and decided again. A
     /// write failing for good clears the announcement in the commit that logs the error; one
     /// that will be retried (or decided again) leaves it, since the write may have landed, and
-    /// the next announcement or commit replaces it. A new pair announces nothing: there is no
-    /// link yet to announce on, and creating one early would publish a pair that does not
-    /// exist (lookups, parked events); a pair found identical on both sides is in sync anyway.
+    /// the next announcement or commit replaces it.
+    ///
+    /// A new pair is announced the same way on a [provisional](Link::provisional) link: the
+    /// source record's id and the pending write only, so the target's echo overtaking the
+    /// final commit is an echo (not a pair found on both sides with different values, a
+    /// conflict); lookups and parked events do not see the pair until the final commit, and a
+    /// write failing for good deletes the provisional link.
     async fn write(
         &mut self,
         mut plan: WritePlan,
@@ -469,12 +474,18 @@ impl<'a> MapRun<'a> {
         {
             return Err(Interrupt::Redecide);
         }
-        let created = plan.link.expected_revision == 0;
+        // A pair being created: no link yet, or the provisional one of an earlier attempt.
+        let created =
+            plan.link.expected_revision == 0 || read.as_ref().is_some_and(|l| l.provisional);
         // The link as it stands in the store while the writes run (announcements included).
-        let mut current = read.filter(|_| !created).map(|mut link| {
-            link.revision = plan.link.expected_revision;
-            link
-        });
+        let mut current = if plan.link.expected_revision == 0 {
+            Some(provisional(&plan.link.link, event.source))
+        } else {
+            read.map(|mut link| {
+                link.revision = plan.link.expected_revision;
+                link
+            })
+        };
         for write in &plan.writes {
             if let Some(link) = current.as_mut()
                 && let Some(hash) = plan.link.link.side(write.side).hash
@@ -565,6 +576,13 @@ impl<'a> MapRun<'a> {
         let cleanup = announced
             .filter(|l| l.pending.is_some())
             .map(|l| {
+                if l.provisional {
+                    return StoreOp::DeleteLink {
+                        map: l.map.to_string(),
+                        key: l.key.clone(),
+                        expected_revision: l.revision,
+                    };
+                }
                 let mut cleared = l.clone();
                 cleared.pending = None;
                 cleared.updated_at = self.engine.clock.now();
@@ -726,6 +744,7 @@ impl<'a> MapRun<'a> {
                 .link(&waiting_map, &waiting_key)
                 .await
                 .map_err(|e| engine.store_error(event, e))?
+                .and_then(Link::linked)
                 .is_some()
         {
             self.released.push(parked);
@@ -818,4 +837,21 @@ impl<'a> MapRun<'a> {
             Err(e) => Interrupt::Error(e),
         }
     }
+}
+
+/// The provisional link a new pair is announced on (revision 0: not stored yet), from the link
+/// its final commit will store: the source record's id only, no hash or version of either side.
+fn provisional(final_link: &Link, source: Side) -> Link {
+    let mut link = final_link.clone();
+    link.revision = 0;
+    link.crm = SideState::default();
+    link.erp = SideState::default();
+    match source {
+        Side::Crm => link.erp_id = None,
+        Side::Erp => link.crm_id = None,
+    }
+    link.open_conflict = None;
+    link.pending = None;
+    link.provisional = true;
+    link
 }

@@ -270,6 +270,7 @@ mod tests {
             revision: rev,
             open_conflict: None,
             pending: None,
+            provisional: false,
             updated_at: DateTime::UNIX_EPOCH,
         }
     }

@@ -18,7 +18,7 @@ use dualwrite_engine::memory::{MemoryConnector, MemoryStore};
 use dualwrite_engine::{Engine, MapAction, ProcessOutcome, WorkerConfig};
 use tokio::sync::Notify;
 
-use crate::harness::{World, accounts_map};
+use crate::harness::{World, accounts_map, orders_map};
 
 /// What the F&O connector does right after an upsert has landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +125,12 @@ impl Connector for Hooked {
 
 /// The accounts world under `conflict`, its engine writing F&O through a [`Hooked`] connector.
 fn hooked_world(conflict: ConflictPolicy) -> (World, Arc<Hooked>) {
+    hooked_world_with(vec![accounts_map(conflict, DeletePolicy::Propagate)])
+}
+
+/// A world of `maps` (accounts first), its engine writing F&O through a [`Hooked`] connector.
+fn hooked_world_with(maps: Vec<dualwrite_core::map::TableMap>) -> (World, Arc<Hooked>) {
+    let conflict = maps[0].conflict;
     let plain = World::accounts(conflict, DeletePolicy::Propagate);
     let hooked = Arc::new(Hooked {
         inner: plain.erp.clone(),
@@ -140,7 +146,7 @@ fn hooked_world(conflict: ConflictPolicy) -> (World, Arc<Hooked>) {
         store.clone(),
         plain.crm.clone(),
         hooked.clone(),
-        vec![accounts_map(conflict, DeletePolicy::Propagate)],
+        maps,
         plain.clock.clone(),
         WorkerConfig::default(),
     ));
@@ -363,4 +369,138 @@ async fn a_write_refused_for_good_clears_its_announcement() {
     );
     assert_eq!(w.store.errors(10).await.unwrap().len(), 1);
     assert_eq!(link_of(&w).await.pending, None);
+}
+
+/// A new pair: the echo of the create processed by a second worker before the writer's commit
+/// meets the provisional link announcing the write and is an echo; it used to find the pair on
+/// both sides without a link and compare them as strangers (a conflict whenever a value was
+/// represented differently, written back to the source).
+#[tokio::test]
+async fn an_echo_overtaking_the_commit_of_a_new_pair_is_an_echo() {
+    for conflict in [ConflictPolicy::LastWriterWins, ConflictPolicy::Manual] {
+        let (w, hooked) = hooked_world(conflict);
+        let create = w.edit_account(Side::Crm, "A1", Some("Contoso"), Some(100));
+        hooked.arm(AfterWrite::ProcessEchoes);
+        let out = w.engine.process(&create).await.unwrap();
+
+        assert!(
+            matches!(
+                out.maps[0].action,
+                MapAction::Written {
+                    writes: 1,
+                    conflict: None
+                }
+            ),
+            "{conflict:?}: {out:?}"
+        );
+        let echoes = hooked.outcomes();
+        assert_eq!(echoes.len(), 1, "the echo was processed mid-write");
+        assert_eq!(
+            echoes[0].maps[0].action,
+            MapAction::Skipped(SkipReason::Echo),
+            "{conflict:?}"
+        );
+        assert_eq!(w.writes(), 1, "{conflict:?}: only the create was written");
+        assert!(w.store.conflicts(false, 10).await.unwrap().is_empty());
+        let link = link_of(&w).await;
+        assert!(!link.provisional, "the final commit makes the pair linked");
+        assert_eq!(link.pending, None);
+        assert!(link.crm_id.is_some() && link.erp_id.is_some(), "{link:?}");
+        w.settle(Vec::new()).await;
+        assert_eq!(w.writes(), 1, "{conflict:?}: no ping-pong");
+        assert_eq!(
+            w.account(Side::Erp, "A1"),
+            Some((text("Contoso"), Value::Integer(100)))
+        );
+    }
+}
+
+/// A worker that dies between announcing a new pair and writing it leaves a provisional link:
+/// the pair is not linked for anyone else (an order referencing the customer syncs the
+/// customer first instead of trusting the link), and the redelivered create writes nothing
+/// twice.
+#[tokio::test]
+async fn a_crash_before_the_first_write_of_a_new_pair_leaves_it_unlinked_for_others() {
+    let (w, hooked) = hooked_world_with(vec![
+        accounts_map(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate),
+        orders_map(),
+    ]);
+    let create = w.edit_account(Side::Crm, "A1", Some("Contoso"), Some(100));
+    hooked.stall.store(true, Ordering::SeqCst);
+    let worker = {
+        let (engine, event) = (w.engine.clone(), create.clone());
+        tokio::spawn(async move { engine.process(&event).await })
+    };
+    hooked.stalled.notified().await;
+    worker.abort();
+    assert!(worker.await.unwrap_err().is_cancelled());
+
+    let announced = link_of(&w).await;
+    assert!(announced.provisional, "{announced:?}");
+    assert!(announced.erp_id.is_none() && announced.crm_id.is_some());
+    assert_eq!(
+        announced.crm.hash, None,
+        "the source side is not recorded yet"
+    );
+    assert!(matches!(
+        announced.pending,
+        Some(PendingWrite {
+            side: Side::Erp,
+            ..
+        })
+    ));
+    assert_eq!(w.writes(), 0);
+
+    // An F&O order for customer A1 meanwhile: the provisional link does not resolve the
+    // lookup; the customer is synced first, then the order is written to Dataverse.
+    let order = w.erp.edit(
+        "SalesOrders",
+        &RecordRef::Key(dualwrite_core::RecordKey::new([(
+            "SalesOrderNumber",
+            "SO1",
+        )])),
+        [("CustomerAccount".into(), text("A1"))],
+    );
+    let out = w.engine.process(&order).await.unwrap();
+    assert!(
+        matches!(out.maps[0].action, MapAction::Written { writes: 1, .. }),
+        "{out:?}"
+    );
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("Contoso"), Value::Integer(100)))
+    );
+    assert!(!link_of(&w).await.provisional);
+
+    // The redelivered create finds the pair linked and in step: nothing more is written.
+    w.clock
+        .advance(WorkerConfig::default().lease + Duration::from_secs(1));
+    let writes = w.writes();
+    w.engine.process_attempt(&create, 2).await.unwrap();
+    w.settle(Vec::new()).await;
+    assert_eq!(w.writes(), writes);
+    assert!(w.store.conflicts(false, 10).await.unwrap().is_empty());
+}
+
+/// The first write of a new pair refused for good deletes the provisional link with the
+/// commit that logs the error: no half pair is left behind.
+#[tokio::test]
+async fn a_new_pair_whose_write_is_refused_for_good_leaves_no_link() {
+    let (w, _hooked) = hooked_world(ConflictPolicy::LastWriterWins);
+    let create = w.edit_account(Side::Crm, "A1", Some("Contoso"), Some(100));
+    w.erp
+        .fail_next(dualwrite_core::ports::ConnectorErrorKind::BadRequest);
+    let out = w.engine.process(&create).await.unwrap();
+    assert!(
+        matches!(out.maps[0].action, MapAction::Failed { .. }),
+        "{out:?}"
+    );
+    assert_eq!(w.store.errors(10).await.unwrap().len(), 1);
+    assert_eq!(
+        w.store
+            .link("accounts", &IntegrationKey("A1".into()))
+            .await
+            .unwrap(),
+        None
+    );
 }

@@ -21,6 +21,7 @@ pub fn link(map: &str, key: &str, crm_id: Option<&str>, erp_id: Option<&str>) ->
         revision: 0,
         open_conflict: None,
         pending: None,
+        provisional: false,
         updated_at: t0(),
     }
 }
