@@ -33,7 +33,7 @@ use dualwrite_runtime::{
     LocalStack, LocalStackError, LocalStackOptions, RuntimeHandle, RuntimeStats,
 };
 use dualwrite_simulators::{
-    DataverseSim, EntraSim, FnoSim, WebhookAuth, WebhookMessage, WebhookRegistration,
+    DataverseSim, EntraSim, FnoSim, SimStats, WebhookAuth, WebhookMessage, WebhookRegistration,
 };
 use serde::Serialize;
 use serde_json::{Value as Json, json};
@@ -118,8 +118,20 @@ pub struct LiveReport {
     pub post_failures: u64,
     /// The pipeline's counters at the end (engine, queue, receivers).
     pub pipeline: RuntimeStats,
+    /// What the simulators served during the whole run (setup and check included): requests,
+    /// throttled (429), unauthorised and faulted ones.
+    pub simulators: SimulatorCounts,
     /// The first differences found by the check, in words.
     pub problems: Vec<String>,
+}
+
+/// The simulators' counters of one run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SimulatorCounts {
+    /// The Dataverse Web API simulator.
+    pub dataverse: SimStats,
+    /// The F&O OData simulator.
+    pub fno: SimStats,
 }
 
 /// Why the bench could not run to the end.
@@ -233,6 +245,10 @@ pub async fn run(
     wait_idle(&stage).await?;
     let check = check(&stage, options.events, &versions).await;
     let pipeline = stage.rt.stats().await;
+    let simulators = SimulatorCounts {
+        dataverse: stage.dv.stats(),
+        fno: stage.fno.stats(),
+    };
     stage.rt.shutdown().await;
 
     let mut latencies_ms: Vec<f64> = drive
@@ -286,6 +302,7 @@ pub async fn run(
         post_retries: drive.post_retries,
         post_failures: drive.post_failures,
         pipeline,
+        simulators,
         problems: check.problems,
     })
 }

@@ -87,13 +87,23 @@ pub fn parse_dataverse(
         if operation == Operation::Upsert {
             record.fields = fields;
         }
-        operation == Operation::Upsert
-            && (company == Company::Unknown
-                || !typed
-                || !cov
-                    .needed
-                    .iter()
-                    .all(|f| record.fields.contains_key(f.as_str())))
+        let missing = cov
+            .needed
+            .iter()
+            .find(|f| !record.fields.contains_key(f.as_str()));
+        let partial = operation == Operation::Upsert
+            && (company == Company::Unknown || !typed || missing.is_some());
+        if partial {
+            tracing::debug!(
+                entity = %entity_name,
+                id = %primary_id,
+                company_known = company != Company::Unknown,
+                typed,
+                missing = missing.map_or("", |f| f.as_str()),
+                "partial event: the worker reads the record"
+            );
+        }
+        partial
     };
 
     let modified = match record.get("modifiedon") {

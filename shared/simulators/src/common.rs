@@ -275,7 +275,7 @@ pub struct FaultConfig {
 }
 
 /// Observable counters of a simulator.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SimStats {
     /// HTTP requests received (each `$batch` counts as one).
     pub requests: u64,
