@@ -13,7 +13,10 @@
 //!    version and hash → [`SkipReason::Duplicate`]; the same hash → [`SkipReason::Echo`] (what
 //!    dualwrite wrote, or already applied; the link's version for the side may advance); the
 //!    hash of a write still in flight to that side ([`Link::pending`]) → [`SkipReason::Echo`]
-//!    too, with nothing to commit (the echo overtook the write's commit).
+//!    too, with nothing to commit (the echo overtook the write's commit). A provisional link
+//!    (a new pair whose first write is in flight, [`Link::provisional`]) holds no hash or
+//!    version, only that pending write: its echo is recognised the same way, and any other
+//!    change is decided as for a linked pair that has never been synced.
 //! 4. An open (manual) conflict on the pair → [`Decision::Park`].
 //! 5. Both sides changed since the last sync (or, without a link, both exist and differ) → the
 //!    map's [`ConflictPolicy`]. `last_writer_wins` compares the two records'
@@ -464,6 +467,7 @@ fn same_state(a: &Link, b: &Link) -> bool {
         && a.erp_id == b.erp_id
         && a.open_conflict == b.open_conflict
         && a.pending == b.pending
+        && a.provisional == b.provisional
 }
 
 fn resolve_conflict(
