@@ -110,8 +110,19 @@ fn data_event(
     let mut record = Record::new(&cov.entity);
     record.id = Some(key.to_string().into());
     record.company = company.map(Into::into);
-    let partial = operation == Operation::Upsert
-        && (!typed || !cov.needed.iter().all(|f| fields.contains_key(f.as_str())));
+    let missing = cov
+        .needed
+        .iter()
+        .find(|f| !fields.contains_key(f.as_str()));
+    let partial = operation == Operation::Upsert && (!typed || missing.is_some());
+    if partial {
+        tracing::debug!(
+            entity = %entity_name,
+            typed,
+            missing = missing.map_or("", |f| f.as_str()),
+            "partial event: the worker reads the record"
+        );
+    }
     let modified = match fields
         .get("ModifiedDateTime")
         .or_else(|| fields.get("modifiedon"))
