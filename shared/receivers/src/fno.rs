@@ -110,10 +110,7 @@ fn data_event(
     let mut record = Record::new(&cov.entity);
     record.id = Some(key.to_string().into());
     record.company = company.map(Into::into);
-    let missing = cov
-        .needed
-        .iter()
-        .find(|f| !fields.contains_key(f.as_str()));
+    let missing = cov.needed.iter().find(|f| !fields.contains_key(f.as_str()));
     let partial = operation == Operation::Upsert && (!typed || missing.is_some());
     if partial {
         tracing::debug!(
