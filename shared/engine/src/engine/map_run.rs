@@ -187,6 +187,18 @@ impl<'a> MapRun<'a> {
     async fn attempt(&mut self) -> Result<MapStep, Interrupt> {
         let now = self.engine.clock.now();
         let mut record = self.source_record().await?;
+        if !self.reread
+            && self.event.source == Side::Crm
+            && self.event.operation == Operation::Upsert
+            && !self
+                .engine
+                .resolve_company_reference(self.map, &mut record)
+                .await
+        {
+            // The webhook named the company by id and no link tells its code: read the row.
+            self.reread = true;
+            record = self.source_record().await?;
+        }
         self.complete_key_lookups(&mut record).await?;
         let (key, link) = self.key_and_link(&record).await?;
         let source_fields = SideFieldsAt::new(self.map, self.event.source, &record);
@@ -198,12 +210,34 @@ impl<'a> MapRun<'a> {
             key,
             link,
         };
+        if self.ties_with_other_values(&pair) {
+            // The event's version ties with the one the link holds (two changes within the
+            // clock's resolution, or a webhook without `versionnumber` against the Web API's
+            // row), yet it carries other values: which are current only the source can say.
+            // Read it rather than write values that may be the older ones.
+            self.reread = true;
+            return Err(Interrupt::Redecide);
+        }
         let decision = match self.decide_by_link_alone(&pair) {
             Some(d) => d,
             None => self.decide_with_other_side(&pair).await?,
         };
         debug!(event_id = %self.event.event_id, map = %self.map.name, key = %pair.key, decision = ?decision, "decided");
         self.execute(decision, pair).await
+    }
+
+    /// True when the event (not read) ties with the source version the link knows (see
+    /// [`dualwrite_core::SourceVersion::ties_with`]) and carries other values than the link's hash of that side.
+    fn ties_with_other_values(&self, pair: &Pair) -> bool {
+        if self.reread || self.event.operation != Operation::Upsert {
+            return false;
+        }
+        let Some(link) = &pair.link else {
+            return false;
+        };
+        let known = link.side(self.event.source);
+        matches!((pair.record.version, known.version), (Some(r), Some(k)) if r.ties_with(&k))
+            && known.hash.is_some_and(|h| h != pair.source_hash)
     }
 
     /// Step 1: the full, current source record. The event's own record on a first decision of
@@ -564,9 +598,9 @@ impl<'a> MapRun<'a> {
         Ok(())
     }
 
-    /// A failed write: classified like any connector failure; when it fails for good, the
-    /// commit logging it also clears the link's announcement of it (`announced`, the link as
-    /// stored), as no echo of it will come.
+    /// A failed write: classified like any connector failure; when it fails for good, or was
+    /// refused with a 412 and is decided again, the link's announcement of it (`announced`,
+    /// the link as stored) is cleared, as no echo of it will come.
     async fn write_failure(
         &self,
         key: &IntegrationKey,
@@ -592,7 +626,8 @@ impl<'a> MapRun<'a> {
                 }
             })
             .into_iter()
-            .collect();
+            .collect::<Vec<_>>();
+        let withdraw = cleanup.clone();
         let failure = self
             .engine
             .connector_failure(
@@ -608,6 +643,19 @@ impl<'a> MapRun<'a> {
             )
             .await;
         match failure {
+            // Refused before any change (412: the target moved since it was read): the write
+            // did not land, so no echo of it will come. Withdraw its announcement before
+            // deciding again, or the target's current values, were they the same, would pass
+            // for the echo of a write that never happened. A link that moved meanwhile was
+            // replaced already (the commit fails and changes nothing).
+            Ok(Failure::Redecide) => {
+                if !withdraw.is_empty()
+                    && let Err(e) = self.engine.commit(self.event, withdraw).await
+                {
+                    return Interrupt::Error(e);
+                }
+                Interrupt::Redecide
+            }
             Ok(failure) => failure.into(),
             Err(e) => Interrupt::Error(e),
         }
