@@ -278,7 +278,7 @@ fn flows_from(map: &TableMap, source: Side) -> bool {
 }
 
 fn is_older(record: Option<SourceVersion>, known: Option<SourceVersion>) -> bool {
-    matches!((record, known), (Some(r), Some(k)) if r < k)
+    matches!((record, known), (Some(r), Some(k)) if r.is_older_than(&k))
 }
 
 fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {

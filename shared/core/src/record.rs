@@ -56,6 +56,24 @@ pub struct SourceVersion {
     pub sequence: i64,
 }
 
+impl SourceVersion {
+    /// Strictly older than `other`: an earlier time, or the same time and a lower sequence
+    /// when both know theirs. The same time with a sequence unknown on either side is a tie
+    /// (a webhook image carries no `versionnumber`, the Web API's row does).
+    pub fn is_older_than(&self, other: &SourceVersion) -> bool {
+        self.modified_on < other.modified_on
+            || (self.modified_on == other.modified_on
+                && self.sequence != 0
+                && other.sequence != 0
+                && self.sequence < other.sequence)
+    }
+
+    /// Neither older nor newer than `other` (see [`SourceVersion::is_older_than`]).
+    pub fn ties_with(&self, other: &SourceVersion) -> bool {
+        !self.is_older_than(other) && !other.is_older_than(self)
+    }
+}
+
 /// A record's key as field/value pairs, in the order the map declares them.
 ///
 /// Rendered as `field='value',field2='value2'`, the OData key syntax.
@@ -183,6 +201,24 @@ fn push_escaped_char(out: &mut String, c: char) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_order_by_time_then_by_sequence_when_both_know_one() {
+        let t = |ms| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        let v = |ms, sequence| SourceVersion {
+            modified_on: t(ms),
+            sequence,
+        };
+        assert!(v(1, 9).is_older_than(&v(2, 1)));
+        assert!(v(1, 1).is_older_than(&v(1, 2)));
+        assert!(!v(1, 2).is_older_than(&v(1, 1)));
+        // A webhook image without `versionnumber` (0) ties with the Web API's row.
+        assert!(!v(1, 0).is_older_than(&v(1, 7)));
+        assert!(v(1, 0).ties_with(&v(1, 7)));
+        assert!(v(1, 3).ties_with(&v(1, 3)));
+        assert!(!v(1, 3).ties_with(&v(1, 4)));
+        assert!(!v(1, 0).ties_with(&v(2, 0)));
+    }
 
     #[test]
     fn empty_parts_keep_their_place() {

@@ -959,6 +959,47 @@ impl Engine {
         Ok(())
     }
 
+    /// Dataverse webhooks name a row's owning company by id only (`msdyn_company` is an
+    /// EntityReference without the company code): gives `record` its company code through
+    /// the link of the company row (`cdm_companies`) by its Dataverse id. Returns `false` when
+    /// the company stays unknown (not linked yet, or the store could not say): the caller then
+    /// reads the row, whose read resolves the company. `true` when resolved or nothing to do.
+    pub async fn resolve_company_reference(&self, map: &TableMap, record: &mut Record) -> bool {
+        let Some(field) = &map.crm.company_field else {
+            return true;
+        };
+        if record.company.is_some() {
+            return true;
+        }
+        let reference = match record.fields.get(field.as_str()) {
+            Some(Value::Lookup(r)) => r.clone(),
+            // No column (a partial event reads the row anyway) or a null company: nothing to do.
+            _ => return true,
+        };
+        let Some(id) = &reference.id else {
+            return false;
+        };
+        for companies in self
+            .maps
+            .iter()
+            .filter(|m| m.crm.entity_set == reference.entity_set)
+        {
+            let linked = self
+                .store
+                .link_by_id(&companies.name, Side::Crm, id)
+                .await
+                .map(|l| l.and_then(Link::linked));
+            if let Ok(Some(link)) = linked {
+                let key = record_key(companies, Side::Crm, &link.key);
+                if let Some(code) = companies.crm.key.first().and_then(|f| key.get(f)) {
+                    record.company = Some(code.into());
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// True when the link of `map`/`key` is no longer at `revision` (0: absent).
     async fn link_moved(
         &self,

@@ -143,6 +143,8 @@ pub struct Coverage {
     erp_names: BTreeMap<String, String>,
     /// Dataverse logical name → entity set, for every table any map names.
     entity_sets: BTreeMap<String, String>,
+    /// The Dataverse steps' post images are registered with all columns.
+    complete_post_images: bool,
 }
 
 impl Coverage {
@@ -229,6 +231,20 @@ impl Coverage {
                 }
             }
         }
+    }
+
+    /// States that the Dataverse webhook steps' post images are registered with all columns
+    /// (an image registered without choosing attributes). Dataverse leaves null columns out of
+    /// images, so with this a column an event's post image lacks is null and the event is
+    /// complete without a read; without it (the default) such an event is partial.
+    pub fn with_complete_post_images(mut self, complete: bool) -> Self {
+        self.complete_post_images = complete;
+        self
+    }
+
+    /// Whether the Dataverse steps' post images carry every non-null column.
+    pub fn complete_post_images(&self) -> bool {
+        self.complete_post_images
     }
 
     /// The covered Dataverse table with this logical name.

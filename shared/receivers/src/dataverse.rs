@@ -28,7 +28,10 @@ const DATAVERSE_MESSAGES: Messages = Messages {
 ///
 /// - Create/Update: the Target's attributes, overlaid with every post image. The event is
 ///   complete (`partial: false`) only when it carries every column the maps read from the table
-///   and the owning company is known; otherwise the worker reads the record. Values are
+///   and the owning company (by code, or by id for the worker to resolve through the company's
+///   link); otherwise the worker reads the record. When the steps' post images are registered
+///   with all columns ([`Coverage::with_complete_post_images`]), a column an event with a post
+///   image lacks is null (Dataverse leaves null columns out of images). Values are
 ///   converted to the types the maps declare, as the connector types what it reads; an event
 ///   with a value that does not convert is partial too.
 /// - Delete: the Target is an EntityReference; the company comes from a pre image if any.
@@ -78,6 +81,14 @@ pub fn parse_dataverse(
         let mut fields = Fields::new();
         for (path, entity) in &sources {
             fields.extend(entity_attributes(entity, path, coverage)?);
+        }
+        if operation == Operation::Upsert && coverage.complete_post_images() && sources.len() > 1 {
+            // The post image is registered with all columns: a column it lacks is null.
+            for name in &cov.needed {
+                if Some(name) != cov.company_field.as_ref() && !fields.contains_key(name.as_str()) {
+                    fields.insert(name.as_str(), Value::Null);
+                }
+            }
         }
         let typed = conform_to_declared_types(&mut fields, &cov.types);
         let company = company_of(cov, &sources)?;
@@ -129,7 +140,10 @@ enum Company {
     None,
     /// The company code (`cdm_companycode`).
     Code(String),
-    /// The column is absent or refers to the company by GUID only: the worker reads it.
+    /// The column refers to the company by GUID only: the worker resolves it through the
+    /// company's link, else reads the row.
+    ById,
+    /// The column is absent: the worker reads the row.
     Unknown,
 }
 
@@ -137,7 +151,7 @@ impl Company {
     fn code(&self) -> Option<&str> {
         match self {
             Company::Code(c) => Some(c),
-            Company::None | Company::Unknown => None,
+            Company::None | Company::ById | Company::Unknown => None,
         }
     }
 }
@@ -169,7 +183,13 @@ fn company_of(cov: &CrmCoverage, sources: &[(String, &Obj)]) -> Result<Company, 
         .and_then(|(_, v)| v.as_str())
         .filter(|c| !c.is_empty());
     let by_name = opt_str(reference, "Name", column)?.filter(|c| !c.is_empty());
-    Ok(by_key
-        .or(by_name)
-        .map_or(Company::Unknown, |c| Company::Code(c.to_string())))
+    if let Some(code) = by_key.or(by_name) {
+        return Ok(Company::Code(code.to_string()));
+    }
+    // By id only: the column's lookup value carries the id and the worker finds the code
+    // through the company's link (or reads the row when the company is not linked).
+    Ok(match opt_str(reference, "Id", column)? {
+        Some(id) if !id.is_empty() => Company::ById,
+        _ => Company::Unknown,
+    })
 }

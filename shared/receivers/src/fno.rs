@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, FixedOffset, Utc};
 use dualwrite_core::{
     ChangeEvent, Fields, Operation, Record, RecordKey, Side, SmolStr, SourceVersion, Value,
+    ValueType,
 };
 use serde_json::Value as Json;
 
@@ -50,8 +51,9 @@ const DATA_EVENT_MESSAGES: Messages = Messages {
 /// through `coverage`; field names (`mserp_customeraccount`) are mapped back to the names the
 /// maps use (`CustomerAccount`), unknown ones are kept as sent. Values come from the pre
 /// images, then the Target, then the post images (later wins). F&O drops null date-times from
-/// data events, so a missing field does not mean null: an event that lacks any field the maps
-/// read is `partial` and the worker reads the record. Values are converted to the types the
+/// data events and sends every other field: a date-time the maps read and the event lacks is
+/// null; an event that lacks any other field the maps read is `partial` and the worker reads
+/// the record. Values are converted to the types the
 /// maps declare (see `conform_to_declared_types`); an event with a value that does not convert
 /// is `partial` too. The company is `dataAreaId`
 /// (lower-cased, as F&O returns it) and the record id is the rendered key
@@ -110,6 +112,20 @@ fn data_event(
     let mut record = Record::new(&cov.entity);
     record.id = Some(key.to_string().into());
     record.company = company.map(Into::into);
+    // F&O drops null date-times from data events (its other fields always hold a value), so
+    // a date-time the maps read and the event lacks is null; any other missing field means
+    // the event does not carry the whole row.
+    if operation == Operation::Upsert {
+        for name in &cov.needed {
+            let is_datetime = matches!(
+                cov.types.get(name),
+                Some(ValueType::Date | ValueType::DateTime)
+            );
+            if is_datetime && !fields.contains_key(name.as_str()) {
+                fields.insert(name.as_str(), Value::Null);
+            }
+        }
+    }
     let missing = cov.needed.iter().find(|f| !fields.contains_key(f.as_str()));
     let partial = operation == Operation::Upsert && (!typed || missing.is_some());
     if partial {

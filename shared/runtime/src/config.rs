@@ -105,6 +105,12 @@ pub struct RawWebhookSecret {
     /// (`?code=`). F&O: default `x-dualwrite-secret`.
     #[serde(default)]
     pub header: Option<String>,
+    /// Dataverse only: `true` when the webhook steps' post images are registered with all
+    /// columns (no attributes chosen). Dataverse leaves null columns out of images, so then a
+    /// column missing from a post image is null and the worker need not read the row.
+    /// Default `false`: an event missing a mapped column is read back from Dataverse.
+    #[serde(default)]
+    pub post_image_all_columns: Option<bool>,
 }
 
 /// Worker settings.
@@ -173,6 +179,8 @@ pub struct Config {
     pub dataverse_auth: SourceAuth,
     /// What F&O events must present.
     pub fno_auth: SourceAuth,
+    /// The Dataverse steps' post images are registered with all columns.
+    pub dataverse_post_image_all_columns: bool,
     /// Worker settings.
     pub worker: WorkerSettings,
     /// The catch-up poll, if any.
@@ -388,6 +396,13 @@ impl RawConfig {
             env,
             &mut p,
         );
+        if self.webhooks.fno.post_image_all_columns.is_some() {
+            p.push(
+                "webhooks.fno.post_image_all_columns",
+                "applies to Dataverse webhooks only (F&O data events carry no post image); \
+                 move it to webhooks.dataverse",
+            );
+        }
         if !(1..=64).contains(&self.worker.concurrency) {
             p.push(
                 "worker.concurrency",
@@ -437,6 +452,11 @@ impl RawConfig {
                     fno,
                     dataverse_auth: da,
                     fno_auth: fa,
+                    dataverse_post_image_all_columns: self
+                        .webhooks
+                        .dataverse
+                        .post_image_all_columns
+                        .unwrap_or(false),
                     worker: WorkerSettings {
                         concurrency: self.worker.concurrency,
                         visibility_timeout: Duration::from_secs(self.worker.visibility_timeout),

@@ -205,7 +205,7 @@ impl LocalStack {
              maps:\n  source: {map_source}\n  enabled: [{enabled}]\n\
              dataverse:\n  url: {dv_url}\n  tenant: {tenant}\n  client_id: {client_id}\n  client_secret_env: {CLIENT_SECRET_ENV}\n  token_url: {authority}\n\
              fno:\n  url: {fno_url}\n  tenant: {tenant}\n  client_id: {client_id}\n  client_secret_env: {CLIENT_SECRET_ENV}\n  token_url: {authority}\n\
-             webhooks:\n  dataverse:\n    secret_env: {DATAVERSE_WEBHOOK_SECRET_ENV}\n  fno:\n    secret_env: {FNO_WEBHOOK_SECRET_ENV}\n\
+             webhooks:\n  dataverse:\n    secret_env: {DATAVERSE_WEBHOOK_SECRET_ENV}\n    post_image_all_columns: true\n  fno:\n    secret_env: {FNO_WEBHOOK_SECRET_ENV}\n\
              worker:\n  concurrency: {workers}\n  visibility_timeout: {visibility}\n  max_attempts: 8\n",
             name = options.name,
             enabled = enabled.join(", "),
@@ -346,10 +346,27 @@ pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
             key.push("dataAreaId".to_string());
         }
         key.extend(m.erp.key.iter().cloned());
+        // The entity's fields: every field any map names (the maps are what the local run knows
+        // of F&O's schema), date-times apart.
+        let (mut datetime_fields, mut fields) = (BTreeSet::new(), BTreeSet::new());
+        for f in maps
+            .iter()
+            .filter(|other| other.erp.entity == m.erp.entity)
+            .flat_map(|other| other.fields.iter())
+            .filter_map(|f| f.erp.as_ref())
+            .filter(|f| !key.contains(&f.name))
+        {
+            match f.ty {
+                ValueType::Date | ValueType::DateTime => datetime_fields.insert(f.name.clone()),
+                _ => fields.insert(f.name.clone()),
+            };
+        }
         out.push(FnoEntityDef {
             entity_set: m.erp.entity.clone(),
             key_fields: key,
             modified_field: Some("ModifiedDateTime".into()),
+            datetime_fields: datetime_fields.into_iter().collect(),
+            fields: fields.into_iter().collect(),
         });
     }
     out

@@ -456,7 +456,8 @@ impl Runtime {
         let receiver = Arc::new(ReceiverConfig::new(
             config.dataverse_auth.clone(),
             config.fno_auth.clone(),
-            Coverage::from_maps(&config.maps),
+            Coverage::from_maps(&config.maps)
+                .with_complete_post_images(config.dataverse_post_image_all_columns),
         ));
         let inbound: Arc<dyn WorkQueue> = work.clone();
         let shared = Arc::new(Shared {

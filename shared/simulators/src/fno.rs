@@ -36,6 +36,14 @@ pub struct FnoEntityDef {
     pub key_fields: Vec<String>,
     /// A field the simulator sets to the time of every write (e.g. `ModifiedDateTime`).
     pub modified_field: Option<String>,
+    /// The entity's date and date-time fields. F&O drops *null* date-times from data events;
+    /// every other field of the row is sent, null or not (F&O fields other than date-times
+    /// always hold a value: "", 0, `No`; the simulator keeps what was written).
+    pub datetime_fields: Vec<String>,
+    /// The entity's other fields. A row created without one of them holds it empty (null in
+    /// the simulator, where F&O holds "" / 0 / `No`), so reads and data events show the
+    /// entity's whole field set, as F&O's do.
+    pub fields: Vec<String>,
 }
 
 /// Change kinds an event endpoint can subscribe to.
@@ -130,6 +138,38 @@ struct FRow {
 struct Entity {
     def: FnoEntityDef,
     rows: BTreeMap<Vec<String>, FRow>,
+    /// `def.datetime_fields` plus the modified field, shared with the changes of the entity.
+    datetimes: Arc<[String]>,
+}
+
+impl Entity {
+    /// Gives `row` every field of the entity it lacks, empty.
+    fn fill_empty_fields(&self, row: &mut Row) {
+        for f in self
+            .def
+            .fields
+            .iter()
+            .chain(self.def.datetime_fields.iter())
+        {
+            if !row.contains_key(f) {
+                row.insert(f.clone(), Value::Null);
+            }
+        }
+    }
+
+    fn new(def: FnoEntityDef) -> Self {
+        let datetimes = def
+            .datetime_fields
+            .iter()
+            .chain(def.modified_field.iter())
+            .cloned()
+            .collect();
+        Entity {
+            def,
+            rows: BTreeMap::new(),
+            datetimes,
+        }
+    }
 }
 
 impl Entity {
@@ -159,6 +199,8 @@ struct Change {
     message: FnoMessage,
     row: FRow,
     pre: Option<FRow>,
+    /// The entity's date-time fields (dropped from data events when null).
+    datetimes: Arc<[String]>,
 }
 
 /// Undo log entry: entity set, key, previous row.
@@ -270,11 +312,13 @@ impl FnoState {
             undo.push((set.to_owned(), key, prev.clone()));
         }
         if let Some(r) = change_row {
+            let datetimes = entity.datetimes.clone();
             store.pending.push(Change {
                 entity: set.to_owned(),
                 message,
                 row: r,
                 pre: prev,
+                datetimes,
             });
         }
     }
@@ -379,6 +423,7 @@ impl FnoState {
                     );
                 }
                 body.retain(|k, _| !k.starts_with('@'));
+                entity.fill_empty_fields(&mut body);
                 if let Some(m) = &entity.def.modified_field {
                     body.insert(
                         m.clone(),
@@ -423,7 +468,9 @@ impl FnoState {
                 };
                 body.retain(|k, _| !k.starts_with('@'));
                 let mut data = if *m == Method::PUT {
-                    Row::new()
+                    let mut empty = Row::new();
+                    entity.fill_empty_fields(&mut empty);
+                    empty
                 } else {
                     existing.data.clone()
                 };
@@ -649,7 +696,7 @@ fn data_event(c: &Change) -> Value {
         let mut v: Vec<Value> = row
             .data
             .iter()
-            .filter(|(_, v)| !v.is_null())
+            .filter(|(k, v)| !(v.is_null() && c.datetimes.contains(k)))
             .map(|(k, v)| json!({"key": format!("mserp_{}", k.to_lowercase()), "value": v}))
             .collect();
         v.push(json!({"key": format!("{logical}id"), "value": row.guid}));
@@ -891,13 +938,9 @@ impl FnoSim {
     pub async fn start(config: FnoConfig) -> Result<Self, SimError> {
         let mut store = Store::default();
         for e in &config.entities {
-            store.entities.insert(
-                e.entity_set.clone(),
-                Entity {
-                    def: e.clone(),
-                    rows: BTreeMap::new(),
-                },
-            );
+            store
+                .entities
+                .insert(e.entity_set.clone(), Entity::new(e.clone()));
         }
         let state = Arc::new(FnoState {
             store: Mutex::new(store),
@@ -930,13 +973,9 @@ impl FnoSim {
     /// Defines (or redefines, emptying it) a data entity.
     pub fn define_entity(&self, def: FnoEntityDef) {
         let mut store = self.state.store.lock().unwrap_or_else(|e| e.into_inner());
-        store.entities.insert(
-            def.entity_set.clone(),
-            Entity {
-                def,
-                rows: BTreeMap::new(),
-            },
-        );
+        store
+            .entities
+            .insert(def.entity_set.clone(), Entity::new(def));
     }
 
     /// Registers an event endpoint.

@@ -91,6 +91,8 @@ impl Env {
             entity_set: set.into(),
             key_fields: keys.iter().map(|k| k.to_string()).collect(),
             modified_field: modified.map(str::to_string),
+            datetime_fields: Vec::new(),
+            fields: Vec::new(),
         };
         let fno = sim::FnoSim::start(sim::FnoConfig {
             entities: vec![

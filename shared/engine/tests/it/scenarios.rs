@@ -90,6 +90,34 @@ async fn an_older_change_after_a_newer_one_is_dropped() {
 }
 
 #[tokio::test]
+async fn two_changes_with_the_same_version_are_settled_by_reading_the_source() {
+    // Two edits within the clock's resolution (or a webhook without `versionnumber`): the
+    // versions tie. The older values delivered last must not overwrite the newer ones.
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    let mut old = w.edit_account(Side::Crm, "A1", Some("Old"), Some(1));
+    w.tick();
+    let new = w.edit_account(Side::Crm, "A1", Some("New"), None);
+    old.record.version = new.record.version;
+    w.engine.process(&new).await.unwrap();
+    let reads = w.crm.read_count();
+    let out = w.engine.process(&old).await.unwrap();
+    assert!(
+        matches!(action(&out), MapAction::Skipped(_)),
+        "the source says New is current: {out:?}"
+    );
+    assert_eq!(
+        w.crm.read_count(),
+        reads + 1,
+        "the tie is settled by one read"
+    );
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("New"), Value::Integer(1)))
+    );
+    assert_eq!(w.erp.write_count(), 1);
+}
+
+#[tokio::test]
 async fn the_same_event_delivered_many_times_writes_once() {
     let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
     let ev = w.edit_account(Side::Crm, "A1", Some("Contoso"), None);

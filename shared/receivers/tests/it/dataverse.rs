@@ -152,14 +152,78 @@ fn create_with_typed_values_and_full_post_image() {
 }
 
 #[test]
-fn company_given_by_guid_only_leaves_company_unknown_and_event_partial() {
+fn company_given_by_guid_only_is_left_for_the_worker_to_resolve() {
+    // The Target names the company by id only (no code, no name): the event is complete, its
+    // company lookup carries the id, and the worker finds the code through the company's link.
     let body = edited(ACCOUNT_CREATE, |v| v["PostEntityImages"] = json!([]));
+    let ev = event_of(parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap()).event;
+    assert_eq!(ev.record.company, None);
+    assert_eq!(
+        ev.record.get("msdyn_company"),
+        Some(&Value::Lookup(Arc::new(LookupRef {
+            entity_set: "cdm_company".into(),
+            id: Some("1c2d3e4f-e89e-e711-8122-000d3aa2331c".into()),
+            key: None,
+        })))
+    );
+    assert!(!ev.partial, "every needed column is there: {ev:?}");
+}
+
+#[test]
+fn an_event_without_its_company_column_is_partial() {
+    let body = edited(ACCOUNT_CREATE, |v| {
+        v["PostEntityImages"] = json!([]);
+        let attrs = v["InputParameters"][0]["value"]["Attributes"]
+            .as_array_mut()
+            .unwrap();
+        attrs.retain(|a| a["key"] != "msdyn_company");
+    });
     let ev = event_of(parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap()).event;
     assert_eq!(ev.record.company, None);
     assert!(
         ev.partial,
         "the worker must read the record to learn its company"
     );
+}
+
+/// The account create with `name` left out of the Target and the post image (Dataverse leaves
+/// null columns out of images).
+fn create_without_name(keep_post_image: bool) -> String {
+    edited(ACCOUNT_CREATE, |v| {
+        let strip = |entity: &mut serde_json::Value| {
+            entity["Attributes"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|a| a["key"] != "name");
+        };
+        strip(&mut v["InputParameters"][0]["value"]);
+        if keep_post_image {
+            strip(&mut v["PostEntityImages"][0]["value"]);
+        } else {
+            v["PostEntityImages"] = json!([]);
+        }
+    })
+}
+
+#[test]
+fn a_missing_column_is_null_only_when_post_images_carry_all_columns() {
+    let body = create_without_name(true);
+    // Default: a post image may have been registered with chosen columns, so a missing column
+    // is unknown and the worker reads the row.
+    let ev = event_of(parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap()).event;
+    assert!(ev.partial);
+    assert_eq!(ev.record.get("name"), None);
+
+    // Images registered with all columns: the missing column is null, the event complete.
+    let all_columns = coverage().with_complete_post_images(true);
+    let ev = event_of(parse_dataverse(&dataverse(&body), &all_columns, now()).unwrap()).event;
+    assert!(!ev.partial, "{ev:?}");
+    assert_eq!(ev.record.get("name"), Some(&Value::Null));
+
+    // Without a post image the Target holds only what changed: still partial.
+    let body = create_without_name(false);
+    let ev = event_of(parse_dataverse(&dataverse(&body), &all_columns, now()).unwrap()).event;
+    assert!(ev.partial);
 }
 
 #[test]

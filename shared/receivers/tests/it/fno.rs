@@ -78,8 +78,8 @@ fn data_event_maps_the_virtual_entity_back_to_the_fno_entity() {
 
 #[test]
 fn data_event_missing_a_mapped_field_is_partial_not_null() {
-    // F&O drops null date-times (and the field is then absent): absent is not null, the
-    // worker reads the record.
+    // F&O sends every field but null date-times: a text field absent means the event does
+    // not carry the row (e.g. a trimmed payload), the worker reads the record.
     let body = edited(FNO_DATA_EVENT, |v| {
         v["InputParameters"][0]["value"]["Attributes"]
             .as_array_mut()
@@ -89,6 +89,25 @@ fn data_event_missing_a_mapped_field_is_partial_not_null() {
     let ev = event_of(parse_data_event(&fno(&body), &coverage(), now()).unwrap()).event;
     assert_eq!(ev.record.get("SalesCurrencyCode"), None);
     assert!(ev.partial);
+}
+
+#[test]
+fn data_event_missing_a_date_time_reads_it_as_null() {
+    // The fixture has no LastInvoiceDateTime: F&O drops null date-times from data events.
+    // With the enum sent as the symbol the connector reads, the event is complete.
+    let body = edited(FNO_DATA_EVENT, |v| {
+        for a in v["InputParameters"][0]["value"]["Attributes"]
+            .as_array_mut()
+            .unwrap()
+        {
+            if a["key"] == "mserp_creditlimitismandatory" {
+                a["value"] = json!("Yes");
+            }
+        }
+    });
+    let ev = event_of(parse_data_event(&fno(&body), &coverage(), now()).unwrap()).event;
+    assert_eq!(ev.record.get("LastInvoiceDateTime"), Some(&Value::Null));
+    assert!(!ev.partial, "{ev:?}");
 }
 
 #[test]

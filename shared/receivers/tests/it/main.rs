@@ -196,6 +196,17 @@ pub fn test_maps() -> Vec<TableMap> {
                     ValueType::Text,
                     ValueType::Choice,
                 ),
+                // A date-time F&O leaves out of data events when null.
+                typed(
+                    field(
+                        Some("LastInvoiceDateTime"),
+                        Some("msdyn_lastinvoicedate"),
+                        ErpToCrm,
+                        false,
+                    ),
+                    ValueType::DateTime,
+                    ValueType::DateTime,
+                ),
             ],
         ),
         map(

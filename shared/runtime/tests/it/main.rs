@@ -80,6 +80,29 @@ fn every_config_problem_is_reported_at_once() {
 }
 
 #[test]
+fn post_image_all_columns_is_a_dataverse_setting_off_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(!config(dir.path()).dataverse_post_image_all_columns);
+    let on = yaml("state.db").replace(
+        "    secret_env: T_DV_HOOK\n",
+        "    secret_env: T_DV_HOOK\n    post_image_all_columns: true\n",
+    );
+    let c = Config::parse(&on, "t.yaml", dir.path(), &env()).expect("valid");
+    assert!(c.dataverse_post_image_all_columns);
+
+    let misplaced = yaml("state.db").replace(
+        "    secret_env: T_FNO_HOOK\n",
+        "    secret_env: T_FNO_HOOK\n    post_image_all_columns: true\n",
+    );
+    let err = Config::parse(&misplaced, "t.yaml", dir.path(), &env()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("webhooks.fno.post_image_all_columns") && text.contains("Dataverse"),
+        "{text}"
+    );
+}
+
+#[test]
 fn unknown_keys_are_refused_with_their_name() {
     let text = yaml("a.db").replace("db: a.db", "db: a.db\ndbb: typo");
     let err = Config::parse(&text, "t.yaml", Path::new("."), &env()).unwrap_err();

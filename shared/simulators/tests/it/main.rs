@@ -727,6 +727,8 @@ fn customers() -> FnoEntityDef {
         entity_set: "CustomersV3".into(),
         key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
         modified_field: Some("ModifiedDateTime".into()),
+        datetime_fields: Vec::new(),
+        fields: Vec::new(),
     }
 }
 
