@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use dualwrite_core::decision::SkipReason;
 use dualwrite_core::map::{ConflictPolicy, DeletePolicy};
 use dualwrite_core::ports::{
-    Connector, ConnectorError, JournalStore, Link, LinkStore, Page, PendingWrite, Query, RecordRef,
-    WriteCondition, WriteOutcome,
+    Connector, ConnectorError, ConnectorErrorKind, JournalStore, Link, LinkStore, Page,
+    PendingWrite, Query, RecordRef, WriteCondition, WriteOutcome,
 };
 use dualwrite_core::{ChangeEvent, IntegrationKey, Record, Side, Value};
 use dualwrite_engine::memory::{MemoryConnector, MemoryStore};
@@ -47,6 +47,9 @@ struct Hooked {
     /// before its write reached F&O).
     stall: AtomicBool,
     stalled: Notify,
+    /// When set, a person makes the next upsert's very edit first, and the upsert is then
+    /// refused with 412 (the target moved since the writer read it).
+    refuse_after_person_edit: AtomicBool,
 }
 
 impl Hooked {
@@ -83,6 +86,12 @@ impl Connector for Hooked {
         if self.stall.swap(false, Ordering::SeqCst) {
             self.stalled.notify_one();
             std::future::pending::<()>().await;
+        }
+        if self.refuse_after_person_edit.swap(false, Ordering::SeqCst) {
+            self.inner
+                .upsert(entity, at, record, WriteCondition::None)
+                .await?;
+            self.inner.fail_next(ConnectorErrorKind::PreconditionFailed);
         }
         let out = self.inner.upsert(entity, at, record, condition).await?;
         let after = std::mem::replace(&mut *self.after_write.lock().unwrap(), AfterWrite::Proceed);
@@ -140,6 +149,7 @@ fn hooked_world_with(maps: Vec<dualwrite_core::map::TableMap>) -> (World, Arc<Ho
         outcomes: Mutex::new(Vec::new()),
         stall: AtomicBool::new(false),
         stalled: Notify::new(),
+        refuse_after_person_edit: AtomicBool::new(false),
     });
     let store = Arc::new(MemoryStore::new());
     let engine = Arc::new(Engine::new(
@@ -503,4 +513,44 @@ async fn a_new_pair_whose_write_is_refused_for_good_leaves_no_link() {
             .unwrap(),
         None
     );
+}
+
+/// A write refused with 412 did not land: its announcement must not outlive it. Here F&O's
+/// older edit loses to a newer CRM value; the write of that value to F&O is refused because a
+/// person made the very same edit meanwhile. Deciding again, F&O's current values are the
+/// announced ones: with the announcement left in place they passed for the echo of a write
+/// that never happened, nothing was committed, and the stale announcement kept hiding F&O's
+/// real changes (a case the convergence property found).
+#[tokio::test]
+async fn a_write_refused_with_412_leaves_no_announcement_behind() {
+    let (w, hooked) = linked(ConflictPolicy::LastWriterWins).await;
+    let older_erp_edit = w.edit_account(Side::Erp, "A1", None, Some(200));
+    w.tick();
+    w.edit_account(Side::Crm, "A1", Some("New"), None);
+    hooked
+        .refuse_after_person_edit
+        .store(true, Ordering::SeqCst);
+
+    let out = w.engine.process(&older_erp_edit).await.unwrap();
+    assert!(
+        matches!(
+            out.maps[0].action,
+            MapAction::Skipped(_) | MapAction::Written { writes: 0, .. }
+        ),
+        "F&O already holds the CRM values: nothing left to write: {out:?}"
+    );
+    assert!(
+        w.engine.stats().redecisions >= 1,
+        "the 412 was decided again"
+    );
+    let link = link_of(&w).await;
+    assert_eq!(
+        link.pending, None,
+        "the refused write's announcement is gone"
+    );
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("New"), Value::Integer(100)))
+    );
+    assert_eq!(w.account(Side::Crm, "A1"), w.account(Side::Erp, "A1"));
 }
