@@ -428,6 +428,46 @@ impl Engine {
         Ok(self.process(&event).await?)
     }
 
+    /// Recognises, before it is queued, a change whose effect the store already records: the
+    /// echo of dualwrite's own write (its mapped fields hash to what the link holds, or to the
+    /// write in flight), a duplicate of a change already applied, or a change older than the
+    /// version applied (stale). Such a change needs no processing, so a receiver may answer it
+    /// without queueing it: nothing is lost, as processing it would only skip it.
+    ///
+    /// The same steps and the same [`decide`] as the worker's decision from the link alone,
+    /// with reads of the store only (no connector call, no write): `None` whenever that is not
+    /// enough to be sure — a partial event or a delete, no link, a company or key lookup known
+    /// by id only and not linked, a version tying with the link's with other values, any
+    /// decision but such a skip with nothing to commit (an echo that would advance the link's
+    /// version is queued), a store error. Every map covering the record must agree.
+    ///
+    /// [`decide`]: dualwrite_core::decision::decide
+    pub async fn settled(&self, event: &ChangeEvent) -> Option<SkipReason> {
+        if event.partial || event.operation != Operation::Upsert {
+            return None;
+        }
+        let maps = self.maps_for(event.source, &event.record.entity);
+        let mut found = None;
+        for map in maps {
+            let reason = MapRun::new(self, map, event, false, 0, 1).settled().await?;
+            // Reported as the weakest reason any map found: an echo under one map and stale
+            // under another is reported stale.
+            found = Some(match (found, reason) {
+                (Some(SkipReason::Stale), _) | (_, SkipReason::Stale) => SkipReason::Stale,
+                (Some(SkipReason::Echo), _) | (_, SkipReason::Echo) => SkipReason::Echo,
+                _ => reason,
+            });
+        }
+        let reason = found?;
+        self.stats.inc(Counter::Screened);
+        self.stats.inc(match reason {
+            SkipReason::Stale => Counter::StaleDropped,
+            _ => Counter::EchoesSuppressed,
+        });
+        debug!(event_id = %event.event_id, reason = reason.as_str(), "change settled on arrival");
+        Some(reason)
+    }
+
     /// Processes one event, first delivery. See [`Engine::process_attempt`].
     ///
     /// # Errors
@@ -916,6 +956,17 @@ impl Engine {
         map: &TableMap,
         record: &mut Record,
     ) -> Result<(), ConnectorError> {
+        self.complete_key_lookups_with(map, record, true).await
+    }
+
+    /// [`Engine::complete_key_lookups`]; with `read_unlinked` false a lookup whose referenced
+    /// row is not linked is left as it is instead of reading that row (no connector call).
+    async fn complete_key_lookups_with(
+        &self,
+        map: &TableMap,
+        record: &mut Record,
+        read_unlinked: bool,
+    ) -> Result<(), ConnectorError> {
         for fm in map.fields.iter().filter(|f| f.lookup.is_some()) {
             let Some(field) = &fm.crm else { continue };
             if !map.crm.key.contains(&field.name) {
@@ -942,6 +993,7 @@ impl Engine {
                     .map(|l| l.and_then(Link::linked));
                 let key = match linked {
                     Ok(Some(link)) => Some(link.key),
+                    Ok(None) | Err(_) if !read_unlinked => None,
                     Ok(None) | Err(_) => self
                         .crm
                         .read(&target.crm.entity_set, &RecordRef::Id(id.clone()))

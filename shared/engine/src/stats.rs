@@ -20,6 +20,7 @@ pub struct EngineStats {
     errors: AtomicU64,
     redecisions: AtomicU64,
     dependencies_synced: AtomicU64,
+    screened: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -51,6 +52,9 @@ pub struct StatsSnapshot {
     pub redecisions: u64,
     /// Referenced records synced on the spot to resolve a lookup.
     pub dependencies_synced: u64,
+    /// Changes recognised on arrival as settled (echo, duplicate, stale: also counted there)
+    /// and answered without being queued ([`crate::Engine::settled`]).
+    pub screened: u64,
 }
 
 /// One counter.
@@ -69,6 +73,7 @@ pub(crate) enum Counter {
     Errors,
     Redecisions,
     DependenciesSynced,
+    Screened,
 }
 
 impl EngineStats {
@@ -87,6 +92,7 @@ impl EngineStats {
             Counter::Errors => &self.errors,
             Counter::Redecisions => &self.redecisions,
             Counter::DependenciesSynced => &self.dependencies_synced,
+            Counter::Screened => &self.screened,
         };
         c.fetch_add(n, Ordering::Relaxed);
     }
@@ -112,6 +118,7 @@ impl EngineStats {
             errors: g(&self.errors),
             redecisions: g(&self.redecisions),
             dependencies_synced: g(&self.dependencies_synced),
+            screened: g(&self.screened),
         }
     }
 }
@@ -120,7 +127,7 @@ impl std::fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "events {} (duplicates {}), writes {}, deletes {}, echoes suppressed {}, stale dropped {}, skipped {}, conflicts {}, parked {} (released {}), errors {}, re-decisions {}, dependencies synced {}",
+            "events {} (duplicates {}), writes {}, deletes {}, echoes suppressed {}, stale dropped {}, skipped {}, conflicts {}, parked {} (released {}), errors {}, re-decisions {}, dependencies synced {}, settled on arrival {}",
             self.events,
             self.duplicates,
             self.writes,
@@ -133,7 +140,8 @@ impl std::fmt::Display for StatsSnapshot {
             self.unparked,
             self.errors,
             self.redecisions,
-            self.dependencies_synced
+            self.dependencies_synced,
+            self.screened
         )
     }
 }

@@ -10,7 +10,8 @@
 //! Codemap: [`request`] the plain types, [`config`] credentials/limits/coverage, [`auth`]
 //! secret checks, `context` RemoteExecutionContext decoding (WCF dates, typed values),
 //! [`dataverse`] and [`fno`] the per-source parsers, [`receive`](mod@receive) the entry point and
-//! counters, [`error`] what a 400 names.
+//! counters, [`screen`] the port that recognises settled changes (echoes) before they are
+//! queued, [`error`] what a 400 names.
 
 pub mod auth;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod fno;
 pub mod receive;
 pub mod request;
+pub mod screen;
 
 pub use auth::{AuthError, constant_time_eq};
 pub use config::{
@@ -30,5 +32,6 @@ pub use context::parse_wcf_date;
 pub use dataverse::parse_dataverse;
 pub use error::PayloadError;
 pub use fno::{parse_business_event, parse_data_event, parse_fno};
-pub use receive::{Accepted, Parsed, ReceiverStats, StatsSnapshot, receive};
+pub use receive::{Accepted, Parsed, ReceiverStats, StatsSnapshot, receive, receive_screened};
 pub use request::{SourceKind, WebhookRequest, WebhookResponse};
+pub use screen::{EventScreen, NoScreen};

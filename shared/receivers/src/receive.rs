@@ -5,13 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, Utc};
 use dualwrite_core::ChangeEvent;
 use dualwrite_core::ports::{QueueMessage, WorkQueue};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::auth::authorize;
 use crate::config::ReceiverConfig;
 use crate::dataverse::parse_dataverse;
 use crate::fno::parse_fno;
 use crate::request::{SourceKind, WebhookRequest, WebhookResponse};
+use crate::screen::{EventScreen, NoScreen};
 
 /// A change event parsed from a payload, with what is only logged.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,7 @@ pub struct ReceiverStats {
     too_large: AtomicU64,
     malformed: AtomicU64,
     queue_unavailable: AtomicU64,
+    settled: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -61,6 +63,8 @@ pub struct StatsSnapshot {
     pub rejected_malformed: u64,
     /// Refused because the work queue failed (503).
     pub rejected_queue_unavailable: u64,
+    /// Recognised as settled (echo, duplicate, stale) and answered without queueing (200).
+    pub settled: u64,
 }
 
 impl ReceiverStats {
@@ -74,6 +78,7 @@ impl ReceiverStats {
             rejected_too_large: get(&self.too_large),
             rejected_malformed: get(&self.malformed),
             rejected_queue_unavailable: get(&self.queue_unavailable),
+            settled: get(&self.settled),
         }
     }
 
@@ -82,16 +87,30 @@ impl ReceiverStats {
     }
 }
 
-/// Handles one webhook call.
-///
-/// In order: credentials (401, nothing read further), body size (413), payload (400 naming
-/// what is wrong), coverage (200 `{"ignored":1}` for an entity no enabled map covers), then
-/// `queue.send`; 202 `{"accepted":1}` only once the send returned Ok, 503 when it failed so
-/// the source retries (Dataverse retries 502/503/504 once; F&O three times).
+/// Handles one webhook call; every accepted event is queued ([`receive_screened`] with
+/// [`NoScreen`]).
 pub async fn receive(
     req: &WebhookRequest,
     cfg: &ReceiverConfig,
     queue: &dyn WorkQueue,
+    now: DateTime<Utc>,
+) -> WebhookResponse {
+    receive_screened(req, cfg, queue, &NoScreen, now).await
+}
+
+/// Handles one webhook call.
+///
+/// In order: credentials (401, nothing read further), body size (413), payload (400 naming
+/// what is wrong), coverage (200 `{"ignored":1}` for an entity no enabled map covers), the
+/// screen (200 `{"settled":1}` for a change whose effect is already recorded, such as the echo
+/// of dualwrite's own write: nothing is queued, nothing is lost), then `queue.send`; 202
+/// `{"accepted":1}` only once the send returned Ok, 503 when it failed so the source retries
+/// (Dataverse retries 502/503/504 once; F&O three times).
+pub async fn receive_screened(
+    req: &WebhookRequest,
+    cfg: &ReceiverConfig,
+    queue: &dyn WorkQueue,
+    screen: &dyn EventScreen,
     now: DateTime<Utc>,
 ) -> WebhookResponse {
     let stats = &cfg.stats;
@@ -140,6 +159,11 @@ pub async fn receive(
         Ok(Parsed::Event(accepted)) => *accepted,
     };
     let Accepted { event, depth } = accepted;
+    if let Some(reason) = screen.settled(&event).await {
+        ReceiverStats::bump(&stats.settled);
+        debug!(source, event_id = %event.event_id, entity = %event.record.entity, reason = reason.as_str(), "event settled on arrival, not queued");
+        return WebhookResponse::settled(reason.as_str());
+    }
     let (event_id, entity) = (event.event_id.clone(), event.record.entity.clone());
     let (record_id, partial) = (event.record.id.clone().unwrap_or_default(), event.partial);
     match queue.send(vec![QueueMessage::for_event(event)]).await {

@@ -94,10 +94,11 @@ impl WebhookRequest {
 /// What to answer the sender: a status and a small JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookResponse {
-    /// HTTP status: 202 accepted, 200 ignored, 400 bad payload, 401 bad credentials,
-    /// 413 too large, 503 queue unavailable (the sender retries).
+    /// HTTP status: 202 accepted, 200 ignored or settled, 400 bad payload, 401 bad
+    /// credentials, 413 too large, 503 queue unavailable (the sender retries).
     pub status: u16,
-    /// JSON: `{"accepted":1}`, `{"ignored":1}` or `{"error":"…"}`.
+    /// JSON: `{"accepted":1}`, `{"ignored":1}`, `{"settled":1,"reason":"echo"}` or
+    /// `{"error":"…"}`.
     pub body: String,
 }
 
@@ -115,6 +116,15 @@ impl WebhookResponse {
         WebhookResponse {
             status: 200,
             body: json!({ "ignored": 1 }).to_string(),
+        }
+    }
+
+    /// 200 `{"settled":1,"reason":…}`: well-formed, and its effect is already recorded (the
+    /// echo of dualwrite's own write, a duplicate, a stale change): nothing to queue.
+    pub fn settled(reason: &str) -> Self {
+        WebhookResponse {
+            status: 200,
+            body: json!({ "settled": 1, "reason": reason }).to_string(),
         }
     }
 

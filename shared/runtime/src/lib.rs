@@ -19,6 +19,6 @@ mod server;
 pub use config::{Config, ConfigError, ConfigProblem, EnvLookup, ProcessEnv};
 pub use local::{LocalSecrets, LocalStack, LocalStackError, LocalStackOptions};
 pub use runtime::{
-    Completion, DATAVERSE_API_PATH, Parts, QueueCounts, ReceiverCounts, Runtime, RuntimeHandle,
-    RuntimeStats, StartError,
+    Completion, DATAVERSE_API_PATH, DatabaseCounts, Parts, QueueCounts, ReceiverCounts, Runtime,
+    RuntimeHandle, RuntimeStats, StartError,
 };

@@ -19,7 +19,7 @@ use dualwrite_core::ports::{
     Connector, DeadLetter, Delivery, QueueDepth, QueueError, QueueMessage, RetryOutcome, WorkQueue,
 };
 use dualwrite_engine::{Engine, StatsSnapshot, SystemClock, WorkerConfig, handle_delivery};
-use dualwrite_receivers::{Coverage, ReceiverConfig};
+use dualwrite_receivers::{Coverage, EventScreen, ReceiverConfig};
 use dualwrite_sqlite::{QueueConfig, SqliteQueue, SqliteStore};
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -73,6 +73,18 @@ pub struct RuntimeStats {
     pub queue: QueueCounts,
     /// Receiver counters.
     pub receivers: ReceiverCounts,
+    /// The database writer: transactions committed and the writes they held (group commit:
+    /// `writes / batches` writes share one fsync).
+    pub database: DatabaseCounts,
+}
+
+/// The database writer's counters ([`dualwrite_sqlite::WriterStats`] as JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct DatabaseCounts {
+    /// Transactions committed.
+    pub batches: u64,
+    /// Writes (store commits and claims, queue sends, receives, acks, retries) they held.
+    pub writes: u64,
 }
 
 /// Queue counts ([`QueueDepth`] as JSON).
@@ -114,6 +126,9 @@ pub struct ReceiverCounts {
     pub rejected_malformed: u64,
     /// 503s.
     pub rejected_queue_unavailable: u64,
+    /// Settled on arrival (200): echoes of dualwrite's own writes, duplicates and stale
+    /// changes recognised from the store and not queued.
+    pub settled: u64,
 }
 
 /// One event the workers finished: processed (or found to be a duplicate), its effects
@@ -375,6 +390,20 @@ async fn run_receiver(
     while in_hand.join_next().await.is_some() {}
 }
 
+/// The receivers' screen ([`EventScreen`]): the engine's [`Engine::settled`], so an echo of
+/// dualwrite's own write is answered from the store without going through the queue.
+pub(crate) struct EngineScreen(pub Arc<Engine>);
+
+#[async_trait]
+impl EventScreen for EngineScreen {
+    async fn settled(
+        &self,
+        event: &dualwrite_core::ChangeEvent,
+    ) -> Option<dualwrite_core::decision::SkipReason> {
+        self.0.settled(event).await
+    }
+}
+
 /// Shared parts of a running pipeline.
 pub(crate) struct Shared {
     pub engine: Arc<Engine>,
@@ -383,6 +412,8 @@ pub(crate) struct Shared {
     pub work: Arc<WorkerQueue>,
     pub store: Arc<SqliteStore>,
     pub receiver: Arc<ReceiverConfig>,
+    /// What the receivers ask before queueing an event.
+    pub screen: EngineScreen,
     /// Where receivers and the scheduler send events: the queue, behind key-lookup completion.
     pub inbound: Arc<dyn WorkQueue>,
     pub crm: Arc<dyn Connector>,
@@ -412,6 +443,14 @@ impl Shared {
                 rejected_too_large: r.rejected_too_large,
                 rejected_malformed: r.rejected_malformed,
                 rejected_queue_unavailable: r.rejected_queue_unavailable,
+                settled: r.settled,
+            },
+            database: {
+                let w = self.store.writer_stats();
+                DatabaseCounts {
+                    batches: w.batches,
+                    writes: w.writes,
+                }
             },
         }
     }
@@ -461,6 +500,7 @@ impl Runtime {
         ));
         let inbound: Arc<dyn WorkQueue> = work.clone();
         let shared = Arc::new(Shared {
+            screen: EngineScreen(engine.clone()),
             engine,
             inbound,
             queue,

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
-use dualwrite_receivers::{SourceKind, WebhookRequest, receive};
+use dualwrite_receivers::{SourceKind, WebhookRequest, receive_screened};
 
 use crate::runtime::Shared;
 
@@ -69,10 +69,11 @@ async fn webhook(
         body: body.to_vec(),
     };
     let shared = &state.shared;
-    let answer = receive(
+    let answer = receive_screened(
         &request,
         &shared.receiver,
         shared.inbound.as_ref(),
+        &shared.screen,
         Utc::now(),
     )
     .await;

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -49,6 +49,21 @@ pub const MAX_BATCH_WRITES: usize = 512;
 /// A batch closes once the writes in it carry this many bytes of payload (message and record
 /// bodies), so one transaction does not grow without bound under a flood of large writes.
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// Under load, a batch starts at least this long after the previous one started: the writes
+/// that arrive meanwhile join it. Fewer, larger transactions write each shared page (index and
+/// interior pages, the freelist, a table's last leaf) once per batch instead of once per small
+/// batch, and fsync less often. A write arriving after a quiet period is committed at once, so
+/// this adds latency only under load, at most this much per write.
+pub const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(1);
+
+/// When the WAL holds this many frames (pages), the writer finishes the background
+/// checkpoint itself between two batches, so that the next transaction starts the WAL over
+/// from its beginning. Without it the WAL never restarts under continuous writes (a passive
+/// checkpoint can never catch up with a writer that keeps appending) and grows without bound:
+/// every commit then extends the file, which the file system zero-fills, and the WAL index
+/// grows with it.
+pub const WAL_RESTART_FRAMES: u64 = 4_096;
 
 /// Why a write was not applied although it did nothing wrong itself: its batch failed as a
 /// whole. Retrying later is the remedy; none of the batch's writes reached the file.
@@ -85,6 +100,8 @@ pub struct WriterStats {
 struct Counters {
     batches: AtomicU64,
     writes: AtomicU64,
+    /// Frames in the WAL as the checkpointer last saw them (0 when unknown).
+    wal_frames: AtomicU64,
 }
 
 /// One queued write, with its closure, its result once applied and its reply channel.
@@ -290,7 +307,9 @@ impl Checkpointer {
                     if batches != checkpointed_at || last {
                         // A checkpoint that cannot finish (a reader holds an old snapshot) is
                         // simply tried again next time; errors are of the same kind.
-                        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                        if let Ok(frames) = passive_checkpoint(&conn) {
+                            counters.wal_frames.store(frames, Ordering::Relaxed);
+                        }
                         checkpointed_at = batches;
                     }
                     if last {
@@ -312,6 +331,12 @@ impl Drop for Checkpointer {
             let _ = thread.join();
         }
     }
+}
+
+/// Runs a `PASSIVE` checkpoint on `conn`; returns the frames in the WAL (its `log` column).
+fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+        .map(|frames| u64::try_from(frames).unwrap_or(0))
 }
 
 /// The write side and the read side of one database, as the store and the queue hold them.
@@ -401,18 +426,27 @@ fn run_writer(
     receiver: &mpsc::Receiver<Box<dyn PendingWrite>>,
     counters: &Counters,
 ) {
+    let mut last_start: Option<Instant> = None;
     while let Ok(first) = receiver.recv() {
         let mut bytes = first.bytes();
         let mut batch = vec![first];
+        // Under load (the previous batch started less than MIN_BATCH_INTERVAL ago), wait for
+        // the interval to pass and take every write that arrives meanwhile.
+        let due = last_start.map(|t| t + MIN_BATCH_INTERVAL);
         while batch.len() < MAX_BATCH_WRITES && bytes < MAX_BATCH_BYTES {
-            match receiver.try_recv() {
-                Ok(write) => {
+            let next = match due.map(|d| d.saturating_duration_since(Instant::now())) {
+                Some(wait) if !wait.is_zero() => receiver.recv_timeout(wait).ok(),
+                _ => receiver.try_recv().ok(),
+            };
+            match next {
+                Some(write) => {
                     bytes = bytes.saturating_add(write.bytes());
                     batch.push(write);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
+        last_start = Some(Instant::now());
         let outcome = {
             let conn = lock(conn);
             apply_batch(&conn, &mut batch)
@@ -426,6 +460,12 @@ fn run_writer(
         // Answer only now: the COMMIT has returned, so every Ok is durable.
         for write in batch {
             write.answer(outcome.clone());
+        }
+        if counters.wal_frames.load(Ordering::Relaxed) >= WAL_RESTART_FRAMES {
+            // The background checkpointer copied most frames already; copying the rest here,
+            // where no commit can append meanwhile, lets the next transaction restart the WAL.
+            let frames = passive_checkpoint(&lock(conn)).unwrap_or(0);
+            counters.wal_frames.store(frames.min(1), Ordering::Relaxed);
         }
     }
 }

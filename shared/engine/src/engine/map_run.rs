@@ -226,6 +226,44 @@ impl<'a> MapRun<'a> {
         self.execute(decision, pair).await
     }
 
+    /// What [`Engine::settled`] asks of one map: the steps of [`MapRun::attempt`] up to the
+    /// decision from the link alone, reading the store only. `Some` for a skip as echo,
+    /// duplicate or stale with nothing to commit; `None` otherwise or when unsure.
+    pub(super) async fn settled(&self) -> Option<SkipReason> {
+        let (engine, map, event) = (self.engine, self.map, self.event);
+        let mut record = event.record.clone();
+        if event.source == Side::Crm {
+            if !engine.resolve_company_reference(map, &mut record).await {
+                return None;
+            }
+            engine
+                .complete_key_lookups_with(map, &mut record, false)
+                .await
+                .ok()?;
+        }
+        let key = integration_key(map, event.source, &record).ok()?;
+        let link = engine.store.link(&map.name, &key).await.ok()??;
+        let source_fields = SideFieldsAt::new(map, event.source, &record);
+        let pair = Pair {
+            now: engine.clock.now(),
+            source_hash: source_fields.hash(map, &record),
+            source_fields,
+            record,
+            key,
+            link: Some(link),
+        };
+        if self.ties_with_other_values(&pair) {
+            return None;
+        }
+        match self.decide_by_link_alone(&pair)? {
+            Decision::Skip {
+                reason: reason @ (SkipReason::Echo | SkipReason::Duplicate | SkipReason::Stale),
+                link: None,
+            } => Some(reason),
+            _ => None,
+        }
+    }
+
     /// True when the event (not read) ties with the source version the link knows (see
     /// [`dualwrite_core::SourceVersion::ties_with`]) and carries other values than the link's hash of that side.
     fn ties_with_other_values(&self, pair: &Pair) -> bool {
