@@ -33,8 +33,10 @@ use tracing::{debug, info, warn};
 use crate::stats::{Counter, EngineStats, StatsSnapshot};
 
 mod map_run;
+mod references;
 
 use map_run::MapRun;
+use references::ReferenceLinks;
 
 /// How a worker behaves.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +221,8 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     config: WorkerConfig,
     stats: EngineStats,
+    /// Links of referenced records read a moment ago (lookups, companies).
+    references: ReferenceLinks,
 }
 
 impl std::fmt::Debug for Engine {
@@ -307,6 +311,7 @@ impl Engine {
             clock,
             config,
             stats: EngineStats::default(),
+            references: ReferenceLinks::default(),
         }
     }
 
@@ -406,7 +411,8 @@ impl Engine {
         let mut closed = conflict.clone();
         closed.open = false;
         closed.winner = Some(keep);
-        self.store
+        let result = self
+            .store
             .commit(vec![
                 StoreOp::PutLink {
                     link: next,
@@ -414,7 +420,9 @@ impl Engine {
                 },
                 StoreOp::RecordConflict(closed),
             ])
-            .await?;
+            .await;
+        self.forget_references(&[(link.map.clone(), link.key.clone())]);
+        result?;
         info!(conflict = %conflict_id, map = %map.name, key = %conflict.key, keep = %keep, "conflict resolved by a person");
         let event = ChangeEvent {
             event_id: format!("resolve:{conflict_id}"),
@@ -583,7 +591,10 @@ impl Engine {
         if ops.is_empty() {
             return Ok(true);
         }
-        match self.store.commit(ops).await {
+        let touched = links_touched(&ops);
+        let result = self.store.commit(ops).await;
+        self.forget_references(&touched);
+        match result {
             Ok(()) => Ok(true),
             Err(StoreError::Conflict { .. }) => Ok(false),
             Err(e) => Err(self.store_error(event, e)),
@@ -742,11 +753,9 @@ impl Engine {
                 continue;
             };
             if let Some(link) = self
-                .store
-                .link(name, key)
+                .reference_by_key(name, key)
                 .await
                 .map_err(|e| self.store_error(event, e))?
-                .and_then(Link::linked)
             {
                 return Ok(LookupResolution::Resolved(Value::Lookup(Arc::new(
                     LookupRef {
@@ -777,11 +786,9 @@ impl Engine {
                 continue;
             };
             if let Some(link) = self
-                .store
-                .link_by_id(name, Side::Crm, id)
+                .reference_by_crm_id(name, id)
                 .await
                 .map_err(|e| self.store_error(event, e))?
-                .and_then(Link::linked)
             {
                 let natural = erp_natural_key(referenced, &link);
                 return Ok(LookupResolution::Resolved(Value::Text(natural.into())));
@@ -921,12 +928,7 @@ impl Engine {
             return Ok(decision);
         };
         let key = IntegrationKey::from_parts(None, [company.to_uppercase().as_str()]);
-        match self
-            .store
-            .link(&companies.name, &key)
-            .await
-            .map(|l| l.and_then(Link::linked))
-        {
+        match self.reference_by_key(&companies.name, &key).await {
             Ok(Some(_)) => Ok(decision),
             Ok(None) => Ok(Decision::Park {
                 waiting_map: companies.name.clone(),
@@ -986,11 +988,7 @@ impl Engine {
                 .filter_map(|name| self.map_named(name))
                 .filter(|m| m.crm.entity_set == entity_set);
             for target in candidates {
-                let linked = self
-                    .store
-                    .link_by_id(&target.name, Side::Crm, &id)
-                    .await
-                    .map(|l| l.and_then(Link::linked));
+                let linked = self.reference_by_crm_id(&target.name, &id).await;
                 let key = match linked {
                     Ok(Some(link)) => Some(link.key),
                     Ok(None) | Err(_) if !read_unlinked => None,
@@ -1036,11 +1034,7 @@ impl Engine {
             .iter()
             .filter(|m| m.crm.entity_set == reference.entity_set)
         {
-            let linked = self
-                .store
-                .link_by_id(&companies.name, Side::Crm, id)
-                .await
-                .map(|l| l.and_then(Link::linked));
+            let linked = self.reference_by_crm_id(&companies.name, id).await;
             if let Ok(Some(link)) = linked {
                 let key = record_key(companies, Side::Crm, &link.key);
                 if let Some(code) = companies.crm.key.first().and_then(|f| key.get(f)) {
@@ -1050,6 +1044,50 @@ impl Engine {
             }
         }
         false
+    }
+
+    /// The link of the referenced record `map`/`key` when it is linked: from
+    /// [`ReferenceLinks`] when read a moment ago, else from the store.
+    async fn reference_by_key(
+        &self,
+        map: &str,
+        key: &IntegrationKey,
+    ) -> Result<Option<Link>, StoreError> {
+        let now = self.clock.now();
+        if let Some(link) = self.references.by_key(map, key, now) {
+            return Ok(Some(link));
+        }
+        let link = self.store.link(map, key).await?.and_then(Link::linked);
+        if let Some(l) = &link {
+            self.references.keep(l, now);
+        }
+        Ok(link)
+    }
+
+    /// [`Engine::reference_by_key`], by the referenced row's Dataverse id.
+    async fn reference_by_crm_id(&self, map: &str, id: &str) -> Result<Option<Link>, StoreError> {
+        let now = self.clock.now();
+        if let Some(link) = self.references.by_crm_id(map, id, now) {
+            return Ok(Some(link));
+        }
+        let link = self
+            .store
+            .link_by_id(map, Side::Crm, id)
+            .await?
+            .and_then(Link::linked);
+        if let Some(l) = &link {
+            self.references.keep(l, now);
+        }
+        Ok(link)
+    }
+
+    /// Forgets the kept references to `links` (after a commit that wrote or deleted them,
+    /// whether or not it went through: a failed revision condition means someone else changed
+    /// the link).
+    fn forget_references(&self, links: &[(SmolStr, IntegrationKey)]) {
+        for (map, key) in links {
+            self.references.forget(map, key);
+        }
     }
 
     /// True when the link of `map`/`key` is no longer at `revision` (0: absent).
@@ -1176,6 +1214,17 @@ fn decided_by_link_alone(d: &dualwrite_core::decision::Decision) -> bool {
             ..
         }
     )
+}
+
+/// The links `ops` write or delete, as (map, key).
+fn links_touched(ops: &[StoreOp]) -> Vec<(SmolStr, IntegrationKey)> {
+    ops.iter()
+        .filter_map(|op| match op {
+            StoreOp::PutLink { link, .. } => Some((link.map.clone(), link.key.clone())),
+            StoreOp::DeleteLink { map, key, .. } => Some((SmolStr::new(map), key.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// How many parked events one sweep looks at.

@@ -95,15 +95,20 @@ pub(crate) fn kv_list<'a>(
         }
     };
     let mut out = Vec::with_capacity(items.len());
+    // Item paths are spelled out only for an error: building one per item costs an allocation
+    // on every attribute of every payload.
+    let item_path = |i: usize| format!("{here}[{i}]");
     for (i, item) in items.iter().enumerate() {
-        let item_path = format!("{here}[{i}]");
         let Json::Object(entry) = item else {
             return Err(PayloadError::WrongType {
-                field: item_path,
+                field: item_path(i),
                 expected: "{key, value}",
             });
         };
-        let key = req_str(entry, "key", &item_path)?;
+        let key = match entry.get("key") {
+            Some(Json::String(k)) => k.as_str(),
+            _ => req_str(entry, "key", &item_path(i))?,
+        };
         out.push((key, entry.get("value").unwrap_or(&Json::Null)));
     }
     Ok(out)
@@ -208,6 +213,16 @@ pub(crate) fn typed_value(
     path: &str,
     coverage: &Coverage,
 ) -> Result<Value, PayloadError> {
+    typed_value_at(v, &|| path.to_owned(), coverage)
+}
+
+/// [`typed_value`] with the value's path spelled out only when needed (an error, or a typed
+/// object whose own errors name it).
+pub(crate) fn typed_value_at(
+    v: &Json,
+    path: &dyn Fn() -> String,
+    coverage: &Coverage,
+) -> Result<Value, PayloadError> {
     Ok(match v {
         Json::Null => Value::Null,
         Json::Bool(b) => Value::Boolean(*b),
@@ -215,25 +230,25 @@ pub(crate) fn typed_value(
             Some(i) => Value::Integer(i),
             None => decimal_of(n).map_or_else(|| Value::Text(n.to_string().into()), Value::Decimal),
         },
+        Json::String(s) if !s.starts_with("/Date(") => Value::Text(s.as_str().into()),
         Json::String(s) => match parse_wcf_date(s) {
             Some(t) => Value::DateTime(t),
-            None if s.starts_with("/Date(") => {
+            None => {
                 return Err(PayloadError::BadDate {
-                    field: path.into(),
+                    field: path(),
                     value: s.clone(),
                 });
             }
-            None => Value::Text(s.as_str().into()),
         },
         Json::Array(_) => Value::Text(v.to_string().into()),
         Json::Object(obj) => match type_name(obj) {
             Some("EntityReference") => {
-                Value::Lookup(Arc::new(entity_reference(obj, path, coverage)?))
+                Value::Lookup(Arc::new(entity_reference(obj, &path(), coverage)?))
             }
-            Some("OptionSetValue") => Value::Choice(number_value(obj, path)?.0),
-            Some("Money") => Value::Decimal(number_value(obj, path)?.1),
+            Some("OptionSetValue") => Value::Choice(number_value(obj, &path())?.0),
+            Some("Money") => Value::Decimal(number_value(obj, &path())?.1),
             None if obj.contains_key("LogicalName") && obj.contains_key("Id") => {
-                Value::Lookup(Arc::new(entity_reference(obj, path, coverage)?))
+                Value::Lookup(Arc::new(entity_reference(obj, &path(), coverage)?))
             }
             _ => Value::Text(v.to_string().into()),
         },
@@ -292,14 +307,11 @@ pub(crate) fn entity_attributes(
     path: &str,
     coverage: &Coverage,
 ) -> Result<Vec<(SmolStr, Value)>, PayloadError> {
-    let attrs_path = at(path, "Attributes");
     kv_list(entity, "Attributes", path)?
         .into_iter()
         .map(|(k, v)| {
-            Ok((
-                SmolStr::from(k),
-                typed_value(v, &format!("{attrs_path}.{k}"), coverage)?,
-            ))
+            let value_path = || format!("{}.{k}", at(path, "Attributes"));
+            Ok((SmolStr::from(k), typed_value_at(v, &value_path, coverage)?))
         })
         .collect()
 }

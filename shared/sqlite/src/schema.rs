@@ -110,6 +110,11 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX queue_in_flight ON queue (visible_at_ms) WHERE receipt IS NOT NULL;
     "#,
+    // Version 3: claims are held in memory by the process (see `SqliteStore`); the rows of
+    // claims taken by earlier versions (`done = 0`) mean nothing any more.
+    r#"
+    DELETE FROM events WHERE done = 0;
+    "#,
 ];
 
 /// The schema version this build migrates to.

@@ -1,7 +1,8 @@
 //! [`SqliteStore`]: links, idempotency records, journals and map states in one SQLite file.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,15 +27,77 @@ use crate::schema;
 /// with the columns queries need (map, key, ids, revision, timestamps) beside it. The `revision`
 /// column is authoritative: a link read back carries it whatever the JSON says.
 ///
-/// Writes (`commit`, `claim_event`, `release_event`) go through the group committer: the writes
-/// of concurrent callers share one transaction and one fsync, each in its own savepoint, and
-/// each caller is answered after the COMMIT returned (see [`crate::group_commit`]). Reads use a
-/// separate connection and see every write that returned. Batches use `BEGIN IMMEDIATE`, so two
-/// stores (or processes) on one file serialise instead of failing on a lock upgrade.
+/// Writes (`commit`) go through the group committer: the writes of concurrent callers share one
+/// transaction and one fsync, each in its own savepoint, and each caller is answered after the
+/// COMMIT returned (see [`crate::group_commit`]). Reads use a separate connection and see every
+/// write that returned. Batches use `BEGIN IMMEDIATE`, so two stores (or processes) on one file
+/// serialise instead of failing on a lock upgrade.
+///
+/// Claims ([`IdempotencyStore::claim_event`]) are held in memory, shared by every store of this
+/// process on the same file; only completions are written (with the effect, by
+/// [`StoreOp::CompleteEvent`]). A claim protects an event from being processed twice at once
+/// within the process; across processes the queue does (a message, and every later message of
+/// its record, is delivered to one consumer at a time). A process that dies takes its claims
+/// with it, which is what the lease's expiry would have done, only sooner: the redelivered
+/// event is claimable at once after a restart. So a claim costs a read, not a durable write.
 #[derive(Debug)]
 pub struct SqliteStore {
     connections: Connections,
     file: Arc<StoreFile>,
+    claims: Arc<Claims>,
+}
+
+/// The claims held by this process on one database file: event id → lease end (ms since the
+/// epoch).
+#[derive(Debug, Default)]
+struct Claims {
+    held: Mutex<HashMap<String, i64>>,
+}
+
+/// Above this many claims, expired ones are dropped when a new one is taken.
+const CLAIMS_PRUNE_AT: usize = 4_096;
+
+impl Claims {
+    /// The claims of the file at `path`, shared by every store of this process on it.
+    fn of_file(path: &Path) -> Arc<Claims> {
+        static BY_FILE: OnceLock<Mutex<HashMap<PathBuf, Weak<Claims>>>> = OnceLock::new();
+        let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut files = lock(BY_FILE.get_or_init(Mutex::default));
+        if let Some(claims) = files.get(&key).and_then(Weak::upgrade) {
+            return claims;
+        }
+        files.retain(|_, c| c.strong_count() > 0);
+        let claims = Arc::new(Claims::default());
+        files.insert(key, Arc::downgrade(&claims));
+        claims
+    }
+
+    /// Takes the claim of `event_id` until `until_ms` unless an unexpired one is held: `false`
+    /// then.
+    fn take(&self, event_id: &str, now_ms: i64, until_ms: i64) -> bool {
+        let mut held = lock(&self.held);
+        if held.get(event_id).is_some_and(|&until| until > now_ms) {
+            return false;
+        }
+        if held.len() >= CLAIMS_PRUNE_AT {
+            held.retain(|_, until| *until > now_ms);
+        }
+        held.insert(event_id.to_owned(), until_ms);
+        true
+    }
+
+    fn drop_claim(&self, event_id: &str) {
+        lock(&self.held).remove(event_id);
+    }
+
+    fn count(&self) -> usize {
+        lock(&self.held).len()
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (plain maps).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What the store's code on either side of the writer thread needs: the file's name for error
@@ -60,7 +123,8 @@ pub struct StoreCounts {
     pub parked: u64,
     /// Events processed to completion (idempotency records).
     pub completed_events: u64,
-    /// Events claimed and not yet completed or released.
+    /// Events claimed by this process and not yet completed or released (claims are held in
+    /// memory: another process's are not counted).
     pub claimed_events: u64,
 }
 
@@ -69,11 +133,13 @@ impl SqliteStore {
     /// file may be shared with a [`crate::SqliteQueue`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
         let path = path.as_ref();
+        let connections = Connections::open(Some(path))?;
         Ok(SqliteStore {
-            connections: Connections::open(Some(path))?,
+            connections,
             file: Arc::new(StoreFile {
                 location: path.display().to_string(),
             }),
+            claims: Claims::of_file(path),
         })
     }
 
@@ -84,6 +150,7 @@ impl SqliteStore {
             file: Arc::new(StoreFile {
                 location: ":memory:".to_owned(),
             }),
+            claims: Arc::default(),
         })
     }
 
@@ -138,7 +205,7 @@ impl SqliteStore {
             errors: count("SELECT count(*) FROM errors")?,
             parked: count("SELECT count(*) FROM parked")?,
             completed_events: count("SELECT count(*) FROM events WHERE done = 1")?,
-            claimed_events: count("SELECT count(*) FROM events WHERE done = 0")?,
+            claimed_events: self.claims.count() as u64,
         })
     }
 
@@ -475,6 +542,13 @@ impl LinkStore for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         // Rows plus a little for keys and ids: what the batch byte cap weighs.
         let bytes = prepared.iter().map(|(_, body)| body.len() + 64).sum();
+        let completed: Vec<String> = prepared
+            .iter()
+            .filter_map(|(op, _)| match op {
+                StoreOp::CompleteEvent { event_id } => Some(event_id.clone()),
+                _ => None,
+            })
+            .collect();
         let file = self.file.clone();
         self.write("committing".to_owned(), bytes, move |conn| {
             // The group committer runs this in a savepoint: an error rolls back every operation
@@ -484,12 +558,20 @@ impl LinkStore for SqliteStore {
             }
             Ok(())
         })
-        .await
+        .await?;
+        // Only now, with the completion committed: a claim taken from here on reads it done.
+        for event_id in completed {
+            self.claims.drop_claim(&event_id);
+        }
+        Ok(())
     }
 }
 
 #[async_trait]
 impl IdempotencyStore for SqliteStore {
+    /// Takes the in-memory claim first, then reads whether the event was completed: a claim
+    /// racing with the holder's completion either sees the claim (in progress) or, the claim
+    /// being dropped only after the completion committed, the completion.
     async fn claim_event(
         &self,
         event_id: &str,
@@ -497,47 +579,28 @@ impl IdempotencyStore for SqliteStore {
         lease: Duration,
     ) -> Result<EventClaim, StoreError> {
         let now_ms = now.timestamp_millis();
-        let until = now_ms.saturating_add(millis(lease));
-        let file = self.file.clone();
-        let event_id = event_id.to_owned();
-        let doing = format!("claiming event {event_id}");
-        self.write(doing.clone(), event_id.len(), move |conn| {
-            let fail = |e| file.unavailable(&doing, e);
-            let existing: Option<(i64, Option<i64>)> = conn
-                .prepare_cached("SELECT done, lease_until_ms FROM events WHERE event_id = ?1")
-                .and_then(|mut s| {
-                    s.query_row([&event_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()
-                })
-                .map_err(fail)?;
-            Ok(match existing {
-                Some((1, _)) => EventClaim::AlreadyDone,
-                Some((_, Some(lease_until))) if lease_until > now_ms => EventClaim::InProgress,
-                _ => {
-                    conn.prepare_cached(
-                        "INSERT INTO events (event_id, done, lease_until_ms) VALUES (?1, 0, ?2) \
-                         ON CONFLICT (event_id) DO UPDATE SET lease_until_ms = ?2",
-                    )
-                    .and_then(|mut s| s.execute(params![event_id, until]))
-                    .map_err(fail)?;
-                    EventClaim::Claimed
-                }
-            })
-        })
-        .await
+        if !self
+            .claims
+            .take(event_id, now_ms, now_ms.saturating_add(millis(lease)))
+        {
+            return Ok(EventClaim::InProgress);
+        }
+        match self.event_done(event_id) {
+            Ok(false) => Ok(EventClaim::Claimed),
+            Ok(true) => {
+                self.claims.drop_claim(event_id);
+                Ok(EventClaim::AlreadyDone)
+            }
+            Err(e) => {
+                self.claims.drop_claim(event_id);
+                Err(e)
+            }
+        }
     }
 
     async fn release_event(&self, event_id: &str) -> Result<(), StoreError> {
-        let file = self.file.clone();
-        let event_id = event_id.to_owned();
-        let doing = format!("releasing event {event_id}");
-        self.write(doing.clone(), event_id.len(), move |conn| {
-            conn.prepare_cached("DELETE FROM events WHERE event_id = ?1 AND done = 0")
-                .and_then(|mut s| s.execute([&event_id]))
-                .map(|_| ())
-                .map_err(|e| file.unavailable(&doing, e))
-        })
-        .await
+        self.claims.drop_claim(event_id);
+        Ok(())
     }
 }
 

@@ -1,6 +1,12 @@
 //! `receive`: every answer, what is enqueued (and what is not), and the counters.
 
-use dualwrite_receivers::{SourceKind, StatsSnapshot, WebhookRequest, WebhookResponse, receive};
+use async_trait::async_trait;
+use dualwrite_core::ChangeEvent;
+use dualwrite_core::decision::SkipReason;
+use dualwrite_receivers::{
+    EventScreen, SourceKind, StatsSnapshot, WebhookRequest, WebhookResponse, receive,
+    receive_screened,
+};
 use serde_json::json;
 
 use crate::*;
@@ -159,4 +165,77 @@ async fn queue_failure_is_503_so_the_source_retries() {
     assert!(error_of(&resp).contains("retry later"));
     assert_eq!(cfg.stats.snapshot().rejected_queue_unavailable, 1);
     assert_eq!(cfg.stats.snapshot().accepted, 0);
+}
+
+/// A screen that settles the events of one record id as echoes and remembers what it saw.
+#[derive(Default)]
+struct EchoesOf {
+    record_id: String,
+    seen: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl EventScreen for EchoesOf {
+    async fn settled(&self, event: &ChangeEvent) -> Option<SkipReason> {
+        self.seen.lock().unwrap().push(event.event_id.clone());
+        (event.record.id.as_deref() == Some(self.record_id.as_str())).then_some(SkipReason::Echo)
+    }
+}
+
+async fn screened(
+    req: &WebhookRequest,
+    cfg: &dualwrite_receivers::ReceiverConfig,
+    queue: &RecordingQueue,
+    screen: &EchoesOf,
+) -> WebhookResponse {
+    receive_screened(req, cfg, queue, screen, now()).await
+}
+
+#[tokio::test]
+async fn a_settled_event_is_answered_200_and_not_queued() {
+    let (cfg, queue) = (config(), RecordingQueue::default());
+    let screen = EchoesOf {
+        record_id: "6d81597f-0f9f-e711-8122-000d3aa2331c".into(),
+        ..EchoesOf::default()
+    };
+    let resp = screened(&dataverse_with_key(CONTACT_UPDATE), &cfg, &queue, &screen).await;
+    assert_eq!(
+        resp,
+        WebhookResponse {
+            status: 200,
+            body: "{\"reason\":\"echo\",\"settled\":1}".into()
+        }
+    );
+    assert!(queue.events().is_empty(), "nothing queued");
+    assert_eq!(
+        cfg.stats.snapshot(),
+        StatsSnapshot {
+            settled: 1,
+            ..StatsSnapshot::default()
+        }
+    );
+    assert_eq!(
+        screen.seen.lock().unwrap().as_slice(),
+        ["4af10637-4ea2-e711-8122-000d3aa2331c"]
+    );
+}
+
+#[tokio::test]
+async fn the_screen_is_asked_only_about_authorised_well_formed_covered_events() {
+    let (cfg, queue) = (config(), RecordingQueue::default());
+    let screen = EchoesOf::default();
+    let bad_key =
+        WebhookRequest::new(SourceKind::Dataverse, CONTACT_UPDATE).with_query("code", "wrong");
+    assert_eq!(screened(&bad_key, &cfg, &queue, &screen).await.status, 401);
+    let malformed = dataverse_with_key("{");
+    assert_eq!(
+        screened(&malformed, &cfg, &queue, &screen).await.status,
+        400
+    );
+    assert!(screen.seen.lock().unwrap().is_empty());
+    // Not settled: queued as usual.
+    let resp = screened(&dataverse_with_key(CONTACT_UPDATE), &cfg, &queue, &screen).await;
+    assert_eq!(resp.status, 202);
+    assert_eq!(queue.events().len(), 1);
+    assert_eq!(cfg.stats.snapshot().settled, 0);
 }

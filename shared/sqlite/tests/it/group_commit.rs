@@ -223,3 +223,44 @@ async fn committed_pages_reach_the_database_file_in_the_background() {
     }
     assert_eq!(queue.pending(1000).unwrap().len(), 300);
 }
+
+/// Bytes of WAL a continuous stream of sends may leave behind: the restart threshold
+/// (`WAL_RESTART_FRAMES` pages of 4 KiB, 16 MiB) plus what is written between two reports of
+/// the background checkpointer, with room to spare on a slow machine.
+const WAL_BOUND: u64 = 40 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_wal_starts_over_instead_of_growing_under_continuous_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let queue = Arc::new(SqliteQueue::open(&path, QueueConfig::default()).unwrap());
+    // 16 senders without pause, 8 KiB messages, 96 MiB in all: without the writer finishing
+    // the checkpoint between batches, the passive checkpointer never catches up with a writer
+    // that keeps appending and the WAL holds every page written.
+    let body = "x".repeat(8 << 10);
+    let mut tasks = Vec::new();
+    for s in 0..16 {
+        let (queue, body) = (queue.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..768 {
+                let mut m = message(&format!("{s}:{i}"), &format!("g{s}"));
+                m.event.record.fields.insert(
+                    "description",
+                    dualwrite_core::Value::Text(body.as_str().into()),
+                );
+                queue.send(vec![m]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let wal = std::fs::metadata(dir.path().join("queue.db-wal"))
+        .unwrap()
+        .len();
+    assert!(
+        wal < WAL_BOUND,
+        "the WAL grew to {wal} bytes for 96 MiB of messages (bound {WAL_BOUND})"
+    );
+    assert_eq!(queue.pending(usize::MAX).unwrap().len(), 16 * 768);
+}
