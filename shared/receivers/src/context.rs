@@ -13,15 +13,13 @@ use dualwrite_core::{
     ChangeEvent, Fields, LookupRef, Operation, Record, RecordKey, Side, SmolStr, Value, ValueType,
 };
 use rust_decimal::Decimal;
-use serde_json::{Map, Number, Value as Json};
+use serde_json::Number;
 
 use crate::config::Coverage;
 use crate::error::PayloadError;
+pub(crate) use crate::json::{Json, Obj};
 use crate::receive::{Accepted, Parsed};
 use crate::request::WebhookRequest;
-
-/// A JSON object.
-pub(crate) type Obj = Map<String, Json>;
 
 /// `path.field`, or `field` at the top level.
 pub(crate) fn at(path: &str, field: &str) -> String {
@@ -32,9 +30,9 @@ pub(crate) fn at(path: &str, field: &str) -> String {
     }
 }
 
-/// Parses the body as a JSON object.
-pub(crate) fn parse_object(body: &[u8]) -> Result<Obj, PayloadError> {
-    match serde_json::from_slice::<Json>(body) {
+/// Parses the body as a JSON object (borrowing from it).
+pub(crate) fn parse_object(body: &[u8]) -> Result<Obj<'_>, PayloadError> {
+    match crate::json::from_slice(body) {
         Ok(Json::Object(o)) => Ok(o),
         Ok(_) => Err(PayloadError::WrongType {
             field: "(body)".into(),
@@ -45,13 +43,17 @@ pub(crate) fn parse_object(body: &[u8]) -> Result<Obj, PayloadError> {
 }
 
 /// A required string field.
-pub(crate) fn req_str<'a>(obj: &'a Obj, field: &str, path: &str) -> Result<&'a str, PayloadError> {
+pub(crate) fn req_str<'a>(
+    obj: &'a Obj<'_>,
+    field: &str,
+    path: &str,
+) -> Result<&'a str, PayloadError> {
     opt_str(obj, field, path)?.ok_or_else(|| PayloadError::Missing(at(path, field)))
 }
 
 /// An optional string field: absent or `null` is `None`, another type is an error.
 pub(crate) fn opt_str<'a>(
-    obj: &'a Obj,
+    obj: &'a Obj<'_>,
     field: &str,
     path: &str,
 ) -> Result<Option<&'a str>, PayloadError> {
@@ -66,7 +68,7 @@ pub(crate) fn opt_str<'a>(
 }
 
 /// An optional whole-number field.
-pub(crate) fn opt_i64(obj: &Obj, field: &str, path: &str) -> Result<Option<i64>, PayloadError> {
+pub(crate) fn opt_i64(obj: &Obj<'_>, field: &str, path: &str) -> Result<Option<i64>, PayloadError> {
     match obj.get(field) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::Number(n)) if n.as_i64().is_some() => Ok(n.as_i64()),
@@ -79,10 +81,10 @@ pub(crate) fn opt_i64(obj: &Obj, field: &str, path: &str) -> Result<Option<i64>,
 
 /// A WCF-serialized dictionary `[{"key":…,"value":…}]`; absent or `null` is empty.
 pub(crate) fn kv_list<'a>(
-    obj: &'a Obj,
+    obj: &'a Obj<'_>,
     field: &str,
     path: &str,
-) -> Result<Vec<(&'a str, &'a Json)>, PayloadError> {
+) -> Result<Vec<(&'a str, &'a Json<'a>)>, PayloadError> {
     let here = at(path, field);
     let items = match obj.get(field) {
         None | Some(Json::Null) => return Ok(Vec::new()),
@@ -106,7 +108,7 @@ pub(crate) fn kv_list<'a>(
             });
         };
         let key = match entry.get("key") {
-            Some(Json::String(k)) => k.as_str(),
+            Some(Json::String(k)) => k.as_ref(),
             _ => req_str(entry, "key", &item_path(i))?,
         };
         out.push((key, entry.get("value").unwrap_or(&Json::Null)));
@@ -116,7 +118,7 @@ pub(crate) fn kv_list<'a>(
 
 /// An optional WCF date field.
 pub(crate) fn opt_wcf_date(
-    obj: &Obj,
+    obj: &Obj<'_>,
     field: &str,
     path: &str,
 ) -> Result<Option<DateTime<FixedOffset>>, PayloadError> {
@@ -172,16 +174,16 @@ pub(crate) fn decimal_of(n: &Number) -> Option<Decimal> {
 }
 
 /// The `__type` of a typed value without its contract namespace (`EntityReference`).
-fn type_name(obj: &Obj) -> Option<&str> {
+fn type_name<'a>(obj: &'a Obj<'_>) -> Option<&'a str> {
     obj.get("__type")?
         .as_str()
         .map(|t| t.split(':').next().unwrap_or(t))
 }
 
 /// A JSON value as text for a key (`'USMF'`, `42`).
-fn key_text(v: &Json) -> String {
+fn key_text(v: &Json<'_>) -> String {
     match v {
-        Json::String(s) => s.clone(),
+        Json::String(s) => s.to_string(),
         other => other.to_string(),
     }
 }
@@ -189,7 +191,7 @@ fn key_text(v: &Json) -> String {
 /// An EntityReference as a lookup: the entity set resolved through `coverage` when a map
 /// names the table, else the logical name; `KeyAttributes` become the lookup's key.
 pub(crate) fn entity_reference(
-    obj: &Obj,
+    obj: &Obj<'_>,
     path: &str,
     coverage: &Coverage,
 ) -> Result<LookupRef, PayloadError> {
@@ -209,7 +211,7 @@ pub(crate) fn entity_reference(
 /// One attribute value, typed. Unknown typed values (e.g. `OptionSetValueCollection`,
 /// `AliasedValue`) are kept as their JSON text so nothing is lost; maps do not use them.
 pub(crate) fn typed_value(
-    v: &Json,
+    v: &Json<'_>,
     path: &str,
     coverage: &Coverage,
 ) -> Result<Value, PayloadError> {
@@ -219,7 +221,7 @@ pub(crate) fn typed_value(
 /// [`typed_value`] with the value's path spelled out only when needed (an error, or a typed
 /// object whose own errors name it).
 pub(crate) fn typed_value_at(
-    v: &Json,
+    v: &Json<'_>,
     path: &dyn Fn() -> String,
     coverage: &Coverage,
 ) -> Result<Value, PayloadError> {
@@ -230,13 +232,13 @@ pub(crate) fn typed_value_at(
             Some(i) => Value::Integer(i),
             None => decimal_of(n).map_or_else(|| Value::Text(n.to_string().into()), Value::Decimal),
         },
-        Json::String(s) if !s.starts_with("/Date(") => Value::Text(s.as_str().into()),
+        Json::String(s) if !s.starts_with("/Date(") => Value::Text(s.as_ref().into()),
         Json::String(s) => match parse_wcf_date(s) {
             Some(t) => Value::DateTime(t),
             None => {
                 return Err(PayloadError::BadDate {
                     field: path(),
-                    value: s.clone(),
+                    value: s.to_string(),
                 });
             }
         },
@@ -256,7 +258,7 @@ pub(crate) fn typed_value_at(
 }
 
 /// The `Value` of an OptionSetValue/Money: as integer (for choices) and as decimal.
-fn number_value(obj: &Obj, path: &str) -> Result<(i64, Decimal), PayloadError> {
+fn number_value(obj: &Obj<'_>, path: &str) -> Result<(i64, Decimal), PayloadError> {
     let wrong = || PayloadError::WrongType {
         field: at(path, "Value"),
         expected: "a number",
@@ -303,7 +305,7 @@ pub(crate) fn conform_to_declared_types(
 
 /// The typed attributes of an Entity (`Attributes` list), in payload order.
 pub(crate) fn entity_attributes(
-    entity: &Obj,
+    entity: &Obj<'_>,
     path: &str,
     coverage: &Coverage,
 ) -> Result<Vec<(SmolStr, Value)>, PayloadError> {
@@ -318,9 +320,9 @@ pub(crate) fn entity_attributes(
 
 /// The entity objects of an image list (`PreEntityImages`/`PostEntityImages`).
 pub(crate) fn images<'a>(
-    ctx: &'a Obj,
+    ctx: &'a Obj<'a>,
     field: &str,
-) -> Result<Vec<(String, &'a Obj)>, PayloadError> {
+) -> Result<Vec<(String, &'a Obj<'a>)>, PayloadError> {
     kv_list(ctx, field, "")?
         .into_iter()
         .enumerate()
@@ -338,7 +340,7 @@ pub(crate) fn images<'a>(
 }
 
 /// The `Target` input parameter and its path.
-pub(crate) fn target(ctx: &Obj) -> Result<(String, &Obj), PayloadError> {
+pub(crate) fn target<'a>(ctx: &'a Obj<'a>) -> Result<(String, &'a Obj<'a>), PayloadError> {
     if !ctx.contains_key("InputParameters") {
         return Err(PayloadError::Missing("InputParameters".into()));
     }
@@ -360,7 +362,7 @@ pub(crate) fn target(ctx: &Obj) -> Result<(String, &Obj), PayloadError> {
 }
 
 /// True when the Target is an EntityReference (Delete) rather than an Entity.
-pub(crate) fn is_reference(obj: &Obj) -> bool {
+pub(crate) fn is_reference(obj: &Obj<'_>) -> bool {
     match type_name(obj) {
         Some(t) => t == "EntityReference",
         None => !obj.contains_key("Attributes"),
@@ -377,7 +379,7 @@ pub(crate) struct ContextHead {
 }
 
 impl ContextHead {
-    pub(crate) fn read(ctx: &Obj) -> Result<Self, PayloadError> {
+    pub(crate) fn read(ctx: &Obj<'_>) -> Result<Self, PayloadError> {
         Ok(ContextHead {
             depth: opt_i64(ctx, "Depth", "")?,
             correlation_id: opt_str(ctx, "CorrelationId", "")?.map(str::to_string),
@@ -446,7 +448,7 @@ pub(crate) struct Messages {
 /// [`PayloadError::UnsupportedMessage`].
 pub(crate) fn read_message<'a>(
     req: &WebhookRequest,
-    ctx: &'a Obj,
+    ctx: &'a Obj<'_>,
     messages: &Messages,
 ) -> Result<(Operation, &'a str), PayloadError> {
     let message = req_str(ctx, "MessageName", "")?;
@@ -506,11 +508,18 @@ mod tests {
         expected: "Create, Update, Delete",
     };
 
-    fn context(message: &str) -> Obj {
-        match json!({"MessageName": message, "PrimaryEntityName": "account"}) {
-            Json::Object(o) => o,
-            _ => unreachable!(),
-        }
+    fn context(message: &str) -> Obj<'_> {
+        Obj::from_entries(vec![
+            ("MessageName", Json::String(message.into())),
+            ("PrimaryEntityName", Json::String("account".into())),
+        ])
+    }
+
+    /// `value` typed as a payload attribute at path `path`.
+    fn typed(value: &serde_json::Value, path: &str) -> Result<Value, PayloadError> {
+        let text = value.to_string();
+        let json = crate::json::from_slice(text.as_bytes()).unwrap();
+        typed_value(&json, path, &Coverage::default())
     }
 
     #[test]
@@ -565,18 +574,13 @@ mod tests {
         ] {
             assert_eq!(parse_wcf_date(bad), None, "{bad}");
         }
-        let err = typed_value(
-            &json!("/Date(x)/"),
-            "Attributes.modifiedon",
-            &Coverage::default(),
-        );
+        let err = typed(&json!("/Date(x)/"), "Attributes.modifiedon");
         assert!(matches!(err, Err(PayloadError::BadDate { .. })));
     }
 
     #[test]
     fn typed_values() {
-        let cov = Coverage::default();
-        let v = |j: Json| typed_value(&j, "x", &cov).unwrap();
+        let v = |j: serde_json::Value| typed(&j, "x").unwrap();
         assert_eq!(v(json!(null)), Value::Null);
         assert_eq!(v(json!(true)), Value::Boolean(true));
         assert_eq!(v(json!(42)), Value::Integer(42));
@@ -597,7 +601,7 @@ mod tests {
             ),
             Value::Decimal(Decimal::from_str("1234567.8912").unwrap())
         );
-        let money = typed_value(&json!({"__type": "Money:x", "Value": "12"}), "m", &cov);
+        let money = typed(&json!({"__type": "Money:x", "Value": "12"}), "m");
         assert_eq!(
             money,
             Err(PayloadError::WrongType {
@@ -612,7 +616,7 @@ mod tests {
         let cov = Coverage::default();
         // Dataverse Money's largest value: 19 significant digits, more than an f64 holds.
         let body = r#"{"__type":"Money:http://schemas.microsoft.com/xrm/2011/Contracts","Value":922337203685477.5807}"#;
-        let json: Json = serde_json::from_str(body).unwrap();
+        let json = crate::json::from_slice(body.as_bytes()).unwrap();
         assert_eq!(
             typed_value(&json, "m", &cov),
             Ok(Value::Decimal(

@@ -1,8 +1,8 @@
 //! Dataverse webhooks: a RemoteExecutionContext (Create/Update/Delete) into a change event.
 
+use crate::json::Json;
 use chrono::{DateTime, Utc};
 use dualwrite_core::{Fields, Operation, Record, Side, SourceVersion, Value};
-use serde_json::Value as Json;
 
 use crate::config::{Coverage, CrmCoverage};
 use crate::context::{

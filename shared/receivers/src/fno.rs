@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 
+use crate::json::Json;
 use chrono::{DateTime, FixedOffset, Utc};
 use dualwrite_core::{
     ChangeEvent, Fields, Operation, Record, RecordKey, Side, SmolStr, SourceVersion, Value,
     ValueType,
 };
-use serde_json::Value as Json;
 
 use crate::config::{BusinessEventRoute, Coverage, ErpCoverage};
 use crate::context::{
@@ -209,7 +209,7 @@ fn business_event(
     }
     for (key_field, envelope_field) in &route.key {
         let value = match env.get(envelope_field) {
-            Some(Json::String(s)) if !s.is_empty() => s.clone(),
+            Some(Json::String(s)) if !s.is_empty() => s.to_string(),
             Some(Json::Number(n)) => n.to_string(),
             _ => {
                 return Err(PayloadError::MissingKey {

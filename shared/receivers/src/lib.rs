@@ -19,6 +19,7 @@ mod context;
 pub mod dataverse;
 pub mod error;
 pub mod fno;
+mod json;
 pub mod receive;
 pub mod request;
 pub mod screen;
