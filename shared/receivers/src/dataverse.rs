@@ -78,10 +78,13 @@ pub fn parse_dataverse(
             sources.push((target_path, target));
             sources.extend(images(&ctx, "PostEntityImages")?);
         }
-        let mut fields = Fields::new();
+        // Collected first and sorted once (a later source wins), rather than inserted one by
+        // one into the sorted fields.
+        let mut raw = Vec::new();
         for (path, entity) in &sources {
-            fields.extend(entity_attributes(entity, path, coverage)?);
+            raw.extend(entity_attributes(entity, path, coverage)?);
         }
+        let mut fields: Fields = raw.into_iter().collect();
         if operation == Operation::Upsert && coverage.complete_post_images() && sources.len() > 1 {
             // The post image is registered with all columns: a column it lacks is null.
             for name in &cov.needed {
