@@ -380,7 +380,17 @@ impl<'a> MapRun<'a> {
 
     /// Step 4: the other side's record, by the link's id, else (for an upsert) by key. `None`
     /// when it does not exist or there is nothing to read it by.
+    ///
+    /// A pair never seen before (no link, not even a provisional one, on the first decision)
+    /// is not read: the other side is taken not to have the record, so the decision creates
+    /// it with "must not exist" (`If-None-Match: *`, an F&O POST). Should the record exist after
+    /// all, the create is refused (412, or F&O's "already exists") without changing anything
+    /// and the next decision reads it and decides as before (conflict policy included). A new
+    /// record then costs one call instead of a read and a write.
     async fn read_other_side(&self, pair: &Pair) -> Result<Option<Record>, Interrupt> {
+        if pair.link.is_none() && self.decisions == 1 && self.event.operation == Operation::Upsert {
+            return Ok(None);
+        }
         let other_side = self.event.source.other();
         let other_at = match pair.link.as_ref().and_then(|l| l.id(other_side)) {
             Some(id) => RecordRef::Id(id.to_string()),

@@ -651,3 +651,48 @@ async fn echoes_and_redeliveries_cost_no_read_of_the_other_side() {
     );
     assert_eq!(w.writes(), 1);
 }
+
+#[tokio::test]
+async fn a_new_record_is_created_without_reading_the_other_side_first() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    let ev = w.edit_account(Side::Crm, "N1", Some("Northwind"), Some(10));
+    let out = w.engine.process(&ev).await.unwrap();
+    assert!(
+        matches!(action(&out), MapAction::Written { writes: 1, .. }),
+        "{out:?}"
+    );
+    assert_eq!(w.erp.read_count(), 0, "one call: the create");
+    assert_eq!(
+        w.account(Side::Erp, "N1"),
+        Some((text("Northwind"), Value::Integer(10)))
+    );
+    assert_eq!(w.engine.stats().redecisions, 0);
+}
+
+#[tokio::test]
+async fn a_record_already_on_the_other_side_refuses_the_create_and_the_conflict_policy_decides() {
+    // Both systems got "N1" on their own, with other values, before any link existed.
+    let w = World::accounts(ConflictPolicy::CrmWins, DeletePolicy::Propagate);
+    let _erp_ev = w.edit_account(Side::Erp, "N1", Some("ErpName"), Some(200));
+    w.tick();
+    let crm_ev = w.edit_account(Side::Crm, "N1", Some("CrmName"), Some(300));
+    let out = w.engine.process(&crm_ev).await.unwrap();
+    assert!(
+        matches!(
+            action(&out),
+            MapAction::Written {
+                conflict: Some(_),
+                ..
+            }
+        ),
+        "the refused create is decided again, as a conflict: {out:?}"
+    );
+    assert_eq!(
+        w.account(Side::Erp, "N1"),
+        Some((text("CrmName"), Value::Integer(300))),
+        "CRM wins"
+    );
+    assert_eq!(w.engine.stats().redecisions, 1);
+    assert!(w.erp.read_count() >= 1, "the second decision read F&O");
+    assert_eq!(w.engine.stats().conflicts, 1);
+}
