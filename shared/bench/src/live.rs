@@ -111,6 +111,10 @@ pub struct LiveReport {
     /// µs: what one event costs the machine, steadier than a rate on a shared host. `null`
     /// where the platform does not tell (`/proc/self/stat`).
     pub cpu_us_per_event: Option<f64>,
+    /// The same, per kind of thread (`tokio-rt-worker`: the runtime, the simulators and the
+    /// load generator; `dualwrite-sqlite-writer` / `-checkpoint`: the database), from
+    /// `/proc/self/task/*/stat`; empty where the platform does not tell.
+    pub cpu_us_per_event_by_thread: std::collections::BTreeMap<String, f64>,
     /// The target this run is judged by, in words.
     pub target: String,
     /// True when that target is met and `lost == duplicated == 0`.
@@ -245,13 +249,19 @@ pub async fn run(
             .map_or_else(|| "closed loop".to_string(), |r| format!("{r} events/s")),
         options.concurrency
     ));
-    let cpu_before = process_cpu();
+    let (cpu_before, threads_before) = (process_cpu(), thread_cpu());
     let drive = drive(&stage, &captured, &options).await?;
     progress("waiting for the pipeline to go idle, then checking both sides ...");
     wait_idle(&stage).await?;
+    let per_event = |d: Duration| round1(d.as_secs_f64() * 1e6 / options.events as f64);
     let cpu_us_per_event = cpu_before
         .zip(process_cpu())
-        .map(|(a, b)| round1(b.saturating_sub(a).as_secs_f64() * 1e6 / options.events as f64));
+        .map(|(a, b)| per_event(b.saturating_sub(a)));
+    let mut cpu_us_per_event_by_thread = std::collections::BTreeMap::new();
+    for (name, after) in thread_cpu() {
+        let before = threads_before.get(&name).copied().unwrap_or_default();
+        cpu_us_per_event_by_thread.insert(name, per_event(after.saturating_sub(before)));
+    }
     let check = check(&stage, options.events, &versions).await;
     let pipeline = stage.rt.stats().await;
     let simulators = SimulatorCounts {
@@ -306,6 +316,7 @@ pub async fn run(
         workers: options.workers,
         duration_s: (duration_s * 1000.0).round() / 1000.0,
         cpu_us_per_event,
+        cpu_us_per_event_by_thread,
         target,
         target_met: met && correct && drive.latencies.len() == options.events,
         latency_samples: drive.latencies.len(),
@@ -320,14 +331,36 @@ pub async fn run(
 /// CPU time this process used so far (user + system), from `/proc/self/stat`; `None` where
 /// that file does not exist or cannot be read.
 fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which is in parentheses and may hold spaces): state is
-    // field 3, utime and stime are fields 14 and 15, in clock ticks.
+    cpu_of_stat(&std::fs::read_to_string("/proc/self/stat").ok()?).map(|(_, cpu)| cpu)
+}
+
+/// CPU time used so far by the threads of this process, summed by thread name (the kernel
+/// keeps the first 15 bytes of a name), from `/proc/self/task/*/stat`; empty where those files
+/// do not exist. Threads that ended meanwhile are not counted.
+fn thread_cpu() -> std::collections::BTreeMap<String, Duration> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        if let Some((name, cpu)) = cpu_of_stat(&stat) {
+            *by_name.entry(name).or_insert(Duration::ZERO) += cpu;
+        }
+    }
+    by_name
+}
+
+/// The command name and user + system time of a `/proc/…/stat` line.
+fn cpu_of_stat(stat: &str) -> Option<(String, Duration)> {
+    // The command name is in parentheses and may hold spaces; after it, state is field 3,
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let name = &stat[stat.find('(')? + 1..stat.rfind(')')?];
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // The kernel's USER_HZ is 100 on every Linux architecture this runs on.
-    Some(Duration::from_millis(ticks * 10))
+    Some((name.to_owned(), Duration::from_millis(ticks * 10)))
 }
 
 fn round1(v: f64) -> f64 {
@@ -982,6 +1015,16 @@ mod tests {
         assert!((percentile(&v, 0.5) - 100.0).abs() < f64::EPSILON);
         assert!((percentile(&v, 0.99) - 198.0).abs() < f64::EPSILON);
         assert!(percentile(&[], 0.99).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn stat_lines_give_name_and_cpu() {
+        let line = "4242 (tokio-rt worker) S 1 2 3 4 5 6 7 8 9 10 150 50 0 0 20 0 1 0";
+        assert_eq!(
+            cpu_of_stat(line),
+            Some(("tokio-rt worker".into(), Duration::from_millis(2_000)))
+        );
+        assert_eq!(cpu_of_stat("garbage"), None);
     }
 
     #[test]
