@@ -19,6 +19,7 @@ use crate::common::{
     SimStats, ThrottleConfig, Throttled, is_guid, iso, new_guid, norm_guid, parse_query,
     pct_decode, pct_encode, prefers, serve, user_op_result, wcf_date,
 };
+use crate::context::CONTRACTS;
 use crate::entra::{EntraSim, TokenProblem};
 use crate::odata::{
     KeyPart, Row, eval, key_text, order_rows, parse_filter, parse_key, parse_orderby,
@@ -29,7 +30,6 @@ use crate::webhook::{Delivery, DeliveryRecord, Dispatcher, RetryPolicy};
 const API: &str = "/api/data/v9.2/";
 const MAX_PAGE: usize = 5000;
 const LOOKUP_ANN: &str = "@Microsoft.Dynamics.CRM.lookuplogicalname";
-const CONTRACTS: &str = "http://schemas.microsoft.com/xrm/2011/Contracts";
 
 /// A table of the simulated environment.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

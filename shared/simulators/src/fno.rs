@@ -18,6 +18,7 @@ use crate::common::{
     SimStats, ThrottleConfig, Throttled, new_guid, parse_query, pct_decode, prefers, serve,
     user_op_result, wcf_date,
 };
+use crate::context::{self, RemoteContext};
 use crate::entra::EntraSim;
 use crate::odata::{
     Row, eval, order_rows, parse_filter, parse_key, parse_orderby, split_key_segment,
@@ -25,6 +26,8 @@ use crate::odata::{
 use crate::webhook::{Delivery, DeliveryRecord, Dispatcher, RetryPolicy};
 
 const DATA: &str = "/data/";
+/// The user F&O data and business events are sent as (`InitiatingUserId`, `UserId`).
+const FNO_USER_ID: &str = "c3c3c3c3-0000-4000-8000-000000000003";
 const THROTTLE_MSG: &str = "This request could not be processed at this time due to system experiencing high resource utilization.";
 
 /// A data entity of the simulated environment.
@@ -138,8 +141,44 @@ struct FRow {
 struct Entity {
     def: FnoEntityDef,
     rows: BTreeMap<Vec<String>, FRow>,
-    /// `def.datetime_fields` plus the modified field, shared with the changes of the entity.
-    datetimes: Arc<[String]>,
+    /// What the events of the entity's changes need, computed once and shared with them.
+    names: Arc<EventNames>,
+}
+
+/// What the events of an entity's changes need from its definition, computed once per entity.
+#[derive(Debug)]
+struct EventNames {
+    /// The entity set (`CustomersV3`).
+    entity_set: String,
+    /// The virtual entity's logical name, `mserp_customersv3`.
+    logical: String,
+    /// The same as a JSON string, `"mserp_customersv3"`.
+    logical_json: String,
+    /// The start of the virtual entity's id attribute, `{"key":"mserp_customersv3id","value":`.
+    id_attribute: String,
+    /// `def.datetime_fields` plus the modified field (dropped from data events when null).
+    datetimes: Vec<String>,
+}
+
+impl EventNames {
+    fn new(def: &FnoEntityDef) -> Self {
+        let logical = virtual_name(&def.entity_set);
+        let mut id_attribute = String::from(r#"{"key":"#);
+        id_attribute.push_str(&context::json_string(&format!("{logical}id")));
+        id_attribute.push_str(r#","value":"#);
+        EventNames {
+            entity_set: def.entity_set.clone(),
+            logical_json: context::json_string(&logical),
+            logical,
+            id_attribute,
+            datetimes: def
+                .datetime_fields
+                .iter()
+                .chain(def.modified_field.iter())
+                .cloned()
+                .collect(),
+        }
+    }
 }
 
 impl Entity {
@@ -158,16 +197,10 @@ impl Entity {
     }
 
     fn new(def: FnoEntityDef) -> Self {
-        let datetimes = def
-            .datetime_fields
-            .iter()
-            .chain(def.modified_field.iter())
-            .cloned()
-            .collect();
         Entity {
+            names: Arc::new(EventNames::new(&def)),
             def,
             rows: BTreeMap::new(),
-            datetimes,
         }
     }
 }
@@ -195,12 +228,11 @@ impl Entity {
 
 #[derive(Debug)]
 struct Change {
-    entity: String,
+    /// The entity's names (its set name is `names.entity_set`).
+    names: Arc<EventNames>,
     message: FnoMessage,
     row: FRow,
     pre: Option<FRow>,
-    /// The entity's date-time fields (dropped from data events when null).
-    datetimes: Arc<[String]>,
 }
 
 /// Undo log entry: entity set, key, previous row.
@@ -232,7 +264,8 @@ pub(crate) struct FnoState {
     base: OnceLock<String>,
     auth: Option<Arc<crate::entra::EntraState>>,
     config: FnoConfig,
-    hooks: RwLock<Vec<FnoEventRegistration>>,
+    /// Event endpoints; a snapshot is taken per flush (registration is rare).
+    hooks: RwLock<Arc<Vec<FnoEventRegistration>>>,
     dispatcher: Dispatcher,
     control_number: AtomicU64,
 }
@@ -312,13 +345,11 @@ impl FnoState {
             undo.push((set.to_owned(), key, prev.clone()));
         }
         if let Some(r) = change_row {
-            let datetimes = entity.datetimes.clone();
             store.pending.push(Change {
-                entity: set.to_owned(),
+                names: entity.names.clone(),
                 message,
                 row: r,
                 pre: prev,
-                datetimes,
             });
         }
     }
@@ -629,22 +660,25 @@ impl FnoState {
         for c in changes {
             for h in hooks.iter().filter(|h| {
                 h.messages.contains(&c.message)
-                    && (h.entity_sets.is_empty() || h.entity_sets.contains(&c.entity))
+                    && (h.entity_sets.is_empty() || h.entity_sets.contains(&c.names.entity_set))
             }) {
                 let body = match &h.format {
-                    FnoEventFormat::DataEvent => data_event(&c),
+                    FnoEventFormat::DataEvent => {
+                        data_event(&c, &new_guid(), &new_guid(), Utc::now())
+                    }
                     FnoEventFormat::BusinessEvent { business_event_id } => {
                         let cn = self
                             .control_number
                             .fetch_add(1 + rand::random::<u64>() % 3, Ordering::Relaxed);
-                        business_event(&c, business_event_id, cn)
+                        serde_json::to_vec(&business_event(&c, business_event_id, cn))
+                            .unwrap_or_default()
                     }
                 };
                 self.dispatcher.send(Delivery {
                     url: h.url.clone(),
                     headers: h.headers.clone(),
-                    body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
-                    entity: c.entity.clone(),
+                    body: Bytes::from(body),
+                    entity: c.names.entity_set.clone(),
                     message: c.message.data_event_name().to_owned(),
                     record_id: c.row.guid.clone(),
                     policy: RetryPolicy {
@@ -689,45 +723,81 @@ fn virtual_name(set: &str) -> String {
     format!("mserp_{}", set.to_lowercase())
 }
 
-fn data_event(c: &Change) -> Value {
-    const CONTRACTS: &str = "http://schemas.microsoft.com/xrm/2011/Contracts";
-    let logical = virtual_name(&c.entity);
-    let attrs = |row: &FRow| -> Vec<Value> {
-        let mut v: Vec<Value> = row
-            .data
-            .iter()
-            .filter(|(k, v)| !(v.is_null() && c.datetimes.contains(k)))
-            .map(|(k, v)| json!({"key": format!("mserp_{}", k.to_lowercase()), "value": v}))
-            .collect();
-        v.push(json!({"key": format!("{logical}id"), "value": row.guid}));
-        v
+/// The data event of `c`: a RemoteExecutionContext for the virtual entity `mserp_<entity>`,
+/// written straight to JSON. Null date-times are dropped from the Target and the PreImage,
+/// every other field is sent as stored, and the virtual entity's id attribute comes last.
+fn data_event(
+    c: &Change,
+    correlation_id: &str,
+    operation_id: &str,
+    created_on: chrono::DateTime<Utc>,
+) -> Vec<u8> {
+    let names = &*c.names;
+    let entity = |out: &mut Vec<u8>, row: &FRow| {
+        context::entity(out, &row.guid, &names.logical_json, |out| {
+            for (k, v) in &row.data {
+                if v.is_null() && names.datetimes.contains(k) {
+                    continue;
+                }
+                context::raw(out, r#"{"key":"#);
+                virtual_attribute(out, k);
+                context::raw(out, r#","value":"#);
+                context::value(out, v);
+                context::raw(out, "},");
+            }
+            context::raw(out, &names.id_attribute);
+            context::string(out, &row.guid);
+            out.push(b'}');
+        });
     };
-    let entity = |row: &FRow| {
-        json!({"__type": format!("Entity:{CONTRACTS}"), "Attributes": attrs(row), "EntityState": null, "FormattedValues": [],
-               "Id": row.guid, "KeyAttributes": [], "LogicalName": logical, "RelatedEntities": [], "RowVersion": null})
+    let input = |out: &mut Vec<u8>| {
+        context::one_pair(out, "Target", |out| match c.message {
+            FnoMessage::Deleted => {
+                context::entity_reference(out, &names.logical_json, &c.row.guid);
+            }
+            _ => entity(out, &c.row),
+        });
     };
-    let target = match c.message {
-        FnoMessage::Deleted => {
-            json!({"__type": format!("EntityReference:{CONTRACTS}"), "Id": c.row.guid, "KeyAttributes": [], "LogicalName": logical, "Name": null, "RowVersion": null})
-        }
-        _ => entity(&c.row),
+    let pre = |out: &mut Vec<u8>| match &c.pre {
+        Some(p) => context::one_pair(out, "PreImage", |out| entity(out, p)),
+        None => context::raw(out, "[]"),
     };
-    let pre = c.pre.as_ref().map_or_else(
-        || json!([]),
-        |p| json!([{"key": "PreImage", "value": entity(p)}]),
-    );
-    let corr = new_guid();
-    json!({
-        "BusinessUnitId": "e2b9dd85-e89e-e711-8122-000d3aa2331c", "CorrelationId": corr, "Depth": 1,
-        "InitiatingUserId": "c3c3c3c3-0000-4000-8000-000000000003", "InputParameters": [{"key": "Target", "value": target}],
-        "IsExecutingOffline": false, "IsInTransaction": false, "IsOfflinePlayback": false, "IsolationMode": 1,
-        "MessageName": c.message.data_event_name(), "Mode": 1, "OperationCreatedOn": wcf_date(Utc::now()),
-        "OperationId": new_guid(), "OrganizationId": "4ef5b371-e89e-e711-8122-000d3aa2331c", "OrganizationName": "fnosim",
-        "OutputParameters": [], "OwningExtension": {"Id": "75417616-4ea2-e711-8122-000d3aa2331c", "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep", "Name": null, "RowVersion": null},
-        "ParentContext": null, "PostEntityImages": [], "PreEntityImages": pre,
-        "PrimaryEntityId": c.row.guid, "PrimaryEntityName": logical, "RequestId": null,
-        "SecondaryEntityName": "none", "SharedVariables": [], "Stage": 40, "UserId": "c3c3c3c3-0000-4000-8000-000000000003",
-    })
+    let empty = |out: &mut Vec<u8>| context::raw(out, "[]");
+    let created = wcf_date(created_on);
+    let ctx = RemoteContext {
+        correlation_id,
+        user_id: FNO_USER_ID,
+        message_name: c.message.data_event_name(),
+        operation_created_on: &created,
+        operation_id,
+        organization_name: "fnosim",
+        primary_entity_id: &c.row.guid,
+        primary_entity_name: &names.logical,
+        stage: 40,
+        input_parameters: &input,
+        post_entity_images: &empty,
+        pre_entity_images: &pre,
+        shared_variables: &empty,
+        parent: None,
+    };
+    let mut out =
+        Vec::with_capacity(512 + 160 * c.row.data.len() * (1 + usize::from(c.pre.is_some())));
+    ctx.write(&mut out);
+    out
+}
+
+/// Appends the virtual entity's attribute name of field `k`, `"mserp_<lower-case k>"`.
+fn virtual_attribute(out: &mut Vec<u8>, k: &str) {
+    if k.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b' ')
+    {
+        out.reserve(k.len() + 8);
+        context::raw(out, "\"mserp_");
+        out.extend(k.bytes().map(|b| b.to_ascii_lowercase()));
+        out.push(b'"');
+    } else {
+        context::string(out, &format!("mserp_{}", k.to_lowercase()));
+    }
 }
 
 fn business_event(c: &Change, id: &str, control_number: u64) -> Value {
@@ -757,7 +827,7 @@ fn business_event(c: &Change, id: &str, control_number: u64) -> Value {
     out.insert("MajorVersion".into(), json!(0));
     out.insert("MinorVersion".into(), json!(0));
     out.insert("ParentContextRecordSubjects".into(), json!([]));
-    out.insert("EntityName".into(), json!(c.entity));
+    out.insert("EntityName".into(), json!(c.names.entity_set));
     out.insert(
         "ChangeType".into(),
         json!(match c.message {
@@ -948,7 +1018,7 @@ impl FnoSim {
             base: OnceLock::new(),
             auth: config.auth.as_ref().map(EntraSim::state),
             config,
-            hooks: RwLock::new(Vec::new()),
+            hooks: RwLock::new(Arc::new(Vec::new())),
             dispatcher: Dispatcher::start(),
             control_number: AtomicU64::new(5_637_144_576),
         });
@@ -980,11 +1050,8 @@ impl FnoSim {
 
     /// Registers an event endpoint.
     pub fn register_events(&self, registration: FnoEventRegistration) {
-        self.state
-            .hooks
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(registration);
+        let mut hooks = self.state.hooks.write().unwrap_or_else(|e| e.into_inner());
+        Arc::make_mut(&mut hooks).push(registration);
     }
 
     /// A person creates a record in the client; returns it as the API would.
@@ -1066,5 +1133,126 @@ impl FnoSim {
     /// Waits until every queued event delivery has finished; false on timeout.
     pub async fn wait_events_idle(&self, timeout: Duration) -> bool {
         self.state.dispatcher.wait_idle(timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    /// The data event builder the simulator used before bodies were written straight to bytes
+    /// (a `json!` tree, then serialised), kept to pin the bytes of the new writer.
+    fn data_event_tree(
+        c: &Change,
+        corr: &str,
+        operation_id: &str,
+        created_on: chrono::DateTime<Utc>,
+    ) -> Value {
+        const CONTRACTS: &str = "http://schemas.microsoft.com/xrm/2011/Contracts";
+        let logical = virtual_name(&c.names.entity_set);
+        let attrs = |row: &FRow| -> Vec<Value> {
+            let mut v: Vec<Value> = row
+                .data
+                .iter()
+                .filter(|(k, v)| !(v.is_null() && c.names.datetimes.contains(k)))
+                .map(|(k, v)| json!({"key": format!("mserp_{}", k.to_lowercase()), "value": v}))
+                .collect();
+            v.push(json!({"key": format!("{logical}id"), "value": row.guid}));
+            v
+        };
+        let entity = |row: &FRow| {
+            json!({"__type": format!("Entity:{CONTRACTS}"), "Attributes": attrs(row), "EntityState": null, "FormattedValues": [],
+                   "Id": row.guid, "KeyAttributes": [], "LogicalName": logical, "RelatedEntities": [], "RowVersion": null})
+        };
+        let target = match c.message {
+            FnoMessage::Deleted => {
+                json!({"__type": format!("EntityReference:{CONTRACTS}"), "Id": c.row.guid, "KeyAttributes": [], "LogicalName": logical, "Name": null, "RowVersion": null})
+            }
+            _ => entity(&c.row),
+        };
+        let pre = c.pre.as_ref().map_or_else(
+            || json!([]),
+            |p| json!([{"key": "PreImage", "value": entity(p)}]),
+        );
+        json!({
+            "BusinessUnitId": "e2b9dd85-e89e-e711-8122-000d3aa2331c", "CorrelationId": corr, "Depth": 1,
+            "InitiatingUserId": "c3c3c3c3-0000-4000-8000-000000000003", "InputParameters": [{"key": "Target", "value": target}],
+            "IsExecutingOffline": false, "IsInTransaction": false, "IsOfflinePlayback": false, "IsolationMode": 1,
+            "MessageName": c.message.data_event_name(), "Mode": 1, "OperationCreatedOn": wcf_date(created_on),
+            "OperationId": operation_id, "OrganizationId": "4ef5b371-e89e-e711-8122-000d3aa2331c", "OrganizationName": "fnosim",
+            "OutputParameters": [], "OwningExtension": {"Id": "75417616-4ea2-e711-8122-000d3aa2331c", "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep", "Name": null, "RowVersion": null},
+            "ParentContext": null, "PostEntityImages": [], "PreEntityImages": pre,
+            "PrimaryEntityId": c.row.guid, "PrimaryEntityName": logical, "RequestId": null,
+            "SecondaryEntityName": "none", "SharedVariables": [], "Stage": 40, "UserId": "c3c3c3c3-0000-4000-8000-000000000003",
+        })
+    }
+
+    fn names() -> Arc<EventNames> {
+        Entity::new(FnoEntityDef {
+            entity_set: "CustomersV3".into(),
+            key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+            modified_field: Some("ModifiedDateTime".into()),
+            datetime_fields: vec!["CreatedDateTime".into(), "ValidTo".into()],
+            fields: vec!["Name".into(), "CreditLimit".into()],
+        })
+        .names
+    }
+
+    fn row(data: Value, version: u64) -> FRow {
+        let Value::Object(data) = data else {
+            panic!("rows are objects")
+        };
+        FRow {
+            data,
+            version,
+            guid: "5e0b7a52-6d2c-4a51-9d8e-0c1f3a3c2b11".into(),
+        }
+    }
+
+    #[test]
+    fn data_events_read_as_the_former_json_tree_did() {
+        let before = row(
+            json!({
+                "dataAreaId": "usmf", "CustomerAccount": "US-001", "Name": "Contoso \"East\" \\ Ünïcode",
+                "CreditLimit": 12.50, "Blocked": null, "CreatedDateTime": null,
+                "ValidTo": "2026-01-02T03:04:05Z", "ModifiedDateTime": "2026-05-01T10:00:00.000Z",
+                "Count": 3, "Flag": true, "Nested": {"b": [1, "x"], "a": null}
+            }),
+            7,
+        );
+        let mut after = before.clone();
+        after.data.insert("Name".into(), json!("Contoso West"));
+        after.data.insert("ModifiedDateTime".into(), Value::Null);
+        after.data.insert("Äußere\"Kante".into(), json!("odd key"));
+        after.data.insert("1st".into(), json!(-0.000_1));
+        after.version = 8;
+        let changes = [
+            (FnoMessage::Created, after.clone(), None),
+            (FnoMessage::Updated, after.clone(), Some(before.clone())),
+            (FnoMessage::Deleted, before.clone(), Some(before.clone())),
+            (FnoMessage::Deleted, before.clone(), None),
+        ];
+        let at = Utc.timestamp_millis_opt(1_777_000_000_123).unwrap();
+        for (message, row, pre) in changes {
+            let c = Change {
+                names: names(),
+                message,
+                row,
+                pre,
+            };
+            let corr = "0a0a0a0a-0000-4000-8000-00000000000a";
+            let op = "0b0b0b0b-0000-4000-8000-00000000000b";
+            let written = data_event(&c, corr, op, at);
+            let tree = data_event_tree(&c, corr, op, at);
+            assert_eq!(
+                String::from_utf8(written.clone()).unwrap(),
+                serde_json::to_string(&tree).unwrap(),
+                "{message:?}"
+            );
+            let parsed: Value = serde_json::from_slice(&written).unwrap();
+            assert_eq!(parsed, tree);
+        }
     }
 }

@@ -23,6 +23,7 @@
 
 mod batch;
 mod common;
+mod context;
 mod dataverse;
 mod entra;
 mod fno;
