@@ -97,7 +97,11 @@ impl SimResponse {
     }
 
     pub fn json(status: StatusCode, value: &serde_json::Value) -> Self {
-        let body = serde_json::to_vec(value).unwrap_or_default();
+        Self::json_bytes(status, serde_json::to_vec(value).unwrap_or_default())
+    }
+
+    /// A JSON answer whose body is already written.
+    pub fn json_bytes(status: StatusCode, body: Vec<u8>) -> Self {
         Self {
             status,
             headers: vec![(

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 
-use serde::Serialize;
+use crate::json::{raw, string};
 
 /// The namespace of the `__type` hints of the Dataverse contracts.
 pub(crate) const CONTRACTS: &str = "http://schemas.microsoft.com/xrm/2011/Contracts";
@@ -144,57 +144,12 @@ pub(crate) fn one_pair(out: &mut Vec<u8>, key: &str, value: impl FnOnce(&mut Vec
     raw(out, "}]");
 }
 
-/// Appends text that is already JSON.
-pub(crate) fn raw(out: &mut Vec<u8>, json: &str) {
-    out.extend_from_slice(json.as_bytes());
-}
-
-/// Appends `s` as a JSON string, escaped as `serde_json` escapes it.
-pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.reserve(s.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        value(out, s);
-    }
-}
-
-/// Appends `v` serialised by `serde_json`.
-pub(crate) fn value(out: &mut Vec<u8>, v: &(impl Serialize + ?Sized)) {
-    // Writing a `Value` or a string into a `Vec` cannot fail: there is no I/O, and every
-    // object key of a `Value` is a string.
-    let _ = serde_json::to_writer(&mut *out, v);
-}
-
-/// `s` as a JSON string (for names written into many bodies: computed once, appended raw).
-pub(crate) fn json_string(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len() + 2);
-    string(&mut out, s);
-    String::from_utf8(out).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-
-    #[test]
-    fn strings_escape_as_serde_json_does() {
-        for s in [
-            "plain",
-            "quote \" back \\ slash",
-            "tab\tnew\nline\u{1}",
-            "ünïcödé /",
-        ] {
-            let mut out = Vec::new();
-            string(&mut out, s);
-            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
-            assert_eq!(json_string(s).as_bytes(), serde_json::to_vec(s).unwrap());
-        }
-    }
+    use crate::json::json_string;
 
     #[test]
     fn references_and_entities_read_as_their_json_trees() {

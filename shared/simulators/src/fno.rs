@@ -20,6 +20,7 @@ use crate::common::{
 };
 use crate::context::{self, RemoteContext};
 use crate::entra::EntraSim;
+use crate::json;
 use crate::odata::{
     Row, eval, order_rows, parse_filter, parse_key, parse_orderby, split_key_segment,
 };
@@ -130,11 +131,12 @@ impl Default for FnoConfig {
     }
 }
 
+/// A stored record. Shared, not copied, with the undo log and the changes of data events.
 #[derive(Debug, Clone)]
 struct FRow {
-    data: Row,
+    data: Arc<Row>,
     version: u64,
-    guid: String,
+    guid: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -164,11 +166,11 @@ impl EventNames {
     fn new(def: &FnoEntityDef) -> Self {
         let logical = virtual_name(&def.entity_set);
         let mut id_attribute = String::from(r#"{"key":"#);
-        id_attribute.push_str(&context::json_string(&format!("{logical}id")));
+        id_attribute.push_str(&json::json_string(&format!("{logical}id")));
         id_attribute.push_str(r#","value":"#);
         EventNames {
             entity_set: def.entity_set.clone(),
-            logical_json: context::json_string(&logical),
+            logical_json: json::json_string(&logical),
             logical,
             id_attribute,
             datetimes: def
@@ -246,11 +248,18 @@ struct Store {
     pending: Vec<Change>,
 }
 
+/// An OData error answer of F&O.
 fn err(status: StatusCode, message: &str) -> SimResponse {
-    SimResponse::json(
-        status,
-        &json!({"error": {"code": "", "message": message, "innererror": {"message": message, "type": "Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataException", "stacktrace": ""}}}),
-    )
+    let mut out = Vec::with_capacity(2 * message.len() + 200);
+    json::raw(&mut out, r#"{"error":{"code":"","innererror":{"message":"#);
+    json::string(&mut out, message);
+    json::raw(
+        &mut out,
+        r#","stacktrace":"","type":"Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataException"},"message":"#,
+    );
+    json::string(&mut out, message);
+    json::raw(&mut out, "}}");
+    SimResponse::json_bytes(status, out)
 }
 
 fn etag(version: u64) -> String {
@@ -275,18 +284,59 @@ impl FnoState {
         format!("{}/data/", self.base.get().map_or("", String::as_str))
     }
 
-    fn view(row: &FRow, select: Option<&[String]>) -> Value {
-        let mut out = Map::new();
-        out.insert("@odata.etag".into(), Value::String(etag(row.version)));
+    /// Appends `row` as the API answers it: `@odata.etag` and the row's fields (only the
+    /// `select`ed ones, null where missing), and `@odata.context` when given. The keys are in
+    /// byte order; a field named like an annotation wins over `@odata.etag` and loses to
+    /// `@odata.context`.
+    fn write_view(out: &mut Vec<u8>, row: &FRow, select: Option<&[String]>, context: Option<&str>) {
+        static NULL: Value = Value::Null;
+        let etag = etag(row.version);
+        let mut annotations: [Option<(&str, &str)>; 2] = [
+            context.map(|c| ("@odata.context", c)),
+            Some(("@odata.etag", etag.as_str())),
+        ];
+        let mut next_annotation = 0;
+        let mut obj = json::Object::new(out);
+        let mut field = |obj: &mut json::Object<'_>, k: &str, v: &Value| {
+            while let Some(i) = (next_annotation..2).find(|&i| annotations[i].is_some()) {
+                let Some((name, text)) = annotations[i] else {
+                    break;
+                };
+                if name > k {
+                    break;
+                }
+                annotations[i] = None;
+                next_annotation = i + 1;
+                if name == k {
+                    if name == "@odata.context" {
+                        obj.entry(name, text);
+                        return;
+                    }
+                    break;
+                }
+                obj.entry(name, text);
+            }
+            obj.entry(k, v);
+        };
         match select {
             Some(cols) => {
+                let mut cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+                cols.sort_unstable();
+                cols.dedup();
                 for c in cols {
-                    out.insert(c.clone(), row.data.get(c).cloned().unwrap_or(Value::Null));
+                    field(&mut obj, c, row.data.get(c).unwrap_or(&NULL));
                 }
             }
-            None => out.extend(row.data.iter().map(|(k, v)| (k.clone(), v.clone()))),
+            None => {
+                for (k, v) in row.data.iter() {
+                    field(&mut obj, k, v);
+                }
+            }
         }
-        Value::Object(out)
+        for (name, text) in annotations.into_iter().flatten() {
+            obj.entry(name, text);
+        }
+        obj.end();
     }
 
     fn resolve_key(&self, entity: &Entity, inner: &str) -> Result<Vec<String>, SimResponse> {
@@ -404,17 +454,10 @@ impl FnoState {
             (&Method::GET, Some(key)) => {
                 match entity.rows.get(&key).filter(|r| company_ok(&r.data)) {
                     Some(r) => {
-                        let mut body = Self::view(r, select.as_deref());
-                        if let Some(o) = body.as_object_mut() {
-                            o.insert(
-                                "@odata.context".into(),
-                                Value::String(format!(
-                                    "{}$metadata#{set}/$entity",
-                                    self.data_url()
-                                )),
-                            );
-                        }
-                        SimResponse::json(StatusCode::OK, &body)
+                        let context = format!("{}$metadata#{set}/$entity", self.data_url());
+                        let mut body = Vec::with_capacity(256 + 48 * r.data.len());
+                        Self::write_view(&mut body, r, select.as_deref(), Some(&context));
+                        SimResponse::json_bytes(StatusCode::OK, body)
                             .with_header("etag", &etag(r.version))
                     }
                     None => err(
@@ -463,20 +506,22 @@ impl FnoState {
                 }
                 store.version += 1;
                 let row = FRow {
-                    data: body,
+                    data: Arc::new(body),
                     version: store.version,
-                    guid: new_guid(),
+                    guid: new_guid().into(),
                 };
                 let location = format!(
                     "{}{set}({})",
                     self.data_url(),
                     key_segment(&entity.def, &row.data)
                 );
-                let out = Self::view(&row, None);
-                Self::set_row(store, &set, key, Some(row.clone()), FnoMessage::Created);
-                SimResponse::json(StatusCode::CREATED, &out)
+                let mut out = Vec::with_capacity(256 + 48 * row.data.len());
+                Self::write_view(&mut out, &row, None, None);
+                let version = row.version;
+                Self::set_row(store, &set, key, Some(row), FnoMessage::Created);
+                SimResponse::json_bytes(StatusCode::CREATED, out)
                     .with_header("location", &location)
-                    .with_header("etag", &etag(row.version))
+                    .with_header("etag", &etag(version))
             }
             (m @ (&Method::PATCH | &Method::PUT), Some(key)) => {
                 let Some(existing) = entity.rows.get(&key) else {
@@ -503,7 +548,7 @@ impl FnoState {
                     entity.fill_empty_fields(&mut empty);
                     empty
                 } else {
-                    existing.data.clone()
+                    Row::clone(&existing.data)
                 };
                 for (k, v) in body {
                     if !entity.def.key_fields.iter().any(|f| f == &k) {
@@ -528,7 +573,7 @@ impl FnoState {
                 }
                 store.version += 1;
                 let row = FRow {
-                    data,
+                    data: Arc::new(data),
                     version: store.version,
                     guid: existing.guid.clone(),
                 };
@@ -619,19 +664,7 @@ impl FnoState {
         let page: Vec<&FRow> = rows.into_iter().skip(skip).take(take).collect();
         let more = skip + page.len() < total && wanted > page.len();
         let set = &entity.def.entity_set;
-        let mut body = Map::new();
-        body.insert(
-            "@odata.context".into(),
-            Value::String(format!("{}$metadata#{set}", self.data_url())),
-        );
-        if q("$count") == Some("true") {
-            body.insert("@odata.count".into(), json!(total));
-        }
-        body.insert(
-            "value".into(),
-            Value::Array(page.iter().map(|r| Self::view(r, select)).collect()),
-        );
-        if more {
+        let next_link = more.then(|| {
             let mut link = format!("{}{set}?", self.data_url());
             for p in req.query.split('&').filter(|p| !p.is_empty()) {
                 let name = pct_decode(p.split('=').next().unwrap_or(""));
@@ -644,9 +677,32 @@ impl FnoState {
                 link.push_str(&format!("$top={}&", t - page.len()));
             }
             link.push_str(&format!("$skip={}", skip + page.len()));
-            body.insert("@odata.nextLink".into(), Value::String(link));
+            link
+        });
+        let mut body =
+            Vec::with_capacity(256 + page.iter().map(|r| 48 * r.data.len()).sum::<usize>());
+        let mut obj = json::Object::new(&mut body);
+        obj.entry(
+            "@odata.context",
+            &format!("{}$metadata#{set}", self.data_url()),
+        );
+        if q("$count") == Some("true") {
+            obj.entry("@odata.count", &total);
         }
-        SimResponse::json(StatusCode::OK, &Value::Object(body))
+        if let Some(link) = &next_link {
+            obj.entry("@odata.nextLink", link);
+        }
+        let out = obj.key("value");
+        out.push(b'[');
+        for (i, r) in page.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            Self::write_view(out, r, select, None);
+        }
+        out.push(b']');
+        obj.end();
+        SimResponse::json_bytes(StatusCode::OK, body)
     }
 
     fn flush(&self, changes: Vec<Change>) {
@@ -680,7 +736,7 @@ impl FnoState {
                     body: Bytes::from(body),
                     entity: c.names.entity_set.clone(),
                     message: c.message.data_event_name().to_owned(),
-                    record_id: c.row.guid.clone(),
+                    record_id: c.row.guid.to_string(),
                     policy: RetryPolicy {
                         only_gateway_errors: false,
                         retries: 3,
@@ -735,18 +791,18 @@ fn data_event(
     let names = &*c.names;
     let entity = |out: &mut Vec<u8>, row: &FRow| {
         context::entity(out, &row.guid, &names.logical_json, |out| {
-            for (k, v) in &row.data {
+            for (k, v) in row.data.iter() {
                 if v.is_null() && names.datetimes.contains(k) {
                     continue;
                 }
-                context::raw(out, r#"{"key":"#);
+                json::raw(out, r#"{"key":"#);
                 virtual_attribute(out, k);
-                context::raw(out, r#","value":"#);
-                context::value(out, v);
-                context::raw(out, "},");
+                json::raw(out, r#","value":"#);
+                json::value(out, v);
+                json::raw(out, "},");
             }
-            context::raw(out, &names.id_attribute);
-            context::string(out, &row.guid);
+            json::raw(out, &names.id_attribute);
+            json::string(out, &row.guid);
             out.push(b'}');
         });
     };
@@ -760,9 +816,9 @@ fn data_event(
     };
     let pre = |out: &mut Vec<u8>| match &c.pre {
         Some(p) => context::one_pair(out, "PreImage", |out| entity(out, p)),
-        None => context::raw(out, "[]"),
+        None => json::raw(out, "[]"),
     };
-    let empty = |out: &mut Vec<u8>| context::raw(out, "[]");
+    let empty = |out: &mut Vec<u8>| json::raw(out, "[]");
     let created = wcf_date(created_on);
     let ctx = RemoteContext {
         correlation_id,
@@ -792,11 +848,11 @@ fn virtual_attribute(out: &mut Vec<u8>, k: &str) {
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b' ')
     {
         out.reserve(k.len() + 8);
-        context::raw(out, "\"mserp_");
+        json::raw(out, "\"mserp_");
         out.extend(k.bytes().map(|b| b.to_ascii_lowercase()));
         out.push(b'"');
     } else {
-        context::string(out, &format!("mserp_{}", k.to_lowercase()));
+        json::string(out, &format!("mserp_{}", k.to_lowercase()));
     }
 }
 
@@ -836,7 +892,7 @@ fn business_event(c: &Change, id: &str, control_number: u64) -> Value {
             FnoMessage::Deleted => "Deleted",
         }),
     );
-    for (k, v) in &c.row.data {
+    for (k, v) in c.row.data.iter() {
         out.entry(k.clone()).or_insert_with(|| v.clone());
     }
     Value::Object(out)
@@ -1089,7 +1145,7 @@ impl FnoSim {
             .map(|e| {
                 e.rows
                     .values()
-                    .map(|r| Value::Object(r.data.clone()))
+                    .map(|r| Value::Object(Row::clone(&r.data)))
                     .collect()
             })
             .unwrap_or_default()
@@ -1205,10 +1261,170 @@ mod tests {
             panic!("rows are objects")
         };
         FRow {
-            data,
+            data: Arc::new(data),
             version,
             guid: "5e0b7a52-6d2c-4a51-9d8e-0c1f3a3c2b11".into(),
         }
+    }
+
+    /// The answer builders the simulator used before answers were written straight to bytes.
+    fn view_tree(row: &FRow, select: Option<&[String]>, context: Option<&str>) -> Value {
+        let mut out = Map::new();
+        out.insert("@odata.etag".into(), Value::String(etag(row.version)));
+        match select {
+            Some(cols) => {
+                for c in cols {
+                    out.insert(c.clone(), row.data.get(c).cloned().unwrap_or(Value::Null));
+                }
+            }
+            None => out.extend(row.data.iter().map(|(k, v)| (k.clone(), v.clone()))),
+        }
+        if let Some(c) = context {
+            out.insert("@odata.context".into(), Value::String(c.into()));
+        }
+        Value::Object(out)
+    }
+
+    #[test]
+    fn row_answers_read_as_the_former_json_tree_did() {
+        let plain = row(
+            json!({"dataAreaId": "usmf", "CustomerAccount": "US-1", "Name": "A \"q\"", "Limit": 1.50, "Gone": null}),
+            3,
+        );
+        let odd = row(
+            json!({"1st": 1, "$x": "dollar", "@odata.etag": "mine", "@odata.context": "mine too", "@a": 0, "@odata.f": 2, "z": [1, {"b": 1, "a": 2}]}),
+            4,
+        );
+        let selects: [Option<Vec<String>>; 5] = [
+            None,
+            Some(vec![
+                "Name".into(),
+                "dataAreaId".into(),
+                "Name".into(),
+                "Missing".into(),
+            ]),
+            Some(vec![
+                "@odata.etag".into(),
+                "@odata.context".into(),
+                "1st".into(),
+            ]),
+            Some(vec![String::new(), "z".into()]),
+            Some(Vec::new()),
+        ];
+        for r in [&plain, &odd] {
+            for select in &selects {
+                for context in [None, Some("http://x/data/$metadata#CustomersV3/$entity")] {
+                    let mut out = Vec::new();
+                    FnoState::write_view(&mut out, r, select.as_deref(), context);
+                    assert_eq!(
+                        String::from_utf8(out).unwrap(),
+                        serde_json::to_string(&view_tree(r, select.as_deref(), context)).unwrap(),
+                        "{select:?} {context:?} {r:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn error_answers_read_as_the_former_json_tree_did() {
+        for message in [
+            "No CustomersV3 record matches the key (x).",
+            "quote \" and \\ \n",
+        ] {
+            let tree = json!({"error": {"code": "", "message": message, "innererror": {"message": message, "type": "Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataException", "stacktrace": ""}}});
+            assert_eq!(
+                err(StatusCode::NOT_FOUND, message).body,
+                serde_json::to_vec(&tree).unwrap()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn query_and_read_answers_are_pinned() {
+        let sim = FnoSim::start(FnoConfig {
+            entities: vec![FnoEntityDef {
+                entity_set: "CustomersV3".into(),
+                key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+                modified_field: None,
+                datetime_fields: vec!["ValidTo".into()],
+                fields: vec!["Name".into()],
+            }],
+            max_page_size: 2,
+            ..FnoConfig::default()
+        })
+        .await
+        .unwrap();
+        let state = &sim.state;
+        let request = |method: Method, path: &str, query: &str, body: &str| SimRequest {
+            method,
+            path: path.into(),
+            query: query.into(),
+            headers: axum::http::HeaderMap::new(),
+            body: Bytes::from(body.to_owned()),
+        };
+        let mut store = state.store.lock().unwrap();
+        for (account, name) in [("C1", "One"), ("C2", "Two"), ("C3", "Three")] {
+            let body =
+                format!(r#"{{"CustomerAccount":"{account}","Name":"{name}","@odata.type":"x"}}"#);
+            let created = state.execute(
+                &mut store,
+                &request(Method::POST, "/data/CustomersV3", "", &body),
+            );
+            assert_eq!(created.status, StatusCode::CREATED);
+            let etag = etag(store.version);
+            let want = json!({"@odata.etag": etag, "CustomerAccount": account, "Name": name, "ValidTo": null, "dataAreaId": "usmf"});
+            assert_eq!(created.body, serde_json::to_vec(&want).unwrap());
+        }
+        let data = state.data_url();
+        let page = state.execute(
+            &mut store,
+            &request(
+                Method::GET,
+                "/data/CustomersV3",
+                "$select=Name,CustomerAccount&$count=true&$orderby=CustomerAccount%20desc",
+                "",
+            ),
+        );
+        let want = json!({
+            "@odata.context": format!("{data}$metadata#CustomersV3"),
+            "@odata.count": 3,
+            "@odata.nextLink": format!("{data}CustomersV3?$select=Name,CustomerAccount&$count=true&$orderby=CustomerAccount%20desc&$skip=2"),
+            "value": [
+                {"@odata.etag": etag(3), "CustomerAccount": "C3", "Name": "Three"},
+                {"@odata.etag": etag(2), "CustomerAccount": "C2", "Name": "Two"},
+            ],
+        });
+        assert_eq!(page.status, StatusCode::OK);
+        assert_eq!(
+            String::from_utf8(page.body.to_vec()).unwrap(),
+            serde_json::to_string(&want).unwrap()
+        );
+        let empty = state.execute(
+            &mut store,
+            &request(
+                Method::GET,
+                "/data/CustomersV3",
+                "$filter=Name%20eq%20'none'",
+                "",
+            ),
+        );
+        let want = json!({"@odata.context": format!("{data}$metadata#CustomersV3"), "value": []});
+        assert_eq!(empty.body, serde_json::to_vec(&want).unwrap());
+        let one = state.execute(
+            &mut store,
+            &request(
+                Method::GET,
+                "/data/CustomersV3(dataAreaId='usmf',CustomerAccount='C1')",
+                "",
+                "",
+            ),
+        );
+        let want = json!({
+            "@odata.context": format!("{data}$metadata#CustomersV3/$entity"),
+            "@odata.etag": etag(1), "CustomerAccount": "C1", "Name": "One", "ValidTo": null, "dataAreaId": "usmf",
+        });
+        assert_eq!(one.body, serde_json::to_vec(&want).unwrap());
     }
 
     #[test]
@@ -1223,10 +1439,11 @@ mod tests {
             7,
         );
         let mut after = before.clone();
-        after.data.insert("Name".into(), json!("Contoso West"));
-        after.data.insert("ModifiedDateTime".into(), Value::Null);
-        after.data.insert("Äußere\"Kante".into(), json!("odd key"));
-        after.data.insert("1st".into(), json!(-0.000_1));
+        let data = Arc::make_mut(&mut after.data);
+        data.insert("Name".into(), json!("Contoso West"));
+        data.insert("ModifiedDateTime".into(), Value::Null);
+        data.insert("Äußere\"Kante".into(), json!("odd key"));
+        data.insert("1st".into(), json!(-0.000_1));
         after.version = 8;
         let changes = [
             (FnoMessage::Created, after.clone(), None),

@@ -27,6 +27,7 @@ mod context;
 mod dataverse;
 mod entra;
 mod fno;
+mod json;
 mod odata;
 mod webhook;
 
