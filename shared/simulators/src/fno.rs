@@ -145,6 +145,8 @@ struct Entity {
     rows: BTreeMap<Vec<String>, FRow>,
     /// What the events of the entity's changes need, computed once and shared with them.
     names: Arc<EventNames>,
+    /// `def.fields` and `def.datetime_fields`, sorted: the fields every row holds.
+    empty_fields: Vec<String>,
 }
 
 /// What the events of an entity's changes need from its definition, computed once per entity.
@@ -184,23 +186,37 @@ impl EventNames {
 }
 
 impl Entity {
-    /// Gives `row` every field of the entity it lacks, empty.
+    /// Gives `row` every field of the entity it lacks, empty. Rows usually lack most of them,
+    /// so the row is rebuilt in one ordered pass (a bulk build of the map) rather than
+    /// searched and grown once per missing field.
     fn fill_empty_fields(&self, row: &mut Row) {
-        for f in self
-            .def
-            .fields
-            .iter()
-            .chain(self.def.datetime_fields.iter())
-        {
-            if !row.contains_key(f) {
-                row.insert(f.clone(), Value::Null);
+        let mut given = std::mem::take(row).into_iter().peekable();
+        let mut merged = Vec::with_capacity(given.len() + self.empty_fields.len());
+        for f in self.empty_fields.iter() {
+            while let Some(entry) = given.next_if(|(k, _)| k.as_str() < f.as_str()) {
+                merged.push(entry);
+            }
+            match given.next_if(|(k, _)| k == f) {
+                Some(entry) => merged.push(entry),
+                None => merged.push((f.clone(), Value::Null)),
             }
         }
+        merged.extend(given);
+        *row = merged.into_iter().collect();
     }
 
     fn new(def: FnoEntityDef) -> Self {
+        let mut empty_fields: Vec<String> = def
+            .fields
+            .iter()
+            .chain(def.datetime_fields.iter())
+            .cloned()
+            .collect();
+        empty_fields.sort_unstable();
+        empty_fields.dedup();
         Entity {
             names: Arc::new(EventNames::new(&def)),
+            empty_fields,
             def,
             rows: BTreeMap::new(),
         }
@@ -316,7 +332,7 @@ impl FnoState {
                 }
                 obj.entry(name, text);
             }
-            obj.entry(k, v);
+            obj.value_entry(k, v);
         };
         match select {
             Some(cols) => {
@@ -798,7 +814,7 @@ fn data_event(
                 json::raw(out, r#"{"key":"#);
                 virtual_attribute(out, k);
                 json::raw(out, r#","value":"#);
-                json::value(out, v);
+                json::any(out, v);
                 json::raw(out, "},");
             }
             json::raw(out, &names.id_attribute);
@@ -847,9 +863,10 @@ fn virtual_attribute(out: &mut Vec<u8>, k: &str) {
     if k.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b' ')
     {
-        out.reserve(k.len() + 8);
         json::raw(out, "\"mserp_");
-        out.extend(k.bytes().map(|b| b.to_ascii_lowercase()));
+        let start = out.len();
+        out.extend_from_slice(k.as_bytes());
+        out[start..].make_ascii_lowercase();
         out.push(b'"');
     } else {
         json::string(out, &format!("mserp_{}", k.to_lowercase()));
@@ -1425,6 +1442,39 @@ mod tests {
             "@odata.etag": etag(1), "CustomerAccount": "C1", "Name": "One", "ValidTo": null, "dataAreaId": "usmf",
         });
         assert_eq!(one.body, serde_json::to_vec(&want).unwrap());
+    }
+
+    #[test]
+    fn rows_get_every_field_of_the_entity() {
+        let entity = Entity::new(FnoEntityDef {
+            entity_set: "CustomersV3".into(),
+            key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+            modified_field: Some("ModifiedDateTime".into()),
+            datetime_fields: vec!["ValidTo".into(), "A0".into()],
+            fields: vec![
+                "Name".into(),
+                "Blocked".into(),
+                "Name".into(),
+                "zeta".into(),
+            ],
+        });
+        for given in [
+            json!({}),
+            json!({"CustomerAccount": "C", "Name": "n", "zeta": 1, "Extra": true, "0": 0}),
+            json!({"Blocked": "No", "Name": null, "ValidTo": "2026-01-01T00:00:00Z", "zz": "last"}),
+        ] {
+            let Value::Object(mut row) = given.clone() else {
+                unreachable!()
+            };
+            entity.fill_empty_fields(&mut row);
+            let Value::Object(mut want) = given else {
+                unreachable!()
+            };
+            for f in ["ValidTo", "A0", "Name", "Blocked", "zeta"] {
+                want.entry(f).or_insert(Value::Null);
+            }
+            assert_eq!(row, want);
+        }
     }
 
     #[test]

@@ -30,6 +30,18 @@ pub(crate) fn value(out: &mut Vec<u8>, v: &(impl Serialize + ?Sized)) {
     let _ = serde_json::to_writer(&mut *out, v);
 }
 
+/// Appends `v` as `serde_json` writes it, with the common scalars written directly.
+pub(crate) fn any(out: &mut Vec<u8>, v: &serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Null => raw(out, "null"),
+        Value::Bool(true) => raw(out, "true"),
+        Value::Bool(false) => raw(out, "false"),
+        Value::String(s) => string(out, s),
+        Value::Number(_) | Value::Array(_) | Value::Object(_) => value(out, v),
+    }
+}
+
 /// `s` as a JSON string (for names written into many bodies: computed once, appended raw).
 pub(crate) fn json_string(s: &str) -> String {
     let mut out = Vec::with_capacity(s.len() + 2);
@@ -59,6 +71,12 @@ impl<'a> Object<'a> {
         string(self.out, key);
         self.out.push(b':');
         self.out
+    }
+
+    /// Writes an entry whose value is a `serde_json::Value`.
+    pub fn value_entry(&mut self, key: &str, v: &serde_json::Value) {
+        let out = self.key(key);
+        any(out, v);
     }
 
     /// Writes an entry whose value `serde_json` serialises.
@@ -91,6 +109,19 @@ mod tests {
             string(&mut out, s);
             assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
             assert_eq!(json_string(s).as_bytes(), serde_json::to_vec(s).unwrap());
+        }
+    }
+
+    #[test]
+    fn values_read_as_serde_json_writes_them() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"[null, true, false, "s\"", 1, -2.50, 1e400, 0.1000000000000000000001, [], {}, {"b": [1], "a": null}]"#,
+        )
+        .unwrap();
+        for item in v.as_array().unwrap() {
+            let mut out = Vec::new();
+            any(&mut out, item);
+            assert_eq!(out, serde_json::to_vec(item).unwrap(), "{item}");
         }
     }
 
