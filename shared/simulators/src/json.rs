@@ -13,7 +13,7 @@ pub(crate) fn raw(out: &mut Vec<u8>, json: &str) {
 
 /// Appends `s` as a JSON string, escaped as `serde_json` escapes it.
 pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !needs_escape(s.as_bytes()) {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
@@ -21,6 +21,33 @@ pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
     } else {
         value(out, s);
     }
+}
+
+/// True if `b` holds a byte that a JSON string escapes: a control character, `"` or `\\`.
+/// Eight bytes at a time (SWAR): a lane's high bit is set where its byte is below 0x20 or
+/// equals one of the two.
+fn needs_escape(b: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_in = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let mut lanes = [0u8; 8];
+        lanes.copy_from_slice(c);
+        let x = u64::from_le_bytes(lanes);
+        let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        if below_space
+            | zero_in(x ^ (ONES * u64::from(b'"')))
+            | zero_in(x ^ (ONES * u64::from(b'\\')))
+            != 0
+        {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&c| c < 0x20 || c == b'"' || c == b'\\')
 }
 
 /// Appends `v` serialised by `serde_json`.
@@ -103,6 +130,7 @@ mod tests {
             "plain",
             "quote \" back \\ slash",
             "tab\tnew\nline\u{1}",
+            "del \u{7f} and more than eight bytes \u{1f}",
             "ünïcödé /",
         ] {
             let mut out = Vec::new();
@@ -110,6 +138,29 @@ mod tests {
             assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
             assert_eq!(json_string(s).as_bytes(), serde_json::to_vec(s).unwrap());
         }
+    }
+
+    #[test]
+    fn escapes_are_found_in_every_position() {
+        for len in 0..20 {
+            let plain = "a".repeat(len);
+            assert!(!needs_escape(plain.as_bytes()));
+            for at in 0..len {
+                for c in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+                    let mut s = plain.clone().into_bytes();
+                    s[at] = c;
+                    assert!(needs_escape(&s), "{len} {at} {c}");
+                }
+                for c in [b' ', b'~', 0x7f, b'/', b'!', b'#', b'[', b']'] {
+                    let mut s = plain.clone().into_bytes();
+                    s[at] = c;
+                    assert!(!needs_escape(&s), "{len} {at} {c}");
+                }
+            }
+        }
+        assert!(!needs_escape(
+            "ünïcödé €uro 😀 longer than eight".as_bytes()
+        ));
     }
 
     #[test]
