@@ -97,7 +97,11 @@ impl SimResponse {
     }
 
     pub fn json(status: StatusCode, value: &serde_json::Value) -> Self {
-        let body = serde_json::to_vec(value).unwrap_or_default();
+        Self::json_bytes(status, serde_json::to_vec(value).unwrap_or_default())
+    }
+
+    /// A JSON answer whose body is already written.
+    pub fn json_bytes(status: StatusCode, body: Vec<u8>) -> Self {
         Self {
             status,
             headers: vec![(
@@ -525,18 +529,19 @@ pub(crate) fn user_op_result(
 
 /// A new random GUID (version 4), lower case.
 pub(crate) fn new_guid() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b: u128 = rand::random();
     b = (b & !(0xF << 76)) | (0x4 << 76);
     b = (b & !(0x3 << 62)) | (0x2 << 62);
-    let h = format!("{b:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let mut out = String::with_capacity(36);
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            out.push('-');
+        }
+        let nibble = (b >> (124 - 4 * i)) & 0xF;
+        out.push(char::from(HEX[nibble as usize]));
+    }
+    out
 }
 
 /// True if `s` looks like a GUID (8-4-4-4-12 hex digits), braces allowed.
@@ -628,6 +633,9 @@ mod tests {
         let g = new_guid();
         assert!(is_guid(&g), "{g}");
         assert_eq!(&g[14..15], "4");
+        assert!(matches!(&g[19..20], "8" | "9" | "a" | "b"), "{g}");
+        assert_eq!(g, g.to_lowercase());
+        assert_ne!(new_guid(), g);
         assert!(is_guid("{6D81597F-0F9F-E711-8122-000D3AA2331C}"));
         assert!(!is_guid("not-a-guid"));
     }

@@ -19,7 +19,9 @@ use crate::common::{
     SimStats, ThrottleConfig, Throttled, is_guid, iso, new_guid, norm_guid, parse_query,
     pct_decode, pct_encode, prefers, serve, user_op_result, wcf_date,
 };
+use crate::context::{self, CONTRACTS, RemoteContext};
 use crate::entra::{EntraSim, TokenProblem};
+use crate::json;
 use crate::odata::{
     KeyPart, Row, eval, key_text, order_rows, parse_filter, parse_key, parse_orderby,
     split_key_segment,
@@ -29,7 +31,6 @@ use crate::webhook::{Delivery, DeliveryRecord, Dispatcher, RetryPolicy};
 const API: &str = "/api/data/v9.2/";
 const MAX_PAGE: usize = 5000;
 const LOOKUP_ANN: &str = "@Microsoft.Dynamics.CRM.lookuplogicalname";
-const CONTRACTS: &str = "http://schemas.microsoft.com/xrm/2011/Contracts";
 
 /// A table of the simulated environment.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -258,7 +259,8 @@ pub(crate) struct DvState {
     base: OnceLock<String>,
     auth: Option<Arc<crate::entra::EntraState>>,
     config: DataverseConfig,
-    hooks: RwLock<Vec<WebhookRegistration>>,
+    /// Webhook registrations; a snapshot is taken per flush (registration is rare).
+    hooks: RwLock<Arc<Vec<WebhookRegistration>>>,
     dispatcher: Dispatcher,
     msg_size_exceeded: std::sync::atomic::AtomicBool,
 }
@@ -1156,82 +1158,140 @@ impl DvState {
         }
     }
 
+    /// The webhook body of `n` and whether it was cut down (`x-ms-dynamics-msg-size-exceeded`):
+    /// a body over 256 KB, or every body while `force_exceeded`, loses its ParentContext,
+    /// InputParameters and images.
     fn context_body(&self, n: &Notice, force_exceeded: bool) -> (Bytes, bool) {
-        let build = |exceeded: bool| -> Value {
-            let entity = |attrs: &[(String, Value)]| {
-                json!({
-                    "__type": format!("Entity:{CONTRACTS}"),
-                    "Attributes": attrs.iter().map(|(k, v)| json!({"key": k, "value": v})).collect::<Vec<_>>(),
-                    "EntityState": null, "FormattedValues": [], "Id": n.id, "KeyAttributes": [],
-                    "LogicalName": n.logical, "RelatedEntities": [], "RowVersion": null,
-                })
-            };
-            let target = match n.message {
-                WebhookMessage::Delete => entity_reference(&n.logical, &n.id),
-                _ => entity(&n.target),
-            };
-            let mut shared = Vec::new();
-            if let Some(tag) = &n.actor.tag {
-                shared.push(json!({"key": "tag", "value": tag}));
-            }
-            let org_id = "4ef5b371-e89e-e711-8122-000d3aa2331c";
-            let op_id = new_guid();
-            let created = wcf_date(Utc::now());
-            let base = |stage: u32,
-                        input: Value,
-                        post: Value,
-                        pre: Value,
-                        parent: Value,
-                        shared: Vec<Value>| {
-                json!({
-                    "BusinessUnitId": "e2b9dd85-e89e-e711-8122-000d3aa2331c",
-                    "CorrelationId": n.actor.correlation_id, "Depth": 1,
-                    "InitiatingUserId": n.actor.user_id, "InputParameters": input,
-                    "IsExecutingOffline": false, "IsInTransaction": false, "IsOfflinePlayback": false, "IsolationMode": 1,
-                    "MessageName": n.message.name(), "Mode": 1, "OperationCreatedOn": created,
-                    "OperationId": op_id, "OrganizationId": org_id, "OrganizationName": self.config.organization_name,
-                    "OutputParameters": [],
-                    "OwningExtension": {"Id": "75417616-4ea2-e711-8122-000d3aa2331c", "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep", "Name": null, "RowVersion": null},
-                    "ParentContext": parent, "PostEntityImages": post, "PreEntityImages": pre,
-                    "PrimaryEntityId": n.id, "PrimaryEntityName": n.logical, "RequestId": null,
-                    "SecondaryEntityName": "none", "SharedVariables": shared, "Stage": stage, "UserId": n.actor.user_id,
-                })
-            };
-            if exceeded {
-                return base(40, json!([]), json!([]), json!([]), Value::Null, shared);
-            }
-            let input = json!([{"key": "Target", "value": target}]);
-            let parent = base(
-                30,
-                input.clone(),
-                json!([]),
-                json!([]),
-                Value::Null,
-                vec![
-                    json!({"key": "ChangedEntityTypes", "value": [{"__type": "KeyValuePairOfstringstring:#System.Collections.Generic", "key": n.logical, "value": n.message.name()}]}),
-                ],
-            );
-            let (post, pre) = match n.message {
-                WebhookMessage::Delete => (
-                    json!([]),
-                    json!([{"key": "PreImage", "value": entity(&n.image)}]),
-                ),
-                _ => (
-                    json!([{"key": "PostImage", "value": entity(&n.image)}]),
-                    json!([]),
-                ),
-            };
-            base(40, input, post, pre, parent, shared)
-        };
-        let body = serde_json::to_vec(&build(force_exceeded)).unwrap_or_default();
+        let created = wcf_date(Utc::now());
+        let body = write_context(
+            n,
+            &self.config.organization_name,
+            &new_guid(),
+            &created,
+            force_exceeded,
+        );
         if !force_exceeded && body.len() > 256 * 1024 {
-            return (
-                Bytes::from(serde_json::to_vec(&build(true)).unwrap_or_default()),
+            let cut = write_context(
+                n,
+                &self.config.organization_name,
+                &new_guid(),
+                &created,
                 true,
             );
+            return (Bytes::from(cut), true);
         }
         (Bytes::from(body), force_exceeded)
     }
+}
+
+/// Writes the RemoteExecutionContext of `n` (an asynchronous PostOperation step, its
+/// ParentContext the PreOperation stage). `exceeded`: without ParentContext, InputParameters
+/// and images, as Dataverse sends a body that would exceed 256 KB.
+fn write_context(
+    n: &Notice,
+    organization_name: &str,
+    operation_id: &str,
+    created_on: &str,
+    exceeded: bool,
+) -> Vec<u8> {
+    let logical_json = json::json_string(&n.logical);
+    let entity = |out: &mut Vec<u8>, attrs: &[(String, Value)]| {
+        context::entity(out, &n.id, &logical_json, |out| {
+            for (i, (k, v)) in attrs.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json::raw(out, r#"{"key":"#);
+                json::string(out, k);
+                json::raw(out, r#","value":"#);
+                json::any(out, v);
+                out.push(b'}');
+            }
+        });
+    };
+    let empty = |out: &mut Vec<u8>| json::raw(out, "[]");
+    let input = |out: &mut Vec<u8>| {
+        if exceeded {
+            return empty(out);
+        }
+        context::one_pair(out, "Target", |out| match n.message {
+            WebhookMessage::Delete => context::entity_reference(out, &logical_json, &n.id),
+            _ => entity(out, &n.target),
+        });
+    };
+    let image =
+        |out: &mut Vec<u8>, name: &str| context::one_pair(out, name, |out| entity(out, &n.image));
+    let post = |out: &mut Vec<u8>| match n.message {
+        WebhookMessage::Delete => empty(out),
+        _ if exceeded => empty(out),
+        _ => image(out, "PostImage"),
+    };
+    let pre = |out: &mut Vec<u8>| match n.message {
+        WebhookMessage::Delete if !exceeded => image(out, "PreImage"),
+        _ => empty(out),
+    };
+    let shared = |out: &mut Vec<u8>| match &n.actor.tag {
+        Some(tag) => context::one_pair(out, "tag", |out| json::string(out, tag)),
+        None => empty(out),
+    };
+    let changed_types = |out: &mut Vec<u8>| {
+        context::one_pair(out, "ChangedEntityTypes", |out| {
+            json::raw(
+                out,
+                r#"[{"__type":"KeyValuePairOfstringstring:#System.Collections.Generic","key":"#,
+            );
+            json::raw(out, &logical_json);
+            json::raw(out, r#","value":"#);
+            json::string(out, n.message.name());
+            json::raw(out, "}]");
+        });
+    };
+    let head = |stage: u32,
+                post_entity_images: context::WritePart<'_>,
+                pre_entity_images: context::WritePart<'_>,
+                shared_variables: context::WritePart<'_>,
+                parent: Option<&RemoteContext<'_>>| {
+        let ctx = RemoteContext {
+            correlation_id: &n.actor.correlation_id,
+            user_id: &n.actor.user_id,
+            message_name: n.message.name(),
+            operation_created_on: created_on,
+            operation_id,
+            organization_name,
+            primary_entity_id: &n.id,
+            primary_entity_name: &n.logical,
+            stage,
+            input_parameters: &input,
+            post_entity_images,
+            pre_entity_images,
+            shared_variables,
+            parent,
+        };
+        let attrs = n.target.len() + n.image.len();
+        let mut out = Vec::with_capacity(1024 + 3 * 64 * attrs);
+        ctx.write(&mut out);
+        out
+    };
+    if exceeded {
+        return head(40, &empty, &empty, &shared, None);
+    }
+    let parent = RemoteContext {
+        correlation_id: &n.actor.correlation_id,
+        user_id: &n.actor.user_id,
+        message_name: n.message.name(),
+        operation_created_on: created_on,
+        operation_id,
+        organization_name,
+        primary_entity_id: &n.id,
+        primary_entity_name: &n.logical,
+        stage: 30,
+        input_parameters: &input,
+        post_entity_images: &empty,
+        pre_entity_images: &empty,
+        shared_variables: &changed_types,
+        parent: None,
+    };
+    head(40, &post, &pre, &shared, Some(&parent))
 }
 
 fn entity_reference(logical: &str, id: &str) -> Value {
@@ -1546,7 +1606,7 @@ impl DataverseSim {
             auth: config.auth.as_ref().map(EntraSim::state),
             msg_size_exceeded: std::sync::atomic::AtomicBool::new(config.msg_size_exceeded),
             config,
-            hooks: RwLock::new(Vec::new()),
+            hooks: RwLock::new(Arc::new(Vec::new())),
             dispatcher: Dispatcher::start(),
         });
         let server = serve("Dataverse", state.clone()).await?;
@@ -1594,20 +1654,13 @@ impl DataverseSim {
 
     /// Registers a webhook; every later change to a matching table fires it.
     pub fn register_webhook(&self, registration: WebhookRegistration) {
-        self.state
-            .hooks
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(registration);
+        let mut hooks = self.state.hooks.write().unwrap_or_else(|e| e.into_inner());
+        Arc::make_mut(&mut hooks).push(registration);
     }
 
     /// Removes every webhook registration.
     pub fn clear_webhooks(&self) {
-        self.state
-            .hooks
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        *self.state.hooks.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Vec::new());
     }
 
     /// A person creates a row in the UI; returns the row as the API would.
@@ -1709,5 +1762,144 @@ impl DataverseSim {
     /// Waits until every queued webhook delivery has finished; false on timeout.
     pub async fn wait_webhooks_idle(&self, timeout: Duration) -> bool {
         self.state.dispatcher.wait_idle(timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The webhook body builder the simulator used before bodies were written straight to
+    /// bytes (`json!` trees, then serialised), kept to pin the bytes of the new writer.
+    fn context_tree(
+        n: &Notice,
+        organization_name: &str,
+        op_id: &str,
+        created: &str,
+        exceeded: bool,
+    ) -> Value {
+        let entity = |attrs: &[(String, Value)]| {
+            json!({
+                "__type": format!("Entity:{CONTRACTS}"),
+                "Attributes": attrs.iter().map(|(k, v)| json!({"key": k, "value": v})).collect::<Vec<_>>(),
+                "EntityState": null, "FormattedValues": [], "Id": n.id, "KeyAttributes": [],
+                "LogicalName": n.logical, "RelatedEntities": [], "RowVersion": null,
+            })
+        };
+        let target = match n.message {
+            WebhookMessage::Delete => entity_reference(&n.logical, &n.id),
+            _ => entity(&n.target),
+        };
+        let mut shared = Vec::new();
+        if let Some(tag) = &n.actor.tag {
+            shared.push(json!({"key": "tag", "value": tag}));
+        }
+        let org_id = "4ef5b371-e89e-e711-8122-000d3aa2331c";
+        let base = |stage: u32,
+                    input: Value,
+                    post: Value,
+                    pre: Value,
+                    parent: Value,
+                    shared: Vec<Value>| {
+            json!({
+                "BusinessUnitId": "e2b9dd85-e89e-e711-8122-000d3aa2331c",
+                "CorrelationId": n.actor.correlation_id, "Depth": 1,
+                "InitiatingUserId": n.actor.user_id, "InputParameters": input,
+                "IsExecutingOffline": false, "IsInTransaction": false, "IsOfflinePlayback": false, "IsolationMode": 1,
+                "MessageName": n.message.name(), "Mode": 1, "OperationCreatedOn": created,
+                "OperationId": op_id, "OrganizationId": org_id, "OrganizationName": organization_name,
+                "OutputParameters": [],
+                "OwningExtension": {"Id": "75417616-4ea2-e711-8122-000d3aa2331c", "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep", "Name": null, "RowVersion": null},
+                "ParentContext": parent, "PostEntityImages": post, "PreEntityImages": pre,
+                "PrimaryEntityId": n.id, "PrimaryEntityName": n.logical, "RequestId": null,
+                "SecondaryEntityName": "none", "SharedVariables": shared, "Stage": stage, "UserId": n.actor.user_id,
+            })
+        };
+        if exceeded {
+            return base(40, json!([]), json!([]), json!([]), Value::Null, shared);
+        }
+        let input = json!([{"key": "Target", "value": target}]);
+        let parent = base(
+            30,
+            input.clone(),
+            json!([]),
+            json!([]),
+            Value::Null,
+            vec![
+                json!({"key": "ChangedEntityTypes", "value": [{"__type": "KeyValuePairOfstringstring:#System.Collections.Generic", "key": n.logical, "value": n.message.name()}]}),
+            ],
+        );
+        let (post, pre) = match n.message {
+            WebhookMessage::Delete => (
+                json!([]),
+                json!([{"key": "PreImage", "value": entity(&n.image)}]),
+            ),
+            _ => (
+                json!([{"key": "PostImage", "value": entity(&n.image)}]),
+                json!([]),
+            ),
+        };
+        base(40, input, post, pre, parent, shared)
+    }
+
+    #[test]
+    fn webhook_bodies_read_as_the_former_json_tree_did() {
+        let mut table = Table::new(TableDef {
+            entity_set: "accounts".into(),
+            logical_name: "account".into(),
+            primary_id: "accountid".into(),
+            alternate_keys: vec![vec!["accountnumber".into()]],
+        });
+        table
+            .kinds
+            .insert("statuscode".into(), ColumnKind::OptionSet);
+        table.kinds.insert("creditlimit".into(), ColumnKind::Money);
+        let actor = |tag: Option<&str>| Actor {
+            user_id: "75c2c1d0-0000-4000-8000-000000000001".into(),
+            tag: tag.map(str::to_owned),
+            correlation_id: "b374239d-0000-4000-8000-000000000002".into(),
+        };
+        let Value::Object(row) = json!({
+            "accountid": "6d81597f-0f9f-e711-8122-000d3aa2331c", "name": "Contoso \"A\" \\ Ünï",
+            "statuscode": 1, "creditlimit": 12.50, "statecode": null, "description": null,
+            "modifiedon": "2026-05-01T10:00:00Z", "createdon": "2026-05-01T09:00:00Z",
+            "versionnumber": 42, "_parentaccountid_value": "0e1d2c3b-0000-4000-8000-000000000004",
+            "_parentaccountid_value@Microsoft.Dynamics.CRM.lookuplogicalname": "account",
+            "_primarycontactid_value": null, "numberofemployees": 7, "donotemail": false,
+        }) else {
+            unreachable!()
+        };
+        let mut changed = Row::new();
+        changed.insert("name".into(), row["name"].clone());
+        changed.insert("statuscode".into(), row["statuscode"].clone());
+        for (message, tag) in [
+            (WebhookMessage::Create, Some("dualwrite")),
+            (WebhookMessage::Update, None),
+            (WebhookMessage::Delete, Some("x\"y")),
+        ] {
+            let a = actor(tag);
+            let n = Notice {
+                logical: "account".into(),
+                message,
+                id: "6d81597f-0f9f-e711-8122-000d3aa2331c".into(),
+                target: match message {
+                    WebhookMessage::Delete => Vec::new(),
+                    _ => typed_attributes(&table, &changed, &a),
+                },
+                image: typed_attributes(&table, &row, &a),
+                actor: a,
+            };
+            for exceeded in [false, true] {
+                let op = "4af1c2d3-0000-4000-8000-000000000005";
+                let created = "/Date(1777000000123)/";
+                let written = write_context(&n, "OrgName", op, created, exceeded);
+                let tree = context_tree(&n, "OrgName", op, created, exceeded);
+                assert_eq!(
+                    String::from_utf8(written).unwrap(),
+                    serde_json::to_string(&tree).unwrap(),
+                    "{message:?} exceeded={exceeded}"
+                );
+            }
+        }
     }
 }

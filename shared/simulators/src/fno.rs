@@ -18,13 +18,17 @@ use crate::common::{
     SimStats, ThrottleConfig, Throttled, new_guid, parse_query, pct_decode, prefers, serve,
     user_op_result, wcf_date,
 };
+use crate::context::{self, RemoteContext};
 use crate::entra::EntraSim;
+use crate::json;
 use crate::odata::{
     Row, eval, order_rows, parse_filter, parse_key, parse_orderby, split_key_segment,
 };
 use crate::webhook::{Delivery, DeliveryRecord, Dispatcher, RetryPolicy};
 
 const DATA: &str = "/data/";
+/// The user F&O data and business events are sent as (`InitiatingUserId`, `UserId`).
+const FNO_USER_ID: &str = "c3c3c3c3-0000-4000-8000-000000000003";
 const THROTTLE_MSG: &str = "This request could not be processed at this time due to system experiencing high resource utilization.";
 
 /// A data entity of the simulated environment.
@@ -127,47 +131,94 @@ impl Default for FnoConfig {
     }
 }
 
+/// A stored record. Shared, not copied, with the undo log and the changes of data events.
 #[derive(Debug, Clone)]
 struct FRow {
-    data: Row,
+    data: Arc<Row>,
     version: u64,
-    guid: String,
+    guid: Arc<str>,
 }
 
 #[derive(Debug)]
 struct Entity {
     def: FnoEntityDef,
     rows: BTreeMap<Vec<String>, FRow>,
-    /// `def.datetime_fields` plus the modified field, shared with the changes of the entity.
-    datetimes: Arc<[String]>,
+    /// What the events of the entity's changes need, computed once and shared with them.
+    names: Arc<EventNames>,
+    /// `def.fields` and `def.datetime_fields`, sorted: the fields every row holds.
+    empty_fields: Vec<String>,
+}
+
+/// What the events of an entity's changes need from its definition, computed once per entity.
+#[derive(Debug)]
+struct EventNames {
+    /// The entity set (`CustomersV3`).
+    entity_set: String,
+    /// The virtual entity's logical name, `mserp_customersv3`.
+    logical: String,
+    /// The same as a JSON string, `"mserp_customersv3"`.
+    logical_json: String,
+    /// The start of the virtual entity's id attribute, `{"key":"mserp_customersv3id","value":`.
+    id_attribute: String,
+    /// `def.datetime_fields` plus the modified field (dropped from data events when null).
+    datetimes: Vec<String>,
+}
+
+impl EventNames {
+    fn new(def: &FnoEntityDef) -> Self {
+        let logical = virtual_name(&def.entity_set);
+        let mut id_attribute = String::from(r#"{"key":"#);
+        id_attribute.push_str(&json::json_string(&format!("{logical}id")));
+        id_attribute.push_str(r#","value":"#);
+        EventNames {
+            entity_set: def.entity_set.clone(),
+            logical_json: json::json_string(&logical),
+            logical,
+            id_attribute,
+            datetimes: def
+                .datetime_fields
+                .iter()
+                .chain(def.modified_field.iter())
+                .cloned()
+                .collect(),
+        }
+    }
 }
 
 impl Entity {
-    /// Gives `row` every field of the entity it lacks, empty.
+    /// Gives `row` every field of the entity it lacks, empty. Rows usually lack most of them,
+    /// so the row is rebuilt in one ordered pass (a bulk build of the map) rather than
+    /// searched and grown once per missing field.
     fn fill_empty_fields(&self, row: &mut Row) {
-        for f in self
-            .def
-            .fields
-            .iter()
-            .chain(self.def.datetime_fields.iter())
-        {
-            if !row.contains_key(f) {
-                row.insert(f.clone(), Value::Null);
+        let mut given = std::mem::take(row).into_iter().peekable();
+        let mut merged = Vec::with_capacity(given.len() + self.empty_fields.len());
+        for f in self.empty_fields.iter() {
+            while let Some(entry) = given.next_if(|(k, _)| k.as_str() < f.as_str()) {
+                merged.push(entry);
+            }
+            match given.next_if(|(k, _)| k == f) {
+                Some(entry) => merged.push(entry),
+                None => merged.push((f.clone(), Value::Null)),
             }
         }
+        merged.extend(given);
+        *row = merged.into_iter().collect();
     }
 
     fn new(def: FnoEntityDef) -> Self {
-        let datetimes = def
-            .datetime_fields
+        let mut empty_fields: Vec<String> = def
+            .fields
             .iter()
-            .chain(def.modified_field.iter())
+            .chain(def.datetime_fields.iter())
             .cloned()
             .collect();
+        empty_fields.sort_unstable();
+        empty_fields.dedup();
         Entity {
+            names: Arc::new(EventNames::new(&def)),
+            empty_fields,
             def,
             rows: BTreeMap::new(),
-            datetimes,
         }
     }
 }
@@ -195,12 +246,11 @@ impl Entity {
 
 #[derive(Debug)]
 struct Change {
-    entity: String,
+    /// The entity's names (its set name is `names.entity_set`).
+    names: Arc<EventNames>,
     message: FnoMessage,
     row: FRow,
     pre: Option<FRow>,
-    /// The entity's date-time fields (dropped from data events when null).
-    datetimes: Arc<[String]>,
 }
 
 /// Undo log entry: entity set, key, previous row.
@@ -214,11 +264,18 @@ struct Store {
     pending: Vec<Change>,
 }
 
+/// An OData error answer of F&O.
 fn err(status: StatusCode, message: &str) -> SimResponse {
-    SimResponse::json(
-        status,
-        &json!({"error": {"code": "", "message": message, "innererror": {"message": message, "type": "Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataException", "stacktrace": ""}}}),
-    )
+    let mut out = Vec::with_capacity(2 * message.len() + 200);
+    json::raw(&mut out, r#"{"error":{"code":"","innererror":{"message":"#);
+    json::string(&mut out, message);
+    json::raw(
+        &mut out,
+        r#","stacktrace":"","type":"Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataException"},"message":"#,
+    );
+    json::string(&mut out, message);
+    json::raw(&mut out, "}}");
+    SimResponse::json_bytes(status, out)
 }
 
 fn etag(version: u64) -> String {
@@ -232,7 +289,8 @@ pub(crate) struct FnoState {
     base: OnceLock<String>,
     auth: Option<Arc<crate::entra::EntraState>>,
     config: FnoConfig,
-    hooks: RwLock<Vec<FnoEventRegistration>>,
+    /// Event endpoints; a snapshot is taken per flush (registration is rare).
+    hooks: RwLock<Arc<Vec<FnoEventRegistration>>>,
     dispatcher: Dispatcher,
     control_number: AtomicU64,
 }
@@ -242,18 +300,59 @@ impl FnoState {
         format!("{}/data/", self.base.get().map_or("", String::as_str))
     }
 
-    fn view(row: &FRow, select: Option<&[String]>) -> Value {
-        let mut out = Map::new();
-        out.insert("@odata.etag".into(), Value::String(etag(row.version)));
+    /// Appends `row` as the API answers it: `@odata.etag` and the row's fields (only the
+    /// `select`ed ones, null where missing), and `@odata.context` when given. The keys are in
+    /// byte order; a field named like an annotation wins over `@odata.etag` and loses to
+    /// `@odata.context`.
+    fn write_view(out: &mut Vec<u8>, row: &FRow, select: Option<&[String]>, context: Option<&str>) {
+        static NULL: Value = Value::Null;
+        let etag = etag(row.version);
+        let mut annotations: [Option<(&str, &str)>; 2] = [
+            context.map(|c| ("@odata.context", c)),
+            Some(("@odata.etag", etag.as_str())),
+        ];
+        let mut next_annotation = 0;
+        let mut obj = json::Object::new(out);
+        let mut field = |obj: &mut json::Object<'_>, k: &str, v: &Value| {
+            while let Some(i) = (next_annotation..2).find(|&i| annotations[i].is_some()) {
+                let Some((name, text)) = annotations[i] else {
+                    break;
+                };
+                if name > k {
+                    break;
+                }
+                annotations[i] = None;
+                next_annotation = i + 1;
+                if name == k {
+                    if name == "@odata.context" {
+                        obj.entry(name, text);
+                        return;
+                    }
+                    break;
+                }
+                obj.entry(name, text);
+            }
+            obj.value_entry(k, v);
+        };
         match select {
             Some(cols) => {
+                let mut cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+                cols.sort_unstable();
+                cols.dedup();
                 for c in cols {
-                    out.insert(c.clone(), row.data.get(c).cloned().unwrap_or(Value::Null));
+                    field(&mut obj, c, row.data.get(c).unwrap_or(&NULL));
                 }
             }
-            None => out.extend(row.data.iter().map(|(k, v)| (k.clone(), v.clone()))),
+            None => {
+                for (k, v) in row.data.iter() {
+                    field(&mut obj, k, v);
+                }
+            }
         }
-        Value::Object(out)
+        for (name, text) in annotations.into_iter().flatten() {
+            obj.entry(name, text);
+        }
+        obj.end();
     }
 
     fn resolve_key(&self, entity: &Entity, inner: &str) -> Result<Vec<String>, SimResponse> {
@@ -312,13 +411,11 @@ impl FnoState {
             undo.push((set.to_owned(), key, prev.clone()));
         }
         if let Some(r) = change_row {
-            let datetimes = entity.datetimes.clone();
             store.pending.push(Change {
-                entity: set.to_owned(),
+                names: entity.names.clone(),
                 message,
                 row: r,
                 pre: prev,
-                datetimes,
             });
         }
     }
@@ -373,17 +470,10 @@ impl FnoState {
             (&Method::GET, Some(key)) => {
                 match entity.rows.get(&key).filter(|r| company_ok(&r.data)) {
                     Some(r) => {
-                        let mut body = Self::view(r, select.as_deref());
-                        if let Some(o) = body.as_object_mut() {
-                            o.insert(
-                                "@odata.context".into(),
-                                Value::String(format!(
-                                    "{}$metadata#{set}/$entity",
-                                    self.data_url()
-                                )),
-                            );
-                        }
-                        SimResponse::json(StatusCode::OK, &body)
+                        let context = format!("{}$metadata#{set}/$entity", self.data_url());
+                        let mut body = Vec::with_capacity(256 + 48 * r.data.len());
+                        Self::write_view(&mut body, r, select.as_deref(), Some(&context));
+                        SimResponse::json_bytes(StatusCode::OK, body)
                             .with_header("etag", &etag(r.version))
                     }
                     None => err(
@@ -432,20 +522,22 @@ impl FnoState {
                 }
                 store.version += 1;
                 let row = FRow {
-                    data: body,
+                    data: Arc::new(body),
                     version: store.version,
-                    guid: new_guid(),
+                    guid: new_guid().into(),
                 };
                 let location = format!(
                     "{}{set}({})",
                     self.data_url(),
                     key_segment(&entity.def, &row.data)
                 );
-                let out = Self::view(&row, None);
-                Self::set_row(store, &set, key, Some(row.clone()), FnoMessage::Created);
-                SimResponse::json(StatusCode::CREATED, &out)
+                let mut out = Vec::with_capacity(256 + 48 * row.data.len());
+                Self::write_view(&mut out, &row, None, None);
+                let version = row.version;
+                Self::set_row(store, &set, key, Some(row), FnoMessage::Created);
+                SimResponse::json_bytes(StatusCode::CREATED, out)
                     .with_header("location", &location)
-                    .with_header("etag", &etag(row.version))
+                    .with_header("etag", &etag(version))
             }
             (m @ (&Method::PATCH | &Method::PUT), Some(key)) => {
                 let Some(existing) = entity.rows.get(&key) else {
@@ -472,7 +564,7 @@ impl FnoState {
                     entity.fill_empty_fields(&mut empty);
                     empty
                 } else {
-                    existing.data.clone()
+                    Row::clone(&existing.data)
                 };
                 for (k, v) in body {
                     if !entity.def.key_fields.iter().any(|f| f == &k) {
@@ -497,7 +589,7 @@ impl FnoState {
                 }
                 store.version += 1;
                 let row = FRow {
-                    data,
+                    data: Arc::new(data),
                     version: store.version,
                     guid: existing.guid.clone(),
                 };
@@ -588,19 +680,7 @@ impl FnoState {
         let page: Vec<&FRow> = rows.into_iter().skip(skip).take(take).collect();
         let more = skip + page.len() < total && wanted > page.len();
         let set = &entity.def.entity_set;
-        let mut body = Map::new();
-        body.insert(
-            "@odata.context".into(),
-            Value::String(format!("{}$metadata#{set}", self.data_url())),
-        );
-        if q("$count") == Some("true") {
-            body.insert("@odata.count".into(), json!(total));
-        }
-        body.insert(
-            "value".into(),
-            Value::Array(page.iter().map(|r| Self::view(r, select)).collect()),
-        );
-        if more {
+        let next_link = more.then(|| {
             let mut link = format!("{}{set}?", self.data_url());
             for p in req.query.split('&').filter(|p| !p.is_empty()) {
                 let name = pct_decode(p.split('=').next().unwrap_or(""));
@@ -613,9 +693,32 @@ impl FnoState {
                 link.push_str(&format!("$top={}&", t - page.len()));
             }
             link.push_str(&format!("$skip={}", skip + page.len()));
-            body.insert("@odata.nextLink".into(), Value::String(link));
+            link
+        });
+        let mut body =
+            Vec::with_capacity(256 + page.iter().map(|r| 48 * r.data.len()).sum::<usize>());
+        let mut obj = json::Object::new(&mut body);
+        obj.entry(
+            "@odata.context",
+            &format!("{}$metadata#{set}", self.data_url()),
+        );
+        if q("$count") == Some("true") {
+            obj.entry("@odata.count", &total);
         }
-        SimResponse::json(StatusCode::OK, &Value::Object(body))
+        if let Some(link) = &next_link {
+            obj.entry("@odata.nextLink", link);
+        }
+        let out = obj.key("value");
+        out.push(b'[');
+        for (i, r) in page.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            Self::write_view(out, r, select, None);
+        }
+        out.push(b']');
+        obj.end();
+        SimResponse::json_bytes(StatusCode::OK, body)
     }
 
     fn flush(&self, changes: Vec<Change>) {
@@ -629,24 +732,27 @@ impl FnoState {
         for c in changes {
             for h in hooks.iter().filter(|h| {
                 h.messages.contains(&c.message)
-                    && (h.entity_sets.is_empty() || h.entity_sets.contains(&c.entity))
+                    && (h.entity_sets.is_empty() || h.entity_sets.contains(&c.names.entity_set))
             }) {
                 let body = match &h.format {
-                    FnoEventFormat::DataEvent => data_event(&c),
+                    FnoEventFormat::DataEvent => {
+                        data_event(&c, &new_guid(), &new_guid(), Utc::now())
+                    }
                     FnoEventFormat::BusinessEvent { business_event_id } => {
                         let cn = self
                             .control_number
                             .fetch_add(1 + rand::random::<u64>() % 3, Ordering::Relaxed);
-                        business_event(&c, business_event_id, cn)
+                        serde_json::to_vec(&business_event(&c, business_event_id, cn))
+                            .unwrap_or_default()
                     }
                 };
                 self.dispatcher.send(Delivery {
                     url: h.url.clone(),
                     headers: h.headers.clone(),
-                    body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
-                    entity: c.entity.clone(),
+                    body: Bytes::from(body),
+                    entity: c.names.entity_set.clone(),
                     message: c.message.data_event_name().to_owned(),
-                    record_id: c.row.guid.clone(),
+                    record_id: c.row.guid.to_string(),
                     policy: RetryPolicy {
                         only_gateway_errors: false,
                         retries: 3,
@@ -689,45 +795,82 @@ fn virtual_name(set: &str) -> String {
     format!("mserp_{}", set.to_lowercase())
 }
 
-fn data_event(c: &Change) -> Value {
-    const CONTRACTS: &str = "http://schemas.microsoft.com/xrm/2011/Contracts";
-    let logical = virtual_name(&c.entity);
-    let attrs = |row: &FRow| -> Vec<Value> {
-        let mut v: Vec<Value> = row
-            .data
-            .iter()
-            .filter(|(k, v)| !(v.is_null() && c.datetimes.contains(k)))
-            .map(|(k, v)| json!({"key": format!("mserp_{}", k.to_lowercase()), "value": v}))
-            .collect();
-        v.push(json!({"key": format!("{logical}id"), "value": row.guid}));
-        v
+/// The data event of `c`: a RemoteExecutionContext for the virtual entity `mserp_<entity>`,
+/// written straight to JSON. Null date-times are dropped from the Target and the PreImage,
+/// every other field is sent as stored, and the virtual entity's id attribute comes last.
+fn data_event(
+    c: &Change,
+    correlation_id: &str,
+    operation_id: &str,
+    created_on: chrono::DateTime<Utc>,
+) -> Vec<u8> {
+    let names = &*c.names;
+    let entity = |out: &mut Vec<u8>, row: &FRow| {
+        context::entity(out, &row.guid, &names.logical_json, |out| {
+            for (k, v) in row.data.iter() {
+                if v.is_null() && names.datetimes.contains(k) {
+                    continue;
+                }
+                json::raw(out, r#"{"key":"#);
+                virtual_attribute(out, k);
+                json::raw(out, r#","value":"#);
+                json::any(out, v);
+                json::raw(out, "},");
+            }
+            json::raw(out, &names.id_attribute);
+            json::string(out, &row.guid);
+            out.push(b'}');
+        });
     };
-    let entity = |row: &FRow| {
-        json!({"__type": format!("Entity:{CONTRACTS}"), "Attributes": attrs(row), "EntityState": null, "FormattedValues": [],
-               "Id": row.guid, "KeyAttributes": [], "LogicalName": logical, "RelatedEntities": [], "RowVersion": null})
+    let input = |out: &mut Vec<u8>| {
+        context::one_pair(out, "Target", |out| match c.message {
+            FnoMessage::Deleted => {
+                context::entity_reference(out, &names.logical_json, &c.row.guid);
+            }
+            _ => entity(out, &c.row),
+        });
     };
-    let target = match c.message {
-        FnoMessage::Deleted => {
-            json!({"__type": format!("EntityReference:{CONTRACTS}"), "Id": c.row.guid, "KeyAttributes": [], "LogicalName": logical, "Name": null, "RowVersion": null})
-        }
-        _ => entity(&c.row),
+    let pre = |out: &mut Vec<u8>| match &c.pre {
+        Some(p) => context::one_pair(out, "PreImage", |out| entity(out, p)),
+        None => json::raw(out, "[]"),
     };
-    let pre = c.pre.as_ref().map_or_else(
-        || json!([]),
-        |p| json!([{"key": "PreImage", "value": entity(p)}]),
-    );
-    let corr = new_guid();
-    json!({
-        "BusinessUnitId": "e2b9dd85-e89e-e711-8122-000d3aa2331c", "CorrelationId": corr, "Depth": 1,
-        "InitiatingUserId": "c3c3c3c3-0000-4000-8000-000000000003", "InputParameters": [{"key": "Target", "value": target}],
-        "IsExecutingOffline": false, "IsInTransaction": false, "IsOfflinePlayback": false, "IsolationMode": 1,
-        "MessageName": c.message.data_event_name(), "Mode": 1, "OperationCreatedOn": wcf_date(Utc::now()),
-        "OperationId": new_guid(), "OrganizationId": "4ef5b371-e89e-e711-8122-000d3aa2331c", "OrganizationName": "fnosim",
-        "OutputParameters": [], "OwningExtension": {"Id": "75417616-4ea2-e711-8122-000d3aa2331c", "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep", "Name": null, "RowVersion": null},
-        "ParentContext": null, "PostEntityImages": [], "PreEntityImages": pre,
-        "PrimaryEntityId": c.row.guid, "PrimaryEntityName": logical, "RequestId": null,
-        "SecondaryEntityName": "none", "SharedVariables": [], "Stage": 40, "UserId": "c3c3c3c3-0000-4000-8000-000000000003",
-    })
+    let empty = |out: &mut Vec<u8>| json::raw(out, "[]");
+    let created = wcf_date(created_on);
+    let ctx = RemoteContext {
+        correlation_id,
+        user_id: FNO_USER_ID,
+        message_name: c.message.data_event_name(),
+        operation_created_on: &created,
+        operation_id,
+        organization_name: "fnosim",
+        primary_entity_id: &c.row.guid,
+        primary_entity_name: &names.logical,
+        stage: 40,
+        input_parameters: &input,
+        post_entity_images: &empty,
+        pre_entity_images: &pre,
+        shared_variables: &empty,
+        parent: None,
+    };
+    let mut out =
+        Vec::with_capacity(512 + 160 * c.row.data.len() * (1 + usize::from(c.pre.is_some())));
+    ctx.write(&mut out);
+    out
+}
+
+/// Appends the virtual entity's attribute name of field `k`, `"mserp_<lower-case k>"`.
+fn virtual_attribute(out: &mut Vec<u8>, k: &str) {
+    if k.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b' ')
+    {
+        json::raw(out, "\"mserp_");
+        let start = out.len();
+        out.extend_from_slice(k.as_bytes());
+        out[start..].make_ascii_lowercase();
+        out.push(b'"');
+    } else {
+        json::string(out, &format!("mserp_{}", k.to_lowercase()));
+    }
 }
 
 fn business_event(c: &Change, id: &str, control_number: u64) -> Value {
@@ -757,7 +900,7 @@ fn business_event(c: &Change, id: &str, control_number: u64) -> Value {
     out.insert("MajorVersion".into(), json!(0));
     out.insert("MinorVersion".into(), json!(0));
     out.insert("ParentContextRecordSubjects".into(), json!([]));
-    out.insert("EntityName".into(), json!(c.entity));
+    out.insert("EntityName".into(), json!(c.names.entity_set));
     out.insert(
         "ChangeType".into(),
         json!(match c.message {
@@ -766,7 +909,7 @@ fn business_event(c: &Change, id: &str, control_number: u64) -> Value {
             FnoMessage::Deleted => "Deleted",
         }),
     );
-    for (k, v) in &c.row.data {
+    for (k, v) in c.row.data.iter() {
         out.entry(k.clone()).or_insert_with(|| v.clone());
     }
     Value::Object(out)
@@ -948,7 +1091,7 @@ impl FnoSim {
             base: OnceLock::new(),
             auth: config.auth.as_ref().map(EntraSim::state),
             config,
-            hooks: RwLock::new(Vec::new()),
+            hooks: RwLock::new(Arc::new(Vec::new())),
             dispatcher: Dispatcher::start(),
             control_number: AtomicU64::new(5_637_144_576),
         });
@@ -980,11 +1123,8 @@ impl FnoSim {
 
     /// Registers an event endpoint.
     pub fn register_events(&self, registration: FnoEventRegistration) {
-        self.state
-            .hooks
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(registration);
+        let mut hooks = self.state.hooks.write().unwrap_or_else(|e| e.into_inner());
+        Arc::make_mut(&mut hooks).push(registration);
     }
 
     /// A person creates a record in the client; returns it as the API would.
@@ -1022,7 +1162,7 @@ impl FnoSim {
             .map(|e| {
                 e.rows
                     .values()
-                    .map(|r| Value::Object(r.data.clone()))
+                    .map(|r| Value::Object(Row::clone(&r.data)))
                     .collect()
             })
             .unwrap_or_default()
@@ -1066,5 +1206,320 @@ impl FnoSim {
     /// Waits until every queued event delivery has finished; false on timeout.
     pub async fn wait_events_idle(&self, timeout: Duration) -> bool {
         self.state.dispatcher.wait_idle(timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    /// The data event builder the simulator used before bodies were written straight to bytes
+    /// (a `json!` tree, then serialised), kept to pin the bytes of the new writer.
+    fn data_event_tree(
+        c: &Change,
+        corr: &str,
+        operation_id: &str,
+        created_on: chrono::DateTime<Utc>,
+    ) -> Value {
+        const CONTRACTS: &str = "http://schemas.microsoft.com/xrm/2011/Contracts";
+        let logical = virtual_name(&c.names.entity_set);
+        let attrs = |row: &FRow| -> Vec<Value> {
+            let mut v: Vec<Value> = row
+                .data
+                .iter()
+                .filter(|(k, v)| !(v.is_null() && c.names.datetimes.contains(k)))
+                .map(|(k, v)| json!({"key": format!("mserp_{}", k.to_lowercase()), "value": v}))
+                .collect();
+            v.push(json!({"key": format!("{logical}id"), "value": row.guid}));
+            v
+        };
+        let entity = |row: &FRow| {
+            json!({"__type": format!("Entity:{CONTRACTS}"), "Attributes": attrs(row), "EntityState": null, "FormattedValues": [],
+                   "Id": row.guid, "KeyAttributes": [], "LogicalName": logical, "RelatedEntities": [], "RowVersion": null})
+        };
+        let target = match c.message {
+            FnoMessage::Deleted => {
+                json!({"__type": format!("EntityReference:{CONTRACTS}"), "Id": c.row.guid, "KeyAttributes": [], "LogicalName": logical, "Name": null, "RowVersion": null})
+            }
+            _ => entity(&c.row),
+        };
+        let pre = c.pre.as_ref().map_or_else(
+            || json!([]),
+            |p| json!([{"key": "PreImage", "value": entity(p)}]),
+        );
+        json!({
+            "BusinessUnitId": "e2b9dd85-e89e-e711-8122-000d3aa2331c", "CorrelationId": corr, "Depth": 1,
+            "InitiatingUserId": "c3c3c3c3-0000-4000-8000-000000000003", "InputParameters": [{"key": "Target", "value": target}],
+            "IsExecutingOffline": false, "IsInTransaction": false, "IsOfflinePlayback": false, "IsolationMode": 1,
+            "MessageName": c.message.data_event_name(), "Mode": 1, "OperationCreatedOn": wcf_date(created_on),
+            "OperationId": operation_id, "OrganizationId": "4ef5b371-e89e-e711-8122-000d3aa2331c", "OrganizationName": "fnosim",
+            "OutputParameters": [], "OwningExtension": {"Id": "75417616-4ea2-e711-8122-000d3aa2331c", "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep", "Name": null, "RowVersion": null},
+            "ParentContext": null, "PostEntityImages": [], "PreEntityImages": pre,
+            "PrimaryEntityId": c.row.guid, "PrimaryEntityName": logical, "RequestId": null,
+            "SecondaryEntityName": "none", "SharedVariables": [], "Stage": 40, "UserId": "c3c3c3c3-0000-4000-8000-000000000003",
+        })
+    }
+
+    fn names() -> Arc<EventNames> {
+        Entity::new(FnoEntityDef {
+            entity_set: "CustomersV3".into(),
+            key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+            modified_field: Some("ModifiedDateTime".into()),
+            datetime_fields: vec!["CreatedDateTime".into(), "ValidTo".into()],
+            fields: vec!["Name".into(), "CreditLimit".into()],
+        })
+        .names
+    }
+
+    fn row(data: Value, version: u64) -> FRow {
+        let Value::Object(data) = data else {
+            panic!("rows are objects")
+        };
+        FRow {
+            data: Arc::new(data),
+            version,
+            guid: "5e0b7a52-6d2c-4a51-9d8e-0c1f3a3c2b11".into(),
+        }
+    }
+
+    /// The answer builders the simulator used before answers were written straight to bytes.
+    fn view_tree(row: &FRow, select: Option<&[String]>, context: Option<&str>) -> Value {
+        let mut out = Map::new();
+        out.insert("@odata.etag".into(), Value::String(etag(row.version)));
+        match select {
+            Some(cols) => {
+                for c in cols {
+                    out.insert(c.clone(), row.data.get(c).cloned().unwrap_or(Value::Null));
+                }
+            }
+            None => out.extend(row.data.iter().map(|(k, v)| (k.clone(), v.clone()))),
+        }
+        if let Some(c) = context {
+            out.insert("@odata.context".into(), Value::String(c.into()));
+        }
+        Value::Object(out)
+    }
+
+    #[test]
+    fn row_answers_read_as_the_former_json_tree_did() {
+        let plain = row(
+            json!({"dataAreaId": "usmf", "CustomerAccount": "US-1", "Name": "A \"q\"", "Limit": 1.50, "Gone": null}),
+            3,
+        );
+        let odd = row(
+            json!({"1st": 1, "$x": "dollar", "@odata.etag": "mine", "@odata.context": "mine too", "@a": 0, "@odata.f": 2, "z": [1, {"b": 1, "a": 2}]}),
+            4,
+        );
+        let selects: [Option<Vec<String>>; 5] = [
+            None,
+            Some(vec![
+                "Name".into(),
+                "dataAreaId".into(),
+                "Name".into(),
+                "Missing".into(),
+            ]),
+            Some(vec![
+                "@odata.etag".into(),
+                "@odata.context".into(),
+                "1st".into(),
+            ]),
+            Some(vec![String::new(), "z".into()]),
+            Some(Vec::new()),
+        ];
+        for r in [&plain, &odd] {
+            for select in &selects {
+                for context in [None, Some("http://x/data/$metadata#CustomersV3/$entity")] {
+                    let mut out = Vec::new();
+                    FnoState::write_view(&mut out, r, select.as_deref(), context);
+                    assert_eq!(
+                        String::from_utf8(out).unwrap(),
+                        serde_json::to_string(&view_tree(r, select.as_deref(), context)).unwrap(),
+                        "{select:?} {context:?} {r:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn error_answers_read_as_the_former_json_tree_did() {
+        for message in [
+            "No CustomersV3 record matches the key (x).",
+            "quote \" and \\ \n",
+        ] {
+            let tree = json!({"error": {"code": "", "message": message, "innererror": {"message": message, "type": "Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataException", "stacktrace": ""}}});
+            assert_eq!(
+                err(StatusCode::NOT_FOUND, message).body,
+                serde_json::to_vec(&tree).unwrap()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn query_and_read_answers_are_pinned() {
+        let sim = FnoSim::start(FnoConfig {
+            entities: vec![FnoEntityDef {
+                entity_set: "CustomersV3".into(),
+                key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+                modified_field: None,
+                datetime_fields: vec!["ValidTo".into()],
+                fields: vec!["Name".into()],
+            }],
+            max_page_size: 2,
+            ..FnoConfig::default()
+        })
+        .await
+        .unwrap();
+        let state = &sim.state;
+        let request = |method: Method, path: &str, query: &str, body: &str| SimRequest {
+            method,
+            path: path.into(),
+            query: query.into(),
+            headers: axum::http::HeaderMap::new(),
+            body: Bytes::from(body.to_owned()),
+        };
+        let mut store = state.store.lock().unwrap();
+        for (account, name) in [("C1", "One"), ("C2", "Two"), ("C3", "Three")] {
+            let body =
+                format!(r#"{{"CustomerAccount":"{account}","Name":"{name}","@odata.type":"x"}}"#);
+            let created = state.execute(
+                &mut store,
+                &request(Method::POST, "/data/CustomersV3", "", &body),
+            );
+            assert_eq!(created.status, StatusCode::CREATED);
+            let etag = etag(store.version);
+            let want = json!({"@odata.etag": etag, "CustomerAccount": account, "Name": name, "ValidTo": null, "dataAreaId": "usmf"});
+            assert_eq!(created.body, serde_json::to_vec(&want).unwrap());
+        }
+        let data = state.data_url();
+        let page = state.execute(
+            &mut store,
+            &request(
+                Method::GET,
+                "/data/CustomersV3",
+                "$select=Name,CustomerAccount&$count=true&$orderby=CustomerAccount%20desc",
+                "",
+            ),
+        );
+        let want = json!({
+            "@odata.context": format!("{data}$metadata#CustomersV3"),
+            "@odata.count": 3,
+            "@odata.nextLink": format!("{data}CustomersV3?$select=Name,CustomerAccount&$count=true&$orderby=CustomerAccount%20desc&$skip=2"),
+            "value": [
+                {"@odata.etag": etag(3), "CustomerAccount": "C3", "Name": "Three"},
+                {"@odata.etag": etag(2), "CustomerAccount": "C2", "Name": "Two"},
+            ],
+        });
+        assert_eq!(page.status, StatusCode::OK);
+        assert_eq!(
+            String::from_utf8(page.body.to_vec()).unwrap(),
+            serde_json::to_string(&want).unwrap()
+        );
+        let empty = state.execute(
+            &mut store,
+            &request(
+                Method::GET,
+                "/data/CustomersV3",
+                "$filter=Name%20eq%20'none'",
+                "",
+            ),
+        );
+        let want = json!({"@odata.context": format!("{data}$metadata#CustomersV3"), "value": []});
+        assert_eq!(empty.body, serde_json::to_vec(&want).unwrap());
+        let one = state.execute(
+            &mut store,
+            &request(
+                Method::GET,
+                "/data/CustomersV3(dataAreaId='usmf',CustomerAccount='C1')",
+                "",
+                "",
+            ),
+        );
+        let want = json!({
+            "@odata.context": format!("{data}$metadata#CustomersV3/$entity"),
+            "@odata.etag": etag(1), "CustomerAccount": "C1", "Name": "One", "ValidTo": null, "dataAreaId": "usmf",
+        });
+        assert_eq!(one.body, serde_json::to_vec(&want).unwrap());
+    }
+
+    #[test]
+    fn rows_get_every_field_of_the_entity() {
+        let entity = Entity::new(FnoEntityDef {
+            entity_set: "CustomersV3".into(),
+            key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+            modified_field: Some("ModifiedDateTime".into()),
+            datetime_fields: vec!["ValidTo".into(), "A0".into()],
+            fields: vec![
+                "Name".into(),
+                "Blocked".into(),
+                "Name".into(),
+                "zeta".into(),
+            ],
+        });
+        for given in [
+            json!({}),
+            json!({"CustomerAccount": "C", "Name": "n", "zeta": 1, "Extra": true, "0": 0}),
+            json!({"Blocked": "No", "Name": null, "ValidTo": "2026-01-01T00:00:00Z", "zz": "last"}),
+        ] {
+            let Value::Object(mut row) = given.clone() else {
+                unreachable!()
+            };
+            entity.fill_empty_fields(&mut row);
+            let Value::Object(mut want) = given else {
+                unreachable!()
+            };
+            for f in ["ValidTo", "A0", "Name", "Blocked", "zeta"] {
+                want.entry(f).or_insert(Value::Null);
+            }
+            assert_eq!(row, want);
+        }
+    }
+
+    #[test]
+    fn data_events_read_as_the_former_json_tree_did() {
+        let before = row(
+            json!({
+                "dataAreaId": "usmf", "CustomerAccount": "US-001", "Name": "Contoso \"East\" \\ Ünïcode",
+                "CreditLimit": 12.50, "Blocked": null, "CreatedDateTime": null,
+                "ValidTo": "2026-01-02T03:04:05Z", "ModifiedDateTime": "2026-05-01T10:00:00.000Z",
+                "Count": 3, "Flag": true, "Nested": {"b": [1, "x"], "a": null}
+            }),
+            7,
+        );
+        let mut after = before.clone();
+        let data = Arc::make_mut(&mut after.data);
+        data.insert("Name".into(), json!("Contoso West"));
+        data.insert("ModifiedDateTime".into(), Value::Null);
+        data.insert("Äußere\"Kante".into(), json!("odd key"));
+        data.insert("1st".into(), json!(-0.000_1));
+        after.version = 8;
+        let changes = [
+            (FnoMessage::Created, after.clone(), None),
+            (FnoMessage::Updated, after.clone(), Some(before.clone())),
+            (FnoMessage::Deleted, before.clone(), Some(before.clone())),
+            (FnoMessage::Deleted, before.clone(), None),
+        ];
+        let at = Utc.timestamp_millis_opt(1_777_000_000_123).unwrap();
+        for (message, row, pre) in changes {
+            let c = Change {
+                names: names(),
+                message,
+                row,
+                pre,
+            };
+            let corr = "0a0a0a0a-0000-4000-8000-00000000000a";
+            let op = "0b0b0b0b-0000-4000-8000-00000000000b";
+            let written = data_event(&c, corr, op, at);
+            let tree = data_event_tree(&c, corr, op, at);
+            assert_eq!(
+                String::from_utf8(written.clone()).unwrap(),
+                serde_json::to_string(&tree).unwrap(),
+                "{message:?}"
+            );
+            let parsed: Value = serde_json::from_slice(&written).unwrap();
+            assert_eq!(parsed, tree);
+        }
     }
 }

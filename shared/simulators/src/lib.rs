@@ -23,9 +23,11 @@
 
 mod batch;
 mod common;
+mod context;
 mod dataverse;
 mod entra;
 mod fno;
+mod json;
 mod odata;
 mod webhook;
 
