@@ -7,6 +7,8 @@
 //! - [`http`]: shared request execution, status → error-kind mapping, `Retry-After`.
 //! - [`retrying`]: a wrapper that retries throttled and transient failures as the error
 //!   policy says (for batch jobs; the real-time worker lets its queue retry instead).
+//! - [`batch`]: OData `$batch` (multipart) building, sending and parsing, shared by both
+//!   connectors' bulk upserts and `call_many`.
 //!
 //! Invariant: the connectors retry nothing by themselves except one token refresh on 401;
 //! every other retry decision is [`dualwrite_core::error_policy`]'s.
