@@ -2,6 +2,7 @@
 //! Dataverse, F&O) started in-process, with schemas from the shipped table maps.
 
 mod batch;
+mod coalesce;
 mod dataverse;
 mod entra;
 mod faults;
