@@ -36,7 +36,9 @@ pub struct CoalescingConfig {
 }
 
 /// Requests in flight unless configured otherwise: enough to keep a request on the wire while
-/// the answer of another is read, few enough that concurrent callers share batches.
+/// the answer of another is read, few enough that concurrent callers share batches. It also
+/// matches the services' execution-time limit (1,200 s of server time per 300 s window: four
+/// requests executing all the time), which more requests in flight would only run into.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 
 impl Default for CoalescingConfig {
