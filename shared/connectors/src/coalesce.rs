@@ -159,17 +159,16 @@ impl<C: Connector + 'static> Coalescing<C> {
         self.shared.stats.clone()
     }
 
-    /// Queues `call`, sends what is waiting if a slot is free, and waits for the result.
-    async fn submit(&self, call: ConnectorCall) -> CallResult {
+    /// Queues `call`, sends what is waiting if a slot is free, and waits for the result;
+    /// `None` when the request carrying it ended without an answer (its task panicked).
+    async fn submit(&self, call: ConnectorCall) -> Option<CallResult> {
         let (reply, result) = oneshot::channel();
-        let lost = call.failed(self.lost(call.entity()));
         self.shared
             .lock()
             .waiting
             .push_back(Waiting { call, reply });
         dispatch(&self.shared);
-        // The sender is dropped unanswered only when the request's task panicked.
-        result.await.unwrap_or(lost)
+        result.await.ok()
     }
 
     fn lost(&self, entity: &str) -> ConnectorError {
@@ -289,8 +288,9 @@ impl<C: Connector + 'static> Connector for Coalescing<C> {
             at: at.clone(),
         };
         match self.submit(call).await {
-            CallResult::Read(result) => result,
-            CallResult::Upsert(_) => Err(self.wrong_kind(entity)),
+            Some(CallResult::Read(result)) => result,
+            Some(CallResult::Upsert(_)) => Err(self.wrong_kind(entity)),
+            None => Err(self.lost(entity)),
         }
     }
 
@@ -312,8 +312,9 @@ impl<C: Connector + 'static> Connector for Coalescing<C> {
             condition,
         };
         match self.submit(call).await {
-            CallResult::Upsert(result) => result,
-            CallResult::Read(_) => Err(self.wrong_kind(entity)),
+            Some(CallResult::Upsert(result)) => result,
+            Some(CallResult::Read(_)) => Err(self.wrong_kind(entity)),
+            None => Err(self.lost(entity)),
         }
     }
 
@@ -380,6 +381,10 @@ mod tests {
             entity: &str,
             at: &RecordRef,
         ) -> Result<Option<Record>, ConnectorError> {
+            assert!(
+                id_of(at) != "boom",
+                "the fake connector fails on record boom"
+            );
             self.singles.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(self.delay).await;
             Ok(found(entity, at))
@@ -485,5 +490,27 @@ mod tests {
         assert_eq!(s.calls, 25);
         assert_eq!(s.requests as usize, batches.len() + singles);
         assert!(s.requests < 25 && s.largest_batch == 10, "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_ends_without_an_answer_fails_its_calls_and_frees_its_slot() {
+        let c = Coalescing::new(
+            Fake::default(),
+            CoalescingConfig {
+                max_in_flight: 1,
+                max_batch: 10,
+            },
+        );
+        let e = c
+            .read("E", &RecordRef::Id("boom".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind, e.entity.as_str()),
+            (ConnectorErrorKind::Transient, "E")
+        );
+        assert!(e.message.contains("without an answer"), "{}", e.message);
+        let r = c.read("E", &at(1)).await.unwrap();
+        assert!(r.is_some(), "the slot was given back");
     }
 }
