@@ -39,7 +39,7 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = dualwrite_connectors::coalesce::DEFAULT_MAX_IN_FLIGHT)]
         max_in_flight: usize,
         /// Calls per `$batch` (the `batching.max_batch` of the configuration).
-        #[arg(long, default_value_t = dualwrite_connectors::http::DEFAULT_MAX_BATCH)]
+        #[arg(long, default_value_t = dualwrite_connectors::coalesce::DEFAULT_MAX_BATCH)]
         max_batch: usize,
         /// Send every connector call as a request of its own (`batching.enabled: false`).
         #[arg(long)]

@@ -164,7 +164,7 @@ pub struct RawBatching {
     /// calls wait and leave together in the next `$batch`. Default 4.
     #[serde(default)]
     pub max_in_flight: Option<usize>,
-    /// Most calls in one `$batch` (1 to 1,000 for Dataverse, 1 to 5,000 for F&O). Default 100.
+    /// Most calls in one `$batch` (1 to 1,000 for Dataverse, 1 to 5,000 for F&O). Default 10.
     #[serde(default)]
     pub max_batch: Option<usize>,
     /// Values for Dataverse only.

@@ -120,7 +120,7 @@ fn batching_is_on_by_default_and_set_per_environment_or_for_both() {
     let defaults = config(dir.path()).batching;
     let default = CoalescingConfig {
         max_in_flight: 4,
-        max_batch: 100,
+        max_batch: 10,
     };
     assert_eq!(defaults.dataverse, Some(default));
     assert_eq!(defaults.fno, Some(default));
@@ -301,7 +301,7 @@ fn the_example_serve_config_is_valid() {
     assert_eq!(config.maps.len(), 13);
     assert!(config.catch_up.is_some());
     let batching = config.batching.fno.expect("batching on");
-    assert_eq!((batching.max_in_flight, batching.max_batch), (4, 100));
+    assert_eq!((batching.max_in_flight, batching.max_batch), (4, 10));
     // Without the secrets in the environment, each missing one is named.
     let err = Config::parse(
         &text,
