@@ -223,9 +223,8 @@ impl FnoConnector {
             } => {
                 let key = self.key(entity, at)?;
                 let Some(write) = FnoWrite::for_condition(condition) else {
-                    // The body is checked now, so a record that cannot be written fails
-                    // without the read, as the single call fails after it.
-                    self.body(entity, record, &key)?;
+                    // Read first, as the single call does: a record that cannot be written
+                    // fails when its write is built, after the read.
                     let part = BatchPart::Request(self.read_request(entity, &key).into());
                     return Ok((FnoStep::ReadThenWrite(key), part));
                 };
