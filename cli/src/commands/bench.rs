@@ -34,6 +34,16 @@ pub enum BenchCommand {
         /// Seconds to wait for every event to complete.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Requests in flight per environment when coalescing calls into `$batch` requests
+        /// (the `batching.max_in_flight` of the configuration).
+        #[arg(long, default_value_t = dualwrite_connectors::coalesce::DEFAULT_MAX_IN_FLIGHT)]
+        max_in_flight: usize,
+        /// Calls per `$batch` (the `batching.max_batch` of the configuration).
+        #[arg(long, default_value_t = dualwrite_connectors::coalesce::DEFAULT_MAX_BATCH)]
+        max_batch: usize,
+        /// Send every connector call as a request of its own (`batching.enabled: false`).
+        #[arg(long)]
+        no_batching: bool,
         /// Print one JSON object on stdout instead of text (progress goes to stderr).
         #[arg(long)]
         json: bool,
@@ -48,14 +58,25 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             concurrency,
             workers,
             timeout,
+            max_in_flight,
+            max_batch,
+            no_batching,
             json,
         } => {
+            let batching = (!no_batching).then_some(dualwrite_connectors::CoalescingConfig {
+                max_in_flight,
+                max_batch,
+            });
             let options = dualwrite_bench::live::LiveOptions {
                 events,
                 rate,
                 concurrency,
                 workers,
                 timeout: std::time::Duration::from_secs(timeout),
+                batching: dualwrite_runtime::BatchingSettings {
+                    dataverse: batching,
+                    fno: batching,
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

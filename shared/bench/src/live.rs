@@ -30,7 +30,7 @@ use axum::http::HeaderMap;
 use dualwrite_core::Side;
 use dualwrite_runtime::demo::demo_maps;
 use dualwrite_runtime::{
-    LocalStack, LocalStackError, LocalStackOptions, RuntimeHandle, RuntimeStats,
+    BatchingSettings, LocalStack, LocalStackError, LocalStackOptions, RuntimeHandle, RuntimeStats,
 };
 use dualwrite_simulators::{
     DataverseSim, EntraSim, FnoSim, SimStats, WebhookAuth, WebhookMessage, WebhookRegistration,
@@ -66,6 +66,8 @@ pub struct LiveOptions {
     pub workers: usize,
     /// How long to wait for every event to complete after the last POST.
     pub timeout: Duration,
+    /// How the runtime coalesces connector calls into `$batch` requests.
+    pub batching: BatchingSettings,
 }
 
 impl Default for LiveOptions {
@@ -76,6 +78,7 @@ impl Default for LiveOptions {
             concurrency: 64,
             workers: 32,
             timeout: Duration::from_secs(120),
+            batching: BatchingSettings::default(),
         }
     }
 }
@@ -229,7 +232,7 @@ pub async fn run(
             "--rate {rate} is not a positive number of events per second"
         )));
     }
-    let stage = start(options.workers).await?;
+    let stage = start(options.workers, options.batching).await?;
     progress(&format!(
         "runtime on http://{} with {} workers; seeding company USMF and currency USD through the pipeline ...",
         stage.rt.addr(),
@@ -376,9 +379,10 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     round1(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-async fn start(workers: usize) -> Result<Stage, LiveError> {
+async fn start(workers: usize, batching: BatchingSettings) -> Result<Stage, LiveError> {
     let mut options = LocalStackOptions::new("bench", demo_maps(&[MAP]));
     options.workers = workers;
+    options.batching = batching;
     options.visibility_timeout_secs = 60;
     let local = LocalStack::start(options).await?;
     // F&O echoes every write of the engine back to the runtime, as in production. Dataverse

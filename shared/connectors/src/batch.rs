@@ -1,13 +1,26 @@
-//! OData `$batch` in its multipart form (Dataverse and F&O): one atomic changeset of writes
-//! built as `multipart/mixed`, and the multipart answer split back into one response per
-//! request.
+//! OData `$batch` in its multipart form (Dataverse and F&O): building a batch — one atomic
+//! changeset of writes ([`build_changeset_batch`]), or independent parts, each read a top-level
+//! request and each write a changeset of its own ([`build_batch`]) — sending independent parts
+//! with `Prefer: odata.continue-on-error` ([`send_parts`]), and splitting the multipart answer
+//! back into one response per request ([`parse_batch_response`]).
 
 use std::fmt::Write as _;
 
-/// One request inside a changeset.
+use dualwrite_core::Side;
+use dualwrite_core::ports::{
+    CallResult, ConnectorCall, ConnectorError, ConnectorErrorKind, WriteOutcome,
+};
+use reqwest::Method;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tracing::debug;
+
+use crate::dataverse::wire::id_from_entity_url;
+use crate::http::{HttpResponse, ODataClient, ODataRequest};
+
+/// One request inside a `$batch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchRequest {
-    /// `POST`, `PATCH`, `DELETE`.
+    /// `GET`, `POST`, `PATCH`, `DELETE`.
     pub method: String,
     /// Absolute URL of the request.
     pub url: String,
@@ -15,6 +28,27 @@ pub struct BatchRequest {
     pub headers: Vec<(String, String)>,
     /// JSON body, when the request has one.
     pub body: Option<String>,
+}
+
+impl From<ODataRequest> for BatchRequest {
+    /// The same request inside a batch (its body, if any, is JSON).
+    fn from(request: ODataRequest) -> Self {
+        BatchRequest {
+            method: request.method.to_string(),
+            url: request.url,
+            headers: request.headers,
+            body: request.body.map(|(_, body)| body),
+        }
+    }
+}
+
+/// A top-level part of a `$batch` of independent calls: each part is answered exactly once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchPart {
+    /// A request on its own (reads: a `GET` may not be inside a changeset).
+    Request(BatchRequest),
+    /// A write in a changeset of its own: atomic alone, and independent of the other parts.
+    Changeset(BatchRequest),
 }
 
 /// One answer from a `$batch` response.
@@ -39,39 +73,102 @@ impl BatchResponse {
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// The inner response as the answer of a request sent on its own (status, headers and
+    /// body), so it is read by the same code as a single call's answer. Headers that are not
+    /// valid HTTP are left out.
+    pub fn into_http(self) -> HttpResponse {
+        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.append(n, v);
+            }
+        }
+        HttpResponse {
+            status: self.status,
+            headers,
+            body: self.body,
+        }
+    }
+}
+
+/// Writes one request as a multipart part (`Content-ID` when given).
+fn write_request(out: &mut String, content_id: Option<usize>, r: &BatchRequest) {
+    // Writing to a String cannot fail.
+    out.push_str("Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n");
+    if let Some(id) = content_id {
+        let _ = write!(out, "Content-ID: {id}\r\n");
+    }
+    let _ = write!(out, "\r\n{} {} HTTP/1.1\r\n", r.method, r.url);
+    if r.body.is_some() {
+        out.push_str("Content-Type: application/json\r\n");
+    }
+    for (name, value) in &r.headers {
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    out.push_str("\r\n");
+    if let Some(body) = &r.body {
+        out.push_str(body);
+    }
+    out.push_str("\r\n");
+}
+
+/// Writes a changeset holding `requests` as one part of batch `batch`; Content-IDs count on
+/// from `next_id`.
+fn write_changeset(
+    out: &mut String,
+    batch: &str,
+    changeset: &str,
+    requests: &[&BatchRequest],
+    next_id: &mut usize,
+) {
+    let _ = write!(
+        out,
+        "--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"
+    );
+    for r in requests {
+        let _ = write!(out, "--{changeset}\r\n");
+        write_request(out, Some(*next_id), r);
+        *next_id += 1;
+    }
+    let _ = write!(out, "--{changeset}--\r\n");
 }
 
 /// Builds a `$batch` body holding `requests` in one changeset (all or nothing). Returns the
 /// request's `Content-Type` header and body. Content-IDs are 1-based request positions.
 pub fn build_changeset_batch(id: &str, requests: &[BatchRequest]) -> (String, String) {
     let batch = format!("batch_{id}");
-    let changeset = format!("changeset_{id}");
     let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = write!(
-        out,
-        "--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"
-    );
-    for (i, r) in requests.iter().enumerate() {
-        let _ = write!(
-            out,
-            "--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: {}\r\n\r\n",
-            i + 1
-        );
-        let _ = write!(out, "{} {} HTTP/1.1\r\n", r.method, r.url);
-        if r.body.is_some() {
-            out.push_str("Content-Type: application/json\r\n");
+    let all: Vec<&BatchRequest> = requests.iter().collect();
+    write_changeset(&mut out, &batch, &format!("changeset_{id}"), &all, &mut 1);
+    let _ = write!(out, "--{batch}--\r\n");
+    (format!("multipart/mixed; boundary={batch}"), out)
+}
+
+/// Builds a `$batch` body of independent `parts`, in order: each [`BatchPart::Request`] a
+/// top-level request, each [`BatchPart::Changeset`] a changeset of its own (boundary
+/// `changeset_<id>_<n>`, Content-ID numbered over the batch). Returns the request's
+/// `Content-Type` header and body.
+pub fn build_batch(id: &str, parts: &[BatchPart]) -> (String, String) {
+    let batch = format!("batch_{id}");
+    let mut out = String::new();
+    let mut next_id = 1;
+    for (n, part) in parts.iter().enumerate() {
+        match part {
+            BatchPart::Request(r) => {
+                let _ = write!(out, "--{batch}\r\n");
+                write_request(&mut out, None, r);
+            }
+            BatchPart::Changeset(r) => {
+                let changeset = format!("changeset_{id}_{}", n + 1);
+                write_changeset(&mut out, &batch, &changeset, &[r], &mut next_id);
+            }
         }
-        for (name, value) in &r.headers {
-            let _ = write!(out, "{name}: {value}\r\n");
-        }
-        out.push_str("\r\n");
-        if let Some(body) = &r.body {
-            out.push_str(body);
-        }
-        out.push_str("\r\n");
     }
-    let _ = write!(out, "--{changeset}--\r\n--{batch}--\r\n");
+    let _ = write!(out, "--{batch}--\r\n");
     (format!("multipart/mixed; boundary={batch}"), out)
 }
 
@@ -147,6 +244,169 @@ pub fn parse_batch_response(content_type: &str, body: &str) -> Result<Vec<BatchR
     Ok(out)
 }
 
+/// One result per item from the parts of a changeset answer: one part per item when it
+/// committed; one error part for all when it was rolled back.
+pub(crate) fn batch_outcomes(
+    side: Side,
+    entity: &str,
+    items: usize,
+    parts: &[BatchResponse],
+) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
+    let to_error = |p: &BatchResponse| p.clone().into_http().to_error(side, entity);
+    if parts.len() == items {
+        return Ok(parts
+            .iter()
+            .map(|p| {
+                if (200..300).contains(&p.status) {
+                    Ok(WriteOutcome {
+                        id: p.header("odata-entityid").and_then(id_from_entity_url),
+                        etag: p.header("etag").map(str::to_string),
+                        version: None,
+                        created: p.status == 201,
+                    })
+                } else {
+                    Err(to_error(p))
+                }
+            })
+            .collect());
+    }
+    match parts.iter().find(|p| !(200..300).contains(&p.status)) {
+        Some(failed) => {
+            let mut e = to_error(failed);
+            e.message = format!("the changeset was rolled back: {}", e.message);
+            Ok((0..items).map(|_| Err(e.clone())).collect())
+        }
+        None => Err(ConnectorError {
+            side,
+            entity: entity.to_string(),
+            kind: ConnectorErrorKind::Transient,
+            status: None,
+            message: format!(
+                "the $batch answer holds {} responses for {items} requests",
+                parts.len()
+            ),
+        }),
+    }
+}
+
+/// The results of a `call_many` from one slot per call: a slot left empty (which would be a
+/// bug of the connector) becomes a transient error of that call, never a missing result.
+pub(crate) fn collect_results(
+    side: Side,
+    calls: &[ConnectorCall],
+    slots: Vec<Option<CallResult>>,
+) -> Vec<CallResult> {
+    debug_assert!(slots.iter().all(Option::is_some), "a call got no result");
+    calls
+        .iter()
+        .zip(slots)
+        .map(|(call, slot)| {
+            slot.unwrap_or_else(|| {
+                call.failed(ConnectorError {
+                    side,
+                    entity: call.entity().to_string(),
+                    kind: ConnectorErrorKind::Transient,
+                    status: None,
+                    message: "the call got no result from its $batch; it is retried".into(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// What [`send_parts`] names as the entity of a failure of a whole `$batch`; see
+/// [`for_call`].
+pub const WHOLE_BATCH: &str = "$batch";
+
+/// A failure of the `$batch` that carried a call, as that call's own error: about `entity`,
+/// with the same kind, status and server message (prefixed so the log tells it came through a
+/// batch).
+pub fn for_call(error: &ConnectorError, entity: &str) -> ConnectorError {
+    ConnectorError {
+        entity: entity.to_string(),
+        message: format!("the $batch carrying this call failed: {}", error.message),
+        ..error.clone()
+    }
+}
+
+/// Sends independent `parts` to the `$batch` endpoint `url`, at most `max_parts` per request,
+/// each with `Prefer: odata.continue-on-error` so one failing part does not stop the others.
+/// Returns one result per part, in order: the part's own answer (any status, read like a single
+/// request's answer), or — when the whole `$batch` failed (401 after the one token refresh,
+/// 429, 5xx, a transport failure, an unreadable answer) — that failure, with entity
+/// [`WHOLE_BATCH`] (see [`for_call`]), for each part it carried.
+///
+/// A server that ignores `odata.continue-on-error` stops at the first failing part and answers
+/// the parts up to it only; the parts it did not process are sent again in a new `$batch` (they
+/// were never executed, so this is no retry).
+pub async fn send_parts(
+    client: &ODataClient,
+    url: &str,
+    parts: &[BatchPart],
+    max_parts: usize,
+) -> Vec<Result<HttpResponse, ConnectorError>> {
+    let mut results = Vec::with_capacity(parts.len());
+    for chunk in parts.chunks(max_parts.max(1)) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            match send_once(client, url, rest).await {
+                Ok(answers) => {
+                    let answered = answers.len();
+                    if answered < rest.len() {
+                        debug!(
+                            side = %client.side(),
+                            answered,
+                            sent = rest.len(),
+                            "the $batch stopped at a failing part; sending the rest again"
+                        );
+                    }
+                    results.extend(answers.into_iter().map(|a| Ok(a.into_http())));
+                    rest = &rest[answered..];
+                }
+                Err(e) => {
+                    results.extend(rest.iter().map(|_| Err(e.clone())));
+                    rest = &[];
+                }
+            }
+        }
+    }
+    results
+}
+
+/// Sends `parts` as one `$batch`; the answers of the parts the server processed, in order (at
+/// least one), or the failure of the whole request.
+async fn send_once(
+    client: &ODataClient,
+    url: &str,
+    parts: &[BatchPart],
+) -> Result<Vec<BatchResponse>, ConnectorError> {
+    let id = format!("{:016x}", rand::random::<u64>());
+    let (content_type, body) = build_batch(&id, parts);
+    let request = ODataRequest::new(Method::POST, url)
+        .header("Prefer", "odata.continue-on-error")
+        .body(content_type, body);
+    let answer = client.send(WHOLE_BATCH, request).await?;
+    let answer_type = answer.header("Content-Type").unwrap_or_default();
+    // Dataverse answers a batch that stopped at a failing part with that part's status (400)
+    // and the multipart body of the parts it processed; any other failure has no parts.
+    if !answer.is_success() && !answer_type.starts_with("multipart/mixed") {
+        return Err(answer.to_error(client.side(), WHOLE_BATCH));
+    }
+    let answers = parse_batch_response(answer_type, &answer.body)
+        .map_err(|e| client.bad_answer(WHOLE_BATCH, e))?;
+    if answers.is_empty() || answers.len() > parts.len() {
+        return Err(client.bad_answer(
+            WHOLE_BATCH,
+            format!(
+                "the $batch answer holds {} responses for {} requests",
+                answers.len(),
+                parts.len()
+            ),
+        ));
+    }
+    Ok(answers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +437,70 @@ mod tests {
         assert!(body.contains("Content-ID: 1\r\n\r\nPATCH https://x/data/E(k='1') HTTP/1.1\r\nContent-Type: application/json\r\nIf-Match: *\r\n\r\n{\"a\":1}\r\n"));
         assert!(body.contains("Content-ID: 2\r\n\r\nPOST https://x/data/E HTTP/1.1\r\n"));
         assert!(body.ends_with("--changeset_abc--\r\n--batch_abc--\r\n"));
+    }
+
+    #[test]
+    fn independent_parts_are_top_level_reads_and_one_changeset_per_write() {
+        let get = BatchRequest {
+            method: "GET".into(),
+            url: "https://x/data/E(k='1')?cross-company=true".into(),
+            headers: vec![],
+            body: None,
+        };
+        let patch = BatchRequest {
+            method: "PATCH".into(),
+            url: "https://x/data/E(k='2')".into(),
+            headers: vec![("If-Match".into(), "W/\"4\"".into())],
+            body: Some("{}".into()),
+        };
+        let (ct, body) = build_batch(
+            "b1",
+            &[
+                BatchPart::Request(get.clone()),
+                BatchPart::Changeset(patch.clone()),
+                BatchPart::Changeset(patch),
+                BatchPart::Request(get),
+            ],
+        );
+        assert_eq!(ct, "multipart/mixed; boundary=batch_b1");
+        assert!(body.starts_with(
+            "--batch_b1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
+GET https://x/data/E(k='1')?cross-company=true HTTP/1.1\r\n\r\n\r\n"
+        ));
+        assert!(body.contains(
+            "--batch_b1\r\nContent-Type: multipart/mixed; boundary=changeset_b1_2\r\n\r\n\
+--changeset_b1_2\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: 1\r\n\r\n\
+PATCH https://x/data/E(k='2') HTTP/1.1\r\nContent-Type: application/json\r\nIf-Match: W/\"4\"\r\n\r\n{}\r\n\
+--changeset_b1_2--\r\n"
+        ));
+        assert!(body.contains("boundary=changeset_b1_3\r\n"));
+        assert!(body.contains("Content-ID: 2\r\n"));
+        assert!(body.ends_with("HTTP/1.1\r\n\r\n\r\n--batch_b1--\r\n"));
+        assert_eq!(body.matches("GET ").count(), 2);
+    }
+
+    #[test]
+    fn an_inner_answer_reads_like_a_single_answer() {
+        let answer = BatchResponse {
+            content_id: Some("1".into()),
+            status: 429,
+            headers: vec![
+                ("retry-after".into(), "3".into()),
+                ("etag".into(), "W/\"5\"".into()),
+                ("bad header".into(), "x".into()),
+            ],
+            body: r#"{"error":{"code":"0x80072322","message":"slow down"}}"#.into(),
+        }
+        .into_http();
+        assert_eq!(answer.header("ETag"), Some("W/\"5\""));
+        let e = answer.to_error(Side::Crm, "accounts");
+        assert_eq!(
+            e.kind,
+            ConnectorErrorKind::Throttled {
+                retry_after_ms: 3000
+            }
+        );
+        assert_eq!(e.message, "0x80072322: slow down");
     }
 
     #[test]

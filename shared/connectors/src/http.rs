@@ -195,12 +195,21 @@ pub struct ConnectionConfig {
     pub page_size: usize,
     /// Timeout of one request.
     pub timeout: Duration,
+    /// Most calls of [`Connector::call_many`](dualwrite_core::ports::Connector::call_many)
+    /// sent in one `$batch` request (more are split into several); at least 1.
+    pub max_batch: usize,
     /// Counters shared with the retrying wrapper.
     pub stats: Arc<ConnectorStats>,
 }
 
+/// Calls per `$batch` request unless configured otherwise: well under every service's limit
+/// (Dataverse 1,000 requests, F&O 5,000 changeset operations, Business Central 100) and small
+/// enough that one batch's execution time stays short.
+pub const DEFAULT_MAX_BATCH: usize = 100;
+
 impl ConnectionConfig {
-    /// A connection to `base_url` with the default scope and fresh counters.
+    /// A connection to `base_url` with the default scope, [`DEFAULT_MAX_BATCH`] calls per
+    /// `$batch` and fresh counters.
     pub fn new(
         base_url: impl Into<String>,
         tokens: Arc<dyn TokenSource>,
@@ -215,6 +224,7 @@ impl ConnectionConfig {
             schemas,
             page_size,
             timeout,
+            max_batch: DEFAULT_MAX_BATCH,
             stats: Arc::new(ConnectorStats::default()),
         }
     }
@@ -289,6 +299,11 @@ impl ODataClient {
     /// The counters this client adds to.
     pub fn stats(&self) -> &Arc<ConnectorStats> {
         &self.stats
+    }
+
+    /// The side this client sends to.
+    pub fn side(&self) -> Side {
+        self.side
     }
 
     /// An error of `kind` about `entity` on this client's side, with no HTTP status.

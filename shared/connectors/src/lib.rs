@@ -7,11 +7,16 @@
 //! - [`http`]: shared request execution, status → error-kind mapping, `Retry-After`.
 //! - [`retrying`]: a wrapper that retries throttled and transient failures as the error
 //!   policy says (for batch jobs; the real-time worker lets its queue retry instead).
+//! - [`batch`]: OData `$batch` (multipart) building, sending and parsing, shared by both
+//!   connectors' bulk upserts and `call_many`.
+//! - [`coalesce`]: a wrapper that coalesces concurrent reads and upserts into `$batch`
+//!   requests, with no delay (group-commit style).
 //!
 //! Invariant: the connectors retry nothing by themselves except one token refresh on 401;
 //! every other retry decision is [`dualwrite_core::error_policy`]'s.
 
 pub mod batch;
+pub mod coalesce;
 pub mod dataverse;
 pub mod entra;
 pub mod fno;
@@ -23,6 +28,7 @@ pub mod stats;
 #[cfg(test)]
 mod test_server;
 
+pub use coalesce::{Coalescing, CoalescingConfig, CoalescingSnapshot, CoalescingStats};
 pub use dataverse::{DataverseConfig, DataverseConnector};
 pub use entra::{EntraConfig, EntraTokenProvider, Secret, StaticToken, TokenError, TokenSource};
 pub use fno::{FnoConfig, FnoConnector};

@@ -527,6 +527,57 @@ pub struct ConnectorError {
     pub message: String,
 }
 
+/// One independent call of [`Connector::call_many`]: what [`Connector::read`] or
+/// [`Connector::upsert`] would be called with, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnectorCall {
+    /// Read one record ([`Connector::read`]).
+    Read {
+        /// Entity set / data entity.
+        entity: String,
+        /// The record.
+        at: RecordRef,
+    },
+    /// Create or update one record ([`Connector::upsert`]).
+    Upsert {
+        /// Entity set / data entity.
+        entity: String,
+        /// The record.
+        at: RecordRef,
+        /// The values to write.
+        record: Record,
+        /// The condition the write is made on.
+        condition: WriteCondition,
+    },
+}
+
+impl ConnectorCall {
+    /// The entity the call is about.
+    pub fn entity(&self) -> &str {
+        match self {
+            ConnectorCall::Read { entity, .. } | ConnectorCall::Upsert { entity, .. } => entity,
+        }
+    }
+
+    /// The result of the right kind for this call carrying `error` (a failure of the whole
+    /// request that carried it).
+    pub fn failed(&self, error: ConnectorError) -> CallResult {
+        match self {
+            ConnectorCall::Read { .. } => CallResult::Read(Err(error)),
+            ConnectorCall::Upsert { .. } => CallResult::Upsert(Err(error)),
+        }
+    }
+}
+
+/// The result of one [`ConnectorCall`]: exactly what the single call returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallResult {
+    /// The result of a [`ConnectorCall::Read`].
+    Read(Result<Option<Record>, ConnectorError>),
+    /// The result of a [`ConnectorCall::Upsert`].
+    Upsert(Result<WriteOutcome, ConnectorError>),
+}
+
 /// One system (Dataverse, F&O, Business Central, or a simulator or fake of one).
 ///
 /// Guarantees an implementation must give:
@@ -535,6 +586,7 @@ pub struct ConnectorError {
 /// - Errors are classified by [`ConnectorErrorKind`]; the connector retries nothing by itself
 ///   except a token refresh on 401 — the error policy decides (see [`crate::error_policy`]).
 /// - Safe for concurrent use.
+/// - `call_many` gives each call exactly what the single call would have given (see there).
 #[async_trait]
 pub trait Connector: Send + Sync {
     /// Which side this connector talks to.
@@ -560,6 +612,38 @@ pub trait Connector: Send + Sync {
         entity: &str,
         items: &[(RecordRef, Record)],
     ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError>;
+
+    /// Runs several independent reads and upserts, in as few requests as the system allows
+    /// (HTTP connectors: OData `$batch`). Guarantees:
+    /// - exactly one result per call, in the order of `calls`, of the call's kind
+    ///   ([`CallResult::Read`] for a read, [`CallResult::Upsert`] for an upsert);
+    /// - each result is what [`Connector::read`] / [`Connector::upsert`] would have returned
+    ///   for that call alone (same `None` for a missing record, same error kinds, ETags,
+    ///   versions and ids); a failure of the request carrying several calls (throttling,
+    ///   refused token, transport) is that error for each of them;
+    /// - calls are independent: one failing does not fail, stop or undo another, and they
+    ///   are *not* atomic together — each write is atomic on its own only;
+    /// - calls may run in any order or at the same time: give no two calls that depend on each
+    ///   other (a read meant to see a write of the same batch).
+    ///
+    /// The default runs them one after the other with `read` and `upsert`.
+    async fn call_many(&self, calls: Vec<ConnectorCall>) -> Vec<CallResult> {
+        let mut results = Vec::with_capacity(calls.len());
+        for call in calls {
+            results.push(match call {
+                ConnectorCall::Read { entity, at } => {
+                    CallResult::Read(self.read(&entity, &at).await)
+                }
+                ConnectorCall::Upsert {
+                    entity,
+                    at,
+                    record,
+                    condition,
+                } => CallResult::Upsert(self.upsert(&entity, &at, &record, condition).await),
+            });
+        }
+        results
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use dualwrite_connectors::Secret;
+use dualwrite_connectors::{CoalescingConfig, Secret};
 use dualwrite_core::map::TableMap;
 use dualwrite_core::map::validate::load_maps;
 use dualwrite_receivers::SourceAuth;
@@ -42,6 +42,10 @@ pub struct RawConfig {
     /// Worker settings; defaults when left out.
     #[serde(default)]
     pub worker: RawWorker,
+    /// How concurrent reads and writes are coalesced into OData `$batch` requests; on with
+    /// the defaults when left out.
+    #[serde(default)]
+    pub batching: RawBatching,
     /// The catch-up poll; no polling when left out.
     #[serde(default)]
     pub scheduler: Option<RawScheduler>,
@@ -148,6 +152,44 @@ fn default_max_attempts() -> u32 {
     5
 }
 
+/// Coalescing of the workers' concurrent reads and writes into OData `$batch` requests, for
+/// both environments; `dataverse` and `fno` override any value for one of them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatching {
+    /// `false` sends every read and write as a request of its own. Default `true`.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Most requests in flight to one environment at once (1 to 52); while all are busy, new
+    /// calls wait and leave together in the next `$batch`. Default 4.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+    /// Most calls in one `$batch` (1 to 1,000 for Dataverse, 1 to 5,000 for F&O). Default 10.
+    #[serde(default)]
+    pub max_batch: Option<usize>,
+    /// Values for Dataverse only.
+    #[serde(default)]
+    pub dataverse: Option<RawBatchingSide>,
+    /// Values for F&O only.
+    #[serde(default)]
+    pub fno: Option<RawBatchingSide>,
+}
+
+/// Batching values for one environment, overriding the shared ones.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatchingSide {
+    /// As `batching.enabled`, for this environment.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// As `batching.max_in_flight`, for this environment.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+    /// As `batching.max_batch`, for this environment.
+    #[serde(default)]
+    pub max_batch: Option<usize>,
+}
+
 /// The catch-up poll.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,9 +225,37 @@ pub struct Config {
     pub dataverse_post_image_all_columns: bool,
     /// Worker settings.
     pub worker: WorkerSettings,
+    /// Coalescing of connector calls into `$batch` requests.
+    pub batching: BatchingSettings,
     /// The catch-up poll, if any.
     pub catch_up: Option<CatchUp>,
 }
+
+/// How each environment's reads and writes are coalesced, validated: `None` sends every call
+/// as a request of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchingSettings {
+    /// Dataverse.
+    pub dataverse: Option<CoalescingConfig>,
+    /// F&O.
+    pub fno: Option<CoalescingConfig>,
+}
+
+impl Default for BatchingSettings {
+    fn default() -> Self {
+        BatchingSettings {
+            dataverse: Some(CoalescingConfig::default()),
+            fno: Some(CoalescingConfig::default()),
+        }
+    }
+}
+
+/// The most concurrent requests Dataverse and F&O take from one user (service protection).
+pub const MAX_IN_FLIGHT_LIMIT: usize = 52;
+/// The most requests Dataverse takes in one `$batch`.
+pub const DATAVERSE_MAX_BATCH_LIMIT: usize = 1000;
+/// The most operations F&O takes in one `$batch`.
+pub const FNO_MAX_BATCH_LIMIT: usize = 5000;
 
 /// One environment, with its client secret resolved.
 #[derive(Debug, Clone)]
@@ -348,6 +418,18 @@ impl Problems {
             message: message.into(),
         });
     }
+
+    /// Pushes the problem unless the same one is listed already (a shared value checked for
+    /// each environment).
+    fn push_once(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let problem = ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        };
+        if !self.0.contains(&problem) {
+            self.0.push(problem);
+        }
+    }
 }
 
 impl RawConfig {
@@ -421,6 +503,7 @@ impl RawConfig {
                 "is 0; allow at least 1 delivery, e.g. 5",
             );
         }
+        let batching = validate_batching(&self.batching, &mut p);
         let catch_up = self
             .scheduler
             .and_then(|s| match cron::Schedule::from_str(&s.catch_up) {
@@ -462,11 +545,81 @@ impl RawConfig {
                         visibility_timeout: Duration::from_secs(self.worker.visibility_timeout),
                         max_attempts: self.worker.max_attempts,
                     },
+                    batching,
                     catch_up,
                 })
             }
             _ => Err(p.0),
         }
+    }
+}
+
+fn validate_batching(raw: &RawBatching, p: &mut Problems) -> BatchingSettings {
+    let side = |name: &str,
+                over: Option<&RawBatchingSide>,
+                system: &str,
+                limit: usize,
+                p: &mut Problems| {
+        let over = over.cloned().unwrap_or_default();
+        // Each value with the key it was read from, so a problem names the key to change.
+        let pick = |own: Option<usize>, shared: Option<usize>, key: &str, default: usize| match (
+            own, shared,
+        ) {
+            (Some(v), _) => (v, format!("batching.{name}.{key}")),
+            (None, Some(v)) => (v, format!("batching.{key}")),
+            (None, None) => (default, format!("batching.{key}")),
+        };
+        let defaults = CoalescingConfig::default();
+        let (max_in_flight, in_flight_key) = pick(
+            over.max_in_flight,
+            raw.max_in_flight,
+            "max_in_flight",
+            defaults.max_in_flight,
+        );
+        let (max_batch, batch_key) = pick(
+            over.max_batch,
+            raw.max_batch,
+            "max_batch",
+            defaults.max_batch,
+        );
+        if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&max_in_flight) {
+            p.push_once(
+                in_flight_key,
+                format!(
+                    "is {max_in_flight}; use 1 to {MAX_IN_FLIGHT_LIMIT} requests in flight \
+                     (Dataverse and F&O refuse more than {MAX_IN_FLIGHT_LIMIT} concurrent \
+                     requests per user)"
+                ),
+            );
+        }
+        if max_batch == 0 {
+            p.push_once(batch_key, "is 0; send at least 1 call per request");
+        } else if max_batch > limit {
+            p.push_once(
+                batch_key,
+                format!(
+                    "is {max_batch}; {system} takes at most {limit} requests in one $batch, \
+                     so use 1 to {limit}"
+                ),
+            );
+        }
+        over.enabled
+            .or(raw.enabled)
+            .unwrap_or(true)
+            .then_some(CoalescingConfig {
+                max_in_flight,
+                max_batch,
+            })
+    };
+    BatchingSettings {
+        dataverse: side(
+            "dataverse",
+            raw.dataverse.as_ref(),
+            "Dataverse",
+            DATAVERSE_MAX_BATCH_LIMIT,
+            p,
+        ),
+        fno: side("fno", raw.fno.as_ref(), "F&O", FNO_MAX_BATCH_LIMIT, p),
     }
 }
 

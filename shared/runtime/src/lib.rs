@@ -16,9 +16,9 @@ mod runtime;
 mod scheduler;
 mod server;
 
-pub use config::{Config, ConfigError, ConfigProblem, EnvLookup, ProcessEnv};
+pub use config::{BatchingSettings, Config, ConfigError, ConfigProblem, EnvLookup, ProcessEnv};
 pub use local::{LocalSecrets, LocalStack, LocalStackError, LocalStackOptions};
 pub use runtime::{
-    Completion, DATAVERSE_API_PATH, DatabaseCounts, Parts, QueueCounts, ReceiverCounts, Runtime,
-    RuntimeHandle, RuntimeStats, StartError,
+    BatchingCounts, BatchingStats, CoalescedCounts, Completion, DATAVERSE_API_PATH, DatabaseCounts,
+    Parts, QueueCounts, ReceiverCounts, Runtime, RuntimeHandle, RuntimeStats, StartError,
 };

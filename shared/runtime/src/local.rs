@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
+use dualwrite_connectors::CoalescingConfig;
 use dualwrite_core::ValueType;
 use dualwrite_core::map::TableMap;
 use dualwrite_simulators::{
@@ -14,7 +15,7 @@ use dualwrite_simulators::{
     WebhookMessage, WebhookRegistration,
 };
 
-use crate::config::{Config, ConfigError, DEFAULT_FNO_SECRET_HEADER};
+use crate::config::{BatchingSettings, Config, ConfigError, DEFAULT_FNO_SECRET_HEADER};
 use crate::runtime::{Runtime, RuntimeHandle, StartError};
 
 /// Environment variable names the generated configuration reads its secrets from (looked up in
@@ -67,11 +68,13 @@ pub struct LocalStackOptions {
     pub map_files: Option<Vec<(String, String)>>,
     /// The secrets to use; random ones when `None`.
     pub secrets: Option<LocalSecrets>,
+    /// How the runtime coalesces connector calls into `$batch` requests.
+    pub batching: BatchingSettings,
 }
 
 impl LocalStackOptions {
     /// The defaults for `maps`: 2 workers, 30 s visibility timeout, F&O event retries after
-    /// 200 ms, no catch-up, shipped maps, random secrets.
+    /// 200 ms, no catch-up, shipped maps, random secrets, default batching.
     pub fn new(name: &str, maps: Vec<TableMap>) -> LocalStackOptions {
         LocalStackOptions {
             name: name.to_string(),
@@ -82,6 +85,7 @@ impl LocalStackOptions {
             catch_up: None,
             map_files: None,
             secrets: None,
+            batching: BatchingSettings::default(),
         }
     }
 }
@@ -212,6 +216,7 @@ impl LocalStack {
             workers = options.workers,
             visibility = options.visibility_timeout_secs,
         );
+        yaml.push_str(&batching_yaml(&options.batching));
         if let Some(cron) = &options.catch_up {
             yaml.push_str(&format!("scheduler:\n  catch_up: \"{cron}\"\n"));
         }
@@ -292,6 +297,22 @@ impl LocalStack {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// The `batching:` section of a configuration stating `settings` for each environment.
+fn batching_yaml(settings: &BatchingSettings) -> String {
+    let side = |name: &str, s: &Option<CoalescingConfig>| match s {
+        Some(c) => format!(
+            "  {name}:\n    max_in_flight: {}\n    max_batch: {}\n",
+            c.max_in_flight, c.max_batch
+        ),
+        None => format!("  {name}:\n    enabled: false\n"),
+    };
+    format!(
+        "batching:\n{}{}",
+        side("dataverse", &settings.dataverse),
+        side("fno", &settings.fno)
+    )
 }
 
 /// The maps of `names` and every map they depend on, in the shipped order.

@@ -1,5 +1,6 @@
-//! The running pipeline: connectors built from the configuration, the engine over the SQLite
-//! store and queue, the HTTP server, N worker tasks and the catch-up scheduler, with a
+//! The running pipeline: connectors built from the configuration (behind [`Coalescing`], so
+//! concurrent reads and writes share `$batch` requests), the engine over the SQLite store and
+//! queue, the HTTP server, N worker tasks and the catch-up scheduler, with a
 //! graceful shutdown.
 
 use std::collections::HashMap;
@@ -10,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use dualwrite_connectors::http::DEFAULT_MAX_BATCH;
 use dualwrite_connectors::{
-    DataverseConfig, DataverseConnector, EntitySchemas, EntraConfig, EntraTokenProvider, FnoConfig,
-    FnoConnector, TokenSource,
+    Coalescing, CoalescingConfig, CoalescingSnapshot, CoalescingStats, DataverseConfig,
+    DataverseConnector, EntitySchemas, EntraConfig, EntraTokenProvider, FnoConfig, FnoConnector,
+    TokenSource,
 };
 use dualwrite_core::Side;
 use dualwrite_core::ports::{
@@ -76,6 +79,61 @@ pub struct RuntimeStats {
     /// The database writer: transactions committed and the writes they held (group commit:
     /// `writes / batches` writes share one fsync).
     pub database: DatabaseCounts,
+    /// Reads and writes coalesced into `$batch` requests, per environment (zero when batching
+    /// is off).
+    pub batching: BatchingCounts,
+}
+
+/// The coalescing counters of both environments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct BatchingCounts {
+    /// Dataverse.
+    pub dataverse: CoalescedCounts,
+    /// F&O.
+    pub fno: CoalescedCounts,
+}
+
+/// One environment's coalescing counters ([`CoalescingSnapshot`] as JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct CoalescedCounts {
+    /// Requests sent: single calls and `$batch` requests.
+    pub requests: u64,
+    /// Reads and writes they carried (`calls / requests` per request).
+    pub calls: u64,
+    /// Most calls in one request.
+    pub largest_batch: u64,
+}
+
+impl From<CoalescingSnapshot> for CoalescedCounts {
+    fn from(s: CoalescingSnapshot) -> Self {
+        CoalescedCounts {
+            requests: s.requests,
+            calls: s.calls,
+            largest_batch: s.largest_batch,
+        }
+    }
+}
+
+/// The counters of the connectors' [`Coalescing`] wrappers; `None` where batching is off.
+#[derive(Debug, Clone, Default)]
+pub struct BatchingStats {
+    /// Dataverse.
+    pub dataverse: Option<Arc<CoalescingStats>>,
+    /// F&O.
+    pub fno: Option<Arc<CoalescingStats>>,
+}
+
+impl BatchingStats {
+    /// The counters now.
+    pub fn counts(&self) -> BatchingCounts {
+        let of = |s: &Option<Arc<CoalescingStats>>| {
+            s.as_ref().map(|s| s.snapshot().into()).unwrap_or_default()
+        };
+        BatchingCounts {
+            dataverse: of(&self.dataverse),
+            fno: of(&self.fno),
+        }
+    }
 }
 
 /// The database writer's counters ([`dualwrite_sqlite::WriterStats`] as JSON).
@@ -418,6 +476,8 @@ pub(crate) struct Shared {
     pub inbound: Arc<dyn WorkQueue>,
     pub crm: Arc<dyn Connector>,
     pub erp: Arc<dyn Connector>,
+    /// The connectors' coalescing counters.
+    pub batching: BatchingStats,
 }
 
 impl std::fmt::Debug for Shared {
@@ -452,6 +512,7 @@ impl Shared {
                     writes: w.writes,
                 }
             },
+            batching: self.batching.counts(),
         }
     }
 }
@@ -491,6 +552,7 @@ impl Runtime {
             erp,
             engine,
             work,
+            batching,
         } = Parts::build(&config)?;
         let receiver = Arc::new(ReceiverConfig::new(
             config.dataverse_auth.clone(),
@@ -509,6 +571,7 @@ impl Runtime {
             receiver,
             crm,
             erp,
+            batching,
         });
 
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -653,9 +716,13 @@ fn token_provider(
 pub struct Parts {
     pub store: Arc<SqliteStore>,
     pub queue: Arc<SqliteQueue>,
+    /// Dataverse, behind [`Coalescing`] unless `batching` turns it off for Dataverse.
     pub crm: Arc<dyn Connector>,
+    /// F&O, behind [`Coalescing`] unless `batching` turns it off for F&O.
     pub erp: Arc<dyn Connector>,
     pub engine: Arc<Engine>,
+    /// The counters of the coalescing wrappers.
+    pub batching: BatchingStats,
     work: Arc<WorkerQueue>,
 }
 
@@ -688,8 +755,13 @@ impl Parts {
             )
             .map_err(|e| db_err(&e))?,
         );
-        let crm: Arc<dyn Connector> = Arc::new(build_dataverse(config)?);
-        let erp: Arc<dyn Connector> = Arc::new(build_fno(config)?);
+        let (crm, dataverse_batching) =
+            coalesced(build_dataverse(config)?, config.batching.dataverse);
+        let (erp, fno_batching) = coalesced(build_fno(config)?, config.batching.fno);
+        let batching = BatchingStats {
+            dataverse: dataverse_batching,
+            fno: fno_batching,
+        };
         let worker_config = WorkerConfig {
             lease: config.worker.visibility_timeout,
             idle_poll: IDLE_FALLBACK_POLL,
@@ -710,16 +782,40 @@ impl Parts {
             crm,
             erp,
             engine,
+            batching,
             work,
         })
     }
+}
+
+/// `connector` behind a [`Coalescing`] wrapper configured by `batching` (with its counters),
+/// or as it is when batching is off.
+fn coalesced<C: Connector + 'static>(
+    connector: C,
+    batching: Option<CoalescingConfig>,
+) -> (Arc<dyn Connector>, Option<Arc<CoalescingStats>>) {
+    match batching {
+        Some(config) => {
+            let coalescing = Coalescing::new(connector, config);
+            let stats = coalescing.stats();
+            (Arc::new(coalescing), Some(stats))
+        }
+        None => (Arc::new(connector), None),
+    }
+}
+
+/// The connector's calls per `$batch`: the coalescer's batch size, so one coalesced batch is
+/// one `$batch`.
+fn max_batch(batching: Option<CoalescingConfig>) -> usize {
+    batching.map_or(DEFAULT_MAX_BATCH, |b| b.max_batch)
 }
 
 fn build_dataverse(config: &Config) -> Result<DataverseConnector, StartError> {
     let env = &config.dataverse;
     let tokens = token_provider(env, "dataverse")?;
     let schemas = Arc::new(EntitySchemas::from_maps(&config.maps, Side::Crm));
-    let dv = DataverseConfig::new(format!("{}{DATAVERSE_API_PATH}", env.url), tokens, schemas);
+    let mut dv = DataverseConfig::new(format!("{}{DATAVERSE_API_PATH}", env.url), tokens, schemas);
+    dv.connection.max_batch = max_batch(config.batching.dataverse);
     DataverseConnector::new(dv).map_err(|e| StartError::Connector {
         side: "dataverse",
         url: env.url.clone(),
@@ -731,11 +827,11 @@ fn build_fno(config: &Config) -> Result<FnoConnector, StartError> {
     let env = &config.fno;
     let tokens = token_provider(env, "fno")?;
     let schemas = Arc::new(EntitySchemas::from_maps(&config.maps, Side::Erp));
-    FnoConnector::new(FnoConfig::new(env.url.clone(), tokens, schemas)).map_err(|e| {
-        StartError::Connector {
-            side: "fno",
-            url: env.url.clone(),
-            message: e.to_string(),
-        }
+    let mut fno = FnoConfig::new(env.url.clone(), tokens, schemas);
+    fno.connection.max_batch = max_batch(config.batching.fno);
+    FnoConnector::new(fno).map_err(|e| StartError::Connector {
+        side: "fno",
+        url: env.url.clone(),
+        message: e.to_string(),
     })
 }

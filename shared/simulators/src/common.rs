@@ -236,7 +236,11 @@ pub(crate) async fn serve<H: Handler>(
 /// Service protection limits, per user (bearer token or anonymous).
 #[derive(Debug, Clone)]
 pub struct ThrottleConfig {
-    /// Requests allowed per user per window; `None` = unlimited.
+    /// Requests allowed per user per window; `None` = unlimited. A `$batch` counts as one
+    /// request, whatever it holds: both services document combining operations into a batch
+    /// as the way to avoid the number-of-requests limit (PA api-limits.md, FO
+    /// service-protection-api-limits.md). Their execution-time limit, which a batch does count
+    /// against, is not simulated.
     pub requests_per_window: Option<u32>,
     /// Length of the window (Dataverse: 300 s).
     pub window: Duration,

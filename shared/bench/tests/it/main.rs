@@ -16,6 +16,7 @@ async fn live_bench_loses_and_duplicates_nothing() {
             concurrency: 16,
             workers: 8,
             timeout: Duration::from_secs(120),
+            ..LiveOptions::default()
         },
         &|_| {},
     )
@@ -34,6 +35,12 @@ async fn live_bench_loses_and_duplicates_nothing() {
         "{:?}",
         report.pipeline
     );
+    let fno = report.pipeline.batching.fno;
+    assert!(
+        fno.calls >= 300,
+        "F&O calls go through the coalescer: {fno:?}"
+    );
+    assert!(fno.requests <= fno.calls, "{fno:?}");
 }
 
 /// Open loop: events are sent on schedule and all complete.
@@ -46,6 +53,7 @@ async fn live_bench_open_loop_completes_every_event() {
             concurrency: 16,
             workers: 8,
             timeout: Duration::from_secs(120),
+            ..LiveOptions::default()
         },
         &|_| {},
     )

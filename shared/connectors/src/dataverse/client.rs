@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use dualwrite_core::Side;
 use dualwrite_core::ports::{
-    Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition,
-    WriteOutcome,
+    CallResult, Connector, ConnectorCall, ConnectorError, ConnectorErrorKind, Page, Query,
+    RecordRef, WriteCondition, WriteOutcome,
 };
 use dualwrite_core::record::Record;
 use reqwest::Method;
@@ -16,7 +16,10 @@ use tracing::{info, warn};
 
 use super::DataverseConfig;
 use super::wire::{company_in_key, id_from_entity_url, record_body, record_from_row, render_key};
-use crate::batch::{BatchRequest, build_changeset_batch, parse_batch_response};
+use crate::batch::{
+    BatchPart, BatchRequest, batch_outcomes, build_changeset_batch, collect_results, for_call,
+    parse_batch_response, send_parts,
+};
 use crate::http::{
     HttpResponse, ODataClient, ODataRequest, encode_path, encode_query, server_message,
 };
@@ -253,6 +256,85 @@ impl DataverseConnector {
         Ok(outcome)
     }
 
+    /// The GET of one record.
+    async fn read_request(
+        &self,
+        entity: &str,
+        at: &RecordRef,
+    ) -> Result<ODataRequest, ConnectorError> {
+        let url = format!("{}/{}", self.base, self.address(entity, at).await?);
+        Ok(ODataRequest::new(Method::GET, url))
+    }
+
+    /// What the answer to [`Self::read_request`] means: the record, `None` on 404, the error
+    /// otherwise.
+    async fn read_answer(
+        &self,
+        entity: &str,
+        answer: &HttpResponse,
+    ) -> Result<Option<Record>, ConnectorError> {
+        match answer.status {
+            404 => Ok(None),
+            _ if answer.is_success() => {
+                let row =
+                    parse_object(&answer.body).map_err(|e| self.client.bad_answer(entity, e))?;
+                Ok(self
+                    .rows_to_records(entity, std::slice::from_ref(&row))
+                    .await?
+                    .pop())
+            }
+            _ => Err(answer.to_error(Side::Crm, entity)),
+        }
+    }
+
+    /// The PATCH of an upsert (`Prefer: return=representation`, the condition's headers).
+    async fn upsert_request(
+        &self,
+        entity: &str,
+        at: &RecordRef,
+        record: &Record,
+        condition: &WriteCondition,
+    ) -> Result<ODataRequest, ConnectorError> {
+        let url = format!("{}/{}", self.base, self.address(entity, at).await?);
+        let body = self.body(entity, record, &[])?;
+        let request = ODataRequest::new(Method::PATCH, url)
+            .header("Prefer", "return=representation")
+            .json(body);
+        Ok(condition_headers(request, condition))
+    }
+
+    /// What the answer to [`Self::upsert_request`] means.
+    async fn upsert_answer(
+        &self,
+        entity: &str,
+        answer: &HttpResponse,
+    ) -> Result<WriteOutcome, ConnectorError> {
+        if !answer.is_success() {
+            return Err(answer.to_error(Side::Crm, entity));
+        }
+        self.outcome(entity, answer).await
+    }
+
+    /// The request of `call` in a `$batch`, or the error that keeps it from being sent (an
+    /// address or record that does not fit), which is its result.
+    async fn plan(&self, call: &ConnectorCall) -> Result<BatchPart, ConnectorError> {
+        Ok(match call {
+            ConnectorCall::Read { entity, at } => {
+                BatchPart::Request(self.read_request(entity, at).await?.into())
+            }
+            ConnectorCall::Upsert {
+                entity,
+                at,
+                record,
+                condition,
+            } => BatchPart::Changeset(
+                self.upsert_request(entity, at, record, condition)
+                    .await?
+                    .into(),
+            ),
+        })
+    }
+
     async fn upsert_multiple(
         &self,
         entity: &str,
@@ -394,62 +476,6 @@ impl DataverseConnector {
     }
 }
 
-/// One result per item from the parts of a changeset answer: one part per item when it
-/// committed; one error part for all when it was rolled back.
-pub(crate) fn batch_outcomes(
-    side: Side,
-    entity: &str,
-    items: usize,
-    parts: &[crate::batch::BatchResponse],
-) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
-    let to_error = |p: &crate::batch::BatchResponse| {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(v) = p.header("retry-after").and_then(|v| v.parse().ok()) {
-            headers.insert("retry-after", v);
-        }
-        HttpResponse {
-            status: p.status,
-            headers,
-            body: p.body.clone(),
-        }
-        .to_error(side, entity)
-    };
-    if parts.len() == items {
-        return Ok(parts
-            .iter()
-            .map(|p| {
-                if (200..300).contains(&p.status) {
-                    Ok(WriteOutcome {
-                        id: p.header("odata-entityid").and_then(id_from_entity_url),
-                        etag: p.header("etag").map(str::to_string),
-                        version: None,
-                        created: p.status == 201,
-                    })
-                } else {
-                    Err(to_error(p))
-                }
-            })
-            .collect());
-    }
-    match parts.iter().find(|p| !(200..300).contains(&p.status)) {
-        Some(failed) => {
-            let mut e = to_error(failed);
-            e.message = format!("the changeset was rolled back: {}", e.message);
-            Ok((0..items).map(|_| Err(e.clone())).collect())
-        }
-        None => Err(ConnectorError {
-            side,
-            entity: entity.to_string(),
-            kind: ConnectorErrorKind::Transient,
-            status: None,
-            message: format!(
-                "the $batch answer holds {} responses for {items} requests",
-                parts.len()
-            ),
-        }),
-    }
-}
-
 fn condition_headers(request: ODataRequest, condition: &WriteCondition) -> ODataRequest {
     match condition {
         WriteCondition::None => request,
@@ -466,23 +492,9 @@ impl Connector for DataverseConnector {
     }
 
     async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
-        let url = format!("{}/{}", self.base, self.address(entity, at).await?);
-        let answer = self
-            .client
-            .send(entity, ODataRequest::new(Method::GET, url))
-            .await?;
-        match answer.status {
-            404 => Ok(None),
-            _ if answer.is_success() => {
-                let row =
-                    parse_object(&answer.body).map_err(|e| self.client.bad_answer(entity, e))?;
-                Ok(self
-                    .rows_to_records(entity, std::slice::from_ref(&row))
-                    .await?
-                    .pop())
-            }
-            _ => Err(answer.to_error(Side::Crm, entity)),
-        }
+        let request = self.read_request(entity, at).await?;
+        let answer = self.client.send(entity, request).await?;
+        self.read_answer(entity, &answer).await
     }
 
     async fn query(&self, entity: &str, query: &Query) -> Result<Page, ConnectorError> {
@@ -529,19 +541,9 @@ impl Connector for DataverseConnector {
         record: &Record,
         condition: WriteCondition,
     ) -> Result<WriteOutcome, ConnectorError> {
-        let url = format!("{}/{}", self.base, self.address(entity, at).await?);
-        let body = self.body(entity, record, &[])?;
-        let request = ODataRequest::new(Method::PATCH, url)
-            .header("Prefer", "return=representation")
-            .json(body);
-        let answer = self
-            .client
-            .send(entity, condition_headers(request, &condition))
-            .await?;
-        if !answer.is_success() {
-            return Err(answer.to_error(Side::Crm, entity));
-        }
-        self.outcome(entity, &answer).await
+        let request = self.upsert_request(entity, at, record, &condition).await?;
+        let answer = self.client.send(entity, request).await?;
+        self.upsert_answer(entity, &answer).await
     }
 
     async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
@@ -579,5 +581,40 @@ impl Connector for DataverseConnector {
             "bulk upsert done"
         );
         Ok(results)
+    }
+
+    /// One `$batch` of at most `max_batch` calls at a time: reads as top-level GETs, each
+    /// upsert (a PATCH, conditions as in [`DataverseConnector::upsert`]) in a changeset of its
+    /// own, with `Prefer: odata.continue-on-error`.
+    async fn call_many(&self, calls: Vec<ConnectorCall>) -> Vec<CallResult> {
+        let mut results: Vec<Option<CallResult>> = vec![None; calls.len()];
+        let mut sent = Vec::with_capacity(calls.len());
+        let mut parts = Vec::with_capacity(calls.len());
+        for (i, call) in calls.iter().enumerate() {
+            match self.plan(call).await {
+                Ok(part) => {
+                    sent.push(i);
+                    parts.push(part);
+                }
+                Err(e) => results[i] = Some(call.failed(e)),
+            }
+        }
+        let url = format!("{}/$batch", self.base);
+        let max = self.config.connection.max_batch;
+        let answers = send_parts(&self.client, &url, &parts, max).await;
+        for (i, answer) in sent.into_iter().zip(answers) {
+            let call = &calls[i];
+            let entity = call.entity();
+            results[i] = Some(match (call, answer) {
+                (_, Err(e)) => call.failed(for_call(&e, entity)),
+                (ConnectorCall::Read { .. }, Ok(a)) => {
+                    CallResult::Read(self.read_answer(entity, &a).await)
+                }
+                (ConnectorCall::Upsert { .. }, Ok(a)) => {
+                    CallResult::Upsert(self.upsert_answer(entity, &a).await)
+                }
+            });
+        }
+        collect_results(Side::Crm, &calls, results)
     }
 }

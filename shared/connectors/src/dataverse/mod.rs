@@ -9,5 +9,4 @@ mod tests;
 pub mod wire;
 
 pub use client::DataverseConnector;
-pub(crate) use client::batch_outcomes;
 pub use config::DataverseConfig;

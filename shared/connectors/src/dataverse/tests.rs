@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use dualwrite_core::ports::{Connector, ConnectorErrorKind, Query, RecordRef, WriteCondition};
+use dualwrite_core::ports::{
+    CallResult, Connector, ConnectorCall, ConnectorErrorKind, Query, RecordRef, WriteCondition,
+};
 use dualwrite_core::record::{Record, RecordKey};
 use dualwrite_core::value::{LookupRef, Value, ValueType};
 use rust_decimal::Decimal;
@@ -388,4 +390,70 @@ fn alternate_keys_render_with_escaping_and_typed_values() {
         wire::render_key(s, &key, None).unwrap(),
         "customertypecode=3"
     );
+}
+
+#[tokio::test]
+async fn a_batch_stopped_with_400_answers_its_parts_and_sends_the_rest_again() {
+    let (server, c) = connector().await;
+    // Dataverse without odata.continue-on-error: 400, and the parts up to the failing one.
+    let stopped = "--batchresponse_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
+HTTP/1.1 412 Precondition Failed\r\nContent-Type: application/json\r\n\r\n\
+{\"error\":{\"code\":\"0x80060882\",\"message\":\"The version of the existing record doesn't match the RowVersion property provided.\"}}\r\n\
+--batchresponse_1--\r\n";
+    server.push(Canned {
+        status: 400,
+        headers: vec![(
+            "Content-Type".into(),
+            "multipart/mixed; boundary=batchresponse_1".into(),
+        )],
+        body: stopped.into(),
+    });
+    let rest = format!(
+        "--batchresponse_2\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
+HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{ROW}\r\n--batchresponse_2--\r\n"
+    );
+    server.push(Canned {
+        status: 200,
+        headers: vec![(
+            "Content-Type".into(),
+            "multipart/mixed; boundary=batchresponse_2".into(),
+        )],
+        body: rest,
+    });
+    // The company of the row read, looked up as for a single read.
+    server.push(Canned::json(200, COMPANIES));
+    let results = c
+        .call_many(vec![
+            ConnectorCall::Upsert {
+                entity: "accounts".into(),
+                at: RecordRef::Id("0a1b".into()),
+                record: Record::new("accounts"),
+                condition: WriteCondition::IfMatch("W/\"1\"".into()),
+            },
+            ConnectorCall::Read {
+                entity: "accounts".into(),
+                at: RecordRef::Id("0a1b".into()),
+            },
+        ])
+        .await;
+    let seen = server.seen();
+    assert_eq!(seen[0].uri, "/api/data/v9.2/$batch");
+    assert_eq!(seen[0].header("prefer"), Some("odata.continue-on-error"));
+    assert!(seen[0].body.contains("PATCH http://"));
+    assert!(seen[0].body.contains("If-Match: W/\"1\"\r\n"));
+    assert!(seen[0].body.contains("Prefer: return=representation\r\n"));
+    assert_eq!(seen[1].uri, "/api/data/v9.2/$batch", "the read sent again");
+    assert!(!seen[1].body.contains("PATCH"));
+    assert!(seen[1].body.contains("GET http://"));
+    let CallResult::Upsert(Err(e)) = &results[0] else {
+        panic!("{:?}", results[0]);
+    };
+    assert_eq!(
+        (e.kind.clone(), e.status),
+        (ConnectorErrorKind::PreconditionFailed, Some(412))
+    );
+    let CallResult::Read(Ok(Some(r))) = &results[1] else {
+        panic!("{:?}", results[1]);
+    };
+    assert_eq!(r.company.as_deref(), Some("USMF"));
 }

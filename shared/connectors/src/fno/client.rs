@@ -5,8 +5,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use dualwrite_core::Side;
 use dualwrite_core::ports::{
-    Connector, ConnectorError, ConnectorErrorKind, Page, Query, RecordRef, WriteCondition,
-    WriteOutcome,
+    CallResult, Connector, ConnectorCall, ConnectorError, ConnectorErrorKind, Page, Query,
+    RecordRef, WriteCondition, WriteOutcome,
 };
 use dualwrite_core::record::{Record, RecordKey};
 use reqwest::Method;
@@ -14,7 +14,10 @@ use tracing::info;
 
 use super::FnoConfig;
 use super::wire::{MODIFIED_FIELD, filter_text, parse_key, record_body, record_from_row};
-use crate::batch::{BatchRequest, build_changeset_batch, parse_batch_response};
+use crate::batch::{
+    BatchPart, BatchRequest, batch_outcomes, build_changeset_batch, collect_results, for_call,
+    parse_batch_response, send_parts,
+};
 use crate::http::{HttpResponse, ODataClient, ODataRequest, encode_path, encode_query};
 use crate::odata::{parse_collection, parse_object, query_filter};
 use crate::schema::{EntitySchema, EntitySchemas};
@@ -113,41 +116,63 @@ impl FnoConnector {
         Ok(written.id.map(Into::into))
     }
 
-    async fn patch(
-        &self,
-        entity: &str,
-        key: &RecordKey,
-        record: &Record,
-        if_match: &str,
-    ) -> Result<WriteOutcome, ConnectorError> {
-        let request = ODataRequest::new(Method::PATCH, self.entity_url(entity, key))
-            .header("If-Match", if_match)
-            .json(self.body(entity, record, key)?);
-        let answer = self.client.send(entity, request).await?;
-        if !answer.is_success() {
-            return Err(answer.to_error(Side::Erp, entity));
-        }
-        let mut outcome = WriteOutcome {
-            id: Some(key.to_string()),
-            ..WriteOutcome::default()
-        };
-        self.read_written(entity, &answer, &mut outcome)?;
-        Ok(outcome)
+    /// The GET of one record, across companies.
+    fn read_request(&self, entity: &str, key: &RecordKey) -> ODataRequest {
+        let url = format!("{}?cross-company=true", self.entity_url(entity, key));
+        ODataRequest::new(Method::GET, url)
     }
 
-    async fn post(
+    /// What the answer to [`Self::read_request`] means: the record (its id the key when the
+    /// schema names no key fields), `None` on 404, the error otherwise.
+    fn read_answer(
+        &self,
+        entity: &str,
+        key: &RecordKey,
+        answer: &HttpResponse,
+    ) -> Result<Option<Record>, ConnectorError> {
+        match answer.status {
+            404 => Ok(None),
+            _ if answer.is_success() => {
+                let mut record = self.to_record(entity, &answer.body)?;
+                record.id = record.id.or_else(|| Some(key.to_string().into()));
+                Ok(Some(record))
+            }
+            _ => Err(answer.to_error(Side::Erp, entity)),
+        }
+    }
+
+    /// The request of `write` of `record` at `key`.
+    fn write_request(
         &self,
         entity: &str,
         key: &RecordKey,
         record: &Record,
+        write: &FnoWrite,
+    ) -> Result<ODataRequest, ConnectorError> {
+        let body = self.body(entity, record, key)?;
+        Ok(match write {
+            FnoWrite::Patch { if_match } => {
+                ODataRequest::new(Method::PATCH, self.entity_url(entity, key))
+                    .header("If-Match", if_match.as_str())
+                    .json(body)
+            }
+            FnoWrite::Post => ODataRequest::new(Method::POST, format!("{}/{entity}", self.data))
+                .header("Prefer", "return=representation")
+                .json(body),
+        })
+    }
+
+    /// What the answer to [`Self::write_request`] means.
+    fn write_answer(
+        &self,
+        entity: &str,
+        key: &RecordKey,
+        write: &FnoWrite,
+        answer: &HttpResponse,
     ) -> Result<WriteOutcome, ConnectorError> {
-        let request = ODataRequest::new(Method::POST, format!("{}/{entity}", self.data))
-            .header("Prefer", "return=representation")
-            .json(self.body(entity, record, key)?);
-        let answer = self.client.send(entity, request).await?;
         if !answer.is_success() {
             let mut error = answer.to_error(Side::Erp, entity);
-            if is_duplicate_key(&error) {
+            if *write == FnoWrite::Post && is_duplicate_key(&error) {
                 // F&O answers a create of an existing key with 400, where Dataverse says 412:
                 // someone created it first. Re-read and decide again, as on a 412.
                 error.kind = ConnectorErrorKind::PreconditionFailed;
@@ -156,14 +181,111 @@ impl FnoConnector {
         }
         let mut outcome = WriteOutcome {
             id: Some(key.to_string()),
-            created: true,
+            created: *write == FnoWrite::Post,
             ..WriteOutcome::default()
         };
-        if let Some(id) = self.read_written(entity, &answer, &mut outcome)? {
+        let returned = self.read_written(entity, answer, &mut outcome)?;
+        if *write == FnoWrite::Post
+            && let Some(id) = returned
+        {
             outcome.id = Some(id);
         }
         Ok(outcome)
     }
+
+    /// Sends `write` of `record` at `key` on its own.
+    async fn write(
+        &self,
+        entity: &str,
+        key: &RecordKey,
+        record: &Record,
+        write: &FnoWrite,
+    ) -> Result<WriteOutcome, ConnectorError> {
+        let request = self.write_request(entity, key, record, write)?;
+        let answer = self.client.send(entity, request).await?;
+        self.write_answer(entity, key, write, &answer)
+    }
+
+    /// The first request of `call` in a `$batch`, or the error that keeps it from being sent
+    /// (a key or record that does not fit), which is its result.
+    fn plan(&self, call: &ConnectorCall) -> Result<(FnoStep, BatchPart), ConnectorError> {
+        match call {
+            ConnectorCall::Read { entity, at } => {
+                let key = self.key(entity, at)?;
+                let part = BatchPart::Request(self.read_request(entity, &key).into());
+                Ok((FnoStep::Read(key), part))
+            }
+            ConnectorCall::Upsert {
+                entity,
+                at,
+                record,
+                condition,
+            } => {
+                let key = self.key(entity, at)?;
+                let Some(write) = FnoWrite::for_condition(condition) else {
+                    // Read first, as the single call does: a record that cannot be written
+                    // fails when its write is built, after the read.
+                    let part = BatchPart::Request(self.read_request(entity, &key).into());
+                    return Ok((FnoStep::ReadThenWrite(key), part));
+                };
+                let request = self.write_request(entity, &key, record, &write)?;
+                Ok((
+                    FnoStep::Write(key, write),
+                    BatchPart::Changeset(request.into()),
+                ))
+            }
+        }
+    }
+}
+
+/// How F&O is written (it has no upsert).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FnoWrite {
+    /// PATCH the existing record on this `If-Match` (an ETag, or `*`: it must exist).
+    Patch { if_match: String },
+    /// POST a new record (400 "already exists" when it does).
+    Post,
+}
+
+impl FnoWrite {
+    /// The write a condition asks for; `None` for [`WriteCondition::None`], which needs to
+    /// know first whether the record exists ([`FnoWrite::after_read`]).
+    fn for_condition(condition: &WriteCondition) -> Option<FnoWrite> {
+        match condition {
+            WriteCondition::IfMatch(etag) => Some(FnoWrite::Patch {
+                if_match: etag.clone(),
+            }),
+            WriteCondition::MustExist => Some(FnoWrite::Patch {
+                if_match: "*".into(),
+            }),
+            WriteCondition::MustNotExist => Some(FnoWrite::Post),
+            WriteCondition::None => None,
+        }
+    }
+
+    /// The write of an unconditioned upsert, given the record as read: a PATCH on its ETag
+    /// when it exists (a concurrent change then gives 412), a POST when it does not (a
+    /// concurrent create gives the duplicate-key error).
+    fn after_read(existing: Option<Record>) -> FnoWrite {
+        match existing {
+            Some(r) => FnoWrite::Patch {
+                if_match: r.etag.unwrap_or_else(|| "*".to_string()),
+            },
+            None => FnoWrite::Post,
+        }
+    }
+}
+
+/// Where a call of [`FnoConnector::call_many`] stands after its first request.
+#[derive(Debug)]
+enum FnoStep {
+    /// A read: its answer is the result.
+    Read(RecordKey),
+    /// A write: its answer is the result.
+    Write(RecordKey, FnoWrite),
+    /// An unconditioned upsert: the answer is the read deciding between PATCH and POST,
+    /// sent in a second `$batch`.
+    ReadThenWrite(RecordKey),
 }
 
 #[async_trait]
@@ -174,20 +296,11 @@ impl Connector for FnoConnector {
 
     async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
         let key = self.key(entity, at)?;
-        let url = format!("{}?cross-company=true", self.entity_url(entity, &key));
         let answer = self
             .client
-            .send(entity, ODataRequest::new(Method::GET, url))
+            .send(entity, self.read_request(entity, &key))
             .await?;
-        match answer.status {
-            404 => Ok(None),
-            _ if answer.is_success() => {
-                let mut record = self.to_record(entity, &answer.body)?;
-                record.id = record.id.or_else(|| Some(key.to_string().into()));
-                Ok(Some(record))
-            }
-            _ => Err(answer.to_error(Side::Erp, entity)),
-        }
+        self.read_answer(entity, &key, &answer)
     }
 
     async fn query(&self, entity: &str, query: &Query) -> Result<Page, ConnectorError> {
@@ -246,18 +359,11 @@ impl Connector for FnoConnector {
         condition: WriteCondition,
     ) -> Result<WriteOutcome, ConnectorError> {
         let key = self.key(entity, at)?;
-        match condition {
-            WriteCondition::IfMatch(etag) => self.patch(entity, &key, record, &etag).await,
-            WriteCondition::MustExist => self.patch(entity, &key, record, "*").await,
-            WriteCondition::MustNotExist => self.post(entity, &key, record).await,
-            WriteCondition::None => match self.read(entity, &RecordRef::Key(key.clone())).await? {
-                Some(existing) => {
-                    let etag = existing.etag.unwrap_or_else(|| "*".to_string());
-                    self.patch(entity, &key, record, &etag).await
-                }
-                None => self.post(entity, &key, record).await,
-            },
-        }
+        let write = match FnoWrite::for_condition(&condition) {
+            Some(write) => write,
+            None => FnoWrite::after_read(self.read(entity, &RecordRef::Key(key.clone())).await?),
+        };
+        self.write(entity, &key, record, &write).await
     }
 
     async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
@@ -330,8 +436,7 @@ impl Connector for FnoConnector {
                 .to_string();
             let parts = parse_batch_response(&content_type, &answer.body)
                 .map_err(|e| self.client.bad_answer(entity, e))?;
-            let outcomes =
-                crate::dataverse::batch_outcomes(Side::Erp, entity, chunk.len(), &parts)?;
+            let outcomes = batch_outcomes(Side::Erp, entity, chunk.len(), &parts)?;
             results.extend(outcomes.into_iter().zip(keys).map(|(r, key)| {
                 r.map(|mut o| {
                     o.id = Some(key.to_string());
@@ -346,6 +451,80 @@ impl Connector for FnoConnector {
             "bulk upsert done"
         );
         Ok(results)
+    }
+
+    /// One `$batch` of at most `max_batch` calls at a time: reads as top-level GETs, each
+    /// write in a changeset of its own, with `Prefer: odata.continue-on-error`. An
+    /// unconditioned upsert reads the record in that `$batch` and is written in a second one
+    /// (PATCH on the ETag read, or POST), as [`FnoConnector::upsert`] does in two requests.
+    async fn call_many(&self, calls: Vec<ConnectorCall>) -> Vec<CallResult> {
+        let mut results: Vec<Option<CallResult>> = vec![None; calls.len()];
+        let mut first = Vec::with_capacity(calls.len());
+        let mut parts = Vec::with_capacity(calls.len());
+        for (i, call) in calls.iter().enumerate() {
+            match self.plan(call) {
+                Ok((step, part)) => {
+                    first.push((i, step));
+                    parts.push(part);
+                }
+                Err(e) => results[i] = Some(call.failed(e)),
+            }
+        }
+        let url = format!("{}/$batch", self.data);
+        let max = self.config.connection.max_batch;
+        let answers = send_parts(&self.client, &url, &parts, max).await;
+        let mut second = Vec::new();
+        for ((i, step), answer) in first.into_iter().zip(answers) {
+            let call = &calls[i];
+            let entity = call.entity();
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    results[i] = Some(call.failed(for_call(&e, entity)));
+                    continue;
+                }
+            };
+            results[i] = match step {
+                FnoStep::Read(key) => {
+                    Some(CallResult::Read(self.read_answer(entity, &key, &answer)))
+                }
+                FnoStep::Write(key, write) => Some(CallResult::Upsert(
+                    self.write_answer(entity, &key, &write, &answer),
+                )),
+                FnoStep::ReadThenWrite(key) => match self.read_answer(entity, &key, &answer) {
+                    Ok(existing) => {
+                        second.push((i, key, FnoWrite::after_read(existing)));
+                        None
+                    }
+                    Err(e) => Some(CallResult::Upsert(Err(e))),
+                },
+            };
+        }
+        if !second.is_empty() {
+            let mut writes = Vec::with_capacity(second.len());
+            let mut parts = Vec::with_capacity(second.len());
+            for (i, key, write) in second {
+                let ConnectorCall::Upsert { entity, record, .. } = &calls[i] else {
+                    continue;
+                };
+                match self.write_request(entity, &key, record, &write) {
+                    Ok(request) => {
+                        parts.push(BatchPart::Changeset(request.into()));
+                        writes.push((i, key, write));
+                    }
+                    Err(e) => results[i] = Some(CallResult::Upsert(Err(e))),
+                }
+            }
+            let answers = send_parts(&self.client, &url, &parts, max).await;
+            for ((i, key, write), answer) in writes.into_iter().zip(answers) {
+                let entity = calls[i].entity();
+                results[i] = Some(CallResult::Upsert(match answer {
+                    Ok(a) => self.write_answer(entity, &key, &write, &a),
+                    Err(e) => Err(for_call(&e, entity)),
+                }));
+            }
+        }
+        collect_results(Side::Erp, &calls, results)
     }
 }
 

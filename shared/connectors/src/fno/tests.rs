@@ -5,7 +5,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use dualwrite_core::map::filter::{CompareOp, Filter, Literal};
-use dualwrite_core::ports::{Connector, ConnectorErrorKind, Query, RecordRef, WriteCondition};
+use dualwrite_core::ports::{
+    CallResult, Connector, ConnectorCall, ConnectorErrorKind, Query, RecordRef, WriteCondition,
+};
 use dualwrite_core::record::{Record, RecordKey};
 use dualwrite_core::value::{Value, ValueType};
 use rust_decimal::Decimal;
@@ -233,6 +235,194 @@ async fn upsert_batch_writes_one_changeset() {
     assert_eq!(batch.uri, "/data/$batch");
     assert!(batch.body.contains("If-Match: *"));
     assert!(batch.body.contains("POST http://"));
+}
+
+/// A scripted `$batch` answer holding `parts` (each `HTTP/1.1 …` with headers and body).
+fn batch_answer(status: u16, parts: &[&str]) -> Canned {
+    let mut body = String::new();
+    for part in parts {
+        body.push_str("--batchresponse_9\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n");
+        body.push_str(part);
+        body.push_str("\r\n");
+    }
+    body.push_str("--batchresponse_9--\r\n");
+    Canned {
+        status,
+        headers: vec![(
+            "Content-Type".into(),
+            "multipart/mixed; boundary=batchresponse_9".into(),
+        )],
+        body,
+    }
+}
+
+fn key(account: &str) -> RecordRef {
+    RecordRef::Key(RecordKey::new([
+        ("dataAreaId", "usmf"),
+        ("CustomerAccount", account),
+    ]))
+}
+
+#[tokio::test]
+async fn call_many_sends_reads_alone_and_each_write_in_its_own_changeset() {
+    let (server, c) = connector().await;
+    server.push(batch_answer(
+        200,
+        &[
+            &format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{ROW}"),
+            "HTTP/1.1 204 No Content\r\nETag: W/\"9\"\r\n\r\n",
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\r\n{\"error\":{\"code\":\"\",\"message\":\"Write failed for table row of type 'CustomersV3'. Infolog: Error: Cannot create a record. The record already exists.\"}}",
+        ],
+    ));
+    let calls = vec![
+        ConnectorCall::Read {
+            entity: "CustomersV3".into(),
+            at: key("US-001"),
+        },
+        ConnectorCall::Upsert {
+            entity: "CustomersV3".into(),
+            at: key("US-002"),
+            record: Record::new("CustomersV3"),
+            condition: WriteCondition::IfMatch("W/\"8\"".into()),
+        },
+        ConnectorCall::Upsert {
+            entity: "CustomersV3".into(),
+            at: key("US-003"),
+            record: Record::new("CustomersV3"),
+            condition: WriteCondition::MustNotExist,
+        },
+    ];
+    let results = c.call_many(calls).await;
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1, "one $batch");
+    let batch = &seen[0];
+    assert_eq!(
+        (batch.method.as_str(), batch.uri.as_str()),
+        ("POST", "/data/$batch")
+    );
+    assert_eq!(batch.header("prefer"), Some("odata.continue-on-error"));
+    let body = &batch.body;
+    let get = body.find("GET http://").expect("the read");
+    let first_changeset = body.find("boundary=changeset_").expect("a changeset");
+    assert!(
+        get < first_changeset,
+        "the read is a top-level part, before the writes"
+    );
+    assert!(body.contains(
+        "GET http://127.0.0.1"
+    ) && body.contains("/data/CustomersV3(dataAreaId='usmf',CustomerAccount='US-001')?cross-company=true HTTP/1.1\r\n"));
+    assert_eq!(
+        body.matches("Content-Type: multipart/mixed; boundary=changeset_")
+            .count(),
+        2,
+        "each write in a changeset of its own"
+    );
+    assert!(body.contains("If-Match: W/\"8\"\r\n"));
+    assert!(body.contains("Prefer: return=representation\r\n"));
+
+    let CallResult::Read(Ok(Some(read))) = &results[0] else {
+        panic!("{:?}", results[0]);
+    };
+    assert_eq!(read.company.as_deref(), Some("usmf"));
+    let CallResult::Upsert(Ok(patched)) = &results[1] else {
+        panic!("{:?}", results[1]);
+    };
+    assert_eq!(patched.etag.as_deref(), Some("W/\"9\""));
+    assert_eq!(
+        patched.id.as_deref(),
+        Some("dataAreaId='usmf',CustomerAccount='US-002'")
+    );
+    assert!(!patched.created);
+    let CallResult::Upsert(Err(duplicate)) = &results[2] else {
+        panic!("{:?}", results[2]);
+    };
+    assert_eq!(duplicate.kind, ConnectorErrorKind::PreconditionFailed);
+    assert_eq!(duplicate.status, Some(400));
+}
+
+#[tokio::test]
+async fn a_batch_stopped_at_a_failure_sends_the_unanswered_calls_again() {
+    let (server, c) = connector().await;
+    // A server ignoring odata.continue-on-error: it answers up to the failing part only.
+    server.push(batch_answer(
+        200,
+        &[
+            &format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{ROW}"),
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n\r\n{\"error\":{\"code\":\"0x1\",\"message\":\"boom\"}}",
+        ],
+    ));
+    server.push(batch_answer(
+        200,
+        &["HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\r\n{}"],
+    ));
+    let calls = ["US-001", "US-002", "US-003"]
+        .map(|a| ConnectorCall::Read {
+            entity: "CustomersV3".into(),
+            at: key(a),
+        })
+        .to_vec();
+    let results = c.call_many(calls).await;
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].body.matches("GET http://").count(), 1);
+    assert!(seen[1].body.contains("US-003"));
+    assert!(matches!(&results[0], CallResult::Read(Ok(Some(_)))));
+    assert!(matches!(
+        &results[1],
+        CallResult::Read(Err(e)) if e.kind == ConnectorErrorKind::Transient && e.message == "0x1: boom"
+    ));
+    assert_eq!(results[2], CallResult::Read(Ok(None)));
+}
+
+#[tokio::test]
+async fn a_batch_refused_as_a_whole_fails_every_call_with_its_error() {
+    let (server, c) = connector().await;
+    server.push(
+        Canned::json(
+            429,
+            r#"{"error":{"code":"","message":"This request could not be processed at this time due to system experiencing high resource utilization."}}"#,
+        )
+        .with("Retry-After", "7"),
+    );
+    let results = c
+        .call_many(vec![
+            ConnectorCall::Read {
+                entity: "CustomersV3".into(),
+                at: key("US-001"),
+            },
+            ConnectorCall::Upsert {
+                entity: "Currencies".into(),
+                at: RecordRef::Key(RecordKey::new([("CurrencyCode", "EUR")])),
+                record: Record::new("Currencies"),
+                condition: WriteCondition::MustExist,
+            },
+            // Not sent: the id is no key, so it fails on its own as the single call does.
+            ConnectorCall::Read {
+                entity: "CustomersV3".into(),
+                at: RecordRef::Id("not a key".into()),
+            },
+        ])
+        .await;
+    assert_eq!(server.seen().len(), 1);
+    let throttled = ConnectorErrorKind::Throttled {
+        retry_after_ms: 7000,
+    };
+    let CallResult::Read(Err(e)) = &results[0] else {
+        panic!("{:?}", results[0]);
+    };
+    assert_eq!((&e.kind, e.entity.as_str()), (&throttled, "CustomersV3"));
+    let CallResult::Upsert(Err(e)) = &results[1] else {
+        panic!("{:?}", results[1]);
+    };
+    assert_eq!((&e.kind, e.entity.as_str()), (&throttled, "Currencies"));
+    assert!(
+        e.message
+            .starts_with("the $batch carrying this call failed: ")
+    );
+    let CallResult::Read(Err(e)) = &results[2] else {
+        panic!("{:?}", results[2]);
+    };
+    assert_eq!(e.kind, ConnectorErrorKind::BadRequest);
 }
 
 #[test]

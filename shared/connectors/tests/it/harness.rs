@@ -173,6 +173,16 @@ impl Env {
     pub fn erp_with(&self, stats: &Arc<ConnectorStats>) -> FnoConnector {
         fno_connector(&self.fno, &self.tokens, stats)
     }
+
+    /// Another F&O connector sending at most `max_batch` calls per `$batch`.
+    pub fn erp_batching(&self, stats: &Arc<ConnectorStats>, max_batch: usize) -> FnoConnector {
+        let schemas = EntitySchemas::from_maps(&dualwrite_maps::builtin_maps(), Side::Erp);
+        let mut config =
+            FnoConfig::new(self.fno.base_url(), self.tokens.clone(), Arc::new(schemas));
+        config.connection.stats = stats.clone();
+        config.connection.max_batch = max_batch;
+        FnoConnector::new(config).expect("F&O connector")
+    }
 }
 
 fn dataverse_connector(

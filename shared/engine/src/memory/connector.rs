@@ -496,4 +496,48 @@ mod tests {
                 .is_some_and(|r| r.company.as_deref() == Some("usmf"))
         );
     }
+    #[tokio::test]
+    async fn the_default_call_many_answers_each_call_in_order_as_its_single_call() {
+        use dualwrite_core::ports::{CallResult, ConnectorCall};
+        let c = MemoryConnector::new(Side::Crm, Arc::new(ManualClock::new(DateTime::UNIX_EPOCH)));
+        let existing = c
+            .edit(
+                "accounts",
+                &key("A1"),
+                [("name".to_string(), Value::Text("A".into()))],
+            )
+            .record;
+        let results = c
+            .call_many(vec![
+                ConnectorCall::Read {
+                    entity: "accounts".into(),
+                    at: key("A1"),
+                },
+                ConnectorCall::Upsert {
+                    entity: "accounts".into(),
+                    at: key("A1"),
+                    record: Record::new("accounts"),
+                    condition: WriteCondition::MustNotExist,
+                },
+                ConnectorCall::Upsert {
+                    entity: "accounts".into(),
+                    at: key("A2"),
+                    record: Record::new("accounts"),
+                    condition: WriteCondition::MustNotExist,
+                },
+                ConnectorCall::Read {
+                    entity: "accounts".into(),
+                    at: key("A3"),
+                },
+            ])
+            .await;
+        assert_eq!(results.len(), 4);
+        assert_eq!(results[0], CallResult::Read(Ok(Some(existing))));
+        assert!(matches!(
+            &results[1],
+            CallResult::Upsert(Err(e)) if e.kind == ConnectorErrorKind::PreconditionFailed
+        ));
+        assert!(matches!(&results[2], CallResult::Upsert(Ok(out)) if out.created));
+        assert_eq!(results[3], CallResult::Read(Ok(None)));
+    }
 }

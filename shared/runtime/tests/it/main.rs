@@ -54,6 +54,7 @@ fn every_config_problem_is_reported_at_once() {
         fno:\n  url: https://f\n  tenant: t\n  client_id: c\n  client_secret_env: T_SECRET\n  client_secret_file: s.txt\n\
         webhooks:\n  dataverse:\n    secret_env: T_DV_HOOK\n  fno: {}\n\
         worker:\n  concurrency: 0\n\
+        batching:\n  max_in_flight: 0\n  dataverse:\n    max_batch: 1001\n\
         scheduler:\n  catch_up: \"every minute\"\n";
     let err = Config::parse(text, "bad.yaml", Path::new("."), &env()).unwrap_err();
     let ConfigError::Invalid { problems, .. } = &err else {
@@ -69,10 +70,20 @@ fn every_config_problem_is_reported_at_once() {
         "fno",
         "webhooks.fno",
         "worker.concurrency",
+        "batching.max_in_flight",
+        "batching.dataverse.max_batch",
         "scheduler.catch_up",
     ] {
         assert!(paths.contains(&want), "no problem at {want}: {paths:?}");
     }
+    assert_eq!(
+        paths
+            .iter()
+            .filter(|p| **p == "batching.max_in_flight")
+            .count(),
+        1,
+        "a shared value is reported once, not once per environment"
+    );
     let text = err.to_string();
     assert!(text.contains("bad.yaml"));
     assert!(text.contains("customers-v3-accounts` depends on"), "{text}");
@@ -100,6 +111,53 @@ fn post_image_all_columns_is_a_dataverse_setting_off_by_default() {
         text.contains("webhooks.fno.post_image_all_columns") && text.contains("Dataverse"),
         "{text}"
     );
+}
+
+#[test]
+fn batching_is_on_by_default_and_set_per_environment_or_for_both() {
+    use dualwrite_connectors::CoalescingConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let defaults = config(dir.path()).batching;
+    let default = CoalescingConfig {
+        max_in_flight: 4,
+        max_batch: 10,
+    };
+    assert_eq!(defaults.dataverse, Some(default));
+    assert_eq!(defaults.fno, Some(default));
+
+    let text = yaml("state.db")
+        + "batching:\n  max_in_flight: 2\n  max_batch: 50\n  dataverse:\n    enabled: false\n  fno:\n    max_batch: 2000\n";
+    let c = Config::parse(&text, "t.yaml", dir.path(), &env()).expect("valid");
+    assert_eq!(c.batching.dataverse, None, "off for Dataverse only");
+    assert_eq!(
+        c.batching.fno,
+        Some(CoalescingConfig {
+            max_in_flight: 2,
+            max_batch: 2000
+        })
+    );
+    let off = yaml("state.db") + "batching:\n  enabled: false\n";
+    let c = Config::parse(&off, "t.yaml", dir.path(), &env()).expect("valid");
+    assert_eq!((c.batching.dataverse, c.batching.fno), (None, None));
+
+    // 2,000 suits F&O but not Dataverse: the shared key is named, with Dataverse's limit.
+    let text = yaml("state.db") + "batching:\n  max_batch: 2000\n  fno:\n    max_in_flight: 60\n";
+    let err = Config::parse(&text, "t.yaml", dir.path(), &env()).unwrap_err();
+    let ConfigError::Invalid { problems, .. } = &err else {
+        panic!("expected Invalid, got {err}");
+    };
+    let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert_eq!(shown.len(), 2, "{shown:#?}");
+    assert!(
+        shown[0].starts_with("batching.max_batch: is 2000; Dataverse takes at most 1000"),
+        "{shown:#?}"
+    );
+    assert!(shown[1].starts_with("batching.fno.max_in_flight: is 60; use 1 to 52"));
+
+    let typo = yaml("state.db") + "batching:\n  max_inflight: 2\n";
+    let err = Config::parse(&typo, "t.yaml", dir.path(), &env()).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { .. }));
+    assert!(err.to_string().contains("max_inflight"), "{err}");
 }
 
 #[test]
@@ -242,6 +300,8 @@ fn the_example_serve_config_is_valid() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.maps.len(), 13);
     assert!(config.catch_up.is_some());
+    let batching = config.batching.fno.expect("batching on");
+    assert_eq!((batching.max_in_flight, batching.max_batch), (4, 10));
     // Without the secrets in the environment, each missing one is named.
     let err = Config::parse(
         &text,

@@ -2,6 +2,8 @@
 //! on both sides is held with nothing written, later changes wait behind it, and a person's
 //! resolution makes both sides converge.
 
+use std::time::Duration;
+
 use dualwrite_core::Side;
 use dualwrite_core::ports::JournalStore;
 
@@ -40,6 +42,10 @@ async fn a_manual_conflict_is_held_until_a_person_resolves_it() {
         (dv.len() == 1 && fno.len() == 1).then(|| (dv[0].clone(), fno[0].clone()))
     })
     .await;
+    // A simulator records a delivery once the relay has answered it, a moment after the relay
+    // captured it: wait for that, so the counts below start after the users' own edits.
+    assert!(s.dv.wait_webhooks_idle(Duration::from_secs(5)).await);
+    assert!(s.fno.wait_events_idle(Duration::from_secs(5)).await);
     let before = s.stats().await.engine;
     let (fno_events, dv_hooks) = (s.fno_events("CustomersV3"), s.dv_webhooks("account"));
     assert_eq!(s.replay(&dv_call).await.0, 202);

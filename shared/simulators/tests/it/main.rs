@@ -10,6 +10,8 @@ use dualwrite_simulators::{
 };
 use serde_json::{Value, json};
 
+mod batch;
+
 fn accounts() -> TableDef {
     TableDef {
         entity_set: "accounts".into(),
