@@ -327,22 +327,23 @@ impl Index {
                 last_error,
                 body,
             } => {
-                if !self.messages.contains_key(&seq) {
-                    let message = decode_message(&body)?;
-                    self.messages
-                        .insert(seq, Entry::new(message, segment, frame_bytes));
-                }
-                if let Some(e) = self.messages.get_mut(&seq) {
-                    e.attempt = attempt;
-                    e.state = match state {
-                        CarriedState::Ready => State::Waiting,
-                        CarriedState::Delivered => State::InFlight { until: LONG_AGO },
-                        CarriedState::Delayed { until_ms } => State::Delayed { until: until_ms },
-                    };
-                    e.last_error = last_error.map(str::to_owned);
-                    e.home = segment;
-                    e.record_bytes = frame_bytes;
-                }
+                // The body is decoded only when the message is not known yet (its `Sent` is
+                // in a segment that was deleted after the copy was made).
+                let e = match self.messages.entry(seq) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(Entry::new(decode_message(&body)?, segment, frame_bytes))
+                    }
+                };
+                e.attempt = attempt;
+                e.state = match state {
+                    CarriedState::Ready => State::Waiting,
+                    CarriedState::Delivered => State::InFlight { until: LONG_AGO },
+                    CarriedState::Delayed { until_ms } => State::Delayed { until: until_ms },
+                };
+                e.last_error = last_error.map(str::to_owned);
+                e.home = segment;
+                e.record_bytes = frame_bytes;
             }
         }
         Ok(())

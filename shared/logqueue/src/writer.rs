@@ -284,10 +284,10 @@ fn wait_for_work(shared: &Shared) -> Work {
         if st.failed.is_some() {
             return Work::Stop;
         }
-        let pending = st.index.unwritten() > 0 || st.index.compaction_due();
-        if st.closing && !pending && st.waiters.is_empty() {
+        if st.closing && st.index.unwritten() == 0 && st.waiters.is_empty() {
             return Work::Stop;
         }
+        let pending = st.index.unwritten() > 0 || st.index.compaction_due();
         if !st.waiters.is_empty() || st.index.unwritten() >= FLUSH_BYTES || st.closing {
             break;
         }
@@ -310,6 +310,10 @@ fn wait_for_work(shared: &Shared) -> Work {
         }
         st.writer_waiting = false;
         st.writer_idle = false;
+    }
+    if st.closing {
+        // Closing writes what is pending and stops; compaction can wait for the next run.
+        return Work::Batch(Vec::new());
     }
     Work::Batch(st.index.compaction_candidates(COMPACT_BUDGET))
 }
