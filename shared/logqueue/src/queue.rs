@@ -260,6 +260,15 @@ impl Drop for LogQueue {
     }
 }
 
+/// How long opening waits for the directory's lock before reporting it held.
+///
+/// The lock (`flock`) belongs to the lock file's open file description. While this process
+/// forks a child (any `Command::spawn`), the child shares that description until it `exec`s
+/// and closes it, a few milliseconds: a queue closed and reopened in that instant would find
+/// its own old lock still held. A lock held by another dualwrite process is held for longer
+/// than this.
+const LOCK_PATIENCE: Duration = Duration::from_millis(500);
+
 /// Takes the exclusive lock of `dir`, or says who holds it.
 fn take_lock(dir: &Path) -> Result<File, OpenError> {
     let path = dir.join(LOCK_FILE);
@@ -274,12 +283,20 @@ fn take_lock(dir: &Path) -> Result<File, OpenError> {
         .write(true)
         .open(&path)
         .map_err(|e| io("opening the lock file", e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(OpenError::Locked {
-            dir: dir.to_path_buf(),
-        }),
-        Err(TryLockError::Error(e)) => Err(io("locking the lock file", e)),
+    let give_up = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(OpenError::Locked {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io("locking the lock file", e)),
+        }
     }
 }
 
