@@ -546,13 +546,14 @@ impl Index {
         }
     }
 
-    /// Acks the delivery `seq`.`attempt`: the message is gone and its group moves on.
-    pub(crate) fn ack(&mut self, seq: u64, attempt: u32) -> Result<(), QueueError> {
+    /// Acks the delivery `seq`.`attempt`: the message is gone and its group moves on. Returns
+    /// the message, for the caller to free outside the lock.
+    pub(crate) fn ack(&mut self, seq: u64, attempt: u32) -> Result<Arc<QueueMessage>, QueueError> {
         self.current(seq, attempt)?;
         self.leave_state(seq);
-        self.remove_head(seq);
+        let message = self.remove_head(seq);
         self.append(&Record::Acked { seq });
-        Ok(())
+        message.ok_or_else(|| unknown(seq, attempt))
     }
 
     /// `retry` of delivery `seq`.`attempt`: delayed until `visible_at`, or dead-lettered when
@@ -624,10 +625,8 @@ impl Index {
     }
 
     /// Removes head `seq` (out of every state set already) and lets its group move on.
-    fn remove_head(&mut self, seq: u64) {
-        let Some(entry) = self.messages.remove(&seq) else {
-            return;
-        };
+    fn remove_head(&mut self, seq: u64) -> Option<Arc<QueueMessage>> {
+        let entry = self.messages.remove(&seq)?;
         self.release_home(entry.home, entry.record_bytes);
         match entry.next {
             Some(next) => {
@@ -640,6 +639,7 @@ impl Index {
                 self.groups.remove(&entry.message.group_id);
             }
         }
+        Some(entry.message)
     }
 
     /// Counts by state, as `SqliteQueue::depth` counts them: `ready` is every

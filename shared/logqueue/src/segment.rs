@@ -29,11 +29,16 @@
 //!
 //! # Torn tails
 //!
-//! Only the head segment is ever appended to, and a segment is synced before the next one is
-//! created, so only the newest segment can end in a partly written batch. Opening reads its
-//! frames up to the first bad one (see [`crate::record`]) and truncates the file there: what a
-//! crash tore off had not been answered to anyone as durable. A bad frame in any *older*
-//! segment is damage, not a crash, and opening refuses it ([`OpenError::Damaged`]).
+//! Only the head segment is ever written to, and a segment is cut to its last record and
+//! synced before the next one is created, so only the newest segment can end in a partly
+//! written batch. The newest segment also ends in zeros: the writer fills the file with zeros
+//! ahead of its records (so that a sync writes data into blocks the file already has, without
+//! a journal commit for a new file size; see [`crate::writer`]). Opening reads its frames up to
+//! the first bad one (see [`crate::record`]). If everything from there on is zeros, that is
+//! its clean end and the zeros stay for the next records; otherwise the file is truncated
+//! there: what a crash tore off had not been answered to anyone as durable, and nothing of it
+//! may stay behind to be read as a record later. A bad frame in any *older* segment is
+//! damage, not a crash, and opening refuses it ([`OpenError::Damaged`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -134,8 +139,10 @@ pub(crate) struct ReadSegment {
     pub(crate) data: Vec<u8>,
     /// Offsets `(start, end)` of each good record's payload in `data`.
     pub(crate) payloads: Vec<(usize, usize)>,
-    /// Where the good records end: the length the file has (after any cut).
+    /// Where the good records end: where the next record goes.
     pub(crate) end: u64,
+    /// The file's length (after any cut): beyond `end` it holds zeros written ahead.
+    pub(crate) len: u64,
 }
 
 /// Reads segment `number` of `dir`. For the newest segment (`last`), a bad frame is a torn tail:
@@ -162,17 +169,24 @@ pub(crate) fn read(dir: &Path, number: u64, last: bool) -> Result<ReadSegment, O
             Err(bad) => break Some(bad),
         }
     };
+    let mut len = data.len() as u64;
     if let Some(bad) = bad {
         if !last {
             return Err(damaged(&file_path, at as u64, &bad.to_string()));
         }
-        cut_torn_tail(&file_path, at as u64, data.len() as u64, bad)?;
+        // Only zeros after the last record: the zeros the writer puts ahead of its records
+        // (see `crate::writer`), the clean end of the newest segment, kept for the next ones.
+        if data[at..].iter().any(|&b| b != 0) {
+            cut_torn_tail(&file_path, at as u64, len, bad)?;
+            len = at as u64;
+        }
     }
     Ok(ReadSegment {
         next_seq,
         data,
         payloads,
         end: at as u64,
+        len,
     })
 }
 

@@ -14,9 +14,10 @@
 //!    live items, encodes their bodies *outside* the lock, and appends `Carried` copies;
 //! 3. under the lock, takes the pending bytes and the waiting callers (swapping in an empty
 //!    buffer), decides which segments can go and whether the head rotates;
-//! 4. outside the lock, writes the bytes with one `write`, then `fdatasync`s the head if any
-//!    taken caller waits, anything was carried, a segment is to be deleted or the head rotates;
-//!    creates the next segment when rotating; deletes the dead segments and syncs the directory;
+//! 4. outside the lock, writes the bytes with one `pwrite` (into zeros written ahead, see
+//!    [`PREALLOCATE_BYTES`]), then `fdatasync`s the head if any taken caller waits, anything
+//!    was carried or a segment is to be deleted; when rotating, cuts the zeros, syncs the
+//!    sealed segment and creates the next; deletes the dead segments and syncs the directory;
 //! 5. marks the synced messages deliverable and answers the callers.
 //!
 //! There is no artificial delay: a lone `send` wakes the writer at once and is answered after
@@ -32,7 +33,7 @@
 //! send was answered.
 
 use std::fs::File;
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -171,11 +172,57 @@ pub(crate) async fn synced(answer: SyncAnswer, dir: &Path) -> Result<(), QueueEr
     })
 }
 
-/// The file being appended to.
+/// The head segment grows by zeros in steps of this many bytes (or of the segment size, if
+/// smaller), written ahead of the records: a record is then written into blocks the file
+/// already has, and its `fdatasync` writes data only. Appending instead changes the file's size
+/// at every batch, which costs a journal commit per sync: measured on the development VM
+/// (ext4 on virtio), a sync of one batch took 160–270 µs and 70–150 µs of CPU appending,
+/// 100–120 µs and about 50 µs overwriting zeros.
+pub const PREALLOCATE_BYTES: u64 = 1 << 20;
+
+/// The zeros written ahead, a piece at a time.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// The segment being written to.
 #[derive(Debug)]
 pub(crate) struct Head {
     pub(crate) file: File,
     pub(crate) number: u64,
+    /// Where the next record goes.
+    pub(crate) end: u64,
+    /// The file's length: zeros from `end` to here.
+    pub(crate) len: u64,
+    /// How far ahead zeros are written.
+    pub(crate) step: u64,
+}
+
+impl Head {
+    /// Writes `bytes` at the end of the records, first growing the file by zeros if they do
+    /// not fit.
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let end = self.end + bytes.len() as u64;
+        if end > self.len {
+            let len = end.div_ceil(self.step) * self.step;
+            let mut at = self.len;
+            while at < len {
+                let n = (len - at).min(ZEROS.len() as u64);
+                self.file.write_all_at(&ZEROS[..n as usize], at)?;
+                at += n;
+            }
+            self.len = len;
+        }
+        self.file.write_all_at(bytes, self.end)?;
+        self.end = end;
+        Ok(())
+    }
+
+    /// Cuts the zeros written ahead and syncs everything, size included: the segment is
+    /// sealed (only the newest segment may end in zeros or a torn batch).
+    fn seal(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.end)?;
+        self.len = self.end;
+        self.file.sync_all()
+    }
 }
 
 /// Marks the queue failed and answers every waiting caller if the writer thread ends by
@@ -326,7 +373,7 @@ fn write_batch(
     taken: &Taken,
     must_sync: bool,
 ) -> Result<bool, String> {
-    let file_path = || segment::path(dir, head.number);
+    let head_path = segment::path(dir, head.number);
     let failed = |doing: &str, file: &Path, e: std::io::Error| {
         format!(
             "{}: {doing} {} failed: {e}; the work queue stopped taking work. Restart dualwrite: \
@@ -345,23 +392,28 @@ fn write_batch(
         ));
     }
     if !taken.bytes.is_empty() {
-        head.file
-            .write_all(&taken.bytes)
-            .map_err(|e| failed("appending to", &file_path(), e))?;
+        head.write(&taken.bytes)
+            .map_err(|e| failed("writing to", &head_path, e))?;
     }
     // Deleting a segment forgets its records: the records that made it dead (carried copies,
     // dead letters) must be on disk first. Sealing syncs too, so that only the newest segment
     // can ever have a torn tail.
     let sync = must_sync || taken.rotate_to.is_some() || !taken.delete.is_empty();
-    if sync {
-        head.file
-            .sync_data()
-            .map_err(|e| failed("syncing", &file_path(), e))?;
-    }
     if let Some((number, next_seq)) = taken.rotate_to {
+        head.seal().map_err(|e| failed("sealing", &head_path, e))?;
         let file = segment::create(dir, number, next_seq)
             .map_err(|e| failed("creating", &segment::path(dir, number), e))?;
-        *head = Head { file, number };
+        *head = Head {
+            file,
+            number,
+            end: segment::HEADER_LEN,
+            len: segment::HEADER_LEN,
+            step: head.step,
+        };
+    } else if sync {
+        head.file
+            .sync_data()
+            .map_err(|e| failed("syncing", &head_path, e))?;
     }
     for &number in &taken.delete {
         let file = segment::path(dir, number);

@@ -2,8 +2,7 @@
 //! record is replayed; dead segments are deleted; compaction moves long-lived messages and
 //! dead letters without changing what is delivered.
 
-use std::fs::OpenOptions;
-use std::io::Write;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +36,15 @@ fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().len()
 }
 
+/// Where the records of a segment end: before the zeros the writer puts ahead of them (a
+/// record never ends in a zero byte: its last byte closes the event's JSON).
+fn records_end(segment: &[u8]) -> u64 {
+    segment
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |i| i as u64 + 1)
+}
+
 fn small_segments(clock: &Arc<ManualClock>, max_attempts: u32) -> QueueConfig {
     QueueConfig {
         segment_bytes: 16 << 10,
@@ -55,12 +63,17 @@ async fn a_torn_tail_is_cut_and_every_record_before_it_kept() {
         queue.send(vec![big_message("m2", "B")]).await.unwrap();
     }
     let segment = newest_segment(&path);
-    let two = file_len(&segment);
+    let two = records_end(&std::fs::read(&segment).unwrap());
     {
         let queue = LogQueue::open(&path, config(&clock, 5)).unwrap();
         queue.send(vec![big_message("m3", "C")]).await.unwrap();
     }
-    let three = std::fs::read(&segment).unwrap();
+    let with_zeros = std::fs::read(&segment).unwrap();
+    assert!(
+        with_zeros.len() as u64 >= 1 << 20,
+        "the writer puts zeros ahead of its records"
+    );
+    let three = with_zeros[..records_end(&with_zeros) as usize].to_vec();
     assert!(three.len() as u64 > two + 3000, "m3's record is about 3 KB");
 
     // The batch holding m3 torn at any point: a part of its header, of its payload, or all of
@@ -78,22 +91,40 @@ async fn a_torn_tail_is_cut_and_every_record_before_it_kept() {
         drop(queue);
     }
 
-    // Garbage after whole records: random bytes, zeros (a file extended but never written),
-    // a flipped bit in the last record.
+    // After whole records: the writer's zeros (kept: the clean end), random bytes (cut), a
+    // flipped bit in the last record (cut with it).
     let mut rng = rand::rng();
     let random: Vec<u8> = (0..257).map(|_| rng.random()).collect();
     let mut flipped = three.clone();
     let last = flipped.len() - 10;
     flipped[last] ^= 0x10;
-    for (what, bytes, kept) in [
-        ("random bytes", [three.clone(), random].concat(), 3),
-        ("zeros", [three.clone(), vec![0; 4096]].concat(), 3),
-        ("a flipped bit in m3", flipped, 2),
+    let whole = three.len() as u64;
+    for (what, bytes, kept, len_after) in [
+        (
+            "zeros",
+            [three.clone(), vec![0; 4096]].concat(),
+            3,
+            whole + 4096,
+        ),
+        (
+            "random bytes",
+            [three.clone(), random.clone()].concat(),
+            3,
+            whole,
+        ),
+        (
+            "zeros, then a later part of a torn batch",
+            [three.clone(), vec![0; 512], random].concat(),
+            3,
+            whole,
+        ),
+        ("a flipped bit in m3", flipped, 2, two),
     ] {
         std::fs::write(&segment, &bytes).unwrap();
         let queue = LogQueue::open(&path, config(&clock, 5)).unwrap();
         let pending = message_ids(&queue.pending(10).unwrap());
         assert_eq!(pending.len(), kept, "{what}: {pending:?}");
+        assert_eq!(file_len(&segment), len_after, "{what}");
         drop(queue);
     }
 
@@ -398,10 +429,24 @@ async fn compaction_moves_long_lived_messages_and_dead_letters_and_delivers_them
     assert_eq!(l2[0].attempt, 1);
 }
 
+/// Copies every sealed segment (all but the newest) not copied yet: sealed segments never
+/// change, so the copy is what a later crash could leave of it.
+fn save_sealed(dir: &Path, saved: &mut BTreeMap<String, Vec<u8>>) {
+    let mut files = segment_files(dir);
+    files.pop();
+    for name in files {
+        if !saved.contains_key(&name) {
+            saved.insert(name.clone(), std::fs::read(dir.join(&name)).unwrap());
+        }
+    }
+}
+
 #[tokio::test]
-async fn a_segment_compacted_but_not_yet_deleted_is_read_back_without_duplicates() {
-    // A crash after the carried copies were synced and before the old segment was deleted
-    // leaves both copies: the later one wins, nothing is delivered twice or resurrected.
+async fn segments_deleted_after_compaction_coming_back_change_nothing() {
+    // Segments are deleted oldest first, each deletion synced before the next, after the
+    // carried copies were synced: a crash among the deletions leaves the newest of the
+    // deleted segments in place. For each such crash point, the queue reads back exactly the
+    // state of the compacted log: no duplicate, no resurrected message, no lost one.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("work.queue");
     let clock = Arc::new(ManualClock::new(t0()));
@@ -425,46 +470,62 @@ async fn a_segment_compacted_but_not_yet_deleted_is_read_back_without_duplicates
         .retry(&d[0].receipt, Duration::ZERO, "bad")
         .await
         .unwrap();
-    queue.sync().await.unwrap();
-    let first_segment = segment_files(&path)[0].clone();
-    let saved = std::fs::read(path.join(&first_segment)).unwrap();
+    let mut saved = BTreeMap::new();
     for batch in 0..30 {
         let messages = (0..10)
             .map(|i| big_message(&format!("x{batch}-{i}"), &format!("X{batch}-{i}")))
             .collect();
         queue.send(messages).await.unwrap();
+        save_sealed(&path, &mut saved);
         for delivery in queue.receive(100, VISIBILITY).await.unwrap() {
             queue.ack(&delivery.receipt).await.unwrap();
         }
+        save_sealed(&path, &mut saved);
     }
     for _ in 0..10 {
         queue.sync().await.unwrap();
     }
-    assert!(!segment_files(&path).contains(&first_segment));
+    assert!(queue.stats().carried >= 2, "{:?}", queue.stats());
     drop(queue);
-    // Put the old segment back, as if its deletion had not reached the disk.
-    let mut f = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(path.join(&first_segment))
-        .unwrap();
-    f.write_all(&saved).unwrap();
-    drop(f);
-    let queue = LogQueue::open(&path, small_segments(&clock, 2)).unwrap();
-    assert_eq!(message_ids(&queue.pending(10).unwrap()), ["L"]);
-    assert_eq!(queue.dead_letters(10).await.unwrap().len(), 1);
-    assert_eq!(
-        queue.depth().await.unwrap(),
-        QueueDepth {
-            ready: 0,
-            in_flight: 0,
-            delayed: 1,
-            dead: 1
+    let present = segment_files(&path);
+    let deleted: Vec<&String> = saved.keys().filter(|n| !present.contains(n)).collect();
+    assert!(deleted.len() >= 5, "{deleted:?} {present:?}");
+
+    for crash_point in 0..=deleted.len() {
+        let copy = tempfile::tempdir().unwrap();
+        let to = copy.path().join("copy.queue");
+        std::fs::create_dir(&to).unwrap();
+        for name in &present {
+            std::fs::copy(path.join(name), to.join(name)).unwrap();
         }
-    );
-    // The stale segment homes nothing: it goes with the next batch.
-    queue.sync().await.unwrap();
-    assert!(!segment_files(&path).contains(&first_segment));
+        for name in &deleted[crash_point..] {
+            std::fs::write(to.join(name), &saved[*name]).unwrap();
+        }
+        let queue = LogQueue::open(&to, small_segments(&clock, 2)).unwrap();
+        let context = format!("{} deleted segments back", deleted.len() - crash_point);
+        assert_eq!(message_ids(&queue.pending(10).unwrap()), ["L"], "{context}");
+        let dead = queue.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1, "{context}");
+        assert_eq!(dead[0].message, big_message("D", "dead"), "{context}");
+        assert_eq!(
+            queue.depth().await.unwrap(),
+            QueueDepth {
+                ready: 0,
+                in_flight: 0,
+                delayed: 1,
+                dead: 1
+            },
+            "{context}"
+        );
+        // What came back homes nothing: it goes with the next batch.
+        queue.sync().await.unwrap();
+        for name in &deleted {
+            assert!(!to.join(name).exists(), "{context}: {name} still there");
+        }
+        drop(queue);
+    }
+
+    let queue = LogQueue::open(&path, small_segments(&clock, 2)).unwrap();
     clock.advance(HOUR);
     let l = queue.receive(10, VISIBILITY).await.unwrap();
     assert_eq!(ids(&l), ["L"]);
