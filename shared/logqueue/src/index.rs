@@ -649,7 +649,7 @@ impl Index {
         let in_flight = self.in_flight.range(after_now..).count() as u64;
         let delayed = self.delayed.range(after_now..).count() as u64;
         QueueDepth {
-            ready: self.messages.len() as u64 - in_flight - delayed,
+            ready: (self.messages.len() as u64).saturating_sub(in_flight + delayed),
             in_flight,
             delayed,
             dead: self.dead.len() as u64,
@@ -1028,6 +1028,33 @@ mod tests {
             .collect();
         assert_eq!(ids, ["a2", "b1"], "b1's delay is over");
         assert_eq!((d[0].attempt, d[1].attempt), (1, 2));
+    }
+
+    #[test]
+    fn a_dead_segment_is_deleted_only_after_every_older_one() {
+        // Segment 1 holds the ack of b1, sent in segment 0; segment 0 still holds a1, live.
+        // Deleting 1 first would bring b1 back, unacked, at the next open.
+        let mut index = Index::new(5, 1);
+        index.finish_replay(&[(0, HEADER_LEN)], 1);
+        let a = send(&mut index, "a1", "A");
+        let b = send(&mut index, "b1", "B");
+        index.synced(u64::MAX);
+        index.receive(0, 100, 10).unwrap();
+        assert_eq!(index.take(Vec::new()).rotate_to.map(|r| r.0), Some(1));
+        let c = send(&mut index, "c1", "C");
+        index.ack(b, 1).unwrap();
+        assert_eq!(index.take(Vec::new()).rotate_to.map(|r| r.0), Some(2));
+        index.synced(u64::MAX);
+        index.receive(0, 100, 10).unwrap();
+        index.ack(c, 1).unwrap();
+        let taken = index.take(Vec::new());
+        assert!(
+            taken.delete.is_empty(),
+            "segment 1 is dead, segment 0 is not"
+        );
+        index.ack(a, 1).unwrap();
+        let taken = index.take(Vec::new());
+        assert_eq!(taken.delete, [0, 1, 2]);
     }
 
     #[test]

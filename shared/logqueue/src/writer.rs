@@ -238,10 +238,7 @@ impl Drop for PanicGuard<'_> {
                  dualwrite to reopen the queue from its files",
                 self.0.dir.display()
             );
-            st.failed.get_or_insert(why.clone());
-            for waiter in st.waiters.drain(..) {
-                let _ = waiter.send(Err(QueueError::Unavailable(why.clone())));
-            }
+            stop(&mut st, why);
         }
     }
 }
@@ -298,13 +295,9 @@ pub(crate) fn run(shared: &Shared, mut head: Head) {
                 }
                 Err(why) => {
                     tracing::error!(dir = %shared.dir.display(), error = %why, "work queue stopped");
-                    st.failed = Some(why.clone());
-                    let why = QueueError::Unavailable(why.clone());
                     // Callers that came after the failed batch are answered too.
-                    for waiter in st.waiters.drain(..) {
-                        let _ = waiter.send(Err(QueueError::Unavailable(why.to_string())));
-                    }
-                    Err(why)
+                    stop(&mut st, why.clone());
+                    Err(QueueError::Unavailable(why.clone()))
                 }
             }
         };
@@ -323,11 +316,32 @@ pub(crate) fn run(shared: &Shared, mut head: Head) {
     }
 }
 
+/// Stops the queue: `why` goes to every waiting caller and every later one.
+fn stop(st: &mut State, why: String) {
+    for waiter in st.waiters.drain(..) {
+        let _ = waiter.send(Err(QueueError::Unavailable(why.clone())));
+    }
+    st.failed.get_or_insert(why);
+}
+
 /// Sleeps until there is a batch to write (see the module docs).
 fn wait_for_work(shared: &Shared) -> Work {
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     let mut deadline: Option<Instant> = None;
     loop {
+        if shared.state.is_poisoned() {
+            // A caller panicked while changing the index: it may be half-changed, and must
+            // not be written out.
+            stop(
+                &mut st,
+                format!(
+                    "{}: the work queue stopped after an internal error (a panic while its \
+                     index was being changed); restart dualwrite to reopen it from its files",
+                    shared.dir.display()
+                ),
+            );
+            return Work::Stop;
+        }
         if st.failed.is_some() {
             return Work::Stop;
         }

@@ -531,3 +531,46 @@ async fn segments_deleted_after_compaction_coming_back_change_nothing() {
     assert_eq!(ids(&l), ["L"]);
     assert_eq!(l[0].attempt, 2);
 }
+
+#[tokio::test]
+async fn a_failed_write_stops_the_queue_and_reopening_keeps_every_answered_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("work.queue");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let queue = LogQueue::open(&path, small_segments(&clock, 5)).unwrap();
+    // Creating segment 1 will fail: a directory stands where its temporary file goes.
+    let blocker = path.join("00000000000000000001.seg.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut answered = Vec::new();
+    let mut failure = None;
+    for i in 0..20 {
+        let id = format!("m{i}");
+        match queue.send(vec![big_message(&id, &format!("G{i}"))]).await {
+            Ok(()) => answered.push(id),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("the rotation failed").to_string();
+    assert!(failure.contains("00000000000000000001.seg"), "{failure}");
+    assert!(failure.contains("Restart dualwrite"), "{failure}");
+    // Stopped for good: every later call says so.
+    let later = queue.send(vec![message("late", "L")]).await.unwrap_err();
+    assert!(later.to_string().contains("failed"), "{later}");
+    assert!(queue.receive(10, VISIBILITY).await.is_err());
+    drop(queue);
+
+    std::fs::remove_dir(&blocker).unwrap();
+    let queue = LogQueue::open(&path, small_segments(&clock, 5)).unwrap();
+    let pending = message_ids(&queue.pending(100).unwrap());
+    for id in &answered {
+        assert!(
+            pending.contains(id),
+            "{id} was answered Ok and is gone: {pending:?}"
+        );
+    }
+    assert!(!pending.contains(&"late".to_owned()));
+    queue.send(vec![message("after", "A")]).await.unwrap();
+}
