@@ -27,28 +27,35 @@
 //! One writer thread appends the records of all callers and syncs (`fdatasync`) once per
 //! batch; every caller of `send` and `retry` is answered after the sync that covers its
 //! records (group commit, no artificial delay: see [`writer`]). Records nobody waits for
-//! (`Delivered`, `Acked`) go out with the next batch, or within [`writer::FLUSH_INTERVAL`].
-//! A message is *delivered* only once its `Sent` record is synced, so nothing a crash could
-//! un-send is ever handed to a worker. The head segment is also synced before it is sealed,
-//! and before any segment is deleted.
+//! (`Delivered`, `Acked`, a `DeadLettered` of an expired delivery) go out with the next batch,
+//! or within [`writer::FLUSH_INTERVAL`]. A message is *delivered* only once its `Sent` record
+//! is synced, so nothing a crash could un-send is ever handed to a worker. The head segment is
+//! also synced before it is sealed, and before any segment is deleted. The writer fills the
+//! head with zeros ahead of its records ([`writer::PREALLOCATE_BYTES`] at a time), so that a
+//! batch's sync writes data into blocks the file already has, without a journal commit for a
+//! new file size.
 //!
 //! What a crash can cost:
 //! - killing the process loses nothing that was written: the OS has it. Only what was still in
 //!   the in-memory buffer is lost: unanswered sends (their senders got no 2xx and send
 //!   again), and the last deliveries and acks;
-//! - a power loss can also lose written but unsynced `Delivered` and `Acked` records. A lost
-//!   `Delivered` makes the attempt count approximate (short by the lost deliveries, like SQS's
+//! - a power loss can also lose written but unsynced records. A lost `Delivered` makes the
+//!   attempt count approximate (short by the lost deliveries, like SQS's
 //!   `ApproximateReceiveCount`); a lost `Acked` makes the message be delivered again, which
-//!   the engine's idempotency records make harmless (the event is answered `AlreadyDone`).
+//!   the engine's idempotency records make harmless (the event is answered `AlreadyDone`); a
+//!   lost `DeadLettered` of an expired last delivery leaves the message in flight, so it is
+//!   dead-lettered again by the first `receive` after the restart.
 //!
 //! Every answered `send` and `retry` survives both.
 //!
 //! # Recovery
 //!
 //! Opening takes the directory's lock, reads the segments oldest first and replays their
-//! records into the index ([`index`]); the newest segment's tail is cut at its first bad frame
-//! (a torn batch: incomplete, bad length or bad checksum), keeping every record before it. A
-//! bad frame in an older segment is damage, not a crash, and opening fails naming the file.
+//! records into the index ([`index`]). The newest segment ends at its first bad frame: zeros
+//! from there on are the writer's zeros written ahead and stay; anything else is a torn batch
+//! (incomplete, bad length or bad checksum) and is cut off the file, keeping every record
+//! before it. A bad frame in an older segment is damage, not a crash, and opening fails
+//! naming the file.
 //! Messages that were in flight when the previous run ended count as deliveries whose
 //! visibility expired: deliverable at once (their workers died with that run), or
 //! dead-lettered if that was their last attempt. Delays set by `retry` are kept. Receipts of
@@ -65,6 +72,15 @@
 //! message keeps its seq, attempt count, delay and place in its group), syncs, and deletes
 //! the segment. Copying happens [`writer::COMPACT_BUDGET`] bytes per batch, bodies encoded
 //! outside the lock. Disk use stays within about twice the live data plus a few segments.
+//!
+//! # Cost
+//!
+//! `examples/throughput.rs` (64 concurrent senders, 8 consumers, events of 3 KB of JSON, both
+//! queues synced as in production) measured on the 2-core development VM, CPU per message of
+//! the whole process: `send` about 11 µs, of which encoding the event's JSON is 5.5 µs and the
+//! writer thread 3–4 µs (mostly the kernel's share of `pwrite` and `fdatasync`, one per batch
+//! of about 30); `receive` + `ack` about 5 µs (2 µs of it copying the event out). `SqliteQueue`
+//! on the same run: about 30 µs per send and 73 µs per receive + ack, mostly in its writer.
 //!
 //! # Memory
 //!

@@ -23,12 +23,12 @@
 //!
 //! | kind | record | fields |
 //! |---|---|---|
-//! | 1 | [`Record::Sent`] | seq u64, body |
-//! | 2 | [`Record::Delivered`] | seq u64, attempt u32 |
-//! | 3 | [`Record::Acked`] | seq u64 |
-//! | 4 | [`Record::Retried`] | seq u64, attempt u32, visible_at_ms i64, error str |
-//! | 5 | [`Record::DeadLettered`] | seq u64, death u64, attempts u32, error str, body |
-//! | 6 | [`Record::Carried`] | seq u64, attempt u32, state u8 (+ until_ms i64 when delayed), last_error (u8 0/1 + str), body |
+//! | 1 | `Sent` | seq u64, body |
+//! | 2 | `Delivered` | seq u64, attempt u32 |
+//! | 3 | `Acked` | seq u64 |
+//! | 4 | `Retried` | seq u64, attempt u32, visible_at_ms i64, error str |
+//! | 5 | `DeadLettered` | seq u64, death u64, attempts u32, error str, body |
+//! | 6 | `Carried` | seq u64, attempt u32, state u8 (+ until_ms i64 when delayed), last_error (u8 0/1 + str), body |
 //!
 //! Kinds are never renumbered and fields never reordered; a new need gets a new kind. A
 //! payload that passed its checksum but cannot be decoded was written by a newer version (or
@@ -37,11 +37,11 @@
 use std::fmt;
 
 /// Bytes before a record's payload: its length and its checksum.
-pub(crate) const FRAME_HEADER: usize = 8;
+pub const FRAME_HEADER: usize = 8;
 
 /// The largest payload a frame may carry. Far above any real change event (receivers cap
 /// webhook bodies well below it); a length above it can only be a torn or garbled header.
-pub(crate) const MAX_PAYLOAD: usize = 256 << 20;
+pub const MAX_PAYLOAD: usize = 256 << 20;
 
 const SENT: u8 = 1;
 const DELIVERED: u8 = 2;

@@ -48,12 +48,12 @@ use crate::error::OpenError;
 use crate::record::{self, BadFrame};
 
 /// Bytes of a segment's header.
-pub(crate) const HEADER_LEN: u64 = 32;
+pub const HEADER_LEN: u64 = 32;
 
 const MAGIC: &[u8; 8] = b"DWLQSEG\0";
 
 /// The segment format this build writes and reads.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 1;
 
 /// The lock file's name inside the queue directory.
 pub(crate) const LOCK_FILE: &str = "LOCK";
