@@ -6,7 +6,9 @@
 //! - sends/s: 64 concurrent tasks, each sending 200 one-message batches of about 3 KB;
 //! - receive+ack/s: 8 concurrent tasks draining those 12,800 messages (receive up to 10, ack
 //!   each);
-//! - mixed/s: 64 senders and 8 consumers at the same time, 6,400 messages.
+//! - mixed/s: 64 senders and 8 consumers at the same time, 6,400 messages;
+//! - lone sender: one task sending 500 messages one after the other (each send waits for its
+//!   own sync: the latency of an accepted webhook at low load, with no batching to share it).
 //!
 //! Messages are built before each phase starts. For each phase it reports the CPU time the
 //! whole process spent per message, and how it splits by thread (`logq-writer`,
@@ -29,6 +31,7 @@ const SENDERS: usize = 64;
 const SENDS_EACH: usize = 200;
 const CONSUMERS: usize = 8;
 const MIXED_EACH: usize = 100;
+const LONE_SENDS: usize = 500;
 const VISIBILITY: Duration = Duration::from_secs(600);
 
 fn t0() -> DateTime<Utc> {
@@ -196,6 +199,19 @@ async fn run(name: &str, queue: Arc<dyn WorkQueue>, stats: &dyn Fn() -> String) 
     })
     .await;
     print("mixed", &mixed);
+    let lone: Vec<QueueMessage> = (0..LONE_SENDS)
+        .map(|i| message(format!("l{i}"), format!("lone{}", i % 4)))
+        .collect();
+    let lone = measure(LONE_SENDS, async {
+        for m in lone {
+            queue.send(vec![m]).await.expect("send");
+        }
+    })
+    .await;
+    print("lone sender", &lone);
+    println!("  {:<13} {:>9.0} µs per send", "", 1e6 / lone.rate);
+    // The lone sender's messages are left in the queue; drained here, unmeasured.
+    consume(queue.clone(), LONE_SENDS).await;
     println!("  {}", stats());
 }
 
