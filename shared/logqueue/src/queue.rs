@@ -118,48 +118,11 @@ impl LogQueue {
     /// Messages that were in flight when the previous run ended are deliverable at once.
     pub fn open(dir: impl AsRef<Path>, config: QueueConfig) -> Result<Self, OpenError> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|source| OpenError::Io {
-            path: dir.clone(),
-            doing: "creating the queue directory",
-            source,
-        })?;
+        create_dir(&dir)?;
         let lock = take_lock(&dir)?;
         let mut index = Index::new(config.max_attempts.max(1), config.segment_bytes.max(1));
-        let mut numbers = segment::list(&dir)?;
-        if numbers.is_empty() {
-            drop(segment::create(&dir, 0, 1).map_err(|source| OpenError::Io {
-                path: segment::path(&dir, 0),
-                doing: "creating the first segment",
-                source,
-            })?);
-            numbers.push(0);
-        }
-        let mut lengths = Vec::with_capacity(numbers.len());
-        let mut header_next_seq = 1;
-        let mut head_end = (segment::HEADER_LEN, segment::HEADER_LEN);
-        for (i, &number) in numbers.iter().enumerate() {
-            let last = i + 1 == numbers.len();
-            let read = segment::read(&dir, number, last)?;
-            for &(start, end) in &read.payloads {
-                let decoded = record::decode(&read.data[start..end]).and_then(|r| {
-                    let frame = (end - start + record::FRAME_HEADER) as u64;
-                    index.replay(r, number, frame)
-                });
-                if let Err(e) = decoded {
-                    return Err(segment::damaged(
-                        &segment::path(&dir, number),
-                        (start - record::FRAME_HEADER) as u64,
-                        &format!("a record that passed its checksum but cannot be read ({e})"),
-                    ));
-                }
-            }
-            lengths.push((number, read.end));
-            header_next_seq = read.next_seq;
-            head_end = (read.end, read.len);
-        }
-        index.finish_replay(&lengths, header_next_seq);
-        let head_number = *numbers.last().unwrap_or(&0);
-        let head_path = segment::path(&dir, head_number);
+        let head = replay(&dir, &mut index)?;
+        let head_path = segment::path(&dir, head.number);
         let file = OpenOptions::new()
             .write(true)
             .open(&head_path)
@@ -186,9 +149,9 @@ impl LogQueue {
                     &thread_shared,
                     Head {
                         file,
-                        number: head_number,
-                        end: head_end.0,
-                        len: head_end.1,
+                        number: head.number,
+                        end: head.end,
+                        len: head.len,
                         step: config
                             .segment_bytes
                             .clamp(4 << 10, writer::PREALLOCATE_BYTES),
@@ -266,6 +229,79 @@ impl Drop for LogQueue {
             let _ = writer.join();
         }
     }
+}
+
+/// Creates the queue directory if needed, and makes its entry in the parent durable: a
+/// power loss right after the first accepted send must not lose the directory itself.
+fn create_dir(dir: &Path) -> Result<(), OpenError> {
+    let io = |path: &Path, doing, source| OpenError::Io {
+        path: path.to_path_buf(),
+        doing,
+        source,
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, "creating the queue directory", e))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    segment::sync_dir(parent).map_err(|e| io(parent, "syncing the directory holding", e))
+}
+
+/// Where the newest segment's records end, as replay found it.
+struct HeadAt {
+    number: u64,
+    end: u64,
+    len: u64,
+}
+
+/// Replays every segment of `dir` into `index`, oldest first (creating the first segment of a
+/// new queue); returns the newest segment, where writing goes on.
+fn replay(dir: &Path, index: &mut Index) -> Result<HeadAt, OpenError> {
+    let mut numbers = segment::list(dir)?;
+    if numbers.is_empty() {
+        drop(segment::create(dir, 0, 1).map_err(|source| OpenError::Io {
+            path: segment::path(dir, 0),
+            doing: "creating the first segment",
+            source,
+        })?);
+        numbers.push(0);
+    }
+    let mut lengths = Vec::with_capacity(numbers.len());
+    let mut header_next_seq = 1;
+    let mut head = HeadAt {
+        number: 0,
+        end: segment::HEADER_LEN,
+        len: segment::HEADER_LEN,
+    };
+    for (i, &number) in numbers.iter().enumerate() {
+        let last = i + 1 == numbers.len();
+        let read = segment::read(dir, number, last)?;
+        for &(start, end) in &read.payloads {
+            let decoded = record::decode(&read.data[start..end]).and_then(|r| {
+                let frame = (end - start + record::FRAME_HEADER) as u64;
+                index.replay(r, number, frame)
+            });
+            if let Err(e) = decoded {
+                return Err(segment::damaged(
+                    &segment::path(dir, number),
+                    (start - record::FRAME_HEADER) as u64,
+                    &format!("a record that passed its checksum but cannot be read ({e})"),
+                ));
+            }
+        }
+        lengths.push((number, read.end));
+        header_next_seq = read.next_seq;
+        head = HeadAt {
+            number,
+            end: read.end,
+            len: read.len,
+        };
+    }
+    index.finish_replay(&lengths, header_next_seq);
+    Ok(head)
 }
 
 /// How long opening waits for the directory's lock before reporting it held.
