@@ -220,8 +220,7 @@ impl GroupCommitter {
         };
         let mut committer = Self::start(conn).map_err(thread_err)?;
         committer.checkpointer = Some(
-            Checkpointer::start(checkpoint_conn, committer.counters.clone())
-                .map_err(thread_err)?,
+            Checkpointer::start(checkpoint_conn, committer.counters.clone()).map_err(thread_err)?,
         );
         Ok(committer)
     }
@@ -367,12 +366,12 @@ impl Connections {
         };
         let writer = match path {
             Some(p) => GroupCommitter::start_on_file(write_conn, p, &location)?,
-            None => GroupCommitter::start(write_conn).map_err(|source| {
-                OpenError::WriterThread {
+            None => {
+                GroupCommitter::start(write_conn).map_err(|source| OpenError::WriterThread {
                     path: location.clone().into(),
                     source,
-                }
-            })?,
+                })?
+            }
         };
         Ok(Connections {
             writer: Arc::new(writer),
