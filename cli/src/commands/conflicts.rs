@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
 use dualwrite_core::Side;
 use dualwrite_core::ports::JournalStore;
-use dualwrite_runtime::{Config, Parts};
+use dualwrite_runtime::{Config, Parts, StartError, open_queue};
 use dualwrite_sqlite::SqliteStore;
 
 #[derive(Debug, Subcommand)]
@@ -94,14 +94,24 @@ pub fn run(db: &Path, command: ConflictsCommand) -> Result<ExitCode> {
             let parts = Parts::build(&config)?;
             let released = rt.block_on(async {
                 parts.engine.resolve_conflict(&id, keep).await?;
-                // Changes parked behind the conflict go back to the queue for `serve`.
-                anyhow::Ok(parts.engine.sweep_parked(parts.queue.as_ref()).await?)
+                // Changes parked behind the conflict go back to the queue. While `serve` runs it
+                // holds the queue, and its own sweep releases them (within 30 s).
+                match open_queue(&config, &parts.store).await {
+                    Ok(queue) => anyhow::Ok(Some(parts.engine.sweep_parked(queue.as_ref()).await?)),
+                    Err(StartError::QueueUnavailable { .. }) => anyhow::Ok(None),
+                    Err(e) => Err(e.into()),
+                }
             })?;
-            println!(
-                "conflict {id} resolved: {keep} kept and written to {}; {} parked change(s) re-queued",
-                keep.other(),
-                released
-            );
+            match released {
+                Some(n) => println!(
+                    "conflict {id} resolved: {keep} kept and written to {}; {n} parked change(s) re-queued",
+                    keep.other()
+                ),
+                None => println!(
+                    "conflict {id} resolved: {keep} kept and written to {}; the running `dualwrite serve` holds the queue and re-queues the parked changes at its next sweep (within 30 s)",
+                    keep.other()
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use dualwrite_core::ports::{JournalStore, WorkQueue};
-use dualwrite_sqlite::{QueueConfig, SqliteQueue, SqliteStore};
+use dualwrite_logqueue::LogQueue;
+use dualwrite_runtime::queue_dir;
+use dualwrite_sqlite::{SqliteQueue, SqliteStore};
 use serde_json::json;
 
 #[derive(Debug, Args)]
@@ -27,18 +29,40 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
         );
     }
     let store = SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))?;
-    let queue = SqliteQueue::open(db, QueueConfig::default())
-        .with_context(|| format!("opening the queue in {}", db.display()))?;
+    // Dead letters of versions before the log queue stay in the database's own table.
+    let earlier = SqliteQueue::open(db, dualwrite_sqlite::QueueConfig::default())
+        .with_context(|| format!("opening the queue table in {}", db.display()))?;
+    let dir = queue_dir(db);
+    // The queue belongs to one process: while `serve` runs, its /status tells.
+    let (queue, held) = if dir.is_dir() {
+        match LogQueue::open(&dir, dualwrite_logqueue::QueueConfig::default()) {
+            Ok(q) => (Some(q), false),
+            Err(dualwrite_logqueue::OpenError::Locked { .. }) => (None, true),
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening the queue {}", dir.display()));
+            }
+        }
+    } else {
+        (None, false)
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let counts = store.counts()?;
         let states = store.map_states().await?;
-        let depth = queue.depth().await?;
+        let mut depth = earlier.depth().await?;
+        let mut dead = earlier.dead_letters(args.recent).await?;
+        if let Some(q) = &queue {
+            let d = q.depth().await?;
+            depth.ready += d.ready;
+            depth.in_flight += d.in_flight;
+            depth.delayed += d.delayed;
+            depth.dead += d.dead;
+            dead.extend(q.dead_letters(args.recent).await?);
+        }
         let conflicts = store.conflicts(false, args.recent).await?;
         let errors = store.errors(args.recent).await?;
-        let dead = queue.dead_letters(args.recent).await?;
         let mut per_map = std::collections::BTreeMap::<String, usize>::new();
         for link in store.links(None)? {
             *per_map.entry(link.map.into()).or_default() += 1;
@@ -53,7 +77,7 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
                 "conflicts": counts.conflicts,
                 "errors": counts.errors,
                 "parked": counts.parked,
-                "queue": {"ready": depth.ready, "in_flight": depth.in_flight, "delayed": depth.delayed, "dead": depth.dead},
+                "queue": {"dir": dir.display().to_string(), "held_by_another_process": held, "ready": depth.ready, "in_flight": depth.in_flight, "delayed": depth.delayed, "dead": depth.dead},
                 "maps": states,
                 "recent_conflicts": conflicts,
                 "recent_errors": errors,
@@ -69,10 +93,18 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
             "links: {}   events done: {}   parked: {}   conflicts: {} ({} open)   errors: {}",
             counts.links, counts.completed_events, counts.parked, counts.conflicts, counts.open_conflicts, counts.errors
         );
-        println!(
-            "queue: {} ready, {} in flight, {} delayed, {} dead-lettered",
-            depth.ready, depth.in_flight, depth.delayed, depth.dead
-        );
+        if held {
+            println!(
+                "queue: {} is held by a running dualwrite process (`dualwrite serve`: GET /status on its listen address shows the queue){}",
+                dir.display(),
+                if depth.dead > 0 { format!("; {} earlier dead letters", depth.dead) } else { String::new() }
+            );
+        } else {
+            println!(
+                "queue: {} ready, {} in flight, {} delayed, {} dead-lettered",
+                depth.ready, depth.in_flight, depth.delayed, depth.dead
+            );
+        }
         if !per_map.is_empty() {
             println!("\nlinks per map:");
             for (map, n) in &per_map {

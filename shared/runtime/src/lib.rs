@@ -21,4 +21,5 @@ pub use local::{LocalSecrets, LocalStack, LocalStackError, LocalStackOptions};
 pub use runtime::{
     BatchingCounts, BatchingStats, CoalescedCounts, Completion, DATAVERSE_API_PATH, DatabaseCounts,
     Parts, QueueCounts, ReceiverCounts, Runtime, RuntimeHandle, RuntimeStats, StartError,
+    open_queue, queue_dir,
 };

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,8 +23,9 @@ use dualwrite_core::ports::{
     Connector, DeadLetter, Delivery, QueueDepth, QueueError, QueueMessage, RetryOutcome, WorkQueue,
 };
 use dualwrite_engine::{Engine, StatsSnapshot, SystemClock, WorkerConfig, handle_delivery};
+use dualwrite_logqueue::LogQueue;
 use dualwrite_receivers::{Coverage, EventScreen, ReceiverConfig};
-use dualwrite_sqlite::{QueueConfig, SqliteQueue, SqliteStore};
+use dualwrite_sqlite::{SqliteQueue, SqliteStore};
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -44,6 +46,14 @@ pub enum StartError {
     Database {
         /// The file.
         path: String,
+        /// What failed.
+        message: String,
+    },
+    /// The work queue could not be opened.
+    #[error("cannot open the work queue {dir}: {message}")]
+    QueueUnavailable {
+        /// The queue directory.
+        dir: String,
         /// What failed.
         message: String,
     },
@@ -215,7 +225,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// - completion notices: the event of every acked delivery is reported to the subscribers of
 ///   [`RuntimeHandle::completions`] (bookkeeping only while someone subscribes).
 pub(crate) struct WorkerQueue {
-    inner: Arc<SqliteQueue>,
+    inner: Arc<LogQueue>,
     wake: Notify,
     /// Receipt of each delivery in hand → its event (only while observed).
     receipts: Mutex<HashMap<String, (String, Side)>>,
@@ -233,7 +243,7 @@ impl std::fmt::Debug for WorkerQueue {
 }
 
 impl WorkerQueue {
-    fn new(inner: Arc<SqliteQueue>, workers: usize) -> Self {
+    fn new(inner: Arc<LogQueue>, workers: usize) -> Self {
         WorkerQueue {
             inner,
             wake: Notify::new(),
@@ -465,7 +475,7 @@ impl EventScreen for EngineScreen {
 /// Shared parts of a running pipeline.
 pub(crate) struct Shared {
     pub engine: Arc<Engine>,
-    pub queue: Arc<SqliteQueue>,
+    pub queue: Arc<LogQueue>,
     /// The queue the workers receive from and the receivers send to (wake-ups, completions).
     pub work: Arc<WorkerQueue>,
     pub store: Arc<SqliteStore>,
@@ -547,13 +557,13 @@ impl Runtime {
         }
         let Parts {
             store,
-            queue,
             crm,
             erp,
             engine,
-            work,
             batching,
         } = Parts::build(&config)?;
+        let queue = open_queue(&config, &store).await?;
+        let work = Arc::new(WorkerQueue::new(queue.clone(), config.worker.concurrency));
         let receiver = Arc::new(ReceiverConfig::new(
             config.dataverse_auth.clone(),
             config.fno_auth.clone(),
@@ -649,7 +659,7 @@ impl RuntimeHandle {
     }
 
     /// The work queue.
-    pub fn queue(&self) -> &Arc<SqliteQueue> {
+    pub fn queue(&self) -> &Arc<LogQueue> {
         &self.shared.queue
     }
 
@@ -711,11 +721,11 @@ fn token_provider(
         })
 }
 
-/// The store, queue, connectors and engine of a configuration: what `serve` runs, and what a
-/// one-off command (resolving a conflict) needs without the server.
+/// The store, connectors and engine of a configuration: what `serve` runs around its queue
+/// ([`open_queue`]), and what a one-off command (resolving a conflict) needs while `serve` may
+/// hold the queue.
 pub struct Parts {
     pub store: Arc<SqliteStore>,
-    pub queue: Arc<SqliteQueue>,
     /// Dataverse, behind [`Coalescing`] unless `batching` turns it off for Dataverse.
     pub crm: Arc<dyn Connector>,
     /// F&O, behind [`Coalescing`] unless `batching` turns it off for F&O.
@@ -723,7 +733,6 @@ pub struct Parts {
     pub engine: Arc<Engine>,
     /// The counters of the coalescing wrappers.
     pub batching: BatchingStats,
-    work: Arc<WorkerQueue>,
 }
 
 impl std::fmt::Debug for Parts {
@@ -735,7 +744,7 @@ impl std::fmt::Debug for Parts {
 }
 
 impl Parts {
-    /// Opens the store and queue of `config.db` and builds the connectors and the engine.
+    /// Opens the store of `config.db` and builds the connectors and the engine.
     ///
     /// # Errors
     /// [`StartError`] naming what could not be set up.
@@ -745,16 +754,6 @@ impl Parts {
             message: e.to_string(),
         };
         let store = Arc::new(SqliteStore::open(&config.db).map_err(|e| db_err(&e))?);
-        let queue = Arc::new(
-            SqliteQueue::open_beside(
-                &store,
-                QueueConfig {
-                    max_attempts: config.worker.max_attempts,
-                    ..QueueConfig::default()
-                },
-            )
-            .map_err(|e| db_err(&e))?,
-        );
         let (crm, dataverse_batching) =
             coalesced(build_dataverse(config)?, config.batching.dataverse);
         let (erp, fno_batching) = coalesced(build_fno(config)?, config.batching.fno);
@@ -767,7 +766,6 @@ impl Parts {
             idle_poll: IDLE_FALLBACK_POLL,
             ..WorkerConfig::default()
         };
-        let work = Arc::new(WorkerQueue::new(queue.clone(), config.worker.concurrency));
         let engine = Arc::new(Engine::new(
             store.clone(),
             crm.clone(),
@@ -778,13 +776,98 @@ impl Parts {
         ));
         Ok(Parts {
             store,
-            queue,
             crm,
             erp,
             engine,
             batching,
-            work,
         })
+    }
+}
+
+/// The work queue's directory for the database file `db`: `dualwrite.db` → `dualwrite.queue`.
+pub fn queue_dir(db: &Path) -> PathBuf {
+    db.with_extension("queue")
+}
+
+/// Opens the work queue of `config` ([`queue_dir`] of its database; one process at a time), and
+/// moves into it the messages an earlier version left in the database's own queue table, so
+/// nothing accepted before an upgrade is lost.
+///
+/// # Errors
+/// [`StartError::QueueUnavailable`] when the directory is held by another process or cannot be
+/// opened; [`StartError::Database`] when the earlier messages cannot be moved (they stay where
+/// they were).
+pub async fn open_queue(config: &Config, store: &SqliteStore) -> Result<Arc<LogQueue>, StartError> {
+    open_queue_of(&config.db, config.worker.max_attempts, store).await
+}
+
+/// [`open_queue`] for the database file `db`.
+async fn open_queue_of(
+    db: &Path,
+    max_attempts: u32,
+    store: &SqliteStore,
+) -> Result<Arc<LogQueue>, StartError> {
+    let dir = queue_dir(db);
+    let queue = LogQueue::open(
+        &dir,
+        dualwrite_logqueue::QueueConfig {
+            max_attempts,
+            ..dualwrite_logqueue::QueueConfig::default()
+        },
+    )
+    .map_err(|e| StartError::QueueUnavailable {
+        dir: dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let moved = move_earlier_messages(store, &queue)
+        .await
+        .map_err(|e| StartError::Database {
+            path: db.display().to_string(),
+            message: format!("moving the queued messages of an earlier version: {e}"),
+        })?;
+    if moved > 0 {
+        info!(moved, dir = %dir.display(), "messages queued by an earlier version moved to the work queue");
+    }
+    Ok(Arc::new(queue))
+}
+
+/// Moves every message of the database's queue table (where versions before the log queue
+/// kept them) to `queue`, each group in its order: received (whatever its delay or visibility:
+/// the process that held them is gone), sent durably to `queue`, then acked in the table. A
+/// crash in between leaves a message in both, delivered twice, which idempotency makes
+/// harmless; never in neither. Dead letters stay in the table (`dualwrite status` lists them).
+async fn move_earlier_messages(store: &SqliteStore, queue: &LogQueue) -> Result<usize, String> {
+    if !store.has_queued_messages().map_err(|e| e.to_string())? {
+        return Ok(0);
+    }
+    // A clock a year ahead makes delayed and in-flight messages deliverable now; a retry count
+    // high enough that none is dead-lettered on the way.
+    let ahead: Arc<dyn dualwrite_core::ports::Clock> = Arc::new(
+        dualwrite_engine::ManualClock::new(chrono::Utc::now() + chrono::TimeDelta::days(365)),
+    );
+    let table = SqliteQueue::open_beside(
+        store,
+        dualwrite_sqlite::QueueConfig {
+            max_attempts: u32::MAX,
+            clock: ahead,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut moved = 0;
+    loop {
+        let deliveries = table
+            .receive(1_000, Duration::from_secs(3_600))
+            .await
+            .map_err(|e| e.to_string())?;
+        if deliveries.is_empty() {
+            return Ok(moved);
+        }
+        let messages = deliveries.iter().map(|d| d.message.clone()).collect();
+        queue.send(messages).await.map_err(|e| e.to_string())?;
+        for d in &deliveries {
+            table.ack(&d.receipt).await.map_err(|e| e.to_string())?;
+        }
+        moved += deliveries.len();
     }
 }
 
@@ -834,4 +917,84 @@ fn build_fno(config: &Config) -> Result<FnoConnector, StartError> {
         url: env.url.clone(),
         message: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use dualwrite_core::ports::{QueueMessage, WorkQueue};
+    use dualwrite_core::{ChangeEvent, Operation, Record, Side};
+
+    use super::*;
+
+    fn message(event_id: &str, record_id: &str) -> QueueMessage {
+        let mut record = Record::new("accounts");
+        record.id = Some(record_id.into());
+        QueueMessage::for_event(ChangeEvent {
+            event_id: event_id.into(),
+            source: Side::Crm,
+            operation: Operation::Upsert,
+            record,
+            partial: false,
+            received_at: chrono::Utc::now(),
+            correlation_id: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn messages_an_earlier_version_queued_in_the_database_move_to_the_queue_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("dualwrite.db");
+        let store = SqliteStore::open(&db).unwrap();
+        {
+            let table =
+                SqliteQueue::open_beside(&store, dualwrite_sqlite::QueueConfig::default()).unwrap();
+            table
+                .send(vec![
+                    message("e1", "a"),
+                    message("e2", "b"),
+                    message("e3", "a"),
+                ])
+                .await
+                .unwrap();
+            // One of them in flight, one delayed by a retry: all move.
+            let d = table.receive(1, Duration::from_secs(600)).await.unwrap();
+            table
+                .retry(&d[0].receipt, Duration::from_secs(600), "boom")
+                .await
+                .unwrap();
+            table.receive(1, Duration::from_secs(600)).await.unwrap();
+        }
+        assert!(store.has_queued_messages().unwrap());
+
+        let queue = open_queue_of(&db, 5, &store).await.unwrap();
+        let ids: Vec<String> = queue
+            .pending(10)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.event.event_id)
+            .collect();
+        assert_eq!(ids.len(), 3, "{ids:?}");
+        let pos = |id: &str| ids.iter().position(|i| i == id).unwrap();
+        assert!(pos("e1") < pos("e3"), "group a keeps its order: {ids:?}");
+        assert!(!store.has_queued_messages().unwrap(), "nothing left behind");
+        assert_eq!(queue.dir(), queue_dir(&db));
+        drop(queue);
+
+        // Opening again moves nothing twice.
+        let queue = open_queue_of(&db, 5, &store).await.unwrap();
+        assert_eq!(queue.pending(10).unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_queue_held_by_another_process_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("dualwrite.db");
+        let store = SqliteStore::open(&db).unwrap();
+        let _held = open_queue_of(&db, 5, &store).await.unwrap();
+        let err = open_queue_of(&db, 5, &store).await.unwrap_err();
+        assert!(
+            matches!(&err, StartError::QueueUnavailable { message, .. } if message.contains("in use")),
+            "{err}"
+        );
+    }
 }

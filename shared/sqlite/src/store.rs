@@ -209,6 +209,14 @@ impl SqliteStore {
         })
     }
 
+    /// True when the file's queue table holds messages (a [`crate::SqliteQueue`] on this file,
+    /// or an earlier version's queue): a read, for moving them elsewhere at start-up.
+    pub fn has_queued_messages(&self) -> Result<bool, StoreError> {
+        let conn = self.connections.read();
+        conn.query_row("SELECT EXISTS (SELECT 1 FROM queue)", [], |r| r.get(0))
+            .map_err(|e| self.file.unavailable("looking for queued messages", e))
+    }
+
     /// True when `event_id` was processed to completion ([`StoreOp::CompleteEvent`]).
     pub fn event_done(&self, event_id: &str) -> Result<bool, StoreError> {
         let conn = self.connections.read();
