@@ -346,10 +346,11 @@ pub(crate) struct Connections {
     /// The group committer owning the write connection; shared by a store and a queue opened
     /// together on one file ([`Connections::beside`]), so the file has one writer.
     pub(crate) writer: Arc<GroupCommitter>,
-    /// The connection reads use. For a file it is a second connection (WAL lets it read while
-    /// the writer commits, and it sees every commit that returned); for an in-memory database it
-    /// is the writer's own connection, as a second one would open another, empty database.
-    pub(crate) reader: Arc<Mutex<Connection>>,
+    /// The connections reads use. For a file, [`READERS`] connections of their own (WAL lets
+    /// them read while the writer commits, and they see every commit that returned), so that
+    /// concurrent reads do not queue behind one lock; for an in-memory database the writer's
+    /// own connection, as a second one would open another, empty database.
+    pub(crate) readers: Vec<Arc<Mutex<Connection>>>,
     /// The file, `None` in memory.
     path: Option<std::path::PathBuf>,
 }
@@ -360,9 +361,9 @@ impl Connections {
     pub(crate) fn open(path: Option<&Path>) -> Result<Self, OpenError> {
         let location = path.map_or_else(|| ":memory:".to_owned(), |p| p.display().to_string());
         let write_conn = Arc::new(Mutex::new(schema::open_connection(path)?));
-        let reader = match path {
-            Some(p) => read_connection(p)?,
-            None => write_conn.clone(),
+        let readers = match path {
+            Some(p) => read_connections(p)?,
+            None => vec![write_conn.clone()],
         };
         let writer = match path {
             Some(p) => GroupCommitter::start_on_file(write_conn, p, &location)?,
@@ -375,7 +376,7 @@ impl Connections {
         };
         Ok(Connections {
             writer: Arc::new(writer),
-            reader,
+            readers,
             path: path.map(Path::to_path_buf),
         })
     }
@@ -385,33 +386,56 @@ impl Connections {
     /// threads on one file would take turns at SQLite's write lock, each waiting in the busy
     /// handler; one writer batches both adapters' writes into the same transactions.
     pub(crate) fn beside(&self) -> Result<Self, OpenError> {
-        let reader = match &self.path {
-            Some(p) => read_connection(p)?,
-            None => self.reader.clone(),
+        let readers = match &self.path {
+            Some(p) => read_connections(p)?,
+            None => self.readers.clone(),
         };
         Ok(Connections {
             writer: self.writer.clone(),
-            reader,
+            readers,
             path: self.path.clone(),
         })
     }
 
-    /// The read connection, locked.
+    /// A read connection, locked: the first free one, else (all busy) one picked by the
+    /// calling thread.
     pub(crate) fn read(&self) -> MutexGuard<'_, Connection> {
-        lock(&self.reader)
+        for reader in &self.readers {
+            if let Ok(conn) = reader.try_lock() {
+                return conn;
+            }
+        }
+        let pick = thread_number() % self.readers.len();
+        lock(&self.readers[pick])
     }
 }
 
-/// A read connection to the file at `path`.
-fn read_connection(path: &Path) -> Result<Arc<Mutex<Connection>>, OpenError> {
-    let conn = schema::open_connection(Some(path))?;
-    // Reads only: a write here would bypass the group committer.
-    conn.pragma_update(None, "query_only", true)
-        .map_err(|source| OpenError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    Ok(Arc::new(Mutex::new(conn)))
+/// Read connections per database file.
+const READERS: usize = 4;
+
+/// A small number that differs between threads (for spreading waits over the readers).
+fn thread_number() -> usize {
+    use std::hash::{BuildHasher, RandomState};
+    thread_local! {
+        static NUMBER: usize = RandomState::new().hash_one(std::thread::current().id()) as usize;
+    }
+    NUMBER.with(|n| *n)
+}
+
+/// The read connections to the file at `path`.
+fn read_connections(path: &Path) -> Result<Vec<Arc<Mutex<Connection>>>, OpenError> {
+    (0..READERS)
+        .map(|_| {
+            let conn = schema::open_connection(Some(path))?;
+            // Reads only: a write here would bypass the group committer.
+            conn.pragma_update(None, "query_only", true)
+                .map_err(|source| OpenError::Sqlite {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            Ok(Arc::new(Mutex::new(conn)))
+        })
+        .collect()
 }
 
 /// Locks a connection. A panic while holding the lock cannot leave a transaction half-applied
@@ -540,12 +564,14 @@ mod tests {
             )
             .unwrap();
         let writer = GroupCommitter::start(Arc::new(Mutex::new(write_conn))).unwrap();
-        let reader = Arc::new(Mutex::new(schema::open_connection(Some(&path)).unwrap()));
+        let readers = vec![Arc::new(Mutex::new(
+            schema::open_connection(Some(&path)).unwrap(),
+        ))];
         (
             dir,
             Connections {
                 writer: Arc::new(writer),
-                reader,
+                readers,
                 path: Some(path),
             },
         )

@@ -13,7 +13,9 @@ use reqwest::Method;
 use tracing::info;
 
 use super::FnoConfig;
-use super::wire::{MODIFIED_FIELD, filter_text, parse_key, record_body, record_from_row};
+use super::wire::{
+    MODIFIED_FIELD, filter_text, parse_key, record_body, record_from_row, written_of_body,
+};
 use crate::batch::{
     BatchPart, BatchRequest, batch_outcomes, build_changeset_batch, collect_results, for_call,
     parse_batch_response, send_parts,
@@ -110,10 +112,11 @@ impl FnoConnector {
             outcome.etag = answer.header("ETag").map(str::to_string);
             return Ok(None);
         }
-        let written = self.to_record(entity, &answer.body)?;
+        let written = written_of_body(self.schema(entity), &answer.body)
+            .map_err(|e| self.client.bad_answer(entity, e))?;
         outcome.etag = written.etag;
         outcome.version = written.version;
-        Ok(written.id.map(Into::into))
+        Ok(written.id)
     }
 
     /// The GET of one record, across companies.

@@ -465,3 +465,33 @@ fn only_no_yes_literals_of_enum_fields_take_the_enum_form() {
          Microsoft.Dynamics.DataEntities.NoYes'Yes'"
     );
 }
+
+#[test]
+fn a_write_answer_gives_what_the_full_row_would() {
+    let schemas = schemas();
+    let schema = schemas.get("CustomersV3");
+    let bodies = [
+        r#"{"@odata.etag":"W/\"JzEsNTYzNzE0NTMyOyc=\"","dataAreaId":"usmf","CustomerAccount":"US-0'1","CreditLimit":1500.50,"ModifiedDateTime":"2026-12-04T10:31:13.349Z","OrganizationName":"Contoso"}"#,
+        // No version field, a name with an escape (read the long way), a key field missing.
+        r#"{"@odata.etag":"W/\"1\"","dataAreaId":"USMF","Name\u0041":"x"}"#,
+    ];
+    for body in bodies {
+        let full = wire::record_from_row(
+            "CustomersV3",
+            schema,
+            &crate::odata::parse_object(body).unwrap(),
+        )
+        .unwrap();
+        let written = wire::written_of_body(schema, body).unwrap();
+        assert_eq!(written.etag, full.etag, "{body}");
+        assert_eq!(written.version, full.version, "{body}");
+        assert_eq!(written.id.as_deref(), full.id.as_deref(), "{body}");
+    }
+    let first = wire::written_of_body(schema, bodies[0]).unwrap();
+    assert_eq!(
+        first.id.as_deref(),
+        Some("dataAreaId='usmf',CustomerAccount='US-0''1'")
+    );
+    assert!(first.version.is_some());
+    assert!(wire::written_of_body(schema, "[1]").is_err());
+}

@@ -10,6 +10,7 @@ use crate::odata::{
     DateStyle, RawObject, json_string, object_text, raw_str, value_from_json, value_to_json,
 };
 use crate::schema::EntitySchema;
+use serde_json::value::RawValue;
 
 /// The company field of every company-specific data entity.
 pub const DATA_AREA_ID: &str = "dataAreaId";
@@ -165,19 +166,80 @@ pub fn record_from_row(
             sequence: 0,
         });
     }
+    // Collected, then sorted once: inserting 50-odd fields one by one into the sorted fields
+    // moves the tail of the vector each time.
+    let mut fields = Vec::with_capacity(row.len());
     for (name, raw) in row {
         if name.contains('@') || name == DATA_AREA_ID {
             continue;
         }
         let ty = schema.and_then(|s| s.type_of(name));
         let value = value_from_json(raw, ty).map_err(|e| format!("field {name}: {e}"))?;
-        record.fields.insert(name.as_str(), value);
+        fields.push((name.as_str(), value));
     }
+    record.fields = fields.into_iter().collect();
     record.id = schema
         .and_then(|s| key_of_row(s, &record))
         .map(|k| k.to_string())
         .map(Into::into);
     Ok(record)
+}
+
+/// What a write's answer tells of the written row: its ETag, version and rendered key (id).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Written {
+    /// `@odata.etag`.
+    pub etag: Option<String>,
+    /// From `ModifiedDateTime`, when the entity has it.
+    pub version: Option<SourceVersion>,
+    /// The rendered key, when the schema names the key and the row holds it.
+    pub id: Option<String>,
+}
+
+/// Reads [`Written`] from the row a POST or PATCH answered with, converting only the ETag,
+/// `ModifiedDateTime`, `dataAreaId` and the key fields (the row's other fields are what was
+/// just written): the same values as [`record_from_row`] gives them.
+pub fn written_of_body(schema: Option<&EntitySchema>, body: &str) -> Result<Written, String> {
+    // Names and values borrowed from the body; a name with an escape (none in OData payloads)
+    // cannot be borrowed, and such a row is read the long way.
+    let Ok(row) = serde_json::from_str::<std::collections::HashMap<&str, &RawValue>>(body) else {
+        let record = record_from_row("", schema, &crate::odata::parse_object(body)?)?;
+        return Ok(Written {
+            etag: record.etag,
+            version: record.version,
+            id: record.id.map(Into::into),
+        });
+    };
+    let mut written = Written {
+        etag: row.get("@odata.etag").and_then(|r| raw_str(r)),
+        ..Written::default()
+    };
+    if let Some(modified) = row.get(MODIFIED_FIELD).and_then(|r| raw_str(r)) {
+        let at = DateTime::parse_from_rfc3339(&modified).map_err(|e| {
+            format!("field ModifiedDateTime: {modified:?} is not an ISO 8601 date-time: {e}")
+        })?;
+        written.version = Some(SourceVersion {
+            modified_on: at.with_timezone(&Utc),
+            sequence: 0,
+        });
+    }
+    let Some(schema) = schema else {
+        return Ok(written);
+    };
+    let mut key = Record::new("");
+    key.company = row
+        .get(DATA_AREA_ID)
+        .and_then(|r| raw_str(r))
+        .map(Into::into);
+    for field in &schema.key {
+        if let Some(raw) = row.get(field.as_str()) {
+            let value = value_from_json(raw, schema.type_of(field))
+                .map_err(|e| format!("field {field}: {e}"))?;
+            key.fields.insert(field.as_str(), value);
+        }
+    }
+    written.id = key_of_row(schema, &key).map(|k| k.to_string());
+    Ok(written)
 }
 
 /// The JSON body of a POST or PATCH: the record's fields (dates as `…T00:00:00Z`, enums as
