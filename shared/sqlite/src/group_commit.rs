@@ -455,20 +455,22 @@ fn run_writer(
     while let Ok(first) = receiver.recv() {
         let mut bytes = first.bytes();
         let mut batch = vec![first];
-        // Under load (the previous batch started less than MIN_BATCH_INTERVAL ago), wait for
-        // the interval to pass and take every write that arrives meanwhile.
-        let due = last_start.map(|t| t + MIN_BATCH_INTERVAL);
+        // Under load (the previous batch started less than MIN_BATCH_INTERVAL ago), sleep until
+        // the interval has passed, then take every write that arrived meanwhile. Sleeping
+        // rather than waiting on the channel spares each sender a wake-up of this thread.
+        if let Some(due) = last_start.map(|t| t + MIN_BATCH_INTERVAL) {
+            let wait = due.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+        }
         while batch.len() < MAX_BATCH_WRITES && bytes < MAX_BATCH_BYTES {
-            let next = match due.map(|d| d.saturating_duration_since(Instant::now())) {
-                Some(wait) if !wait.is_zero() => receiver.recv_timeout(wait).ok(),
-                _ => receiver.try_recv().ok(),
-            };
-            match next {
-                Some(write) => {
+            match receiver.try_recv() {
+                Ok(write) => {
                     bytes = bytes.saturating_add(write.bytes());
                     batch.push(write);
                 }
-                None => break,
+                Err(_) => break,
             }
         }
         last_start = Some(Instant::now());
