@@ -2,4 +2,5 @@
 //! JSON object the command prints. Figures are recorded in docs/PERFORMANCE.md.
 
 pub mod engine;
+mod http1;
 pub mod live;

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::HeaderMap;
 use dualwrite_core::Side;
+
+use crate::http1;
 use dualwrite_runtime::demo::demo_maps;
 use dualwrite_runtime::{
     BatchingSettings, LocalStack, LocalStackError, LocalStackOptions, RuntimeHandle, RuntimeStats,
@@ -681,16 +683,15 @@ async fn drive(
     captured: &[Captured],
     options: &LiveOptions,
 ) -> Result<Drive, LiveError> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.concurrency)
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|e| LiveError::Http(format!("cannot build the HTTP client: {e}")))?;
-    let url = Arc::new(format!(
-        "http://{}/webhooks/dataverse?code={}",
-        stage.rt.addr(),
-        stage.dv_secret
-    ));
+    // Every request prepared once: the load generator's own cost per webhook stays small.
+    let path = format!("/webhooks/dataverse?code={}", stage.dv_secret);
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
+        captured
+            .iter()
+            .map(|c| http1::post_request(stage.rt.addr(), &path, &c.headers, &c.body))
+            .collect(),
+    );
+    let client = Arc::new(http1::Pool::new(stage.rt.addr()));
     let index_of: Arc<HashMap<String, usize>> = Arc::new(
         captured
             .iter()
@@ -726,23 +727,24 @@ async fn drive(
 
     let retries = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
-    let captured: Arc<Vec<Captured>> = Arc::new(captured.to_vec());
     let began = Instant::now();
     let starts: Vec<Option<Instant>> = match options.rate {
         None => {
             let next = Arc::new(AtomicUsize::new(0));
             let tasks: Vec<_> = (0..options.concurrency.min(total))
                 .map(|_| {
-                    let (client, url, captured) = (client.clone(), url.clone(), captured.clone());
+                    let (client, requests) = (client.clone(), requests.clone());
                     let (next, retries, failures) =
                         (next.clone(), retries.clone(), failures.clone());
                     tokio::spawn(async move {
                         let mut mine = Vec::new();
                         loop {
                             let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(c) = captured.get(i) else { break };
+                            let Some(request) = requests.get(i) else {
+                                break;
+                            };
                             let at = Instant::now();
-                            post(&client, &url, c, &retries, &failures).await;
+                            post(&client, request, &retries, &failures).await;
                             mine.push((i, at));
                         }
                         mine
@@ -768,10 +770,10 @@ async fn drive(
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
-                let (client, url, captured) = (client.clone(), url.clone(), captured.clone());
+                let (client, requests) = (client.clone(), requests.clone());
                 let (retries, failures) = (retries.clone(), failures.clone());
                 tasks.push(tokio::spawn(async move {
-                    post(&client, &url, &captured[i], &retries, &failures).await;
+                    post(&client, &requests[i], &retries, &failures).await;
                     drop(permit);
                 }));
             }
@@ -804,28 +806,13 @@ async fn drive(
     })
 }
 
-/// POSTs one webhook; retries on 5xx or a failed connection (as Dataverse does).
-async fn post(
-    client: &reqwest::Client,
-    url: &str,
-    c: &Captured,
-    retries: &AtomicU64,
-    failures: &AtomicU64,
-) {
+/// POSTs one webhook (its prepared `request`); retries on 5xx or a failed connection (as
+/// Dataverse does).
+async fn post(client: &http1::Pool, request: &[u8], retries: &AtomicU64, failures: &AtomicU64) {
     for attempt in 1..=POST_ATTEMPTS {
-        let mut req = client
-            .post(url)
-            .header("content-type", "application/json")
-            .body(c.body.clone());
-        for (k, v) in &c.headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        match req.send().await {
-            Ok(resp) if resp.status().is_success() => {
-                let _ = resp.bytes().await;
-                return;
-            }
-            Ok(resp) if resp.status().is_client_error() => break,
+        match client.exchange(request).await {
+            Ok(status) if (200..300).contains(&status) => return,
+            Ok(status) if (400..500).contains(&status) => break,
             _ if attempt < POST_ATTEMPTS => {
                 retries.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(50)).await;
