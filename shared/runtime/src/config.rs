@@ -29,7 +29,8 @@ pub const DEFAULT_FNO_SECRET_HEADER: &str = "x-dualwrite-secret";
 pub struct RawConfig {
     /// Address the webhook endpoints listen on, e.g. `127.0.0.1:8080`.
     pub listen: String,
-    /// The SQLite file holding the state store and the work queue (created when missing).
+    /// The SQLite file holding the state store (created when missing); the work queue lives
+    /// beside it, in the directory of the same name ending in `.queue`.
     pub db: String,
     /// Which table maps to load and which of them to run.
     pub maps: RawMaps,
