@@ -2,7 +2,7 @@
 
 use crate::json::Json;
 use chrono::{DateTime, Utc};
-use dualwrite_core::{Fields, Operation, Record, Side, SourceVersion, Value};
+use dualwrite_core::{Fields, Operation, Record, Side, SmolStr, SourceVersion, Value};
 
 use crate::config::{Coverage, CrmCoverage};
 use crate::context::{
@@ -78,21 +78,23 @@ pub fn parse_dataverse(
             sources.push((target_path, target));
             sources.extend(images(&ctx, "PostEntityImages")?);
         }
-        // Collected first and sorted once (a later source wins), rather than inserted one by
+        // Collected first and sorted once (a later entry wins), rather than inserted one by
         // one into the sorted fields.
         let mut raw = Vec::new();
+        if operation == Operation::Upsert && coverage.complete_post_images() && sources.len() > 1 {
+            // The post image is registered with all columns: a column it lacks is null. The
+            // nulls go first, so any value sent for the column wins.
+            raw.extend(
+                cov.needed
+                    .iter()
+                    .filter(|name| Some(*name) != cov.company_field.as_ref())
+                    .map(|name| (SmolStr::from(name.as_str()), Value::Null)),
+            );
+        }
         for (path, entity) in &sources {
             raw.extend(entity_attributes(entity, path, coverage)?);
         }
         let mut fields: Fields = raw.into_iter().collect();
-        if operation == Operation::Upsert && coverage.complete_post_images() && sources.len() > 1 {
-            // The post image is registered with all columns: a column it lacks is null.
-            for name in &cov.needed {
-                if Some(name) != cov.company_field.as_ref() && !fields.contains_key(name.as_str()) {
-                    fields.insert(name.as_str(), Value::Null);
-                }
-            }
-        }
         let typed = conform_to_declared_types(&mut fields, &cov.types);
         let company = company_of(cov, &sources)?;
         record.company = company.code().map(Into::into);
