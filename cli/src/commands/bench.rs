@@ -28,8 +28,8 @@ pub enum BenchCommand {
         /// Most POSTs in flight at once (keep-alive connections).
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
-        /// Worker tasks of the runtime.
-        #[arg(long, default_value_t = 32)]
+        /// Events the runtime processes at once (`worker.concurrency`).
+        #[arg(long, default_value_t = 128)]
         workers: usize,
         /// Seconds to wait for every event to complete.
         #[arg(long, default_value_t = 120)]

@@ -78,7 +78,7 @@ impl Default for LiveOptions {
             events: 20_000,
             rate: None,
             concurrency: 64,
-            workers: 32,
+            workers: 128,
             timeout: Duration::from_secs(120),
             batching: BatchingSettings::default(),
         }

@@ -122,7 +122,10 @@ pub struct RawWebhookSecret {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWorker {
-    /// Worker tasks processing the queue in parallel (1 to 64). Default 2.
+    /// Events processed at once (1 to 1,024). Default 32. Each waits mostly on the systems'
+    /// answers; the calls to each system are bounded separately (`batching.max_in_flight`,
+    /// concurrent calls sharing `$batch` requests), so this can exceed their service-protection
+    /// concurrency limits (52).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Seconds a delivery stays invisible to other workers while being processed. Default 60.
@@ -144,7 +147,7 @@ impl Default for RawWorker {
 }
 
 fn default_concurrency() -> usize {
-    2
+    32
 }
 fn default_visibility() -> u64 {
     60
@@ -486,10 +489,13 @@ impl RawConfig {
                  move it to webhooks.dataverse",
             );
         }
-        if !(1..=64).contains(&self.worker.concurrency) {
+        if !(1..=1_024).contains(&self.worker.concurrency) {
             p.push(
                 "worker.concurrency",
-                format!("is {}; use 1 to 64 worker tasks", self.worker.concurrency),
+                format!(
+                    "is {}; use 1 to 1024 events at once",
+                    self.worker.concurrency
+                ),
             );
         }
         if self.worker.visibility_timeout == 0 {
