@@ -214,6 +214,14 @@ impl Coverage {
         entry
             .field_names
             .insert("modifieddatetime".into(), "ModifiedDateTime".into());
+        // The modification time is the event's version: read it as a date-time whatever form
+        // it comes in (ISO 8601 text or a WCF date), so the version is the row's own, the one
+        // the write's answer gave, and the echo of that write is a duplicate of it rather than
+        // a change with a newer version.
+        entry
+            .types
+            .entry("ModifiedDateTime".into())
+            .or_insert(ValueType::DateTime);
         for key in &map.erp.key {
             entry
                 .field_names

@@ -797,7 +797,18 @@ fn virtual_name(set: &str) -> String {
 
 /// The data event of `c`: a RemoteExecutionContext for the virtual entity `mserp_<entity>`,
 /// written straight to JSON. Null date-times are dropped from the Target and the PreImage,
-/// every other field is sent as stored, and the virtual entity's id attribute comes last.
+/// date-times are WCF dates (`/Date(ms)/`, as a RemoteExecutionContext serialises them: see the
+/// vendor fixture), every other field is sent as stored, and the virtual entity's id attribute
+/// comes last.
+/// A date-time field's stored ISO 8601 text as the WCF date a data event carries, `None` for
+/// any other field or value.
+fn wcf_of_datetime(names: &EventNames, field: &str, value: &Value) -> Option<String> {
+    if !names.datetimes.iter().any(|d| d == field) {
+        return None;
+    }
+    crate::odata::parse_datetime(value.as_str()?).map(wcf_date)
+}
+
 fn data_event(
     c: &Change,
     correlation_id: &str,
@@ -814,7 +825,10 @@ fn data_event(
                 json::raw(out, r#"{"key":"#);
                 virtual_attribute(out, k);
                 json::raw(out, r#","value":"#);
-                json::any(out, v);
+                match wcf_of_datetime(names, k, v) {
+                    Some(wcf) => json::string(out, &wcf),
+                    None => json::any(out, v),
+                }
                 json::raw(out, "},");
             }
             json::raw(out, &names.id_attribute);
@@ -1230,7 +1244,11 @@ mod tests {
                 .data
                 .iter()
                 .filter(|(k, v)| !(v.is_null() && c.names.datetimes.contains(k)))
-                .map(|(k, v)| json!({"key": format!("mserp_{}", k.to_lowercase()), "value": v}))
+                .map(|(k, v)| {
+                    let value =
+                        wcf_of_datetime(&c.names, k, v).map_or_else(|| v.clone(), Value::String);
+                    json!({"key": format!("mserp_{}", k.to_lowercase()), "value": value})
+                })
                 .collect();
             v.push(json!({"key": format!("{logical}id"), "value": row.guid}));
             v

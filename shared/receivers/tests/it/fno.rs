@@ -294,3 +294,30 @@ fn fno_endpoint_tells_the_two_kinds_apart() {
         PayloadError::UnknownFnoPayload
     );
 }
+
+#[test]
+fn data_event_version_is_the_rows_modification_time_in_either_date_form() {
+    // WCF date (as the vendor sends it) or ISO 8601 text: the version is the row's own
+    // ModifiedDateTime, never the later OperationCreatedOn, so the echo of a write carries the
+    // version that write's answer gave.
+    let iso = edited(FNO_DATA_EVENT, |v| {
+        for a in v["InputParameters"][0]["value"]["Attributes"]
+            .as_array_mut()
+            .unwrap()
+        {
+            if a["key"] == "mserp_modifieddatetime" {
+                a["value"] = json!("2024-05-01T13:00:00.250Z");
+            }
+        }
+    });
+    let ev = event_of(parse_data_event(&fno(&iso), &coverage(), now()).unwrap()).event;
+    assert_eq!(
+        ev.record.version.map(|v| v.modified_on),
+        Some(Utc.timestamp_millis_opt(1_714_568_400_250).unwrap())
+    );
+    let wcf = event_of(parse_data_event(&fno(FNO_DATA_EVENT), &coverage(), now()).unwrap()).event;
+    assert_eq!(
+        wcf.record.version.map(|v| v.modified_on),
+        Some(Utc.timestamp_millis_opt(1_714_568_400_000).unwrap())
+    );
+}

@@ -974,4 +974,21 @@ async fn fno_batch_and_events() {
     );
     assert!(calls.len() >= 4, "a 500 is retried");
     assert!(sim.failed_event_deliveries().is_empty());
+    // Date-times travel as WCF dates, as in the vendor's data event (a RemoteExecutionContext),
+    // and carry the row's own modification time.
+    let row = sim.rows("CustomersV3").pop().unwrap();
+    let stored = chrono::DateTime::parse_from_rfc3339(row["ModifiedDateTime"].as_str().unwrap())
+        .unwrap()
+        .timestamp_millis();
+    let updated = data_events
+        .iter()
+        .rfind(|b| b["MessageName"] == "OnExternalUpdated")
+        .unwrap();
+    let modified = updated["InputParameters"][0]["value"]["Attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["key"] == "mserp_modifieddatetime")
+        .map(|a| a["value"].clone());
+    assert_eq!(modified, Some(json!(format!("/Date({stored})/"))));
 }
