@@ -173,3 +173,56 @@ fn conflicts_list_shows_open_conflicts_with_both_versions() {
         stdout(&out)
     );
 }
+
+#[test]
+fn status_counts_the_queue_and_says_when_a_running_process_holds_it() {
+    use dualwrite_core::ports::{QueueMessage, WorkQueue};
+    use dualwrite_core::{ChangeEvent, Operation, Record, Side};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    drop(dualwrite_sqlite::SqliteStore::open(&db).unwrap());
+    let queue_dir = dir.path().join("state.queue");
+    let open_queue = || {
+        dualwrite_logqueue::LogQueue::open(&queue_dir, dualwrite_logqueue::QueueConfig::default())
+            .unwrap()
+    };
+    let message = |id: &str| {
+        let mut record = Record::new("accounts");
+        record.id = Some(id.into());
+        QueueMessage::for_event(ChangeEvent {
+            event_id: id.into(),
+            source: Side::Crm,
+            operation: Operation::Upsert,
+            record,
+            partial: false,
+            received_at: chrono::Utc::now(),
+            correlation_id: None,
+        })
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let queue = open_queue();
+    rt.block_on(queue.send(vec![message("a"), message("b")]))
+        .unwrap();
+    drop(queue);
+
+    let db_arg = db.display().to_string();
+    let out = dualwrite(&["--db", &db_arg, "status", "--json"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["queue"]["ready"], 2, "{status}");
+    assert_eq!(status["queue"]["held_by_another_process"], false);
+
+    // While a process (here: this test, standing in for `dualwrite serve`) holds the queue.
+    let _held = open_queue();
+    let out = dualwrite(&["--db", &db_arg, "status"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout(&out).contains("held by a running dualwrite process"),
+        "{}",
+        stdout(&out)
+    );
+}
