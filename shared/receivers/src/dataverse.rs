@@ -30,7 +30,8 @@ const DATAVERSE_MESSAGES: Messages = Messages {
 ///   complete (`partial: false`) only when it carries every column the maps read from the table
 ///   and the owning company (by code, or by id for the worker to resolve through the company's
 ///   link); otherwise the worker reads the record. When the steps' post images are registered
-///   with all columns ([`Coverage::with_complete_post_images`]), a column an event with a post
+///   with all columns ([`Coverage::with_complete_post_images`]), an event with a post image
+///   takes its values from the image alone (the Target's are a subset of them) and a column the
 ///   image lacks is null (Dataverse leaves null columns out of images). Values are
 ///   converted to the types the maps declare, as the connector types what it reads; an event
 ///   with a value that does not convert is partial too.
@@ -60,6 +61,9 @@ pub fn parse_dataverse(
     } else {
         let (target_path, target) = target(&ctx)?;
         let mut sources: Vec<(String, &Obj)> = Vec::new();
+        // With post images registered with all columns, an image holds every column of the
+        // row as written (null ones left out): the Target's values, a subset, are not needed.
+        let mut complete_image = false;
         if operation == Operation::Delete {
             if !is_reference(target) {
                 return Err(PayloadError::WrongType {
@@ -75,13 +79,17 @@ pub fn parse_dataverse(
                     expected: "an Entity with Attributes (the Target of a Create/Update)",
                 });
             }
-            sources.push((target_path, target));
-            sources.extend(images(&ctx, "PostEntityImages")?);
+            let post_images = images(&ctx, "PostEntityImages")?;
+            complete_image = coverage.complete_post_images() && !post_images.is_empty();
+            if !complete_image {
+                sources.push((target_path, target));
+            }
+            sources.extend(post_images);
         }
         // Collected first and sorted once (a later entry wins), rather than inserted one by
         // one into the sorted fields.
         let mut raw = Vec::new();
-        if operation == Operation::Upsert && coverage.complete_post_images() && sources.len() > 1 {
+        if complete_image {
             // The post image is registered with all columns: a column it lacks is null. The
             // nulls go first, so any value sent for the column wins.
             raw.extend(
