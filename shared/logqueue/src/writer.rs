@@ -17,7 +17,8 @@
 //! 4. outside the lock, writes the bytes with one `pwrite` (into zeros written ahead, see
 //!    [`PREALLOCATE_BYTES`]), then `fdatasync`s the head if any taken caller waits, anything
 //!    was carried or a segment is to be deleted; when rotating, cuts the zeros, syncs the
-//!    sealed segment and creates the next; deletes the dead segments and syncs the directory;
+//!    sealed segment and creates the next; retires the dead segments (renamed, each
+//!    followed by a sync of the directory; their files are removed by another thread);
 //! 5. marks the synced messages deliverable and answers the callers.
 //!
 //! There is no artificial delay: a lone `send` wakes the writer at once and is answered after
@@ -431,7 +432,7 @@ fn write_batch(
     }
     for &number in &taken.delete {
         let file = segment::path(dir, number);
-        std::fs::remove_file(&file).map_err(|e| failed("deleting", &file, e))?;
+        segment::retire(dir, number).map_err(|e| failed("retiring", &file, e))?;
         // Oldest first, each removal durable before the next: a segment must never come back
         // after a newer one holding the acks of its messages is gone.
         segment::sync_dir(dir).map_err(|e| failed("syncing the directory of", &file, e))?;

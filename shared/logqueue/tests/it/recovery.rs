@@ -574,3 +574,22 @@ async fn a_failed_write_stops_the_queue_and_reopening_keeps_every_answered_send(
     assert!(!pending.contains(&"late".to_owned()));
     queue.send(vec![message("after", "A")]).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_segment_retired_but_not_yet_removed_at_a_crash_is_removed_on_open() {
+    // Dead segments are renamed out of the queue at once and removed by a thread of their
+    // own (freeing a big file's blocks must not hold the sends up); a crash in between leaves
+    // a retired file, which is not a segment and goes on the next open.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("work.queue");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let queue = LogQueue::open(&path, small_segments(&clock, 5)).unwrap();
+    queue.send(vec![message("m1", "G1")]).await.unwrap();
+    drop(queue);
+    let retired = path.join("00000000000000000007.seg.retired");
+    std::fs::write(&retired, b"whatever was in the dead segment").unwrap();
+
+    let queue = LogQueue::open(&path, small_segments(&clock, 5)).unwrap();
+    assert!(!retired.exists(), "the retired file is removed on open");
+    assert_eq!(message_ids(&queue.pending(10).unwrap()), ["m1"]);
+}
