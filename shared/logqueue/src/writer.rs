@@ -21,9 +21,11 @@
 //!    followed by a sync of the directory; their files are removed by another thread);
 //! 5. marks the synced messages deliverable and answers the callers.
 //!
-//! There is no artificial delay: a lone `send` wakes the writer at once and is answered after
-//! one write and one sync; under load, everything appended while one sync runs forms the next
-//! batch. While the writer writes, callers keep appending to the fresh buffer.
+//! A lone `send` wakes the writer at once and is answered after one write and one sync. Under
+//! load, everything appended while one sync runs forms the next batch, and syncs start at
+//! most once per [`MIN_SYNC_INTERVAL`]: a fast disk would otherwise sync after every second
+//! send, each `fdatasync` costing far more CPU than the bytes it makes durable. While the
+//! writer writes or waits, callers keep appending to the fresh buffer.
 //!
 //! # Failures
 //!
@@ -48,6 +50,10 @@ use crate::segment;
 /// Records that need no sync (`Delivered`, `Acked`) are written at the latest this long after
 /// they were appended, when no sync comes along sooner.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Batches that a caller waits for start at most this often (the first after a quiet spell
+/// starts at once): the sends arriving meanwhile share the next `fdatasync`.
+pub const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(1);
 
 /// The writer does not wait for [`FLUSH_INTERVAL`] once this many bytes are pending.
 pub const FLUSH_BYTES: usize = 1 << 20;
@@ -256,8 +262,9 @@ enum Work {
 pub(crate) fn run(shared: &Shared, mut head: Head) {
     let _guard = PanicGuard(shared);
     let mut spare = Vec::new();
+    let mut last_batch: Option<Instant> = None;
     loop {
-        let candidates = match wait_for_work(shared) {
+        let candidates = match wait_for_work(shared, last_batch.map(|t| t + MIN_SYNC_INTERVAL)) {
             Work::Batch(candidates) => candidates,
             Work::Stop => return,
         };
@@ -278,6 +285,7 @@ pub(crate) fn run(shared: &Shared, mut head: Head) {
             (taken, std::mem::take(&mut st.waiters), carried, st.closing)
         };
         let must_sync = !waiters.is_empty() || carried > 0 || closing;
+        last_batch = Some(Instant::now());
         let outcome = write_batch(&shared.dir, &mut head, &taken, must_sync);
         let answer = {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -325,8 +333,10 @@ fn stop(st: &mut State, why: String) {
     st.failed.get_or_insert(why);
 }
 
-/// Sleeps until there is a batch to write (see the module docs).
-fn wait_for_work(shared: &Shared) -> Work {
+/// Sleeps until there is a batch to write (see the module docs); a batch that callers wait
+/// for does not start before `sync_due` unless the queue is closing or [`FLUSH_BYTES`] are
+/// pending.
+fn wait_for_work(shared: &Shared, sync_due: Option<Instant>) -> Work {
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     let mut deadline: Option<Instant> = None;
     loop {
@@ -350,8 +360,24 @@ fn wait_for_work(shared: &Shared) -> Work {
             return Work::Stop;
         }
         let pending = st.index.unwritten() > 0 || st.index.compaction_due();
-        if !st.waiters.is_empty() || st.index.unwritten() >= FLUSH_BYTES || st.closing {
+        let full = st.index.unwritten() >= FLUSH_BYTES;
+        if full || st.closing {
             break;
+        }
+        if !st.waiters.is_empty() {
+            let now = Instant::now();
+            match sync_due {
+                // Paced: the callers arriving meanwhile do not wake the writer
+                // (`writer_waiting` stays false); closing does.
+                Some(due) if now < due => {
+                    st = match shared.wake.wait_timeout(st, due - now) {
+                        Ok((st, _)) => st,
+                        Err(e) => e.into_inner().0,
+                    };
+                    continue;
+                }
+                _ => break,
+            }
         }
         if pending {
             let due = *deadline.get_or_insert_with(|| Instant::now() + FLUSH_INTERVAL);

@@ -20,6 +20,6 @@ pub use config::{BatchingSettings, Config, ConfigError, ConfigProblem, EnvLookup
 pub use local::{LocalSecrets, LocalStack, LocalStackError, LocalStackOptions};
 pub use runtime::{
     BatchingCounts, BatchingStats, CoalescedCounts, Completion, DATAVERSE_API_PATH, DatabaseCounts,
-    Parts, QueueCounts, ReceiverCounts, Runtime, RuntimeHandle, RuntimeStats, StartError,
-    open_queue, queue_dir,
+    Parts, QueueCounts, QueueLogCounts, ReceiverCounts, Runtime, RuntimeHandle, RuntimeStats,
+    StartError, open_queue, queue_dir,
 };

@@ -89,6 +89,9 @@ pub struct RuntimeStats {
     /// The database writer: transactions committed and the writes they held (group commit:
     /// `writes / batches` writes share one fsync).
     pub database: DatabaseCounts,
+    /// The work queue's log writer (group commit: `synced_callers / syncs` sends share one
+    /// `fdatasync`).
+    pub queue_log: QueueLogCounts,
     /// Reads and writes coalesced into `$batch` requests, per environment (zero when batching
     /// is off).
     pub batching: BatchingCounts,
@@ -151,8 +154,21 @@ impl BatchingStats {
 pub struct DatabaseCounts {
     /// Transactions committed.
     pub batches: u64,
-    /// Writes (store commits and claims, queue sends, receives, acks, retries) they held.
+    /// Store commits they held.
     pub writes: u64,
+}
+
+/// The work queue's writer ([`dualwrite_logqueue::QueueStats`] as JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct QueueLogCounts {
+    /// Batches appended to the log (one `pwrite` each).
+    pub batches: u64,
+    /// `fdatasync`s: one per batch that a send (or retry) waited for.
+    pub syncs: u64,
+    /// Sends and retries answered after a sync (`synced_callers / syncs` share one sync).
+    pub synced_callers: u64,
+    /// Bytes appended to the log.
+    pub bytes_written: u64,
 }
 
 /// Queue counts ([`QueueDepth`] as JSON).
@@ -520,6 +536,15 @@ impl Shared {
                 DatabaseCounts {
                     batches: w.batches,
                     writes: w.writes,
+                }
+            },
+            queue_log: {
+                let q = self.queue.stats();
+                QueueLogCounts {
+                    batches: q.batches,
+                    syncs: q.syncs,
+                    synced_callers: q.synced_callers,
+                    bytes_written: q.bytes_written,
                 }
             },
             batching: self.batching.counts(),

@@ -140,3 +140,35 @@ async fn consumers_working_beside_senders_see_each_group_in_send_order_exactly_o
     let files = segment_files(&path);
     assert!(files.len() <= 2, "acked segments are deleted: {files:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sends_arriving_while_a_sync_is_paced_share_the_next_one() {
+    // Eight senders, each waiting for its send before the next: without pacing, a fast disk
+    // (or tmpfs) syncs as soon as one of them sends; with it, syncs start at most once per
+    // `MIN_SYNC_INTERVAL` and each carries the sends of (nearly) all eight.
+    const EACH: usize = 100;
+    const SENDERS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Arc::new(LogQueue::open(dir.path().join("q"), QueueConfig::default()).unwrap());
+    let mut tasks = Vec::new();
+    for s in 0..SENDERS {
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                queue
+                    .send(vec![message(&format!("{s}:{i}"), &format!("g{s}"))])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats = queue.stats();
+    assert_eq!(stats.synced_callers as usize, SENDERS * EACH);
+    assert!(
+        stats.syncs * 4 <= stats.synced_callers,
+        "paced syncs should each answer several of the eight senders: {stats:?}"
+    );
+}
