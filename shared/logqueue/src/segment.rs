@@ -88,7 +88,9 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<u64>, OpenError> {
                 source,
             })?;
         } else if name.ends_with(RETIRED_SUFFIX) {
-            fs::remove_file(entry.path()).map_err(|source| OpenError::Io {
+            // Gone already is fine: a queue of this process closed a moment ago may still be
+            // removing its retired segments.
+            remove_if_present(&entry.path()).map_err(|source| OpenError::Io {
                 path: entry.path(),
                 doing: "removing a segment retired by the previous run",
                 source,
@@ -143,7 +145,7 @@ pub(crate) fn retire(dir: &Path, number: u64) -> std::io::Result<()> {
     let removal = std::thread::Builder::new()
         .name("logq-retire".to_owned())
         .spawn(move || {
-            if let Err(e) = fs::remove_file(&retired) {
+            if let Err(e) = remove_if_present(&retired) {
                 tracing::warn!(file = %retired.display(), error = %e, "a retired segment could not be removed; the next open removes it");
             }
         });
@@ -151,6 +153,14 @@ pub(crate) fn retire(dir: &Path, number: u64) -> std::io::Result<()> {
         tracing::warn!(error = %e, "no thread to remove a retired segment; the next open removes it");
     }
     Ok(())
+}
+
+/// Removes `file`; a file that is not there (removed meanwhile by someone else) is no error.
+fn remove_if_present(file: &Path) -> std::io::Result<()> {
+    match fs::remove_file(file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// Makes the directory's entries (created, renamed or removed files) durable.
@@ -280,6 +290,24 @@ pub(crate) fn damaged(file: &Path, offset: u64, what: &str) -> OpenError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retired_segment_removed_meanwhile_by_another_queue_is_no_error() {
+        // A queue closed a moment ago in this process may still be removing its retired
+        // segments while the next open lists them: whoever comes second finds nothing.
+        let dir = tempfile::tempdir().unwrap();
+        drop(create(dir.path(), 0, 1).unwrap());
+        drop(create(dir.path(), 1, 1).unwrap());
+        let retired = dir.path().join(format!("{:020}{RETIRED_SUFFIX}", 0));
+        fs::rename(path(dir.path(), 0), &retired).unwrap();
+        remove_if_present(&retired).unwrap();
+        remove_if_present(&retired).unwrap();
+        assert!(!retired.exists());
+        // And a listing that meets one removes it and lists the live segments only.
+        fs::write(&retired, b"old").unwrap();
+        assert_eq!(list(dir.path()).unwrap(), [1]);
+        assert!(!retired.exists());
+    }
 
     #[test]
     fn a_created_segment_reads_back_empty_with_its_next_seq() {

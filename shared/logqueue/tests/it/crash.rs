@@ -82,7 +82,12 @@ fn processed_file(dir: &Path) -> std::path::PathBuf {
 
 /// Records `d` as processed (synced), then acks it.
 async fn process(queue: &LogQueue, processed: &mut std::fs::File, d: &Delivery) {
-    writeln!(processed, "{}", d.message.event.event_id).unwrap();
+    // One `write` for the whole line: `writeln!` on a `File` writes the id and the newline
+    // with two system calls, and a kill between them left an unterminated id that the next
+    // child's first line was appended to ("e240e84"), so the check saw neither id processed.
+    processed
+        .write_all(format!("{}\n", d.message.event.event_id).as_bytes())
+        .unwrap();
     processed.sync_data().unwrap();
     queue.ack(&d.receipt).await.unwrap();
 }
@@ -147,7 +152,7 @@ fn complete_lines<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = St
 /// Every processed id, in the order processed (repeats included).
 fn processed_ids(dir: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(processed_file(dir)).unwrap_or_default();
-    // The file is synced line by line; only a line cut by the kill is incomplete.
+    // Each line is one `write`, synced before the ack: a kill never leaves half a line.
     let complete = text.rfind('\n').map_or("", |end| &text[..end]);
     complete.lines().map(str::to_owned).collect()
 }
