@@ -226,6 +226,9 @@ async fn bad_webhooks_are_refused_and_enqueue_nothing() {
         .await
         .unwrap();
     assert_eq!(status["receivers"]["rejected_unauthorized"], 2);
+    // Nothing reached the queue's log: no send, so no sync.
+    assert_eq!(status["queue_log"]["synced_callers"], 0);
+    assert_eq!(status["queue_log"]["syncs"], 0);
     assert_eq!(
         http.get(format!("{base}/healthz"))
             .send()
@@ -252,6 +255,9 @@ async fn an_accepted_event_survives_shutdown_and_restart() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    // Answered only after the send was synced in the queue's log.
+    let log = rt.stats().await.queue_log;
+    assert!(log.synced_callers >= 1 && log.syncs >= 1, "{log:?}");
     // The environments are unreachable, so the event cannot complete: it stays queued.
     rt.shutdown().await;
     let rt = Runtime::start(config(dir.path())).await.unwrap();
