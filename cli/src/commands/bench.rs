@@ -99,6 +99,13 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
                     report.target,
                     if report.target_met { "met" } else { "NOT met" }
                 );
+                if let (Some(total), Some(pipeline)) =
+                    (report.cpu_us_per_event, report.cpu_us_per_event_pipeline)
+                {
+                    println!(
+                        "  CPU per event: {total} µs in all, {pipeline} µs without the simulators"
+                    );
+                }
                 for p in &report.problems {
                     println!("  - {p}");
                 }

@@ -70,6 +70,10 @@ pub struct LocalStackOptions {
     pub secrets: Option<LocalSecrets>,
     /// How the runtime coalesces connector calls into `$batch` requests.
     pub batching: BatchingSettings,
+    /// The tokio runtime the simulators run on (their servers and webhook senders), so that
+    /// their threads and CPU time are told apart from the pipeline's (`bench live`); the
+    /// caller's runtime when `None`.
+    pub simulator_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl LocalStackOptions {
@@ -86,7 +90,20 @@ impl LocalStackOptions {
             map_files: None,
             secrets: None,
             batching: BatchingSettings::default(),
+            simulator_runtime: None,
         }
+    }
+}
+
+/// Runs `start` (a simulator's start) on `runtime` when given, so that what it spawns runs
+/// there; else here.
+async fn start_on<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    runtime: Option<&tokio::runtime::Handle>,
+    start: impl std::future::Future<Output = Result<T, E>> + Send + 'static,
+) -> Result<T, LocalStackError> {
+    match runtime {
+        None => start.await.map_err(sim_err),
+        Some(handle) => handle.spawn(start).await.map_err(sim_err)?.map_err(sim_err),
     }
 }
 
@@ -151,24 +168,29 @@ impl LocalStack {
         let tenant = format!("{}-tenant", options.name);
         let client_id = format!("dualwrite-{}", options.name);
         let secrets = options.secrets.unwrap_or_else(LocalSecrets::random);
-        let entra = EntraSim::start(EntraConfig {
-            clients: vec![EntraClient {
-                tenant: tenant.clone(),
-                client_id: client_id.clone(),
-                client_secret: secrets.client_secret.clone(),
-                allowed_scopes: Vec::new(),
-            }],
-            ..EntraConfig::default()
-        })
-        .await
-        .map_err(sim_err)?;
-        let dv = DataverseSim::start(DataverseConfig {
-            tables: crm_tables(&maps),
-            auth: Some(entra.clone()),
-            ..DataverseConfig::default()
-        })
-        .await
-        .map_err(sim_err)?;
+        let sim_rt = options.simulator_runtime.as_ref();
+        let entra = start_on(
+            sim_rt,
+            EntraSim::start(EntraConfig {
+                clients: vec![EntraClient {
+                    tenant: tenant.clone(),
+                    client_id: client_id.clone(),
+                    client_secret: secrets.client_secret.clone(),
+                    allowed_scopes: Vec::new(),
+                }],
+                ..EntraConfig::default()
+            }),
+        )
+        .await?;
+        let dv = start_on(
+            sim_rt,
+            DataverseSim::start(DataverseConfig {
+                tables: crm_tables(&maps),
+                auth: Some(entra.clone()),
+                ..DataverseConfig::default()
+            }),
+        )
+        .await?;
         for map in &maps {
             for f in &map.fields {
                 if let Some(c) = &f.crm
@@ -179,15 +201,17 @@ impl LocalStack {
                 }
             }
         }
-        let fno = FnoSim::start(FnoConfig {
-            entities: erp_entities(&maps),
-            default_company: "usmf".into(),
-            auth: Some(entra.clone()),
-            event_retry_delay: options.fno_event_retry_delay,
-            ..FnoConfig::default()
-        })
-        .await
-        .map_err(sim_err)?;
+        let fno = start_on(
+            sim_rt,
+            FnoSim::start(FnoConfig {
+                entities: erp_entities(&maps),
+                default_company: "usmf".into(),
+                auth: Some(entra.clone()),
+                event_retry_delay: options.fno_event_retry_delay,
+                ..FnoConfig::default()
+            }),
+        )
+        .await?;
 
         let dir = tempfile::tempdir().map_err(sim_err)?;
         let map_source = match &options.map_files {

@@ -41,6 +41,21 @@ async fn live_bench_loses_and_duplicates_nothing() {
         "F&O calls go through the coalescer: {fno:?}"
     );
     assert!(fno.requests <= fno.calls, "{fno:?}");
+    // The simulators run on threads of their own, so the pipeline's CPU is told apart.
+    if cfg!(target_os = "linux") {
+        assert!(
+            report
+                .cpu_us_per_event_by_thread
+                .contains_key(dualwrite_bench::live::SIMULATOR_THREADS),
+            "{:?}",
+            report.cpu_us_per_event_by_thread
+        );
+        let (total, pipeline) = (report.cpu_us_per_event, report.cpu_us_per_event_pipeline);
+        assert!(
+            matches!((total, pipeline), (Some(t), Some(p)) if p <= t),
+            "{total:?} {pipeline:?}"
+        );
+    }
 }
 
 /// Open loop: events are sent on schedule and all complete.
