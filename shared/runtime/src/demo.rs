@@ -793,6 +793,9 @@ async fn conflict(
     progress(&format!(
         "conflicting edit of {account} on both sides at once (policy last_writer_wins) ..."
     ));
+    // Both edits reach the queue before either is processed: otherwise the first could be
+    // synced before the other edit is made, and the two would be a plain sequence of changes.
+    let held = stage.rt.hold_workers().await;
     stage
         .dv
         .user_edit("accounts", &id, json!({"name": crm_value}))
@@ -805,6 +808,16 @@ async fn conflict(
             json!({"OrganizationName": erp_value}),
         )
         .map_err(sim_err)?;
+    let delivered = stage.dv.wait_webhooks_idle(STEP_TIMEOUT).await
+        && stage.fno.wait_events_idle(STEP_TIMEOUT).await;
+    drop(held);
+    if !delivered {
+        return Err(DemoError::Timeout {
+            step: "conflicting edit".into(),
+            secs: STEP_TIMEOUT.as_secs(),
+            waiting: "the edits' webhooks to be delivered".into(),
+        });
+    }
     wait_idle(stage, "conflicting edit").await?;
     let crm_now = stage
         .dv

@@ -566,6 +566,15 @@ pub struct RuntimeHandle {
     server: JoinHandle<()>,
     workers: Vec<JoinHandle<()>>,
     scheduler: Option<JoinHandle<()>>,
+    /// The workers' permits (one per event in progress) and how many there are.
+    permits: Arc<Semaphore>,
+    concurrency: u32,
+}
+
+/// Every worker held ([`RuntimeHandle::hold_workers`]); they resume when this is dropped.
+#[derive(Debug)]
+pub struct WorkersHeld {
+    _permits: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Runtime {
@@ -635,7 +644,8 @@ impl Runtime {
         });
 
         let (stop_workers, stop_workers_rx) = watch::channel(false);
-        let permits = Arc::new(Semaphore::new(config.worker.concurrency.max(1)));
+        let concurrency = config.worker.concurrency.max(1);
+        let permits = Arc::new(Semaphore::new(concurrency));
         let workers = (0..RECEIVERS.min(config.worker.concurrency.max(1)))
             .map(|n| {
                 let shared = shared.clone();
@@ -658,6 +668,8 @@ impl Runtime {
             server,
             workers,
             scheduler,
+            permits,
+            concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
         })
     }
 }
@@ -666,6 +678,20 @@ impl RuntimeHandle {
     /// The address the webhook endpoints listen on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Holds every worker: returns once the events in progress are finished, and no delivery
+    /// is taken from the queue until the guard is dropped. Webhooks are still answered and
+    /// queued meanwhile. `dualwrite demo` uses it to let two edits made on both sides reach the
+    /// queue before either is processed: a conflict, whatever the timing of the deliveries.
+    pub async fn hold_workers(&self) -> WorkersHeld {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_many_owned(self.concurrency)
+            .await
+            .expect("the workers' semaphore is never closed");
+        WorkersHeld { _permits: permit }
     }
 
     /// Engine, queue and receiver counters now.

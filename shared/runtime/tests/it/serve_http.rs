@@ -377,3 +377,23 @@ async fn bad_webhooks_over_http_change_nothing_on_either_side() {
     );
     s.rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_workers_leave_webhooks_queued_until_released() {
+    let s = Stack::start(StackOptions::default()).await;
+    let held = s.rt.hold_workers().await;
+    s.create_account("HOLD-0001", "Held Ltd", 700);
+    // The webhook is answered (queued durably) while no worker takes it.
+    assert!(
+        s.dv.wait_webhooks_idle(std::time::Duration::from_secs(10))
+            .await
+    );
+    let depth = s.stats().await.queue;
+    assert_eq!(depth.ready, 1, "{depth:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(s.customer("HOLD-0001").is_none(), "processed while held");
+    assert_eq!(s.stats().await.queue.ready, 1);
+    drop(held);
+    let c = wait_until("customer HOLD-0001 in F&O", || s.customer("HOLD-0001")).await;
+    assert_eq!(c["OrganizationName"], "Held Ltd");
+}
