@@ -153,9 +153,39 @@ pub fn value_from_json(raw: &RawValue, ty: Option<ValueType>) -> Result<Value, S
     Ok(value)
 }
 
-/// A JSON string literal.
+/// A JSON string literal, escaped as `serde_json` writes it (`\"`, `\\`, `\b`, `\f`, `\n`,
+/// `\r`, `\t`, other control characters as `\u00xx`; everything else as is). Written
+/// directly: every field of every write goes through here.
 pub fn json_string(text: &str) -> String {
-    serde_json::Value::String(text.to_string()).to_string()
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in text.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&text[plain..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+        plain = i + 1;
+    }
+    out.push_str(&text[plain..]);
+    out.push('"');
+    out
 }
 
 /// The JSON text of a value (lookups excepted: they become `@odata.bind` entries, which the
@@ -217,6 +247,25 @@ pub fn query_filter(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn json_strings_are_written_as_serde_json_writes_them() {
+        let mut samples: Vec<String> = vec![
+            String::new(),
+            "plain".into(),
+            "quote \" backslash \\ slash / nl \n cr \r tab \t".into(),
+            "\u{0}\u{1}\u{8}\u{c}\u{1f}\u{7f}".into(),
+            "é € 😀 \u{2028}".into(),
+        ];
+        samples.extend((0u8..=0x7f).map(|b| format!("a{}b", char::from(b))));
+        for text in samples {
+            assert_eq!(
+                super::json_string(&text),
+                serde_json::Value::String(text.clone()).to_string(),
+                "{text:?}"
+            );
+        }
+    }
+
     use super::*;
 
     fn raw(text: &str) -> Box<RawValue> {
