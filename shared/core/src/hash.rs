@@ -1,8 +1,11 @@
 //! Stable hashes of a record's mapped fields, stored with each link for echo suppression.
 //!
 //! The hash covers field names and typed values in name order, so it does not depend on the
-//! order a source lists fields in; decimals are normalised (`1.50` = `1.5`); a missing field and
-//! a null field hash the same.
+//! order a source lists fields in; decimals are normalised (`1.50` = `1.5`); a missing field, a
+//! null field and empty text hash the same. Neither system stores empty text as a value of its
+//! own — Dataverse saves "" as null, F&O has no null text (an empty field is "") — so a null
+//! written to F&O comes back as "", and a "" written to Dataverse comes back as null: hashing
+//! them apart would take each such echo for a new change and send it back, forever.
 //!
 //! It sits on the per-record path several times per change, so it allocates nothing in steady
 //! state: the names are hashed once per field list (see `names_hash`), the values are encoded
@@ -175,7 +178,9 @@ fn word(bytes: &[u8], at: usize) -> u64 {
 #[inline]
 fn encode_value(buf: &mut Vec<u8>, v: &Value) {
     match v {
+        // Null and empty text are one "no value" (see `Value::is_empty`).
         Value::Null => buf.push(0),
+        Value::Text(s) if s.is_empty() => buf.push(0),
         Value::Text(s) => {
             buf.push(1);
             buf.extend_from_slice(s.as_bytes());
@@ -283,12 +288,24 @@ mod tests {
     }
 
     #[test]
-    fn missing_and_null_are_the_same_but_not_empty_text() {
+    fn missing_null_and_empty_text_are_the_same_but_not_a_blank() {
         let a = Record::new("accounts");
         let b = Record::new("accounts").with("name", Value::Null);
         let c = Record::new("accounts").with("name", Value::Text(String::new().into()));
+        let d = Record::new("accounts").with("name", Value::Text(" ".into()));
         assert_eq!(hash_fields(&a, ["name"]), hash_fields(&b, ["name"]));
-        assert_ne!(hash_fields(&a, ["name"]), hash_fields(&c, ["name"]));
+        assert_eq!(hash_fields(&a, ["name"]), hash_fields(&c, ["name"]));
+        assert_ne!(hash_fields(&a, ["name"]), hash_fields(&d, ["name"]));
+        // Empty text is null in a field of any position, not only alone.
+        let e = |v: Value| {
+            let r = Record::new("accounts")
+                .with("a", Value::Integer(1))
+                .with("name", v)
+                .with("z", Value::Text("x".into()));
+            hash_fields(&r, ["a", "name", "z"])
+        };
+        assert_eq!(e(Value::Null), e(Value::Text("".into())));
+        assert_ne!(e(Value::Null), e(Value::Text("0".into())));
     }
 
     #[test]

@@ -86,6 +86,18 @@ impl Value {
         matches!(self, Value::Null)
     }
 
+    /// True when the value says "no value": null, or empty text. Neither system keeps empty
+    /// text as a value of its own — Dataverse saves "" as null; F&O has no null text, its
+    /// empty fields (and unset references and keys) are "" — so wherever the engine asks
+    /// whether a field has a value (lookups, keys, defaults, value maps, hashes), "" is null.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Value::Null => true,
+            Value::Text(s) => s.is_empty(),
+            _ => false,
+        }
+    }
+
     /// The text, for a [`Value::Text`] or [`Value::Enum`].
     pub fn as_str(&self) -> Option<&str> {
         match self {

@@ -269,9 +269,9 @@ fn real_name(cov: &ErpCoverage, sent: &str) -> SmolStr {
         .map_or_else(|| sent.into(), |name| name.as_str().into())
 }
 
-/// A field's value as key text, `None` when absent or null.
+/// A field's value as key text, `None` when absent, null or "" (F&O's empty).
 fn non_null_text(v: Option<&Value>) -> Option<String> {
-    v.filter(|v| !v.is_null()).map(Value::to_string)
+    v.filter(|v| !v.is_empty()).map(Value::to_string)
 }
 
 /// The company and rendered key of an F&O record: `dataAreaId` first (lower-cased) when the

@@ -137,7 +137,10 @@ pub fn key_of_row(schema: &EntitySchema, record: &Record) -> Option<RecordKey> {
         ));
     }
     for field in &schema.key {
-        let value = record.fields.get(field.as_str()).filter(|v| !v.is_null())?;
+        let value = record
+            .fields
+            .get(field.as_str())
+            .filter(|v| !v.is_empty())?;
         pairs.push((field.clone(), value.to_string()));
     }
     Some(RecordKey(pairs))

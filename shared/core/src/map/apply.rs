@@ -466,7 +466,7 @@ pub fn lookup_requests_at<'m, 'f>(
             Some(value) => value,
             None => record.get(&src.name),
         };
-        let Some(value) = value.filter(|v| !v.is_null()) else {
+        let Some(value) = value.filter(|v| !v.is_empty()) else {
             continue;
         };
         let target = match value {
@@ -646,12 +646,12 @@ pub(crate) fn fill_slots(
                 StepKind::Transform => transform_value(map, fm, source, raw.clone())?,
             };
             if step.has_default
-                && value.is_null()
+                && value.is_empty()
                 && let Some(default) = &fm.default
             {
                 value = default.clone();
             }
-            if step.is_key && value.is_null() {
+            if step.is_key && value.is_empty() {
                 let name = fm.field(source).map_or("", |f| f.name.as_str());
                 return Err(missing_key(map, source, record, name));
             }
@@ -675,7 +675,7 @@ pub fn transform_value(
     value: Value,
 ) -> Result<Value, ApplyError> {
     let mut value = match &fm.value_map {
-        Some(value_map) if !value.is_null() => map_value(map, fm, value_map, source, &value)?,
+        Some(value_map) if !value.is_empty() => map_value(map, fm, value_map, source, &value)?,
         _ => value,
     };
     for step in steps_to(fm, source.other()) {
@@ -913,7 +913,7 @@ fn resolve_lookup(
     raw: &Value,
     lookups: &ResolvedLookups,
 ) -> Result<Value, ApplyError> {
-    if raw.is_null() {
+    if raw.is_empty() {
         return Ok(Value::Null);
     }
     match lookups.get(index) {
@@ -1019,7 +1019,7 @@ fn key_part(
             None => return Err(missing_key(map, side, record, erp_name)),
         },
     };
-    let Some(value) = raw.filter(|v| !v.is_null()) else {
+    let Some(value) = raw.filter(|v| !v.is_empty()) else {
         return Err(missing_key(map, side, record, field));
     };
     let text = match (side, fm, value) {
@@ -1042,7 +1042,7 @@ fn key_part(
         }
         (Side::Crm, Some(fm), _) if fm.value_map.is_some() || !fm.to_erp.is_empty() => {
             let translated = transform_value(map, fm, Side::Crm, value.clone())?;
-            if translated.is_null() {
+            if translated.is_empty() {
                 return Err(missing_key(map, side, record, field));
             }
             translated.to_string()
@@ -1081,7 +1081,7 @@ fn crm_key_value(map: &TableMap, crm_name: &str, parts: &[String]) -> String {
     }
     let typed = text_to(part, erp.ty).unwrap_or_else(|| Value::Text(part.as_str().into()));
     match transform_value(map, fm, Side::Erp, typed) {
-        Ok(value) if !value.is_null() => value.to_string(),
+        Ok(value) if !value.is_empty() => value.to_string(),
         _ => part.clone(),
     }
 }
@@ -1770,6 +1770,31 @@ mod tests {
         assert_eq!(out.get("description"), Some(&text("(none)")));
         assert_eq!(out.get("transactioncurrencyid"), Some(&Value::Null));
         assert_eq!(out.get("creditlimit"), Some(&Value::Null));
+    }
+
+    #[test]
+    fn empty_text_is_no_value_for_lookups_defaults_and_keys() {
+        // F&O's empty fields and unset references are "", never null.
+        let map = customers();
+        let record = erp_customer()
+            .with("SalesMemo", text(""))
+            .with("SalesCurrencyCode", text(""));
+        assert!(
+            lookup_requests(&map, Side::Erp, &record).is_empty(),
+            "an empty reference needs no lookup"
+        );
+        let out = apply_map(&map, Side::Erp, &record, &ResolvedLookups::new()).unwrap();
+        assert_eq!(out.get("description"), Some(&text("(none)")));
+        assert_eq!(out.get("transactioncurrencyid"), Some(&Value::Null));
+        let no_key = erp_customer().with("CustomerAccount", text(""));
+        assert!(matches!(
+            apply_map(&map, Side::Erp, &no_key, &ResolvedLookups::new()),
+            Err(ApplyError::MissingKey { field, side: Side::Erp, .. }) if field == "CustomerAccount"
+        ));
+        assert!(matches!(
+            integration_key(&map, Side::Erp, &no_key),
+            Err(ApplyError::MissingKey { .. })
+        ));
     }
 
     #[test]
