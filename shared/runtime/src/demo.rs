@@ -1042,9 +1042,10 @@ async fn check_convergence(stage: &Stage) -> Result<(usize, Vec<String>), DemoEr
                     let Some(want) = expected.get(&target.name) else {
                         continue;
                     };
-                    // A one-way field empty on its source was never set there (a row created
-                    // on the other side holds its own value until the source sets one).
-                    if want.is_null() && !fm.direction.flows_from(source.other()) {
+                    // A one-way field empty on its source (null, or F&O's "") was never set
+                    // there (a row created on the other side holds its own value until the
+                    // source sets one).
+                    if want.is_empty() && !fm.direction.flows_from(source.other()) {
                         continue;
                     }
                     let have = dst.get(&target.name).cloned().unwrap_or(Value::Null);

@@ -393,7 +393,8 @@ pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
         key.extend(m.erp.key.iter().cloned());
         // The entity's fields: every field any map names (the maps are what the local run knows
         // of F&O's schema), date-times apart.
-        let (mut datetime_fields, mut fields) = (BTreeSet::new(), BTreeSet::new());
+        let (mut datetime_fields, mut fields, mut text_fields) =
+            (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         for f in maps
             .iter()
             .filter(|other| other.erp.entity == m.erp.entity)
@@ -403,6 +404,10 @@ pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
         {
             match f.ty {
                 ValueType::Date | ValueType::DateTime => datetime_fields.insert(f.name.clone()),
+                ValueType::Text => {
+                    text_fields.insert(f.name.clone());
+                    fields.insert(f.name.clone())
+                }
                 _ => fields.insert(f.name.clone()),
             };
         }
@@ -412,6 +417,7 @@ pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
             modified_field: Some("ModifiedDateTime".into()),
             datetime_fields: datetime_fields.into_iter().collect(),
             fields: fields.into_iter().collect(),
+            text_fields: text_fields.into_iter().collect(),
         });
     }
     out

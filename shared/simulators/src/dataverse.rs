@@ -424,9 +424,16 @@ impl DvState {
         store: &mut Store,
         set: &str,
         id: &str,
-        attrs: Row,
+        mut attrs: Row,
         actor: &Actor,
     ) -> Result<(Row, bool), SimResponse> {
+        // Dataverse keeps no empty text: a column written "" holds null (and reads, images and
+        // webhooks show null).
+        for v in attrs.values_mut() {
+            if v.as_str() == Some("") {
+                *v = Value::Null;
+            }
+        }
         store.version += 1;
         let version = store.version;
         let wants_hooks = !self

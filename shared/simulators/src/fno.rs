@@ -44,10 +44,13 @@ pub struct FnoEntityDef {
     /// every other field of the row is sent, null or not (F&O fields other than date-times
     /// always hold a value: "", 0, `No`; the simulator keeps what was written).
     pub datetime_fields: Vec<String>,
-    /// The entity's other fields. A row created without one of them holds it empty (null in
-    /// the simulator, where F&O holds "" / 0 / `No`), so reads and data events show the
-    /// entity's whole field set, as F&O's do.
+    /// The entity's other fields. A row created without one of them holds it empty, so reads
+    /// and data events show the entity's whole field set, as F&O's do: "" for a text field
+    /// (see `text_fields`), null for the others (where F&O holds 0 / `No`).
     pub fields: Vec<String>,
+    /// Which of `fields` hold text. F&O has no null text: such a field is "" when a row is
+    /// created without it, and a null written to it is stored as "".
+    pub text_fields: Vec<String>,
 }
 
 /// Change kinds an event endpoint can subscribe to.
@@ -147,6 +150,8 @@ struct Entity {
     names: Arc<EventNames>,
     /// `def.fields` and `def.datetime_fields`, sorted: the fields every row holds.
     empty_fields: Vec<String>,
+    /// `def.text_fields`, sorted.
+    text_fields: Vec<String>,
 }
 
 /// What the events of an entity's changes need from its definition, computed once per entity.
@@ -203,6 +208,18 @@ impl Entity {
         }
         merged.extend(given);
         *row = merged.into_iter().collect();
+        self.no_null_text(row);
+    }
+
+    /// Stores "" in every text field of `row` that holds null: F&O has no null text.
+    fn no_null_text(&self, row: &mut Row) {
+        for f in &self.text_fields {
+            if let Some(v) = row.get_mut(f)
+                && v.is_null()
+            {
+                *v = Value::String(String::new());
+            }
+        }
     }
 
     fn new(def: FnoEntityDef) -> Self {
@@ -214,9 +231,13 @@ impl Entity {
             .collect();
         empty_fields.sort_unstable();
         empty_fields.dedup();
+        let mut text_fields = def.text_fields.clone();
+        text_fields.sort_unstable();
+        text_fields.dedup();
         Entity {
             names: Arc::new(EventNames::new(&def)),
             empty_fields,
+            text_fields,
             def,
             rows: BTreeMap::new(),
         }
@@ -571,6 +592,7 @@ impl FnoState {
                         data.insert(k, v);
                     }
                 }
+                entity.no_null_text(&mut data);
                 for (i, f) in entity.def.key_fields.iter().enumerate() {
                     data.insert(
                         f.clone(),
@@ -1287,6 +1309,7 @@ mod tests {
             modified_field: Some("ModifiedDateTime".into()),
             datetime_fields: vec!["CreatedDateTime".into(), "ValidTo".into()],
             fields: vec!["Name".into(), "CreditLimit".into()],
+            text_fields: vec!["Name".into()],
         })
         .names
     }
@@ -1384,6 +1407,7 @@ mod tests {
                 modified_field: None,
                 datetime_fields: vec!["ValidTo".into()],
                 fields: vec!["Name".into()],
+                text_fields: Vec::new(),
             }],
             max_page_size: 2,
             ..FnoConfig::default()
@@ -1475,6 +1499,7 @@ mod tests {
                 "Name".into(),
                 "zeta".into(),
             ],
+            text_fields: vec!["Name".into()],
         });
         for given in [
             json!({}),
@@ -1490,6 +1515,10 @@ mod tests {
             };
             for f in ["ValidTo", "A0", "Name", "Blocked", "zeta"] {
                 want.entry(f).or_insert(Value::Null);
+            }
+            // F&O has no null text: the text field holds "" when missing or written null.
+            if want["Name"].is_null() {
+                want.insert("Name".into(), json!(""));
             }
             assert_eq!(row, want);
         }

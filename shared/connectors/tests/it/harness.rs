@@ -93,6 +93,7 @@ impl Env {
             modified_field: modified.map(str::to_string),
             datetime_fields: Vec::new(),
             fields: Vec::new(),
+            text_fields: Vec::new(),
         };
         let fno = sim::FnoSim::start(sim::FnoConfig {
             entities: vec![

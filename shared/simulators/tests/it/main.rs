@@ -731,6 +731,7 @@ fn customers() -> FnoEntityDef {
         modified_field: Some("ModifiedDateTime".into()),
         datetime_fields: Vec::new(),
         fields: Vec::new(),
+        text_fields: Vec::new(),
     }
 }
 
@@ -991,4 +992,63 @@ async fn fno_batch_and_events() {
         .find(|a| a["key"] == "mserp_modifieddatetime")
         .map(|a| a["value"].clone());
     assert_eq!(modified, Some(json!(format!("/Date({stored})/"))));
+}
+
+#[tokio::test]
+async fn each_system_spells_an_empty_text_field_its_own_way() {
+    // Dataverse keeps no empty text: "" is saved as null.
+    let (dv, c) = dataverse().await;
+    let api = dv.api_url();
+    let r = c
+        .post(format!("{api}accounts"))
+        .json(&json!({"name": "Contoso", "accountnumber": "A1", "telephone1": ""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let loc = r.headers()["odata-entityid"].to_str().unwrap().to_owned();
+    let got = body(c.get(&loc).send().await.unwrap()).await;
+    assert!(got["telephone1"].is_null(), "{got}");
+    let r = c
+        .patch(&loc)
+        .json(&json!({"name": ""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let got = body(c.get(&loc).send().await.unwrap()).await;
+    assert!(got["name"].is_null(), "{got}");
+
+    // F&O has no null text: a text field is "" when not given or written null; other fields
+    // keep their null.
+    let mut def = customers();
+    def.fields = vec!["Name".into(), "Phone".into(), "CreditLimit".into()];
+    def.text_fields = vec!["Name".into(), "Phone".into()];
+    let fno = FnoSim::start(FnoConfig {
+        entities: vec![def],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let data = fno.data_url();
+    let r = c
+        .post(format!("{data}CustomersV3"))
+        .json(&json!({"CustomerAccount": "US-001", "Name": "A"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created = body(r).await;
+    assert_eq!(created["Phone"], "");
+    assert!(created["CreditLimit"].is_null(), "{created}");
+    let key = format!("{data}CustomersV3(dataAreaId='usmf',CustomerAccount='US-001')");
+    let r = c
+        .patch(&key)
+        .json(&json!({"Name": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let got = body(c.get(&key).send().await.unwrap()).await;
+    assert_eq!(got["Name"], "");
 }
