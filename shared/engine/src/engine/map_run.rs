@@ -529,7 +529,10 @@ impl<'a> MapRun<'a> {
     /// the decision was made on) is committed with [`Link::pending`] set to the hash the
     /// target will hold, nothing else changed and the event not completed. The target's echo
     /// can then be told from a person's change even when it is processed before the final
-    /// commit. A crash in between leaves the event to be redelivered and decided again. A
+    /// commit. The first announcement also records the conflict the writes resolve: should
+    /// another change of the pair move the link before the final commit, the decision taken
+    /// again finds nothing left to resolve (the winner's values are already written), and the
+    /// conflict would otherwise never be recorded. A crash in between leaves the event to be redelivered and decided again. A
     /// write failing for good clears the announcement in the commit that logs the error; one
     /// that will be retried (or decided again) leaves it, since the write may have landed, and
     /// the next announcement or commit replaces it.
@@ -568,11 +571,14 @@ impl<'a> MapRun<'a> {
                 link
             })
         };
+        let mut conflict_recorded = false;
         for write in &plan.writes {
             if let Some(link) = current.as_mut()
                 && let Some(hash) = plan.link.link.side(write.side).hash
             {
-                self.announce(link, write.side, hash).await?;
+                let conflict = plan.conflict.as_ref().filter(|_| !conflict_recorded);
+                self.announce(link, write.side, hash, conflict).await?;
+                conflict_recorded |= conflict.is_some();
                 plan.link.expected_revision = link.revision;
             }
             let result = engine
@@ -605,13 +611,16 @@ impl<'a> MapRun<'a> {
             ops.push(StoreOp::RecordConflict(c));
         }
         ops.extend(self.complete_op());
-        self.commit_or_redecide(ops).await?;
+        let committed = self.commit_or_redecide(ops).await;
+        // Counted once: when its resolution is committed, or, when the link moved first, as
+        // recorded with the announcement (the decision taken again will not find it).
+        if conflict_id.is_some() && (committed.is_ok() || conflict_recorded) {
+            engine.stats.inc(Counter::Conflicts);
+        }
+        committed?;
         if created {
             self.released
                 .extend(engine.parked_on(event, map, &key).await?);
-        }
-        if conflict_id.is_some() {
-            engine.stats.inc(Counter::Conflicts);
         }
         info!(event_id = %event.event_id, map = %map.name, key = %key, writes = plan.writes.len(), "record synced");
         let mut step = self.done(
@@ -625,22 +634,25 @@ impl<'a> MapRun<'a> {
         Ok(step)
     }
 
-    /// Commits `link` (as stored, at its revision) announcing a write of `hash` to `side`, and
-    /// moves `link` to the stored state. [`Interrupt::Redecide`] when the link moved.
+    /// Commits `link` (as stored, at its revision) announcing a write of `hash` to `side`, with
+    /// `conflict` recorded in the same commit when given, and moves `link` to the stored state.
+    /// [`Interrupt::Redecide`] when the link moved.
     async fn announce(
         &self,
         link: &mut Link,
         side: Side,
         hash: FieldsHash,
+        conflict: Option<&ConflictRecord>,
     ) -> Result<(), Interrupt> {
         let mut next = link.clone();
         next.pending = Some(PendingWrite { side, hash });
         next.updated_at = self.engine.clock.now();
-        self.commit_or_redecide(vec![StoreOp::PutLink {
+        let mut ops = vec![StoreOp::PutLink {
             link: next.clone(),
             expected_revision: link.revision,
-        }])
-        .await?;
+        }];
+        ops.extend(conflict.cloned().map(StoreOp::RecordConflict));
+        self.commit_or_redecide(ops).await?;
         next.revision = link.revision + 1;
         *link = next;
         Ok(())

@@ -260,6 +260,56 @@ async fn an_echo_overtaking_its_writes_commit_holds_no_conflict_under_manual() {
     an_echo_overtaking_the_commit_of_its_write_is_an_echo(ConflictPolicy::Manual).await;
 }
 
+/// A conflict resolved by a write whose final commit loses the race to another worker (here
+/// the winning change delivered again, which finds F&O holding it and commits the link as in
+/// sync): the writer's decision taken again has nothing left to resolve, so the conflict is
+/// recorded with the write's announcement — logged and counted once, whatever the timing.
+#[tokio::test]
+async fn a_conflict_whose_commit_loses_a_race_is_still_recorded_and_counted_once() {
+    let (w, hooked) = linked(ConflictPolicy::LastWriterWins).await;
+    let erp_edit = w.edit_account(Side::Erp, "A1", Some("Renamed in F&O"), None);
+    w.tick();
+    let crm_edit = w.edit_account(Side::Crm, "A1", Some("Renamed in Dataverse"), None);
+    let mut again = crm_edit.clone();
+    again.event_id = format!("{}-redelivered", crm_edit.event_id);
+    *hooked.overtaking.lock().unwrap() = Some(again);
+    hooked.arm(AfterWrite::ProcessOvertaking);
+    let before = w.engine.stats().conflicts;
+    let out = w.engine.process(&crm_edit).await.unwrap();
+
+    let other = hooked.outcomes();
+    assert_eq!(other.len(), 1);
+    assert_eq!(
+        other[0].maps[0].action,
+        MapAction::Skipped(SkipReason::InSync),
+        "the other worker moved the link: {other:?}"
+    );
+    assert!(
+        matches!(
+            out.maps[0].action,
+            MapAction::Skipped(SkipReason::Duplicate | SkipReason::Echo)
+        ),
+        "the writer decided again and found its write applied: {out:?}"
+    );
+    let conflicts = w.store.conflicts(false, 10).await.unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0].winner, Some(Side::Crm));
+    assert!(!conflicts[0].open);
+    assert_eq!(w.engine.stats().conflicts - before, 1);
+
+    // The losing edit's own event, late: stale, no second conflict.
+    w.settle(vec![erp_edit]).await;
+    assert_eq!(w.store.conflicts(false, 10).await.unwrap().len(), 1);
+    assert_eq!(w.engine.stats().conflicts - before, 1);
+    for side in [Side::Crm, Side::Erp] {
+        assert_eq!(
+            w.account(side, "A1"),
+            Some((text("Renamed in Dataverse"), Value::Integer(100)))
+        );
+    }
+    assert_eq!(link_of(&w).await.pending, None);
+}
+
 /// The same Dataverse change delivered again under another event id (a webhook retried)
 /// processed while the first delivery's write is in flight: F&O already holds what dualwrite
 /// is writing, which is no change of its own, so no conflict is found.

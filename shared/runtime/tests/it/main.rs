@@ -285,7 +285,9 @@ async fn the_demo_scenario_converges() {
     assert_eq!(report.errors, 0, "{:#?}", report.error_messages);
     assert_eq!(report.dead_letters, 0);
     // Both edits are queued before either is processed: always a conflict, and the later
-    // edit (F&O's) wins under last_writer_wins.
+    // edit (F&O's) wins under last_writer_wins. (It once counted none: the echo of the
+    // winning write moved the link before the write's final commit, and the conflict was
+    // recorded only there; it is now recorded with the write's announcement.)
     assert!(report.conflicts >= 1, "{report:?}");
     let conflict = report.conflict.unwrap();
     assert_eq!(conflict.winner, "erp", "{conflict:?}");
