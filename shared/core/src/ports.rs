@@ -311,6 +311,8 @@ pub trait IdempotencyStore: Send + Sync {
 pub trait JournalStore: Send + Sync {
     async fn map_state(&self, map: &str) -> Result<Option<MapState>, StoreError>;
     async fn map_states(&self) -> Result<Vec<MapState>, StoreError>;
+    /// The conflict with `id`, open or not.
+    async fn conflict(&self, id: &str) -> Result<Option<ConflictRecord>, StoreError>;
     /// Conflicts, newest first; only open ones when `open_only`.
     async fn conflicts(
         &self,

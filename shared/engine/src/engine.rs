@@ -366,10 +366,9 @@ impl Engine {
     ) -> Result<ProcessOutcome, ResolveError> {
         let conflict = self
             .store
-            .conflicts(true, usize::MAX)
+            .conflict(conflict_id)
             .await?
-            .into_iter()
-            .find(|c| c.id == conflict_id)
+            .filter(|c| c.open)
             .ok_or_else(|| ResolveError::NoOpenConflict(conflict_id.to_string()))?;
         let map = self
             .map_named(&conflict.map)
@@ -1104,6 +1103,17 @@ impl Engine {
             .await
             .map_err(|e| self.store_error(event, e))?;
         Ok(now.map_or(0, |l| l.revision) != revision)
+    }
+
+    /// True when the conflict log already holds conflict `id` (its id names the pair and both
+    /// versions, so another worker deciding the same two changes logs the same conflict).
+    async fn conflict_logged(&self, event: &ChangeEvent, id: &str) -> Result<bool, ProcessError> {
+        Ok(self
+            .store
+            .conflict(id)
+            .await
+            .map_err(|e| self.store_error(event, e))?
+            .is_some())
     }
 
     /// The events parked on `map`/`key` (released once that link exists).

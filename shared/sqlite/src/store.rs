@@ -626,6 +626,16 @@ impl JournalStore for SqliteStore {
         self.list("map states", "SELECT body FROM map_states ORDER BY map", [])
     }
 
+    async fn conflict(&self, id: &str) -> Result<Option<ConflictRecord>, StoreError> {
+        Ok(self
+            .list(
+                "a conflict",
+                "SELECT body FROM conflicts WHERE id = ?1",
+                [id],
+            )?
+            .pop())
+    }
+
     async fn conflicts(
         &self,
         open_only: bool,

@@ -571,11 +571,20 @@ impl<'a> MapRun<'a> {
                 link
             })
         };
+        // Counted by the worker whose commit first logs it: the other side's own change, or
+        // this one's earlier attempt, may have logged the very same conflict.
+        let new_conflict = match &plan.conflict {
+            Some(c) => !engine.conflict_logged(event, &c.id).await?,
+            None => false,
+        };
         let mut conflict_recorded = false;
+        // The announcement the link held before this write's own (see `write_failure`).
+        let mut before_announcing = None;
         for write in &plan.writes {
             if let Some(link) = current.as_mut()
                 && let Some(hash) = plan.link.link.side(write.side).hash
             {
+                before_announcing = link.pending;
                 let conflict = plan.conflict.as_ref().filter(|_| !conflict_recorded);
                 self.announce(link, write.side, hash, conflict).await?;
                 conflict_recorded |= conflict.is_some();
@@ -599,7 +608,11 @@ impl<'a> MapRun<'a> {
                     record_write(&mut plan.link.link, write.side, out.id, version);
                 }
                 // A 412 (the target changed since it was read) reads again and decides again.
-                Err(e) => return Err(self.write_failure(&key, current.as_ref(), e).await),
+                Err(e) => {
+                    return Err(self
+                        .write_failure(&key, current.as_ref(), before_announcing, e)
+                        .await);
+                }
             }
         }
         let conflict_id = plan.conflict.as_ref().map(|c| c.id.clone());
@@ -614,7 +627,7 @@ impl<'a> MapRun<'a> {
         let committed = self.commit_or_redecide(ops).await;
         // Counted once: when its resolution is committed, or, when the link moved first, as
         // recorded with the announcement (the decision taken again will not find it).
-        if conflict_id.is_some() && (committed.is_ok() || conflict_recorded) {
+        if new_conflict && (committed.is_ok() || conflict_recorded) {
             engine.stats.inc(Counter::Conflicts);
         }
         committed?;
@@ -660,15 +673,20 @@ impl<'a> MapRun<'a> {
 
     /// A failed write: classified like any connector failure; when it fails for good, or was
     /// refused with a 412 and is decided again, the link's announcement of it (`announced`,
-    /// the link as stored) is cleared, as no echo of it will come.
+    /// the link as stored) is cleared, as no echo of it will come — unless the link announced
+    /// that very write already before (`before_announcing`): another worker's write of the same
+    /// values to the same side, which may have landed and whose echo must still be known. (A
+    /// target holding the announced hash holds what the source dictates either way, so keeping
+    /// it cannot hide a change.)
     async fn write_failure(
         &self,
         key: &IntegrationKey,
         announced: Option<&Link>,
+        before_announcing: Option<PendingWrite>,
         error: ConnectorError,
     ) -> Interrupt {
         let cleanup = announced
-            .filter(|l| l.pending.is_some())
+            .filter(|l| l.pending.is_some() && l.pending != before_announcing)
             .map(|l| {
                 if l.provisional {
                     return StoreOp::DeleteLink {

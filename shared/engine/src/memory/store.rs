@@ -200,6 +200,14 @@ impl JournalStore for MemoryStore {
         Ok(lock(&self.inner).map_states.values().cloned().collect())
     }
 
+    async fn conflict(&self, id: &str) -> Result<Option<ConflictRecord>, StoreError> {
+        Ok(lock(&self.inner)
+            .conflicts
+            .iter()
+            .find(|c| c.id == id)
+            .cloned())
+    }
+
     async fn conflicts(
         &self,
         open_only: bool,

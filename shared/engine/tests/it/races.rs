@@ -310,6 +310,44 @@ async fn a_conflict_whose_commit_loses_a_race_is_still_recorded_and_counted_once
     assert_eq!(link_of(&w).await.pending, None);
 }
 
+/// Both changes of a conflict decide it: the later (winning) Dataverse change writes F&O, and
+/// the earlier F&O change's own event, processed by another worker while that write is in
+/// flight, finds the same conflict (same pair, same versions) and tries the same write, which
+/// F&O refuses (412: the row moved). Its retry must still know the first write's announcement
+/// — withdrawing it used to turn the first write's arrival into a second, false conflict
+/// between Dataverse and dualwrite's own write. One conflict, logged and counted once.
+#[tokio::test]
+async fn a_conflict_decided_by_both_of_its_changes_is_logged_and_counted_once() {
+    let (w, hooked) = linked(ConflictPolicy::LastWriterWins).await;
+    let erp_edit = w.edit_account(Side::Erp, "A1", Some("Renamed in F&O"), None);
+    w.tick();
+    let crm_edit = w.edit_account(Side::Crm, "A1", Some("Renamed in Dataverse"), None);
+    *hooked.overtaking.lock().unwrap() = Some(erp_edit);
+    hooked.arm(AfterWrite::ProcessOvertaking);
+    let before = w.engine.stats().conflicts;
+    w.engine.process(&crm_edit).await.unwrap();
+
+    let other = hooked.outcomes();
+    assert_eq!(other.len(), 1);
+    assert_eq!(
+        other[0].maps[0].action,
+        MapAction::Skipped(SkipReason::Echo),
+        "the F&O change's event, decided again after its 412, meets the write in flight"
+    );
+    let conflicts = w.store.conflicts(false, 10).await.unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0].winner, Some(Side::Crm));
+    assert_eq!(w.engine.stats().conflicts - before, 1);
+    w.settle(Vec::new()).await;
+    assert_eq!(w.engine.stats().conflicts - before, 1);
+    for side in [Side::Crm, Side::Erp] {
+        assert_eq!(
+            w.account(side, "A1"),
+            Some((text("Renamed in Dataverse"), Value::Integer(100)))
+        );
+    }
+}
+
 /// The same Dataverse change delivered again under another event id (a webhook retried)
 /// processed while the first delivery's write is in flight: F&O already holds what dualwrite
 /// is writing, which is no change of its own, so no conflict is found.

@@ -358,6 +358,16 @@ async fn conflict_and_error_logs_list_newest_first() {
         .unwrap();
     assert_eq!(ids(store.conflicts(true, 10).await.unwrap()), ["c3"]);
     assert_eq!(store.conflicts(false, 10).await.unwrap().len(), 3);
+    // By id, open or not.
+    assert_eq!(
+        store.conflict("c1").await.unwrap(),
+        Some(conflict("c1", 1, false))
+    );
+    assert_eq!(
+        store.conflict("c3").await.unwrap(),
+        Some(conflict("c3", 3, true))
+    );
+    assert_eq!(store.conflict("c4").await.unwrap(), None);
 
     let messages: Vec<String> = store
         .errors(2)
