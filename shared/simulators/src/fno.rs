@@ -42,7 +42,8 @@ pub struct FnoEntityDef {
     pub modified_field: Option<String>,
     /// The entity's date and date-time fields. F&O drops *null* date-times from data events;
     /// every other field of the row is sent, null or not (F&O fields other than date-times
-    /// always hold a value: "", 0, `No`; the simulator keeps what was written).
+    /// always hold a value: "", 0, `No`; the simulator keeps what was written, but for a null
+    /// written to a text field, which it stores as "").
     pub datetime_fields: Vec<String>,
     /// The entity's other fields. A row created without one of them holds it empty, so reads
     /// and data events show the entity's whole field set, as F&O's do: "" for a text field

@@ -532,10 +532,10 @@ impl<'a> MapRun<'a> {
     /// commit. The first announcement also records the conflict the writes resolve: should
     /// another change of the pair move the link before the final commit, the decision taken
     /// again finds nothing left to resolve (the winner's values are already written), and the
-    /// conflict would otherwise never be recorded. A crash in between leaves the event to be redelivered and decided again. A
-    /// write failing for good clears the announcement in the commit that logs the error; one
-    /// that will be retried (or decided again) leaves it, since the write may have landed, and
-    /// the next announcement or commit replaces it.
+    /// conflict would otherwise never be recorded. A crash in between leaves the event to be
+    /// redelivered and decided again. A write failing for good clears the announcement in the
+    /// commit that logs the error; one that will be retried (or decided again) leaves it,
+    /// since the write may have landed, and the next announcement or commit replaces it.
     ///
     /// A new pair is announced the same way on a [provisional](Link::provisional) link: the
     /// source record's id and the pending write only, so the target's echo overtaking the
