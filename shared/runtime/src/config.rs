@@ -134,6 +134,12 @@ pub struct RawWorker {
     /// Deliveries after which a message goes to the dead-letter queue. Default 5.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Hours a processed event's id is remembered (at least 1). Default 168 (a week). A
+    /// delivery of the same event within them is skipped by its id; a later one by the link,
+    /// whose version it does not exceed — nothing is written twice either way. The store
+    /// forgets older ids, so it does not grow with every event ever processed.
+    #[serde(default = "default_idempotency_hours")]
+    pub idempotency_hours: u64,
 }
 
 impl Default for RawWorker {
@@ -142,6 +148,7 @@ impl Default for RawWorker {
             concurrency: default_concurrency(),
             visibility_timeout: default_visibility(),
             max_attempts: default_max_attempts(),
+            idempotency_hours: default_idempotency_hours(),
         }
     }
 }
@@ -154,6 +161,9 @@ fn default_visibility() -> u64 {
 }
 fn default_max_attempts() -> u32 {
     5
+}
+fn default_idempotency_hours() -> u64 {
+    168
 }
 
 /// Coalescing of the workers' concurrent reads and writes into OData `$batch` requests, for
@@ -285,6 +295,8 @@ pub struct WorkerSettings {
     pub visibility_timeout: Duration,
     /// Deliveries before dead-lettering.
     pub max_attempts: u32,
+    /// How long a processed event's id is remembered.
+    pub idempotency_window: Duration,
 }
 
 /// The catch-up poll schedule.
@@ -510,6 +522,15 @@ impl RawConfig {
                 "is 0; allow at least 1 delivery, e.g. 5",
             );
         }
+        if !(1..=87_600).contains(&self.worker.idempotency_hours) {
+            p.push(
+                "worker.idempotency_hours",
+                format!(
+                    "is {}; remember processed events for 1 to 87600 hours, e.g. 168",
+                    self.worker.idempotency_hours
+                ),
+            );
+        }
         let batching = validate_batching(&self.batching, &mut p);
         let catch_up = self
             .scheduler
@@ -551,6 +572,9 @@ impl RawConfig {
                         concurrency: self.worker.concurrency,
                         visibility_timeout: Duration::from_secs(self.worker.visibility_timeout),
                         max_attempts: self.worker.max_attempts,
+                        idempotency_window: Duration::from_secs(
+                            self.worker.idempotency_hours * 3_600,
+                        ),
                     },
                     batching,
                     catch_up,

@@ -235,6 +235,33 @@ const IDLE_FALLBACK_POLL: Duration = Duration::from_millis(250);
 /// engine's own `run_worker` does every 30 s when idle).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
+/// How often worker 0 forgets the ids of events processed before the idempotency window
+/// (`worker.idempotency_hours`), and how many it deletes per store transaction (the writer is
+/// shared with every commit: many small deletes rather than one long one).
+const FORGET_EVERY: Duration = Duration::from_secs(600);
+const FORGET_CHUNK: usize = 2_000;
+
+/// Forgets the completion records written before `window` ago, [`FORGET_CHUNK`] per
+/// transaction; returns how many.
+async fn forget_expired_events(
+    store: &SqliteStore,
+    window: Duration,
+) -> Result<usize, dualwrite_core::ports::StoreError> {
+    let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    let before = chrono::Utc::now()
+        .checked_sub_signed(window)
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+    let mut forgotten = 0;
+    loop {
+        let n = store.forget_completed_events(before, FORGET_CHUNK).await?;
+        forgotten += n;
+        if n < FORGET_CHUNK {
+            return Ok(forgotten);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// The queue as the workers and receivers see it: the SQLite queue, plus
 /// - a wake-up: every `send` wakes as many idle workers as messages were sent, so a webhook is
 ///   picked up at once instead of at the next poll;
@@ -390,6 +417,7 @@ async fn run_receiver(
     let lease = shared.engine.config().lease;
     let mut in_hand = JoinSet::new();
     let mut last_sweep: Option<Instant> = None;
+    let mut last_forget: Option<Instant> = None;
     loop {
         while in_hand.try_join_next().is_some() {}
         if *stop.borrow() {
@@ -402,6 +430,19 @@ async fn run_receiver(
                 Ok(released) => info!(released, "parked events released by the sweep"),
                 Err(e) => {
                     warn!(error = %e, "sweeping parked events failed; the next sweep retries")
+                }
+            }
+        }
+        if n == 0 && last_forget.is_none_or(|t| t.elapsed() >= FORGET_EVERY) {
+            last_forget = Some(Instant::now());
+            match forget_expired_events(&shared.store, shared.idempotency_window).await {
+                Ok(0) => {}
+                Ok(forgotten) => info!(
+                    forgotten,
+                    "ids of events processed before the idempotency window forgotten"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "forgetting old event ids failed; the next round retries")
                 }
             }
         }
@@ -504,6 +545,8 @@ pub(crate) struct Shared {
     pub erp: Arc<dyn Connector>,
     /// The connectors' coalescing counters.
     pub batching: BatchingStats,
+    /// How long processed events' ids are remembered.
+    pub idempotency_window: Duration,
 }
 
 impl std::fmt::Debug for Shared {
@@ -616,6 +659,7 @@ impl Runtime {
             crm,
             erp,
             batching,
+            idempotency_window: config.worker.idempotency_window,
         });
 
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -989,6 +1033,36 @@ mod tests {
             received_at: chrono::Utc::now(),
             correlation_id: None,
         })
+    }
+
+    #[tokio::test]
+    async fn expired_event_ids_are_forgotten_in_chunks_and_recent_ones_kept() {
+        use dualwrite_core::ports::{LinkStore, StoreOp};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("db.sqlite")).unwrap();
+        let ids: Vec<String> = (0..FORGET_CHUNK + 5).map(|i| format!("e{i}")).collect();
+        for chunk in ids.chunks(50) {
+            let ops = chunk
+                .iter()
+                .map(|id| StoreOp::CompleteEvent {
+                    event_id: id.clone(),
+                })
+                .collect();
+            store.commit(ops).await.unwrap();
+        }
+        // A week's window keeps them all.
+        let week = Duration::from_secs(7 * 24 * 3_600);
+        assert_eq!(forget_expired_events(&store, week).await.unwrap(), 0);
+        assert_eq!(store.counts().unwrap().completed_events, ids.len() as u64);
+        // Once outside the window (here: none), every one goes, over several transactions.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let batches = store.writer_stats().batches;
+        assert_eq!(
+            forget_expired_events(&store, Duration::ZERO).await.unwrap(),
+            ids.len()
+        );
+        assert!(store.writer_stats().batches >= batches + 2);
+        assert_eq!(store.counts().unwrap().completed_events, 0);
     }
 
     #[tokio::test]

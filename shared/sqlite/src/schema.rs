@@ -115,6 +115,14 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     DELETE FROM events WHERE done = 0;
     "#,
+    // Version 4: completion records carry the time they were written, so they are forgotten
+    // after the idempotency window (`SqliteStore::forget_completed_events`); the ones already
+    // there count from the upgrade. Indexed by that time: new ones append at the index's end.
+    r#"
+    ALTER TABLE events ADD COLUMN done_at_ms INTEGER;
+    UPDATE events SET done_at_ms = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER);
+    CREATE INDEX events_by_done_at ON events (done_at_ms);
+    "#,
 ];
 
 /// The schema version this build migrates to.
@@ -225,6 +233,42 @@ mod tests {
             .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 1);
+        assert!(integrity_problems(&conn).unwrap().is_empty());
+    }
+
+    #[test]
+    fn completion_records_of_a_version_3_file_count_from_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        {
+            // A file as version 3 left it, with one completed event.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL);")
+                .unwrap();
+            for sql in &MIGRATIONS[..3] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.execute_batch(
+                "INSERT INTO schema_version (version) VALUES (3);
+                 INSERT INTO events (event_id, done, lease_until_ms) VALUES ('e1', 1, NULL);",
+            )
+            .unwrap();
+        }
+        let before = chrono::Utc::now().timestamp_millis();
+        let conn = open_connection(Some(&path)).unwrap();
+        let (done, at): (i64, i64) = conn
+            .query_row(
+                "SELECT done, done_at_ms FROM events WHERE event_id = 'e1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(done, 1, "the record is kept");
+        let after = chrono::Utc::now().timestamp_millis();
+        assert!(
+            (before - 1_000..=after + 1_000).contains(&at),
+            "counted from the upgrade: {at} not in {before}..{after}"
+        );
         assert!(integrity_problems(&conn).unwrap().is_empty());
     }
 

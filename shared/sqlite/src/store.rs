@@ -229,6 +229,34 @@ impl SqliteStore {
             .map_err(|e| self.file.unavailable("reading an idempotency record", e))
     }
 
+    /// Forgets up to `limit` completion records written before `done_before` (the oldest
+    /// first), in one transaction; returns how many. A redelivery of a forgotten event is no
+    /// longer recognised by its id, but by the link: its version is not newer than the one
+    /// the link holds, so it is skipped as a duplicate or stale change and nothing is written
+    /// twice. Without this the records of every event ever processed would pile up.
+    pub async fn forget_completed_events(
+        &self,
+        done_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let (before, limit) = (done_before.timestamp_millis(), limit_to_sql(limit));
+        let file = self.file.clone();
+        self.write(
+            "forgetting completed events".to_owned(),
+            64,
+            move |conn: &Connection| {
+                conn.prepare_cached(
+                    "DELETE FROM events WHERE event_id IN \
+                     (SELECT event_id FROM events WHERE done = 1 AND done_at_ms < ?1 \
+                      ORDER BY done_at_ms LIMIT ?2)",
+                )
+                .and_then(|mut s| s.execute(params![before, limit]))
+                .map_err(|e| file.unavailable("forgetting completed events", e))
+            },
+        )
+        .await
+    }
+
     /// Runs SQLite's `PRAGMA integrity_check`; [`StoreError::Corrupt`] lists what it found.
     pub fn integrity_check(&self) -> Result<(), StoreError> {
         let conn = self.connections.read();
@@ -403,10 +431,11 @@ impl StoreFile {
             }
             StoreOp::CompleteEvent { event_id } => {
                 tx.prepare_cached(
-                    "INSERT INTO events (event_id, done, lease_until_ms) VALUES (?1, 1, NULL) \
-                     ON CONFLICT (event_id) DO UPDATE SET done = 1, lease_until_ms = NULL",
+                    "INSERT INTO events (event_id, done, lease_until_ms, done_at_ms) \
+                     VALUES (?1, 1, NULL, ?2) ON CONFLICT (event_id) DO UPDATE \
+                     SET done = 1, lease_until_ms = NULL, done_at_ms = ?2",
                 )
-                .and_then(|mut s| s.execute([event_id]))
+                .and_then(|mut s| s.execute(params![event_id, Utc::now().timestamp_millis()]))
                 .map_err(fail)?;
             }
             StoreOp::RecordConflict(conflict) => {

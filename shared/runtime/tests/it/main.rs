@@ -53,7 +53,7 @@ fn every_config_problem_is_reported_at_once() {
         dataverse:\n  url: ftp://x\n  tenant: t\n  client_id: c\n  client_secret_env: UNSET_VAR\n\
         fno:\n  url: https://f\n  tenant: t\n  client_id: c\n  client_secret_env: T_SECRET\n  client_secret_file: s.txt\n\
         webhooks:\n  dataverse:\n    secret_env: T_DV_HOOK\n  fno: {}\n\
-        worker:\n  concurrency: 0\n\
+        worker:\n  concurrency: 0\n  idempotency_hours: 0\n\
         batching:\n  max_in_flight: 0\n  dataverse:\n    max_batch: 1001\n\
         scheduler:\n  catch_up: \"every minute\"\n";
     let err = Config::parse(text, "bad.yaml", Path::new("."), &env()).unwrap_err();
@@ -70,6 +70,7 @@ fn every_config_problem_is_reported_at_once() {
         "fno",
         "webhooks.fno",
         "worker.concurrency",
+        "worker.idempotency_hours",
         "batching.max_in_flight",
         "batching.dataverse.max_batch",
         "scheduler.catch_up",
@@ -88,6 +89,24 @@ fn every_config_problem_is_reported_at_once() {
     assert!(text.contains("bad.yaml"));
     assert!(text.contains("customers-v3-accounts` depends on"), "{text}");
     assert!(text.contains("UNSET_VAR"));
+}
+
+#[test]
+fn processed_event_ids_are_remembered_for_a_week_unless_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        config(dir.path()).worker.idempotency_window,
+        std::time::Duration::from_secs(7 * 24 * 3_600)
+    );
+    let two_days = yaml("state.db").replace(
+        "  max_attempts: 50\n",
+        "  max_attempts: 50\n  idempotency_hours: 48\n",
+    );
+    let c = Config::parse(&two_days, "t.yaml", dir.path(), &env()).expect("valid");
+    assert_eq!(
+        c.worker.idempotency_window,
+        std::time::Duration::from_secs(48 * 3_600)
+    );
 }
 
 #[test]

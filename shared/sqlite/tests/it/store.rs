@@ -381,6 +381,47 @@ async fn conflict_and_error_logs_list_newest_first() {
 }
 
 #[tokio::test]
+async fn completed_events_are_forgotten_oldest_first_after_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("db.sqlite")).unwrap();
+    let complete = |id: &str| StoreOp::CompleteEvent {
+        event_id: id.to_owned(),
+    };
+    store
+        .commit(vec![complete("old-1"), complete("old-2")])
+        .await
+        .unwrap();
+    // The records carry the wall-clock time they were written (ms): the next ones are later.
+    std::thread::sleep(Duration::from_millis(5));
+    let cutoff = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(5));
+    store.commit(vec![complete("new-1")]).await.unwrap();
+    assert_eq!(store.counts().unwrap().completed_events, 3);
+
+    assert_eq!(store.forget_completed_events(cutoff, 1).await.unwrap(), 1);
+    assert_eq!(store.counts().unwrap().completed_events, 2);
+    assert_eq!(store.forget_completed_events(cutoff, 100).await.unwrap(), 1);
+    assert_eq!(store.forget_completed_events(cutoff, 100).await.unwrap(), 0);
+    assert!(!store.event_done("old-1").unwrap());
+    assert!(!store.event_done("old-2").unwrap());
+    assert!(
+        store.event_done("new-1").unwrap(),
+        "inside the window: kept"
+    );
+    // A forgotten event can be claimed again (its link then tells a duplicate, see the
+    // engine's tests); a remembered one cannot.
+    let lease = std::time::Duration::from_secs(60);
+    assert_eq!(
+        store.claim_event("old-1", t0(), lease).await.unwrap(),
+        EventClaim::Claimed
+    );
+    assert_eq!(
+        store.claim_event("new-1", t0(), lease).await.unwrap(),
+        EventClaim::AlreadyDone
+    );
+}
+
+#[tokio::test]
 async fn parked_events_are_kept_per_awaited_link_until_unparked() {
     let store = SqliteStore::open_in_memory().unwrap();
     let parked = |id: &str, waiting: &str, secs: i64| ParkedEvent {
