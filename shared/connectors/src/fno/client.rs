@@ -90,7 +90,7 @@ impl FnoConnector {
         record: &Record,
         key: &RecordKey,
     ) -> Result<String, ConnectorError> {
-        record_body(record, Some(key)).map_err(|e| {
+        record_body(self.schema(entity), record, Some(key)).map_err(|e| {
             self.client.error(
                 entity,
                 ConnectorErrorKind::BadRequest,

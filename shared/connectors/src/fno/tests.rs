@@ -27,6 +27,7 @@ fn schemas() -> Arc<EntitySchemas> {
             ("CreditLimit".to_string(), ValueType::Decimal),
             ("CreditLimitIsMandatory".to_string(), ValueType::Enum),
             ("PartyType".to_string(), ValueType::Enum),
+            ("SalesMemo".to_string(), ValueType::Text),
         ]),
         ..EntitySchema::default()
     });
@@ -137,6 +138,33 @@ async fn upsert_of_a_new_record_posts_it() {
         r#"{"CustomerAccount":"US-001","dataAreaId":"usmf"}"#
     );
     assert!(out.created);
+}
+
+#[tokio::test]
+async fn a_null_text_field_is_written_as_empty_text_and_other_nulls_as_null() {
+    // F&O has no null text: a cleared Dataverse column is sent as "" (its string properties
+    // do not take null); a null number or enum stays null.
+    let (server, c) = connector().await;
+    server.push(Canned::json(404, "{}"));
+    server.push(Canned::json(201, ROW));
+    let key = RecordKey::new([("dataAreaId", "usmf"), ("CustomerAccount", "US-001")]);
+    let record = Record::new("CustomersV3")
+        .with("SalesMemo", Value::Null)
+        .with("CreditLimit", Value::Null)
+        .with("Undeclared", Value::Null);
+    c.upsert(
+        "CustomersV3",
+        &RecordRef::Key(key),
+        &record,
+        WriteCondition::None,
+    )
+    .await
+    .unwrap();
+    let seen = server.seen();
+    assert_eq!(
+        seen[1].body,
+        r#"{"CreditLimit":null,"SalesMemo":"","Undeclared":null,"CustomerAccount":"US-001","dataAreaId":"usmf"}"#
+    );
 }
 
 #[tokio::test]

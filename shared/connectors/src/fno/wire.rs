@@ -246,8 +246,14 @@ pub fn written_of_body(schema: Option<&EntitySchema>, body: &str) -> Result<Writ
 }
 
 /// The JSON body of a POST or PATCH: the record's fields (dates as `…T00:00:00Z`, enums as
-/// their symbol), the key fields of `key` that the record lacks, and `dataAreaId`.
-pub fn record_body(record: &Record, key: Option<&RecordKey>) -> Result<String, String> {
+/// their symbol), the key fields of `key` that the record lacks, and `dataAreaId`. A null in a
+/// field `schema` declares text is sent as "": F&O has no null text (its string properties do
+/// not take null), and "" is how it spells an empty field.
+pub fn record_body(
+    schema: Option<&EntitySchema>,
+    record: &Record,
+    key: Option<&RecordKey>,
+) -> Result<String, String> {
     let mut pairs = Vec::new();
     for (name, value) in &record.fields {
         if name == DATA_AREA_ID {
@@ -257,6 +263,12 @@ pub fn record_body(record: &Record, key: Option<&RecordKey>) -> Result<String, S
             return Err(format!(
                 "field {name}: F&O fields hold natural keys, not Dataverse lookups ({l:?})"
             ));
+        }
+        if value.is_null()
+            && schema.is_some_and(|s| s.fields.get(name.as_str()) == Some(&ValueType::Text))
+        {
+            pairs.push((name.to_string(), "\"\"".to_owned()));
+            continue;
         }
         pairs.push((
             name.to_string(),
