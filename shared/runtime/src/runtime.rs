@@ -242,10 +242,12 @@ const FORGET_EVERY: Duration = Duration::from_secs(600);
 const FORGET_CHUNK: usize = 2_000;
 
 /// Forgets the completion records written before `window` ago, [`FORGET_CHUNK`] per
-/// transaction; returns how many.
+/// transaction, until none is left or `stop` turns true (a shutdown does not wait for a long
+/// backlog: the next round goes on); returns how many.
 async fn forget_expired_events(
     store: &SqliteStore,
     window: Duration,
+    stop: &watch::Receiver<bool>,
 ) -> Result<usize, dualwrite_core::ports::StoreError> {
     let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
     let before = chrono::Utc::now()
@@ -255,7 +257,7 @@ async fn forget_expired_events(
     loop {
         let n = store.forget_completed_events(before, FORGET_CHUNK).await?;
         forgotten += n;
-        if n < FORGET_CHUNK {
+        if n < FORGET_CHUNK || *stop.borrow() {
             return Ok(forgotten);
         }
         tokio::task::yield_now().await;
@@ -435,7 +437,7 @@ async fn run_receiver(
         }
         if n == 0 && last_forget.is_none_or(|t| t.elapsed() >= FORGET_EVERY) {
             last_forget = Some(Instant::now());
-            match forget_expired_events(&shared.store, shared.idempotency_window).await {
+            match forget_expired_events(&shared.store, shared.idempotency_window, &stop).await {
                 Ok(0) => {}
                 Ok(forgotten) => info!(
                     forgotten,
@@ -1052,14 +1054,26 @@ mod tests {
         }
         // A week's window keeps them all.
         let week = Duration::from_secs(7 * 24 * 3_600);
-        assert_eq!(forget_expired_events(&store, week).await.unwrap(), 0);
+        let (stop_tx, stop) = watch::channel(false);
+        assert_eq!(forget_expired_events(&store, week, &stop).await.unwrap(), 0);
         assert_eq!(store.counts().unwrap().completed_events, ids.len() as u64);
         // Once outside the window (here: none), every one goes, over several transactions.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let batches = store.writer_stats().batches;
+        // A shutdown stops after the chunk in hand.
+        stop_tx.send(true).unwrap();
         assert_eq!(
-            forget_expired_events(&store, Duration::ZERO).await.unwrap(),
-            ids.len()
+            forget_expired_events(&store, Duration::ZERO, &stop)
+                .await
+                .unwrap(),
+            FORGET_CHUNK
+        );
+        stop_tx.send(false).unwrap();
+        assert_eq!(
+            forget_expired_events(&store, Duration::ZERO, &stop)
+                .await
+                .unwrap(),
+            ids.len() - FORGET_CHUNK
         );
         assert!(store.writer_stats().batches >= batches + 2);
         assert_eq!(store.counts().unwrap().completed_events, 0);
