@@ -674,6 +674,9 @@ pub fn transform_value(
     source: Side,
     value: Value,
 ) -> Result<Value, ApplyError> {
+    // Empty text is no value (`Value::is_empty`): it crosses as null, whatever the steps (a
+    // prefix would make text of it, a conversion to a number would fail on it).
+    let value = if value.is_empty() { Value::Null } else { value };
     let mut value = match &fm.value_map {
         Some(value_map) if !value.is_empty() => map_value(map, fm, value_map, source, &value)?,
         _ => value,
@@ -1795,6 +1798,37 @@ mod tests {
             integration_key(&map, Side::Erp, &no_key),
             Err(ApplyError::MissingKey { .. })
         ));
+    }
+
+    #[test]
+    fn empty_text_crosses_transform_steps_as_null() {
+        let mut map = customers();
+        let memo = map
+            .fields
+            .iter()
+            .position(|f| f.erp.as_ref().is_some_and(|e| e.name == "SalesMemo"))
+            .unwrap();
+        map.fields[memo].to_crm = vec![
+            TransformStep::Prefix("memo: ".into()),
+            TransformStep::Convert(ValueType::Text),
+        ];
+        let fm = &map.fields[memo];
+        assert_eq!(
+            transform_value(&map, fm, Side::Erp, text("x")),
+            Ok(text("memo: x"))
+        );
+        assert_eq!(
+            transform_value(&map, fm, Side::Erp, text("")),
+            Ok(Value::Null)
+        );
+        // A conversion to a number takes "" as no value rather than failing on it.
+        map.fields[memo].to_crm = vec![TransformStep::Convert(ValueType::Integer)];
+        let fm = &map.fields[memo];
+        assert_eq!(
+            transform_value(&map, fm, Side::Erp, text("")),
+            Ok(Value::Null)
+        );
+        assert!(transform_value(&map, fm, Side::Erp, text("x")).is_err());
     }
 
     #[test]
