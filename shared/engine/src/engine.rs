@@ -431,6 +431,7 @@ impl Engine {
             partial: false,
             received_at: self.clock.now(),
             correlation_id: Some(conflict_id.to_string()),
+            depth: None,
         };
         Ok(self.process(&event).await?)
     }
@@ -850,6 +851,7 @@ impl Engine {
                 partial: false,
                 received_at: self.clock.now(),
                 correlation_id: event.correlation_id.clone(),
+                depth: event.depth,
             };
             let step = self
                 .handle_map(referenced, &dependency, false, depth + 1, attempt)

@@ -60,6 +60,7 @@ fn message(event_id: String, record_id: String) -> QueueMessage {
         partial: false,
         received_at: t0(),
         correlation_id: None,
+        depth: None,
     })
 }
 

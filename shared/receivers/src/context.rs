@@ -8,6 +8,7 @@ use std::sync::Arc;
 use chrono::{DateTime, FixedOffset, TimeZone, Utc};
 use std::collections::BTreeMap;
 
+use dualwrite_core::hash::hash_fields;
 use dualwrite_core::map::apply::convert;
 use dualwrite_core::{
     ChangeEvent, Fields, LookupRef, Operation, Record, RecordKey, Side, SmolStr, Value, ValueType,
@@ -111,7 +112,12 @@ pub(crate) fn kv_list<'a>(
             Some(Json::String(k)) => k.as_ref(),
             _ => req_str(entry, "key", &item_path(i))?,
         };
-        out.push((key, entry.get("value").unwrap_or(&Json::Null)));
+        // An entry without its value is refused rather than read as null: a null attribute
+        // clears the field on the other side, so it must be one Dataverse actually sent.
+        let value = entry
+            .get("value")
+            .ok_or_else(|| PayloadError::Missing(format!("{}.value", item_path(i))))?;
+        out.push((key, value));
     }
     Ok(out)
 }
@@ -190,14 +196,34 @@ fn key_text(v: &Json<'_>) -> String {
 
 /// An EntityReference as a lookup: the entity set resolved through `coverage` when a map
 /// names the table, else the logical name; `KeyAttributes` become the lookup's key.
+///
+/// An empty or all-zero `Id` is no id (a reference built from key attributes carries
+/// `Guid.Empty`); a reference left with neither an id nor a key names no record and is refused,
+/// as is a key attribute whose value is null: read as they came they would become a lookup of
+/// nothing, or of the text `null`, and the engine would wait for (or link) a record that does
+/// not exist.
 pub(crate) fn entity_reference(
     obj: &Obj<'_>,
     path: &str,
     coverage: &Coverage,
 ) -> Result<LookupRef, PayloadError> {
     let logical = req_str(obj, "LogicalName", path)?;
-    let id = opt_str(obj, "Id", path)?.map(str::to_string);
+    let id = opt_str(obj, "Id", path)?
+        .filter(|id| !is_absent_guid(id))
+        .map(str::to_string);
     let keys = kv_list(obj, "KeyAttributes", path)?;
+    if let Some((k, _)) = keys.iter().find(|(_, v)| matches!(v, Json::Null)) {
+        return Err(PayloadError::BadValue {
+            field: format!("{}.{k}", at(path, "KeyAttributes")),
+            value: "null".into(),
+            expected: "a key value (text or a number)",
+        });
+    }
+    if id.is_none() && keys.is_empty() {
+        return Err(PayloadError::UnidentifiedReference {
+            field: path.to_string(),
+        });
+    }
     let key =
         (!keys.is_empty()).then(|| RecordKey::new(keys.iter().map(|(k, v)| (*k, key_text(v)))));
     let entity_set = coverage.entity_set(logical).unwrap_or(logical).to_string();
@@ -247,8 +273,8 @@ pub(crate) fn typed_value_at(
             Some("EntityReference") => {
                 Value::Lookup(Arc::new(entity_reference(obj, &path(), coverage)?))
             }
-            Some("OptionSetValue") => Value::Choice(number_value(obj, &path())?.0),
-            Some("Money") => Value::Decimal(number_value(obj, &path())?.1),
+            Some("OptionSetValue") => Value::Choice(option_value(obj, &path())?),
+            Some("Money") => Value::Decimal(money_value(obj, &path())?),
             None if obj.contains_key("LogicalName") && obj.contains_key("Id") => {
                 Value::Lookup(Arc::new(entity_reference(obj, &path(), coverage)?))
             }
@@ -257,19 +283,67 @@ pub(crate) fn typed_value_at(
     })
 }
 
-/// The `Value` of an OptionSetValue/Money: as integer (for choices) and as decimal.
-fn number_value(obj: &Obj<'_>, path: &str) -> Result<(i64, Decimal), PayloadError> {
-    let wrong = || PayloadError::WrongType {
-        field: at(path, "Value"),
-        expected: "a number",
-    };
+/// The `Value` number of an OptionSetValue or Money; absent, null or not a number is refused.
+fn typed_number<'a>(obj: &'a Obj<'_>, path: &str) -> Result<&'a Number, PayloadError> {
     match obj.get("Value") {
-        Some(Json::Number(n)) => {
-            let d = decimal_of(n).ok_or_else(wrong)?;
-            Ok((n.as_i64().unwrap_or_default(), d))
-        }
+        Some(Json::Number(n)) => Ok(n),
         None => Err(PayloadError::Missing(at(path, "Value"))),
-        Some(_) => Err(wrong()),
+        Some(_) => Err(PayloadError::WrongType {
+            field: at(path, "Value"),
+            expected: "a number",
+        }),
+    }
+}
+
+/// The `Value` of an OptionSetValue: Dataverse option values are 32-bit whole numbers. Any
+/// other number is refused (400 naming the attribute), never rounded or read as option 0: a
+/// wrong choice would be written to F&O as if the user had picked it.
+fn option_value(obj: &Obj<'_>, path: &str) -> Result<i64, PayloadError> {
+    let n = typed_number(obj, path)?;
+    match n.as_i64().map(i32::try_from) {
+        Some(Ok(v)) => Ok(i64::from(v)),
+        _ => Err(PayloadError::BadValue {
+            field: at(path, "Value"),
+            value: n.to_string(),
+            expected: "an option value (a whole number within 32 bits)",
+        }),
+    }
+}
+
+/// The `Value` of a Money, exact; a number no [`Decimal`] holds (beyond 28 digits or
+/// ±7.9·10²⁸) is refused rather than rounded.
+fn money_value(obj: &Obj<'_>, path: &str) -> Result<Decimal, PayloadError> {
+    let n = typed_number(obj, path)?;
+    decimal_of(n).ok_or_else(|| PayloadError::BadValue {
+        field: at(path, "Value"),
+        value: n.to_string(),
+        expected: "an amount of at most 28 significant digits",
+    })
+}
+
+/// True for an id that stands for "none": empty, or the all-zero GUID in any of its spellings
+/// (`00000000-0000-0000-0000-000000000000`, in braces or parentheses, or without hyphens).
+/// Dataverse sends it as the `OperationId` of a synchronous step (no system job runs it) and
+/// as the `Id` of a reference given by key attributes.
+pub(crate) fn is_absent_guid(id: &str) -> bool {
+    let id = id.trim();
+    let bare = id
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .or_else(|| id.strip_prefix('(').and_then(|s| s.strip_suffix(')')))
+        .unwrap_or(id);
+    bare.bytes().all(|b| b == b'0' || b == b'-')
+        && (bare.is_empty() || bare.bytes().filter(|b| *b == b'0').count() == 32)
+}
+
+/// The `RowVersion` of an Entity or EntityReference when it carries one (text, or a number).
+/// It is only an ingredient of a fallback event id, so another type is ignored rather than
+/// refused: refusing would veto the user's save when the step is synchronous.
+pub(crate) fn row_version(obj: &Obj<'_>) -> Option<String> {
+    match obj.get("RowVersion")? {
+        Json::String(s) if !s.trim().is_empty() => Some(s.to_string()),
+        Json::Number(n) => Some(n.to_string()),
+        _ => None,
     }
 }
 
@@ -371,20 +445,37 @@ pub(crate) fn is_reference(obj: &Obj<'_>) -> bool {
 
 /// The context fields every RemoteExecutionContext carries (Dataverse and F&O data events).
 pub(crate) struct ContextHead {
-    pub(crate) depth: Option<i64>,
+    pub(crate) message: String,
+    pub(crate) depth: Option<u32>,
     pub(crate) correlation_id: Option<String>,
+    /// `OperationId`, `None` when absent or the empty GUID (a synchronous step).
     pub(crate) operation_id: Option<String>,
+    /// `RequestId`, `None` when absent or the empty GUID.
     pub(crate) request_id: Option<String>,
     pub(crate) created_on: Option<DateTime<FixedOffset>>,
 }
 
 impl ContextHead {
     pub(crate) fn read(ctx: &Obj<'_>) -> Result<Self, PayloadError> {
+        let id = |field| -> Result<Option<String>, PayloadError> {
+            Ok(opt_str(ctx, field, "")?
+                .filter(|id| !is_absent_guid(id))
+                .map(str::to_string))
+        };
+        let depth = match opt_i64(ctx, "Depth", "")? {
+            None => None,
+            Some(d) => Some(u32::try_from(d).map_err(|_| PayloadError::BadValue {
+                field: "Depth".into(),
+                value: d.to_string(),
+                expected: "an execution depth (a whole number from 0)",
+            })?),
+        };
         Ok(ContextHead {
-            depth: opt_i64(ctx, "Depth", "")?,
+            message: req_str(ctx, "MessageName", "")?.to_string(),
+            depth,
             correlation_id: opt_str(ctx, "CorrelationId", "")?.map(str::to_string),
-            operation_id: opt_str(ctx, "OperationId", "")?.map(str::to_string),
-            request_id: opt_str(ctx, "RequestId", "")?.map(str::to_string),
+            operation_id: id("OperationId")?,
+            request_id: id("RequestId")?,
             created_on: opt_wcf_date(ctx, "OperationCreatedOn", "")?,
         })
     }
@@ -409,26 +500,49 @@ impl ContextHead {
                 partial,
                 received_at: now,
                 correlation_id: self.correlation_id,
+                depth: self.depth,
             },
-            depth: self.depth,
         }))
     }
 
-    /// `OperationId`, else `RequestId`, else correlation id + record id + modified time.
+    /// The id of the change this context reports: `OperationId` (the system job of an
+    /// asynchronous step), else `RequestId`, else one derived from the notification itself.
+    ///
+    /// A synchronous step has no system job: its `OperationId` is the empty GUID, and so may
+    /// its `RequestId` be. Taken as ids, every event of such a step would share one and all but
+    /// the first be dropped as duplicates for the whole idempotency window; they count as
+    /// absent. The derived id must be the same for a redelivery of one notification and differ
+    /// between two changes, also two changes of one record within one correlation (a plug-in
+    /// updating the record it reacts to, a Create followed by an Update): it is made of the
+    /// correlation id, the message, the record, the modification time (`modifiedon`, else
+    /// `OperationCreatedOn`: a Delete has no `modifiedon`), the depth, the row version when the
+    /// payload has one, and a hash of the values the payload carries (which tells apart two
+    /// updates of one record within the same second, `modifiedon` having whole seconds).
+    /// Absent parts are `-`.
     pub(crate) fn event_id(
         &self,
-        record_id: &str,
+        record: &Record,
         modified: Option<DateTime<FixedOffset>>,
+        row_version: Option<&str>,
     ) -> String {
         if let Some(id) = self.operation_id.as_ref().or(self.request_id.as_ref()) {
             return id.clone();
         }
-        let modified = modified
-            .map(|t| t.to_utc().to_rfc3339())
-            .unwrap_or_default();
+        let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".into());
+        // The stable, pinned field hash (no per-process seed), so another process or a
+        // restart derives the same id for a redelivery.
+        let values = hash_fields(record, record.fields.keys().map(SmolStr::as_str)).0;
         format!(
-            "{}:{record_id}:{modified}",
-            self.correlation_id.as_deref().unwrap_or("-")
+            "{}:{}:{}:{}:{}:{}:{:016x}",
+            self.correlation_id.as_deref().unwrap_or("-"),
+            self.message,
+            record.id.as_deref().unwrap_or("-"),
+            or_dash(modified.map(|t| t.to_utc().to_rfc3339())),
+            or_dash(self.depth.map(|d| d.to_string())),
+            row_version.unwrap_or("-"),
+            // 64 bits of the 128 keep the id short; they only tell apart changes that agree
+            // on everything before them.
+            values as u64,
         )
     }
 }
@@ -622,6 +736,166 @@ mod tests {
             Ok(Value::Decimal(
                 Decimal::from_str("922337203685477.5807").unwrap()
             ))
+        );
+    }
+
+    /// Regression: an OptionSetValue whose `Value` was not a whole number became option 0.
+    #[test]
+    fn option_values_that_are_not_32_bit_whole_numbers_are_refused() {
+        let option = |value: serde_json::Value| {
+            typed(
+                &json!({"__type": "OptionSetValue:http://schemas.microsoft.com/xrm/2011/Contracts", "Value": value}),
+                "Attributes.customertypecode",
+            )
+        };
+        assert_eq!(
+            option(json!(-2_147_483_648)),
+            Ok(Value::Choice(-2_147_483_648))
+        );
+        assert_eq!(
+            option(json!(2_147_483_647)),
+            Ok(Value::Choice(2_147_483_647))
+        );
+        for (bad, shown) in [
+            (json!(1.5), "1.5"),
+            (json!(2_147_483_648_i64), "2147483648"),
+            (json!(-2_147_483_649_i64), "-2147483649"),
+            (
+                json!(18_446_744_073_709_551_615_u64),
+                "18446744073709551615",
+            ),
+        ] {
+            let err = option(bad).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "field \"Attributes.customertypecode.Value\": {shown} is not an option value (a whole number within 32 bits)"
+                )
+            );
+        }
+        assert_eq!(
+            option(json!("3")),
+            Err(PayloadError::WrongType {
+                field: "Attributes.customertypecode.Value".into(),
+                expected: "a number"
+            })
+        );
+        assert_eq!(
+            typed(&json!({"__type": "OptionSetValue:x"}), "o"),
+            Err(PayloadError::Missing("o.Value".into()))
+        );
+    }
+
+    #[test]
+    fn money_no_decimal_holds_is_refused_not_rounded() {
+        let err = typed(
+            &json!({"__type": "Money:x", "Value": 1e40}),
+            "Attributes.creditlimit",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, PayloadError::BadValue { field, .. } if field == "Attributes.creditlimit.Value"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("at most 28 significant digits"),
+            "{err}"
+        );
+        assert_eq!(
+            typed(&json!({"__type": "Money:x", "Value": null}), "m"),
+            Err(PayloadError::WrongType {
+                field: "m.Value".into(),
+                expected: "a number"
+            })
+        );
+    }
+
+    #[test]
+    fn entity_references_must_name_a_record() {
+        let reference = |id: serde_json::Value, keys: serde_json::Value| {
+            typed(
+                &json!({"__type": "EntityReference:x", "LogicalName": "transactioncurrency",
+                        "Id": id, "KeyAttributes": keys}),
+                "Attributes.transactioncurrencyid",
+            )
+        };
+        let unnamed = Err(PayloadError::UnidentifiedReference {
+            field: "Attributes.transactioncurrencyid".into(),
+        });
+        assert_eq!(reference(json!(null), json!([])), unnamed);
+        assert_eq!(
+            reference(json!("00000000-0000-0000-0000-000000000000"), json!([])),
+            unnamed
+        );
+        // A reference by key carries the empty GUID as its id: the key is what names it.
+        let by_key = reference(
+            json!("00000000-0000-0000-0000-000000000000"),
+            json!([{"key": "isocurrencycode", "value": "USD"}]),
+        );
+        assert_eq!(
+            by_key,
+            Ok(Value::Lookup(Arc::new(LookupRef {
+                entity_set: "transactioncurrency".into(),
+                id: None,
+                key: Some(RecordKey::new([("isocurrencycode", "USD")])),
+            })))
+        );
+        assert_eq!(
+            reference(
+                json!(null),
+                json!([{"key": "isocurrencycode", "value": null}])
+            )
+            .unwrap_err()
+            .to_string(),
+            "field \"Attributes.transactioncurrencyid.KeyAttributes.isocurrencycode\": null is not a key value (text or a number)"
+        );
+    }
+
+    #[test]
+    fn a_dictionary_entry_without_its_value_is_refused_not_read_as_null() {
+        let cov = Coverage::default();
+        let body = r#"{"Attributes":[{"key":"name","value":"A"},{"key":"creditlimit"}]}"#;
+        let Json::Object(entity) = crate::json::from_slice(body.as_bytes()).unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(
+            entity_attributes(&entity, "Target", &cov),
+            Err(PayloadError::Missing("Target.Attributes[1].value".into()))
+        );
+    }
+
+    #[test]
+    fn empty_guids_in_every_spelling_are_absent_and_real_ones_are_not() {
+        for absent in [
+            "",
+            " ",
+            "00000000-0000-0000-0000-000000000000",
+            "{00000000-0000-0000-0000-000000000000}",
+            "(00000000-0000-0000-0000-000000000000)",
+            "00000000000000000000000000000000",
+        ] {
+            assert!(is_absent_guid(absent), "{absent:?}");
+        }
+        for id in [
+            "4af10637-4ea2-e711-8122-000d3aa2331c",
+            "{4AF10637-4EA2-E711-8122-000D3AA2331C}",
+            "00000000-0000-0000-0000-000000000001",
+            "0",
+            "req-1",
+        ] {
+            assert!(!is_absent_guid(id), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn a_negative_depth_is_refused() {
+        let ctx = Obj::from_entries(vec![
+            ("MessageName", Json::String("Update".into())),
+            ("Depth", crate::json::from_slice(b"-1").unwrap()),
+        ]);
+        assert_eq!(
+            ContextHead::read(&ctx).err().map(|e| e.to_string()),
+            Some("field \"Depth\": -1 is not an execution depth (a whole number from 0)".into())
         );
     }
 }

@@ -7,7 +7,7 @@ use dualwrite_core::{Fields, Operation, Record, Side, SmolStr, SourceVersion, Va
 use crate::config::{Coverage, CrmCoverage};
 use crate::context::{
     ContextHead, Messages, Obj, conform_to_declared_types, entity_attributes, images, is_reference,
-    kv_list, opt_str, parse_object, read_message, req_str, target,
+    kv_list, opt_str, parse_object, read_message, req_str, row_version, target,
 };
 use crate::error::PayloadError;
 use crate::receive::Parsed;
@@ -56,10 +56,13 @@ pub fn parse_dataverse(
 
     let mut record = Record::new(&cov.entity_set);
     record.id = Some(primary_id.to_string().into());
+    // The Target's RowVersion, when the payload has one: part of a fallback event id.
+    let mut target_row_version = None;
     let partial = if req.header(MSG_SIZE_EXCEEDED_HEADER).is_some() {
         operation == Operation::Upsert
     } else {
         let (target_path, target) = target(&ctx)?;
+        target_row_version = row_version(target);
         let mut sources: Vec<(String, &Obj)> = Vec::new();
         // With post images registered with all columns, an image holds every column of the
         // row as written (null ones left out): the Target's values, a subset, are not needed.
@@ -142,7 +145,12 @@ pub fn parse_dataverse(
         modified_on: t.to_utc(),
         sequence,
     });
-    let event_id = head.event_id(primary_id, modified);
+    // `versionnumber` (the row's version, when an image carries it) else the Target's
+    // RowVersion tells apart two changes within one correlation and second.
+    let version = (sequence != 0)
+        .then(|| sequence.to_string())
+        .or(target_row_version);
+    let event_id = head.event_id(&record, modified, version.as_deref());
     Ok(head.accept(event_id, Side::Crm, operation, record, partial, now))
 }
 

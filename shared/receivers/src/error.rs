@@ -18,6 +18,26 @@ pub enum PayloadError {
         /// What it should be (`a number`, `a string`, `a list of {key, value}`…).
         expected: &'static str,
     },
+    /// A field of the right JSON type holding a value it cannot hold (an option value that is
+    /// not a 32-bit whole number, a Money beyond 28 digits, a negative `Depth`, a null key
+    /// attribute). Refused rather than defaulted: a made-up value would be synced as real.
+    #[error("field \"{field}\": {value} is not {expected}")]
+    BadValue {
+        /// Path of the field.
+        field: String,
+        /// The value found, as sent.
+        value: String,
+        /// What it should be.
+        expected: &'static str,
+    },
+    /// An EntityReference with neither an `Id` (or only the empty GUID) nor `KeyAttributes`.
+    #[error(
+        "field \"{field}\": the EntityReference has neither an Id nor KeyAttributes, so it names no record"
+    )]
+    UnidentifiedReference {
+        /// Path of the reference.
+        field: String,
+    },
     /// A Dataverse/data-event context without the `Target` input parameter.
     #[error("InputParameters: no \"Target\" entry")]
     NoTarget,

@@ -13,8 +13,8 @@ use dualwrite_core::{
 use crate::config::{BusinessEventRoute, Coverage, ErpCoverage};
 use crate::context::{
     ContextHead, Messages, Obj, conform_to_declared_types, entity_attributes, images, is_reference,
-    kv_list, opt_i64, opt_str, opt_wcf_date, parse_object, read_message, req_str, target,
-    typed_value,
+    kv_list, opt_i64, opt_str, opt_wcf_date, parse_object, read_message, req_str, row_version,
+    target, typed_value,
 };
 use crate::error::PayloadError;
 use crate::receive::{Accepted, Parsed};
@@ -150,7 +150,9 @@ fn data_event(
     if operation == Operation::Upsert {
         record.fields = fields;
     }
-    let event_id = head.event_id(record.id.as_deref().unwrap_or_default(), modified);
+    // Same rule as Dataverse webhooks (the context has the same shape): an empty-GUID
+    // OperationId/RequestId is no id, and the fallback is derived from the notification.
+    let event_id = head.event_id(&record, modified, row_version(target).as_deref());
     Ok(head.accept(event_id, Side::Erp, operation, record, partial, now))
 }
 
@@ -242,8 +244,8 @@ fn business_event(
             partial: true,
             received_at: now,
             correlation_id: None,
+            depth: None,
         },
-        depth: None,
     })))
 }
 

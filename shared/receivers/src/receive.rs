@@ -1,5 +1,7 @@
 //! The receiver entry point: authenticate, bound, parse, enqueue, answer — and count.
 
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
@@ -14,14 +16,12 @@ use crate::fno::parse_fno;
 use crate::request::{SourceKind, WebhookRequest, WebhookResponse};
 use crate::screen::{EventScreen, NoScreen};
 
-/// A change event parsed from a payload, with what is only logged.
+/// A change event parsed from a payload. (Dataverse `Depth`, once kept here and only logged,
+/// travels with the event: [`ChangeEvent::depth`].)
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accepted {
     /// The event to enqueue.
     pub event: ChangeEvent,
-    /// Dataverse `Depth`: how deep in a chain of plug-ins/flows the change happened
-    /// (1 = a direct user or API change). Logged, for loop diagnostics.
-    pub depth: Option<i64>,
 }
 
 /// What a well-formed payload amounts to.
@@ -46,7 +46,18 @@ pub struct ReceiverStats {
     malformed: AtomicU64,
     queue_unavailable: AtomicU64,
     settled: AtomicU64,
+    /// `source:entity` of the ignored payloads already warned about (see [`IGNORED_WARNINGS`]).
+    ignored_warned: Mutex<BTreeSet<String>>,
 }
+
+/// How many distinct ignored entities are warned about per process. An ignored payload is
+/// worth a warning (the default log filter shows only warnings): a webhook step or a business
+/// event endpoint is registered for something no enabled map covers, so the source calls in
+/// vain, or a map was disabled while its steps stayed registered. Once per entity is enough to
+/// see that (the `ignored` counter of `/status` keeps the count); one warning per payload
+/// would flood the log at the table's change rate. The cap keeps an authenticated but
+/// misbehaving sender inventing entity names from growing the set without bound.
+pub const IGNORED_WARNINGS: usize = 256;
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,6 +95,20 @@ impl ReceiverStats {
 
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// True the first time `entity` of `source` is ignored (while fewer than
+    /// [`IGNORED_WARNINGS`] entities were): that payload is logged as a warning, later ones
+    /// at debug.
+    fn first_ignored(&self, source: &str, entity: &str) -> bool {
+        let mut warned = self
+            .ignored_warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if warned.len() >= IGNORED_WARNINGS {
+            return false;
+        }
+        warned.insert(format!("{source}:{entity}"))
     }
 }
 
@@ -153,19 +178,31 @@ pub async fn receive_screened(
         }
         Ok(Parsed::Ignored { entity }) => {
             ReceiverStats::bump(&stats.ignored);
-            info!(source, entity = %entity, "event ignored: no enabled map covers it");
+            if stats.first_ignored(source, &entity) {
+                warn!(
+                    source,
+                    entity = %entity,
+                    "event ignored: no enabled map covers it; unregister the webhook step or business event for it, or enable a map (warned once per entity, counted in /status)"
+                );
+            } else {
+                debug!(source, entity = %entity, "event ignored: no enabled map covers it");
+            }
             return WebhookResponse::ignored();
         }
         Ok(Parsed::Event(accepted)) => *accepted,
     };
-    let Accepted { event, depth } = accepted;
+    let Accepted { event } = accepted;
     if let Some(reason) = screen.settled(&event).await {
         ReceiverStats::bump(&stats.settled);
         debug!(source, event_id = %event.event_id, entity = %event.record.entity, reason = reason.as_str(), "event settled on arrival, not queued");
         return WebhookResponse::settled(reason.as_str());
     }
     let (event_id, entity) = (event.event_id.clone(), event.record.entity.clone());
-    let (record_id, partial) = (event.record.id.clone().unwrap_or_default(), event.partial);
+    let (record_id, partial, depth) = (
+        event.record.id.clone().unwrap_or_default(),
+        event.partial,
+        event.depth,
+    );
     match queue.send(vec![QueueMessage::for_event(event)]).await {
         Ok(()) => {
             ReceiverStats::bump(&stats.accepted);
@@ -180,5 +217,29 @@ pub async fn receive_screened(
                 format!("the event could not be queued, retry later: {e}"),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ignored_entity_is_warned_about_once() {
+        let stats = ReceiverStats::default();
+        assert!(stats.first_ignored("dataverse", "lead"));
+        assert!(!stats.first_ignored("dataverse", "lead"), "warned already");
+        assert!(stats.first_ignored("fno", "lead"), "another source");
+        assert!(stats.first_ignored("dataverse", "opportunity"));
+    }
+
+    #[test]
+    fn ignored_warnings_stop_at_the_cap() {
+        let stats = ReceiverStats::default();
+        for i in 0..IGNORED_WARNINGS {
+            assert!(stats.first_ignored("dataverse", &format!("table{i}")));
+        }
+        assert!(!stats.first_ignored("dataverse", "one_more"));
+        assert_eq!(stats.ignored_warned.lock().unwrap().len(), IGNORED_WARNINGS);
     }
 }

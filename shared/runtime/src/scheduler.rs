@@ -152,6 +152,7 @@ fn polled_event(side: Side, record: dualwrite_core::Record, now: DateTime<Utc>) 
         partial: false,
         received_at: now,
         correlation_id: None,
+        depth: None,
     }
 }
 

@@ -284,6 +284,7 @@ impl MemoryConnector {
             partial: false,
             received_at: now,
             correlation_id: None,
+            depth: None,
         }
     }
 

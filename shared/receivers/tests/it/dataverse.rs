@@ -70,9 +70,9 @@ fn vendor_fixture_parses_into_the_expected_event() {
         partial: true,
         received_at: now(),
         correlation_id: Some("b374239d-4233-41a9-8b17-a86cb4f737b5".into()),
+        depth: Some(1),
     };
     assert_eq!(accepted.event, expected);
-    assert_eq!(accepted.depth, Some(1));
     assert_eq!(accepted.event.group_id(), format!("crm:contacts:{id}"));
 }
 
@@ -282,10 +282,149 @@ fn event_id_falls_back_to_request_id_then_correlation() {
 
     let body = edited(CONTACT_UPDATE, |v| v["OperationId"] = json!(null));
     let ev = event_of(parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap()).event;
-    assert_eq!(
-        ev.event_id,
-        "b374239d-4233-41a9-8b17-a86cb4f737b5:6d81597f-0f9f-e711-8122-000d3aa2331c:2017-09-26T00:04:07+00:00"
+    // Correlation, message, record, modifiedon, depth, row version (none), values' hash.
+    let prefix = "b374239d-4233-41a9-8b17-a86cb4f737b5:Update:6d81597f-0f9f-e711-8122-000d3aa2331c:2017-09-26T00:04:07+00:00:1:-:";
+    assert!(ev.event_id.starts_with(prefix), "{}", ev.event_id);
+    let hash = &ev.event_id[prefix.len()..];
+    assert!(
+        hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{hash}"
     );
+}
+
+/// The vendor fixture as a synchronous step sends it: no system job, so `OperationId` is the
+/// empty GUID (spelled `spelling`) and `RequestId` null; `edit` makes it another change.
+fn sync_step(spelling: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    edited(CONTACT_UPDATE, |v| {
+        v["Mode"] = json!(0);
+        v["OperationId"] = json!(spelling);
+        v["RequestId"] = json!(null);
+        edit(v);
+    })
+}
+
+fn event_id_of(body: &str) -> String {
+    event_of(parse_dataverse(&dataverse(body), &coverage(), now()).unwrap())
+        .event
+        .event_id
+}
+
+const EMPTY_GUIDS: [&str; 5] = [
+    "00000000-0000-0000-0000-000000000000",
+    "{00000000-0000-0000-0000-000000000000}",
+    "(00000000-0000-0000-0000-000000000000)",
+    "00000000000000000000000000000000",
+    "",
+];
+
+/// Regression: every event of a synchronous step took the empty GUID as its id, so all but
+/// the first were dropped as duplicates for the idempotency window.
+#[test]
+fn sync_step_changes_with_the_empty_operation_id_get_distinct_ids() {
+    for spelling in EMPTY_GUIDS {
+        let first = sync_step(spelling, |_| {});
+        let second = sync_step(spelling, |v| {
+            v["InputParameters"][0]["value"]["Attributes"][4]["value"] =
+                json!("/Date(1506384249000)/");
+        });
+        let (a, b) = (event_id_of(&first), event_id_of(&second));
+        assert!(!a.contains("00000000"), "{spelling:?}: {a}");
+        assert_ne!(a, b, "{spelling:?}: two changes, two ids");
+        assert_eq!(
+            a,
+            event_id_of(&first),
+            "{spelling:?}: a redelivery keeps its id"
+        );
+    }
+}
+
+#[test]
+fn an_empty_request_id_is_no_id_either_and_a_real_one_is_used() {
+    let empty = sync_step(EMPTY_GUIDS[0], |v| v["RequestId"] = json!(EMPTY_GUIDS[1]));
+    let id = event_id_of(&empty);
+    assert!(
+        id.starts_with("b374239d-4233-41a9-8b17-a86cb4f737b5:Update:"),
+        "{id}"
+    );
+    let with_request = sync_step(EMPTY_GUIDS[0], |v| {
+        v["RequestId"] = json!("7e1d2c3b-4aa2-ee11-be37-000d3a8e5c2b")
+    });
+    assert_eq!(
+        event_id_of(&with_request),
+        "7e1d2c3b-4aa2-ee11-be37-000d3a8e5c2b"
+    );
+}
+
+#[test]
+fn sync_changes_of_one_record_within_one_correlation_and_second_are_told_apart() {
+    let base = sync_step(EMPTY_GUIDS[0], |_| {});
+    // Another update in the same second: other values (modifiedon has whole seconds).
+    let other_values = sync_step(EMPTY_GUIDS[0], |v| {
+        v["InputParameters"][0]["value"]["Attributes"][0]["value"] = json!("Jim");
+    });
+    // A plug-in's nested update of the same record: same values, one level deeper.
+    let nested = sync_step(EMPTY_GUIDS[0], |v| v["Depth"] = json!(2));
+    // The row's version, when the step's image carries it.
+    let versioned = |n: i64| {
+        sync_step(EMPTY_GUIDS[0], |v| {
+            v["PostEntityImages"] = json!([{"key": "PostImage", "value": {
+                "Attributes": [{"key": "versionnumber", "value": n}],
+                "LogicalName": "contact"}}]);
+        })
+    };
+    // The Target's RowVersion, when it carries one.
+    let row_version = sync_step(EMPTY_GUIDS[0], |v| {
+        v["InputParameters"][0]["value"]["RowVersion"] = json!("71004878");
+    });
+    let ids = [
+        event_id_of(&base),
+        event_id_of(&other_values),
+        event_id_of(&nested),
+        event_id_of(&versioned(1001)),
+        event_id_of(&versioned(1002)),
+        event_id_of(&row_version),
+    ];
+    for (i, a) in ids.iter().enumerate() {
+        for b in &ids[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+    assert!(ids[5].contains(":71004878:"), "{}", ids[5]);
+    assert_eq!(event_id_of(&versioned(1001)), ids[3], "redelivery");
+}
+
+#[test]
+fn sync_deletes_and_creates_within_one_correlation_are_told_apart() {
+    let delete = |record: &str| {
+        edited(ACCOUNT_DELETE, |v| {
+            v["Mode"] = json!(0);
+            v["OperationId"] = json!(EMPTY_GUIDS[0]);
+            v["PrimaryEntityId"] = json!(record);
+            v["InputParameters"][0]["value"]["Id"] = json!(record);
+        })
+    };
+    let first = delete("3f2e1d0c-1aa2-ee11-be37-000d3a8e5c2b");
+    // A cascade: another account deleted by the same request, at the same instant.
+    let second = delete("4a3b2c1d-1aa2-ee11-be37-000d3a8e5c2b");
+    assert_ne!(event_id_of(&first), event_id_of(&second));
+    assert_eq!(event_id_of(&first), event_id_of(&first), "redelivery");
+    // A delete has no modifiedon: its time is OperationCreatedOn.
+    assert!(
+        event_id_of(&first)
+            .contains(":Delete:3f2e1d0c-1aa2-ee11-be37-000d3a8e5c2b:2024-05-01T11:00:00+00:00:"),
+        "{}",
+        event_id_of(&first)
+    );
+
+    // The same record created and deleted within one correlation.
+    let create = edited(ACCOUNT_CREATE, |v| {
+        v["Mode"] = json!(0);
+        v["OperationId"] = json!(EMPTY_GUIDS[0]);
+        v["CorrelationId"] = json!("5a6b7c8d-0e1f-4a2b-9c3d-4e5f6a7b8c9d");
+    });
+    let (created, deleted) = (event_id_of(&create), event_id_of(&first));
+    assert_ne!(created, deleted);
+    assert!(created.starts_with("5a6b7c8d-0e1f-4a2b-9c3d-4e5f6a7b8c9d:Create:3f2e1d0c"));
 }
 
 #[test]

@@ -73,7 +73,11 @@ fn data_event_maps_the_virtual_entity_back_to_the_fno_entity() {
             sequence: 0
         })
     );
-    assert_eq!(accepted.depth, Some(1));
+    assert_eq!(
+        ev.depth,
+        Some(1),
+        "the context's Depth travels with the event"
+    );
 }
 
 #[test]
@@ -319,5 +323,34 @@ fn data_event_version_is_the_rows_modification_time_in_either_date_form() {
     assert_eq!(
         wcf.record.version.map(|v| v.modified_on),
         Some(Utc.timestamp_millis_opt(1_714_568_400_000).unwrap())
+    );
+}
+
+/// F&O data events are RemoteExecutionContexts too: an empty-GUID `OperationId` (and
+/// `RequestId`) is no id there either, and the derived id follows the Dataverse rule.
+#[test]
+fn data_events_with_the_empty_operation_id_get_distinct_ids() {
+    let sync = |modified: &str| {
+        edited(FNO_DATA_EVENT, |v| {
+            v["OperationId"] = json!("{00000000-0000-0000-0000-000000000000}");
+            v["RequestId"] = json!("00000000-0000-0000-0000-000000000000");
+            v["InputParameters"][0]["value"]["Attributes"][7]["value"] = json!(modified);
+        })
+    };
+    let id = |body: &str| {
+        event_of(parse_data_event(&fno(body), &coverage(), now()).unwrap())
+            .event
+            .event_id
+    };
+    let first = sync("/Date(1714568400000)/");
+    let second = sync("/Date(1714568460000)/");
+    assert_ne!(id(&first), id(&second));
+    assert_eq!(id(&first), id(&first), "a redelivery keeps its id");
+    assert!(
+        id(&first).starts_with(
+            "2c3d4e5f-6a7b-4c8d-9e0f-1a2b3c4d5e6f:OnExternalUpdated:dataAreaId='usmf',CustomerAccount='US-001':2024-05-01T13:00:00+00:00:1:-:"
+        ),
+        "{}",
+        id(&first)
     );
 }

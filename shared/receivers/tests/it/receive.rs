@@ -135,6 +135,51 @@ async fn malformed_payload_is_400_with_the_problem() {
     assert_eq!(cfg.stats.snapshot().rejected_malformed, 3);
 }
 
+/// Regression: a malformed typed value was read as a default (option 0) and synced.
+#[tokio::test]
+async fn a_malformed_typed_value_is_400_naming_the_attribute() {
+    let (cfg, queue) = (config(), RecordingQueue::default());
+    let half_option = edited(ACCOUNT_CREATE, |v| {
+        v["InputParameters"][0]["value"]["Attributes"][3]["value"]["Value"] = json!(2.5);
+    });
+    let resp = receive(&dataverse_with_key(&half_option), &cfg, &queue, now()).await;
+    assert_eq!(
+        (resp.status, error_of(&resp)),
+        (
+            400,
+            "field \"InputParameters[0].value.Attributes.customertypecode.Value\": 2.5 is not an option value (a whole number within 32 bits)".to_string()
+        )
+    );
+    let nameless_lookup = edited(ACCOUNT_CREATE, |v| {
+        v["InputParameters"][0]["value"]["Attributes"][4]["value"]["Id"] = json!(null);
+    });
+    let resp = receive(&dataverse_with_key(&nameless_lookup), &cfg, &queue, now()).await;
+    assert_eq!(resp.status, 400);
+    assert!(
+        error_of(&resp).starts_with(
+            "field \"InputParameters[0].value.Attributes.transactioncurrencyid\": the EntityReference has neither an Id nor KeyAttributes"
+        ),
+        "{}",
+        error_of(&resp)
+    );
+    assert!(queue.events().is_empty());
+    assert_eq!(cfg.stats.snapshot().rejected_malformed, 2);
+}
+
+#[tokio::test]
+async fn the_queued_event_carries_the_depth() {
+    let (cfg, queue) = (config(), RecordingQueue::default());
+    let nested = edited(CONTACT_UPDATE, |v| v["Depth"] = json!(3));
+    let resp = receive(&dataverse_with_key(&nested), &cfg, &queue, now()).await;
+    assert_eq!(resp.status, 202);
+    let events = queue.events();
+    assert_eq!(events[0].depth, Some(3));
+    // …and keeps it through the queue's serialised form.
+    let queued = serde_json::to_string(&events[0]).unwrap();
+    let decoded: ChangeEvent = serde_json::from_str(&queued).unwrap();
+    assert_eq!(decoded.depth, Some(3));
+}
+
 #[tokio::test]
 async fn uncovered_entity_is_ignored_and_counted() {
     let (cfg, queue) = (config(), RecordingQueue::default());

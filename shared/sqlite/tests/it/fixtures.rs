@@ -43,6 +43,7 @@ pub fn event(event_id: &str, entity: &str, record_id: &str, sequence: i64) -> Ch
         partial: false,
         received_at: t0(),
         correlation_id: None,
+        depth: None,
     }
 }
 
