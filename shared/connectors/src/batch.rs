@@ -244,6 +244,69 @@ pub fn parse_batch_response(content_type: &str, body: &str) -> Result<Vec<BatchR
     Ok(out)
 }
 
+/// True for a `multipart/mixed` answer: the answer of a `$batch`, whatever its status.
+pub(crate) fn is_multipart(answer: &HttpResponse) -> bool {
+    answer.header("Content-Type").is_some_and(|t| {
+        t.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("multipart/mixed")
+    })
+}
+
+/// True for an inner answer that [`ODataClient::send`] would count as a failure had it come on
+/// its own: anything but 2xx and 304.
+fn part_failed(part: &BatchResponse) -> bool {
+    !(200..300).contains(&part.status) && part.status != 304
+}
+
+/// Reads the answer to a `$batch` sent about `entity`: its parts, in order, or the failure of
+/// the whole request.
+///
+/// Without `Prefer: odata.continue-on-error` Dataverse stops a batch at the first failing part
+/// and answers the whole batch 400 with a multipart body holding the parts it processed, the
+/// failing one last. That 400 says nothing of its own: the failing part's status, headers
+/// (`Retry-After`) and server message are the failure, so a multipart answer is split into its
+/// parts whatever its status, and the caller classifies each part like a single answer (412 is
+/// re-read, 429 waits `Retry-After`, 5xx backs off). A non-multipart failure (401, a 429 or 5xx
+/// of the whole request, a gateway error) is the failure of every part.
+///
+/// Each failing part is counted in the client's counters as a failed single request would be
+/// ([`ODataClient::send`] leaves multipart answers to this function), so throttling and
+/// conflicts inside a batch show in the counters as they do outside one.
+///
+/// # Errors
+/// The answer's own error when it is not multipart and not 2xx; a transient error when the
+/// body cannot be read as multipart; the answer's status (with a message saying so) when a
+/// non-2xx multipart answer holds no failing part.
+pub(crate) fn read_batch_answer(
+    client: &ODataClient,
+    entity: &str,
+    answer: &HttpResponse,
+) -> Result<Vec<BatchResponse>, ConnectorError> {
+    if !answer.is_success() && !is_multipart(answer) {
+        return Err(answer.to_error(client.side(), entity));
+    }
+    let content_type = answer.header("Content-Type").unwrap_or_default();
+    let parts = parse_batch_response(content_type, &answer.body)
+        .map_err(|e| client.bad_answer(entity, e))?;
+    let failed = parts.iter().filter(|p| part_failed(p)).count();
+    for _ in 0..failed {
+        client.stats().failure();
+    }
+    if !answer.is_success() && failed == 0 {
+        client.stats().failure();
+        let mut error = answer.to_error(client.side(), entity);
+        error.message = format!(
+            "the $batch answered {} with {} part(s), none of them failing, so nothing says what \
+             went wrong",
+            answer.status,
+            parts.len()
+        );
+        return Err(error);
+    }
+    Ok(parts)
+}
+
 /// One result per item from the parts of a changeset answer: one part per item when it
 /// committed; one error part for all when it was rolled back.
 pub(crate) fn batch_outcomes(
@@ -386,14 +449,7 @@ async fn send_once(
         .header("Prefer", "odata.continue-on-error")
         .body(content_type, body);
     let answer = client.send(WHOLE_BATCH, request).await?;
-    let answer_type = answer.header("Content-Type").unwrap_or_default();
-    // Dataverse answers a batch that stopped at a failing part with that part's status (400)
-    // and the multipart body of the parts it processed; any other failure has no parts.
-    if !answer.is_success() && !answer_type.starts_with("multipart/mixed") {
-        return Err(answer.to_error(client.side(), WHOLE_BATCH));
-    }
-    let answers = parse_batch_response(answer_type, &answer.body)
-        .map_err(|e| client.bad_answer(WHOLE_BATCH, e))?;
+    let answers = read_batch_answer(client, WHOLE_BATCH, &answer)?;
     if answers.is_empty() || answers.len() > parts.len() {
         return Err(client.bad_answer(
             WHOLE_BATCH,

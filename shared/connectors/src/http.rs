@@ -98,7 +98,11 @@ pub fn server_message(body: &str) -> Option<String> {
     if let Ok(json) = serde_json::from_str::<serde_json::Value>(trimmed) {
         let error = json.get("error");
         if let Some(obj) = error.filter(|e| e.is_object()) {
-            let code = obj.get("code").and_then(|c| c.as_str());
+            // F&O sends `"code":""`: an empty code is no code.
+            let code = obj
+                .get("code")
+                .and_then(|c| c.as_str())
+                .filter(|c| !c.is_empty());
             let message = obj.get("message").and_then(|m| m.as_str());
             return match (code, message) {
                 (Some(c), Some(m)) => Some(format!("{c}: {m}")),
@@ -393,7 +397,12 @@ impl ODataClient {
             if answer.is_success() || status == 304 {
                 return Ok(answer);
             }
-            self.stats.failure();
+            // A failed `$batch` answered in multipart form (Dataverse's 400 for a batch stopped
+            // at a failing part) is that part's failure: the batch reader counts each failing
+            // part, so counting the envelope too would count one failure twice.
+            if !crate::batch::is_multipart(&answer) {
+                self.stats.failure();
+            }
             let error = answer.to_error(self.side, entity);
             let policy = Backoff::default();
             if disposition(&error, attempt, &policy, 0.0) == Disposition::RefreshTokenOnce {
@@ -581,6 +590,11 @@ mod tests {
         assert_eq!(
             server_message(oauth).as_deref(),
             Some("invalid_scope: AADSTS70011: bad scope")
+        );
+        let fno = r#"{"error":{"code":"","message":"The record already exists.","innererror":{"message":"x"}}}"#;
+        assert_eq!(
+            server_message(fno).as_deref(),
+            Some("The record already exists.")
         );
         assert_eq!(server_message("  "), None);
         assert_eq!(

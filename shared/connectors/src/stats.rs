@@ -19,7 +19,9 @@ pub struct ConnectorStats {
 pub struct StatsSnapshot {
     /// HTTP requests sent (each attempt counts).
     pub requests: u64,
-    /// Requests answered with a non-success status or not answered at all.
+    /// Requests answered with a non-success status or not answered at all, counting each
+    /// failing part of a `$batch` as one request (a 429 or 412 inside a `$batch` is counted
+    /// as it would be on its own; the `$batch` envelope itself only when it failed as a whole).
     pub failures: u64,
     /// Calls repeated by [`crate::RetryingConnector`].
     pub retries: u64,

@@ -576,9 +576,9 @@ impl DvState {
                 req.path
             ));
         };
+        let (first, action) = split_path(rel);
         let rel = pct_decode(rel);
-        let (first, action) = rel.split_once('/').unwrap_or((&rel, ""));
-        let (set, key) = match split_key_segment(first) {
+        let (set, key) = match split_key_segment(&first) {
             Ok(x) => x,
             Err(e) => return bad_request(&format!("Bad Request - Error in query syntax: {e}.")),
         };
@@ -610,7 +610,7 @@ impl DvState {
                     ),
                 );
             }
-            return self.bulk(store, &set, action, &req.body, actor);
+            return self.bulk(store, &set, &action, &req.body, actor);
         }
         let key = match key.map(|k| Self::resolve_key(table, k)).transpose() {
             Ok(k) => k,
@@ -1044,11 +1044,15 @@ impl DvState {
         let mut attrs = Self::prepare(store, table, obj)?;
         let by_key = match obj.get("@odata.id").and_then(Value::as_str) {
             Some(odata_id) => {
+                // `@odata.id` is a URL (relative or absolute): read like a request path, its
+                // key percent-decoded, or a key with a space or non-ASCII text would miss the
+                // row and create a second one.
                 let rel = odata_id
                     .rsplit_once(API)
                     .map_or(odata_id, |(_, r)| r)
                     .trim_start_matches('/');
-                let (_, key) = split_key_segment(rel).map_err(|e| bad_request(&e))?;
+                let (first, _) = split_path(rel);
+                let (_, key) = split_key_segment(&first).map_err(|e| bad_request(&e))?;
                 Some(Self::resolve_key(table, key.unwrap_or_default())?)
             }
             None => attrs
@@ -1347,6 +1351,15 @@ fn typed_attributes(table: &Table, row: &Row, actor: &Actor) -> Vec<(String, Val
     out
 }
 
+/// Splits a path below the Web API root into its first segment (`accounts(accountnumber='A 1')`)
+/// and the rest (a bound action such as `Microsoft.Dynamics.CRM.UpsertMultiple`), each
+/// percent-decoded after the split: a key value holding an encoded `/`
+/// (`accounts(accountnumber='A%201%2F2')`) is part of the key, not a segment boundary.
+fn split_path(rel: &str) -> (String, String) {
+    let (first, rest) = rel.split_once('/').unwrap_or((rel, ""));
+    (pct_decode(first), pct_decode(rest))
+}
+
 fn parse_body(body: &Bytes) -> Result<Map<String, Value>, SimResponse> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
@@ -1549,8 +1562,10 @@ impl DvState {
         id_or_key: Option<&str>,
         fields: Option<Value>,
     ) -> Result<Value, SimError> {
+        // The key is percent-encoded as a client sends it: the path is decoded after it is
+        // split into segments, so a key holding '/' must not split it.
         let path = match id_or_key {
-            Some(k) => format!("{API}{entity_set}({k})"),
+            Some(k) => format!("{API}{entity_set}({})", pct_encode(k)),
             None => format!("{API}{entity_set}"),
         };
         let mut headers = axum::http::HeaderMap::new();

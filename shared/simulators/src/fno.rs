@@ -22,7 +22,7 @@ use crate::context::{self, RemoteContext};
 use crate::entra::EntraSim;
 use crate::json;
 use crate::odata::{
-    Row, eval, order_rows, parse_filter, parse_key, parse_orderby, split_key_segment,
+    KeyPart, Row, eval, order_rows, parse_filter, parse_key, parse_orderby, split_key_segment,
 };
 use crate::webhook::{Delivery, DeliveryRecord, Dispatcher, RetryPolicy};
 
@@ -102,12 +102,42 @@ pub struct FnoEventRegistration {
     pub headers: Vec<(String, String)>,
 }
 
+/// The OData type of a key field whose literal is not a quoted string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FnoKeyKind {
+    /// An integer (`Edm.Int32`/`Edm.Int64`, e.g. a line number): unquoted in a key
+    /// (`LineNumber=1`) and a JSON number in bodies. A quoted literal (`LineNumber='1'`) or a
+    /// JSON string is refused with 400, as F&O's OData refuses a value of the wrong type.
+    Integer,
+    /// An enum: `Microsoft.Dynamics.DataEntities.<enum_type>'<Symbol>'` in a key, the symbol
+    /// as a JSON string in bodies.
+    Enum {
+        /// The enum type's name (`NoYes`).
+        enum_type: String,
+    },
+}
+
+/// The declared type of one key field of one entity (fields not declared are text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FnoKeyType {
+    /// The entity set (`CDSSalesOrderLines`).
+    pub entity_set: String,
+    /// The key field (`LineCreationSequenceNumber`).
+    pub field: String,
+    /// Its type.
+    pub kind: FnoKeyKind,
+}
+
 /// Configuration of [`FnoSim`].
 #[derive(Debug, Clone)]
 pub struct FnoConfig {
     /// Entities defined at start.
     pub entities: Vec<FnoEntityDef>,
-    /// The caller's default company: reads without `cross-company=true` only see it.
+    /// Key fields that are not text, checked in every key and body (see [`FnoKeyKind`]); key
+    /// fields not listed are taken as the client writes them.
+    pub key_types: Vec<FnoKeyType>,
+    /// The caller's default company: requests addressing rows (reads, and PATCH/DELETE by key)
+    /// without `cross-company=true` only see it.
     pub default_company: String,
     /// When set, every request needs a bearer token issued by this Entra simulator for `<base_url>/.default`.
     pub auth: Option<EntraSim>,
@@ -125,6 +155,7 @@ impl Default for FnoConfig {
     fn default() -> Self {
         Self {
             entities: Vec::new(),
+            key_types: Vec::new(),
             default_company: "usmf".into(),
             auth: None,
             throttle: ThrottleConfig::default(),
@@ -153,6 +184,8 @@ struct Entity {
     empty_fields: Vec<String>,
     /// `def.text_fields`, sorted.
     text_fields: Vec<String>,
+    /// The declared kind of each of `def.key_fields`, in order (`None`: not declared).
+    key_kinds: Vec<Option<FnoKeyKind>>,
 }
 
 /// What the events of an entity's changes need from its definition, computed once per entity.
@@ -223,7 +256,17 @@ impl Entity {
         }
     }
 
-    fn new(def: FnoEntityDef) -> Self {
+    fn new(def: FnoEntityDef, key_types: &[FnoKeyType]) -> Self {
+        let key_kinds = def
+            .key_fields
+            .iter()
+            .map(|f| {
+                key_types
+                    .iter()
+                    .find(|t| t.entity_set == def.entity_set && t.field.eq_ignore_ascii_case(f))
+                    .map(|t| t.kind.clone())
+            })
+            .collect();
         let mut empty_fields: Vec<String> = def
             .fields
             .iter()
@@ -239,6 +282,7 @@ impl Entity {
             names: Arc::new(EventNames::new(&def)),
             empty_fields,
             text_fields,
+            key_kinds,
             def,
             rows: BTreeMap::new(),
         }
@@ -399,7 +443,13 @@ impl FnoState {
                     ),
                 ));
             };
-            out.push(p.value.to_lowercase());
+            let kind = entity
+                .def
+                .key_fields
+                .iter()
+                .position(|f| f == k)
+                .and_then(|i| entity.key_kinds[i].as_ref());
+            out.push(Self::typed_key_value(entity, k, kind, p)?);
         }
         if parts.len() != entity.def.key_fields.len() {
             return Err(err(
@@ -412,6 +462,80 @@ impl FnoState {
             ));
         }
         Ok(out)
+    }
+
+    /// The comparable text of key value `p` of field `field`, checked against the field's
+    /// declared kind as F&O's OData checks a key literal's type: an integer key takes an
+    /// unquoted whole number, an enum key its enum literal; a quoted string for either is a
+    /// 400, so a client that quotes every key value is caught here and not by F&O.
+    fn typed_key_value(
+        entity: &Entity,
+        field: &str,
+        kind: Option<&FnoKeyKind>,
+        p: &KeyPart,
+    ) -> Result<String, SimResponse> {
+        let set = &entity.def.entity_set;
+        match kind {
+            None => Ok(p.value.to_lowercase()),
+            Some(FnoKeyKind::Integer) => {
+                let number = (!p.quoted).then(|| p.value.parse::<i64>().ok()).flatten();
+                number.map(|n| n.to_string()).ok_or_else(|| {
+                    let literal = if p.quoted {
+                        format!("'{}'", p.value)
+                    } else {
+                        p.value.clone()
+                    };
+                    err(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "The key value {literal} of {set} is not a valid value of type Edm.Int64 for key field '{field}'; write an integer key unquoted ({field}=1)."
+                        ),
+                    )
+                })
+            }
+            Some(FnoKeyKind::Enum { enum_type }) => {
+                let prefix = format!("Microsoft.Dynamics.DataEntities.{enum_type}'");
+                let symbol = (!p.quoted)
+                    .then(|| p.value.strip_prefix(&prefix)?.strip_suffix('\''))
+                    .flatten();
+                symbol.map(str::to_lowercase).ok_or_else(|| {
+                    err(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "The key value of {set} for key field '{field}' is not a valid value of enum type Microsoft.Dynamics.DataEntities.{enum_type}; write it as {prefix}<Symbol>'."
+                        ),
+                    )
+                })
+            }
+        }
+    }
+
+    /// Refuses a body whose declared non-text key fields have the wrong JSON type (a string
+    /// for an integer key, anything but a string for an enum key), as F&O's OData refuses a
+    /// property value it cannot convert.
+    fn check_body_key_types(entity: &Entity, body: &Row) -> Result<(), SimResponse> {
+        for (field, kind) in entity.def.key_fields.iter().zip(&entity.key_kinds) {
+            let (Some(kind), Some(value)) = (kind, body.get(field)) else {
+                continue;
+            };
+            let (fits, expected) = match kind {
+                FnoKeyKind::Integer => (value.is_i64() || value.is_u64(), "Edm.Int64".to_owned()),
+                FnoKeyKind::Enum { enum_type } => (
+                    value.is_string(),
+                    format!("Microsoft.Dynamics.DataEntities.{enum_type}"),
+                ),
+            };
+            if !fits {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "Cannot convert the value {value} of property '{field}' of {} to the expected type '{expected}'.",
+                        entity.def.entity_set
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn set_row(
@@ -509,6 +633,9 @@ impl FnoState {
                     Ok(b) => b,
                     Err(e) => return e,
                 };
+                if let Err(e) = Self::check_body_key_types(entity, &body) {
+                    return e;
+                }
                 if entity.company_scoped() {
                     let co = body
                         .get("dataAreaId")
@@ -551,7 +678,7 @@ impl FnoState {
                 let location = format!(
                     "{}{set}({})",
                     self.data_url(),
-                    key_segment(&entity.def, &row.data)
+                    key_segment(entity, &row.data)
                 );
                 let mut out = Vec::with_capacity(256 + 48 * row.data.len());
                 Self::write_view(&mut out, &row, None, None);
@@ -562,7 +689,8 @@ impl FnoState {
                     .with_header("etag", &etag(version))
             }
             (m @ (&Method::PATCH | &Method::PUT), Some(key)) => {
-                let Some(existing) = entity.rows.get(&key) else {
+                // A write by key sees the default company only, as a read does.
+                let Some(existing) = entity.rows.get(&key).filter(|r| company_ok(&r.data)) else {
                     return err(
                         StatusCode::NOT_FOUND,
                         &format!(
@@ -580,6 +708,9 @@ impl FnoState {
                     Ok(b) => b,
                     Err(e) => return e,
                 };
+                if let Err(e) = Self::check_body_key_types(entity, &body) {
+                    return e;
+                }
                 body.retain(|k, _| !k.starts_with('@'));
                 let mut data = if *m == Method::PUT {
                     let mut empty = Row::new();
@@ -620,7 +751,7 @@ impl FnoState {
                 SimResponse::empty(StatusCode::NO_CONTENT)
             }
             (&Method::DELETE, Some(key)) => {
-                let Some(existing) = entity.rows.get(&key) else {
+                let Some(existing) = entity.rows.get(&key).filter(|r| company_ok(&r.data)) else {
                     return err(
                         StatusCode::NOT_FOUND,
                         &format!("No {set} record matches the key ({rel})."),
@@ -788,13 +919,21 @@ impl FnoState {
     }
 }
 
-fn key_segment(def: &FnoEntityDef, row: &Row) -> String {
-    def.key_fields
+/// The key segment of `row` as F&O writes it in a `Location`: text quoted, numbers bare, a
+/// declared enum key as its enum literal.
+fn key_segment(entity: &Entity, row: &Row) -> String {
+    entity
+        .def
+        .key_fields
         .iter()
-        .map(|k| match row.get(k) {
-            Some(Value::String(s)) => format!("{k}='{}'", s.replace('\'', "''")),
-            Some(v) => format!("{k}={v}"),
-            None => format!("{k}=null"),
+        .zip(&entity.key_kinds)
+        .map(|(k, kind)| match (row.get(k), kind) {
+            (Some(Value::String(s)), Some(FnoKeyKind::Enum { enum_type })) => {
+                format!("{k}=Microsoft.Dynamics.DataEntities.{enum_type}'{s}'")
+            }
+            (Some(Value::String(s)), _) => format!("{k}='{}'", s.replace('\'', "''")),
+            (Some(v), _) => format!("{k}={v}"),
+            (None, _) => format!("{k}=null"),
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -1118,9 +1257,10 @@ impl FnoSim {
     pub async fn start(config: FnoConfig) -> Result<Self, SimError> {
         let mut store = Store::default();
         for e in &config.entities {
-            store
-                .entities
-                .insert(e.entity_set.clone(), Entity::new(e.clone()));
+            store.entities.insert(
+                e.entity_set.clone(),
+                Entity::new(e.clone(), &config.key_types),
+            );
         }
         let state = Arc::new(FnoState {
             store: Mutex::new(store),
@@ -1153,9 +1293,10 @@ impl FnoSim {
     /// Defines (or redefines, emptying it) a data entity.
     pub fn define_entity(&self, def: FnoEntityDef) {
         let mut store = self.state.store.lock().unwrap_or_else(|e| e.into_inner());
-        store
-            .entities
-            .insert(def.entity_set.clone(), Entity::new(def));
+        store.entities.insert(
+            def.entity_set.clone(),
+            Entity::new(def, &self.state.config.key_types),
+        );
     }
 
     /// Registers an event endpoint.
@@ -1304,14 +1445,17 @@ mod tests {
     }
 
     fn names() -> Arc<EventNames> {
-        Entity::new(FnoEntityDef {
-            entity_set: "CustomersV3".into(),
-            key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
-            modified_field: Some("ModifiedDateTime".into()),
-            datetime_fields: vec!["CreatedDateTime".into(), "ValidTo".into()],
-            fields: vec!["Name".into(), "CreditLimit".into()],
-            text_fields: vec!["Name".into()],
-        })
+        Entity::new(
+            FnoEntityDef {
+                entity_set: "CustomersV3".into(),
+                key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+                modified_field: Some("ModifiedDateTime".into()),
+                datetime_fields: vec!["CreatedDateTime".into(), "ValidTo".into()],
+                fields: vec!["Name".into(), "CreditLimit".into()],
+                text_fields: vec!["Name".into()],
+            },
+            &[],
+        )
         .names
     }
 
@@ -1489,19 +1633,22 @@ mod tests {
 
     #[test]
     fn rows_get_every_field_of_the_entity() {
-        let entity = Entity::new(FnoEntityDef {
-            entity_set: "CustomersV3".into(),
-            key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
-            modified_field: Some("ModifiedDateTime".into()),
-            datetime_fields: vec!["ValidTo".into(), "A0".into()],
-            fields: vec![
-                "Name".into(),
-                "Blocked".into(),
-                "Name".into(),
-                "zeta".into(),
-            ],
-            text_fields: vec!["Name".into()],
-        });
+        let entity = Entity::new(
+            FnoEntityDef {
+                entity_set: "CustomersV3".into(),
+                key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+                modified_field: Some("ModifiedDateTime".into()),
+                datetime_fields: vec!["ValidTo".into(), "A0".into()],
+                fields: vec![
+                    "Name".into(),
+                    "Blocked".into(),
+                    "Name".into(),
+                    "zeta".into(),
+                ],
+                text_fields: vec!["Name".into()],
+            },
+            &[],
+        );
         for given in [
             json!({}),
             json!({"CustomerAccount": "C", "Name": "n", "zeta": 1, "Extra": true, "0": 0}),

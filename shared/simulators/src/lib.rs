@@ -14,10 +14,11 @@
 //!   `@odata.bind` lookups, `$batch` (change sets, `$n` references, continue-on-error),
 //!   `CreateMultiple`/`UpdateMultiple`/`UpsertMultiple`, service protection 429s, fault injection,
 //!   webhooks with RemoteExecutionContext bodies, simulated UI users (`user_create/edit/delete`).
-//! - [`FnoSim`] under `/data/`: company-scoped data entities, `cross-company=true`, `$filter`
-//!   (enum literals, `*` wildcards), `$top/$skip/$orderby/$select/$count`, server paging,
-//!   POST/PATCH/DELETE with F&O semantics, ETags, `$batch`, throttling, faults, data events and
-//!   business events.
+//! - [`FnoSim`] under `/data/`: company-scoped data entities, `cross-company=true` (reads and
+//!   PATCH/DELETE by key see the default company without it), typed integer and enum keys
+//!   ([`FnoKeyType`]), `$filter` (enum literals, `*` wildcards), `$top/$skip/$orderby/$select/$count`,
+//!   server paging, POST/PATCH/DELETE with F&O semantics, ETags, `$batch`, throttling, faults,
+//!   data events and business events.
 //!
 //! Not simulated: change tracking (`odata.track-changes`), `$expand`, `$apply`, metadata documents.
 
@@ -37,5 +38,8 @@ pub use dataverse::{
     WebhookRegistration,
 };
 pub use entra::{EntraClient, EntraConfig, EntraSim};
-pub use fno::{FnoConfig, FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim};
+pub use fno::{
+    FnoConfig, FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoKeyKind, FnoKeyType,
+    FnoMessage, FnoSim,
+};
 pub use webhook::DeliveryRecord;

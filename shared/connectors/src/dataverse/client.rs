@@ -18,7 +18,7 @@ use super::DataverseConfig;
 use super::wire::{company_in_key, id_from_entity_url, record_body, record_from_row, render_key};
 use crate::batch::{
     BatchPart, BatchRequest, batch_outcomes, build_changeset_batch, collect_results, for_call,
-    parse_batch_response, send_parts,
+    read_batch_answer, send_parts,
 };
 use crate::http::{
     HttpResponse, ODataClient, ODataRequest, encode_path, encode_query, server_message,
@@ -43,7 +43,9 @@ pub struct DataverseConnector {
     base: String,
     client: ODataClient,
     companies: Mutex<Option<Companies>>,
-    upsert_multiple_refused: AtomicBool,
+    /// Set once Dataverse says UpsertMultiple is unavailable for a table
+    /// ([`upsert_multiple_unsupported`]): bulk upserts then go as `$batch` changesets.
+    pub(super) upsert_multiple_refused: AtomicBool,
 }
 
 impl DataverseConnector {
@@ -372,13 +374,7 @@ impl DataverseConnector {
             .send(entity, ODataRequest::new(Method::POST, url).json(body))
             .await?;
         if !answer.is_success() {
-            let message = server_message(&answer.body)
-                .unwrap_or_default()
-                .to_lowercase();
-            let refused = matches!(answer.status, 404 | 405 | 501)
-                || (answer.status == 400
-                    && (message.contains("not supported") || message.contains("upsertmultiple")));
-            if refused {
+            if upsert_multiple_unsupported(answer.status, &answer.body) {
                 warn!(
                     side = "crm",
                     entity,
@@ -463,16 +459,53 @@ impl DataverseConnector {
                 ODataRequest::new(Method::POST, url).body(content_type, body),
             )
             .await?;
-        if !answer.is_success() {
-            return Err(answer.to_error(Side::Crm, entity));
-        }
-        let content_type = answer
-            .header("Content-Type")
-            .unwrap_or_default()
-            .to_string();
-        let parts = parse_batch_response(&content_type, &answer.body)
-            .map_err(|e| self.client.bad_answer(entity, e))?;
+        // Sent without `odata.continue-on-error`: a failing changeset stops the batch, which
+        // then answers 400 with the failing part inside; that part's status is the failure.
+        let parts = read_batch_answer(&self.client, entity, &answer)?;
         batch_outcomes(Side::Crm, entity, items.len(), &parts)
+    }
+}
+
+/// True when an answer to `UpsertMultiple` says the message itself is not available for the
+/// table (so every later call would be refused too and `$batch` is the way), false for a
+/// failure of the call's items, which the error policy classifies like any write's.
+///
+/// Refusals: 405 and 501 (the method or action does not exist here); 404 or 400 whose message
+/// says so — "The 'UpsertMultiple' method does not support entities of type 'x'" (Dataverse's
+/// wording for a table without the message), "Resource not found for the segment
+/// 'Microsoft.Dynamics.CRM.UpsertMultiple'" (the Web API's for an unknown action), or a message
+/// naming UpsertMultiple that says it is not supported, not found or does not exist for the
+/// entity — and a 404 with no message at all. An item's failure ("UpsertMultiple failed at
+/// Targets[3]…", a missing lookup target, a duplicate key) is none of these: it must not
+/// disable the message for the life of the connector.
+pub(super) fn upsert_multiple_unsupported(status: u16, body: &str) -> bool {
+    let message = server_message(body).unwrap_or_default().to_lowercase();
+    let says_unavailable = || {
+        if message.contains("targets[") {
+            return false;
+        }
+        if message.contains("does not support entities of type")
+            || message.contains("resource not found for the segment")
+        {
+            return true;
+        }
+        message.contains("upsertmultiple")
+            && [
+                "is not supported",
+                "not supported for",
+                "not found for",
+                "does not exist for",
+                "doesn't exist for",
+                "could not find",
+            ]
+            .iter()
+            .any(|phrase| message.contains(phrase))
+    };
+    match status {
+        405 | 501 => true,
+        404 => message.is_empty() || says_unavailable(),
+        400 => says_unavailable(),
+        _ => false,
     }
 }
 

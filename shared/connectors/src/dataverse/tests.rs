@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use dualwrite_core::ports::{
     CallResult, Connector, ConnectorCall, ConnectorErrorKind, Query, RecordRef, WriteCondition,
@@ -12,6 +13,7 @@ use dualwrite_core::record::{Record, RecordKey};
 use dualwrite_core::value::{LookupRef, Value, ValueType};
 use rust_decimal::Decimal;
 
+use super::client::upsert_multiple_unsupported;
 use super::*;
 use crate::entra::{Secret, StaticToken};
 use crate::schema::{EntitySchema, EntitySchemas};
@@ -456,4 +458,430 @@ HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{ROW}\r\n--batchrespons
         panic!("{:?}", results[1]);
     };
     assert_eq!(r.company.as_deref(), Some("USMF"));
+}
+
+/// A scripted `$batch` answer of `status` holding one part per entry of `parts` (each
+/// `HTTP/1.1 …` with its headers and body).
+fn batch_answer(status: u16, parts: &[&str]) -> Canned {
+    let mut body = String::new();
+    for part in parts {
+        body.push_str("--batchresponse_7\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n");
+        body.push_str(part);
+        body.push_str("\r\n");
+    }
+    body.push_str("--batchresponse_7--\r\n");
+    Canned {
+        status,
+        headers: vec![(
+            "Content-Type".into(),
+            "multipart/mixed; boundary=batchresponse_7".into(),
+        )],
+        body,
+    }
+}
+
+/// Regression: the `$batch` fallback of `upsert_batch` (no `odata.continue-on-error`) turned
+/// Dataverse's 400-with-the-failing-part into a permanent BadRequest whose message was the raw
+/// multipart text; the failing part's status, `Retry-After` and message are the failure.
+#[tokio::test]
+async fn a_failed_changeset_of_the_batch_fallback_is_classified_by_its_failing_part() {
+    let (server, c) = connector().await;
+    c.upsert_multiple_refused.store(true, Ordering::Relaxed);
+    let cases: [(&str, ConnectorErrorKind, u16, &str); 4] = [
+        (
+            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Type: application/json\r\n\r\n\
+{\"error\":{\"code\":\"0x80072322\",\"message\":\"Number of requests exceeded the limit of 6000 over time window of 300 seconds.\"}}",
+            ConnectorErrorKind::Throttled {
+                retry_after_ms: 7000,
+            },
+            429,
+            "0x80072322: Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
+        ),
+        (
+            "HTTP/1.1 412 Precondition Failed\r\nContent-Type: application/json\r\n\r\n\
+{\"error\":{\"code\":\"0x80060882\",\"message\":\"The version of the existing record doesn't match the RowVersion property provided.\"}}",
+            ConnectorErrorKind::PreconditionFailed,
+            412,
+            "0x80060882: The version of the existing record doesn't match the RowVersion property provided.",
+        ),
+        (
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\r\n\
+{\"error\":{\"code\":\"0x80040217\",\"message\":\"account With Id = 0a1b Does Not Exist\"}}",
+            ConnectorErrorKind::NotFound,
+            404,
+            "0x80040217: account With Id = 0a1b Does Not Exist",
+        ),
+        (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\r\n\
+{\"error\":{\"code\":\"0x80040216\",\"message\":\"An unexpected error occurred.\"}}",
+            ConnectorErrorKind::Transient,
+            503,
+            "0x80040216: An unexpected error occurred.",
+        ),
+    ];
+    for (part, kind, status, message) in cases {
+        server.push(batch_answer(400, &[part]));
+        let items = vec![
+            (RecordRef::Id("0a1b".into()), Record::new("accounts")),
+            (RecordRef::Id("0a1c".into()), Record::new("accounts")),
+        ];
+        let out = c.upsert_batch("accounts", &items).await.unwrap();
+        assert_eq!(out.len(), 2);
+        for result in out {
+            let e = result.unwrap_err();
+            assert_eq!((e.kind, e.status), (kind.clone(), Some(status)), "{part}");
+            assert_eq!(
+                e.message,
+                format!("the changeset was rolled back: {message}"),
+                "{}",
+                e.message
+            );
+            assert!(!e.message.contains("--batchresponse"), "{}", e.message);
+        }
+    }
+    let seen = server.seen();
+    assert_eq!(seen.len(), 4);
+    assert!(seen.iter().all(|s| s.uri == "/api/data/v9.2/$batch"));
+}
+
+/// Regression: parts failing inside a `$batch` (429, 412) were not counted; each failing part
+/// counts as a failed single request would, and the 400 envelope of a batch stopped at its
+/// failing part counts that failure once, not twice.
+#[tokio::test]
+async fn failures_inside_a_batch_are_counted_like_single_failures() {
+    let (server, c) = connector().await;
+    let row = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{ROW}");
+    server.push(batch_answer(
+        200,
+        &[
+            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\n\r\n{\"error\":{\"code\":\"0x80072322\",\"message\":\"slow down\"}}",
+            "HTTP/1.1 412 Precondition Failed\r\n\r\n{\"error\":{\"code\":\"0x80060882\",\"message\":\"stale\"}}",
+            &row,
+        ],
+    ));
+    server.push(Canned::json(200, COMPANIES));
+    let read = |id: &str| ConnectorCall::Read {
+        entity: "accounts".into(),
+        at: RecordRef::Id(id.into()),
+    };
+    let results = c.call_many(vec![read("1"), read("2"), read("3")]).await;
+    assert!(matches!(
+        &results[0],
+        CallResult::Read(Err(e)) if e.kind == ConnectorErrorKind::Throttled { retry_after_ms: 2000 }
+    ));
+    assert!(matches!(&results[2], CallResult::Read(Ok(Some(_)))));
+    let after_first = c.stats().snapshot();
+    assert_eq!(after_first.failures, 2, "the 429 and the 412 parts");
+
+    server.push(batch_answer(
+        400,
+        &["HTTP/1.1 412 Precondition Failed\r\n\r\n{\"error\":{\"code\":\"0x80060882\",\"message\":\"stale\"}}"],
+    ));
+    c.upsert_multiple_refused.store(true, Ordering::Relaxed);
+    let out = c
+        .upsert_batch(
+            "accounts",
+            &[(RecordRef::Id("0a1b".into()), Record::new("accounts"))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out[0].as_ref().unwrap_err().kind,
+        ConnectorErrorKind::PreconditionFailed
+    );
+    let now = c.stats().snapshot();
+    assert_eq!(now.requests, 3, "two $batch requests and the company read");
+    assert_eq!(now.failures - after_first.failures, 1);
+}
+
+/// A DataverseSim with `accounts` (alternate key `accountnumber`) and
+/// `transactioncurrencies`, and a connector on it.
+async fn simulated() -> (dualwrite_simulators::DataverseSim, DataverseConnector) {
+    use dualwrite_simulators as sim;
+    let table = |set: &str, logical: &str, key: &str| sim::TableDef {
+        entity_set: set.into(),
+        logical_name: logical.into(),
+        primary_id: format!("{logical}id"),
+        alternate_keys: vec![vec![key.into()]],
+    };
+    let dv = sim::DataverseSim::start(sim::DataverseConfig {
+        tables: vec![
+            table("accounts", "account", "accountnumber"),
+            table(
+                "transactioncurrencies",
+                "transactioncurrency",
+                "isocurrencycode",
+            ),
+        ],
+        ..sim::DataverseConfig::default()
+    })
+    .await
+    .expect("DataverseSim starts");
+    let config = DataverseConfig::new(
+        dv.api_url(),
+        Arc::new(StaticToken(Secret::new("t0k"))),
+        schemas(),
+    );
+    (dv, DataverseConnector::new(config).unwrap())
+}
+
+fn number_key(number: &str) -> RecordRef {
+    RecordRef::Key(RecordKey::new([("accountnumber", number)]))
+}
+
+fn named(number: &str, name: &str) -> Record {
+    Record::new("accounts")
+        .with("accountnumber", Value::Text(number.into()))
+        .with("name", Value::Text(name.into()))
+}
+
+/// Regression: any 400 naming UpsertMultiple disabled it for the life of the connector, and
+/// the simulator's own item failure ("UpsertMultiple failed at Targets[i]…") matched. An item
+/// failure is that item's error, classified by the error policy; UpsertMultiple stays on.
+#[tokio::test]
+async fn an_upsert_multiple_item_failure_is_an_error_and_keeps_upsert_multiple_on() {
+    let (dv, c) = simulated().await;
+    c.upsert(
+        "accounts",
+        &number_key("A1"),
+        &named("A1", "a"),
+        WriteCondition::None,
+    )
+    .await
+    .unwrap();
+    let missing_currency = named("A2", "b").with(
+        "transactioncurrencyid",
+        Value::Lookup(Arc::new(LookupRef {
+            entity_set: "transactioncurrencies".into(),
+            id: None,
+            key: Some(RecordKey::new([("isocurrencycode", "XXX")])),
+        })),
+    );
+    let before = dv.stats().requests;
+    let e = c
+        .upsert_batch("accounts", &[(number_key("A2"), missing_currency)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind, e.status),
+        (ConnectorErrorKind::BadRequest, Some(400))
+    );
+    assert!(
+        e.message.contains("UpsertMultiple failed at Targets[0]"),
+        "{}",
+        e.message
+    );
+    assert_eq!(
+        dv.stats().requests - before,
+        1,
+        "no $batch fallback was sent"
+    );
+    assert!(!c.upsert_multiple_refused.load(Ordering::Relaxed));
+
+    // A duplicate alternate key (a new row given A1's number) is a 412: re-read and decide.
+    let duplicate = named("A1", "dup");
+    let e = c
+        .upsert_batch(
+            "accounts",
+            &[
+                (number_key("A3"), named("A3", "c")),
+                (
+                    RecordRef::Id("9d6a1b9e-0000-4000-8000-000000000009".into()),
+                    duplicate,
+                ),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind, e.status),
+        (ConnectorErrorKind::PreconditionFailed, Some(412))
+    );
+    assert!(!c.upsert_multiple_refused.load(Ordering::Relaxed));
+    assert_eq!(dv.rows("accounts").len(), 1, "a failed call writes nothing");
+
+    let before = dv.stats().requests;
+    let out = c
+        .upsert_batch("accounts", &[(number_key("A3"), named("A3", "c"))])
+        .await
+        .unwrap();
+    assert!(out[0].as_ref().unwrap().id.is_some());
+    assert_eq!(dv.stats().requests - before, 1);
+    assert_eq!(dv.rows("accounts").len(), 2);
+}
+
+/// Answers that do say UpsertMultiple is unavailable for the table, and item failures that
+/// merely name it.
+#[test]
+fn only_answers_saying_upsert_multiple_is_unavailable_disable_it() {
+    let body = |m: &str| format!(r#"{{"error":{{"code":"0x80040265","message":"{m}"}}}}"#);
+    for (status, message) in [
+        (
+            400,
+            "The 'UpsertMultiple' method does not support entities of type 'msdyn_vendor'. MessageProcessorCache returned MessageProcessor.Empty.",
+        ),
+        (
+            404,
+            "Resource not found for the segment 'Microsoft.Dynamics.CRM.UpsertMultiple'.",
+        ),
+        (
+            400,
+            "The message UpsertMultiple is not supported for entity msdyn_vendor.",
+        ),
+        (
+            400,
+            "Could not find message 'UpsertMultiple' for entity 'msdyn_vendor'.",
+        ),
+        (405, "The HTTP method 'POST' is not allowed."),
+        (501, "Not Implemented"),
+    ] {
+        assert!(
+            upsert_multiple_unsupported(status, &body(message)),
+            "{status} {message}"
+        );
+    }
+    assert!(upsert_multiple_unsupported(404, ""));
+    for (status, message) in [
+        (
+            400,
+            "UpsertMultiple failed at Targets[3]; nothing was written. The lookup 'transactioncurrencyid@odata.bind' of account refers to '/transactioncurrencies(isocurrencycode='XXX')': transactioncurrency With the given key Does Not Exist.",
+        ),
+        (
+            404,
+            "UpsertMultiple failed at Targets[0]; nothing was written. A record with the specified key values does not exist in account entity",
+        ),
+        (
+            400,
+            "An UpsertMultiple target is not supported by plug-in X: Targets[1] has no name.",
+        ),
+        (
+            400,
+            "Each item of Targets needs \"@odata.type\": \"Microsoft.Dynamics.CRM.account\".",
+        ),
+        (
+            412,
+            "A record that has the attribute values A1 already exists.",
+        ),
+        (
+            429,
+            "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
+        ),
+        (
+            500,
+            "The 'UpsertMultiple' method does not support entities of type 'account'.",
+        ),
+    ] {
+        assert!(
+            !upsert_multiple_unsupported(status, &body(message)),
+            "{status} {message}"
+        );
+    }
+}
+
+/// Regression: the `$batch` fallback answered a changeset's 412 as a permanent BadRequest
+/// carrying the multipart text (DataverseSim answers a stopped batch 400 with the failing
+/// part inside).
+#[tokio::test]
+async fn the_batch_fallback_against_the_simulator_keeps_a_412() {
+    let (dv, c) = simulated().await;
+    c.upsert(
+        "accounts",
+        &number_key("A1"),
+        &named("A1", "a"),
+        WriteCondition::None,
+    )
+    .await
+    .unwrap();
+    c.upsert_multiple_refused.store(true, Ordering::Relaxed);
+    let out = c
+        .upsert_batch(
+            "accounts",
+            &[
+                (number_key("A2"), named("A2", "b")),
+                (
+                    RecordRef::Id("9d6a1b9e-0000-4000-8000-000000000009".into()),
+                    named("A1", "dup"),
+                ),
+            ],
+        )
+        .await
+        .unwrap();
+    for result in out {
+        let e = result.unwrap_err();
+        assert_eq!(
+            (e.kind, e.status),
+            (ConnectorErrorKind::PreconditionFailed, Some(412))
+        );
+        assert!(e.message.contains("0x80040237"), "{}", e.message);
+        assert!(!e.message.contains("batchresponse"), "{}", e.message);
+    }
+    assert_eq!(
+        dv.rows("accounts").len(),
+        1,
+        "the changeset was rolled back"
+    );
+}
+
+/// Regression: UpsertMultiple's `@odata.id` is percent-encoded (it is a URL) but DataverseSim
+/// read it undecoded, so a key with a space or non-ASCII text missed its row and created a
+/// duplicate; and the simulator decoded a path before splitting it, so an encoded '/' in a key
+/// was refused. Every write route must find the one row of each key.
+#[tokio::test]
+async fn keys_with_url_special_characters_address_one_row_on_every_route() {
+    let (dv, c) = simulated().await;
+    let numbers = ["A 1/2", "B#1&2=3", "O'Neil", "Ünïcødé 東京", "50% (net) ?"];
+    for n in numbers {
+        c.upsert(
+            "accounts",
+            &number_key(n),
+            &named(n, "single"),
+            WriteCondition::None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("single upsert of {n:?}: {e}"));
+    }
+    let items = |name: &str| -> Vec<(RecordRef, Record)> {
+        numbers
+            .iter()
+            .map(|n| (number_key(n), named(n, name)))
+            .collect()
+    };
+    for r in c.upsert_batch("accounts", &items("bulk")).await.unwrap() {
+        r.expect("UpsertMultiple item");
+    }
+    assert_eq!(dv.rows("accounts").len(), numbers.len(), "UpsertMultiple");
+
+    let calls = items("batch")
+        .into_iter()
+        .map(|(at, record)| ConnectorCall::Upsert {
+            entity: "accounts".into(),
+            at,
+            record,
+            condition: WriteCondition::None,
+        })
+        .collect();
+    for r in c.call_many(calls).await {
+        assert!(matches!(r, CallResult::Upsert(Ok(_))), "{r:?}");
+    }
+    assert_eq!(dv.rows("accounts").len(), numbers.len(), "$batch");
+
+    c.upsert_multiple_refused.store(true, Ordering::Relaxed);
+    for r in c
+        .upsert_batch("accounts", &items("changeset"))
+        .await
+        .unwrap()
+    {
+        r.expect("$batch changeset item");
+    }
+    assert_eq!(dv.rows("accounts").len(), numbers.len(), "changeset");
+
+    for n in numbers {
+        let r = c
+            .read("accounts", &number_key(n))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{n:?} is found by its key"));
+        assert_eq!(r.get("accountnumber"), Some(&Value::Text(n.into())));
+        assert_eq!(r.get("name"), Some(&Value::Text("changeset".into())));
+    }
 }

@@ -14,11 +14,12 @@ use tracing::info;
 
 use super::FnoConfig;
 use super::wire::{
-    MODIFIED_FIELD, filter_text, parse_key, record_body, record_from_row, written_of_body,
+    MODIFIED_FIELD, filter_text, parse_key, record_body, record_from_row, render_key,
+    written_of_body,
 };
 use crate::batch::{
     BatchPart, BatchRequest, batch_outcomes, build_changeset_batch, collect_results, for_call,
-    parse_batch_response, send_parts,
+    read_batch_answer, send_parts,
 };
 use crate::http::{HttpResponse, ODataClient, ODataRequest, encode_path, encode_query};
 use crate::odata::{parse_collection, parse_object, query_filter};
@@ -75,8 +76,20 @@ impl FnoConnector {
         }
     }
 
-    fn entity_url(&self, entity: &str, key: &RecordKey) -> String {
-        format!("{}/{entity}({})", self.data, encode_path(&key.to_string()))
+    /// The URL of the row of `entity` at `key`, for every request that addresses one row
+    /// (GET, PATCH, DELETE): each key value as the literal of its declared type
+    /// ([`render_key`]: `LineNumber=1`, not `'1'`), and `?cross-company=true`. F&O resolves a
+    /// key in the caller's default company only unless asked across companies, so without it
+    /// a PATCH or DELETE of another company's row by its full key (dataAreaId included) would
+    /// answer 404; entities without a company ignore the option.
+    fn row_url(&self, entity: &str, key: &RecordKey) -> Result<String, ConnectorError> {
+        let rendered = render_key(self.schema(entity), key)
+            .map_err(|e| self.client.error(entity, ConnectorErrorKind::BadRequest, e))?;
+        Ok(format!(
+            "{}/{entity}({})?cross-company=true",
+            self.data,
+            encode_path(&rendered)
+        ))
     }
 
     fn to_record(&self, entity: &str, body: &str) -> Result<Record, ConnectorError> {
@@ -120,9 +133,8 @@ impl FnoConnector {
     }
 
     /// The GET of one record, across companies.
-    fn read_request(&self, entity: &str, key: &RecordKey) -> ODataRequest {
-        let url = format!("{}?cross-company=true", self.entity_url(entity, key));
-        ODataRequest::new(Method::GET, url)
+    fn read_request(&self, entity: &str, key: &RecordKey) -> Result<ODataRequest, ConnectorError> {
+        Ok(ODataRequest::new(Method::GET, self.row_url(entity, key)?))
     }
 
     /// What the answer to [`Self::read_request`] means: the record (its id the key when the
@@ -155,7 +167,7 @@ impl FnoConnector {
         let body = self.body(entity, record, key)?;
         Ok(match write {
             FnoWrite::Patch { if_match } => {
-                ODataRequest::new(Method::PATCH, self.entity_url(entity, key))
+                ODataRequest::new(Method::PATCH, self.row_url(entity, key)?)
                     .header("If-Match", if_match.as_str())
                     .json(body)
             }
@@ -215,7 +227,7 @@ impl FnoConnector {
         match call {
             ConnectorCall::Read { entity, at } => {
                 let key = self.key(entity, at)?;
-                let part = BatchPart::Request(self.read_request(entity, &key).into());
+                let part = BatchPart::Request(self.read_request(entity, &key)?.into());
                 Ok((FnoStep::Read(key), part))
             }
             ConnectorCall::Upsert {
@@ -228,7 +240,7 @@ impl FnoConnector {
                 let Some(write) = FnoWrite::for_condition(condition) else {
                     // Read first, as the single call does: a record that cannot be written
                     // fails when its write is built, after the read.
-                    let part = BatchPart::Request(self.read_request(entity, &key).into());
+                    let part = BatchPart::Request(self.read_request(entity, &key)?.into());
                     return Ok((FnoStep::ReadThenWrite(key), part));
                 };
                 let request = self.write_request(entity, &key, record, &write)?;
@@ -301,7 +313,7 @@ impl Connector for FnoConnector {
         let key = self.key(entity, at)?;
         let answer = self
             .client
-            .send(entity, self.read_request(entity, &key))
+            .send(entity, self.read_request(entity, &key)?)
             .await?;
         self.read_answer(entity, &key, &answer)
     }
@@ -375,7 +387,7 @@ impl Connector for FnoConnector {
             .client
             .send(
                 entity,
-                ODataRequest::new(Method::DELETE, self.entity_url(entity, &key)),
+                ODataRequest::new(Method::DELETE, self.row_url(entity, &key)?),
             )
             .await?;
         if answer.is_success() || answer.status == 404 {
@@ -406,7 +418,7 @@ impl Connector for FnoConnector {
                 requests.push(if exists {
                     BatchRequest {
                         method: "PATCH".into(),
-                        url: self.entity_url(entity, &key),
+                        url: self.row_url(entity, &key)?,
                         headers: vec![("If-Match".into(), "*".into())],
                         body,
                     }
@@ -430,15 +442,9 @@ impl Connector for FnoConnector {
                         .body(content_type, body),
                 )
                 .await?;
-            if !answer.is_success() {
-                return Err(answer.to_error(Side::Erp, entity));
-            }
-            let content_type = answer
-                .header("Content-Type")
-                .unwrap_or_default()
-                .to_string();
-            let parts = parse_batch_response(&content_type, &answer.body)
-                .map_err(|e| self.client.bad_answer(entity, e))?;
+            // A failing changeset is answered by its failing part (inside a 200, or a 400 as
+            // Dataverse does): that part's status and message are the failure.
+            let parts = read_batch_answer(&self.client, entity, &answer)?;
             let outcomes = batch_outcomes(Side::Erp, entity, chunk.len(), &parts)?;
             results.extend(outcomes.into_iter().zip(keys).map(|(r, key)| {
                 r.map(|mut o| {

@@ -31,6 +31,21 @@ fn schemas() -> Arc<EntitySchemas> {
         ]),
         ..EntitySchema::default()
     });
+    s.insert(EntitySchema {
+        entity: "CDSSalesOrderLines".into(),
+        key: vec![
+            "SalesOrderNumber".into(),
+            "LineCreationSequenceNumber".into(),
+        ],
+        company_specific: true,
+        fields: BTreeMap::from([
+            ("SalesOrderNumber".to_string(), ValueType::Text),
+            ("LineCreationSequenceNumber".to_string(), ValueType::Integer),
+            ("IsPrimary".to_string(), ValueType::Enum),
+            ("LineAmount".to_string(), ValueType::Decimal),
+        ]),
+        ..EntitySchema::default()
+    });
     Arc::new(s)
 }
 
@@ -95,7 +110,7 @@ async fn upsert_reads_then_patches_with_the_etag() {
     assert_eq!(seen[1].method, "PATCH");
     assert_eq!(
         seen[1].uri,
-        "/data/CustomersV3(dataAreaId='usmf',CustomerAccount='US-001')"
+        "/data/CustomersV3(dataAreaId='usmf',CustomerAccount='US-001')?cross-company=true"
     );
     assert_eq!(
         seen[1].header("if-match"),
@@ -522,4 +537,150 @@ fn a_write_answer_gives_what_the_full_row_would() {
     );
     assert!(first.version.is_some());
     assert!(wire::written_of_body(schema, "[1]").is_err());
+}
+
+fn line_key(order: &str, line: &str) -> RecordKey {
+    RecordKey::new([
+        ("dataAreaId", "usmf"),
+        ("SalesOrderNumber", order),
+        ("LineCreationSequenceNumber", line),
+    ])
+}
+
+/// Regression: every F&O key value was quoted (`LineCreationSequenceNumber='3'`), which F&O
+/// refuses for an integer key. Declared integer keys are unquoted, NoYes enum keys take the
+/// enum literal, and a value that does not fit its declared type is refused before sending.
+#[test]
+fn key_values_are_written_as_the_literal_of_their_declared_type() {
+    let schemas = schemas();
+    let lines = schemas.get("CDSSalesOrderLines");
+    assert_eq!(
+        wire::render_key(lines, &line_key("SO-'1", "3")).unwrap(),
+        "dataAreaId='usmf',SalesOrderNumber='SO-''1',LineCreationSequenceNumber=3"
+    );
+    let enum_key = RecordKey::new([("SalesOrderNumber", "SO-1"), ("IsPrimary", "Yes")]);
+    assert_eq!(
+        wire::render_key(lines, &enum_key).unwrap(),
+        "SalesOrderNumber='SO-1',IsPrimary=Microsoft.Dynamics.DataEntities.NoYes'Yes'"
+    );
+    let e = wire::render_key(lines, &line_key("SO-1", "three")).unwrap_err();
+    assert_eq!(
+        e,
+        "key field LineCreationSequenceNumber is declared a whole number in the table maps, but its value \"three\" is not one"
+    );
+    let other_enum = RecordKey::new([("IsPrimary", "Backorder")]);
+    assert!(
+        wire::render_key(lines, &other_enum)
+            .unwrap_err()
+            .starts_with("key field IsPrimary is an F&O enum whose enum type")
+    );
+    // Without a schema every value is text, as before.
+    assert_eq!(
+        wire::render_key(None, &line_key("SO-1", "3")).unwrap(),
+        "dataAreaId='usmf',SalesOrderNumber='SO-1',LineCreationSequenceNumber='3'"
+    );
+}
+
+/// Regression: F&O PATCH and DELETE by key went without `cross-company=true`, so a row of
+/// another company than the caller's default was not found; the body sent the key fields the
+/// record lacks as JSON strings whatever their type.
+#[tokio::test]
+async fn writes_and_deletes_by_key_are_typed_and_cross_company() {
+    let (server, c) = connector().await;
+    server.push(Canned::json(204, "").with("ETag", "W/\"2\""));
+    server.push(Canned::json(201, "{}"));
+    server.push(Canned::json(204, ""));
+    let at = RecordRef::Key(line_key("SO-1", "3"));
+    let record = Record::new("CDSSalesOrderLines").with(
+        "LineAmount",
+        Value::Decimal(Decimal::from_str("10.50").unwrap()),
+    );
+    c.upsert(
+        "CDSSalesOrderLines",
+        &at,
+        &record,
+        WriteCondition::MustExist,
+    )
+    .await
+    .unwrap();
+    let created = c
+        .upsert(
+            "CDSSalesOrderLines",
+            &at,
+            &record,
+            WriteCondition::MustNotExist,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        created.id.as_deref(),
+        Some("dataAreaId='usmf',SalesOrderNumber='SO-1',LineCreationSequenceNumber='3'"),
+        "the record id stays the key's own text"
+    );
+    c.delete("CDSSalesOrderLines", &at).await.unwrap();
+    let seen = server.seen();
+    let row = "/data/CDSSalesOrderLines(dataAreaId='usmf',SalesOrderNumber='SO-1',LineCreationSequenceNumber=3)?cross-company=true";
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].uri.as_str()),
+        ("PATCH", row)
+    );
+    let body = r#"{"LineAmount":10.50,"SalesOrderNumber":"SO-1","LineCreationSequenceNumber":3,"dataAreaId":"usmf"}"#;
+    assert_eq!(seen[0].body, body);
+    assert_eq!(
+        (seen[1].method.as_str(), seen[1].uri.as_str()),
+        ("POST", "/data/CDSSalesOrderLines")
+    );
+    assert_eq!(seen[1].body, body);
+    assert_eq!(
+        (seen[2].method.as_str(), seen[2].uri.as_str()),
+        ("DELETE", row)
+    );
+
+    // A key that does not fit its type is refused without a request.
+    let e = c
+        .delete("CDSSalesOrderLines", &RecordRef::Key(line_key("SO-1", "x")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ConnectorErrorKind::BadRequest);
+    assert_eq!(server.seen().len(), 3);
+}
+
+/// Regression: a `$batch` changeset of `upsert_batch` failing inside a non-2xx answer was a
+/// BadRequest carrying the multipart text; inside a 200 it was already read by its part. Both
+/// are classified by the failing part.
+#[tokio::test]
+async fn a_failed_changeset_of_upsert_batch_is_classified_by_its_failing_part() {
+    let (server, c) = connector().await;
+    let items = [(
+        RecordRef::Id("dataAreaId='usmf',CustomerAccount='US-001'".into()),
+        Record::new("CustomersV3"),
+    )];
+    for (status, part, kind) in [
+        (
+            400,
+            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 4\r\nContent-Type: application/json\r\n\r\n{\"error\":{\"code\":\"\",\"message\":\"This request could not be processed at this time due to system experiencing high resource utilization.\"}}",
+            ConnectorErrorKind::Throttled {
+                retry_after_ms: 4000,
+            },
+        ),
+        (
+            200,
+            "HTTP/1.1 412 Precondition Failed\r\nContent-Type: application/json\r\n\r\n{\"error\":{\"code\":\"\",\"message\":\"The record has been changed.\"}}",
+            ConnectorErrorKind::PreconditionFailed,
+        ),
+    ] {
+        server.push(Canned::json(200, ROW));
+        server.push(batch_answer(status, &[part]));
+        let out = c.upsert_batch("CustomersV3", &items).await.unwrap();
+        let e = out[0].as_ref().unwrap_err();
+        assert_eq!(e.kind, kind, "{part}");
+        assert!(!e.message.contains("batchresponse"), "{}", e.message);
+        assert!(
+            e.message.contains("high resource utilization")
+                || e.message.contains("The record has been changed."),
+            "{}",
+            e.message
+        );
+    }
+    assert_eq!(c.stats().snapshot().failures, 2, "one failing part each");
 }

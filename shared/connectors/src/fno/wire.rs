@@ -86,6 +86,80 @@ fn mark_no_yes(
     }
 }
 
+/// The value of key field `field`, whose text is `text`, as the type the table maps declare
+/// for it: a [`RecordKey`] holds every value as text, but OData writes an integer key
+/// unquoted, an enum key as an enum literal, and a body carries each with its JSON type.
+/// Undeclared fields, `dataAreaId` and text fields are text.
+///
+/// # Errors
+/// The field, its declared type and the text when the text is not a value of that type.
+pub fn key_value(schema: Option<&EntitySchema>, field: &str, text: &str) -> Result<Value, String> {
+    let ty = schema.and_then(|s| s.type_of(field));
+    let wrong = |what: &str| {
+        format!(
+            "key field {field} is declared {what} in the table maps, but its value {text:?} is not one"
+        )
+    };
+    Ok(match ty {
+        Some(ValueType::Integer | ValueType::Choice) => {
+            Value::Integer(text.trim().parse().map_err(|_| wrong("a whole number"))?)
+        }
+        Some(ValueType::Decimal) => Value::Decimal(
+            crate::odata::decimal_from_text(text.trim()).ok_or_else(|| wrong("a decimal"))?,
+        ),
+        Some(ValueType::Boolean) => match text.trim() {
+            "true" => Value::Boolean(true),
+            "false" => Value::Boolean(false),
+            _ => return Err(wrong("a boolean (true or false)")),
+        },
+        Some(ValueType::Enum) => Value::Enum(text.into()),
+        _ => Value::Text(text.into()),
+    })
+}
+
+/// The OData literal of key field `field` with value `text` in a URL: text quoted (quotes
+/// doubled), numbers and booleans unquoted, a `Yes`/`No` enum as
+/// `Microsoft.Dynamics.DataEntities.NoYes'Yes'`. A quoted literal for an integer key is
+/// refused by F&O's OData ("not a valid value of type Edm.Int32"), so the declared type decides.
+///
+/// # Errors
+/// When the value does not fit the declared type, or is an enum symbol other than `Yes`/`No`:
+/// the table maps do not name other enum types, and the literal needs the type's name.
+fn key_literal(schema: Option<&EntitySchema>, field: &str, text: &str) -> Result<String, String> {
+    Ok(match key_value(schema, field, text)? {
+        Value::Integer(i) => i.to_string(),
+        Value::Decimal(d) => d.to_string(),
+        Value::Boolean(b) => b.to_string(),
+        Value::Enum(symbol) if symbol.as_str() == "Yes" || symbol.as_str() == "No" => {
+            format!("{NO_YES}'{symbol}'")
+        }
+        Value::Enum(symbol) => {
+            return Err(format!(
+                "key field {field} is an F&O enum whose enum type the table maps do not name, so \
+                 its key literal Microsoft.Dynamics.DataEntities.<EnumType>'{symbol}' cannot be \
+                 written; only NoYes keys (Yes/No) can be addressed"
+            ));
+        }
+        _ => format!("'{}'", text.replace('\'', "''")),
+    })
+}
+
+/// Renders `key` for a URL (`dataAreaId='usmf',SalesOrderNumber='SO-1',LineNumber=1`), each
+/// value as the literal of its declared type ([`key_literal`]). Not percent-encoded.
+///
+/// The record id stays [`RecordKey`]'s own text (every value quoted): it names the record in
+/// links, and [`parse_key`] reads it back; only the URL needs the typed literals.
+///
+/// # Errors
+/// The first key value that does not fit its declared type.
+pub fn render_key(schema: Option<&EntitySchema>, key: &RecordKey) -> Result<String, String> {
+    let mut parts = Vec::with_capacity(key.0.len());
+    for (field, value) in &key.0 {
+        parts.push(format!("{field}={}", key_literal(schema, field, value)?));
+    }
+    Ok(parts.join(","))
+}
+
 /// Parses a rendered key (`dataAreaId='usmf',CustomerAccount='US-001'`) back into pairs;
 /// `None` when it is not in that form.
 pub fn parse_key(text: &str) -> Option<RecordKey> {
@@ -246,7 +320,8 @@ pub fn written_of_body(schema: Option<&EntitySchema>, body: &str) -> Result<Writ
 }
 
 /// The JSON body of a POST or PATCH: the record's fields (dates as `…T00:00:00Z`, enums as
-/// their symbol), the key fields of `key` that the record lacks, and `dataAreaId`. A null in a
+/// their symbol), the key fields of `key` that the record lacks (each with the JSON type the
+/// maps declare for it, [`key_value`]), and `dataAreaId`. A null in a
 /// field `schema` declares text is sent as "": F&O has no null text (its string properties do
 /// not take null), and "" is how it spells an empty field.
 pub fn record_body(
@@ -280,7 +355,13 @@ pub fn record_body(
         if field == DATA_AREA_ID {
             company = company.or_else(|| Some(value.clone().into()));
         } else if !record.fields.contains_key(field.as_str()) {
-            pairs.push((field.clone(), json_string(value)));
+            // With its declared JSON type: F&O refuses "1" for an integer field.
+            let typed = key_value(schema, field, value)?;
+            pairs.push((
+                field.clone(),
+                value_to_json(&typed, DateStyle::Midnight)
+                    .map_err(|e| format!("field {field}: {e}"))?,
+            ));
         }
     }
     if let Some(c) = company {

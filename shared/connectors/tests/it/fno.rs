@@ -386,3 +386,144 @@ async fn creating_a_record_someone_created_first_asks_for_a_reread() {
     assert_eq!(err.status, Some(400));
     assert!(err.message.contains("already exists"), "{err}");
 }
+
+/// Regression: PATCH and DELETE by key went without `cross-company=true`, so (with FnoSim
+/// applying F&O's default-company rule to them as to reads) a row of another company than the
+/// default one could be read but not updated or deleted.
+#[tokio::test]
+async fn rows_of_a_non_default_company_are_updated_and_deleted_by_key() {
+    let env = Env::start().await;
+    let key = RecordRef::Key(customer_key("demf", "DE-100"));
+    let created = env
+        .erp
+        .upsert(
+            "CustomersV3",
+            &key,
+            &customer("demf", "DE-100", "Contoso GmbH", "No"),
+            WriteCondition::None,
+        )
+        .await
+        .expect("create");
+    assert!(created.created);
+    let updated = env
+        .erp
+        .upsert(
+            "CustomersV3",
+            &key,
+            &customer("demf", "DE-100", "Contoso Deutschland GmbH", "Yes"),
+            WriteCondition::None,
+        )
+        .await
+        .expect("update of a demf row (read, then PATCH by key)");
+    assert!(!updated.created);
+    let out = env
+        .erp
+        .upsert_batch(
+            "CustomersV3",
+            &[(key.clone(), customer("demf", "DE-100", "Batch GmbH", "Yes"))],
+        )
+        .await
+        .expect("bulk");
+    out[0].as_ref().expect("PATCH in a changeset");
+    let r = env.erp.read("CustomersV3", &key).await.unwrap().unwrap();
+    assert_eq!(
+        r.get("OrganizationName"),
+        Some(&Value::Text("Batch GmbH".into()))
+    );
+    env.erp.delete("CustomersV3", &key).await.expect("delete");
+    assert!(
+        env.fno.rows("CustomersV3").is_empty(),
+        "the demf row is gone"
+    );
+}
+
+/// Regression: integer key fields were quoted in URLs and sent as JSON strings. FnoSim (told
+/// the line number is an integer key) refuses both, as F&O does; every route must pass.
+#[tokio::test]
+async fn an_integer_key_field_is_written_unquoted_on_every_route() {
+    use dualwrite_core::ports::{CallResult, ConnectorCall};
+    let env = Env::start().await;
+    let line = |n: &str| {
+        RecordRef::Key(RecordKey::new([
+            ("dataAreaId", "usmf"),
+            ("SalesOrderNumber", "SO-1"),
+            ("LineCreationSequenceNumber", n),
+        ]))
+    };
+    // The record lacks the key fields: the connector sends them from the key, typed.
+    let amount = |a: &str| {
+        let mut r = Record::new("CDSSalesOrderLines")
+            .with("LineAmount", Value::Decimal(a.parse().unwrap()));
+        r.company = Some("usmf".into());
+        r
+    };
+    let created = env
+        .erp
+        .upsert(
+            "CDSSalesOrderLines",
+            &line("1"),
+            &amount("10"),
+            WriteCondition::None,
+        )
+        .await
+        .expect("create: read by key, then POST");
+    assert!(created.created);
+    let rows = env.fno.rows("CDSSalesOrderLines");
+    assert_eq!(rows[0]["LineCreationSequenceNumber"], json!(1));
+    env.erp
+        .upsert(
+            "CDSSalesOrderLines",
+            &line("1"),
+            &amount("11"),
+            WriteCondition::None,
+        )
+        .await
+        .expect("update: read by key, then PATCH by key");
+    for r in env
+        .erp
+        .upsert_batch(
+            "CDSSalesOrderLines",
+            &[(line("1"), amount("12")), (line("2"), amount("20"))],
+        )
+        .await
+        .expect("bulk")
+    {
+        r.expect("changeset item");
+    }
+    let results = env
+        .erp
+        .call_many(vec![
+            ConnectorCall::Read {
+                entity: "CDSSalesOrderLines".into(),
+                at: line("2"),
+            },
+            ConnectorCall::Upsert {
+                entity: "CDSSalesOrderLines".into(),
+                at: line("3"),
+                record: amount("30"),
+                condition: WriteCondition::None,
+            },
+        ])
+        .await;
+    let CallResult::Read(Ok(Some(second))) = &results[0] else {
+        panic!("{:?}", results[0]);
+    };
+    assert_eq!(second.get("LineAmount"), Some(&Value::Decimal(20.into())));
+    assert!(matches!(&results[1], CallResult::Upsert(Ok(o)) if o.created));
+    let first = env
+        .erp
+        .read("CDSSalesOrderLines", &line("1"))
+        .await
+        .unwrap()
+        .expect("line 1");
+    assert_eq!(first.get("LineAmount"), Some(&Value::Decimal(12.into())));
+    assert_eq!(
+        first.get("LineCreationSequenceNumber"),
+        Some(&Value::Integer(1))
+    );
+    env.erp
+        .delete("CDSSalesOrderLines", &line("1"))
+        .await
+        .expect("delete by key");
+    assert_eq!(env.fno.rows("CDSSalesOrderLines").len(), 2);
+}

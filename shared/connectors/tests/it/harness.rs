@@ -103,7 +103,23 @@ impl Env {
                     Some("ModifiedDateTime"),
                 ),
                 entity("Currencies", &["CurrencyCode"], None),
+                entity(
+                    "CDSSalesOrderLines",
+                    &[
+                        "dataAreaId",
+                        "SalesOrderNumber",
+                        "LineCreationSequenceNumber",
+                    ],
+                    Some("ModifiedDateTime"),
+                ),
             ],
+            // As F&O types it: a line's sequence number is an integer, so a quoted key literal
+            // or a JSON string for it is refused.
+            key_types: vec![sim::FnoKeyType {
+                entity_set: "CDSSalesOrderLines".into(),
+                field: "LineCreationSequenceNumber".into(),
+                kind: sim::FnoKeyKind::Integer,
+            }],
             default_company: "usmf".into(),
             auth: Some(entra.clone()),
             ..sim::FnoConfig::default()

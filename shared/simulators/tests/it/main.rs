@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use dualwrite_simulators::{
     ColumnKind, DataverseConfig, DataverseSim, EntraClient, EntraConfig, EntraSim, Fault,
-    FnoConfig, FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim, TableDef,
-    ThrottleConfig, WebhookAuth, WebhookMessage, WebhookRegistration,
+    FnoConfig, FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoKeyKind, FnoKeyType,
+    FnoMessage, FnoSim, TableDef, ThrottleConfig, WebhookAuth, WebhookMessage, WebhookRegistration,
 };
 use serde_json::{Value, json};
 
@@ -1051,4 +1051,201 @@ async fn each_system_spells_an_empty_text_field_its_own_way() {
     assert_eq!(r.status(), 204);
     let got = body(c.get(&key).send().await.unwrap()).await;
     assert_eq!(got["Name"], "");
+}
+
+/// Regression: the path was percent-decoded before it was split on '/', so a key holding an
+/// encoded '/' was refused (400); and UpsertMultiple read `@odata.id` without decoding it, so
+/// an encoded key missed its row and created a second one. Both are URLs: split, then decode.
+#[tokio::test]
+async fn dataverse_keys_are_decoded_after_the_path_is_split_and_in_odata_ids() {
+    let (sim, c) = dataverse().await;
+    let api = sim.api_url();
+    let slash = format!("{api}accounts(accountnumber='A%201%2F2')");
+    let r = c
+        .patch(&slash)
+        .json(&json!({"name": "single"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+    let got = body(c.get(&slash).send().await.unwrap()).await;
+    assert_eq!(got["accountnumber"], "A 1/2");
+    assert_eq!(got["name"], "single");
+
+    let t = |id: &str, name: &str| json!({"@odata.type": "Microsoft.Dynamics.CRM.account", "@odata.id": id, "name": name});
+    let r = c
+        .post(format!(
+            "{api}accounts/Microsoft.Dynamics.CRM.UpsertMultiple"
+        ))
+        .json(&json!({"Targets": [
+            t("accounts(accountnumber='A%201%2F2')", "bulk"),
+            t(&format!("{api}accounts(accountnumber='%C3%9Cml%20%26%20O''Neil')"), "new"),
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rows = sim.rows("accounts");
+    assert_eq!(
+        rows.len(),
+        2,
+        "the encoded @odata.id found the existing row"
+    );
+    assert!(rows.iter().any(|r| r["accountnumber"] == "Üml & O'Neil"));
+    let got = body(c.get(&slash).send().await.unwrap()).await;
+    assert_eq!(got["name"], "bulk");
+
+    // An unknown bound action is still a 404 for its segment, the key part of the path intact.
+    let r = c
+        .post(format!("{api}accounts/Microsoft.Dynamics.CRM.Nope%2FX"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+/// Regression: FnoSim applied its default-company rule to reads only; F&O resolves a key in the
+/// default company for PATCH and DELETE as well unless `cross-company=true`.
+#[tokio::test]
+async fn fno_patch_and_delete_by_key_see_the_default_company_only() {
+    let sim = FnoSim::start(FnoConfig {
+        entities: vec![customers()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sim.user_create(
+        "CustomersV3",
+        json!({"dataAreaId": "demf", "CustomerAccount": "DE-001"}),
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    let key = format!(
+        "{}CustomersV3(dataAreaId='demf',CustomerAccount='DE-001')",
+        sim.data_url()
+    );
+    let cross = format!("{key}?cross-company=true");
+    for url in [&key, &cross] {
+        let r = c
+            .patch(url)
+            .json(&json!({"Name": "x"}))
+            .send()
+            .await
+            .unwrap();
+        let expected = if url == &key { 404 } else { 204 };
+        assert_eq!(r.status(), expected, "PATCH {url}");
+    }
+    assert_eq!(c.delete(&key).send().await.unwrap().status(), 404);
+    assert_eq!(sim.rows("CustomersV3").len(), 1);
+    assert_eq!(c.delete(&cross).send().await.unwrap().status(), 204);
+    assert!(sim.rows("CustomersV3").is_empty());
+}
+
+/// Key fields declared integer or enum take their typed literal, as F&O's OData requires: a
+/// quoted literal or a JSON string for an integer key is a 400, so a client quoting every key
+/// value cannot pass silently.
+#[tokio::test]
+async fn fno_typed_keys_refuse_literals_of_the_wrong_type() {
+    let lines = FnoEntityDef {
+        entity_set: "Lines".into(),
+        key_fields: vec!["dataAreaId".into(), "Order".into(), "LineNumber".into()],
+        ..FnoEntityDef::default()
+    };
+    let flags = FnoEntityDef {
+        entity_set: "Flags".into(),
+        key_fields: vec!["Code".into(), "Primary".into()],
+        ..FnoEntityDef::default()
+    };
+    let sim = FnoSim::start(FnoConfig {
+        entities: vec![lines, flags],
+        key_types: vec![
+            FnoKeyType {
+                entity_set: "Lines".into(),
+                field: "LineNumber".into(),
+                kind: FnoKeyKind::Integer,
+            },
+            FnoKeyType {
+                entity_set: "Flags".into(),
+                field: "Primary".into(),
+                kind: FnoKeyKind::Enum {
+                    enum_type: "NoYes".into(),
+                },
+            },
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = reqwest::Client::new();
+    let data = sim.data_url();
+    let r = c
+        .post(format!("{data}Lines"))
+        .json(&json!({"Order": "SO-1", "LineNumber": "1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(
+        body(r).await["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'LineNumber'")
+    );
+    let r = c
+        .post(format!("{data}Lines"))
+        .json(&json!({"Order": "SO-1", "LineNumber": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(
+        r.headers()["location"]
+            .to_str()
+            .unwrap()
+            .ends_with("Lines(dataAreaId='usmf',Order='SO-1',LineNumber=1)")
+    );
+    let quoted = format!("{data}Lines(dataAreaId='usmf',Order='SO-1',LineNumber='1')");
+    let bare = format!("{data}Lines(dataAreaId='usmf',Order='SO-1',LineNumber=1)");
+    assert_eq!(c.get(&quoted).send().await.unwrap().status(), 400);
+    assert_eq!(
+        c.patch(&quoted)
+            .json(&json!({"Qty": 2}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(c.delete(&quoted).send().await.unwrap().status(), 400);
+    assert_eq!(c.get(&bare).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.patch(&bare)
+            .json(&json!({"Qty": 2}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+
+    let r = c
+        .post(format!("{data}Flags"))
+        .json(&json!({"Code": "A", "Primary": "Yes"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let literal =
+        format!("{data}Flags(Code='A',Primary=Microsoft.Dynamics.DataEntities.NoYes'Yes')");
+    assert_eq!(c.get(&literal).send().await.unwrap().status(), 200);
+    let plain = format!("{data}Flags(Code='A',Primary='Yes')");
+    assert_eq!(c.get(&plain).send().await.unwrap().status(), 400);
+    let r = c
+        .post(format!("{data}Flags"))
+        .json(&json!({"Code": "B", "Primary": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 }
