@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::conflicts::ConflictsCommand,
     },
+    /// Operate the local work queue: send dead letters back to it.
+    Queue {
+        #[command(subcommand)]
+        command: commands::queue::QueueCommand,
+    },
     /// Run a benchmark and print its figures.
     Bench {
         #[command(subcommand)]
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
         Command::Maps { command } => commands::maps::run(command),
         Command::Status(args) => commands::status::run(&cli.db, args),
         Command::Conflicts { command } => commands::conflicts::run(&cli.db, command),
+        Command::Queue { command } => commands::queue::run(&cli.db, command),
         Command::Bench { command } => commands::bench::run(command),
         Command::Serve(args) => commands::serve::run(args),
         Command::Demo(args) => commands::demo::run(args),

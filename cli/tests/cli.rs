@@ -198,6 +198,7 @@ fn status_counts_the_queue_and_says_when_a_running_process_holds_it() {
             partial: false,
             received_at: chrono::Utc::now(),
             correlation_id: None,
+            depth: None,
         })
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -225,4 +226,117 @@ fn status_counts_the_queue_and_says_when_a_running_process_holds_it() {
         "{}",
         stdout(&out)
     );
+}
+
+#[test]
+fn queue_redrive_moves_dead_letters_back_and_refuses_while_serve_holds_the_queue() {
+    use std::time::Duration;
+
+    use dualwrite_core::ports::{QueueMessage, RetryOutcome, WorkQueue};
+    use dualwrite_core::{ChangeEvent, Operation, Record, Side};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    drop(dualwrite_sqlite::SqliteStore::open(&db).unwrap());
+    let queue_dir = dir.path().join("state.queue");
+    // One attempt: a single failed delivery dead-letters (as an outage does after them all).
+    let open_queue = || {
+        dualwrite_logqueue::LogQueue::open(
+            &queue_dir,
+            dualwrite_logqueue::QueueConfig {
+                max_attempts: 1,
+                ..dualwrite_logqueue::QueueConfig::default()
+            },
+        )
+        .unwrap()
+    };
+    let message = |id: &str| {
+        let mut record = Record::new("accounts");
+        record.id = Some(id.into());
+        QueueMessage::for_event(ChangeEvent {
+            event_id: id.into(),
+            source: Side::Crm,
+            operation: Operation::Upsert,
+            record,
+            partial: false,
+            received_at: chrono::DateTime::UNIX_EPOCH,
+            correlation_id: None,
+            depth: None,
+        })
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let queue = open_queue();
+    rt.block_on(async {
+        queue.send(vec![message("a"), message("b")]).await.unwrap();
+        for d in queue.receive(10, Duration::from_secs(30)).await.unwrap() {
+            let outcome = queue
+                .retry(&d.receipt, Duration::ZERO, "F&O unavailable")
+                .await
+                .unwrap();
+            assert_eq!(outcome, RetryOutcome::DeadLettered);
+        }
+    });
+    drop(queue);
+    let db_arg = db.display().to_string();
+
+    let out = dualwrite(&["--db", &db_arg, "status"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout(&out).contains("`dualwrite queue redrive`"),
+        "the dead letters say how to send them back:\n{}",
+        stdout(&out)
+    );
+
+    // While a process (here: this test, standing in for `dualwrite serve`) holds the queue.
+    let held = open_queue();
+    let out = dualwrite(&["--db", &db_arg, "queue", "redrive"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for words in [
+        "held by a running dualwrite process",
+        "nothing was redriven",
+        "Stop `dualwrite serve`",
+        "start `dualwrite serve` again",
+    ] {
+        assert!(err.contains(words), "{words:?} missing from: {err}");
+    }
+    drop(held);
+
+    let out = dualwrite(
+        &[
+            "--db", &db_arg, "queue", "redrive", "--limit", "1", "--json",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["moved"], 1, "{report}");
+    assert_eq!(
+        report["remaining_dead_letters"], 1,
+        "nothing moved while held: {report}"
+    );
+
+    let out = dualwrite(&["--db", &db_arg, "queue", "redrive"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(
+        text.contains("1 dead letter(s) moved back to the work queue; 0 dead letter(s) remain"),
+        "{text}"
+    );
+
+    let queue = open_queue();
+    rt.block_on(async {
+        assert!(queue.dead_letters(10).await.unwrap().is_empty());
+        let again = queue.receive(10, Duration::from_secs(30)).await.unwrap();
+        let ids: Vec<_> = again
+            .iter()
+            .map(|d| d.message.event.event_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "b"], "oldest death first");
+        assert!(again.iter().all(|d| d.attempt == 1));
+        assert_eq!(again[0].message, message("a"));
+    });
 }

@@ -4,5 +4,6 @@ pub mod bench;
 pub mod conflicts;
 pub mod demo;
 pub mod maps;
+pub mod queue;
 pub mod serve;
 pub mod status;

@@ -142,6 +142,9 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
             for d in &dead {
                 println!("  {} after {} attempts: {}", d.message.event.event_id, d.attempts, d.last_error);
             }
+            println!(
+                "  `dualwrite queue redrive` sends them back to the queue once the cause is fixed (stop `dualwrite serve` first, start it again after)"
+            );
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -421,6 +421,8 @@ pub enum QueueError {
 ///   message of that group is delivered. Different groups are independent.
 /// - `retry` makes the message visible again after `delay`; after the queue's maximum number of
 ///   attempts it moves to the dead-letter queue instead, and the group moves on.
+/// - A dead letter keeps its message until `redrive` sends it back to the queue: durably, and
+///   at least once (see [`WorkQueue::redrive`]).
 #[async_trait]
 pub trait WorkQueue: Send + Sync {
     async fn send(&self, messages: Vec<QueueMessage>) -> Result<(), QueueError>;
@@ -434,6 +436,18 @@ pub trait WorkQueue: Send + Sync {
     ) -> Result<RetryOutcome, QueueError>;
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError>;
     async fn depth(&self) -> Result<QueueDepth, QueueError>;
+    /// Moves up to `limit` dead letters, oldest death first (the order `dead_letters` lists
+    /// them), back to the queue and returns how many it moved. Each becomes a new message at
+    /// the end of its group, behind the messages already queued for it: group id, dedup id
+    /// and event as they were, its attempt count starting again at 0.
+    ///
+    /// Durable like `send`: returns only once the moved messages are durable. Crash-safe: a
+    /// crash during a redrive may leave a message both sent again and still listed as dead.
+    /// A second redrive then sends it once more, which is harmless: the engine's idempotency
+    /// records answer the second delivery `AlreadyDone` (once they are forgotten, the link's
+    /// version shows the change is not newer than what it holds). Never neither: a dead
+    /// letter is removed only together with, or after, its new message is durable.
+    async fn redrive(&self, limit: usize) -> Result<u64, QueueError>;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@
 //! oldest segment's items in the head segment (see [`crate::writer`]). Deleting oldest first is
 //! what makes it safe to forget a segment: the records that ended its messages (acks, dead
 //! letters) are all in newer segments, still there when the older one is read again.
+//!
+//! A redriven dead letter is released from its home like an acked message, and its new
+//! message is homed where its `Sent` record goes. The `Redriven` record that ends the dead
+//! letter comes after every copy of its `DeadLettered` record (compaction copies dead letters
+//! only while they are dead), so deleting oldest first forgets those copies before it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -267,7 +272,7 @@ impl Index {
         self.next_seq = self.next_seq.max(record.seq().saturating_add(1));
         match record {
             Record::Sent { seq, body } => {
-                let message = decode_message(&body)?;
+                let message = Arc::new(decode_message(&body)?);
                 self.messages
                     .insert(seq, Entry::new(message, segment, frame_bytes));
             }
@@ -332,7 +337,8 @@ impl Index {
                 let e = match self.messages.entry(seq) {
                     std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(Entry::new(decode_message(&body)?, segment, frame_bytes))
+                        let message = Arc::new(decode_message(&body)?);
+                        v.insert(Entry::new(message, segment, frame_bytes))
                     }
                 };
                 e.attempt = attempt;
@@ -344,6 +350,14 @@ impl Index {
                 e.last_error = last_error.map(str::to_owned);
                 e.home = segment;
                 e.record_bytes = frame_bytes;
+            }
+            Record::Redriven { death, .. } => {
+                // Its new message was replayed just before (its `Sent` record). The dead
+                // letter may be unknown: its segment was deleted after this record was written.
+                if let Some(dead) = self.dead.remove(&death) {
+                    self.dead_seqs.remove(&dead.seq);
+                }
+                self.next_death = self.next_death.max(death.saturating_add(1));
             }
         }
         Ok(())
@@ -417,6 +431,11 @@ impl Index {
     /// Appends a `Sent` record for `message` and queues it at the end of its group. Returns its
     /// seq: it is delivered once the writer synced past it.
     pub(crate) fn send(&mut self, message: QueueMessage, event_json: &[u8]) -> u64 {
+        self.enqueue(Arc::new(message), event_json)
+    }
+
+    /// [`Index::send`] of a message already shared (a dead letter sent again).
+    fn enqueue(&mut self, message: Arc<QueueMessage>, event_json: &[u8]) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         let bytes = self.append(&Record::Sent {
@@ -624,6 +643,32 @@ impl Index {
         Ok(())
     }
 
+    /// Up to `limit` dead letters, oldest death first, with their messages: `redrive` encodes
+    /// their events outside the lock, then passes each to [`Index::redrive`].
+    pub(crate) fn redrive_candidates(&self, limit: usize) -> Vec<(u64, Arc<QueueMessage>)> {
+        self.dead
+            .iter()
+            .take(limit)
+            .map(|(death, d)| (*death, d.message.clone()))
+            .collect()
+    }
+
+    /// Sends dead letter `death` again (`event_json` is its event's JSON): a new message at the
+    /// end of its group, attempt count 0, delivered once synced like any send. Appends its
+    /// `Sent` record and right after it the `Redriven` record that ends the dead letter, and
+    /// releases the dead letter's home. False when `death` is no longer a dead letter (another
+    /// redrive took it meanwhile).
+    pub(crate) fn redrive(&mut self, death: u64, event_json: &[u8]) -> bool {
+        let Some(dead) = self.dead.remove(&death) else {
+            return false;
+        };
+        self.dead_seqs.remove(&dead.seq);
+        self.release_home(dead.home, dead.record_bytes);
+        let seq = self.enqueue(dead.message, event_json);
+        self.append(&Record::Redriven { seq, death });
+        true
+    }
+
     /// Removes head `seq` (out of every state set already) and lets its group move on.
     fn remove_head(&mut self, seq: u64) -> Option<Arc<QueueMessage>> {
         let entry = self.messages.remove(&seq)?;
@@ -681,6 +726,11 @@ impl Index {
     // -----------------------------------------------------------------------------------------
     // The log and the segments
     // -----------------------------------------------------------------------------------------
+
+    /// The seq the next message gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
 
     /// Bytes appended and not yet taken by the writer.
     pub(crate) fn unwritten(&self) -> usize {
@@ -897,9 +947,9 @@ impl Index {
 }
 
 impl Entry {
-    fn new(message: QueueMessage, home: u64, record_bytes: u64) -> Self {
+    fn new(message: Arc<QueueMessage>, home: u64, record_bytes: u64) -> Self {
         Entry {
-            message: Arc::new(message),
+            message,
             attempt: 0,
             state: State::Waiting,
             receipt_valid: false,
@@ -928,6 +978,7 @@ mod tests {
             partial: false,
             received_at: chrono::DateTime::UNIX_EPOCH,
             correlation_id: None,
+            depth: None,
         })
     }
 
@@ -1106,5 +1157,197 @@ mod tests {
         assert_eq!(d[0].message.event.event_id, "a1");
         assert_eq!(d[0].attempt, 2);
         assert_eq!(head_only.next_seq, 7);
+    }
+
+    /// An index with one segment of `segment_bytes` that dead-letters on the first delivery.
+    fn one_attempt(segment_bytes: u64) -> Index {
+        let mut index = Index::new(1, segment_bytes);
+        index.finish_replay(&[(0, HEADER_LEN)], 1);
+        index
+    }
+
+    /// Delivers `seq` (the only deliverable message) and retries it: a dead letter.
+    fn kill(index: &mut Index, seq: u64) {
+        let d = index.receive(0, 100, 10).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(parse_receipt(&d[0].receipt), Some((seq, 1)));
+        assert_eq!(
+            index.retry(seq, 1, 0, "F&O unavailable").unwrap(),
+            RetryOutcome::DeadLettered
+        );
+    }
+
+    /// Redrives up to `limit` dead letters as `LogQueue::redrive` does; returns how many moved.
+    fn redrive(index: &mut Index, limit: usize) -> usize {
+        let candidates = index.redrive_candidates(limit);
+        candidates
+            .iter()
+            .filter(|(death, message)| index.redrive(*death, &event_json(message).unwrap()))
+            .count()
+    }
+
+    /// A fresh index replaying the frames of `log` (one segment, numbered 0).
+    fn replayed_log(log: &[u8], max_attempts: u32) -> Index {
+        let mut fresh = Index::new(max_attempts, 1 << 20);
+        let mut at = 0;
+        while let Some((payload, next)) = record::read_frame(log, at).unwrap() {
+            fresh
+                .replay(record::decode(payload).unwrap(), 0, (next - at) as u64)
+                .unwrap();
+            at = next;
+        }
+        fresh.finish_replay(&[(0, HEADER_LEN + log.len() as u64)], 1);
+        fresh
+    }
+
+    fn event_ids(handouts: &[Handout]) -> Vec<&str> {
+        handouts
+            .iter()
+            .map(|h| h.message.event.event_id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_redriven_dead_letter_goes_behind_its_group_and_its_home_is_released() {
+        let mut index = one_attempt(1 << 20);
+        let mut log = Vec::new();
+        let a1 = send(&mut index, "a1", "A");
+        let taken = index.take(Vec::new());
+        index.synced(taken.seq_end);
+        log.extend(taken.bytes);
+        kill(&mut index, a1);
+        let a2 = send(&mut index, "a2", "A");
+        let taken = index.take(Vec::new());
+        index.synced(taken.seq_end);
+        log.extend(taken.bytes);
+        assert_eq!(index.segments[0].live, 2, "a2 and the dead letter");
+        let live_bytes = index.live_bytes;
+        let dead_bytes = index.dead.values().map(|d| d.record_bytes).sum::<u64>();
+
+        assert_eq!(redrive(&mut index, 10), 1);
+        assert_eq!(redrive(&mut index, 10), 0, "moved once");
+        assert!(index.dead.is_empty() && index.dead_seqs.is_empty());
+        let again = *index.messages.keys().next_back().unwrap();
+        assert!(again > a2, "a new message, sent after a2");
+        assert_eq!(index.segments[0].live, 2, "a2 and the redriven a1");
+        assert_eq!(
+            index.live_bytes,
+            live_bytes - dead_bytes + index.messages[&again].record_bytes,
+            "the dead letter's record is garbage now"
+        );
+        let depth = index.depth(0);
+        assert_eq!((depth.ready, depth.dead), (2, 0));
+
+        // a2 first; the redriven a1 after it, once its send is synced, as a first attempt.
+        assert_eq!(event_ids(&index.receive(0, 100, 10).unwrap()), ["a2"]);
+        index.ack(a2, 1).unwrap();
+        assert!(
+            index.receive(0, 100, 10).unwrap().is_empty(),
+            "not synced yet"
+        );
+        let taken = index.take(Vec::new());
+        index.synced(taken.seq_end);
+        log.extend(taken.bytes);
+        let d = index.receive(0, 100, 10).unwrap();
+        assert_eq!(event_ids(&d), ["a1"]);
+        assert_eq!(d[0].attempt, 1);
+        assert_eq!(*d[0].message, message("a1", "A"), "as it was sent");
+
+        // Replayed from the log: the same, and the dead letter stays gone.
+        let mut replayed = replayed_log(&log, 1);
+        assert!(replayed.dead.is_empty());
+        assert_eq!(replayed.depth(0).ready, 1);
+        let d = replayed.receive(0, 100, 10).unwrap();
+        assert_eq!(event_ids(&d), ["a1"]);
+        assert_eq!(parse_receipt(&d[0].receipt), Some((again, 1)));
+    }
+
+    #[test]
+    fn a_redrive_torn_before_its_redriven_record_leaves_the_message_queued_and_dead() {
+        let mut index = one_attempt(1 << 20);
+        let b1 = send(&mut index, "b1", "B");
+        index.synced(u64::MAX);
+        kill(&mut index, b1);
+        assert_eq!(redrive(&mut index, 1), 1);
+        let log = index.take(Vec::new()).bytes;
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while let Some((payload, next)) = record::read_frame(&log, at).unwrap() {
+            frames.push((at, record::decode(payload).unwrap()));
+            at = next;
+        }
+        let kinds: Vec<_> = frames
+            .iter()
+            .map(|(_, r)| std::mem::discriminant(r))
+            .collect();
+        let (redriven_at, redriven) = frames.last().unwrap();
+        assert!(
+            matches!(redriven, Record::Redriven { .. }),
+            "{:?}",
+            frames.last()
+        );
+        assert!(
+            matches!(frames[frames.len() - 2].1, Record::Sent { .. }),
+            "right after its Sent: {kinds:?}"
+        );
+
+        // The batch cut before its last record: sent again and still dead, never neither.
+        let torn = replayed_log(&log[..*redriven_at], 1);
+        assert_eq!(torn.dead.len(), 1);
+        assert_eq!(torn.messages.len(), 1);
+        let whole = replayed_log(&log, 1);
+        assert_eq!((whole.dead.len(), whole.messages.len()), (0, 1));
+    }
+
+    #[test]
+    fn compaction_does_not_copy_a_dead_letter_redriven_after_it_was_picked() {
+        let mut index = one_attempt(1);
+        let d = send(&mut index, "d1", "D");
+        index.synced(u64::MAX);
+        kill(&mut index, d);
+        // Rotate (1-byte segments) and make garbage so that compaction is due.
+        assert_eq!(index.take(Vec::new()).rotate_to.map(|r| r.0), Some(1));
+        for i in 0..5 {
+            let s = send(&mut index, &format!("x{i}"), "X");
+            index.synced(u64::MAX);
+            index.receive(0, 100, 1).unwrap();
+            index.ack(s, 1).unwrap();
+        }
+        index.take(Vec::new());
+        assert!(index.compaction_due());
+        let candidates = index.compaction_candidates(u64::MAX);
+        assert_eq!(candidates.len(), 1);
+        assert!(matches!(candidates[0].item, Homed::Dead(_)));
+        let encoded: Vec<_> = candidates
+            .iter()
+            .map(|c| (c.item, event_json(&c.message).unwrap()))
+            .collect();
+        // Redriven while the writer encodes the copy outside the lock.
+        assert_eq!(redrive(&mut index, 10), 1);
+        assert_eq!(
+            index.carry(&encoded),
+            0,
+            "no copy of a redriven dead letter"
+        );
+        let taken = index.take(Vec::new());
+        assert_eq!(
+            taken.delete,
+            [0, 1],
+            "the dead letter's segment homes nothing"
+        );
+        let mut frames = 0;
+        let mut at = 0;
+        while let Some((payload, next)) = record::read_frame(&taken.bytes, at).unwrap() {
+            assert!(
+                !matches!(
+                    record::decode(payload).unwrap(),
+                    Record::DeadLettered { .. }
+                ),
+                "nothing may bring the dead letter back"
+            );
+            frames += 1;
+            at = next;
+        }
+        assert_eq!(frames, 2, "the redrive's Sent and Redriven");
     }
 }

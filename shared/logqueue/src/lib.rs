@@ -2,7 +2,8 @@
 //!
 //! [`LogQueue`] implements [`WorkQueue`](dualwrite_core::ports::WorkQueue) with the guarantees
 //! that trait documents — durable `send`, at-least-once delivery with visibility timeouts,
-//! per-group order, `retry` with delay, dead letters after [`QueueConfig::max_attempts`] — for
+//! per-group order, `retry` with delay, dead letters after [`QueueConfig::max_attempts`] and
+//! `redrive` of dead letters back to the queue — for
 //! a few microseconds of CPU per message: a message is written once when sent and a few bytes
 //! when delivered and acked, and nothing is ever rewritten in place (`SqliteQueue` inserts,
 //! updates and deletes a B-tree row per message, rewriting whole pages each time).
@@ -21,19 +22,20 @@
 //! | `Retried` (seq, attempt, visible-at, error) | `retry` | yes |
 //! | `DeadLettered` (seq, order, attempts, error, body) | `retry` on the last attempt, or a last delivery expiring | yes from `retry`; else with the next batch |
 //! | `Carried` (seq, attempt, state, last error, body) | compaction | before the old segment is deleted |
+//! | `Redriven` (seq, death) | `redrive`, right after the dead letter's new `Sent` | yes |
 //!
 //! # What is synced when
 //!
 //! One writer thread appends the records of all callers and syncs (`fdatasync`) once per
-//! batch; every caller of `send` and `retry` is answered after the sync that covers its
-//! records (group commit, no artificial delay: see [`writer`]). Records nobody waits for
-//! (`Delivered`, `Acked`, a `DeadLettered` of an expired delivery) go out with the next batch,
-//! or within [`writer::FLUSH_INTERVAL`]. A message is *delivered* only once its `Sent` record
-//! is synced, so nothing a crash could un-send is ever handed to a worker. The head segment is
-//! also synced before it is sealed, and before any segment is deleted. The writer fills the
-//! head with zeros ahead of its records ([`writer::PREALLOCATE_BYTES`] at a time), so that a
-//! batch's sync writes data into blocks the file already has, without a journal commit for a
-//! new file size.
+//! batch; every caller of `send`, `retry` and `redrive` is answered after the sync that
+//! covers its records (group commit, no artificial delay: see [`writer`]). Records nobody
+//! waits for (`Delivered`, `Acked`, a `DeadLettered` of an expired delivery) go out with the
+//! next batch, or within [`writer::FLUSH_INTERVAL`]. A message is *delivered* only once its
+//! `Sent` record is synced, so nothing a crash could un-send is ever handed to a worker. The
+//! head segment is also synced before it is sealed, and before any segment is deleted. The
+//! writer fills the head with zeros ahead of its records ([`writer::PREALLOCATE_BYTES`] at a
+//! time), so that a batch's sync writes data into blocks the file already has, without a
+//! journal commit for a new file size.
 //!
 //! What a crash can cost:
 //! - killing the process loses nothing that was written: the OS has it. Only what was still in
@@ -46,12 +48,19 @@
 //!   lost `DeadLettered` of an expired last delivery leaves the message in flight, so it is
 //!   dead-lettered again by the first `receive` after the restart.
 //!
-//! Every answered `send` and `retry` survives both.
+//! A redrive torn by a crash keeps a prefix of its batch: a dead letter whose new `Sent`
+//! survived but whose `Redriven` did not is then both queued and still dead (a second
+//! redrive sends it once more, which idempotency makes harmless), never neither.
+//!
+//! Every answered `send`, `retry` and `redrive` survives both.
 //!
 //! # Recovery
 //!
 //! Opening takes the directory's lock, reads the segments oldest first and replays their
-//! records into the index ([`index`]). The newest segment ends at its first bad frame: zeros
+//! records into the index ([`index`]). Segments of the previous format (version 1, before
+//! `Redriven`) are read as they are; when the newest one is of that format it is sealed and a
+//! new segment started, so that a record an older build cannot read never lands in a segment
+//! that build would open (see [`segment`]). The newest segment ends at its first bad frame: zeros
 //! from there on are the writer's zeros written ahead and stay; anything else is a torn batch
 //! (incomplete, bad length or bad checksum) and is cut off the file, keeping every record
 //! before it. A bad frame in an older segment is damage, not a crash, and opening fails

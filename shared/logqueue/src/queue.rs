@@ -88,9 +88,9 @@ pub struct QueueStats {
 
 /// The durable work queue on segment files. Implements [`WorkQueue`].
 ///
-/// `send` and `retry` return once their records are synced to disk (group commit: one
-/// `fdatasync` for every caller that arrived meanwhile); a message is delivered only once its
-/// send is synced. `receive` and `ack` change memory at once and append records that are
+/// `send`, `retry` and `redrive` return once their records are synced to disk (group commit:
+/// one `fdatasync` for every caller that arrived meanwhile); a message is delivered only once
+/// its send is synced. `receive` and `ack` change memory at once and append records that are
 /// written with the next batch without waiting for it (see the crate docs for what a crash
 /// can cost). One process at a time: opening takes an exclusive lock on `<dir>/LOCK`.
 ///
@@ -258,7 +258,9 @@ struct HeadAt {
 }
 
 /// Replays every segment of `dir` into `index`, oldest first (creating the first segment of a
-/// new queue); returns the newest segment, where writing goes on.
+/// new queue); returns the newest segment, where writing goes on. A newest segment of an older
+/// format is sealed and a new one started, so that records of kinds its format does not know
+/// are never appended to it (see [`segment`]).
 fn replay(dir: &Path, index: &mut Index) -> Result<HeadAt, OpenError> {
     let mut numbers = segment::list(dir)?;
     if numbers.is_empty() {
@@ -271,6 +273,7 @@ fn replay(dir: &Path, index: &mut Index) -> Result<HeadAt, OpenError> {
     }
     let mut lengths = Vec::with_capacity(numbers.len());
     let mut header_next_seq = 1;
+    let mut head_version = segment::FORMAT_VERSION;
     let mut head = HeadAt {
         number: 0,
         end: segment::HEADER_LEN,
@@ -294,10 +297,45 @@ fn replay(dir: &Path, index: &mut Index) -> Result<HeadAt, OpenError> {
         }
         lengths.push((number, read.end));
         header_next_seq = read.next_seq;
+        head_version = read.version;
         head = HeadAt {
             number,
             end: read.end,
             len: read.len,
+        };
+    }
+    if head_version < segment::FORMAT_VERSION {
+        let io = |number, doing, source| OpenError::Io {
+            path: segment::path(dir, number),
+            doing,
+            source,
+        };
+        segment::seal(dir, head.number, head.end).map_err(|e| {
+            io(
+                head.number,
+                "sealing the newest segment (of an older format)",
+                e,
+            )
+        })?;
+        let number = head.number + 1;
+        let next_seq = index.next_seq().max(header_next_seq);
+        drop(
+            segment::create(dir, number, next_seq)
+                .map_err(|e| io(number, "creating a segment of the current format", e))?,
+        );
+        tracing::info!(
+            dir = %dir.display(),
+            sealed = head.number,
+            from_version = head_version,
+            to_version = segment::FORMAT_VERSION,
+            "the newest queue segment has an older format: sealed, new records go to a new segment"
+        );
+        lengths.push((number, segment::HEADER_LEN));
+        header_next_seq = next_seq;
+        head = HeadAt {
+            number,
+            end: segment::HEADER_LEN,
+            len: segment::HEADER_LEN,
         };
     }
     index.finish_replay(&lengths, header_next_seq);
@@ -491,5 +529,35 @@ impl WorkQueue for LogQueue {
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
         let now = self.now_ms();
         Ok(self.shared.lock()?.index.depth(now))
+    }
+
+    /// Each dead letter moved gets a `Sent` record (a new seq, at the end of its group) and
+    /// right after it, in the same batch, a `Redriven` record ending the dead letter. Returns
+    /// once that batch is synced. A torn batch keeps a prefix of it: at worst a message whose
+    /// `Sent` survived and whose `Redriven` did not, queued and still dead (see the port).
+    async fn redrive(&self, limit: usize) -> Result<u64, QueueError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let candidates = self.shared.lock()?.index.redrive_candidates(limit);
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        // Encoded outside the lock, as `send` does; a dead letter another redrive took
+        // meanwhile is skipped by `Index::redrive`.
+        let encoded = candidates
+            .iter()
+            .map(|(death, message)| Ok((*death, index::event_json(message)?)))
+            .collect::<Result<Vec<_>, QueueError>>()?;
+        let (moved, answer) = {
+            let mut st = self.shared.lock()?;
+            let moved = encoded
+                .iter()
+                .filter(|(death, event_json)| st.index.redrive(*death, event_json))
+                .count() as u64;
+            (moved, self.shared.wait_for_sync(&mut st))
+        };
+        writer::synced(answer, &self.shared.dir).await?;
+        Ok(moved)
     }
 }

@@ -29,10 +29,14 @@
 //! | 4 | `Retried` | seq u64, attempt u32, visible_at_ms i64, error str |
 //! | 5 | `DeadLettered` | seq u64, death u64, attempts u32, error str, body |
 //! | 6 | `Carried` | seq u64, attempt u32, state u8 (+ until_ms i64 when delayed), last_error (u8 0/1 + str), body |
+//! | 7 | `Redriven` | seq u64, death u64 (segment format 2 on) |
 //!
 //! Kinds are never renumbered and fields never reordered; a new need gets a new kind. A
 //! payload that passed its checksum but cannot be decoded was written by a newer version (or
-//! this one is broken): opening then fails instead of guessing.
+//! this one is broken): opening then fails instead of guessing. A new kind also raises the
+//! segment format version ([`crate::segment::FORMAT_VERSION`]) and is only ever written to
+//! segments of that version, so that an older build refuses such a segment as newer (and says
+//! to upgrade) instead of taking the record it cannot read for damage.
 
 use std::fmt;
 
@@ -49,6 +53,7 @@ const ACKED: u8 = 3;
 const RETRIED: u8 = 4;
 const DEAD_LETTERED: u8 = 5;
 const CARRIED: u8 = 6;
+const REDRIVEN: u8 = 7;
 
 /// A message as stored: its ordering group, dedup id and the JSON of its change event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +110,11 @@ pub(crate) enum Record<'a> {
         last_error: Option<&'a str>,
         body: Body<'a>,
     },
+    /// `redrive`: dead letter `death` was sent again as message `seq`. Always appended right
+    /// after that message's `Sent` record, in the same batch: a torn batch can keep the `Sent`
+    /// without this record (the message is then queued and still dead: a second redrive sends
+    /// it again, which idempotency makes harmless), never this record without the `Sent`.
+    Redriven { seq: u64, death: u64 },
 }
 
 impl Record<'_> {
@@ -116,7 +126,8 @@ impl Record<'_> {
             | Record::Acked { seq }
             | Record::Retried { seq, .. }
             | Record::DeadLettered { seq, .. }
-            | Record::Carried { seq, .. } => *seq,
+            | Record::Carried { seq, .. }
+            | Record::Redriven { seq, .. } => *seq,
         }
     }
 }
@@ -203,6 +214,11 @@ fn encode(buf: &mut Vec<u8>, record: &Record<'_>) {
                 }
             }
             put_body(buf, body);
+        }
+        Record::Redriven { seq, death } => {
+            buf.push(REDRIVEN);
+            put_u64(buf, *seq);
+            put_u64(buf, *death);
         }
     }
 }
@@ -332,6 +348,10 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Record<'_>, DecodeError> {
             },
             body: r.body()?,
         },
+        REDRIVEN => Record::Redriven {
+            seq: r.u64()?,
+            death: r.u64()?,
+        },
         other => return Err(DecodeError(format!("unknown record kind {other}"))),
     };
     if !r.rest.is_empty() {
@@ -452,6 +472,7 @@ mod tests {
                 last_error: Some(""),
                 body: body(),
             },
+            Record::Redriven { seq: 12, death: 7 },
         ]
     }
 
@@ -498,5 +519,16 @@ mod tests {
         payload.push(0);
         assert!(decode(&payload).is_err());
         assert!(decode(&payload[..4]).is_err());
+    }
+
+    #[test]
+    fn a_redriven_record_is_kind_7_then_its_seq_and_death() {
+        // Pinned: segments of format 2 hold it, and every later build must read them.
+        let mut buf = Vec::new();
+        append(&mut buf, &Record::Redriven { seq: 1, death: 2 });
+        assert_eq!(
+            buf[FRAME_HEADER..],
+            [7, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
+        );
     }
 }

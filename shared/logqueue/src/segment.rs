@@ -23,9 +23,15 @@
 //! ```
 //!
 //! The next seq keeps message numbers growing across restarts even when every segment holding
-//! a message has been deleted. A new segment is written under a temporary name, synced, renamed
-//! into place and the directory synced, so a `.seg` file always has a whole header; a leftover
-//! `.seg.tmp` (a crash during creation) holds nothing and is removed on open.
+//! a message has been deleted. The format version says which record kinds the segment may hold
+//! (see [`crate::record`]): 1 the first six, 2 also `Redriven`. This build reads both and
+//! creates version 2; opening a queue whose newest segment is older seals it (`seal`) and
+//! starts a new one, so a record kind newer than a segment's version is never written into it
+//! (an older build then refuses the newer segment as newer, not as damaged).
+//!
+//! A new segment is written under a temporary name, synced, renamed into place and the
+//! directory synced, so a `.seg` file always has a whole header; a leftover `.seg.tmp` (a crash
+//! during creation) holds nothing and is removed on open.
 //!
 //! # Torn tails
 //!
@@ -52,8 +58,11 @@ pub const HEADER_LEN: u64 = 32;
 
 const MAGIC: &[u8; 8] = b"DWLQSEG\0";
 
-/// The segment format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The segment format this build writes (and the newest it reads).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest segment format this build reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// The lock file's name inside the queue directory.
 pub(crate) const LOCK_FILE: &str = "LOCK";
@@ -135,6 +144,15 @@ pub(crate) fn create(dir: &Path, number: u64, next_seq: u64) -> std::io::Result<
     Ok(file)
 }
 
+/// Seals segment `number` of `dir` where its records end (`end`): cuts the zeros written
+/// ahead and syncs it, size included, so that a newer segment may follow it (only the newest
+/// segment may end in zeros). For opening a queue whose newest segment has an older format.
+pub(crate) fn seal(dir: &Path, number: u64, end: u64) -> std::io::Result<()> {
+    let file = OpenOptions::new().write(true).open(path(dir, number))?;
+    file.set_len(end)?;
+    file.sync_all()
+}
+
 /// Takes dead segment `number` out of the queue: renamed (a directory entry change, durable
 /// with the next [`sync_dir`]), then removed by a short-lived thread of its own. Removing a
 /// 64 MiB file frees its blocks, which took 15–20 ms on the development VM: in the writer
@@ -173,6 +191,8 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
 pub(crate) struct ReadSegment {
     /// The message seq the queue was at when the segment was created.
     pub(crate) next_seq: u64,
+    /// Its header's format version.
+    pub(crate) version: u32,
     /// The whole file (records are decoded from it in place).
     pub(crate) data: Vec<u8>,
     /// Offsets `(start, end)` of each good record's payload in `data`.
@@ -194,7 +214,7 @@ pub(crate) fn read(dir: &Path, number: u64, last: bool) -> Result<ReadSegment, O
         source,
     };
     let data = fs::read(&file_path).map_err(|e| io("reading a segment", e))?;
-    let next_seq = check_header(&file_path, &data, number)?;
+    let (version, next_seq) = check_header(&file_path, &data, number)?;
     let mut payloads = Vec::new();
     let mut at = HEADER_LEN as usize;
     let bad = loop {
@@ -221,6 +241,7 @@ pub(crate) fn read(dir: &Path, number: u64, last: bool) -> Result<ReadSegment, O
     }
     Ok(ReadSegment {
         next_seq,
+        version,
         data,
         payloads,
         end: at as u64,
@@ -228,7 +249,8 @@ pub(crate) fn read(dir: &Path, number: u64, last: bool) -> Result<ReadSegment, O
     })
 }
 
-fn check_header(file: &Path, data: &[u8], number: u64) -> Result<u64, OpenError> {
+/// The format version and the next seq of a segment's header.
+fn check_header(file: &Path, data: &[u8], number: u64) -> Result<(u32, u64), OpenError> {
     let h = data
         .get(..HEADER_LEN as usize)
         .ok_or_else(|| damaged(file, 0, "a header cut short"))?;
@@ -240,7 +262,10 @@ fn check_header(file: &Path, data: &[u8], number: u64) -> Result<u64, OpenError>
         return Err(damaged(file, 0, "a header whose checksum does not match"));
     }
     let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-    if version != FORMAT_VERSION {
+    if version < OLDEST_FORMAT_VERSION {
+        return Err(damaged(file, 8, "a format version that never existed"));
+    }
+    if version > FORMAT_VERSION {
         return Err(OpenError::NewerFormat {
             file: file.to_path_buf(),
             found: version,
@@ -257,7 +282,7 @@ fn check_header(file: &Path, data: &[u8], number: u64) -> Result<u64, OpenError>
         ));
     }
     n.copy_from_slice(&h[20..28]);
-    Ok(u64::from_le_bytes(n))
+    Ok((version, u64::from_le_bytes(n)))
 }
 
 fn cut_torn_tail(file: &Path, at: u64, len: u64, bad: BadFrame) -> Result<(), OpenError> {

@@ -9,7 +9,8 @@
 //! Only the lowest `seq` of a group (its *head*) is ever delivered, so while the head is in
 //! flight or delayed the rest of its group waits, and groups are delivered in send order.
 //! `ack` deletes the head; dead-lettering moves it to `dead_letters`; either lets the group move
-//! on.
+//! on. `redrive` moves dead letters back: a new row of `queue` each (attempt 0, at the end of
+//! its group), the dead letter deleted in the same transaction.
 
 use std::fmt;
 use std::path::Path;
@@ -487,5 +488,39 @@ impl WorkQueue for SqliteQueue {
             delayed: delayed as u64,
             dead: dead as u64,
         })
+    }
+
+    /// One write of the group committer (a savepoint of its transaction, committed with
+    /// `synchronous=FULL` before this returns): the dead letters are inserted into `queue` as
+    /// new rows and deleted from `dead_letters` together, so a crash leaves either both or
+    /// neither — stronger than the port asks.
+    async fn redrive(&self, limit: usize) -> Result<u64, QueueError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let now = self.now_ms();
+        let file = self.file.clone();
+        self.write("redriving dead letters", 64, move |conn| {
+            let fail = |e| file.unavailable("redriving dead letters", e);
+            let seqs: Vec<i64> = conn
+                .prepare_cached("SELECT seq FROM dead_letters ORDER BY dead_at_ms, rowid LIMIT ?1")
+                .and_then(|mut s| s.query_map([limit_to_sql(limit)], |r| r.get(0))?.collect())
+                .map_err(fail)?;
+            let mut insert = conn
+                .prepare_cached(
+                    "INSERT INTO queue (group_id, dedup_id, body, sent_at_ms) \
+                     SELECT group_id, dedup_id, body, ?2 FROM dead_letters WHERE seq = ?1",
+                )
+                .map_err(fail)?;
+            let mut delete = conn
+                .prepare_cached("DELETE FROM dead_letters WHERE seq = ?1")
+                .map_err(fail)?;
+            for &seq in &seqs {
+                insert.execute(params![seq, now]).map_err(fail)?;
+                delete.execute([seq]).map_err(fail)?;
+            }
+            Ok(seqs.len() as u64)
+        })
+        .await
     }
 }

@@ -215,6 +215,22 @@ impl WorkQueue for MemoryQueue {
         }
         Ok(depth)
     }
+
+    /// Moves the oldest dead letters to the end of `entries` (send order, so each lands at the
+    /// end of its group), under one lock: both or neither.
+    async fn redrive(&self, limit: usize) -> Result<u64, QueueError> {
+        let now = self.clock.now();
+        let mut inner = lock(&self.inner);
+        let n = limit.min(inner.dead.len());
+        let moved: Vec<DeadLetter> = inner.dead.drain(..n).collect();
+        inner.entries.extend(moved.into_iter().map(|dead| Entry {
+            message: dead.message,
+            attempt: 0,
+            state: State::Ready { at: now },
+            last_error: None,
+        }));
+        Ok(n as u64)
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +250,7 @@ mod tests {
             partial: false,
             received_at: DateTime::UNIX_EPOCH,
             correlation_id: None,
+            depth: None,
         })
     }
 
@@ -298,5 +315,37 @@ mod tests {
         clock.advance(Duration::from_secs(31));
         let again = q.receive(10, Duration::from_secs(30)).await.unwrap();
         assert_eq!(again[0].attempt, 2);
+    }
+
+    #[tokio::test]
+    async fn redrive_sends_dead_letters_back_oldest_first_behind_their_groups() {
+        let clock = Arc::new(ManualClock::new(DateTime::UNIX_EPOCH));
+        let q = MemoryQueue::new(clock.clone(), 1);
+        q.send(vec![msg("a1", "A"), msg("b1", "B")]).await.unwrap();
+        let got = q.receive(10, Duration::from_secs(30)).await.unwrap();
+        for d in &got {
+            let outcome = q.retry(&d.receipt, Duration::ZERO, "boom").await.unwrap();
+            assert_eq!(outcome, RetryOutcome::DeadLettered);
+        }
+        q.send(vec![msg("a2", "A")]).await.unwrap();
+        assert_eq!(q.redrive(1).await.unwrap(), 1, "a1, the oldest death");
+        let dead = q.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].message.event.event_id, "b1");
+        let depth = q.depth().await.unwrap();
+        assert_eq!((depth.ready, depth.dead), (2, 1));
+        assert_eq!(q.redrive(10).await.unwrap(), 1);
+        assert_eq!(q.redrive(10).await.unwrap(), 0);
+        let got = q.receive(10, Duration::from_secs(30)).await.unwrap();
+        let ids: Vec<_> = got
+            .iter()
+            .map(|d| d.message.event.event_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a2", "b1"], "a1 waits behind a2");
+        assert!(got.iter().all(|d| d.attempt == 1));
+        q.ack(&got[0].receipt).await.unwrap();
+        let got = q.receive(10, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(got[0].message, msg("a1", "A"));
+        assert_eq!(got[0].attempt, 1);
     }
 }

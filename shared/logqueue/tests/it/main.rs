@@ -1,7 +1,8 @@
 //! Integration tests of dualwrite-logqueue: every guarantee of the work queue port, recovery
 //! from torn tails and reopening after each kind of record, reclaiming and compacting
-//! segments, the directory lock, group commit under 64 concurrent senders, and the crash test
-//! (kill the process at any instant: no accepted message lost).
+//! segments, redriving dead letters (and reading the previous segment format), the directory
+//! lock, group commit under 64 concurrent senders, and the crash test (kill the process at any
+//! instant: no accepted message lost).
 
 mod concurrency;
 mod crash;
@@ -9,3 +10,4 @@ mod fixtures;
 mod lock;
 mod queue;
 mod recovery;
+mod redrive;

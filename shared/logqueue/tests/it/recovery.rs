@@ -18,7 +18,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 /// Copies the segment files of a queue that is still open: what a crash (SIGKILL) at this
 /// instant would leave behind, since everything written is in the page cache.
-fn crash_copy(queue_dir: &Path) -> (tempfile::TempDir, PathBuf) {
+pub(crate) fn crash_copy(queue_dir: &Path) -> (tempfile::TempDir, PathBuf) {
     let copy = tempfile::tempdir().unwrap();
     let to = copy.path().join("copy.queue");
     std::fs::create_dir(&to).unwrap();
@@ -45,7 +45,7 @@ fn records_end(segment: &[u8]) -> u64 {
         .map_or(0, |i| i as u64 + 1)
 }
 
-fn small_segments(clock: &Arc<ManualClock>, max_attempts: u32) -> QueueConfig {
+pub(crate) fn small_segments(clock: &Arc<ManualClock>, max_attempts: u32) -> QueueConfig {
     QueueConfig {
         segment_bytes: 16 << 10,
         ..config(clock, max_attempts)
@@ -429,9 +429,29 @@ async fn compaction_moves_long_lived_messages_and_dead_letters_and_delivers_them
     assert_eq!(l2[0].attempt, 1);
 }
 
+/// A copy of queue directory `path` as a crash would leave it when the segments in `back`
+/// were not deleted yet: the `present` files copied, the `back` ones restored from `saved`.
+pub(crate) fn with_deleted_back(
+    path: &Path,
+    present: &[String],
+    saved: &BTreeMap<String, Vec<u8>>,
+    back: &[&String],
+) -> (tempfile::TempDir, PathBuf) {
+    let copy = tempfile::tempdir().unwrap();
+    let to = copy.path().join("copy.queue");
+    std::fs::create_dir(&to).unwrap();
+    for name in present {
+        std::fs::copy(path.join(name), to.join(name)).unwrap();
+    }
+    for name in back {
+        std::fs::write(to.join(name), &saved[*name]).unwrap();
+    }
+    (copy, to)
+}
+
 /// Copies every sealed segment (all but the newest) not copied yet: sealed segments never
 /// change, so the copy is what a later crash could leave of it.
-fn save_sealed(dir: &Path, saved: &mut BTreeMap<String, Vec<u8>>) {
+pub(crate) fn save_sealed(dir: &Path, saved: &mut BTreeMap<String, Vec<u8>>) {
     let mut files = segment_files(dir);
     files.pop();
     for name in files {
@@ -492,15 +512,7 @@ async fn segments_deleted_after_compaction_coming_back_change_nothing() {
     assert!(deleted.len() >= 5, "{deleted:?} {present:?}");
 
     for crash_point in 0..=deleted.len() {
-        let copy = tempfile::tempdir().unwrap();
-        let to = copy.path().join("copy.queue");
-        std::fs::create_dir(&to).unwrap();
-        for name in &present {
-            std::fs::copy(path.join(name), to.join(name)).unwrap();
-        }
-        for name in &deleted[crash_point..] {
-            std::fs::write(to.join(name), &saved[*name]).unwrap();
-        }
+        let (_copy, to) = with_deleted_back(&path, &present, &saved, &deleted[crash_point..]);
         let queue = LogQueue::open(&to, small_segments(&clock, 2)).unwrap();
         let context = format!("{} deleted segments back", deleted.len() - crash_point);
         assert_eq!(message_ids(&queue.pending(10).unwrap()), ["L"], "{context}");

@@ -350,6 +350,10 @@ impl WorkQueue for RecordingQueue {
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
         Ok(QueueDepth::default())
     }
+    /// Nothing is ever dead-lettered here (nothing is delivered), so nothing is redriven.
+    async fn redrive(&self, _limit: usize) -> Result<u64, QueueError> {
+        Ok(0)
+    }
 }
 
 #[test]

@@ -333,6 +333,77 @@ async fn reopening_the_file_keeps_messages_and_their_state() {
     );
 }
 
+async fn dead_ids(queue: &SqliteQueue) -> Vec<String> {
+    queue
+        .dead_letters(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.message.event.event_id)
+        .collect()
+}
+
+#[tokio::test]
+async fn redrive_sends_dead_letters_back_oldest_first_behind_their_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let config = || QueueConfig {
+        max_attempts: 1,
+        clock: clock.clone(),
+    };
+    let queue = SqliteQueue::open(&path, config()).unwrap();
+    queue
+        .send(vec![message("a1", "A"), message("b1", "B")])
+        .await
+        .unwrap();
+    let d = queue.receive(10, VISIBILITY).await.unwrap();
+    assert_eq!(ids(&d), ["a1", "b1"]);
+    // b1 dies first, then a1.
+    for delivery in [&d[1], &d[0]] {
+        let outcome = queue
+            .retry(&delivery.receipt, Duration::ZERO, "F&O unavailable")
+            .await
+            .unwrap();
+        assert_eq!(outcome, RetryOutcome::DeadLettered);
+        clock.advance(Duration::from_secs(1));
+    }
+    queue.send(vec![message("a2", "A")]).await.unwrap();
+    assert_eq!(dead_ids(&queue).await, ["b1", "a1"]);
+
+    assert_eq!(queue.redrive(0).await.unwrap(), 0);
+    assert_eq!(queue.redrive(1).await.unwrap(), 1, "the oldest death: b1");
+    assert_eq!(dead_ids(&queue).await, ["a1"]);
+    assert_eq!(queue.redrive(10).await.unwrap(), 1);
+    assert_eq!(queue.redrive(10).await.unwrap(), 0);
+    assert_eq!(
+        queue.depth().await.unwrap(),
+        QueueDepth {
+            ready: 3,
+            in_flight: 0,
+            delayed: 0,
+            dead: 0
+        }
+    );
+    drop(queue);
+
+    // Durable, and delivered again in group order as first attempts, as they were sent.
+    let queue = SqliteQueue::open(&path, config()).unwrap();
+    assert!(dead_ids(&queue).await.is_empty());
+    let d = queue.receive(10, VISIBILITY).await.unwrap();
+    assert_eq!(
+        ids(&d),
+        ["a2", "b1"],
+        "a1 waits behind a2, queued before it"
+    );
+    assert!(d.iter().all(|d| d.attempt == 1));
+    assert_eq!(d[1].message, message("b1", "B"));
+    queue.ack(&d[0].receipt).await.unwrap();
+    let d = queue.receive(10, VISIBILITY).await.unwrap();
+    assert_eq!(ids(&d), ["a1"]);
+    assert_eq!(d[0].attempt, 1);
+}
+
 #[tokio::test]
 async fn store_and_queue_can_share_one_file() {
     use dualwrite_core::ports::{LinkStore, StoreOp};
