@@ -1,5 +1,6 @@
 //! `dualwrite serve --config FILE`: webhook endpoints, workers and scheduler until Ctrl-C.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,15 +27,30 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Listening from before the start for the whole run: a signal arriving while the loop
+        // is busy elsewhere is kept for the next `select!` rather than missed between two
+        // listeners (or ending the process before the queue is closed cleanly).
+        let mut stop = StopSignals::listen()?;
         let handle = Runtime::start(config).await?;
-        println!("dualwrite listening on http://{}", handle.addr());
-        println!("  POST /webhooks/dataverse, POST /webhooks/fno, GET /healthz, GET /status");
+        // Written so that a closed stdout (a supervisor that stopped reading) cannot end the
+        // service, as `println!` would.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "dualwrite listening on http://{}", handle.addr());
+        let _ = writeln!(
+            out,
+            "  POST /webhooks/dataverse, POST /webhooks/fno, GET /healthz, GET /status"
+        );
+        let _ = out.flush();
+        drop(out);
         let every = args.every.max(1);
         let mut reported = 0;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                signal = stop.next() => {
+                    eprintln!("{signal}: stopping, finishing in-flight deliveries (again to stop at once) ...");
+                    break;
+                }
                 _ = tick.tick() => {
                     let s = handle.stats().await;
                     if s.engine.events / every > reported / every {
@@ -45,8 +61,58 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        eprintln!("stopping: finishing in-flight deliveries ...");
-        handle.shutdown().await;
+        tokio::select! {
+            () = handle.shutdown() => {}
+            signal = stop.next() => {
+                // Nothing is lost: every accepted event is in the durable queue, and the
+                // deliveries cut short are delivered again at the next start.
+                eprintln!("{signal} again: stopping now; unfinished deliveries resume at the next start");
+                return anyhow::Ok(ExitCode::from(130));
+            }
+        }
         anyhow::Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Ctrl-C (SIGINT) and, on Unix, SIGTERM (what service managers and container runtimes send to
+/// stop a process): both stop `serve` the same way. On Unix both are streams held for the whole
+/// run, so a signal arriving between two waits is not missed.
+struct StopSignals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(StopSignals {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(StopSignals {})
+        }
+    }
+
+    /// What stopped the process, once a stop signal arrives.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.interrupt.recv() => "interrupted",
+                _ = self.terminate.recv() => "terminated",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
+    }
 }

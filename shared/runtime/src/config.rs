@@ -11,7 +11,7 @@ use std::time::Duration;
 use dualwrite_connectors::{CoalescingConfig, Secret};
 use dualwrite_core::map::TableMap;
 use dualwrite_core::map::validate::load_maps;
-use dualwrite_receivers::SourceAuth;
+use dualwrite_receivers::{BusinessEventRoute, Coverage, SourceAuth};
 use serde::Deserialize;
 
 /// The Entra ID authority used when an environment does not name one.
@@ -116,6 +116,25 @@ pub struct RawWebhookSecret {
     /// Default `false`: an event missing a mapped column is read back from Dataverse.
     #[serde(default)]
     pub post_image_all_columns: Option<bool>,
+    /// F&O only: the business events to act on, by `BusinessEventId`. A business event
+    /// carries no record, only fields of its own: each route names the data entity it is about
+    /// (the F&O entity of an enabled map) and, for each of that entity's key fields other than
+    /// `dataAreaId` (taken from `BusinessEventLegalEntity`), the envelope field holding its
+    /// value; the worker then reads the record by key. Business events not listed are
+    /// answered 200 and counted as ignored.
+    #[serde(default)]
+    pub business_events: BTreeMap<String, RawBusinessEventRoute>,
+}
+
+/// One F&O business event's route to the record it is about.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBusinessEventRoute {
+    /// The F&O data entity (entity set), e.g. `SalesOrderHeadersV2`.
+    pub entity: String,
+    /// Each key field of the entity (but `dataAreaId`) and the envelope field holding its
+    /// value, e.g. `{ SalesOrderNumber: SalesOrderId }`.
+    pub key: BTreeMap<String, String>,
 }
 
 /// Worker settings.
@@ -131,7 +150,11 @@ pub struct RawWorker {
     /// Seconds a delivery stays invisible to other workers while being processed. Default 60.
     #[serde(default = "default_visibility")]
     pub visibility_timeout: u64,
-    /// Deliveries after which a message goes to the dead-letter queue. Default 5.
+    /// Deliveries after which a message goes to the dead-letter queue. Default 10. Failed
+    /// deliveries are retried with exponential backoff from 0.1–0.2 s, doubling each time (or
+    /// after the system's `Retry-After`, when longer), so the default rides out about one to
+    /// two minutes of an unreachable or failing system; a dead letter keeps its event, and
+    /// `dualwrite queue redrive` puts it back on the queue.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// Hours a processed event's id is remembered (at least 1). Default 168 (a week). A
@@ -160,7 +183,7 @@ fn default_visibility() -> u64 {
     60
 }
 fn default_max_attempts() -> u32 {
-    5
+    10
 }
 fn default_idempotency_hours() -> u64 {
     168
@@ -237,6 +260,8 @@ pub struct Config {
     pub fno_auth: SourceAuth,
     /// The Dataverse steps' post images are registered with all columns.
     pub dataverse_post_image_all_columns: bool,
+    /// F&O business events acted on, by `BusinessEventId`, their key fields in key order.
+    pub fno_business_events: BTreeMap<String, BusinessEventRoute>,
     /// Worker settings.
     pub worker: WorkerSettings,
     /// Coalescing of connector calls into `$batch` requests.
@@ -494,6 +519,16 @@ impl RawConfig {
             env,
             &mut p,
         );
+        if !self.webhooks.dataverse.business_events.is_empty() {
+            p.push(
+                "webhooks.dataverse.business_events",
+                "applies to F&O business events only; move it to webhooks.fno",
+            );
+        }
+        let business_events = maps
+            .as_deref()
+            .map(|maps| validate_business_events(&self.webhooks.fno.business_events, maps, &mut p))
+            .unwrap_or_default();
         if self.webhooks.fno.post_image_all_columns.is_some() {
             p.push(
                 "webhooks.fno.post_image_all_columns",
@@ -519,7 +554,7 @@ impl RawConfig {
         if self.worker.max_attempts == 0 {
             p.push(
                 "worker.max_attempts",
-                "is 0; allow at least 1 delivery, e.g. 5",
+                "is 0; allow at least 1 delivery, e.g. 10",
             );
         }
         if !(1..=87_600).contains(&self.worker.idempotency_hours) {
@@ -568,6 +603,7 @@ impl RawConfig {
                         .dataverse
                         .post_image_all_columns
                         .unwrap_or(false),
+                    fno_business_events: business_events,
                     worker: WorkerSettings {
                         concurrency: self.worker.concurrency,
                         visibility_timeout: Duration::from_secs(self.worker.visibility_timeout),
@@ -583,6 +619,100 @@ impl RawConfig {
             _ => Err(p.0),
         }
     }
+}
+
+/// Checks each business-event route against the enabled maps: its entity must be the F&O
+/// entity of an enabled map whose changes flow to Dataverse, and its key must name exactly
+/// that entity's key fields (but `dataAreaId`). The routes come back with the entity's own
+/// spelling and the key in the entity's key order.
+fn validate_business_events(
+    raw: &BTreeMap<String, RawBusinessEventRoute>,
+    maps: &[TableMap],
+    p: &mut Problems,
+) -> BTreeMap<String, BusinessEventRoute> {
+    let coverage = Coverage::from_maps(maps);
+    let mut routes = BTreeMap::new();
+    for (id, route) in raw {
+        let at = format!("webhooks.fno.business_events.{id}");
+        if id.trim().is_empty() {
+            p.push(&at, "has an empty BusinessEventId; name the business event");
+            continue;
+        }
+        let Some(cov) = coverage.erp(&route.entity) else {
+            let covered: Vec<&str> = maps
+                .iter()
+                .filter(|m| m.direction.flows_from(dualwrite_core::Side::Erp))
+                .map(|m| m.erp.entity.as_str())
+                .collect();
+            p.push(
+                format!("{at}.entity"),
+                format!(
+                    "`{}` is not the F&O entity of an enabled map whose changes flow to \
+                     Dataverse; use one of: {}",
+                    route.entity,
+                    covered.join(", ")
+                ),
+            );
+            continue;
+        };
+        let missing: Vec<&str> = cov
+            .key
+            .iter()
+            .filter(|f| !route.key.contains_key(*f))
+            .map(String::as_str)
+            .collect();
+        let unknown: Vec<&str> = route
+            .key
+            .keys()
+            .filter(|f| !cov.key.contains(f))
+            .map(String::as_str)
+            .collect();
+        let empty: Vec<&str> = route
+            .key
+            .iter()
+            .filter(|(_, from)| from.trim().is_empty())
+            .map(|(f, _)| f.as_str())
+            .collect();
+        if !missing.is_empty() || !unknown.is_empty() || !empty.is_empty() {
+            let mut what = Vec::new();
+            if !missing.is_empty() {
+                what.push(format!("lacks {}", missing.join(", ")));
+            }
+            if !unknown.is_empty() {
+                what.push(format!("names {} that are not", unknown.join(", ")));
+            }
+            if !empty.is_empty() {
+                what.push(format!("gives no envelope field for {}", empty.join(", ")));
+            }
+            p.push(
+                format!("{at}.key"),
+                format!(
+                    "{}: the key of {} is {}{} (map each to the envelope field holding it)",
+                    what.join("; "),
+                    cov.entity,
+                    cov.key.join(", "),
+                    if cov.company_specific {
+                        ", with dataAreaId from BusinessEventLegalEntity"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            continue;
+        }
+        routes.insert(
+            id.clone(),
+            BusinessEventRoute {
+                entity: cov.entity.clone(),
+                key: cov
+                    .key
+                    .iter()
+                    .map(|f| (f.clone(), route.key[f].clone()))
+                    .collect(),
+            },
+        );
+    }
+    routes
 }
 
 fn validate_batching(raw: &RawBatching, p: &mut Problems) -> BatchingSettings {

@@ -111,6 +111,11 @@ pub struct ConflictShown {
     pub final_value: String,
     /// `crm`, `erp`, or `none` when the sides still differ.
     pub winner: String,
+    /// The customers map's conflict policy, e.g. `last_writer_wins`.
+    pub policy: String,
+    /// Conflicts the engine logged for the two edits (1 when they met as a conflict; 0 when
+    /// one was synced before the other was seen, a plain sequence of changes).
+    pub detected: u64,
 }
 
 /// What the demo measured and found.
@@ -790,8 +795,20 @@ async fn conflict(
     let id = crm_id(stage, "accounts", "accountid", "accountnumber", account)?;
     let crm_value = format!("{account} renamed in Dataverse");
     let erp_value = format!("{account} renamed in F&O");
+    let policy = stage
+        .maps
+        .iter()
+        .find(|m| m.erp.entity == "CustomersV3" && m.crm.entity_set == "accounts")
+        .map(|m| {
+            serde_json::to_value(m.conflict)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let conflicts_before = stage.rt.stats().await.engine.conflicts;
     progress(&format!(
-        "conflicting edit of {account} on both sides at once (policy last_writer_wins) ..."
+        "conflicting edit of {account} on both sides at once (policy {policy}) ..."
     ));
     // Both edits reach the queue before either is processed: otherwise the first could be
     // synced before the other edit is made, and the two would be a plain sequence of changes.
@@ -840,8 +857,20 @@ async fn conflict(
     } else {
         "none"
     };
+    let detected = stage
+        .rt
+        .stats()
+        .await
+        .engine
+        .conflicts
+        .saturating_sub(conflicts_before);
     progress(&format!(
-        "  Dataverse wrote \"{crm_value}\", F&O wrote \"{erp_value}\": {} won; both sides now hold \"{crm_now}\"",
+        "  Dataverse wrote \"{crm_value}\", F&O wrote \"{erp_value}\": {}; {} won; both sides now hold \"{crm_now}\"",
+        if detected > 0 {
+            format!("conflict detected, resolved by {policy}")
+        } else {
+            "no conflict detected (synced one after the other)".to_string()
+        },
         match winner {
             "crm" => "Dataverse",
             "erp" => "F&O",
@@ -854,6 +883,8 @@ async fn conflict(
         erp_value,
         final_value: crm_now,
         winner: winner.into(),
+        policy,
+        detected,
     })
 }
 
@@ -983,11 +1014,25 @@ async fn check_convergence(stage: &Stage) -> Result<(usize, Vec<String>), DemoEr
             &map.erp.entity,
         )
         .await?;
-        let index = |side: Side, rows: Vec<Record>| -> BTreeMap<IntegrationKey, Record> {
-            rows.into_iter()
+        // A mapped row whose key cannot be built is a difference too, not a row to skip.
+        let mut index = |side: Side, rows: Vec<Record>| -> BTreeMap<IntegrationKey, Record> {
+            let mut keyed = BTreeMap::new();
+            for r in rows
+                .into_iter()
                 .filter(|r| map.filters.of(side).is_none_or(|f| f.matches(r)))
-                .filter_map(|r| integration_key(map, side, &r).ok().map(|k| (k, r)))
-                .collect()
+            {
+                match integration_key(map, side, &r) {
+                    Ok(k) => {
+                        keyed.insert(k, r);
+                    }
+                    Err(e) => differences.push(format!(
+                        "map {}: a {side} record ({}) has no integration key: {e}",
+                        map.name,
+                        r.id.as_deref().unwrap_or("no id")
+                    )),
+                }
+            }
+            keyed
         };
         let crm = index(Side::Crm, crm_rows);
         let erp = index(Side::Erp, erp_rows);

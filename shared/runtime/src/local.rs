@@ -7,12 +7,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use dualwrite_connectors::CoalescingConfig;
-use dualwrite_core::ValueType;
 use dualwrite_core::map::TableMap;
+use dualwrite_core::{Side, ValueType};
+use dualwrite_receivers::BusinessEventRoute;
 use dualwrite_simulators::{
     ColumnKind, DataverseConfig, DataverseSim, EntraClient, EntraConfig, EntraSim, FnoConfig,
-    FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoMessage, FnoSim, TableDef, WebhookAuth,
-    WebhookMessage, WebhookRegistration,
+    FnoEntityDef, FnoEventFormat, FnoEventRegistration, FnoKeyKind, FnoKeyType, FnoMessage, FnoSim,
+    TableDef, WebhookAuth, WebhookMessage, WebhookRegistration,
 };
 
 use crate::config::{BatchingSettings, Config, ConfigError, DEFAULT_FNO_SECRET_HEADER};
@@ -74,6 +75,9 @@ pub struct LocalStackOptions {
     /// their threads and CPU time are told apart from the pipeline's (`bench live`); the
     /// caller's runtime when `None`.
     pub simulator_runtime: Option<tokio::runtime::Handle>,
+    /// F&O business events the runtime acts on (`webhooks.fno.business_events`), by
+    /// `BusinessEventId`; none by default.
+    pub fno_business_events: BTreeMap<String, BusinessEventRoute>,
 }
 
 impl LocalStackOptions {
@@ -91,6 +95,7 @@ impl LocalStackOptions {
             secrets: None,
             batching: BatchingSettings::default(),
             simulator_runtime: None,
+            fno_business_events: BTreeMap::new(),
         }
     }
 }
@@ -205,6 +210,7 @@ impl LocalStack {
             sim_rt,
             FnoSim::start(FnoConfig {
                 entities: erp_entities(&maps),
+                key_types: erp_key_types(&maps),
                 default_company: "usmf".into(),
                 auth: Some(entra.clone()),
                 event_retry_delay: options.fno_event_retry_delay,
@@ -233,12 +239,13 @@ impl LocalStack {
              maps:\n  source: {map_source}\n  enabled: [{enabled}]\n\
              dataverse:\n  url: {dv_url}\n  tenant: {tenant}\n  client_id: {client_id}\n  client_secret_env: {CLIENT_SECRET_ENV}\n  token_url: {authority}\n\
              fno:\n  url: {fno_url}\n  tenant: {tenant}\n  client_id: {client_id}\n  client_secret_env: {CLIENT_SECRET_ENV}\n  token_url: {authority}\n\
-             webhooks:\n  dataverse:\n    secret_env: {DATAVERSE_WEBHOOK_SECRET_ENV}\n    post_image_all_columns: true\n  fno:\n    secret_env: {FNO_WEBHOOK_SECRET_ENV}\n\
+             webhooks:\n  dataverse:\n    secret_env: {DATAVERSE_WEBHOOK_SECRET_ENV}\n    post_image_all_columns: true\n  fno:\n    secret_env: {FNO_WEBHOOK_SECRET_ENV}\n{business_events}\
              worker:\n  concurrency: {workers}\n  visibility_timeout: {visibility}\n  max_attempts: 8\n",
             name = options.name,
             enabled = enabled.join(", "),
             workers = options.workers,
             visibility = options.visibility_timeout_secs,
+            business_events = business_events_yaml(&options.fno_business_events),
         );
         yaml.push_str(&batching_yaml(&options.batching));
         if let Some(cron) = &options.catch_up {
@@ -275,12 +282,21 @@ impl LocalStack {
         format!("http://{}", self.rt.addr())
     }
 
-    /// Points the Dataverse simulator's webhook (create, update, delete of every table, with
-    /// the stack's webhook key) at `url`.
+    /// Points the Dataverse simulator's webhook (create, update, delete of each table the maps
+    /// sync from Dataverse, with the stack's webhook key) at `url`.
     pub fn register_dataverse_webhook(&self, url: &str) {
         self.dv.register_webhook(WebhookRegistration {
             url: url.to_string(),
-            entity_logical_names: Vec::new(),
+            // Steps on the tables whose changes the enabled maps sync, as an administrator
+            // registers them: a change of any other table would only be ignored.
+            entity_logical_names: self
+                .maps
+                .iter()
+                .filter(|m| m.direction.flows_from(Side::Crm))
+                .map(|m| m.crm.logical_name.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
             messages: vec![
                 WebhookMessage::Create,
                 WebhookMessage::Update,
@@ -290,12 +306,19 @@ impl LocalStack {
         });
     }
 
-    /// Points the F&O simulator's data events (created, updated, deleted of every entity, with
-    /// the stack's event secret) at `url`.
+    /// Points the F&O simulator's data events (created, updated, deleted of each entity the
+    /// maps sync from F&O, with the stack's event secret) at `url`.
     pub fn register_fno_events(&self, url: &str) {
         self.fno.register_events(FnoEventRegistration {
             url: url.to_string(),
-            entity_sets: Vec::new(),
+            entity_sets: self
+                .maps
+                .iter()
+                .filter(|m| m.direction.flows_from(Side::Erp))
+                .map(|m| m.erp.entity.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
             messages: vec![
                 FnoMessage::Created,
                 FnoMessage::Updated,
@@ -378,6 +401,27 @@ pub fn crm_tables(maps: &[TableMap]) -> Vec<TableDef> {
     out
 }
 
+/// The integer key fields of the maps' F&O entities, so the simulator refuses a key literal
+/// of the wrong type (`LineNumber='1'`) as F&O's OData does.
+pub fn erp_key_types(maps: &[TableMap]) -> Vec<FnoKeyType> {
+    let mut seen = BTreeSet::new();
+    maps.iter()
+        .flat_map(|m| {
+            m.fields
+                .iter()
+                .filter_map(|f| f.erp.as_ref())
+                .filter(|f| m.erp.key.contains(&f.name) && f.ty == ValueType::Integer)
+                .map(|f| (m.erp.entity.clone(), f.name.clone()))
+        })
+        .filter(|pair| seen.insert(pair.clone()))
+        .map(|(entity_set, field)| FnoKeyType {
+            entity_set,
+            field,
+            kind: FnoKeyKind::Integer,
+        })
+        .collect()
+}
+
 /// F&O entities for the maps: key = `dataAreaId` (company-specific) + natural key.
 pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
     let mut seen = BTreeSet::new();
@@ -430,6 +474,27 @@ fn rand_u128() -> u128 {
         .unwrap_or_default()
         .as_nanos();
     xxhash_rust::xxh3::xxh3_128(&t.to_le_bytes()) ^ u128::from(std::process::id())
+}
+
+/// `webhooks.fno.business_events` for `routes` (nothing when there are none).
+fn business_events_yaml(routes: &BTreeMap<String, BusinessEventRoute>) -> String {
+    if routes.is_empty() {
+        return String::new();
+    }
+    let mut yaml = String::from("    business_events:\n");
+    for (id, route) in routes {
+        let key: Vec<String> = route
+            .key
+            .iter()
+            .map(|(field, from)| format!("{field}: {from}"))
+            .collect();
+        yaml.push_str(&format!(
+            "      {id}:\n        entity: {}\n        key: {{ {} }}\n",
+            route.entity,
+            key.join(", ")
+        ));
+    }
+    yaml
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use dualwrite_connectors::{
     TokenSource,
 };
 use dualwrite_core::Side;
+use dualwrite_core::error_policy::Backoff;
 use dualwrite_core::ports::{
     Connector, DeadLetter, Delivery, QueueDepth, QueueError, QueueMessage, RetryOutcome, WorkQueue,
 };
@@ -231,6 +232,17 @@ pub struct Completion {
 /// retries and expired visibility timeouts become deliverable without any `send`.
 const IDLE_FALLBACK_POLL: Duration = Duration::from_millis(250);
 
+/// The engine's backoff for a queue that dead-letters after `max_attempts` deliveries: the
+/// default delays, and transient failures (5xx, timeouts, throttling) retried on every one of
+/// those deliveries, never given up by the engine first. A dead letter keeps the event (and
+/// `dualwrite queue redrive` sends it again); an error the engine gives up on is only logged.
+fn engine_backoff(max_attempts: u32) -> Backoff {
+    Backoff {
+        max_attempts: max_attempts.saturating_add(1),
+        ..Backoff::default()
+    }
+}
+
 /// How often worker 0 releases parked events whose dependency arrived meanwhile (what the
 /// engine's own `run_worker` does every 30 s when idle).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -387,6 +399,16 @@ impl WorkQueue for WorkerQueue {
 
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
         self.inner.depth().await
+    }
+
+    /// Wakes the workers for the messages moved, as `send` does.
+    async fn redrive(&self, limit: usize) -> Result<u64, QueueError> {
+        let moved = self.inner.redrive(limit).await?;
+        let n = usize::try_from(moved).unwrap_or(usize::MAX);
+        for _ in 0..n.min(self.workers) {
+            self.wake.notify_one();
+        }
+        Ok(moved)
     }
 }
 
@@ -643,12 +665,14 @@ impl Runtime {
         } = Parts::build(&config)?;
         let queue = open_queue(&config, &store).await?;
         let work = Arc::new(WorkerQueue::new(queue.clone(), config.worker.concurrency));
-        let receiver = Arc::new(ReceiverConfig::new(
+        let mut receiver = ReceiverConfig::new(
             config.dataverse_auth.clone(),
             config.fno_auth.clone(),
             Coverage::from_maps(&config.maps)
                 .with_complete_post_images(config.dataverse_post_image_all_columns),
-        ));
+        );
+        receiver.business_events = config.fno_business_events.clone();
+        let receiver = Arc::new(receiver);
         let inbound: Arc<dyn WorkQueue> = work.clone();
         let shared = Arc::new(Shared {
             screen: EngineScreen(engine.clone()),
@@ -861,6 +885,7 @@ impl Parts {
         let worker_config = WorkerConfig {
             lease: config.worker.visibility_timeout,
             idle_poll: IDLE_FALLBACK_POLL,
+            backoff: engine_backoff(config.worker.max_attempts),
             ..WorkerConfig::default()
         };
         let engine = Arc::new(Engine::new(
@@ -1034,7 +1059,46 @@ mod tests {
             partial: false,
             received_at: chrono::Utc::now(),
             correlation_id: None,
+            depth: None,
         })
+    }
+
+    #[test]
+    fn transient_failures_are_retried_on_every_delivery_until_the_queue_dead_letters() {
+        use dualwrite_core::error_policy::{Disposition, disposition};
+        use dualwrite_core::ports::{ConnectorError, ConnectorErrorKind};
+        let outage = ConnectorError {
+            kind: ConnectorErrorKind::Transient,
+            status: Some(503),
+            message: "service unavailable".into(),
+            side: Side::Erp,
+            entity: "CustomersV3".into(),
+        };
+        let throttled = ConnectorError {
+            kind: ConnectorErrorKind::Throttled {
+                retry_after_ms: 300_000,
+            },
+            ..outage.clone()
+        };
+        for max_attempts in [1, 5, 10, 40] {
+            let backoff = engine_backoff(max_attempts);
+            for attempt in 1..=max_attempts {
+                for error in [&outage, &throttled] {
+                    assert!(
+                        matches!(
+                            disposition(error, attempt, &backoff, 0.5),
+                            Disposition::RetryAfter(_)
+                        ),
+                        "delivery {attempt} of {max_attempts}: {error:?} must go back to the \
+                         queue (dead-lettered with its event after the last), not be given up"
+                    );
+                }
+            }
+        }
+        // The default rides out about a minute or two of an outage before the dead letters.
+        let backoff = engine_backoff(10);
+        let waited: Duration = (1..10).map(|a| backoff.delay(a, 0.0)).sum();
+        assert!(waited >= Duration::from_secs(50), "{waited:?}");
     }
 
     #[tokio::test]

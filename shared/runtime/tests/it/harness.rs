@@ -210,6 +210,9 @@ pub struct StackOptions {
     pub manual_conflict: bool,
     /// A cron expression for the catch-up scheduler; none when `None`.
     pub catch_up: Option<String>,
+    /// F&O business events the runtime acts on, by `BusinessEventId`.
+    pub fno_business_events:
+        std::collections::BTreeMap<String, dualwrite_receivers::BusinessEventRoute>,
 }
 
 /// The simulators, the relay and the runtime, with reference data seeded.
@@ -240,6 +243,7 @@ impl Stack {
         let mut local_options = LocalStackOptions::new("e2e", demo_maps(&[CUSTOMERS]));
         local_options.fno_event_retry_delay = Duration::from_millis(100);
         local_options.catch_up = options.catch_up;
+        local_options.fno_business_events = options.fno_business_events;
         local_options.secrets = Some(LocalSecrets {
             client_secret: "e2e-client-secret-0123456789".to_string(),
             dataverse_webhook_key: DV_KEY.to_string(),

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod business_events;
 mod catch_up;
 mod echo_hash;
 mod harness;
@@ -89,6 +90,64 @@ fn every_config_problem_is_reported_at_once() {
     assert!(text.contains("bad.yaml"));
     assert!(text.contains("customers-v3-accounts` depends on"), "{text}");
     assert!(text.contains("UNSET_VAR"));
+}
+
+#[test]
+fn business_event_routes_are_checked_against_the_enabled_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |routes: &str| {
+        yaml("state.db").replace(
+            "    secret_env: T_FNO_HOOK\n",
+            &format!("    secret_env: T_FNO_HOOK\n    business_events:\n{routes}"),
+        )
+    };
+    // A route to an enabled map's F&O entity, spelt as the entity's own name.
+    let good = with(
+        "      ContactChangedBusinessEvent:\n        entity: cdscontactsv2\n        key: { ContactPersonId: PersonId }\n",
+    );
+    let c = Config::parse(&good, "t.yaml", dir.path(), &env()).expect("valid");
+    let route = &c.fno_business_events["ContactChangedBusinessEvent"];
+    assert_eq!(route.entity, "CDSContactsV2");
+    assert_eq!(
+        route.key,
+        vec![("ContactPersonId".to_string(), "PersonId".to_string())]
+    );
+    assert!(
+        config(dir.path()).fno_business_events.is_empty(),
+        "none by default"
+    );
+
+    // Every faulty route is reported, each at its own key path.
+    let bad = with(concat!(
+        "      NoSuchEntityEvent:\n        entity: SalesInvoiceHeadersV2\n        key: { InvoiceNumber: InvoiceId }\n",
+        "      WrongKeyEvent:\n        entity: CDSContactsV2\n        key: { PersonnelNumber: PersonId }\n",
+    ))
+    .replace(
+        "    secret_env: T_DV_HOOK\n",
+        "    secret_env: T_DV_HOOK\n    business_events:\n      X:\n        entity: CDSContactsV2\n        key: { ContactPersonId: P }\n",
+    );
+    let err = Config::parse(&bad, "bad.yaml", dir.path(), &env()).unwrap_err();
+    let ConfigError::Invalid { problems, .. } = &err else {
+        panic!("expected Invalid, got {err}");
+    };
+    let at = |path: &str| {
+        problems
+            .iter()
+            .find(|p| p.path == path)
+            .map(|p| p.message.clone())
+            .unwrap_or_else(|| panic!("no problem at {path}: {problems:?}"))
+    };
+    let entity = at("webhooks.fno.business_events.NoSuchEntityEvent.entity");
+    assert!(
+        entity.contains("SalesInvoiceHeadersV2") && entity.contains("CDSContactsV2"),
+        "{entity}"
+    );
+    let key = at("webhooks.fno.business_events.WrongKeyEvent.key");
+    assert!(
+        key.contains("lacks ContactPersonId") && key.contains("PersonnelNumber"),
+        "{key}"
+    );
+    at("webhooks.dataverse.business_events");
 }
 
 #[test]

@@ -1,0 +1,91 @@
+//! `dualwrite serve` as a service manager runs it: it stops on SIGTERM as on Ctrl-C (SIGINT),
+//! draining first, and exits 0; the queue it held is free again afterwards.
+
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A configuration whose environments are not running: enough to start and stop.
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let yaml = "listen: 127.0.0.1:0\ndb: state.db\nmaps:\n  enabled: [legal-entities]\n\
+         dataverse:\n  url: http://127.0.0.1:9\n  tenant: t\n  client_id: c\n  client_secret_env: T_SECRET\n  token_url: http://127.0.0.1:9\n\
+         fno:\n  url: http://127.0.0.1:9\n  tenant: t\n  client_id: c\n  client_secret_env: T_SECRET\n  token_url: http://127.0.0.1:9\n\
+         webhooks:\n  dataverse:\n    secret_env: T_HOOK\n  fno:\n    secret_env: T_HOOK\n";
+    let path = dir.join("serve.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Starts `dualwrite serve` and waits until it listens.
+fn start(dir: &Path, config: &Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dualwrite"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .current_dir(dir)
+        .env("T_SECRET", "client-secret")
+        .env("T_HOOK", "hook-secret")
+        .env_remove("DUALWRITE_DB")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dualwrite serve starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines
+        .next()
+        .expect("serve prints its address")
+        .expect("readable stdout");
+    assert!(
+        first.starts_with("dualwrite listening on http://"),
+        "{first}"
+    );
+    // Keep reading, as a terminal would: a closed stdout would fail serve's next line.
+    std::thread::spawn(move || lines.for_each(drop));
+    child
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+/// Waits for the process to exit (at most 30 s); its exit code and stderr.
+fn finish(mut child: Child) -> (Option<i32>, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            return (status.code(), stderr);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("dualwrite serve did not stop within 30 s of the signal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm_as_on_ctrl_c_and_frees_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+
+    let child = start(dir.path(), &config);
+    signal(&child, "TERM");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("terminated: stopping"), "{stderr}");
+
+    // The queue was released: a second run starts on it, and Ctrl-C stops that one.
+    let child = start(dir.path(), &config);
+    signal(&child, "INT");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("interrupted: stopping"), "{stderr}");
+}
