@@ -712,7 +712,7 @@ impl Engine {
             Disposition::Permanent => {
                 let class = error_class(&error);
                 let message = format!(
-                    "{error} (status {:?}); fix the cause, then replay the event",
+                    "{error} (status {:?}); fix the cause, then change the record again: its next change syncs every mapped field",
                     error.status
                 );
                 self.fail(map, event, key.cloned(), closing, class, message)
