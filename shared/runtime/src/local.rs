@@ -25,8 +25,8 @@ const CLIENT_SECRET_ENV: &str = "LOCAL_CLIENT_SECRET";
 const DATAVERSE_WEBHOOK_SECRET_ENV: &str = "LOCAL_DATAVERSE_WEBHOOK_SECRET";
 const FNO_WEBHOOK_SECRET_ENV: &str = "LOCAL_FNO_WEBHOOK_SECRET";
 
-/// The secrets shared by the simulators and the runtime.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The secrets shared by the simulators and the runtime. Its `Debug` shows none of them.
+#[derive(Clone, PartialEq, Eq)]
 pub struct LocalSecrets {
     /// The client secret the runtime presents to the Entra ID simulator.
     pub client_secret: String,
@@ -34,6 +34,16 @@ pub struct LocalSecrets {
     pub dataverse_webhook_key: String,
     /// The F&O event secret the runtime expects in [`DEFAULT_FNO_SECRET_HEADER`].
     pub fno_event_secret: String,
+}
+
+impl std::fmt::Debug for LocalSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSecrets")
+            .field("client_secret", &"<redacted>")
+            .field("dataverse_webhook_key", &"<redacted>")
+            .field("fno_event_secret", &"<redacted>")
+            .finish()
+    }
 }
 
 impl LocalSecrets {
@@ -507,6 +517,20 @@ mod tests {
         assert_ne!(a.client_secret, a.dataverse_webhook_key);
         assert_ne!(a.dataverse_webhook_key, a.fno_event_secret);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let secrets = LocalSecrets::random();
+        let shown = format!("{secrets:?}");
+        for secret in [
+            &secrets.client_secret,
+            &secrets.dataverse_webhook_key,
+            &secrets.fno_event_secret,
+        ] {
+            assert!(!shown.contains(secret.as_str()), "{shown}");
+        }
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[tokio::test]

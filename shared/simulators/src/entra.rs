@@ -12,8 +12,8 @@ use crate::common::{
     Guard, Outcome, Server, SimError, SimRequest, SimResponse, new_guid, parse_query, serve,
 };
 
-/// An application registered in the simulated tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An application registered in the simulated tenant. Its `Debug` does not show the secret.
+#[derive(Clone, PartialEq, Eq)]
 pub struct EntraClient {
     /// Tenant id or domain the client lives in (the `{tenant}` path segment).
     pub tenant: String,
@@ -23,6 +23,17 @@ pub struct EntraClient {
     pub client_secret: String,
     /// Scopes the client may request (`https://host/.default`); empty = any scope.
     pub allowed_scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for EntraClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntraClient")
+            .field("tenant", &self.tenant)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("allowed_scopes", &self.allowed_scopes)
+            .finish()
+    }
 }
 
 /// Configuration of [`EntraSim`].
@@ -311,5 +322,23 @@ impl EntraSim {
 
     pub(crate) fn state(&self) -> Arc<EntraState> {
         self.state.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_debug_output_hides_its_secret() {
+        let client = EntraClient {
+            tenant: "contoso.onmicrosoft.com".into(),
+            client_id: "app-1".into(),
+            client_secret: "s3cr3t-value".into(),
+            allowed_scopes: Vec::new(),
+        };
+        let shown = format!("{client:?}");
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+        assert!(shown.contains("app-1"), "{shown}");
     }
 }
