@@ -33,6 +33,8 @@ pub use context::parse_wcf_date;
 pub use dataverse::parse_dataverse;
 pub use error::PayloadError;
 pub use fno::{parse_business_event, parse_data_event, parse_fno};
-pub use receive::{Accepted, Parsed, ReceiverStats, StatsSnapshot, receive, receive_screened};
+pub use receive::{
+    Accepted, Parsed, ReceiverStats, StatsSnapshot, receive, receive_oversized, receive_screened,
+};
 pub use request::{SourceKind, WebhookRequest, WebhookResponse};
 pub use screen::{EventScreen, NoScreen};

@@ -123,6 +123,57 @@ pub async fn receive(
     receive_screened(req, cfg, queue, &NoScreen, now).await
 }
 
+/// Answers a webhook call whose body the HTTP layer did not keep because it had more than
+/// `cfg.max_body_bytes` (`req.body` is not looked at): `seen` bytes were read, the whole body
+/// if `ended`. 401 for bad credentials as for any call, else 413, counted and logged like a
+/// body [`receive_screened`] finds too large. Nothing is queued.
+pub fn receive_oversized(
+    req: &WebhookRequest,
+    seen: u64,
+    ended: bool,
+    cfg: &ReceiverConfig,
+) -> WebhookResponse {
+    if let Some(refused) = refuse_unauthorized(req, cfg) {
+        return refused;
+    }
+    let bytes = if ended {
+        seen.to_string()
+    } else {
+        format!("more than {seen}")
+    };
+    too_large(req.source, &bytes, cfg)
+}
+
+/// The 401 answer when the call's credentials are missing or wrong (counted and logged).
+fn refuse_unauthorized(req: &WebhookRequest, cfg: &ReceiverConfig) -> Option<WebhookResponse> {
+    let auth = match req.source {
+        SourceKind::Dataverse => &cfg.dataverse_auth,
+        SourceKind::Fno => &cfg.fno_auth,
+    };
+    let e = authorize(req, auth).err()?;
+    ReceiverStats::bump(&cfg.stats.unauthorized);
+    warn!(source = req.source.as_str(), reason = %e, "webhook refused: bad credentials");
+    Some(WebhookResponse::error(401, e.to_string()))
+}
+
+/// The 413 answer for a body of `bytes` bytes (counted and logged).
+fn too_large(source: SourceKind, bytes: &str, cfg: &ReceiverConfig) -> WebhookResponse {
+    ReceiverStats::bump(&cfg.stats.too_large);
+    warn!(
+        source = source.as_str(),
+        bytes,
+        limit = cfg.max_body_bytes,
+        "webhook refused: body too large"
+    );
+    WebhookResponse::error(
+        413,
+        format!(
+            "body is {bytes} bytes, the limit is {} bytes",
+            cfg.max_body_bytes
+        ),
+    )
+}
+
 /// Handles one webhook call.
 ///
 /// In order: credentials (401, nothing read further), body size (413), payload (400 naming
@@ -140,31 +191,11 @@ pub async fn receive_screened(
 ) -> WebhookResponse {
     let stats = &cfg.stats;
     let source = req.source.as_str();
-    let auth = match req.source {
-        SourceKind::Dataverse => &cfg.dataverse_auth,
-        SourceKind::Fno => &cfg.fno_auth,
-    };
-    if let Err(e) = authorize(req, auth) {
-        ReceiverStats::bump(&stats.unauthorized);
-        warn!(source, reason = %e, "webhook refused: bad credentials");
-        return WebhookResponse::error(401, e.to_string());
+    if let Some(refused) = refuse_unauthorized(req, cfg) {
+        return refused;
     }
     if req.body.len() > cfg.max_body_bytes {
-        ReceiverStats::bump(&stats.too_large);
-        warn!(
-            source,
-            bytes = req.body.len(),
-            limit = cfg.max_body_bytes,
-            "webhook refused: body too large"
-        );
-        return WebhookResponse::error(
-            413,
-            format!(
-                "body is {} bytes, the limit is {} bytes",
-                req.body.len(),
-                cfg.max_body_bytes
-            ),
-        );
+        return too_large(req.source, &req.body.len().to_string(), cfg);
     }
     let parsed = match req.source {
         SourceKind::Dataverse => parse_dataverse(req, &cfg.coverage, now),

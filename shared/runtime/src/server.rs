@@ -4,13 +4,14 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
-use dualwrite_receivers::{SourceKind, WebhookRequest, receive_screened};
+use dualwrite_receivers::{SourceKind, WebhookRequest, receive_oversized, receive_screened};
+use http_body_util::BodyExt;
 
 use crate::runtime::Shared;
 
@@ -22,15 +23,14 @@ pub(crate) struct AppState {
 
 /// The routes: `POST /webhooks/dataverse`, `POST /webhooks/fno`, `GET /healthz`, `GET /status`.
 pub(crate) fn router(state: AppState) -> Router {
-    // The receivers answer 413 themselves with their own message; axum's own limit only
-    // guards against bodies far above that.
-    let limit = state.shared.receiver.max_body_bytes.saturating_mul(2);
+    // The webhook handlers read at most the receivers' limit (+1 byte) themselves, so every
+    // body too large gets the receivers' 413, counted; axum's own limit is not used.
     Router::new()
         .route("/webhooks/dataverse", post(dataverse))
         .route("/webhooks/fno", post(fno))
         .route("/healthz", get(|| async { "ok" }))
         .route("/status", get(status))
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -38,7 +38,7 @@ async fn dataverse(
     State(state): State<AppState>,
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     webhook(state, SourceKind::Dataverse, query, &headers, body).await
 }
@@ -47,9 +47,45 @@ async fn fno(
     State(state): State<AppState>,
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     webhook(state, SourceKind::Fno, query, &headers, body).await
+}
+
+/// A webhook body as read by [`read_body`].
+enum ReadBody {
+    /// The whole body, within the limit.
+    Whole(Vec<u8>),
+    /// More than the limit: `seen` bytes were read and dropped; `ended` tells whether that
+    /// was the whole body (else the connection is closed after the answer).
+    TooLarge { seen: u64, ended: bool },
+}
+
+/// Bytes of a body too large that are still read (and dropped) so that the answer reaches the
+/// sender: a socket closed with unread data is reset, and the sender may never see the 413.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Reads the body, keeping at most `limit` bytes. `Err` when the connection failed.
+async fn read_body(mut body: Body, limit: usize) -> Result<ReadBody, axum::Error> {
+    let announced =
+        usize::try_from(axum::body::HttpBody::size_hint(&body).lower()).unwrap_or(limit);
+    let mut kept: Vec<u8> = Vec::with_capacity(announced.min(limit));
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers
+        };
+        seen += data.len() as u64;
+        if seen <= limit as u64 {
+            kept.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT {
+            return Ok(ReadBody::TooLarge { seen, ended: false });
+        }
+    }
+    if seen > limit as u64 {
+        return Ok(ReadBody::TooLarge { seen, ended: true });
+    }
+    Ok(ReadBody::Whole(kept))
 }
 
 async fn webhook(
@@ -57,33 +93,59 @@ async fn webhook(
     source: SourceKind,
     query: Vec<(String, String)>,
     headers: &HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let request = WebhookRequest {
+    let shared = &state.shared;
+    let limit = shared.receiver.max_body_bytes;
+    let body = match read_body(body, limit).await {
+        Ok(body) => body,
+        Err(e) => {
+            // The sender went away mid-body: there is nobody to answer, nothing was accepted.
+            tracing::debug!(source = source.as_str(), error = %e, "webhook body not read to its end");
+            return StatusCode::BAD_REQUEST.into_response();
+        }
+    };
+    let mut request = WebhookRequest {
         source,
         query,
         headers: headers
             .iter()
             .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
             .collect(),
-        body: body.to_vec(),
+        body: Vec::new(),
     };
-    let shared = &state.shared;
-    let answer = receive_screened(
-        &request,
-        &shared.receiver,
-        shared.inbound.as_ref(),
-        &shared.screen,
-        Utc::now(),
-    )
-    .await;
+    let mut close = false;
+    let answer = match body {
+        ReadBody::Whole(body) => {
+            request.body = body;
+            receive_screened(
+                &request,
+                &shared.receiver,
+                shared.inbound.as_ref(),
+                &shared.screen,
+                Utc::now(),
+            )
+            .await
+        }
+        ReadBody::TooLarge { seen, ended } => {
+            close = !ended;
+            receive_oversized(&request, seen, ended, &shared.receiver)
+        }
+    };
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (
+    let mut response = (
         status,
         [(header::CONTENT_TYPE, "application/json")],
         answer.body,
     )
-        .into_response()
+        .into_response();
+    if close {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 async fn status(State(state): State<AppState>) -> Response {

@@ -289,12 +289,33 @@ async fn bad_webhooks_are_refused_and_enqueue_nothing() {
     .await
     .unwrap();
     assert_eq!(big.status(), 413);
+    // Far above the limit: the HTTP layer stops reading, the receivers still answer (their 413
+    // names the limit, and it is counted); bad credentials still come first.
+    let huge = post(
+        format!("{base}/webhooks/dataverse?code=dv-hook-secret-456"),
+        vec![b' '; 5 * 1024 * 1024],
+    )
+    .await
+    .unwrap();
+    assert_eq!(huge.status(), 413);
+    let answer = huge.text().await.unwrap();
+    assert!(
+        answer.contains("body is 5242880 bytes, the limit is 1048576 bytes"),
+        "{answer}"
+    );
+    let huge_unauthorized = post(
+        format!("{base}/webhooks/dataverse?code=wrong"),
+        vec![b' '; 5 * 1024 * 1024],
+    )
+    .await
+    .unwrap();
+    assert_eq!(huge_unauthorized.status(), 401);
     let s = rt.stats().await;
     assert_eq!(s.receivers.accepted, 0);
     assert_eq!(s.queue.ready + s.queue.in_flight + s.queue.delayed, 0);
-    assert_eq!(s.receivers.rejected_unauthorized, 2);
+    assert_eq!(s.receivers.rejected_unauthorized, 3);
     assert_eq!(s.receivers.rejected_malformed, 1);
-    assert_eq!(s.receivers.rejected_too_large, 1);
+    assert_eq!(s.receivers.rejected_too_large, 2);
     let status: serde_json::Value = http
         .get(format!("{base}/status"))
         .send()
@@ -303,7 +324,7 @@ async fn bad_webhooks_are_refused_and_enqueue_nothing() {
         .json()
         .await
         .unwrap();
-    assert_eq!(status["receivers"]["rejected_unauthorized"], 2);
+    assert_eq!(status["receivers"]["rejected_unauthorized"], 3);
     // Nothing reached the queue's log: no send, so no sync.
     assert_eq!(status["queue_log"]["synced_callers"], 0);
     assert_eq!(status["queue_log"]["syncs"], 0);
