@@ -1014,7 +1014,9 @@ impl DvState {
             outer.extend(undo);
         }
         match kind {
-            "UpdateMultiple" => SimResponse::empty(StatusCode::NO_CONTENT),
+            // Both answer 204 No Content: UpsertMultiple returns no UpsertMultipleResponse
+            // (Microsoft's reference for the Web API action), so no ids.
+            "UpdateMultiple" | "UpsertMultiple" => SimResponse::empty(StatusCode::NO_CONTENT),
             _ => SimResponse::json(
                 StatusCode::OK,
                 &json!({"@odata.context": format!("{}$metadata#Microsoft.Dynamics.CRM.{kind}Response", self.api()), "Ids": ids}),

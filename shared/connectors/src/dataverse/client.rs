@@ -386,50 +386,64 @@ impl DataverseConnector {
             }
             return Err(answer.to_error(Side::Crm, entity));
         }
-        // The answer lists the ids in order (`Ids`), or per-target results (`Results`).
-        let ids: Vec<Option<String>> = match serde_json::from_str::<serde_json::Value>(&answer.body)
-        {
-            Ok(json) => {
-                if let Some(ids) = json.get("Ids").and_then(|v| v.as_array()) {
-                    ids.iter().map(|v| v.as_str().map(str::to_string)).collect()
-                } else if let Some(results) = json.get("Results").and_then(|v| v.as_array()) {
-                    results
-                        .iter()
-                        .map(|r| r.get("Id").and_then(|v| v.as_str()).map(str::to_string))
-                        .collect()
-                } else {
-                    Vec::new()
-                }
-            }
-            Err(_) => Vec::new(),
-        };
-        let created: Vec<bool> = serde_json::from_str::<serde_json::Value>(&answer.body)
-            .ok()
-            .and_then(|j| j.get("Results").and_then(|v| v.as_array()).cloned())
-            .map(|r| {
-                r.iter()
-                    .map(|x| {
-                        x.get("RecordCreated")
-                            .and_then(|v| v.as_bool())
-                            .unwrap_or(false)
+        // Dataverse answers 204 No Content: no ids, no ETags (Microsoft's reference: "The
+        // UpsertMultiple action returns 204 NoContent. The UpsertMultipleResponse complex type
+        // is not returned"). A service that does list them (`Ids`, or per-target `Results`)
+        // is read as such; otherwise the rows are read back, in one `$batch` of GETs, so every
+        // item's outcome carries the id (rows created by key get theirs there), ETag and
+        // version, as the `$batch` path's do.
+        let listed = listed_ids(&answer.body);
+        if listed.len() == items.len() && listed.iter().all(|(id, _)| id.is_some()) {
+            return Ok(Some(
+                listed
+                    .into_iter()
+                    .map(|(id, created)| {
+                        Ok(WriteOutcome {
+                            id,
+                            created,
+                            ..WriteOutcome::default()
+                        })
                     })
-                    .collect()
+                    .collect(),
+            ));
+        }
+        let reads = items
+            .iter()
+            .map(|(at, _)| ConnectorCall::Read {
+                entity: entity.to_string(),
+                at: at.clone(),
             })
-            .unwrap_or_default();
+            .collect();
+        let read_back = self.call_many(reads).await;
         Ok(Some(
             items
                 .iter()
-                .enumerate()
-                .map(|(i, (at, _))| {
-                    let id = ids.get(i).cloned().flatten().or_else(|| match at {
-                        RecordRef::Id(id) => Some(id.clone()),
-                        RecordRef::Key(_) => None,
-                    });
-                    Ok(WriteOutcome {
-                        id,
-                        created: created.get(i).copied().unwrap_or(false),
-                        ..WriteOutcome::default()
-                    })
+                .zip(read_back)
+                .map(|((at, _), read)| match read {
+                    CallResult::Read(Ok(Some(row))) => Ok(WriteOutcome {
+                        id: row.id.map(Into::into),
+                        etag: row.etag,
+                        version: row.version,
+                        created: false,
+                    }),
+                    // Written (the call succeeded) but not read back: an item addressed by its
+                    // id is still known; one addressed by key is an error of its own, so the
+                    // caller retries it (an upsert by key is idempotent).
+                    other => match at {
+                        RecordRef::Id(id) => Ok(WriteOutcome {
+                            id: Some(id.clone()),
+                            ..WriteOutcome::default()
+                        }),
+                        RecordRef::Key(_) => Err(match other {
+                            CallResult::Read(Err(e)) | CallResult::Upsert(Err(e)) => e,
+                            _ => self.client.error(
+                                entity,
+                                ConnectorErrorKind::Transient,
+                                "UpsertMultiple succeeded but the record was not found when read back"
+                                    .to_string(),
+                            ),
+                        }),
+                    },
                 })
                 .collect(),
         ))
@@ -463,6 +477,31 @@ impl DataverseConnector {
         // then answers 400 with the failing part inside; that part's status is the failure.
         let parts = read_batch_answer(&self.client, entity, &answer)?;
         batch_outcomes(Side::Crm, entity, items.len(), &parts)
+    }
+}
+
+/// The ids a bulk answer lists, in order (`Ids`, or `Id` and `RecordCreated` of each of
+/// `Results`), with whether the item was created; empty for an answer without a body
+/// (Dataverse's 204).
+fn listed_ids(body: &str) -> Vec<(Option<String>, bool)> {
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    if let Some(ids) = json.get("Ids").and_then(|v| v.as_array()) {
+        ids.iter()
+            .map(|v| (v.as_str().map(str::to_string), false))
+            .collect()
+    } else if let Some(results) = json.get("Results").and_then(|v| v.as_array()) {
+        results
+            .iter()
+            .map(|r| {
+                let id = r.get("Id").and_then(|v| v.as_str()).map(str::to_string);
+                let created = r.get("RecordCreated").and_then(|v| v.as_bool());
+                (id, created.unwrap_or(false))
+            })
+            .collect()
+    } else {
+        Vec::new()
     }
 }
 

@@ -326,6 +326,60 @@ async fn upsert_batch_uses_upsert_multiple() {
     );
 }
 
+/// Dataverse's UpsertMultiple answers 204 without ids: the rows are read back in one `$batch`
+/// of GETs, so each item's outcome carries its id, ETag and version; an item addressed by key
+/// that cannot be read back is an error of its own (retried: an upsert by key is idempotent),
+/// one addressed by id keeps its id.
+#[tokio::test]
+async fn upsert_multiple_answered_204_reads_the_rows_back() {
+    let (server, c) = connector().await;
+    server.push(Canned {
+        status: 204,
+        headers: vec![],
+        body: String::new(),
+    });
+    let row = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n".to_string() + ROW;
+    let missing = "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\r\n{\"error\":{\"code\":\"0x80040217\",\"message\":\"account With Id = 9 Does Not Exist\"}}";
+    server.push(batch_answer(200, &[&row, missing, missing]));
+    server.push(Canned::json(200, COMPANIES));
+    let items = vec![
+        (
+            RecordRef::Key(RecordKey::new([("accountnumber", "A1")])),
+            Record::new("accounts").with("name", Value::Text("a".into())),
+        ),
+        (
+            RecordRef::Key(RecordKey::new([("accountnumber", "A2")])),
+            Record::new("accounts").with("name", Value::Text("b".into())),
+        ),
+        (
+            RecordRef::Id("g3".into()),
+            Record::new("accounts").with("name", Value::Text("c".into())),
+        ),
+    ];
+    let out = c.upsert_batch("accounts", &items).await.unwrap();
+    let seen = server.seen();
+    assert_eq!(
+        seen[0].uri,
+        "/api/data/v9.2/accounts/Microsoft.Dynamics.CRM.UpsertMultiple"
+    );
+    assert_eq!(seen[1].uri, "/api/data/v9.2/$batch");
+    assert_eq!(
+        seen[1].body.matches("GET http://").count(),
+        3,
+        "{}",
+        seen[1].body
+    );
+    assert!(seen[1].body.contains("accounts(accountnumber='A1')"));
+    let first = out[0].as_ref().expect("read back");
+    assert_eq!(first.id.as_deref(), Some("0a1b"));
+    assert_eq!(first.etag.as_deref(), Some("W/\"468026\""));
+    assert!(first.version.is_some());
+    let e = out[1].as_ref().expect_err("not read back");
+    assert_eq!(e.kind, ConnectorErrorKind::Transient, "{e:?}");
+    assert!(e.message.contains("read back"), "{}", e.message);
+    assert_eq!(out[2].as_ref().unwrap().id.as_deref(), Some("g3"));
+}
+
 #[tokio::test]
 async fn upsert_batch_falls_back_to_a_batch_changeset_when_refused() {
     let (server, c) = connector().await;
@@ -706,7 +760,11 @@ async fn an_upsert_multiple_item_failure_is_an_error_and_keeps_upsert_multiple_o
         .await
         .unwrap();
     assert!(out[0].as_ref().unwrap().id.is_some());
-    assert_eq!(dv.stats().requests - before, 1);
+    assert_eq!(
+        dv.stats().requests - before,
+        2,
+        "UpsertMultiple (204, no ids) and the $batch reading the row back"
+    );
     assert_eq!(dv.rows("accounts").len(), 2);
 }
 
