@@ -340,6 +340,9 @@ pub struct ConfigProblem {
     pub path: String,
     /// What is wrong and what to do, as a sentence.
     pub message: String,
+    /// The line (1-based) of the key in the file, or of the nearest enclosing key written
+    /// there when the key itself is missing; `None` when nothing of the path is in the file.
+    pub line: Option<usize>,
 }
 
 impl fmt::Display for ConfigProblem {
@@ -362,15 +365,17 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid YAML for the configuration format.
-    #[error("{file}: {message}; see docs for the `dualwrite serve` configuration format")]
+    #[error("{file}{}: {message}; see docs for the `dualwrite serve` configuration format", at_line(*line))]
     Syntax {
         /// The file.
         file: String,
+        /// The line the parser stopped at, when it tells.
+        line: Option<usize>,
         /// The parser's message, with the key path.
         message: String,
     },
     /// The file parsed but its content is wrong; every problem is listed.
-    #[error("{file}: {} problem(s) in the configuration:\n{}", problems.len(), render(problems))]
+    #[error("{file}: {} problem(s) in the configuration:\n{}", problems.len(), render(file, problems))]
     Invalid {
         /// The file.
         file: String,
@@ -379,12 +384,57 @@ pub enum ConfigError {
     },
 }
 
-fn render(problems: &[ConfigProblem]) -> String {
+/// `:N` for a known line, as in `file:N:`.
+fn at_line(line: Option<usize>) -> String {
+    line.map(|n| format!(":{n}")).unwrap_or_default()
+}
+
+/// One problem a line, each as `file:line: path: message` (the form editors jump to).
+fn render(file: &str, problems: &[ConfigProblem]) -> String {
     problems
         .iter()
-        .map(|p| format!("  - {p}"))
+        .map(|p| format!("  - {file}{}: {p}", at_line(p.line)))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The line of key path `path` (`a.b`, `a.list[2].c`, keys may contain dots) in the YAML tree
+/// `root`: the line of the last key or item of the path found, so a missing key is placed at
+/// its nearest enclosing key.
+fn line_of(root: &marked_yaml::Node, path: &str) -> Option<usize> {
+    let mut node = root;
+    let mut line = None;
+    let mut rest = path;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('[') {
+            let (index, tail) = after.split_once(']')?;
+            let item = node.as_sequence()?.get(index.parse::<usize>().ok()?)?;
+            line = item.span().start().map(|m| m.line()).or(line);
+            node = item;
+            rest = tail.strip_prefix('.').unwrap_or(tail);
+            continue;
+        }
+        let Some(mapping) = node.as_mapping() else {
+            break;
+        };
+        // The longest key the rest of the path starts with, followed by `.`, `[` or the end.
+        let found = mapping
+            .iter()
+            .filter(|(k, _)| {
+                let key: &str = k.as_str();
+                rest.strip_prefix(key)
+                    .is_some_and(|t| t.is_empty() || t.starts_with('.') || t.starts_with('['))
+            })
+            .max_by_key(|(k, _)| k.as_str().len());
+        let Some((key, value)) = found else {
+            break;
+        };
+        line = key.span().start().map(|m| m.line()).or(line);
+        node = value;
+        rest = &rest[key.as_str().len()..];
+        rest = rest.strip_prefix('.').unwrap_or(rest);
+    }
+    line
 }
 
 /// Where secrets named by `*_env` keys are looked up (the process environment normally).
@@ -438,15 +488,53 @@ impl Config {
         base: &Path,
         env: &dyn EnvLookup,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = marked_yaml::from_yaml(0, text).map_err(|e| ConfigError::Syntax {
-            file: file.to_string(),
-            message: e.to_string(),
+        let raw: RawConfig = marked_yaml::from_yaml(0, text).map_err(|e| {
+            use marked_yaml::LoadError as L;
+            let (line, message) = match &e {
+                marked_yaml::FromYamlError::FromNode(e) => {
+                    (e.start_mark().map(|m| m.line()), e.to_string())
+                }
+                // The loader's messages start with the marker (`line:column: `); the line is
+                // shown in front as for every other problem, the rest kept.
+                marked_yaml::FromYamlError::ParseYaml(load) => {
+                    let marker = match load {
+                        L::TopLevelMustBeMapping(m)
+                        | L::TopLevelMustBeSequence(m)
+                        | L::UnexpectedAnchor(m)
+                        | L::MappingKeyMustBeScalar(m)
+                        | L::UnexpectedTag(m)
+                        | L::ScanError(m, _) => Some(*m),
+                        L::DuplicateKey(inner) => inner.key.span().start().copied(),
+                    };
+                    let text = load.to_string();
+                    let text = match marker {
+                        Some(m) => text
+                            .strip_prefix(&format!("{m}: "))
+                            .map_or(text.clone(), |rest| {
+                                format!("column {}: {rest}", m.column())
+                            }),
+                        None => text,
+                    };
+                    (marker.map(|m| m.line()), text)
+                }
+            };
+            ConfigError::Syntax {
+                file: file.to_string(),
+                line,
+                message,
+            }
         })?;
-        raw.validate(base, env)
-            .map_err(|problems| ConfigError::Invalid {
+        raw.validate(base, env).map_err(|mut problems| {
+            if let Ok(root) = marked_yaml::parse_yaml(0, text) {
+                for problem in &mut problems {
+                    problem.line = line_of(&root, &problem.path);
+                }
+            }
+            ConfigError::Invalid {
                 file: file.to_string(),
                 problems,
-            })
+            }
+        })
     }
 }
 
@@ -457,6 +545,7 @@ impl Problems {
         self.0.push(ConfigProblem {
             path: path.into(),
             message: message.into(),
+            line: None,
         });
     }
 
@@ -466,6 +555,7 @@ impl Problems {
         let problem = ConfigProblem {
             path: path.into(),
             message: message.into(),
+            line: None,
         };
         if !self.0.contains(&problem) {
             self.0.push(problem);

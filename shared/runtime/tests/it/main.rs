@@ -86,8 +86,30 @@ fn every_config_problem_is_reported_at_once() {
         1,
         "a shared value is reported once, not once per environment"
     );
+    // Each problem names the line of its key (a missing key: its nearest enclosing one).
+    let line = |path: &str| problems.iter().find(|p| p.path == path).unwrap().line;
+    for (path, want) in [
+        ("listen", 1),
+        ("maps.enabled[1]", 4),
+        ("maps.enabled", 4),
+        ("dataverse.url", 6),
+        ("dataverse.client_secret_env", 9),
+        ("fno", 10),
+        ("webhooks.fno", 19),
+        ("worker.concurrency", 21),
+        ("worker.idempotency_hours", 22),
+        ("batching.max_in_flight", 24),
+        ("batching.dataverse.max_batch", 26),
+        ("scheduler.catch_up", 28),
+    ] {
+        assert_eq!(line(path), Some(want), "line of {path}");
+    }
     let text = err.to_string();
     assert!(text.contains("bad.yaml"));
+    assert!(
+        text.contains("  - bad.yaml:26: batching.dataverse.max_batch: "),
+        "{text}"
+    );
     assert!(text.contains("customers-v3-accounts` depends on"), "{text}");
     assert!(text.contains("UNSET_VAR"));
 }
@@ -242,8 +264,25 @@ fn batching_is_on_by_default_and_set_per_environment_or_for_both() {
 fn unknown_keys_are_refused_with_their_name() {
     let text = yaml("a.db").replace("db: a.db", "db: a.db\ndbb: typo");
     let err = Config::parse(&text, "t.yaml", Path::new("."), &env()).unwrap_err();
-    assert!(matches!(err, ConfigError::Syntax { .. }));
+    assert!(
+        matches!(err, ConfigError::Syntax { line: Some(3), .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("dbb"), "{err}");
+    assert!(err.to_string().starts_with("t.yaml:3: "), "{err}");
+    let broken = yaml("a.db").replace("worker:\n", "worker:\n   - [\n");
+    let err = Config::parse(&broken, "t.yaml", Path::new("."), &env()).unwrap_err();
+    let ConfigError::Syntax {
+        line: Some(line), ..
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert!(
+        err.to_string()
+            .starts_with(&format!("t.yaml:{line}: column 3: invalid indentation")),
+        "the place is named as file:line: {err}"
+    );
 }
 
 #[test]
