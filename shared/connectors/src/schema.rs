@@ -175,6 +175,7 @@ mod tests {
                 entity: erp.into(),
                 key: vec!["CustomerAccount".into()],
                 company_specific: true,
+                physical_name: None,
             },
             direction: MapDirection::Bidirectional,
             fields,

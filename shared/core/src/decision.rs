@@ -1024,6 +1024,7 @@ mod tests {
                 entity: "Customers".into(),
                 key: vec!["CustomerAccount".into()],
                 company_specific: false,
+                physical_name: None,
             },
             direction: MapDirection::Bidirectional,
             fields: vec![

@@ -139,7 +139,8 @@ pub struct ErpCoverage {
 pub struct Coverage {
     crm: BTreeMap<String, CrmCoverage>,
     erp: BTreeMap<String, ErpCoverage>,
-    /// Lower-case F&O entity names and `mserp_<lowercase>` virtual-entity names → entity.
+    /// Lower-case F&O entity names and `mserp_<lowercase>` virtual-entity names (of the OData
+    /// name, and of the physical name a map gives) → entity.
     erp_names: BTreeMap<String, String>,
     /// Dataverse logical name → entity set, for every table any map names.
     entity_sets: BTreeMap<String, String>,
@@ -192,10 +193,13 @@ impl Coverage {
 
     fn add_erp(&mut self, map: &TableMap) {
         let entity = map.erp.entity.clone();
-        let lower = entity.to_ascii_lowercase();
-        self.erp_names.insert(lower.clone(), entity.clone());
         self.erp_names
-            .insert(format!("mserp_{lower}"), entity.clone());
+            .insert(entity.to_ascii_lowercase(), entity.clone());
+        // Data events name the entity's virtual table: `mserp_` and the physical name when
+        // the map gives it (what F&O sends), and the OData name's form as well.
+        for name in map.erp.virtual_entity_names() {
+            self.erp_names.entry(name).or_insert_with(|| entity.clone());
+        }
         let entry = self
             .erp
             .entry(entity.clone())

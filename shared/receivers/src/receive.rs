@@ -210,11 +210,19 @@ pub async fn receive_screened(
         Ok(Parsed::Ignored { entity }) => {
             ReceiverStats::bump(&stats.ignored);
             if stats.first_ignored(source, &entity) {
-                warn!(
-                    source,
-                    entity = %entity,
-                    "event ignored: no enabled map covers it; unregister the webhook step or business event for it, or enable a map (warned once per entity, counted in /status)"
-                );
+                if entity.starts_with("mserp_") {
+                    warn!(
+                        source,
+                        entity = %entity,
+                        "event ignored: no enabled map covers this F&O virtual table; virtual tables are named after the entity's physical name (mserp_custcustomerv3entity for CustomersV3): give it as `erp.physical_name` in the map, or unregister the data event (warned once per entity, counted in /status)"
+                    );
+                } else {
+                    warn!(
+                        source,
+                        entity = %entity,
+                        "event ignored: no enabled map covers it; unregister the webhook step or business event for it, or enable a map (warned once per entity, counted in /status)"
+                    );
+                }
             } else {
                 debug!(source, entity = %entity, "event ignored: no enabled map covers it");
             }

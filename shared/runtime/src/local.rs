@@ -472,6 +472,12 @@ pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
             datetime_fields: datetime_fields.into_iter().collect(),
             fields: fields.into_iter().collect(),
             text_fields: text_fields.into_iter().collect(),
+            // The first map naming the entity's physical name gives it: the data events then
+            // name the virtual table as F&O's do (`mserp_custcustomerv3entity`).
+            physical_name: maps
+                .iter()
+                .filter(|other| other.erp.entity == m.erp.entity)
+                .find_map(|other| other.erp.physical_name.clone()),
         });
     }
     out

@@ -52,6 +52,10 @@ pub struct FnoEntityDef {
     /// Which of `fields` hold text. F&O has no null text: such a field is "" when a row is
     /// created without it, and a null written to it is stored as "".
     pub text_fields: Vec<String>,
+    /// The entity's physical (AOT) name, e.g. `CustCustomerV3Entity`. Data events come from
+    /// the entity's Dataverse virtual table, named `mserp_` and the physical name in lower
+    /// case; without one, the simulator names it after `entity_set`.
+    pub physical_name: Option<String>,
 }
 
 /// Change kinds an event endpoint can subscribe to.
@@ -205,7 +209,7 @@ struct EventNames {
 
 impl EventNames {
     fn new(def: &FnoEntityDef) -> Self {
-        let logical = virtual_name(&def.entity_set);
+        let logical = virtual_name(def.physical_name.as_deref().unwrap_or(&def.entity_set));
         let mut id_attribute = String::from(r#"{"key":"#);
         id_attribute.push_str(&json::json_string(&format!("{logical}id")));
         id_attribute.push_str(r#","value":"#);
@@ -953,8 +957,9 @@ fn parse_object(body: &Bytes) -> Result<Row, SimResponse> {
     }
 }
 
-fn virtual_name(set: &str) -> String {
-    format!("mserp_{}", set.to_lowercase())
+/// The virtual table's logical name of an entity named `name` (physical name, or entity set).
+fn virtual_name(name: &str) -> String {
+    format!("mserp_{}", name.to_lowercase())
 }
 
 /// The data event of `c`: a RemoteExecutionContext for the virtual entity `mserp_<entity>`,
@@ -1402,7 +1407,7 @@ mod tests {
         created_on: chrono::DateTime<Utc>,
     ) -> Value {
         const CONTRACTS: &str = "http://schemas.microsoft.com/xrm/2011/Contracts";
-        let logical = virtual_name(&c.names.entity_set);
+        let logical = c.names.logical.clone();
         let attrs = |row: &FRow| -> Vec<Value> {
             let mut v: Vec<Value> = row
                 .data
@@ -1453,6 +1458,7 @@ mod tests {
                 datetime_fields: vec!["CreatedDateTime".into(), "ValidTo".into()],
                 fields: vec!["Name".into(), "CreditLimit".into()],
                 text_fields: vec!["Name".into()],
+                physical_name: Some("CustCustomerV3Entity".into()),
             },
             &[],
         )
@@ -1553,6 +1559,7 @@ mod tests {
                 datetime_fields: vec!["ValidTo".into()],
                 fields: vec!["Name".into()],
                 text_fields: Vec::new(),
+                physical_name: None,
             }],
             max_page_size: 2,
             ..FnoConfig::default()
@@ -1646,6 +1653,7 @@ mod tests {
                     "zeta".into(),
                 ],
                 text_fields: vec!["Name".into()],
+                physical_name: None,
             },
             &[],
         );

@@ -94,6 +94,7 @@ impl Env {
             datetime_fields: Vec::new(),
             fields: Vec::new(),
             text_fields: Vec::new(),
+            physical_name: None,
         };
         let fno = sim::FnoSim::start(sim::FnoConfig {
             entities: vec![

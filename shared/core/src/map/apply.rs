@@ -1223,6 +1223,7 @@ mod tests {
                 entity: erp.0.to_owned(),
                 key: erp.1.iter().map(|s| (*s).to_owned()).collect(),
                 company_specific: erp.2,
+                physical_name: None,
             },
             direction: MapDirection::Bidirectional,
             fields,

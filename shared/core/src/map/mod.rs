@@ -78,6 +78,25 @@ pub struct ErpEntity {
     pub key: Vec<String>,
     /// True when the entity is per legal entity (`dataAreaId` is part of its key).
     pub company_specific: bool,
+    /// The entity's physical (AOT) name, e.g. `CustCustomerV3Entity`, when the map gives it.
+    /// F&O data events come from the entity's Dataverse virtual table, which is named after
+    /// the physical name (`mserp_custcustomerv3entity`), not the OData name.
+    pub physical_name: Option<String>,
+}
+
+impl ErpEntity {
+    /// The logical names of the entity's Dataverse virtual table that data events may carry:
+    /// `mserp_<physical name>` when the map gives one, and `mserp_<OData name>`, lower case.
+    pub fn virtual_entity_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .physical_name
+            .iter()
+            .map(|p| format!("mserp_{}", p.to_ascii_lowercase()))
+            .collect();
+        names.push(format!("mserp_{}", self.entity.to_ascii_lowercase()));
+        names.dedup();
+        names
+    }
 }
 
 /// Which way a whole map syncs.

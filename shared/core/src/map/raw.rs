@@ -101,6 +101,7 @@ pub struct RawErp {
     pub key: Option<Located<Vec<RawScalar>>>,
     pub company_specific: Option<Located<RawScalar>>,
     pub filter: Option<Located<RawScalar>>,
+    pub physical_name: Option<Located<RawScalar>>,
 }
 
 /// The `crm:` section.
@@ -178,7 +179,13 @@ pub const MAP_KEYS: &[&str] = &[
     "fields",
 ];
 /// Keys of the `erp:` section.
-pub const ERP_KEYS: &[&str] = &["entity", "key", "company_specific", "filter"];
+pub const ERP_KEYS: &[&str] = &[
+    "entity",
+    "key",
+    "company_specific",
+    "filter",
+    "physical_name",
+];
 /// Keys of the `crm:` section.
 pub const CRM_KEYS: &[&str] = &[
     "entity_set",
@@ -488,6 +495,7 @@ impl Reader<'_> {
                 "key" => erp.key = self.names(k, v, None),
                 "company_specific" => erp.company_specific = self.scalar(k, v, None),
                 "filter" => erp.filter = self.scalar(k, v, None),
+                "physical_name" => erp.physical_name = self.scalar(k, v, None),
                 _ => unreachable!("entries() only returns allowed keys"),
             }
         }

@@ -430,11 +430,34 @@ impl Checker<'_> {
             },
         };
         let filter = self.filter(e.filter.as_ref(), "erp");
+        let physical_name = match &e.physical_name {
+            Some(p) if p.value.is_null() => None,
+            Some(p) => {
+                let name = p.value.text.as_str();
+                if name.is_empty()
+                    || !name.starts_with(|c: char| c.is_ascii_alphabetic())
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    self.report(
+                        p.line,
+                        None,
+                        format!(
+                            "`physical_name: {name}` is not an F&O entity name; give the entity's AOT name, letters, digits and `_`, e.g. `CustCustomerV3Entity`"
+                        ),
+                    );
+                    None
+                } else {
+                    Some(name.to_string())
+                }
+            }
+            None => None,
+        };
         (
             entity.map(|entity| ErpEntity {
                 entity,
                 key,
                 company_specific,
+                physical_name,
             }),
             filter,
         )
@@ -1326,6 +1349,37 @@ fields:
         }
     }
 
+    #[test]
+    fn erp_physical_name_is_optional_and_checked() {
+        assert_eq!(load_one(&with_fields("")).erp.physical_name, None);
+        let named = BASE.replace(
+            "  key: [CustomerAccount]\n",
+            "  key: [CustomerAccount]\n  physical_name: CustCustomerV3Entity\n",
+        );
+        let map = load_one(&named);
+        assert_eq!(
+            map.erp.physical_name.as_deref(),
+            Some("CustCustomerV3Entity")
+        );
+        assert_eq!(
+            map.erp.virtual_entity_names(),
+            ["mserp_custcustomerv3entity", "mserp_customersv3"]
+        );
+        let bad = BASE.replace(
+            "  key: [CustomerAccount]\n",
+            "  key: [CustomerAccount]\n  physical_name: \"Cust Customer\"\n",
+        );
+        assert_one(
+            &errors_of(&bad),
+            6,
+            &[
+                "physical_name: Cust Customer",
+                "AOT name",
+                "CustCustomerV3Entity",
+            ],
+        );
+    }
+
     const DOC_EXAMPLE: &str = r#"name: customers-v3-accounts
 description: Customers V3 (organizations) <-> accounts
 direction: bidirectional           # bidirectional | erp_to_crm | crm_to_erp (or = > <)
@@ -1338,6 +1392,7 @@ erp:
   key: [CustomerAccount]           # natural key, without dataAreaId
   company_specific: true           # dataAreaId is part of the key (default true)
   filter: "PartyType eq 'Organization'"
+  physical_name: CustCustomerV3Entity  # AOT name: data events name mserp_custcustomerv3entity
 
 crm:
   entity_set: accounts
@@ -1387,11 +1442,12 @@ fields:
         assert_eq!(m.source, "maps/customers.yaml");
         assert_eq!(m.crm.primary_id, "accountid");
         assert!(m.erp.company_specific);
+        assert_eq!(m.erp.physical_name.as_deref(), Some("CustCustomerV3Entity"));
         assert_eq!(m.depends_on.len(), 4);
         assert_eq!(m.fields.len(), 8);
         let f = |name: &str| m.fields.iter().find(|f| f.label().contains(name)).unwrap();
         assert!(f("CustomerAccount").is_key && !f("OrganizationName").is_key);
-        assert_eq!(f("CustomerAccount").line, 23);
+        assert_eq!(f("CustomerAccount").line, 24);
         assert_eq!(
             f("CreditLimit ").erp.as_ref().unwrap().ty,
             ValueType::Decimal

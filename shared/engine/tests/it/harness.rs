@@ -55,6 +55,7 @@ pub fn accounts_map(conflict: ConflictPolicy, delete: DeletePolicy) -> TableMap 
             entity: CUSTOMERS.into(),
             key: vec!["CustomerAccount".into()],
             company_specific: false,
+            physical_name: None,
         },
         direction: MapDirection::Bidirectional,
         fields: vec![
@@ -111,6 +112,7 @@ pub fn orders_map() -> TableMap {
             entity: "SalesOrders".into(),
             key: vec!["SalesOrderNumber".into()],
             company_specific: false,
+            physical_name: None,
         },
         direction: MapDirection::Bidirectional,
         fields: vec![

@@ -354,3 +354,35 @@ fn data_events_with_the_empty_operation_id_get_distinct_ids() {
         id(&first)
     );
 }
+
+/// F&O's virtual tables are named after the entity's physical name (`CustCustomerV3Entity` →
+/// `mserp_custcustomerv3entity`), not its OData name: a map giving `erp.physical_name` makes
+/// such data events covered; without it they are ignored (the OData-name form stays covered).
+#[test]
+fn data_events_of_the_physical_name_virtual_table_are_covered_when_the_map_names_it() {
+    let body = edited(FNO_DATA_EVENT, |v| {
+        v["PrimaryEntityName"] = json!("mserp_custcustomerv3entity");
+        v["InputParameters"][0]["value"]["LogicalName"] = json!("mserp_custcustomerv3entity");
+    });
+    let Ok(Parsed::Ignored { entity }) = parse_data_event(&fno(&body), &coverage(), now()) else {
+        panic!("a virtual table no map names is ignored");
+    };
+    assert_eq!(entity, "mserp_custcustomerv3entity");
+
+    let mut maps = test_maps();
+    for m in &mut maps {
+        if m.erp.entity == "CustomersV3" {
+            m.erp.physical_name = Some("CustCustomerV3Entity".into());
+        }
+    }
+    let named = Coverage::from_maps(&maps);
+    let ev = event_of(parse_data_event(&fno(&body), &named, now()).unwrap()).event;
+    assert_eq!(ev.record.entity, "CustomersV3");
+    assert_eq!(
+        ev.record.get("CustomerAccount"),
+        Some(&Value::Text("US-001".into()))
+    );
+    // The OData-name form is still recognised.
+    let event = event_of(parse_data_event(&fno(FNO_DATA_EVENT), &named, now()).unwrap()).event;
+    assert_eq!(event.record.entity, "CustomersV3");
+}

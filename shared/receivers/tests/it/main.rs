@@ -120,6 +120,7 @@ fn erp(entity: &str, key: &[&str], company_specific: bool) -> ErpEntity {
         entity: entity.into(),
         key: key.iter().map(|k| k.to_string()).collect(),
         company_specific,
+        physical_name: None,
     }
 }
 

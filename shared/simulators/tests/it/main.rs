@@ -734,6 +734,7 @@ fn customers() -> FnoEntityDef {
         datetime_fields: Vec::new(),
         fields: Vec::new(),
         text_fields: Vec::new(),
+        physical_name: Some("CustCustomerV3Entity".into()),
     }
 }
 
@@ -973,7 +974,8 @@ async fn fno_batch_and_events() {
     assert!(
         data_events
             .iter()
-            .all(|b| b["PrimaryEntityName"] == "mserp_customersv3")
+            .all(|b| b["PrimaryEntityName"] == "mserp_custcustomerv3entity"),
+        "the virtual table is named after the entity's physical name"
     );
     assert!(calls.len() >= 4, "a 500 is retried");
     assert!(sim.failed_event_deliveries().is_empty());
