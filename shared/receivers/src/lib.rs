@@ -34,7 +34,8 @@ pub use dataverse::parse_dataverse;
 pub use error::PayloadError;
 pub use fno::{parse_business_event, parse_data_event, parse_fno};
 pub use receive::{
-    Accepted, Parsed, ReceiverStats, StatsSnapshot, receive, receive_oversized, receive_screened,
+    Accepted, Parsed, ReceiverStats, StatsSnapshot, credentials_ok, receive, receive_oversized,
+    receive_screened,
 };
 pub use request::{SourceKind, WebhookRequest, WebhookResponse};
 pub use screen::{EventScreen, NoScreen};

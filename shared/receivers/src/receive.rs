@@ -144,6 +144,16 @@ pub fn receive_oversized(
     too_large(req.source, &bytes, cfg)
 }
 
+/// True when the call's credentials (query or headers; the body is not looked at) are right.
+/// Nothing is counted: the answer to the call does that.
+pub fn credentials_ok(req: &WebhookRequest, cfg: &ReceiverConfig) -> bool {
+    let auth = match req.source {
+        SourceKind::Dataverse => &cfg.dataverse_auth,
+        SourceKind::Fno => &cfg.fno_auth,
+    };
+    authorize(req, auth).is_ok()
+}
+
 /// The 401 answer when the call's credentials are missing or wrong (counted and logged).
 fn refuse_unauthorized(req: &WebhookRequest, cfg: &ReceiverConfig) -> Option<WebhookResponse> {
     let auth = match req.source {

@@ -10,7 +10,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
-use dualwrite_receivers::{SourceKind, WebhookRequest, receive_oversized, receive_screened};
+use dualwrite_receivers::{
+    SourceKind, WebhookRequest, credentials_ok, receive_oversized, receive_screened,
+};
 use http_body_util::BodyExt;
 
 use crate::runtime::Shared;
@@ -63,10 +65,12 @@ enum ReadBody {
 
 /// Bytes of a body too large that are still read (and dropped) so that the answer reaches the
 /// sender: a socket closed with unread data is reset, and the sender may never see the 413.
+/// A sender without the right credentials gets no more than twice the body limit read.
 const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 
-/// Reads the body, keeping at most `limit` bytes. `Err` when the connection failed.
-async fn read_body(mut body: Body, limit: usize) -> Result<ReadBody, axum::Error> {
+/// Reads the body, keeping at most `limit` bytes and reading at most `drain` bytes in all.
+/// `Err` when the connection failed.
+async fn read_body(mut body: Body, limit: usize, drain: u64) -> Result<ReadBody, axum::Error> {
     let announced =
         usize::try_from(axum::body::HttpBody::size_hint(&body).lower()).unwrap_or(limit);
     let mut kept: Vec<u8> = Vec::with_capacity(announced.min(limit));
@@ -78,7 +82,7 @@ async fn read_body(mut body: Body, limit: usize) -> Result<ReadBody, axum::Error
         seen += data.len() as u64;
         if seen <= limit as u64 {
             kept.extend_from_slice(&data);
-        } else if seen > DRAIN_LIMIT {
+        } else if seen > drain {
             return Ok(ReadBody::TooLarge { seen, ended: false });
         }
     }
@@ -97,14 +101,6 @@ async fn webhook(
 ) -> Response {
     let shared = &state.shared;
     let limit = shared.receiver.max_body_bytes;
-    let body = match read_body(body, limit).await {
-        Ok(body) => body,
-        Err(e) => {
-            // The sender went away mid-body: there is nobody to answer, nothing was accepted.
-            tracing::debug!(source = source.as_str(), error = %e, "webhook body not read to its end");
-            return StatusCode::BAD_REQUEST.into_response();
-        }
-    };
     let mut request = WebhookRequest {
         source,
         query,
@@ -113,6 +109,19 @@ async fn webhook(
             .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
             .collect(),
         body: Vec::new(),
+    };
+    let drain = if credentials_ok(&request, &shared.receiver) {
+        DRAIN_LIMIT
+    } else {
+        (limit as u64).saturating_mul(2)
+    };
+    let body = match read_body(body, limit, drain).await {
+        Ok(body) => body,
+        Err(e) => {
+            // The sender went away mid-body: there is nobody to answer, nothing was accepted.
+            tracing::debug!(source = source.as_str(), error = %e, "webhook body not read to its end");
+            return StatusCode::BAD_REQUEST.into_response();
+        }
     };
     let mut close = false;
     let answer = match body {

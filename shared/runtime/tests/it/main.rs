@@ -344,7 +344,7 @@ async fn bad_webhooks_are_refused_and_enqueue_nothing() {
     );
     let huge_unauthorized = post(
         format!("{base}/webhooks/dataverse?code=wrong"),
-        vec![b' '; 5 * 1024 * 1024],
+        vec![b' '; 3 * 1024 * 1024 / 2],
     )
     .await
     .unwrap();
