@@ -289,13 +289,15 @@ pub(crate) fn read_batch_answer(
     let content_type = answer.header("Content-Type").unwrap_or_default();
     let parts = parse_batch_response(content_type, &answer.body)
         .map_err(|e| client.bad_answer(entity, e))?;
-    let failed = parts.iter().filter(|p| part_failed(p)).count();
-    for _ in 0..failed {
-        client.stats().failure();
+    let mut failed = 0;
+    for part in parts.iter().filter(|p| part_failed(p)) {
+        failed += 1;
+        let error = part.clone().into_http().to_error(client.side(), entity);
+        client.stats().failure(&error.kind);
     }
     if !answer.is_success() && failed == 0 {
-        client.stats().failure();
         let mut error = answer.to_error(client.side(), entity);
+        client.stats().failure(&error.kind);
         error.message = format!(
             "the $batch answered {} with {} part(s), none of them failing, so nothing says what \
              went wrong",

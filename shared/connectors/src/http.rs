@@ -377,16 +377,18 @@ impl ODataClient {
             let response = match builder.send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.stats.failure();
+                    let error = transport_error(self.side, entity, &e);
+                    self.stats.failure(&error.kind);
                     warn!(side = %self.side, entity, attempt, error = %e, "request failed");
-                    return Err(transport_error(self.side, entity, &e));
+                    return Err(error);
                 }
             };
             let status = response.status().as_u16();
             let headers = response.headers().clone();
             let body = response.text().await.map_err(|e| {
-                self.stats.failure();
-                transport_error(self.side, entity, &e)
+                let error = transport_error(self.side, entity, &e);
+                self.stats.failure(&error.kind);
+                error
             })?;
             let answer = HttpResponse {
                 status,
@@ -400,10 +402,10 @@ impl ODataClient {
             // A failed `$batch` answered in multipart form (Dataverse's 400 for a batch stopped
             // at a failing part) is that part's failure: the batch reader counts each failing
             // part, so counting the envelope too would count one failure twice.
-            if !crate::batch::is_multipart(&answer) {
-                self.stats.failure();
-            }
             let error = answer.to_error(self.side, entity);
+            if !crate::batch::is_multipart(&answer) {
+                self.stats.failure(&error.kind);
+            }
             let policy = Backoff::default();
             if disposition(&error, attempt, &policy, 0.0) == Disposition::RefreshTokenOnce {
                 warn!(side = %self.side, entity, status, attempt, "token refused, refreshing once");

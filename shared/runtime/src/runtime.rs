@@ -14,9 +14,9 @@ use async_trait::async_trait;
 
 use dualwrite_connectors::http::DEFAULT_MAX_BATCH;
 use dualwrite_connectors::{
-    Coalescing, CoalescingConfig, CoalescingSnapshot, CoalescingStats, DataverseConfig,
-    DataverseConnector, EntitySchemas, EntraConfig, EntraTokenProvider, FnoConfig, FnoConnector,
-    TokenSource,
+    Coalescing, CoalescingConfig, CoalescingSnapshot, CoalescingStats, ConnectorStats,
+    DataverseConfig, DataverseConnector, EntitySchemas, EntraConfig, EntraTokenProvider, FnoConfig,
+    FnoConnector, StatsSnapshot as ConnectorSnapshot, TokenSource,
 };
 use dualwrite_core::Side;
 use dualwrite_core::error_policy::Backoff;
@@ -96,6 +96,78 @@ pub struct RuntimeStats {
     /// Reads and writes coalesced into `$batch` requests, per environment (zero when batching
     /// is off).
     pub batching: BatchingCounts,
+    /// What the connectors' requests to each environment came to: every request and every
+    /// failure, by kind (throttled, 412, 404, transient, refused), token fetches and refreshes.
+    pub connectors: ConnectorCounts,
+}
+
+/// The connectors' counters of both environments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct ConnectorCounts {
+    /// Dataverse.
+    pub dataverse: CallCounts,
+    /// F&O.
+    pub fno: CallCounts,
+}
+
+/// One environment's requests and their outcomes ([`ConnectorSnapshot`] as JSON). A `$batch`
+/// is one request; each of its failing parts counts as one failure of its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct CallCounts {
+    /// HTTP requests sent (each attempt counts).
+    pub requests: u64,
+    /// Answers that were not a success, and requests not answered; the sum of the kinds below.
+    pub failures: u64,
+    /// 429, and 503 with `Retry-After` (service protection): retried after the wait.
+    pub throttled: u64,
+    /// 412: the record moved (or exists already) since it was read; decided again.
+    pub precondition_failed: u64,
+    /// 404: for a read, the record is absent (an answer, not a problem).
+    pub not_found: u64,
+    /// 5xx, timeouts and dropped connections: retried with backoff.
+    pub transient: u64,
+    /// 400, 403 and other refusals of the request as sent (401 after a fresh token): logged
+    /// as errors for a person, the server's message kept.
+    pub refused: u64,
+    /// Tokens fetched from Entra ID.
+    pub token_fetches: u64,
+    /// Tokens refused with a 401, fetched again.
+    pub token_refreshes: u64,
+}
+
+impl From<ConnectorSnapshot> for CallCounts {
+    fn from(s: ConnectorSnapshot) -> Self {
+        CallCounts {
+            requests: s.requests,
+            failures: s.failures,
+            throttled: s.throttled,
+            precondition_failed: s.precondition_failed,
+            not_found: s.not_found,
+            transient: s.transient,
+            refused: s.refused,
+            token_fetches: s.token_fetches,
+            token_refreshes: s.token_refreshes,
+        }
+    }
+}
+
+/// The counters of the two connectors.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectorCounters {
+    /// Dataverse.
+    pub dataverse: Arc<ConnectorStats>,
+    /// F&O.
+    pub fno: Arc<ConnectorStats>,
+}
+
+impl ConnectorCounters {
+    /// The counters now.
+    pub fn counts(&self) -> ConnectorCounts {
+        ConnectorCounts {
+            dataverse: self.dataverse.snapshot().into(),
+            fno: self.fno.snapshot().into(),
+        }
+    }
 }
 
 /// The coalescing counters of both environments.
@@ -569,6 +641,8 @@ pub(crate) struct Shared {
     pub erp: Arc<dyn Connector>,
     /// The connectors' coalescing counters.
     pub batching: BatchingStats,
+    /// The connectors' request counters.
+    pub calls: ConnectorCounters,
     /// How long processed events' ids are remembered.
     pub idempotency_window: Duration,
 }
@@ -615,6 +689,7 @@ impl Shared {
                 }
             },
             batching: self.batching.counts(),
+            connectors: self.calls.counts(),
         }
     }
 }
@@ -662,6 +737,7 @@ impl Runtime {
             erp,
             engine,
             batching,
+            calls,
         } = Parts::build(&config)?;
         let queue = open_queue(&config, &store).await?;
         let work = Arc::new(WorkerQueue::new(queue.clone(), config.worker.concurrency));
@@ -685,6 +761,7 @@ impl Runtime {
             crm,
             erp,
             batching,
+            calls,
             idempotency_window: config.worker.idempotency_window,
         });
 
@@ -827,13 +904,15 @@ impl RuntimeHandle {
     }
 }
 
+/// The Entra ID token provider of `env`, counting its fetches in `stats` (the connector's).
 fn token_provider(
     env: &Environment,
     side: &'static str,
+    stats: Arc<ConnectorStats>,
 ) -> Result<Arc<dyn TokenSource>, StartError> {
     let mut entra = EntraConfig::new(&env.tenant, &env.client_id, env.client_secret.clone());
     entra.authority.clone_from(&env.authority);
-    EntraTokenProvider::new(entra, Arc::default())
+    EntraTokenProvider::new(entra, stats)
         .map(|p| Arc::new(p) as Arc<dyn TokenSource>)
         .map_err(|e| StartError::Connector {
             side,
@@ -854,6 +933,8 @@ pub struct Parts {
     pub engine: Arc<Engine>,
     /// The counters of the coalescing wrappers.
     pub batching: BatchingStats,
+    /// The connectors' request counters.
+    pub calls: ConnectorCounters,
 }
 
 impl std::fmt::Debug for Parts {
@@ -875,9 +956,13 @@ impl Parts {
             message: e.to_string(),
         };
         let store = Arc::new(SqliteStore::open(&config.db).map_err(|e| db_err(&e))?);
-        let (crm, dataverse_batching) =
-            coalesced(build_dataverse(config)?, config.batching.dataverse);
-        let (erp, fno_batching) = coalesced(build_fno(config)?, config.batching.fno);
+        let (dataverse, fno) = (build_dataverse(config)?, build_fno(config)?);
+        let calls = ConnectorCounters {
+            dataverse: dataverse.stats().clone(),
+            fno: fno.stats().clone(),
+        };
+        let (crm, dataverse_batching) = coalesced(dataverse, config.batching.dataverse);
+        let (erp, fno_batching) = coalesced(fno, config.batching.fno);
         let batching = BatchingStats {
             dataverse: dataverse_batching,
             fno: fno_batching,
@@ -902,6 +987,7 @@ impl Parts {
             erp,
             engine,
             batching,
+            calls,
         })
     }
 }
@@ -1017,10 +1103,12 @@ fn max_batch(batching: Option<CoalescingConfig>) -> usize {
 
 fn build_dataverse(config: &Config) -> Result<DataverseConnector, StartError> {
     let env = &config.dataverse;
-    let tokens = token_provider(env, "dataverse")?;
+    let stats = Arc::new(ConnectorStats::default());
+    let tokens = token_provider(env, "dataverse", stats.clone())?;
     let schemas = Arc::new(EntitySchemas::from_maps(&config.maps, Side::Crm));
     let mut dv = DataverseConfig::new(format!("{}{DATAVERSE_API_PATH}", env.url), tokens, schemas);
     dv.connection.max_batch = max_batch(config.batching.dataverse);
+    dv.connection.stats = stats;
     DataverseConnector::new(dv).map_err(|e| StartError::Connector {
         side: "dataverse",
         url: env.url.clone(),
@@ -1030,10 +1118,12 @@ fn build_dataverse(config: &Config) -> Result<DataverseConnector, StartError> {
 
 fn build_fno(config: &Config) -> Result<FnoConnector, StartError> {
     let env = &config.fno;
-    let tokens = token_provider(env, "fno")?;
+    let stats = Arc::new(ConnectorStats::default());
+    let tokens = token_provider(env, "fno", stats.clone())?;
     let schemas = Arc::new(EntitySchemas::from_maps(&config.maps, Side::Erp));
     let mut fno = FnoConfig::new(env.url.clone(), tokens, schemas);
     fno.connection.max_batch = max_batch(config.batching.fno);
+    fno.connection.stats = stats;
     FnoConnector::new(fno).map_err(|e| StartError::Connector {
         side: "fno",
         url: env.url.clone(),

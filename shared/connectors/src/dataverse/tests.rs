@@ -626,6 +626,11 @@ async fn failures_inside_a_batch_are_counted_like_single_failures() {
     assert!(matches!(&results[2], CallResult::Read(Ok(Some(_)))));
     let after_first = c.stats().snapshot();
     assert_eq!(after_first.failures, 2, "the 429 and the 412 parts");
+    assert_eq!(
+        (after_first.throttled, after_first.precondition_failed),
+        (1, 1),
+        "each failing part counted by its kind"
+    );
 
     server.push(batch_answer(
         400,
@@ -646,6 +651,7 @@ async fn failures_inside_a_batch_are_counted_like_single_failures() {
     let now = c.stats().snapshot();
     assert_eq!(now.requests, 3, "two $batch requests and the company read");
     assert_eq!(now.failures - after_first.failures, 1);
+    assert_eq!(now.precondition_failed - after_first.precondition_failed, 1);
 }
 
 /// A DataverseSim with `accounts` (alternate key `accountnumber`) and

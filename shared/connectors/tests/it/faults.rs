@@ -68,6 +68,12 @@ async fn dataverse_throttling_waits_retry_after_then_succeeds() {
     );
     let s = stats.snapshot();
     assert_eq!((s.throttled, s.retries), (1, 1));
+    // Every answer that was not a success is counted by kind: the read of the absent row
+    // (404) and the 429.
+    assert_eq!(
+        (s.failures, s.not_found, s.refused, s.transient),
+        (2, 1, 0, 0)
+    );
     assert_eq!(env.dv.stats().throttled, 2);
 }
 
@@ -139,6 +145,7 @@ async fn an_injected_503_is_transient_and_retried_with_backoff() {
     assert!(out.created);
     let s = stats.snapshot();
     assert_eq!((s.retries, s.throttled), (2, 0));
+    assert_eq!((s.transient, s.not_found), (2, 1), "{s:?}");
     assert_eq!(env.dv.rows("accounts").len(), 1);
 }
 

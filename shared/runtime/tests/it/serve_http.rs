@@ -397,3 +397,45 @@ async fn held_workers_leave_webhooks_queued_until_released() {
     let c = wait_until("customer HOLD-0001 in F&O", || s.customer("HOLD-0001")).await;
     assert_eq!(c["OrganizationName"], "Held Ltd");
 }
+
+/// F&O throttling (429 + `Retry-After`) and a 503 during a live sync: the change is retried
+/// until it lands, once, and `/status` tells each outcome by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_outages_are_ridden_out_and_counted_by_kind() {
+    let s = Stack::start(StackOptions::default()).await;
+    s.synced_account("E2E-0010", "Litware", 100).await;
+    let before = s.stats().await.connectors.fno;
+    let fno_events = s.fno_events("CustomersV3");
+
+    s.fno.throttle_next(1);
+    s.fno
+        .inject_faults([dualwrite_simulators::Fault::Status(503)]);
+    s.create_account("E2E-0011", "Litware Outlet", 200);
+    let c = wait_until(
+        "customer E2E-0011 in F&O despite the 429 and the 503",
+        || s.customer("E2E-0011"),
+    )
+    .await;
+    s.wait_idle().await;
+    assert_eq!(c["OrganizationName"], "Litware Outlet");
+    assert_eq!(s.fno_events("CustomersV3") - fno_events, 1, "written once");
+
+    let after = s.stats().await.connectors.fno;
+    assert_eq!(after.throttled - before.throttled, 1, "{after:?}");
+    assert_eq!(after.transient - before.transient, 1, "{after:?}");
+    assert_eq!(after.refused, before.refused, "{after:?}");
+    assert!(after.requests >= before.requests + 3, "{after:?}");
+    assert!(after.token_fetches >= 1, "{after:?}");
+    let status: serde_json::Value = reqwest::get(format!("{}/status", s.base()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        status["connectors"]["fno"]["throttled"], after.throttled,
+        "{status}"
+    );
+    assert!(status["connectors"]["dataverse"]["requests"].as_u64() > Some(0));
+    s.rt.shutdown().await;
+}
