@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::conflicts::ConflictsCommand,
     },
+    /// Send changes that failed for good back to the work queue once their cause is fixed.
+    Errors {
+        #[command(subcommand)]
+        command: commands::errors::ErrorsCommand,
+    },
     /// Operate the local work queue: send dead letters back to it.
     Queue {
         #[command(subcommand)]
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         Command::Maps { command } => commands::maps::run(command),
         Command::Status(args) => commands::status::run(&cli.db, args),
         Command::Conflicts { command } => commands::conflicts::run(&cli.db, command),
+        Command::Errors { command } => commands::errors::run(&cli.db, command),
         Command::Queue { command } => commands::queue::run(&cli.db, command),
         Command::Bench { command } => commands::bench::run(command),
         Command::Serve(args) => commands::serve::run(args),

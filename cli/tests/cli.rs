@@ -12,6 +12,22 @@ fn dualwrite(args: &[&str], cwd: &Path) -> Output {
         .expect("the dualwrite binary runs")
 }
 
+/// A Dataverse account change `event_id` of the account `record_id`.
+fn account_change(event_id: &str, record_id: &str) -> dualwrite_core::ChangeEvent {
+    let mut record = dualwrite_core::Record::new("accounts");
+    record.id = Some(record_id.into());
+    dualwrite_core::ChangeEvent {
+        event_id: event_id.into(),
+        source: dualwrite_core::Side::Crm,
+        operation: dualwrite_core::Operation::Upsert,
+        record,
+        partial: false,
+        received_at: chrono::DateTime::UNIX_EPOCH,
+        correlation_id: None,
+        depth: None,
+    }
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -177,8 +193,6 @@ fn conflicts_list_shows_open_conflicts_with_both_versions() {
 #[test]
 fn status_counts_the_queue_and_says_when_a_running_process_holds_it() {
     use dualwrite_core::ports::{QueueMessage, WorkQueue};
-    use dualwrite_core::{ChangeEvent, Operation, Record, Side};
-
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state.db");
     drop(dualwrite_sqlite::SqliteStore::open(&db).unwrap());
@@ -187,20 +201,7 @@ fn status_counts_the_queue_and_says_when_a_running_process_holds_it() {
         dualwrite_logqueue::LogQueue::open(&queue_dir, dualwrite_logqueue::QueueConfig::default())
             .unwrap()
     };
-    let message = |id: &str| {
-        let mut record = Record::new("accounts");
-        record.id = Some(id.into());
-        QueueMessage::for_event(ChangeEvent {
-            event_id: id.into(),
-            source: Side::Crm,
-            operation: Operation::Upsert,
-            record,
-            partial: false,
-            received_at: chrono::Utc::now(),
-            correlation_id: None,
-            depth: None,
-        })
-    };
+    let message = |id: &str| QueueMessage::for_event(account_change(id, id));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -233,8 +234,6 @@ fn queue_redrive_moves_dead_letters_back_and_refuses_while_serve_holds_the_queue
     use std::time::Duration;
 
     use dualwrite_core::ports::{QueueMessage, RetryOutcome, WorkQueue};
-    use dualwrite_core::{ChangeEvent, Operation, Record, Side};
-
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state.db");
     drop(dualwrite_sqlite::SqliteStore::open(&db).unwrap());
@@ -250,20 +249,7 @@ fn queue_redrive_moves_dead_letters_back_and_refuses_while_serve_holds_the_queue
         )
         .unwrap()
     };
-    let message = |id: &str| {
-        let mut record = Record::new("accounts");
-        record.id = Some(id.into());
-        QueueMessage::for_event(ChangeEvent {
-            event_id: id.into(),
-            source: Side::Crm,
-            operation: Operation::Upsert,
-            record,
-            partial: false,
-            received_at: chrono::DateTime::UNIX_EPOCH,
-            correlation_id: None,
-            depth: None,
-        })
-    };
+    let message = |id: &str| QueueMessage::for_event(account_change(id, id));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -339,4 +325,113 @@ fn queue_redrive_moves_dead_letters_back_and_refuses_while_serve_holds_the_queue
         assert!(again.iter().all(|d| d.attempt == 1));
         assert_eq!(again[0].message, message("a"));
     });
+}
+
+#[test]
+fn errors_retry_sends_failed_changes_again_under_new_ids_and_refuses_while_serve_holds_the_queue() {
+    use std::time::Duration;
+
+    use dualwrite_core::ChangeEvent;
+    use dualwrite_core::ports::{ErrorClass, ErrorRecord, LinkStore, StoreOp, WorkQueue};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let store = dualwrite_sqlite::SqliteStore::open(&db).unwrap();
+    let failed = |id: &str| account_change(id, &format!("rec-{id}"));
+    let error = |id: &str, event: Option<ChangeEvent>| {
+        StoreOp::RecordError(ErrorRecord {
+            at: chrono::Utc::now(),
+            map: Some("customers-v3-accounts".into()),
+            key: Some("USMF/C-1".into()),
+            event_id: Some(id.into()),
+            class: ErrorClass::Permanent,
+            message: "fno CustomersV3: The value 'XX' of field 'CustomerGroupId' is not found"
+                .into(),
+            event,
+        })
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(store.commit(vec![
+        error("ev-1", Some(failed("ev-1"))),
+        error("ev-2", Some(failed("ev-2"))),
+        error("ev-old", None),
+    ]))
+    .unwrap();
+    drop(store);
+    let db_arg = db.display().to_string();
+
+    let out = dualwrite(&["--db", &db_arg, "status"], dir.path());
+    assert!(
+        stdout(&out).contains("`dualwrite errors retry ev-1`"),
+        "status says how to retry:\n{}",
+        stdout(&out)
+    );
+
+    // While a process (standing in for `dualwrite serve`) holds the queue: refused, nothing sent.
+    let queue_dir = dir.path().join("state.queue");
+    let open_queue = || {
+        dualwrite_logqueue::LogQueue::open(&queue_dir, dualwrite_logqueue::QueueConfig::default())
+            .unwrap()
+    };
+    let held = open_queue();
+    let out = dualwrite(&["--db", &db_arg, "errors", "retry", "ev-1"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("held by a running dualwrite process") && err.contains("nothing was sent"),
+        "{err}"
+    );
+    drop(held);
+
+    let out = dualwrite(
+        &[
+            "--db", &db_arg, "errors", "retry", "ev-1", "nope", "ev-old", "--json",
+        ],
+        dir.path(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an unknown id fails the run: {out:?}"
+    );
+    let answer: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let sent = answer["sent"].as_array().unwrap();
+    assert_eq!(sent.len(), 1, "{answer}");
+    assert!(
+        sent[0].as_str().unwrap().starts_with("ev-1~retry-"),
+        "{answer}"
+    );
+    assert_eq!(answer["unknown"], serde_json::json!(["nope"]));
+    assert_eq!(answer["without_event"], serde_json::json!(["ev-old"]));
+
+    let out = dualwrite(&["--db", &db_arg, "errors", "retry", "--all"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout(&out).contains("2 failed change(s) sent to the work queue again"),
+        "{}",
+        stdout(&out)
+    );
+
+    // What `serve` will find in the queue: the changes, under their new ids, in their groups.
+    let queue = open_queue();
+    let delivered = rt.block_on(async {
+        queue
+            .receive(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.message.event.event_id, d.message.group_id))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(delivered.len(), 2, "{delivered:?}");
+    assert!(delivered.iter().all(|(id, _)| id.contains("~retry-")));
+    assert!(
+        delivered
+            .iter()
+            .any(|(id, group)| id.starts_with("ev-1~") && group.ends_with("rec-ev-1")),
+        "{delivered:?}"
+    );
 }

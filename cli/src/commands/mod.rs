@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod conflicts;
 pub mod demo;
+pub mod errors;
 pub mod maps;
 pub mod queue;
 pub mod serve;

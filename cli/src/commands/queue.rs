@@ -29,6 +29,23 @@ pub struct RedriveArgs {
     json: bool,
 }
 
+/// Opens the work queue of the store `db` for a command run while `serve` is stopped (`command`
+/// names it in the refusal, `done` what would have been done): refused with what to do when a
+/// running `serve` holds the queue.
+pub(crate) fn open_held_queue(db: &Path, command: &str, done: &str) -> Result<LogQueue> {
+    let dir = queue_dir(db);
+    match LogQueue::open(&dir, dualwrite_logqueue::QueueConfig::default()) {
+        Ok(q) => Ok(q),
+        Err(dualwrite_logqueue::OpenError::Locked { .. }) => anyhow::bail!(
+            "the work queue {} is held by a running dualwrite process (`dualwrite serve`); \
+             nothing was {done}. Stop `dualwrite serve`, run `{command}` again, then start \
+             `dualwrite serve` again",
+            dir.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("opening the queue {}", dir.display())),
+    }
+}
+
 pub fn run(db: &Path, command: QueueCommand) -> Result<ExitCode> {
     match command {
         QueueCommand::Redrive(args) => redrive(db, &args),
@@ -46,18 +63,7 @@ fn redrive(db: &Path, args: &RedriveArgs) -> Result<ExitCode> {
     // The queue belongs to one process. Checked before anything moves: while `serve` runs,
     // nothing is redriven, not even the earlier table's dead letters.
     let queue = if dir.is_dir() {
-        match LogQueue::open(&dir, dualwrite_logqueue::QueueConfig::default()) {
-            Ok(q) => Some(q),
-            Err(dualwrite_logqueue::OpenError::Locked { .. }) => anyhow::bail!(
-                "the work queue {} is held by a running dualwrite process (`dualwrite serve`); \
-                 nothing was redriven. Stop `dualwrite serve`, run `dualwrite queue redrive` \
-                 again, then start `dualwrite serve` again",
-                dir.display()
-            ),
-            Err(e) => {
-                return Err(e).with_context(|| format!("opening the queue {}", dir.display()));
-            }
-        }
+        Some(open_held_queue(db, "dualwrite queue redrive", "redriven")?)
     } else {
         None
     };

@@ -80,7 +80,10 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
                 "queue": {"dir": dir.display().to_string(), "held_by_another_process": held, "ready": depth.ready, "in_flight": depth.in_flight, "delayed": depth.delayed, "dead": depth.dead},
                 "maps": states,
                 "recent_conflicts": conflicts,
-                "recent_errors": errors,
+                "recent_errors": errors.iter().map(|e| json!({
+                    "at": e.at, "class": e.class, "map": e.map, "key": e.key,
+                    "event_id": e.event_id, "message": e.message,
+                    "retryable": e.event.is_some()})).collect::<Vec<_>>(),
                 "recent_dead_letters": dead.iter().map(|d| json!({
                     "event_id": d.message.event.event_id, "group": d.message.group_id,
                     "attempts": d.attempts, "last_error": d.last_error})).collect::<Vec<_>>(),
@@ -135,6 +138,9 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
                     e.key.as_deref().unwrap_or("-"),
                     e.message
                 );
+                if let (Some(id), Some(_)) = (&e.event_id, &e.event) {
+                    println!("    event {id}: `dualwrite errors retry {id}` once the cause is fixed");
+                }
             }
         }
         if !dead.is_empty() {

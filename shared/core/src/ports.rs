@@ -200,6 +200,10 @@ pub struct ErrorRecord {
     pub event_id: Option<String>,
     pub class: ErrorClass,
     pub message: String,
+    /// The change that failed, kept so that it can be sent again once the cause is fixed
+    /// (`dualwrite errors retry`). Records written before it was kept load with `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<ChangeEvent>,
 }
 
 /// An event waiting for a dependency: a lookup to a record not linked yet.

@@ -651,6 +651,7 @@ impl Engine {
             event_id: Some(event.event_id.clone()),
             class,
             message: message.clone(),
+            event: Some(event.clone()),
         };
         let mut ops = vec![StoreOp::RecordError(record)];
         if closing.complete {
@@ -712,8 +713,8 @@ impl Engine {
             Disposition::Permanent => {
                 let class = error_class(&error);
                 let message = format!(
-                    "{error} (status {:?}); fix the cause, then change the record again: its next change syncs every mapped field",
-                    error.status
+                    "{error} (status {:?}); fix the cause, then send the change again (`dualwrite errors retry {}`) or change the record again: its next change syncs every mapped field",
+                    error.status, event.event_id,
                 );
                 self.fail(map, event, key.cloned(), closing, class, message)
                     .await

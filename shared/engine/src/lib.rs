@@ -7,6 +7,7 @@
 pub mod clock;
 mod engine;
 pub mod memory;
+pub mod replay;
 mod stats;
 mod worker;
 

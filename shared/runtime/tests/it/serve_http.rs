@@ -439,3 +439,59 @@ async fn throttling_and_outages_are_ridden_out_and_counted_by_kind() {
     assert!(status["connectors"]["dataverse"]["requests"].as_u64() > Some(0));
     s.rt.shutdown().await;
 }
+
+/// A change refused for good (a 400) is logged with the change itself; once the cause is gone,
+/// sending it again (what `dualwrite errors retry` does) syncs it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_refused_for_good_is_kept_and_syncs_when_sent_again() {
+    use dualwrite_core::ports::{JournalStore, QueueMessage, WorkQueue};
+
+    let s = Stack::start(StackOptions::default()).await;
+    s.synced_account("E2E-0020", "Adatum", 100).await;
+    let before = s.stats().await.engine;
+    s.fno
+        .inject_faults([dualwrite_simulators::Fault::Status(400)]);
+    s.create_account("E2E-0021", "Adatum Outlet", 300);
+    wait_until("the refusal logged", || {
+        let errors = s.rt.engine().stats().errors;
+        (errors > before.errors).then_some(errors)
+    })
+    .await;
+    s.wait_idle().await;
+    assert!(s.customer("E2E-0021").is_none(), "refused: not written");
+    let logged = s.rt.store().errors(10).await.unwrap();
+    let failed = logged
+        .iter()
+        .find(|e| e.event.is_some())
+        .expect("the failed change is kept with its error");
+    let event_id = failed.event_id.clone().unwrap();
+    assert_eq!(failed.class, dualwrite_core::ports::ErrorClass::Permanent);
+
+    let fno_events = s.fno_events("CustomersV3");
+    let replay = dualwrite_engine::replay::failed_events(
+        s.rt.store().as_ref(),
+        std::slice::from_ref(&event_id),
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replay.events.len(), 1);
+    s.rt.queue()
+        .send(
+            replay
+                .events
+                .into_iter()
+                .map(QueueMessage::for_event)
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let c = wait_until("customer E2E-0021 in F&O after the retry", || {
+        s.customer("E2E-0021")
+    })
+    .await;
+    s.wait_idle().await;
+    assert_eq!(c["OrganizationName"], "Adatum Outlet");
+    assert_eq!(s.fno_events("CustomersV3") - fno_events, 1, "written once");
+    s.rt.shutdown().await;
+}

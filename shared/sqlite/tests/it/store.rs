@@ -312,6 +312,7 @@ fn error_at(secs: i64, message: &str) -> ErrorRecord {
         event_id: None,
         class: ErrorClass::Retryable,
         message: message.to_owned(),
+        event: None,
     }
 }
 
@@ -378,6 +379,17 @@ async fn conflict_and_error_logs_list_newest_first() {
         .collect();
     assert_eq!(messages, ["second", "third"]);
     assert_eq!(store.errors(10).await.unwrap()[2], error_at(5, "first"));
+
+    // The failed change is kept with its error, so that it can be sent again.
+    let with_event = ErrorRecord {
+        event: Some(event("ev-9", "accounts", "a9", 3)),
+        ..error_at(9, "refused")
+    };
+    store
+        .commit(vec![StoreOp::RecordError(with_event.clone())])
+        .await
+        .unwrap();
+    assert_eq!(store.errors(1).await.unwrap(), [with_event]);
 }
 
 #[tokio::test]
