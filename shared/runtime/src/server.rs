@@ -25,8 +25,9 @@ pub(crate) struct AppState {
 
 /// The routes: `POST /webhooks/dataverse`, `POST /webhooks/fno`, `GET /healthz`, `GET /status`.
 pub(crate) fn router(state: AppState) -> Router {
-    // The webhook handlers read at most the receivers' limit (+1 byte) themselves, so every
-    // body too large gets the receivers' 413, counted; axum's own limit is not used.
+    // The webhook handlers read bodies themselves (`read_body`: at most the receivers' limit
+    // kept, the rest drained), so every body too large gets the receivers' 413, counted;
+    // axum's own limit is not used.
     Router::new()
         .route("/webhooks/dataverse", post(dataverse))
         .route("/webhooks/fno", post(fno))
