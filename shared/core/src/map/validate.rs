@@ -1145,6 +1145,7 @@ fn parse_step(step: &RawStep) -> Result<TransformStep, String> {
 
 /// Unique names, known `depends_on` without cycles, known lookups listed in `depends_on`.
 fn cross_map_checks(raws: &[RawMap], diags: &mut Vec<Diagnostic>) {
+    physical_names_agree(raws, diags);
     let mut by_name: BTreeMap<&str, &RawMap> = BTreeMap::new();
     for raw in raws {
         let Some(name) = &raw.name else { continue };
@@ -1244,6 +1245,37 @@ fn cross_map_checks(raws: &[RawMap], diags: &mut Vec<Diagnostic>) {
                 )));
             }
         });
+    }
+}
+
+/// Maps of one F&O entity may not give it different physical names: the receivers would know
+/// its data events by only one of them.
+fn physical_names_agree(raws: &[RawMap], diags: &mut Vec<Diagnostic>) {
+    let mut first: BTreeMap<&str, (&str, &RawMap, usize)> = BTreeMap::new();
+    for raw in raws {
+        let Some(erp) = &raw.erp else { continue };
+        let (Some(entity), Some(physical)) = (&erp.value.entity, &erp.value.physical_name) else {
+            continue;
+        };
+        let (entity, name) = (entity.value.text.as_str(), physical.value.text.as_str());
+        match first.get(entity) {
+            Some((earlier, file, line)) if !earlier.eq_ignore_ascii_case(name) => {
+                diags.push(Diagnostic::new(
+                    &raw.file,
+                    physical.line,
+                    raw.name_text().map(str::to_string),
+                    None,
+                    format!(
+                        "`physical_name: {name}` differs from `{earlier}` given for {entity} in {}:{line}; one entity has one physical name, give the same in both maps",
+                        file.file
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                first.insert(entity, (name, raw, physical.line));
+            }
+        }
     }
 }
 
@@ -1377,6 +1409,34 @@ fields:
                 "AOT name",
                 "CustCustomerV3Entity",
             ],
+        );
+
+        // Two maps of one entity must agree on its physical name.
+        let other = |physical: &str| {
+            format!(
+                "name: other\nerp:\n  entity: CustomersV3\n  key: [CustomerAccount]\n  company_specific: false\n  physical_name: {physical}\ncrm: {{ entity_set: contacts, logical_name: contact, key: [accountnumber] }}\nfields:\n  - {{ erp: CustomerAccount, crm: accountnumber, dir: \"=\" }}\n"
+            )
+        };
+        let load = |second: &str| {
+            load_maps(&files(&[
+                ("m.yaml", named.as_str()),
+                ("n.yaml", second),
+                ("z-currencies.yaml", CURRENCIES),
+            ]))
+        };
+        assert!(
+            load(&other("custcustomerv3entity")).is_ok(),
+            "case aside, the same"
+        );
+        let diags = load(&other("CustCustomerV2Entity")).unwrap_err();
+        assert_eq!(diags.len(), 1, "{diags:#?}");
+        assert_eq!((diags[0].file.as_str(), diags[0].line), ("n.yaml", 6));
+        assert!(
+            diags[0]
+                .to_string()
+                .contains("differs from `CustCustomerV3Entity`"),
+            "{}",
+            diags[0]
         );
     }
 
