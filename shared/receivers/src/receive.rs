@@ -10,7 +10,7 @@ use dualwrite_core::ports::{QueueMessage, WorkQueue};
 use tracing::{debug, error, info, warn};
 
 use crate::auth::authorize;
-use crate::config::ReceiverConfig;
+use crate::config::{ReceiverConfig, SourceAuth};
 use crate::dataverse::parse_dataverse;
 use crate::fno::parse_fno;
 use crate::request::{SourceKind, WebhookRequest, WebhookResponse};
@@ -147,20 +147,20 @@ pub fn receive_oversized(
 /// True when the call's credentials (query or headers; the body is not looked at) are right.
 /// Nothing is counted: the answer to the call does that.
 pub fn credentials_ok(req: &WebhookRequest, cfg: &ReceiverConfig) -> bool {
-    let auth = match req.source {
+    authorize(req, auth_of(req, cfg)).is_ok()
+}
+
+/// What the endpoint `req` was posted to expects.
+fn auth_of<'a>(req: &WebhookRequest, cfg: &'a ReceiverConfig) -> &'a SourceAuth {
+    match req.source {
         SourceKind::Dataverse => &cfg.dataverse_auth,
         SourceKind::Fno => &cfg.fno_auth,
-    };
-    authorize(req, auth).is_ok()
+    }
 }
 
 /// The 401 answer when the call's credentials are missing or wrong (counted and logged).
 fn refuse_unauthorized(req: &WebhookRequest, cfg: &ReceiverConfig) -> Option<WebhookResponse> {
-    let auth = match req.source {
-        SourceKind::Dataverse => &cfg.dataverse_auth,
-        SourceKind::Fno => &cfg.fno_auth,
-    };
-    let e = authorize(req, auth).err()?;
+    let e = authorize(req, auth_of(req, cfg)).err()?;
     ReceiverStats::bump(&cfg.stats.unauthorized);
     warn!(source = req.source.as_str(), reason = %e, "webhook refused: bad credentials");
     Some(WebhookResponse::error(401, e.to_string()))
@@ -220,19 +220,18 @@ pub async fn receive_screened(
         Ok(Parsed::Ignored { entity }) => {
             ReceiverStats::bump(&stats.ignored);
             if stats.first_ignored(source, &entity) {
-                if entity.starts_with("mserp_") {
-                    warn!(
-                        source,
-                        entity = %entity,
-                        "event ignored: no enabled map covers this F&O virtual table; virtual tables are named after the entity's physical name (mserp_custcustomerv3entity for CustomersV3): give it as `erp.physical_name` in the map, or unregister the data event (warned once per entity, counted in /status)"
-                    );
+                // F&O virtual tables are named after the entity's physical name, which a map
+                // may not give yet: say so, as that is the likely cause.
+                let hint = if entity.starts_with("mserp_") {
+                    "; for an F&O virtual table, the name is the entity's physical name (mserp_custcustomerv3entity for CustomersV3): give it as `erp.physical_name` in the map"
                 } else {
-                    warn!(
-                        source,
-                        entity = %entity,
-                        "event ignored: no enabled map covers it; unregister the webhook step or business event for it, or enable a map (warned once per entity, counted in /status)"
-                    );
-                }
+                    ""
+                };
+                warn!(
+                    source,
+                    entity = %entity,
+                    "event ignored: no enabled map covers it; unregister the webhook step or business event for it, or enable a map{hint} (warned once per entity, counted in /status)"
+                );
             } else {
                 debug!(source, entity = %entity, "event ignored: no enabled map covers it");
             }
