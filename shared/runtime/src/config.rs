@@ -488,42 +488,7 @@ impl Config {
         base: &Path,
         env: &dyn EnvLookup,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = marked_yaml::from_yaml(0, text).map_err(|e| {
-            use marked_yaml::LoadError as L;
-            let (line, message) = match &e {
-                marked_yaml::FromYamlError::FromNode(e) => {
-                    (e.start_mark().map(|m| m.line()), e.to_string())
-                }
-                // The loader's messages start with the marker (`line:column: `); the line is
-                // shown in front as for every other problem, the rest kept.
-                marked_yaml::FromYamlError::ParseYaml(load) => {
-                    let marker = match load {
-                        L::TopLevelMustBeMapping(m)
-                        | L::TopLevelMustBeSequence(m)
-                        | L::UnexpectedAnchor(m)
-                        | L::MappingKeyMustBeScalar(m)
-                        | L::UnexpectedTag(m)
-                        | L::ScanError(m, _) => Some(*m),
-                        L::DuplicateKey(inner) => inner.key.span().start().copied(),
-                    };
-                    let text = load.to_string();
-                    let text = match marker {
-                        Some(m) => text
-                            .strip_prefix(&format!("{m}: "))
-                            .map_or(text.clone(), |rest| {
-                                format!("column {}: {rest}", m.column())
-                            }),
-                        None => text,
-                    };
-                    (marker.map(|m| m.line()), text)
-                }
-            };
-            ConfigError::Syntax {
-                file: file.to_string(),
-                line,
-                message,
-            }
-        })?;
+        let raw: RawConfig = marked_yaml::from_yaml(0, text).map_err(|e| syntax_error(file, &e))?;
         raw.validate(base, env).map_err(|mut problems| {
             if let Ok(root) = marked_yaml::parse_yaml(0, text) {
                 for problem in &mut problems {
@@ -535,6 +500,44 @@ impl Config {
                 problems,
             }
         })
+    }
+}
+
+/// A YAML or format error, with the line the parser stopped at.
+fn syntax_error(file: &str, e: &marked_yaml::FromYamlError) -> ConfigError {
+    use marked_yaml::LoadError as L;
+    let (line, message) = match e {
+        marked_yaml::FromYamlError::FromNode(e) => {
+            (e.start_mark().map(|m| m.line()), e.to_string())
+        }
+        // The loader's messages start with the marker (`line:column: `); the line is shown in
+        // front as for every other problem, the rest kept.
+        marked_yaml::FromYamlError::ParseYaml(load) => {
+            let marker = match load {
+                L::TopLevelMustBeMapping(m)
+                | L::TopLevelMustBeSequence(m)
+                | L::UnexpectedAnchor(m)
+                | L::MappingKeyMustBeScalar(m)
+                | L::UnexpectedTag(m)
+                | L::ScanError(m, _) => Some(*m),
+                L::DuplicateKey(inner) => inner.key.span().start().copied(),
+            };
+            let text = load.to_string();
+            let text = match marker {
+                Some(m) => text
+                    .strip_prefix(&format!("{m}: "))
+                    .map_or(text.clone(), |rest| {
+                        format!("column {}: {rest}", m.column())
+                    }),
+                None => text,
+            };
+            (marker.map(|m| m.line()), text)
+        }
+    };
+    ConfigError::Syntax {
+        file: file.to_string(),
+        line,
+        message,
     }
 }
 
