@@ -388,25 +388,9 @@ impl DataverseConnector {
         }
         // Dataverse answers 204 No Content: no ids, no ETags (Microsoft's reference: "The
         // UpsertMultiple action returns 204 NoContent. The UpsertMultipleResponse complex type
-        // is not returned"). A service that does list them (`Ids`, or per-target `Results`)
-        // is read as such; otherwise the rows are read back, in one `$batch` of GETs, so every
-        // item's outcome carries the id (rows created by key get theirs there), ETag and
-        // version, as the `$batch` path's do.
-        let listed = listed_ids(&answer.body);
-        if listed.len() == items.len() && listed.iter().all(|(id, _)| id.is_some()) {
-            return Ok(Some(
-                listed
-                    .into_iter()
-                    .map(|(id, created)| {
-                        Ok(WriteOutcome {
-                            id,
-                            created,
-                            ..WriteOutcome::default()
-                        })
-                    })
-                    .collect(),
-            ));
-        }
+        // is not returned"). The rows are read back, in one `$batch` of GETs, so every item's
+        // outcome carries the id (rows created by key get theirs there), ETag and version, as
+        // the `$batch` path's do.
         let reads = items
             .iter()
             .map(|(at, _)| ConnectorCall::Read {
@@ -477,31 +461,6 @@ impl DataverseConnector {
         // then answers 400 with the failing part inside; that part's status is the failure.
         let parts = read_batch_answer(&self.client, entity, &answer)?;
         batch_outcomes(Side::Crm, entity, items.len(), &parts)
-    }
-}
-
-/// The ids a bulk answer lists, in order (`Ids`, or `Id` and `RecordCreated` of each of
-/// `Results`), with whether the item was created; empty for an answer without a body
-/// (Dataverse's 204).
-fn listed_ids(body: &str) -> Vec<(Option<String>, bool)> {
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(body) else {
-        return Vec::new();
-    };
-    if let Some(ids) = json.get("Ids").and_then(|v| v.as_array()) {
-        ids.iter()
-            .map(|v| (v.as_str().map(str::to_string), false))
-            .collect()
-    } else if let Some(results) = json.get("Results").and_then(|v| v.as_array()) {
-        results
-            .iter()
-            .map(|r| {
-                let id = r.get("Id").and_then(|v| v.as_str()).map(str::to_string);
-                let created = r.get("RecordCreated").and_then(|v| v.as_bool());
-                (id, created.unwrap_or(false))
-            })
-            .collect()
-    } else {
-        Vec::new()
     }
 }
 

@@ -297,7 +297,17 @@ async fn delete_of_a_missing_record_is_ok_and_errors_keep_the_status() {
 #[tokio::test]
 async fn upsert_batch_uses_upsert_multiple() {
     let (server, c) = connector().await;
-    server.push(Canned::json(200, r#"{"Ids":["g1","g2"]}"#));
+    server.push(Canned {
+        status: 204,
+        headers: vec![],
+        body: String::new(),
+    });
+    let row = |id: &str| {
+        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+            + &ROW.replace("\"accountid\":\"0a1b\"", &format!("\"accountid\":\"{id}\""))
+    };
+    server.push(batch_answer(200, &[&row("g1"), &row("g2")]));
+    server.push(Canned::json(200, COMPANIES));
     let items = vec![
         (
             RecordRef::Key(RecordKey::new([("accountnumber", "A1")])),
