@@ -303,7 +303,7 @@ async fn upsert_batch_uses_upsert_multiple() {
         body: String::new(),
     });
     let row = |id: &str| {
-        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n".to_string()
             + &ROW.replace("\"accountid\":\"0a1b\"", &format!("\"accountid\":\"{id}\""))
     };
     server.push(batch_answer(200, &[&row("g1"), &row("g2")]));
