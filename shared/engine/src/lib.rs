@@ -7,6 +7,8 @@
 pub mod clock;
 mod engine;
 pub mod memory;
+#[cfg(feature = "queue-contract")]
+pub mod queue_contract;
 pub mod replay;
 mod stats;
 mod worker;

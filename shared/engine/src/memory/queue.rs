@@ -57,6 +57,10 @@ impl std::fmt::Debug for MemoryQueue {
     }
 }
 
+/// The dead letter's error when its last delivery timed out (after the error of the retry
+/// before it, if any).
+const TIMED_OUT: &str = "visibility timeout expired without ack";
+
 fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
@@ -123,9 +127,10 @@ impl WorkQueue for MemoryQueue {
             if entry.attempt >= self.max_attempts {
                 // Redelivery after a lost worker would exceed the attempts: dead-letter it.
                 let entry = inner.entries.remove(index);
-                let last_error = entry
-                    .last_error
-                    .unwrap_or_else(|| "visibility timeout expired".to_string());
+                let last_error = match entry.last_error {
+                    Some(error) => format!("{error}; {TIMED_OUT}"),
+                    None => TIMED_OUT.to_owned(),
+                };
                 // The group moves on: its next message may be delivered in this same call.
                 seen_groups.remove(&entry.message.group_id);
                 inner.dead.push(DeadLetter {
@@ -210,6 +215,8 @@ impl WorkQueue for MemoryQueue {
             match &e.state {
                 State::Ready { at } if *at <= now => depth.ready += 1,
                 State::Ready { .. } => depth.delayed += 1,
+                // A delivery whose visibility timeout passed is the next receive's again.
+                State::InFlight { until, .. } if *until <= now => depth.ready += 1,
                 State::InFlight { .. } => depth.in_flight += 1,
             }
         }
@@ -230,122 +237,5 @@ impl WorkQueue for MemoryQueue {
             last_error: None,
         }));
         Ok(n as u64)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::ManualClock;
-    use dualwrite_core::{ChangeEvent, Operation, Record, Side};
-
-    fn msg(id: &str, record: &str) -> QueueMessage {
-        let mut r = Record::new("accounts");
-        r.id = Some(record.into());
-        QueueMessage::for_event(ChangeEvent {
-            event_id: id.into(),
-            source: Side::Crm,
-            operation: Operation::Upsert,
-            record: r,
-            partial: false,
-            received_at: DateTime::UNIX_EPOCH,
-            correlation_id: None,
-            depth: None,
-        })
-    }
-
-    #[tokio::test]
-    async fn one_message_per_group_in_flight_and_retry_then_dead_letter() {
-        let clock = Arc::new(ManualClock::new(DateTime::UNIX_EPOCH));
-        let q = MemoryQueue::new(clock.clone(), 2);
-        q.send(vec![msg("a1", "A"), msg("a2", "A"), msg("b1", "B")])
-            .await
-            .unwrap();
-        let got = q.receive(10, Duration::from_secs(30)).await.unwrap();
-        let ids: Vec<_> = got
-            .iter()
-            .map(|d| d.message.event.event_id.as_str())
-            .collect();
-        assert_eq!(ids, ["a1", "b1"]);
-        assert_eq!(
-            q.retry(&got[0].receipt, Duration::from_secs(5), "boom")
-                .await
-                .unwrap(),
-            RetryOutcome::Requeued
-        );
-        q.ack(&got[1].receipt).await.unwrap();
-        // a1 is delayed: group A is blocked, nothing is deliverable.
-        assert!(
-            q.receive(10, Duration::from_secs(30))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert_eq!(q.depth().await.unwrap().delayed, 1);
-        clock.advance(Duration::from_secs(5));
-        let again = q.receive(10, Duration::from_secs(30)).await.unwrap();
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].attempt, 2);
-        assert_eq!(
-            q.retry(&again[0].receipt, Duration::ZERO, "boom")
-                .await
-                .unwrap(),
-            RetryOutcome::DeadLettered
-        );
-        let next = q.receive(10, Duration::from_secs(30)).await.unwrap();
-        assert_eq!(next[0].message.event.event_id, "a2");
-        assert_eq!(q.dead_letters(10).await.unwrap()[0].last_error, "boom");
-    }
-
-    #[tokio::test]
-    async fn an_unacked_message_is_redelivered_after_its_visibility_timeout() {
-        let clock = Arc::new(ManualClock::new(DateTime::UNIX_EPOCH));
-        let q = MemoryQueue::new(clock.clone(), 5);
-        q.send(vec![msg("a1", "A")]).await.unwrap();
-        assert_eq!(
-            q.receive(10, Duration::from_secs(30)).await.unwrap().len(),
-            1
-        );
-        assert!(
-            q.receive(10, Duration::from_secs(30))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        clock.advance(Duration::from_secs(31));
-        let again = q.receive(10, Duration::from_secs(30)).await.unwrap();
-        assert_eq!(again[0].attempt, 2);
-    }
-
-    #[tokio::test]
-    async fn redrive_sends_dead_letters_back_oldest_first_behind_their_groups() {
-        let clock = Arc::new(ManualClock::new(DateTime::UNIX_EPOCH));
-        let q = MemoryQueue::new(clock.clone(), 1);
-        q.send(vec![msg("a1", "A"), msg("b1", "B")]).await.unwrap();
-        let got = q.receive(10, Duration::from_secs(30)).await.unwrap();
-        for d in &got {
-            let outcome = q.retry(&d.receipt, Duration::ZERO, "boom").await.unwrap();
-            assert_eq!(outcome, RetryOutcome::DeadLettered);
-        }
-        q.send(vec![msg("a2", "A")]).await.unwrap();
-        assert_eq!(q.redrive(1).await.unwrap(), 1, "a1, the oldest death");
-        let dead = q.dead_letters(10).await.unwrap();
-        assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].message.event.event_id, "b1");
-        let depth = q.depth().await.unwrap();
-        assert_eq!((depth.ready, depth.dead), (2, 1));
-        assert_eq!(q.redrive(10).await.unwrap(), 1);
-        assert_eq!(q.redrive(10).await.unwrap(), 0);
-        let got = q.receive(10, Duration::from_secs(30)).await.unwrap();
-        let ids: Vec<_> = got
-            .iter()
-            .map(|d| d.message.event.event_id.as_str())
-            .collect();
-        assert_eq!(ids, ["a2", "b1"], "a1 waits behind a2");
-        assert!(got.iter().all(|d| d.attempt == 1));
-        q.ack(&got[0].receipt).await.unwrap();
-        let got = q.receive(10, Duration::from_secs(30)).await.unwrap();
-        assert_eq!(got[0].message, msg("a1", "A"));
-        assert_eq!(got[0].attempt, 1);
     }
 }

@@ -6,6 +6,7 @@
 mod convergence;
 mod harness;
 mod properties;
+mod queue_contract;
 mod races;
 mod scenarios;
 mod settled;

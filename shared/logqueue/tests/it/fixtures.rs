@@ -6,7 +6,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use dualwrite_core::ports::{Delivery, QueueMessage};
 use dualwrite_core::{ChangeEvent, Operation, Record, Side, SourceVersion, Value};
-use dualwrite_logqueue::{LogQueue, ManualClock, QueueConfig};
+use dualwrite_logqueue::{ManualClock, QueueConfig};
 
 /// A fixed instant tests start from.
 pub fn t0() -> DateTime<Utc> {
@@ -71,13 +71,6 @@ pub fn config(clock: &Arc<ManualClock>, max_attempts: u32) -> QueueConfig {
         clock: clock.clone(),
         ..QueueConfig::default()
     }
-}
-
-/// A queue in a fresh directory of `dir`, with a manual clock at [`t0`].
-pub fn queue_in(dir: &Path, max_attempts: u32) -> (LogQueue, Arc<ManualClock>) {
-    let clock = Arc::new(ManualClock::new(t0()));
-    let queue = LogQueue::open(dir.join("work.queue"), config(&clock, max_attempts)).unwrap();
-    (queue, clock)
 }
 
 /// The segment files of a queue directory, by name, sorted.

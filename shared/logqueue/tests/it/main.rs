@@ -9,5 +9,6 @@ mod crash;
 mod fixtures;
 mod lock;
 mod queue;
+mod queue_contract;
 mod recovery;
 mod redrive;

@@ -5,4 +5,5 @@ mod crash;
 mod fixtures;
 mod group_commit;
 mod queue;
+mod queue_contract;
 mod store;
