@@ -82,7 +82,7 @@ async fn dead_ids(queue: &SqliteQueue) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn redrive_sends_dead_letters_back_oldest_first_behind_their_groups() {
+async fn a_redrive_is_durable_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.db");
     let clock = Arc::new(ManualClock::new(t0()));
@@ -95,51 +95,27 @@ async fn redrive_sends_dead_letters_back_oldest_first_behind_their_groups() {
         .send(vec![message("a1", "A"), message("b1", "B")])
         .await
         .unwrap();
-    let d = queue.receive(10, VISIBILITY).await.unwrap();
-    assert_eq!(ids(&d), ["a1", "b1"]);
-    // b1 dies first, then a1.
-    for delivery in [&d[1], &d[0]] {
+    for delivery in queue.receive(10, VISIBILITY).await.unwrap() {
         let outcome = queue
             .retry(&delivery.receipt, Duration::ZERO, "F&O unavailable")
             .await
             .unwrap();
         assert_eq!(outcome, RetryOutcome::DeadLettered);
-        clock.advance(Duration::from_secs(1));
     }
     queue.send(vec![message("a2", "A")]).await.unwrap();
-    assert_eq!(dead_ids(&queue).await, ["b1", "a1"]);
-
-    assert_eq!(queue.redrive(0).await.unwrap(), 0);
-    assert_eq!(queue.redrive(1).await.unwrap(), 1, "the oldest death: b1");
-    assert_eq!(dead_ids(&queue).await, ["a1"]);
-    assert_eq!(queue.redrive(10).await.unwrap(), 1);
-    assert_eq!(queue.redrive(10).await.unwrap(), 0);
-    assert_eq!(
-        queue.depth().await.unwrap(),
-        QueueDepth {
-            ready: 3,
-            in_flight: 0,
-            delayed: 0,
-            dead: 0
-        }
-    );
+    assert_eq!(queue.redrive(10).await.unwrap(), 2);
     drop(queue);
 
-    // Durable, and delivered again in group order as first attempts, as they were sent.
+    // Reopened: nothing dead, the redriven messages queued behind their groups, first attempts.
     let queue = SqliteQueue::open(&path, config()).unwrap();
     assert!(dead_ids(&queue).await.is_empty());
     let d = queue.receive(10, VISIBILITY).await.unwrap();
-    assert_eq!(
-        ids(&d),
-        ["a2", "b1"],
-        "a1 waits behind a2, queued before it"
-    );
+    assert_eq!(ids(&d), ["a2", "b1"], "a1 waits behind a2");
     assert!(d.iter().all(|d| d.attempt == 1));
-    assert_eq!(d[1].message, message("b1", "B"));
     queue.ack(&d[0].receipt).await.unwrap();
     let d = queue.receive(10, VISIBILITY).await.unwrap();
     assert_eq!(ids(&d), ["a1"]);
-    assert_eq!(d[0].attempt, 1);
+    assert_eq!(d[0].message, message("a1", "A"));
 }
 
 #[tokio::test]
