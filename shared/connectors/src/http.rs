@@ -73,18 +73,25 @@ pub fn error_kind(status: u16, retry_after: Option<Duration>) -> ConnectorErrorK
     }
 }
 
-/// Parses a `Retry-After` value given in seconds (`"5"`, or `"2.5"` as some gateways send).
-/// The HTTP-date form is not used by Dataverse or F&O and yields `None`.
+/// The longest wait one `Retry-After` is taken to ask for. Dataverse's and F&O's service
+/// protection windows are 5 minutes, so no real answer is cut; a larger value (a broken proxy,
+/// `1e20`) waits this long instead of for ever.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// Parses a `Retry-After` value given in seconds (`"5"`, or `"2.5"` as some gateways send),
+/// at most [`MAX_RETRY_AFTER`]. The HTTP-date form is not used by Dataverse or F&O and yields
+/// `None`, as does a negative or non-numeric value.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    value
-        .parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let secs = value.parse::<f64>().ok().filter(|s| *s >= 0.0)?;
+            // Infinite or too large for a Duration: as long as any wait may be.
+            Duration::try_from_secs_f64(secs).unwrap_or(MAX_RETRY_AFTER)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// The server's message from an OData error body `{"error":{"code":"…","message":"…"}}`
@@ -103,10 +110,10 @@ pub fn server_message(body: &str) -> Option<String> {
                 .get("code")
                 .and_then(|c| c.as_str())
                 .filter(|c| !c.is_empty());
-            let message = obj.get("message").and_then(|m| m.as_str());
+            let message = with_inner_messages(obj);
             return match (code, message) {
                 (Some(c), Some(m)) => Some(format!("{c}: {m}")),
-                (None, Some(m)) => Some(m.to_string()),
+                (None, Some(m)) => Some(m),
                 (Some(c), None) => Some(c.to_string()),
                 (None, None) => Some(obj.to_string()),
             };
@@ -120,6 +127,37 @@ pub fn server_message(body: &str) -> Option<String> {
         }
     }
     Some(trimmed.chars().take(500).collect())
+}
+
+/// An OData error's `message`, followed by what its `innererror` (and the `internalexception`s
+/// inside it) say that the message does not: F&O often answers "An error has occurred." and
+/// puts the Infolog ("Write failed for table row … The record already exists.") in the inner
+/// error, which is what a person reading the error log needs.
+fn with_inner_messages(error: &serde_json::Value) -> Option<String> {
+    let mut out: Option<String> = error
+        .get("message")
+        .and_then(|m| m.as_str())
+        .map(str::to_owned);
+    let mut inner = error.get("innererror");
+    for _ in 0..8 {
+        let Some(level) = inner.filter(|i| i.is_object()) else {
+            break;
+        };
+        if let Some(m) = level.get("message").and_then(|m| m.as_str())
+            && !m.trim().is_empty()
+        {
+            match &mut out {
+                Some(text) if text.contains(m) => {}
+                Some(text) => {
+                    text.push_str(" | ");
+                    text.push_str(m);
+                }
+                None => out = Some(m.to_owned()),
+            }
+        }
+        inner = level.get("internalexception");
+    }
+    out
 }
 
 /// A transport failure (no answer, timeout, dropped connection) as a transient error.
@@ -542,6 +580,12 @@ mod tests {
         assert_eq!(parse_retry_after("2.5"), Some(Duration::from_millis(2500)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert_eq!(parse_retry_after("-3"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
+        // Absurd values wait the longest a Retry-After may ask, never panic or for ever.
+        for absurd in ["1e20", "18446744073709551616", "inf", "4000000000", "900.5"] {
+            assert_eq!(parse_retry_after(absurd), Some(MAX_RETRY_AFTER), "{absurd}");
+        }
+        assert_eq!(parse_retry_after("300"), Some(Duration::from_secs(300)));
     }
 
     #[test]
@@ -593,10 +637,19 @@ mod tests {
             server_message(oauth).as_deref(),
             Some("invalid_scope: AADSTS70011: bad scope")
         );
-        let fno = r#"{"error":{"code":"","message":"The record already exists.","innererror":{"message":"x"}}}"#;
+        // The inner error's message (and its internal exceptions') after the message, each
+        // once: F&O's generic "An error has occurred." is not the whole story.
+        let fno = r#"{"error":{"code":"","message":"The record already exists.","innererror":{"message":"The record already exists.","type":"AxODataWriteException","stacktrace":""}}}"#;
         assert_eq!(
             server_message(fno).as_deref(),
             Some("The record already exists.")
+        );
+        let fno = r#"{"error":{"code":"","message":"An error has occurred.","innererror":{"message":"Write failed for table row of type 'CustCustomerV3Entity'. Infolog: Error: The record already exists..","type":"Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataWriteException","stacktrace":"at ...","internalexception":{"message":"Customer group 'ZZ' does not exist.","type":"X","stacktrace":""}}}}"#;
+        assert_eq!(
+            server_message(fno).as_deref(),
+            Some(
+                "An error has occurred. | Write failed for table row of type 'CustCustomerV3Entity'. Infolog: Error: The record already exists.. | Customer group 'ZZ' does not exist."
+            )
         );
         assert_eq!(server_message("  "), None);
         assert_eq!(

@@ -537,8 +537,10 @@ impl Connector for FnoConnector {
     }
 }
 
-/// True for F&O's answer to a create of a record whose key exists already: 400 with an
-/// Infolog saying "The record already exists".
+/// True for F&O's answer to a create of a record whose key exists already: an Infolog saying
+/// "The record already exists", in the message or its inner error, with 400 — or with 500, as
+/// F&O answers some failed writes inside a changeset (retrying the create would only fail
+/// again: re-reading is what helps).
 fn is_duplicate_key(error: &ConnectorError) -> bool {
-    error.status == Some(400) && error.message.contains("already exists")
+    matches!(error.status, Some(400 | 500)) && error.message.contains("already exists")
 }

@@ -156,6 +156,39 @@ async fn upsert_of_a_new_record_posts_it() {
 }
 
 #[tokio::test]
+async fn a_create_refused_as_existing_is_re_read_whatever_status_and_error_shape_f_and_o_uses() {
+    // F&O's Infolog sits in the inner error under a generic message, and a failed write in a
+    // changeset may come back as 500: still "someone created it first" (re-read and decide
+    // again, as on a 412), never a 500 to retry nor a permanent 400; the message keeps both.
+    for status in [400, 500] {
+        let (server, c) = connector().await;
+        server.push(Canned::json(
+            status,
+            r#"{"error":{"code":"","message":"An error has occurred.","innererror":{"message":"Write failed for table row of type 'CustCustomerV3Entity'. Infolog: Error: Cannot create a record in Customers (CustTable). Customer account: US-001. The record already exists.","type":"Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataWriteException","stacktrace":""}}}"#,
+        ));
+        let key = RecordKey::new([("dataAreaId", "usmf"), ("CustomerAccount", "US-001")]);
+        let err = c
+            .upsert(
+                "CustomersV3",
+                &RecordRef::Key(key),
+                &Record::new("CustomersV3"),
+                WriteCondition::MustNotExist,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(server.seen()[0].method, "POST");
+        assert_eq!(err.kind, ConnectorErrorKind::PreconditionFailed, "{status}");
+        assert!(
+            err.message
+                .starts_with("An error has occurred. | Write failed")
+                && err.message.contains("The record already exists."),
+            "{}",
+            err.message
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_null_text_field_is_written_as_empty_text_and_other_nulls_as_null() {
     // F&O has no null text: a cleared Dataverse column is sent as "" (its string properties
     // do not take null); a null number or enum stays null.
