@@ -783,6 +783,46 @@ async fn sales_order(
     progress(&format!(
         "  order SO-DEMO-1 is in F&O for customer {account}, lines with products P-1000 and P-2000 resolved"
     ));
+
+    // A line added in F&O: Dataverse addresses it by its alternate key, whose order lookup is
+    // given by the order's row id (`_salesorderid_value=<guid>`).
+    wait_idle(stage, "before the F&O line").await?;
+    progress("adding line 3 (P-1000 x 2) to SO-DEMO-1 in F&O (as a user) ...");
+    stage
+        .fno
+        .user_create(
+            "CDSSalesOrderLines",
+            json!({
+                "dataAreaId": "usmf",
+                "SalesOrderNumber": "SO-DEMO-1",
+                "LineCreationSequenceNumber": 3,
+                "ProductNumber": "P-1000",
+                "ProductName": "P-1000",
+                "OrderedSalesQuantity": 2,
+                "SalesUnitSymbol": "ea",
+                "SalesPrice": 129.99,
+                "TotalDiscountAmount": 0,
+                "LineAmount": 259.98,
+                "TotalTaxAmount": 0,
+                "CurrencyCode": "USD",
+                "SalesOrderLineStatus": "Backorder",
+            }),
+        )
+        .map_err(sim_err)?;
+    let dv = stage.dv.clone();
+    wait_for(
+        "F&O line to Dataverse",
+        vec![("line 3 P-1000".to_string(), Instant::now())],
+        |_| {
+            dv.rows("salesorderdetails").iter().any(|r| {
+                r.get("sequencenumber").and_then(Json::as_i64) == Some(3)
+                    && field_eq(r, "_salesorderid_value", &so_id)
+            })
+        },
+        &mut stage.latencies,
+    )
+    .await?;
+    progress("  line 3 is in Dataverse on order SO-DEMO-1");
     Ok(())
 }
 

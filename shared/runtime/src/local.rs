@@ -401,11 +401,22 @@ pub fn crm_tables(maps: &[TableMap]) -> Vec<TableDef> {
         }
         let mut key = m.crm.key.clone();
         key.extend(m.crm.company_field.iter().cloned());
+        let key_lookups =
+            key.iter()
+                .filter(|column| {
+                    Some(*column) == m.crm.company_field.as_ref()
+                        || m.fields.iter().filter_map(|f| f.crm.as_ref()).any(|f| {
+                            &f.name == *column && f.ty == dualwrite_core::ValueType::Lookup
+                        })
+                })
+                .cloned()
+                .collect();
         out.push(TableDef {
             entity_set: m.crm.entity_set.clone(),
             logical_name: m.crm.logical_name.clone(),
             primary_id: m.crm.primary_id.clone(),
             alternate_keys: vec![key],
+            key_lookups,
         });
     }
     out

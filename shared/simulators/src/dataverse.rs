@@ -43,6 +43,9 @@ pub struct TableDef {
     pub primary_id: String,
     /// Alternate keys, each a list of column logical names (a lookup column by its logical name).
     pub alternate_keys: Vec<Vec<String>>,
+    /// The lookup columns among the key columns: a key names them by row id, as
+    /// `_<column>_value=<guid>` (a quoted value or other text is refused, as the Web API does).
+    pub key_lookups: Vec<String>,
 }
 
 /// How a column is typed in webhook payloads (everything else is sent as its JSON value).
@@ -303,6 +306,14 @@ impl DvState {
                 let mut attrs = Row::new();
                 for a in key {
                     let p = given[a];
+                    if table.def.key_lookups.contains(a) && (p.quoted || !is_guid(&p.value)) {
+                        return Err(bad_request(&format!(
+                            "The value {}'{}' of key attribute '{a}' is not a row id: a lookup \
+                             in an alternate key is given as _{a}_value=<guid>.",
+                            if p.quoted { "" } else { "unquoted " },
+                            p.value
+                        )));
+                    }
                     let lookup = p.name.as_deref().is_some_and(|n| n.starts_with('_'))
                         || (!p.quoted && is_guid(&p.value));
                     let json = if p.quoted || lookup {
@@ -1873,6 +1884,7 @@ mod tests {
             logical_name: "account".into(),
             primary_id: "accountid".into(),
             alternate_keys: vec![vec!["accountnumber".into()]],
+            key_lookups: Vec::new(),
         });
         table
             .kinds

@@ -1,5 +1,6 @@
 //! The Dataverse connector: [`Connector`] over the Web API v9.2.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,12 +11,16 @@ use dualwrite_core::ports::{
     CallResult, Connector, ConnectorCall, ConnectorError, ConnectorErrorKind, Page, Query,
     RecordRef, WriteCondition, WriteOutcome,
 };
-use dualwrite_core::record::Record;
+use dualwrite_core::record::{Record, RecordKey};
+use dualwrite_core::value::ValueType;
 use reqwest::Method;
 use tracing::{info, warn};
 
 use super::DataverseConfig;
-use super::wire::{company_in_key, id_from_entity_url, record_body, record_from_row, render_key};
+use super::wire::{
+    company_in_key, id_from_entity_url, is_guid, lookup_value_column, record_body, record_from_row,
+    render_key,
+};
 use crate::batch::{
     BatchPart, BatchRequest, batch_outcomes, build_changeset_batch, collect_results, for_call,
     read_batch_answer, send_parts,
@@ -28,6 +33,17 @@ use crate::schema::EntitySchema;
 
 /// Most targets of one `UpsertMultiple` call or `$batch`.
 pub const MAX_BULK: usize = 1000;
+
+/// Most row ids of key lookups kept ([`DataverseConnector::key_lookup_id`]); the cache starts
+/// over when full (≈ 20 MB at most).
+const MAX_KEY_LOOKUP_IDS: usize = 100_000;
+
+/// True for the error of an address whose key names, through a lookup column, a row that does
+/// not exist (a line of an order that is not in Dataverse): no request was sent, and no row
+/// can have that key.
+fn parent_missing(error: &ConnectorError) -> bool {
+    error.kind == ConnectorErrorKind::NotFound && error.status.is_none()
+}
 
 /// Company codes ↔ `cdm_companies` row ids, read once and re-read on a miss.
 #[derive(Debug, Default)]
@@ -43,6 +59,10 @@ pub struct DataverseConnector {
     base: String,
     client: ODataClient,
     companies: Mutex<Option<Companies>>,
+    /// Row ids of the records that lookup columns of alternate keys point at, by the target's
+    /// address (`salesorders(msdyn_salesordernumber='SO-1',_msdyn_company_value=<guid>)`): a
+    /// row's id never changes, so each is read once ([`Self::key_lookup_id`]).
+    key_lookup_ids: Mutex<HashMap<String, String>>,
     /// Set once Dataverse says UpsertMultiple is unavailable for a table
     /// ([`upsert_multiple_unsupported`]): bulk upserts then go as `$batch` changesets.
     pub(super) upsert_multiple_refused: AtomicBool,
@@ -58,6 +78,7 @@ impl DataverseConnector {
             base,
             client,
             companies: Mutex::new(None),
+            key_lookup_ids: Mutex::new(HashMap::new()),
             upsert_multiple_refused: AtomicBool::new(false),
         })
     }
@@ -181,6 +202,12 @@ impl DataverseConnector {
     }
 
     /// `accounts(<guid>)` or `accounts(accountnumber='A1',_msdyn_company_value=<guid>)`.
+    ///
+    /// A lookup column in the key is addressed by the row id it holds, as the Web API wants
+    /// it (`_salesorderid_value=<guid>`): a key value that is not a GUID is the natural key of
+    /// the row the lookup points at (the sales order number of a sales order line's key),
+    /// whose id is read once ([`Self::key_lookup_id`]). When that row does not exist, no row
+    /// keyed by it can: the error is [`parent_missing`] (a read answers `None` for it).
     async fn address(&self, entity: &str, at: &RecordRef) -> Result<String, ConnectorError> {
         match at {
             RecordRef::Id(id) => Ok(format!("{entity}({})", encode_path(id))),
@@ -190,11 +217,144 @@ impl DataverseConnector {
                     Some(code) => Some(self.company_id(entity, code).await?),
                     None => None,
                 };
-                let rendered = render_key(schema, key, company.as_deref())
+                let key = self
+                    .with_lookup_ids(entity, schema, key, company.as_deref())
+                    .await?;
+                let rendered = render_key(schema, &key, company.as_deref())
                     .map_err(|e| self.client.error(entity, ConnectorErrorKind::BadRequest, e))?;
                 Ok(format!("{entity}({})", encode_path(&rendered)))
             }
         }
+    }
+
+    /// `key` with each lookup column other than the company as `_<column>_value` = row id.
+    async fn with_lookup_ids<'k>(
+        &self,
+        entity: &str,
+        schema: Option<&EntitySchema>,
+        key: &'k RecordKey,
+        company_guid: Option<&str>,
+    ) -> Result<Cow<'k, RecordKey>, ConnectorError> {
+        let Some(schema) = schema else {
+            return Ok(Cow::Borrowed(key));
+        };
+        let is_lookup = |field: &str| {
+            Some(field) != schema.company_field.as_deref()
+                && schema.type_of(field) == Some(ValueType::Lookup)
+        };
+        if !key.0.iter().any(|(field, _)| is_lookup(field)) {
+            return Ok(Cow::Borrowed(key));
+        }
+        let company_code = company_in_key(Some(schema), key);
+        let mut pairs = key.0.clone();
+        for (field, value) in &mut pairs {
+            if !is_lookup(field) {
+                continue;
+            }
+            let id = if is_guid(value) {
+                value.to_lowercase()
+            } else {
+                self.key_lookup_id(entity, schema, field, value, company_code, company_guid)
+                    .await?
+            };
+            *value = id;
+            *field = lookup_value_column(field);
+        }
+        Ok(Cow::Owned(RecordKey(pairs)))
+    }
+
+    /// The row id of the record lookup column `field` of `schema`'s key points at, given that
+    /// record's natural key `value` (and the company of the key, when the target is per
+    /// company): from the cache, else read by the target's alternate key.
+    async fn key_lookup_id(
+        &self,
+        entity: &str,
+        schema: &EntitySchema,
+        field: &str,
+        value: &str,
+        company_code: Option<&str>,
+        company_guid: Option<&str>,
+    ) -> Result<String, ConnectorError> {
+        let unfit = |message: String| {
+            self.client
+                .error(entity, ConnectorErrorKind::BadRequest, message)
+        };
+        let target = schema
+            .lookup_targets
+            .get(field)
+            .and_then(|set| self.schema(set))
+            .ok_or_else(|| {
+                unfit(format!(
+                    "key column {field} is a lookup to a table no enabled map names: its value \
+                     {value:?} cannot be turned into a row id"
+                ))
+            })?;
+        let (Some(target_key), Some(primary_id)) = (
+            (target.key.len() == 1).then(|| target.key[0].clone()),
+            target.primary_id.as_deref(),
+        ) else {
+            return Err(unfit(format!(
+                "key column {field} points at {}, whose key is not one column: {value:?} \
+                 cannot name one of its rows",
+                target.entity
+            )));
+        };
+        let mut target_pairs = vec![(target_key, value.to_owned())];
+        if let (Some(company_field), Some(code)) = (target.company_field.as_ref(), company_code) {
+            target_pairs.push((company_field.clone(), code.to_owned()));
+        }
+        let rendered =
+            render_key(Some(target), &RecordKey(target_pairs), company_guid).map_err(unfit)?;
+        let address = format!("{}({rendered})", target.entity);
+        let cached = self
+            .key_lookup_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&address)
+            .cloned();
+        if let Some(id) = cached {
+            return Ok(id);
+        }
+        let url = format!(
+            "{}/{}({})?$select={primary_id}",
+            self.base,
+            target.entity,
+            encode_path(&rendered)
+        );
+        let answer = self
+            .client
+            .send(&target.entity, ODataRequest::new(Method::GET, url))
+            .await?;
+        if answer.status == 404 {
+            return Err(self.client.error(
+                entity,
+                ConnectorErrorKind::NotFound,
+                format!("{address} does not exist, so no {entity} row keyed by it can"),
+            ));
+        }
+        if !answer.is_success() {
+            return Err(answer.to_error(Side::Crm, &target.entity));
+        }
+        let row =
+            parse_object(&answer.body).map_err(|e| self.client.bad_answer(&target.entity, e))?;
+        let id = row
+            .get(primary_id)
+            .and_then(|r| raw_str(r))
+            .filter(|id| is_guid(id))
+            .map(|id| id.to_lowercase())
+            .ok_or_else(|| {
+                self.client
+                    .bad_answer(&target.entity, format!("{primary_id} missing from the row"))
+            })?;
+        let mut cache = self
+            .key_lookup_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_KEY_LOOKUP_IDS {
+            cache.clear();
+        }
+        cache.insert(address, id.clone());
+        Ok(id)
     }
 
     fn company_bind(&self, record: &Record) -> Option<String> {
@@ -523,7 +683,10 @@ impl Connector for DataverseConnector {
     }
 
     async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
-        let request = self.read_request(entity, at).await?;
+        let request = match self.read_request(entity, at).await {
+            Err(e) if parent_missing(&e) => return Ok(None),
+            other => other?,
+        };
         let answer = self.client.send(entity, request).await?;
         self.read_answer(entity, &answer).await
     }
@@ -626,6 +789,9 @@ impl Connector for DataverseConnector {
                 Ok(part) => {
                     sent.push(i);
                     parts.push(part);
+                }
+                Err(e) if parent_missing(&e) && matches!(call, ConnectorCall::Read { .. }) => {
+                    results[i] = Some(CallResult::Read(Ok(None)));
                 }
                 Err(e) => results[i] = Some(call.failed(e)),
             }

@@ -673,6 +673,7 @@ async fn simulated() -> (dualwrite_simulators::DataverseSim, DataverseConnector)
         logical_name: logical.into(),
         primary_id: format!("{logical}id"),
         alternate_keys: vec![vec![key.into()]],
+        key_lookups: Vec::new(),
     };
     let dv = sim::DataverseSim::start(sim::DataverseConfig {
         tables: vec![
@@ -958,4 +959,161 @@ async fn keys_with_url_special_characters_address_one_row_on_every_route() {
         assert_eq!(r.get("accountnumber"), Some(&Value::Text(n.into())));
         assert_eq!(r.get("name"), Some(&Value::Text("changeset".into())));
     }
+}
+
+/// A sales order line's alternate key holds a lookup (`salesorderid` + `sequencenumber`):
+/// the Web API wants it as `_salesorderid_value=<guid>`, so the connector turns the order
+/// number the key carries into the order's row id (read once), reads "no line" when the order
+/// itself is not there, and the simulator refuses the lookup given as quoted text.
+#[tokio::test]
+async fn a_lookup_in_an_alternate_key_is_addressed_by_the_row_id_it_points_at() {
+    use dualwrite_simulators as sim;
+    let dv = sim::DataverseSim::start(sim::DataverseConfig {
+        tables: vec![
+            sim::TableDef {
+                entity_set: "salesorders".into(),
+                logical_name: "salesorder".into(),
+                primary_id: "salesorderid".into(),
+                alternate_keys: vec![vec!["msdyn_salesordernumber".into()]],
+                key_lookups: Vec::new(),
+            },
+            sim::TableDef {
+                entity_set: "salesorderdetails".into(),
+                logical_name: "salesorderdetail".into(),
+                primary_id: "salesorderdetailid".into(),
+                alternate_keys: vec![vec!["salesorderid".into(), "sequencenumber".into()]],
+                key_lookups: vec!["salesorderid".into()],
+            },
+        ],
+        ..sim::DataverseConfig::default()
+    })
+    .await
+    .expect("DataverseSim starts");
+    let mut schemas = EntitySchemas::default();
+    schemas.insert(EntitySchema {
+        entity: "salesorders".into(),
+        logical_name: Some("salesorder".into()),
+        primary_id: Some("salesorderid".into()),
+        key: vec!["msdyn_salesordernumber".into()],
+        ..EntitySchema::default()
+    });
+    schemas.insert(EntitySchema {
+        entity: "salesorderdetails".into(),
+        logical_name: Some("salesorderdetail".into()),
+        primary_id: Some("salesorderdetailid".into()),
+        key: vec!["salesorderid".into(), "sequencenumber".into()],
+        fields: BTreeMap::from([
+            ("salesorderid".to_string(), ValueType::Lookup),
+            ("sequencenumber".to_string(), ValueType::Integer),
+        ]),
+        lookup_targets: BTreeMap::from([("salesorderid".to_string(), "salesorders".to_string())]),
+        ..EntitySchema::default()
+    });
+    let config = DataverseConfig::new(
+        dv.api_url(),
+        Arc::new(StaticToken(Secret::new("t0k"))),
+        Arc::new(schemas),
+    );
+    let c = DataverseConnector::new(config).unwrap();
+    let line_key = |order: &str, n: &str| {
+        RecordRef::Key(RecordKey::new([
+            ("salesorderid", order),
+            ("sequencenumber", n),
+        ]))
+    };
+
+    // No order SO-404: no line can be keyed by it.
+    assert_eq!(
+        c.read("salesorderdetails", &line_key("SO-404", "1"))
+            .await
+            .unwrap(),
+        None
+    );
+    let results = c
+        .call_many(vec![ConnectorCall::Read {
+            entity: "salesorderdetails".into(),
+            at: line_key("SO-404", "1"),
+        }])
+        .await;
+    assert!(
+        matches!(&results[0], CallResult::Read(Ok(None))),
+        "{results:?}"
+    );
+    let err = c
+        .upsert(
+            "salesorderdetails",
+            &line_key("SO-404", "1"),
+            &Record::new("salesorderdetails"),
+            WriteCondition::MustNotExist,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ConnectorErrorKind::NotFound, "{err}");
+    assert!(err.message.contains("SO-404"), "{err}");
+
+    let order = c
+        .upsert(
+            "salesorders",
+            &RecordRef::Key(RecordKey::new([("msdyn_salesordernumber", "SO-1")])),
+            &Record::new("salesorders").with("name", Value::Text("first order".into())),
+            WriteCondition::None,
+        )
+        .await
+        .unwrap();
+    let order_id = order.id.unwrap();
+    assert_eq!(
+        c.read("salesorderdetails", &line_key("SO-1", "2"))
+            .await
+            .unwrap(),
+        None
+    );
+    let line = Record::new("salesorderdetails")
+        .with(
+            "salesorderid",
+            Value::Lookup(Arc::new(LookupRef {
+                entity_set: "salesorders".into(),
+                id: Some(order_id.clone()),
+                key: None,
+            })),
+        )
+        .with("sequencenumber", Value::Integer(2))
+        .with("description", Value::Text("a line".into()));
+    let written = c
+        .upsert(
+            "salesorderdetails",
+            &line_key("SO-1", "2"),
+            &line,
+            WriteCondition::MustNotExist,
+        )
+        .await
+        .unwrap();
+    assert!(written.created);
+    let read = c
+        .read("salesorderdetails", &line_key("SO-1", "2"))
+        .await
+        .unwrap()
+        .expect("the line, by its key");
+    assert_eq!(read.id.as_deref(), written.id.as_deref());
+    assert_eq!(
+        read.fields.get("description"),
+        Some(&Value::Text("a line".into()))
+    );
+    let rows = dv.rows("salesorderdetails");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["_salesorderid_value"], order_id.as_str());
+    assert!(rows[0].get("salesorderid").is_none(), "{}", rows[0]);
+
+    // The Web API (and the simulator) refuse the lookup spelled as the order number.
+    let answer = reqwest::Client::new()
+        .get(format!(
+            "{}salesorderdetails(salesorderid='SO-1',sequencenumber=2)",
+            dv.api_url()
+        ))
+        .bearer_auth("t0k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    let text = answer.text().await.unwrap();
+    assert!(text.contains("_salesorderid_value=<guid>"), "{text}");
 }

@@ -53,6 +53,15 @@ pub fn render_key(
     Ok(parts.join(","))
 }
 
+/// True for a GUID in its usual 8-4-4-4-12 hexadecimal form.
+pub fn is_guid(text: &str) -> bool {
+    text.len() == 36
+        && text.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 /// The company code in `key`, when the key names the schema's company field.
 pub fn company_in_key<'a>(schema: Option<&EntitySchema>, key: &'a RecordKey) -> Option<&'a str> {
     schema

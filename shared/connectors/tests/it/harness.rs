@@ -60,6 +60,7 @@ impl Env {
                 .iter()
                 .map(|k| k.iter().map(|c| c.to_string()).collect())
                 .collect(),
+            key_lookups: Vec::new(),
         };
         let dv = sim::DataverseSim::start(sim::DataverseConfig {
             tables: vec![

@@ -21,6 +21,7 @@ fn accounts() -> TableDef {
             vec!["accountnumber".into()],
             vec!["accountnumber".into(), "msdyn_company".into()],
         ],
+        key_lookups: vec!["msdyn_company".into()],
     }
 }
 
@@ -30,6 +31,7 @@ fn currencies() -> TableDef {
         logical_name: "transactioncurrency".into(),
         primary_id: "transactioncurrencyid".into(),
         alternate_keys: vec![vec!["isocurrencycode".into()]],
+        key_lookups: Vec::new(),
     }
 }
 
