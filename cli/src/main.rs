@@ -17,14 +17,11 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "dualwrite", version, about, long_about = None)]
 struct Cli {
-    /// The embedded state store and queue (SQLite file), created when missing.
-    #[arg(
-        long,
-        global = true,
-        env = "DUALWRITE_DB",
-        default_value = ".dualwrite/state.db"
-    )]
-    db: PathBuf,
+    /// The embedded state store and queue (SQLite file), created when missing. Default
+    /// `.dualwrite/state.db`; for `serve`, the configuration's `db:` unless given here. (The
+    /// demo and the benchmarks run on a temporary store of their own.)
+    #[arg(long, global = true, env = "DUALWRITE_DB")]
+    db: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,6 +61,9 @@ enum Command {
     Demo(commands::demo::DemoArgs),
 }
 
+/// The store the commands use when `--db` / `DUALWRITE_DB` do not name one.
+const DEFAULT_DB: &str = ".dualwrite/state.db";
+
 fn main() -> ExitCode {
     exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
@@ -74,14 +74,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let store = cli.db.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DB));
     let result = match cli.command {
         Command::Maps { command } => commands::maps::run(command),
-        Command::Status(args) => commands::status::run(&cli.db, args),
-        Command::Conflicts { command } => commands::conflicts::run(&cli.db, command),
-        Command::Errors { command } => commands::errors::run(&cli.db, command),
-        Command::Queue { command } => commands::queue::run(&cli.db, command),
+        Command::Status(args) => commands::status::run(&store, args),
+        Command::Conflicts { command } => commands::conflicts::run(&store, command),
+        Command::Errors { command } => commands::errors::run(&store, command),
+        Command::Queue { command } => commands::queue::run(&store, command),
         Command::Bench { command } => commands::bench::run(command),
-        Command::Serve(args) => commands::serve::run(args),
+        Command::Serve(args) => commands::serve::run(args, cli.db),
         Command::Demo(args) => commands::demo::run(args),
     };
     match result {

@@ -21,9 +21,16 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
 
 /// Starts `dualwrite serve` and waits until it listens.
 fn start(dir: &Path, config: &Path) -> Child {
+    start_with(dir, config, &[]).0
+}
+
+/// Starts `dualwrite serve` with `extra` arguments and waits until it listens; the child and
+/// the address it listens on.
+fn start_with(dir: &Path, config: &Path, extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dualwrite"))
         .args(["serve", "--config"])
         .arg(config)
+        .args(extra)
         .current_dir(dir)
         .env("T_SECRET", "client-secret")
         .env("T_HOOK", "hook-secret")
@@ -37,13 +44,13 @@ fn start(dir: &Path, config: &Path) -> Child {
         .next()
         .expect("serve prints its address")
         .expect("readable stdout");
-    assert!(
-        first.starts_with("dualwrite listening on http://"),
-        "{first}"
-    );
+    let addr = first
+        .strip_prefix("dualwrite listening on http://")
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_owned();
     // Keep reading, as a terminal would: a closed stdout would fail serve's next line.
     std::thread::spawn(move || lines.for_each(drop));
-    child
+    (child, addr)
 }
 
 fn signal(child: &Child, name: &str) {
@@ -88,4 +95,53 @@ fn serve_stops_cleanly_on_sigterm_as_on_ctrl_c_and_frees_the_queue() {
     let (code, stderr) = finish(child);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("interrupted: stopping"), "{stderr}");
+}
+
+#[test]
+fn a_sender_stalled_mid_request_does_not_keep_serve_from_stopping() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let (child, addr) = start_with(dir.path(), &config, &[]);
+    // One sender stops after 6 of 1,000 body bytes, another in the middle of its headers.
+    let mut body_stalled = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        body_stalled,
+        "POST /webhooks/dataverse?code=hook-secret HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"a\":"
+    )
+    .unwrap();
+    let mut headers_stalled = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        headers_stalled,
+        "POST /webhooks/fno HTTP/1.1\r\nHost: x\r\nContent-Le"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let signalled = Instant::now();
+    signal(&child, "TERM");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(20),
+        "stopped only after {:?}: {stderr}",
+        signalled.elapsed()
+    );
+    drop((body_stalled, headers_stalled));
+}
+
+#[test]
+fn the_db_option_names_the_store_serve_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let (child, _) = start_with(dir.path(), &config, &["--db", "elsewhere.db"]);
+    signal(&child, "TERM");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(dir.path().join("elsewhere.db").exists(), "{stderr}");
+    assert!(
+        !dir.path().join("state.db").exists(),
+        "the configuration's db: is not used when --db names one"
+    );
 }

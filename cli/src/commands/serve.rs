@@ -20,9 +20,13 @@ pub struct ServeArgs {
     every: u64,
 }
 
-/// Runs the local pipeline until Ctrl-C, then drains in-flight work and stops.
-pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config)?;
+/// Runs the local pipeline until Ctrl-C, then drains in-flight work and stops. `db`, given
+/// by `--db` or `DUALWRITE_DB`, takes the place of the configuration's `db:`.
+pub fn run(args: ServeArgs, db: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(db) = db {
+        config.db = db;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -488,7 +488,11 @@ impl Config {
         base: &Path,
         env: &dyn EnvLookup,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = marked_yaml::from_yaml(0, text).map_err(|e| syntax_error(file, &e))?;
+        // A key given twice is a mistake to report, not a value to pick (the loader's default
+        // keeps the last one).
+        let options = marked_yaml::LoaderOptions::default().error_on_duplicate_keys(true);
+        let raw: RawConfig = marked_yaml::from_yaml_with_options(0, text, options)
+            .map_err(|e| syntax_error(file, &e))?;
         raw.validate(base, env).map_err(|mut problems| {
             if let Ok(root) = marked_yaml::parse_yaml(0, text) {
                 for problem in &mut problems {

@@ -300,6 +300,9 @@ pub struct Completion {
     pub at: Instant,
 }
 
+/// How long a shutdown waits for open webhook requests to be answered before closing them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// How long an idle worker waits for a wake-up before looking at the queue anyway: delayed
 /// retries and expired visibility timeouts become deliverable without any `send`.
 const IDLE_FALLBACK_POLL: Duration = Duration::from_millis(250);
@@ -892,7 +895,20 @@ impl RuntimeHandle {
         if let Some(stop) = self.stop_http.take() {
             let _ = stop.send(());
         }
-        let _ = (&mut self.server).await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server)
+            .await
+            .is_err()
+        {
+            // A connection still open (a sender stalled before its body, which the body
+            // timeout does not cover) must not keep the process up: it is closed unanswered,
+            // so its sender sends again; nothing it sent was acknowledged.
+            warn!(
+                seconds = SHUTDOWN_GRACE.as_secs(),
+                "webhook connections still open after the grace period: closed unanswered"
+            );
+            self.server.abort();
+            let _ = (&mut self.server).await;
+        }
         let _ = self.stop_workers.send(true);
         for w in self.workers.drain(..) {
             let _ = w.await;

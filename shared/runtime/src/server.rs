@@ -69,6 +69,11 @@ enum ReadBody {
 /// A sender without the right credentials gets no more than twice the body limit read.
 const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 
+/// How long a webhook's body may take to arrive once its headers did. Dataverse gives up on a
+/// webhook after 60 s and F&O after 10 s, so a body still missing after 30 s comes from a
+/// sender that stalled.
+pub(crate) const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Reads the body, keeping at most `limit` bytes and reading at most `drain` bytes in all.
 /// `Err` when the connection failed.
 async fn read_body(mut body: Body, limit: usize, drain: u64) -> Result<ReadBody, axum::Error> {
@@ -116,9 +121,32 @@ async fn webhook(
     } else {
         (limit as u64).saturating_mul(2)
     };
-    let body = match read_body(body, limit, drain).await {
-        Ok(body) => body,
-        Err(e) => {
+    let body = match tokio::time::timeout(BODY_TIMEOUT, read_body(body, limit, drain)).await {
+        Ok(Ok(body)) => body,
+        Err(_) => {
+            // A sender that stopped mid-body holds a connection (and a graceful shutdown) for
+            // ever: answered 408 and closed. Nothing was accepted; the sender sends again.
+            tracing::warn!(
+                source = source.as_str(),
+                seconds = BODY_TIMEOUT.as_secs(),
+                "webhook body not received in time: answered 408, connection closed"
+            );
+            let mut response = (
+                StatusCode::REQUEST_TIMEOUT,
+                [(header::CONTENT_TYPE, "application/json")],
+                format!(
+                    r#"{{"error":"the request body did not arrive within {} s"}}"#,
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+                .into_response();
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return response;
+        }
+        Ok(Err(e)) => {
             // The sender went away mid-body: there is nobody to answer, nothing was accepted.
             tracing::debug!(source = source.as_str(), error = %e, "webhook body not read to its end");
             return StatusCode::BAD_REQUEST.into_response();

@@ -286,6 +286,20 @@ fn unknown_keys_are_refused_with_their_name() {
 }
 
 #[test]
+fn a_key_given_twice_is_refused_at_its_second_place() {
+    // The YAML loader would keep the last `db:`; the operator meant one of them.
+    let text = yaml("a.db").replace("db: a.db", "db: a.db\ndb: b.db");
+    let err = Config::parse(&text, "t.yaml", Path::new("."), &env()).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Syntax { line: Some(3), .. }),
+        "{err:?}"
+    );
+    let shown = err.to_string();
+    assert!(shown.starts_with("t.yaml:3: "), "{shown}");
+    assert!(shown.contains("db"), "{shown}");
+}
+
+#[test]
 fn secrets_never_appear_in_debug_output() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path());
