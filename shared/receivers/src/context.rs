@@ -171,12 +171,17 @@ pub fn parse_wcf_date(text: &str) -> Option<DateTime<FixedOffset>> {
 ///
 /// The workspace enables serde_json's `arbitrary_precision`, so a number keeps the text it was
 /// sent with and converts to [`Decimal`] without passing through a float: `1234567890123.4567`
-/// stays exact. Exponent forms (`1.5E3`) are accepted too.
+/// stays exact. Exponent forms (`1.5E3`) are accepted too. A number a decimal cannot hold
+/// exactly (more than 28 significant digits, or beyond its range) is `None`, never rounded.
 pub(crate) fn decimal_of(n: &Number) -> Option<Decimal> {
     let text = n.to_string();
-    Decimal::from_str(&text)
-        .or_else(|_| Decimal::from_scientific(&text))
-        .ok()
+    match text.split_once(['e', 'E']) {
+        None => Decimal::from_str_exact(&text).ok(),
+        Some((mantissa, _)) => {
+            Decimal::from_str_exact(mantissa).ok()?;
+            Decimal::from_scientific(&text).ok()
+        }
+    }
 }
 
 /// The `__type` of a typed value without its contract namespace (`EntityReference`).
@@ -800,6 +805,29 @@ mod tests {
         assert!(
             err.to_string().contains("at most 28 significant digits"),
             "{err}"
+        );
+        // Too many digits, or too small to be anything but zero: refused, not rounded.
+        for text in [
+            "123456789.123456789123456789123",
+            "0.0000000000000000000000000000001",
+            "1.2345678901234567890123456789012e3",
+        ] {
+            let body = format!(r#"{{"__type": "Money:x", "Value": {text}}}"#);
+            let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                matches!(typed(&value, "m"), Err(PayloadError::BadValue { .. })),
+                "{text}"
+            );
+        }
+        let exact: serde_json::Value = serde_json::from_str(
+            r#"{"__type": "Money:x", "Value": 1234567890123456.789012345678}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            typed(&exact, "m"),
+            Ok(Value::Decimal(
+                Decimal::from_str("1234567890123456.789012345678").unwrap()
+            ))
         );
         assert_eq!(
             typed(&json!({"__type": "Money:x", "Value": null}), "m"),
