@@ -2,7 +2,6 @@
 //! `[{key,value}]` dictionaries and typed attribute values (EntityReference, OptionSetValue,
 //! Money), and what every context carries (message, entity, head fields).
 
-use std::str::FromStr;
 use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset, TimeZone, Utc};
@@ -382,15 +381,24 @@ pub(crate) fn conform_to_declared_types(
     all_typed
 }
 
-/// The typed attributes of an Entity (`Attributes` list), in payload order.
+/// The typed attributes of an Entity (`Attributes` list), in payload order. A string of a
+/// column `declared` as text stays the text it is, even when it looks like a WCF date
+/// (`/Date(0)/` typed by a user into a name).
 pub(crate) fn entity_attributes(
     entity: &Obj<'_>,
     path: &str,
     coverage: &Coverage,
+    declared: &BTreeMap<String, ValueType>,
 ) -> Result<Vec<(SmolStr, Value)>, PayloadError> {
     kv_list(entity, "Attributes", path)?
         .into_iter()
         .map(|(k, v)| {
+            if let Json::String(text) = v
+                && text.starts_with("/Date(")
+                && declared.get(k) == Some(&ValueType::Text)
+            {
+                return Ok((SmolStr::from(k), Value::Text(text.as_ref().into())));
+            }
             let value_path = || format!("{}.{k}", at(path, "Attributes"));
             Ok((SmolStr::from(k), typed_value_at(v, &value_path, coverage)?))
         })
@@ -620,6 +628,7 @@ mod tests {
     use super::*;
     use crate::request::SourceKind;
     use serde_json::json;
+    use std::str::FromStr;
 
     const MESSAGES: Messages = Messages {
         upsert: &["Create", "Update"],
@@ -887,7 +896,7 @@ mod tests {
             unreachable!()
         };
         assert_eq!(
-            entity_attributes(&entity, "Target", &cov),
+            entity_attributes(&entity, "Target", &cov, &BTreeMap::new()),
             Err(PayloadError::Missing("Target.Attributes[1].value".into()))
         );
     }

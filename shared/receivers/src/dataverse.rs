@@ -103,7 +103,7 @@ pub fn parse_dataverse(
             );
         }
         for (path, entity) in &sources {
-            raw.extend(entity_attributes(entity, path, coverage)?);
+            raw.extend(entity_attributes(entity, path, coverage, &cov.types)?);
         }
         let mut fields: Fields = raw.into_iter().collect();
         let typed = conform_to_declared_types(&mut fields, &cov.types);

@@ -84,7 +84,7 @@ fn data_event(
     let (target_path, target) = target(ctx)?;
     let mut raw: Vec<(SmolStr, Value)> = Vec::new();
     for (path, image) in images(ctx, "PreEntityImages")? {
-        raw.extend(entity_attributes(image, &path, coverage)?);
+        raw.extend(entity_attributes(image, &path, coverage, &cov.types)?);
     }
     if is_reference(target) {
         // A delete's Target is an EntityReference: its KeyAttributes carry the natural key.
@@ -96,10 +96,15 @@ fn data_event(
             ));
         }
     } else {
-        raw.extend(entity_attributes(target, &target_path, coverage)?);
+        raw.extend(entity_attributes(
+            target,
+            &target_path,
+            coverage,
+            &cov.types,
+        )?);
     }
     for (path, image) in images(ctx, "PostEntityImages")? {
-        raw.extend(entity_attributes(image, &path, coverage)?);
+        raw.extend(entity_attributes(image, &path, coverage, &cov.types)?);
     }
     let mut fields: Fields = raw
         .into_iter()

@@ -464,6 +464,33 @@ fn erp_to_crm_map_does_not_cover_its_dataverse_table() {
 }
 
 #[test]
+fn text_that_looks_like_a_wcf_date_stays_text_in_a_text_column() {
+    // A user may type "/Date(0)/" into a first name: the map declares the column text, so it
+    // is neither turned into a date nor refused.
+    for typed in ["/Date(0)/", "/Date(soon)/"] {
+        let body = edited(CONTACT_UPDATE, |v| {
+            let attributes = v["InputParameters"][0]["value"]["Attributes"]
+                .as_array_mut()
+                .unwrap();
+            let first = attributes
+                .iter_mut()
+                .find(|a| a["key"] == "firstname")
+                .expect("the fixture sets firstname");
+            first["value"] = json!(typed);
+        });
+        let Parsed::Event(event) = parse_dataverse(&dataverse(&body), &coverage(), now()).unwrap()
+        else {
+            panic!("an event");
+        };
+        assert_eq!(
+            event.event.record.fields.get("firstname"),
+            Some(&Value::Text(typed.into())),
+            "{typed}"
+        );
+    }
+}
+
+#[test]
 fn bad_payloads_name_the_problem() {
     let cov = coverage();
     let parse = |body: &str| {
