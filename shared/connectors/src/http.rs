@@ -447,7 +447,7 @@ impl ODataClient {
             let policy = Backoff::default();
             if disposition(&error, attempt, &policy, 0.0) == Disposition::RefreshTokenOnce {
                 warn!(side = %self.side, entity, status, attempt, "token refused, refreshing once");
-                self.tokens.invalidate(&self.scope);
+                self.tokens.invalidate(&self.scope, &token);
                 self.stats.token_refresh();
                 attempt += 1;
                 continue;

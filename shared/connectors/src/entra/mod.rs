@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use dualwrite_core::Side;
 use dualwrite_core::ports::{ConnectorError, ConnectorErrorKind};
 
-pub use client::EntraTokenProvider;
+pub use client::{EntraTokenProvider, FAILURE_HOLD};
 pub use config::EntraConfig;
 
 /// A secret (client secret, access token). `Debug` and `Display` print `[redacted]`; the
@@ -117,13 +117,15 @@ impl TokenError {
 /// Where connectors get bearer tokens from.
 ///
 /// Implementations must be safe for concurrent use and should cache: `token` is called before
-/// every request. After a 401 the connector calls `invalidate` and asks once more.
+/// every request. After a 401 the connector calls `invalidate` with the token the server
+/// refused and asks once more.
 #[async_trait]
 pub trait TokenSource: Send + Sync + fmt::Debug {
     /// A valid access token for `scope` (e.g. `https://org.crm.dynamics.com/.default`).
     async fn token(&self, scope: &str) -> Result<Secret, TokenError>;
-    /// Forgets the cached token of `scope` (it was refused).
-    fn invalidate(&self, scope: &str);
+    /// Forgets the cached token of `scope` if it is `refused` (a token fetched since, by
+    /// another caller, is kept).
+    fn invalidate(&self, scope: &str, refused: &Secret);
 }
 
 /// A fixed token for every scope (simulators, local demos, tokens obtained elsewhere).
@@ -136,7 +138,7 @@ impl TokenSource for StaticToken {
         Ok(self.0.clone())
     }
 
-    fn invalidate(&self, _scope: &str) {}
+    fn invalidate(&self, _scope: &str, _refused: &Secret) {}
 }
 
 /// The `.default` scope of a resource URL: `https://org.crm.dynamics.com/api/data/v9.2` →

@@ -115,10 +115,77 @@ async fn token_is_refreshed_before_it_expires() {
 #[tokio::test]
 async fn invalidate_forces_a_new_token() {
     let (state, p, _) = provider(3599).await;
-    assert_eq!(p.token("s").await.unwrap().expose(), "tok-1");
-    p.invalidate("s");
+    let refused = p.token("s").await.unwrap();
+    assert_eq!(refused.expose(), "tok-1");
+    p.invalidate("s", &refused);
     assert_eq!(p.token("s").await.unwrap().expose(), "tok-2");
     assert_eq!(state.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_late_401_keeps_the_token_fetched_since() {
+    // A request sent with an older token is refused after another caller fetched a new one:
+    // the new token stays cached.
+    let (state, p, _) = provider(3599).await;
+    let first = p.token("s").await.unwrap();
+    p.invalidate("s", &first);
+    let second = p.token("s").await.unwrap();
+    assert_eq!(second.expose(), "tok-2");
+    p.invalidate("s", &first);
+    assert_eq!(p.token("s").await.unwrap(), second);
+    assert_eq!(state.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_failed_fetch_is_shared_by_the_callers_that_waited_for_it() {
+    let (state, p, stats) = provider(3599).await;
+    state.refuse.store(true, Ordering::SeqCst);
+    let p = Arc::new(p);
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(
+            async move { p.token("https://a/.default").await },
+        ));
+    }
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("AADSTS7000215"), "{err}");
+    }
+    assert_eq!(state.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.snapshot().token_fetches, 1);
+}
+
+#[tokio::test]
+async fn a_failure_is_held_for_a_moment_then_the_endpoint_is_asked_again() {
+    let (state, p, _) = provider(3599).await;
+    state.refuse.store(true, Ordering::SeqCst);
+    assert!(p.token("s").await.is_err());
+    assert!(p.token("s").await.is_err());
+    assert_eq!(
+        state.calls.load(Ordering::SeqCst),
+        1,
+        "asked again within the hold"
+    );
+    state.refuse.store(false, Ordering::SeqCst);
+    tokio::time::sleep(FAILURE_HOLD + Duration::from_millis(100)).await;
+    assert_eq!(p.token("s").await.unwrap().expose(), "tok-2");
+    assert_eq!(state.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_token_still_valid_is_used_while_its_refresh_fails() {
+    // A 2 s token: refreshed after 1 s, usable until 1.8 s (a tenth of it before expiry).
+    let (state, p, _) = provider(2).await;
+    assert_eq!(p.token("s").await.unwrap().expose(), "tok-1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    state.refuse.store(true, Ordering::SeqCst);
+    assert_eq!(p.token("s").await.unwrap().expose(), "tok-1");
+    assert_eq!(p.token("s").await.unwrap().expose(), "tok-1");
+    assert_eq!(state.calls.load(Ordering::SeqCst), 2, "one refresh attempt");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let err = p.token("s").await.unwrap_err();
+    assert!(err.to_string().contains("AADSTS7000215"), "{err}");
 }
 
 #[tokio::test]
@@ -143,6 +210,18 @@ fn secrets_are_redacted_in_debug_output() {
     let shown = format!("{config:?} {}", config.client_secret);
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("redacted"));
+}
+
+#[test]
+fn expiry_margin_is_a_tenth_at_most_thirty_seconds() {
+    assert_eq!(
+        client::expiry_margin(Duration::from_secs(3600)),
+        Duration::from_secs(30)
+    );
+    assert_eq!(
+        client::expiry_margin(Duration::from_secs(2)),
+        Duration::from_millis(200)
+    );
 }
 
 #[test]
