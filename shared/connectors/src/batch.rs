@@ -311,6 +311,13 @@ pub(crate) fn read_batch_answer(
 
 /// One result per item from the parts of a changeset answer: one part per item when it
 /// committed; one error part for all when it was rolled back.
+///
+/// A rolled-back changeset fails every item, but not for the same reason. When the failing
+/// part names its request (`Content-ID`, the item's 1-based position) and its failure belongs
+/// to that record (400, 404, 412), that item gets it and every other item a transient error
+/// saying it was rolled back with it: retried alone, they are written, where the failing
+/// item's permanent error would have dead-lettered good records. A failure of the request as a
+/// whole (401, 403, 429, 5xx), or a part that does not say which item it is, is every item's.
 pub(crate) fn batch_outcomes(
     side: Side,
     entity: &str,
@@ -337,9 +344,44 @@ pub(crate) fn batch_outcomes(
     }
     match parts.iter().find(|p| !(200..300).contains(&p.status)) {
         Some(failed) => {
-            let mut e = to_error(failed);
-            e.message = format!("the changeset was rolled back: {}", e.message);
-            Ok((0..items).map(|_| Err(e.clone())).collect())
+            let own = to_error(failed);
+            let position = failed
+                .content_id
+                .as_deref()
+                .and_then(|id| id.trim().parse::<usize>().ok())
+                .filter(|n| (1..=items).contains(n));
+            let item_specific = matches!(
+                own.kind,
+                ConnectorErrorKind::BadRequest
+                    | ConnectorErrorKind::NotFound
+                    | ConnectorErrorKind::PreconditionFailed
+            );
+            match position {
+                Some(n) if item_specific => Ok((1..=items)
+                    .map(|i| {
+                        if i == n {
+                            Err(own.clone())
+                        } else {
+                            Err(ConnectorError {
+                                side,
+                                entity: entity.to_string(),
+                                kind: ConnectorErrorKind::Transient,
+                                status: None,
+                                message: format!(
+                                    "not written: the changeset was rolled back because item \
+                                     {n} of {items} failed (HTTP {}): {}",
+                                    failed.status, own.message
+                                ),
+                            })
+                        }
+                    })
+                    .collect()),
+                _ => {
+                    let mut e = own;
+                    e.message = format!("the changeset was rolled back: {}", e.message);
+                    Ok((0..items).map(|_| Err(e.clone())).collect())
+                }
+            }
         }
         None => Err(ConnectorError {
             side,
@@ -535,6 +577,65 @@ PATCH https://x/data/E(k='2') HTTP/1.1\r\nContent-Type: application/json\r\nIf-M
         assert!(body.contains("Content-ID: 2\r\n"));
         assert!(body.ends_with("HTTP/1.1\r\n\r\n\r\n--batch_b1--\r\n"));
         assert_eq!(body.matches("GET ").count(), 2);
+    }
+
+    fn part(content_id: Option<&str>, status: u16, message: &str) -> BatchResponse {
+        BatchResponse {
+            content_id: content_id.map(str::to_string),
+            status,
+            headers: vec![("retry-after".into(), "2".into())],
+            body: format!(r#"{{"error":{{"code":"","message":"{message}"}}}}"#),
+        }
+    }
+
+    #[test]
+    fn a_rolled_back_changeset_blames_only_the_item_that_failed() {
+        let out = batch_outcomes(
+            Side::Erp,
+            "CustomersV3",
+            3,
+            &[part(Some("2"), 400, "Field 'CreditLimit' is not valid.")],
+        )
+        .unwrap();
+        assert_eq!(out.len(), 3);
+        let failed = out[1].as_ref().unwrap_err();
+        assert_eq!(failed.kind, ConnectorErrorKind::BadRequest);
+        assert_eq!(failed.status, Some(400));
+        assert_eq!(failed.message, "Field 'CreditLimit' is not valid.");
+        for i in [0, 2] {
+            let e = out[i].as_ref().unwrap_err();
+            assert_eq!(e.kind, ConnectorErrorKind::Transient, "item {i}");
+            assert_eq!(e.status, None);
+            assert_eq!(
+                e.message,
+                "not written: the changeset was rolled back because item 2 of 3 failed \
+                 (HTTP 400): Field 'CreditLimit' is not valid."
+            );
+        }
+    }
+
+    #[test]
+    fn a_changeset_failing_as_a_whole_or_unnamed_fails_every_item_alike() {
+        for failing in [
+            part(Some("2"), 429, "slow down"),
+            part(Some("2"), 503, "unavailable"),
+            part(None, 400, "bad"),
+            part(Some("7"), 400, "bad"),
+            part(Some("x"), 404, "gone"),
+        ] {
+            let own = failing.clone().into_http().to_error(Side::Crm, "accounts");
+            let out =
+                batch_outcomes(Side::Crm, "accounts", 3, std::slice::from_ref(&failing)).unwrap();
+            assert_eq!(out.len(), 3);
+            for r in &out {
+                let e = r.as_ref().unwrap_err();
+                assert_eq!((&e.kind, e.status), (&own.kind, own.status), "{failing:?}");
+                assert_eq!(
+                    e.message,
+                    format!("the changeset was rolled back: {}", own.message)
+                );
+            }
+        }
     }
 
     #[test]

@@ -881,15 +881,31 @@ async fn the_batch_fallback_against_the_simulator_keeps_a_412() {
         )
         .await
         .unwrap();
-    for result in out {
-        let e = result.unwrap_err();
-        assert_eq!(
-            (e.kind, e.status),
-            (ConnectorErrorKind::PreconditionFailed, Some(412))
-        );
-        assert!(e.message.contains("0x80040237"), "{}", e.message);
-        assert!(!e.message.contains("batchresponse"), "{}", e.message);
-    }
+    // The failing part names its request (Content-ID 2): that item has the 412, the other
+    // was rolled back with it and is retryable on its own.
+    let failed = out[1].as_ref().unwrap_err();
+    assert_eq!(
+        (&failed.kind, failed.status),
+        (&ConnectorErrorKind::PreconditionFailed, Some(412))
+    );
+    assert!(failed.message.contains("0x80040237"), "{}", failed.message);
+    assert!(
+        !failed.message.contains("batchresponse"),
+        "{}",
+        failed.message
+    );
+    let rolled_back = out[0].as_ref().unwrap_err();
+    assert_eq!(
+        (&rolled_back.kind, rolled_back.status),
+        (&ConnectorErrorKind::Transient, None)
+    );
+    assert!(
+        rolled_back
+            .message
+            .starts_with("not written: the changeset was rolled back because item 2 of 2 failed (HTTP 412): 0x80040237"),
+        "{}",
+        rolled_back.message
+    );
     assert_eq!(
         dv.rows("accounts").len(),
         1,
