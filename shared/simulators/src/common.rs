@@ -242,7 +242,9 @@ pub struct ThrottleConfig {
     /// service-protection-api-limits.md). Their execution-time limit, which a batch does count
     /// against, is not simulated.
     pub requests_per_window: Option<u32>,
-    /// Length of the window (Dataverse: 300 s).
+    /// Length of the window (Dataverse: 300 s). The window slides, as Dataverse's does: a
+    /// request is refused while `requests_per_window` requests were admitted in the `window`
+    /// before it, and `Retry-After` says when the oldest of them leaves the window.
     pub window: Duration,
     /// Concurrent requests allowed per simulator; `None` = unlimited.
     pub max_concurrent: Option<u32>,
@@ -306,7 +308,8 @@ pub(crate) struct Guard {
     throttle: Mutex<ThrottleConfig>,
     fault_cfg: Mutex<FaultConfig>,
     fault_queue: Mutex<VecDeque<Fault>>,
-    windows: Mutex<HashMap<String, (Instant, u32)>>,
+    /// Per user, the instants of the requests admitted within the last window, oldest first.
+    windows: Mutex<HashMap<String, VecDeque<Instant>>>,
     forced_throttle: AtomicU64,
 }
 
@@ -439,22 +442,38 @@ impl Guard {
             return Err(Throttled::Concurrency);
         }
         if let Some(limit) = cfg.requests_per_window {
-            let now = Instant::now();
-            let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = windows.entry(user.to_owned()).or_insert((now, 0));
-            if now.duration_since(entry.0) >= cfg.window {
-                *entry = (now, 0);
-            }
-            if entry.1 >= limit {
-                let left = cfg.window.saturating_sub(now.duration_since(entry.0));
-                self.throttled.fetch_add(1, Ordering::Relaxed);
-                return Err(Throttled::Rate {
-                    retry_after_secs: left.as_secs_f64().ceil().max(1.0) as u64,
-                });
-            }
-            entry.1 += 1;
+            self.count_in_window(user, limit, cfg.window, Instant::now())?;
         }
         Ok(guard)
+    }
+
+    /// Admits a request of `user` at `now` into the sliding window, or refuses it with the
+    /// time until the oldest admitted request leaves the window.
+    fn count_in_window(
+        &self,
+        user: &str,
+        limit: u32,
+        window: Duration,
+        now: Instant,
+    ) -> Result<(), Throttled> {
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let admitted = windows.entry(user.to_owned()).or_default();
+        while admitted
+            .front()
+            .is_some_and(|&at| now.saturating_duration_since(at) >= window)
+        {
+            admitted.pop_front();
+        }
+        if admitted.len() >= limit as usize {
+            let oldest = admitted.front().copied().unwrap_or(now);
+            let left = window.saturating_sub(now.saturating_duration_since(oldest));
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(Throttled::Rate {
+                retry_after_secs: left.as_secs_f64().ceil().max(1.0) as u64,
+            });
+        }
+        admitted.push_back(now);
+        Ok(())
     }
 }
 
@@ -669,6 +688,35 @@ mod tests {
         );
         assert!(g.admit("b").is_ok());
         assert_eq!(g.stats().throttled, 1);
+    }
+
+    #[test]
+    fn the_window_slides_as_dataverse_s_does() {
+        // 2 requests per 10 s: admitted at 0 s and 6 s. At 11 s the first has left the window
+        // and one more is admitted; a fixed window restarted at 10 s would admit two.
+        let g = Guard::new(ThrottleConfig::default(), FaultConfig::default());
+        let window = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        assert!(g.count_in_window("a", 2, window, at(0)).is_ok());
+        assert!(g.count_in_window("a", 2, window, at(6)).is_ok());
+        assert_eq!(
+            g.count_in_window("a", 2, window, at(7)),
+            Err(Throttled::Rate {
+                retry_after_secs: 3
+            }),
+            "the request of 0 s leaves at 10 s"
+        );
+        assert!(g.count_in_window("a", 2, window, at(11)).is_ok());
+        assert_eq!(
+            g.count_in_window("a", 2, window, at(12)),
+            Err(Throttled::Rate {
+                retry_after_secs: 4
+            }),
+            "the request of 6 s leaves at 16 s"
+        );
+        assert!(g.count_in_window("a", 2, window, at(16)).is_ok());
+        assert_eq!(g.stats().throttled, 2);
     }
 
     fn request() -> SimRequest {
