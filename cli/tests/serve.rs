@@ -10,12 +10,17 @@ use std::time::{Duration, Instant};
 
 /// A configuration whose environments are not running: enough to start and stop.
 fn write_config(dir: &Path) -> std::path::PathBuf {
+    write_config_with(dir, "")
+}
+
+/// [`write_config`] with `webhooks_extra` (indented YAML lines) added to `webhooks:`.
+fn write_config_with(dir: &Path, webhooks_extra: &str) -> std::path::PathBuf {
     let yaml = "listen: 127.0.0.1:0\ndb: state.db\nmaps:\n  enabled: [legal-entities]\n\
          dataverse:\n  url: http://127.0.0.1:9\n  tenant: t\n  client_id: c\n  client_secret_env: T_SECRET\n  token_url: http://127.0.0.1:9\n\
          fno:\n  url: http://127.0.0.1:9\n  tenant: t\n  client_id: c\n  client_secret_env: T_SECRET\n  token_url: http://127.0.0.1:9\n\
          webhooks:\n  dataverse:\n    secret_env: T_HOOK\n  fno:\n    secret_env: T_HOOK\n";
     let path = dir.join("serve.yaml");
-    std::fs::write(&path, yaml).unwrap();
+    std::fs::write(&path, format!("{yaml}{webhooks_extra}")).unwrap();
     path
 }
 
@@ -144,4 +149,85 @@ fn the_db_option_names_the_store_serve_uses() {
         !dir.path().join("state.db").exists(),
         "the configuration's db: is not used when --db names one"
     );
+}
+
+/// Sends `request` on a fresh connection and reads the whole answer (the server closes it).
+fn exchange(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn a_stalled_body_is_answered_408_counted_and_nothing_is_queued() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "  body_timeout: 1\n");
+    let (child, addr) = start_with(dir.path(), &config, &[]);
+
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stalled,
+        "POST /webhooks/dataverse?code=hook-secret HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"a\":"
+    )
+    .unwrap();
+    let sent = Instant::now();
+    let mut answer = String::new();
+    // The server closes the connection after its answer: read to the end.
+    stalled.read_to_string(&mut answer).unwrap();
+    let waited = sent.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(answer.contains("did not arrive within 1 s"), "{answer}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+
+    let status = exchange(
+        &addr,
+        "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let body = &status[status.find("\r\n\r\n").expect("a body") + 4..];
+    let stats: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(stats["receivers"]["rejected_incomplete"], 1, "{stats}");
+    assert_eq!(stats["receivers"]["accepted"], 0, "{stats}");
+    assert_eq!(stats["queue"]["ready"], 0, "{stats}");
+
+    signal(&child, "TERM");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("body not received in time"), "{stderr}");
+}
+
+#[test]
+fn a_body_timeout_out_of_range_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "  body_timeout: 0\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_dualwrite"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .env("T_SECRET", "client-secret")
+        .env("T_HOOK", "hook-secret")
+        .env_remove("DUALWRITE_DB")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("webhooks.body_timeout"), "{stderr}");
+    assert!(stderr.contains("1 to 600 seconds"), "{stderr}");
 }

@@ -13,6 +13,11 @@ use crate::receive::ReceiverStats;
 /// The default body limit: 1 MiB (Dataverse itself trims bodies above 256 KB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// How long a webhook's body may take to arrive once its headers did, by default. Dataverse
+/// gives up on a webhook after 60 s and F&O after 10 s, so a body still missing after 30 s
+/// comes from a sender that stalled.
+pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How a sender proves it is who it says.
 #[derive(Clone, PartialEq, Eq)]
 pub enum SourceAuth {
@@ -66,6 +71,9 @@ pub struct ReceiverConfig {
     pub fno_auth: SourceAuth,
     /// Bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
+    /// A body not received whole this long after its headers is answered 408 (the HTTP layer
+    /// times the read; [`crate::receive_incomplete`] answers and counts it).
+    pub body_timeout: std::time::Duration,
     /// The entities the enabled maps cover; events of other entities are ignored.
     pub coverage: Coverage,
     /// Business events by `BusinessEventId`; events not listed are ignored.
@@ -81,6 +89,7 @@ impl ReceiverConfig {
             dataverse_auth,
             fno_auth,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             coverage,
             business_events: BTreeMap::new(),
             stats: Arc::new(ReceiverStats::default()),

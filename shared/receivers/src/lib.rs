@@ -26,16 +26,16 @@ pub mod screen;
 
 pub use auth::{AuthError, constant_time_eq};
 pub use config::{
-    BusinessEventRoute, Coverage, CrmCoverage, DEFAULT_MAX_BODY_BYTES, ErpCoverage, ReceiverConfig,
-    SourceAuth,
+    BusinessEventRoute, Coverage, CrmCoverage, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+    ErpCoverage, ReceiverConfig, SourceAuth,
 };
 pub use context::parse_wcf_date;
 pub use dataverse::parse_dataverse;
 pub use error::PayloadError;
 pub use fno::{parse_business_event, parse_data_event, parse_fno};
 pub use receive::{
-    Accepted, Parsed, ReceiverStats, StatsSnapshot, credentials_ok, receive, receive_oversized,
-    receive_screened,
+    Accepted, Incomplete, Parsed, ReceiverStats, StatsSnapshot, credentials_ok, receive,
+    receive_incomplete, receive_oversized, receive_screened,
 };
 pub use request::{SourceKind, WebhookRequest, WebhookResponse};
 pub use screen::{EventScreen, NoScreen};

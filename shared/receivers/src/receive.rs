@@ -43,6 +43,7 @@ pub struct ReceiverStats {
     ignored: AtomicU64,
     unauthorized: AtomicU64,
     too_large: AtomicU64,
+    incomplete: AtomicU64,
     malformed: AtomicU64,
     queue_unavailable: AtomicU64,
     settled: AtomicU64,
@@ -70,6 +71,8 @@ pub struct StatsSnapshot {
     pub rejected_unauthorized: u64,
     /// Refused for exceeding the body limit (413).
     pub rejected_too_large: u64,
+    /// Bodies that did not arrive whole: the sender stalled (408) or went away mid-body.
+    pub rejected_incomplete: u64,
     /// Refused as malformed (400).
     pub rejected_malformed: u64,
     /// Refused because the work queue failed (503).
@@ -87,6 +90,7 @@ impl ReceiverStats {
             ignored: get(&self.ignored),
             rejected_unauthorized: get(&self.unauthorized),
             rejected_too_large: get(&self.too_large),
+            rejected_incomplete: get(&self.incomplete),
             rejected_malformed: get(&self.malformed),
             rejected_queue_unavailable: get(&self.queue_unavailable),
             settled: get(&self.settled),
@@ -142,6 +146,48 @@ pub fn receive_oversized(
         format!("more than {seen}")
     };
     too_large(req.source, &bytes, cfg)
+}
+
+/// Why a webhook's body did not arrive whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incomplete {
+    /// Not all of it arrived within `cfg.body_timeout` of the headers: the sender stalled.
+    TimedOut,
+    /// The connection failed or closed before the body's end: the sender went away.
+    Broken,
+}
+
+/// Answers a webhook call whose body did not arrive whole (the HTTP layer read it): 408 when
+/// the sender stalled past `cfg.body_timeout` (the connection should then be closed), 400 when
+/// the connection broke (nobody may be there to read it). Counted as `rejected_incomplete` and
+/// logged; nothing was accepted, so nothing is queued and the sender sends again.
+pub fn receive_incomplete(
+    req: &WebhookRequest,
+    why: Incomplete,
+    cfg: &ReceiverConfig,
+) -> WebhookResponse {
+    ReceiverStats::bump(&cfg.stats.incomplete);
+    match why {
+        Incomplete::TimedOut => {
+            let waited = cfg.body_timeout.as_secs_f64();
+            warn!(
+                source = req.source.as_str(),
+                seconds = waited,
+                "webhook refused: body not received in time (408), connection closed"
+            );
+            WebhookResponse::error(
+                408,
+                format!("the request body did not arrive within {waited} s"),
+            )
+        }
+        Incomplete::Broken => {
+            debug!(
+                source = req.source.as_str(),
+                "webhook body not read to its end: the connection broke"
+            );
+            WebhookResponse::error(400, "the request body ended before it was complete")
+        }
+    }
 }
 
 /// True when the call's credentials (query or headers; the body is not looked at) are right.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use dualwrite_connectors::{CoalescingConfig, Secret};
 use dualwrite_core::map::TableMap;
 use dualwrite_core::map::validate::load_maps;
-use dualwrite_receivers::{BusinessEventRoute, Coverage, SourceAuth};
+use dualwrite_receivers::{BusinessEventRoute, Coverage, DEFAULT_BODY_TIMEOUT, SourceAuth};
 use serde::Deserialize;
 
 /// The Entra ID authority used when an environment does not name one.
@@ -94,6 +94,10 @@ pub struct RawWebhooks {
     pub dataverse: RawWebhookSecret,
     /// What F&O data and business events present.
     pub fno: RawWebhookSecret,
+    /// Seconds a webhook's body may take to arrive once its headers did (1 to 600, default
+    /// 30); a sender stalled longer is answered 408 and its connection closed.
+    #[serde(default)]
+    pub body_timeout: Option<u64>,
 }
 
 /// Where one webhook secret comes from and how it is sent.
@@ -262,6 +266,8 @@ pub struct Config {
     pub dataverse_post_image_all_columns: bool,
     /// F&O business events acted on, by `BusinessEventId`, their key fields in key order.
     pub fno_business_events: BTreeMap<String, BusinessEventRoute>,
+    /// How long a webhook's body may take once its headers arrived (`webhooks.body_timeout`).
+    pub webhook_body_timeout: Duration,
     /// Worker settings.
     pub worker: WorkerSettings,
     /// Coalescing of connector calls into `$batch` requests.
@@ -633,6 +639,14 @@ impl RawConfig {
                  move it to webhooks.dataverse",
             );
         }
+        if let Some(secs) = self.webhooks.body_timeout
+            && !(1..=600).contains(&secs)
+        {
+            p.push(
+                "webhooks.body_timeout",
+                format!("is {secs}; give 1 to 600 seconds (default 30)"),
+            );
+        }
         if !(1..=1_024).contains(&self.worker.concurrency) {
             p.push(
                 "worker.concurrency",
@@ -701,6 +715,10 @@ impl RawConfig {
                         .post_image_all_columns
                         .unwrap_or(false),
                     fno_business_events: business_events,
+                    webhook_body_timeout: self
+                        .webhooks
+                        .body_timeout
+                        .map_or(DEFAULT_BODY_TIMEOUT, Duration::from_secs),
                     worker: WorkerSettings {
                         concurrency: self.worker.concurrency,
                         visibility_timeout: Duration::from_secs(self.worker.visibility_timeout),

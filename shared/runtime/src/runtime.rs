@@ -279,6 +279,9 @@ pub struct ReceiverCounts {
     pub rejected_unauthorized: u64,
     /// 413s.
     pub rejected_too_large: u64,
+    /// Bodies that did not arrive whole: 408 after `webhooks.body_timeout` (a stalled
+    /// sender), or the connection broke mid-body.
+    pub rejected_incomplete: u64,
     /// 400s.
     pub rejected_malformed: u64,
     /// 503s.
@@ -671,6 +674,7 @@ impl Shared {
                 ignored: r.ignored,
                 rejected_unauthorized: r.rejected_unauthorized,
                 rejected_too_large: r.rejected_too_large,
+                rejected_incomplete: r.rejected_incomplete,
                 rejected_malformed: r.rejected_malformed,
                 rejected_queue_unavailable: r.rejected_queue_unavailable,
                 settled: r.settled,
@@ -751,6 +755,7 @@ impl Runtime {
                 .with_complete_post_images(config.dataverse_post_image_all_columns),
         );
         receiver.business_events = config.fno_business_events.clone();
+        receiver.body_timeout = config.webhook_body_timeout;
         let receiver = Arc::new(receiver);
         let inbound: Arc<dyn WorkQueue> = work.clone();
         let shared = Arc::new(Shared {

@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
 use dualwrite_receivers::{
-    SourceKind, WebhookRequest, credentials_ok, receive_oversized, receive_screened,
+    Incomplete, SourceKind, WebhookRequest, WebhookResponse, credentials_ok, receive_incomplete,
+    receive_oversized, receive_screened,
 };
 use http_body_util::BodyExt;
 
@@ -69,11 +70,6 @@ enum ReadBody {
 /// A sender without the right credentials gets no more than twice the body limit read.
 const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 
-/// How long a webhook's body may take to arrive once its headers did. Dataverse gives up on a
-/// webhook after 60 s and F&O after 10 s, so a body still missing after 30 s comes from a
-/// sender that stalled.
-pub(crate) const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Reads the body, keeping at most `limit` bytes and reading at most `drain` bytes in all.
 /// `Err` when the connection failed.
 async fn read_body(mut body: Body, limit: usize, drain: u64) -> Result<ReadBody, axum::Error> {
@@ -121,35 +117,19 @@ async fn webhook(
     } else {
         (limit as u64).saturating_mul(2)
     };
-    let body = match tokio::time::timeout(BODY_TIMEOUT, read_body(body, limit, drain)).await {
+    let timeout = shared.receiver.body_timeout;
+    let body = match tokio::time::timeout(timeout, read_body(body, limit, drain)).await {
         Ok(Ok(body)) => body,
         Err(_) => {
             // A sender that stopped mid-body holds a connection (and a graceful shutdown) for
             // ever: answered 408 and closed. Nothing was accepted; the sender sends again.
-            tracing::warn!(
-                source = source.as_str(),
-                seconds = BODY_TIMEOUT.as_secs(),
-                "webhook body not received in time: answered 408, connection closed"
-            );
-            let mut response = (
-                StatusCode::REQUEST_TIMEOUT,
-                [(header::CONTENT_TYPE, "application/json")],
-                format!(
-                    r#"{{"error":"the request body did not arrive within {} s"}}"#,
-                    BODY_TIMEOUT.as_secs()
-                ),
-            )
-                .into_response();
-            response.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-            return response;
+            let answer = receive_incomplete(&request, Incomplete::TimedOut, &shared.receiver);
+            return json_response(answer, true);
         }
-        Ok(Err(e)) => {
-            // The sender went away mid-body: there is nobody to answer, nothing was accepted.
-            tracing::debug!(source = source.as_str(), error = %e, "webhook body not read to its end");
-            return StatusCode::BAD_REQUEST.into_response();
+        Ok(Err(_)) => {
+            // The sender went away mid-body: there is likely nobody to answer; counted.
+            let answer = receive_incomplete(&request, Incomplete::Broken, &shared.receiver);
+            return json_response(answer, true);
         }
     };
     let mut close = false;
@@ -170,6 +150,11 @@ async fn webhook(
             receive_oversized(&request, seen, ended, &shared.receiver)
         }
     };
+    json_response(answer, close)
+}
+
+/// The HTTP form of a receiver's answer; `Connection: close` when `close`.
+fn json_response(answer: WebhookResponse, close: bool) -> Response {
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (
         status,
