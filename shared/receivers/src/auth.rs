@@ -18,12 +18,24 @@ pub enum AuthError {
 }
 
 /// Checks the request's credential against `auth`.
+///
+/// A WebhookKey arrives in the query string, which is decoded as a form: a `+` sent as it is
+/// (not as `%2B`) reads as a space. Keys generated as Base64 (Azure Functions keys, most
+/// secrets) hold `+`, and the reference does not say that Dataverse percent-encodes the key,
+/// so the key is also compared with its spaces read back as `+`.
 pub fn authorize(req: &WebhookRequest, auth: &SourceAuth) -> Result<(), AuthError> {
     let (given, expected) = match auth {
-        SourceAuth::WebhookKey { secret } => (
-            req.query_param("code").ok_or(AuthError::MissingCode)?,
-            secret,
-        ),
+        SourceAuth::WebhookKey { secret } => {
+            let given = req.query_param("code").ok_or(AuthError::MissingCode)?;
+            let as_sent = given.replace(' ', "+");
+            let exact = constant_time_eq(given.as_bytes(), secret.as_bytes());
+            let plus = constant_time_eq(as_sent.as_bytes(), secret.as_bytes());
+            return if exact | plus {
+                Ok(())
+            } else {
+                Err(AuthError::Mismatch)
+            };
+        }
         SourceAuth::HttpHeader { name, value } => (
             req.header(name)
                 .ok_or_else(|| AuthError::MissingHeader(name.clone()))?,
@@ -82,6 +94,27 @@ mod tests {
         assert_eq!(authorize(&ok, &auth), Ok(()));
         assert_eq!(authorize(&bad, &auth), Err(AuthError::Mismatch));
         assert_eq!(authorize(&none, &auth), Err(AuthError::MissingCode));
+    }
+
+    #[test]
+    fn a_webhook_key_with_plus_signs_matches_whether_or_not_they_were_encoded() {
+        let auth = SourceAuth::WebhookKey {
+            secret: "aB+c/9+x==".into(),
+        };
+        for decoded in ["aB+c/9+x==", "aB c/9 x=="] {
+            let req = WebhookRequest::new(SourceKind::Dataverse, "").with_query("code", decoded);
+            assert_eq!(authorize(&req, &auth), Ok(()), "{decoded}");
+        }
+        for wrong in ["aB c/9 y==", "aB+c/9+x=", "aB-c/9-x=="] {
+            let req = WebhookRequest::new(SourceKind::Dataverse, "").with_query("code", wrong);
+            assert_eq!(authorize(&req, &auth), Err(AuthError::Mismatch), "{wrong}");
+        }
+        // A key that holds a space is still matched as it is.
+        let spaced = SourceAuth::WebhookKey {
+            secret: "a b".into(),
+        };
+        let req = WebhookRequest::new(SourceKind::Dataverse, "").with_query("code", "a b");
+        assert_eq!(authorize(&req, &spaced), Ok(()));
     }
 
     #[test]
