@@ -90,8 +90,8 @@
 //!
 //! # Cost
 //!
-//! `examples/throughput.rs` (64 concurrent senders, 8 consumers, events of 3 KB of JSON, both
-//! queues synced as in production) measured on the 2-core development VM, CPU per message of
+//! `examples/queue_throughput.rs` (64 concurrent senders, 8 consumers, events of 3 KB of JSON,
+//! both queues synced as in production) measured on the 2-core development VM, CPU per message of
 //! the whole process: `send` about 11 µs, of which encoding the event's JSON is 5.5 µs and the
 //! writer thread 3–4 µs (mostly the kernel's share of `pwrite` and `fdatasync`, one per batch
 //! of about 30); `receive` + `ack` about 5 µs (2 µs of it copying the event out). `SqliteQueue`

@@ -1,6 +1,6 @@
 //! Micro-benchmark of the log queue against the SQLite queue, on the same workload.
 //!
-//! Run with `cargo run --release -p dualwrite-logqueue --example throughput`. For each queue,
+//! Run with `cargo run --release -p dualwrite-logqueue --example queue_throughput`. For each queue,
 //! on a fresh directory or file in a temporary directory (synced as in production: the log
 //! queue `fdatasync`s each batch, SQLite runs WAL with `synchronous=FULL`), it measures:
 //! - sends/s: 64 concurrent tasks, each sending 200 one-message batches of about 3 KB;

@@ -1,6 +1,6 @@
 //! Micro-benchmark of the SQLite queue and store under concurrency (group commit at work).
 //!
-//! Run with `cargo run --release -p dualwrite-sqlite --example throughput`. It measures, on a
+//! Run with `cargo run --release -p dualwrite-sqlite --example sqlite_throughput`. It measures, on a
 //! fresh database file in a temporary directory (WAL, `synchronous=FULL`, as in production):
 //! - sends/s: 64 concurrent tasks, each sending 200 one-message batches;
 //! - commits/s: 8 concurrent tasks, each committing 500 times "link revision + 1, event
