@@ -448,6 +448,32 @@ pub(crate) fn target<'a>(ctx: &'a Obj<'a>) -> Result<(String, &'a Obj<'a>), Payl
     }
 }
 
+/// The input parameter `name` holding an Entity (F&O data events carry the row before the
+/// change as `PreImage` there), and its path; `None` when the context has no such parameter.
+pub(crate) fn input_entity<'a>(
+    ctx: &'a Obj<'a>,
+    name: &str,
+) -> Result<Option<(String, &'a Obj<'a>)>, PayloadError> {
+    let params = kv_list(ctx, "InputParameters", "")?;
+    let Some((i, value)) = params
+        .iter()
+        .enumerate()
+        .find(|(_, (k, _))| *k == name)
+        .map(|(i, (_, v))| (i, *v))
+    else {
+        return Ok(None);
+    };
+    let path = format!("InputParameters[{i}].value");
+    match value {
+        Json::Null => Ok(None),
+        Json::Object(o) => Ok(Some((path, o))),
+        _ => Err(PayloadError::WrongType {
+            field: path,
+            expected: "an Entity object",
+        }),
+    }
+}
+
 /// True when the Target is an EntityReference (Delete) rather than an Entity.
 pub(crate) fn is_reference(obj: &Obj<'_>) -> bool {
     match type_name(obj) {

@@ -12,9 +12,9 @@ use dualwrite_core::{
 
 use crate::config::{BusinessEventRoute, Coverage, ErpCoverage};
 use crate::context::{
-    ContextHead, Messages, Obj, conform_to_declared_types, entity_attributes, images, is_reference,
-    kv_list, opt_i64, opt_str, opt_wcf_date, parse_object, read_message, req_str, row_version,
-    target, typed_value,
+    ContextHead, Messages, Obj, conform_to_declared_types, entity_attributes, images, input_entity,
+    is_reference, kv_list, opt_i64, opt_str, opt_wcf_date, parse_object, read_message, req_str,
+    row_version, target, typed_value,
 };
 use crate::error::PayloadError;
 use crate::receive::{Accepted, Parsed};
@@ -83,6 +83,12 @@ fn data_event(
 
     let (target_path, target) = target(ctx)?;
     let mut raw: Vec<(SmolStr, Value)> = Vec::new();
+    // The row before the change: F&O sends it as the `PreImage` input parameter (the
+    // reference: "entity fields in InputParameters Target and PreImage"); an entity image
+    // registered the Dataverse way is read too. Later sources override earlier ones.
+    if let Some((path, image)) = input_entity(ctx, "PreImage")? {
+        raw.extend(entity_attributes(image, &path, coverage, &cov.types)?);
+    }
     for (path, image) in images(ctx, "PreEntityImages")? {
         raw.extend(entity_attributes(image, &path, coverage, &cov.types)?);
     }

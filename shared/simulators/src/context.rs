@@ -137,11 +137,18 @@ pub(crate) fn entity_reference(out: &mut Vec<u8>, logical_json: &str, id: &str) 
 /// Appends `[{"key":<key>,"value":<value>}]`, a list of one key-value pair whose value
 /// `value` writes.
 pub(crate) fn one_pair(out: &mut Vec<u8>, key: &str, value: impl FnOnce(&mut Vec<u8>)) {
-    raw(out, r#"[{"key":"#);
+    raw(out, "[");
+    pair(out, key, value);
+    raw(out, "]");
+}
+
+/// Writes one `{"key": key, "value": …}` entry of a list (no brackets).
+pub(crate) fn pair(out: &mut Vec<u8>, key: &str, value: impl FnOnce(&mut Vec<u8>)) {
+    raw(out, r#"{"key":"#);
     string(out, key);
     raw(out, r#","value":"#);
     value(out);
-    raw(out, "}]");
+    raw(out, "}");
 }
 
 #[cfg(test)]

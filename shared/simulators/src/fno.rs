@@ -1003,17 +1003,21 @@ fn data_event(
             out.push(b'}');
         });
     };
+    // The reference: "entity fields in InputParameters Target and PreImage" — the row before
+    // the change is an input parameter of the OnExternal* message, not an entity image.
     let input = |out: &mut Vec<u8>| {
-        context::one_pair(out, "Target", |out| match c.message {
+        json::raw(out, "[");
+        context::pair(out, "Target", |out| match c.message {
             FnoMessage::Deleted => {
                 context::entity_reference(out, &names.logical_json, &c.row.guid);
             }
             _ => entity(out, &c.row),
         });
-    };
-    let pre = |out: &mut Vec<u8>| match &c.pre {
-        Some(p) => context::one_pair(out, "PreImage", |out| entity(out, p)),
-        None => json::raw(out, "[]"),
+        if let Some(p) = &c.pre {
+            json::raw(out, ",");
+            context::pair(out, "PreImage", |out| entity(out, p));
+        }
+        json::raw(out, "]");
     };
     let empty = |out: &mut Vec<u8>| json::raw(out, "[]");
     let created = wcf_date(created_on);
@@ -1029,7 +1033,7 @@ fn data_event(
         stage: 40,
         input_parameters: &input,
         post_entity_images: &empty,
-        pre_entity_images: &pre,
+        pre_entity_images: &empty,
         shared_variables: &empty,
         parent: None,
     };
@@ -1432,18 +1436,18 @@ mod tests {
             }
             _ => entity(&c.row),
         };
-        let pre = c.pre.as_ref().map_or_else(
-            || json!([]),
-            |p| json!([{"key": "PreImage", "value": entity(p)}]),
-        );
+        let mut input = vec![json!({"key": "Target", "value": target})];
+        if let Some(p) = &c.pre {
+            input.push(json!({"key": "PreImage", "value": entity(p)}));
+        }
         json!({
             "BusinessUnitId": "e2b9dd85-e89e-e711-8122-000d3aa2331c", "CorrelationId": corr, "Depth": 1,
-            "InitiatingUserId": "c3c3c3c3-0000-4000-8000-000000000003", "InputParameters": [{"key": "Target", "value": target}],
+            "InitiatingUserId": "c3c3c3c3-0000-4000-8000-000000000003", "InputParameters": input,
             "IsExecutingOffline": false, "IsInTransaction": false, "IsOfflinePlayback": false, "IsolationMode": 1,
             "MessageName": c.message.data_event_name(), "Mode": 1, "OperationCreatedOn": wcf_date(created_on),
             "OperationId": operation_id, "OrganizationId": "4ef5b371-e89e-e711-8122-000d3aa2331c", "OrganizationName": "fnosim",
             "OutputParameters": [], "OwningExtension": {"Id": "75417616-4ea2-e711-8122-000d3aa2331c", "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep", "Name": null, "RowVersion": null},
-            "ParentContext": null, "PostEntityImages": [], "PreEntityImages": pre,
+            "ParentContext": null, "PostEntityImages": [], "PreEntityImages": [],
             "PrimaryEntityId": c.row.guid, "PrimaryEntityName": logical, "RequestId": null,
             "SecondaryEntityName": "none", "SharedVariables": [], "Stage": 40, "UserId": "c3c3c3c3-0000-4000-8000-000000000003",
         })

@@ -146,6 +146,47 @@ fn data_event_delete_takes_the_key_from_key_attributes() {
 }
 
 #[test]
+fn data_event_delete_takes_the_key_from_the_pre_image_input_parameter() {
+    // As the reference describes data events ("entity fields in InputParameters Target and
+    // PreImage"): the delete's Target is a bare reference, the row is the PreImage parameter.
+    let body = edited(FNO_DATA_EVENT, |v| {
+        v["MessageName"] = json!("OnExternalDeleted");
+        let pre = v["PreEntityImages"][0]["value"].clone();
+        assert!(pre.is_object(), "the fixture has a pre image");
+        v["PreEntityImages"] = json!([]);
+        v["InputParameters"] = json!([
+            {"key": "Target", "value": {
+                "__type": "EntityReference:http://schemas.microsoft.com/xrm/2011/Contracts",
+                "Id": "00000da5-0000-0000-e84d-005001000000", "KeyAttributes": [],
+                "LogicalName": "mserp_customersv3", "Name": null, "RowVersion": null
+            }},
+            {"key": "PreImage", "value": pre}
+        ]);
+    });
+    let ev = event_of(parse_data_event(&fno(&body), &coverage(), now()).unwrap()).event;
+    assert_eq!(ev.operation, Operation::Delete);
+    assert_eq!(
+        ev.record.id.as_deref(),
+        Some("dataAreaId='usmf',CustomerAccount='US-001'")
+    );
+}
+
+#[test]
+fn a_pre_image_input_parameter_that_is_not_an_entity_is_refused_naming_it() {
+    let body = edited(FNO_DATA_EVENT, |v| {
+        v["InputParameters"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"key": "PreImage", "value": 7}));
+    });
+    let err = parse_data_event(&fno(&body), &coverage(), now()).unwrap_err();
+    assert!(
+        err.to_string().contains("InputParameters[1].value"),
+        "{err}"
+    );
+}
+
+#[test]
 fn data_event_without_its_key_is_refused() {
     let body = edited(FNO_DATA_EVENT, |v| {
         v["PreEntityImages"] = json!([]);
