@@ -28,6 +28,12 @@
 //!
 //! A lookup resolved as missing parks the change ([`Decision::Park`]) until the referenced
 //! pair is linked: never a dangling reference, never a dropped event.
+//!
+//! A delete: without a link → [`SkipReason::NoLink`]; the echo of dualwrite's own delete of
+//! the source side (the link announces it: [`Link::pending`] holding [`FieldsHash::DELETED`]
+//! for that side) → [`SkipReason::Echo`], with nothing to commit; older than the link's
+//! version of the source → [`SkipReason::Stale`]; an open conflict parks it; otherwise the
+//! map's [`DeletePolicy`] on the other side, and the link removed.
 
 use chrono::{DateTime, Utc};
 use smol_str::SmolStr;
@@ -628,6 +634,11 @@ fn decide_delete(input: &DecisionInput<'_>) -> Decision {
     let Some(link) = input.link else {
         return skip(SkipReason::NoLink);
     };
+    // The delete dualwrite is making of this very record (a delete on the other side
+    // propagated here), whose echo overtook the worker's commit removing the link.
+    if is_pending(link, source, FieldsHash::DELETED) {
+        return skip(SkipReason::Echo);
+    }
     if is_older(input.record.version, link.side(source).version) {
         return skip(SkipReason::Stale);
     }
@@ -1207,6 +1218,47 @@ mod tests {
             run(&m, &e3, Some(&link), Some(&c)),
             Decision::Write(_)
         ));
+    }
+
+    #[test]
+    fn the_echo_of_a_delete_dualwrite_is_making_is_an_echo() {
+        use crate::ports::PendingWrite;
+        let m = map();
+        let (c, e) = (crm("Contoso", at(10, 5)), erp("Contoso", at(11, 1)));
+        let mut link = link_of(&m, &c, &e);
+        let empty = ResolvedLookups::new();
+        let key = IntegrationKey("A1".into());
+        let mut gone = Record::new("Customers");
+        gone.version = at(12, 2);
+        let erp_delete = |link: &Link| {
+            decide(&DecisionInput {
+                map: &m,
+                source: Side::Erp,
+                operation: Operation::Delete,
+                event_id: "e2",
+                key: &key,
+                record: &gone,
+                link: Some(link),
+                other: None,
+                source_hash: FieldsHash(0),
+                source_fields: None,
+                lookups: &empty,
+                other_lookups: &empty,
+                now: DateTime::UNIX_EPOCH,
+            })
+        };
+        // A CRM delete is being propagated to F&O; F&O's webhook of it overtakes the commit.
+        link.pending = Some(PendingWrite {
+            side: Side::Erp,
+            hash: FieldsHash::DELETED,
+        });
+        assert_eq!(erp_delete(&link), skip(SkipReason::Echo));
+        // A delete announced to the other side does not hide a delete made here.
+        link.pending = Some(PendingWrite {
+            side: Side::Crm,
+            hash: FieldsHash::DELETED,
+        });
+        assert!(matches!(erp_delete(&link), Decision::Delete(_)));
     }
 
     #[test]

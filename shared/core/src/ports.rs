@@ -23,6 +23,13 @@ use crate::record::{IntegrationKey, Record, RecordKey, Side, SourceVersion};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FieldsHash(#[serde(with = "hex_u128")] pub u128);
 
+impl FieldsHash {
+    /// What a [`PendingWrite`] announcing a *delete* of its side holds in place of a hash of
+    /// fields (the side will hold no fields). A hash of real fields equal to it has a chance
+    /// of 2⁻¹²⁸.
+    pub const DELETED: FieldsHash = FieldsHash(u128::MAX);
+}
+
 mod hex_u128 {
     use serde::{Deserialize, Deserializer, Serializer};
 

@@ -466,7 +466,7 @@ impl<'a> MapRun<'a> {
         match decision {
             Decision::Skip { reason, link } => self.skip(reason, link, pair.key).await,
             Decision::Write(plan) => self.write(plan, pair.key, pair.link).await,
-            Decision::Delete(plan) => self.delete(plan, pair.key).await,
+            Decision::Delete(plan) => self.delete(plan, pair.key, pair.link).await,
             Decision::HoldConflict { link, conflict } => {
                 self.hold_conflict(link, conflict, pair.key).await
             }
@@ -741,12 +741,32 @@ impl<'a> MapRun<'a> {
 
     /// Applies a delete per the map's delete policy (delete or deactivate the other side, or
     /// leave it), then removes or updates the link with the completion.
+    ///
+    /// A delete of the other side is announced on the link first (`stored`, the link as
+    /// read): the other side's webhook of that delete may arrive before the link's removal is
+    /// committed, and must be known as the echo it is, not taken for a delete to propagate
+    /// back. A failed delete withdraws its announcement as a failed write does.
     async fn delete(
         &self,
         mut plan: DeletePlan,
         key: IntegrationKey,
+        stored: Option<Link>,
     ) -> Result<MapStep, Interrupt> {
         let engine = self.engine;
+        let mut announced = None;
+        let mut before_announcing = None;
+        if let (DeleteAction::DeleteOther { side, .. }, Some(mut link)) = (&plan.action, stored) {
+            before_announcing = link.pending;
+            self.announce(&mut link, *side, FieldsHash::DELETED, None)
+                .await?;
+            if let LinkChange::Remove {
+                expected_revision, ..
+            } = &mut plan.link
+            {
+                *expected_revision = link.revision;
+            }
+            announced = Some(link);
+        }
         let result = match &plan.action {
             DeleteAction::DeleteOther { side, entity, at } => engine
                 .connector(*side)
@@ -770,6 +790,11 @@ impl<'a> MapRun<'a> {
                 (DeleteAction::DeleteOther { .. }, _, _) => engine.stats.inc(Counter::Deletes),
                 _ => {}
             },
+            Err(e) if announced.is_some() => {
+                return Err(self
+                    .write_failure(&key, announced.as_ref(), before_announcing, e)
+                    .await);
+            }
             Err(e) => return Err(self.connector_failure(Some(&key), e).await),
         }
         let mut ops = vec![match plan.link {

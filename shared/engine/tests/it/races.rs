@@ -94,6 +94,28 @@ impl Connector for Hooked {
             self.inner.fail_next(ConnectorErrorKind::PreconditionFailed);
         }
         let out = self.inner.upsert(entity, at, record, condition).await?;
+        self.after_landing().await;
+        Ok(out)
+    }
+
+    async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
+        self.inner.delete(entity, at).await?;
+        self.after_landing().await;
+        Ok(())
+    }
+
+    async fn upsert_batch(
+        &self,
+        entity: &str,
+        items: &[(RecordRef, Record)],
+    ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
+        self.inner.upsert_batch(entity, items).await
+    }
+}
+
+impl Hooked {
+    /// What a write (upsert or delete) does once it landed, as armed.
+    async fn after_landing(&self) {
         let after = std::mem::replace(&mut *self.after_write.lock().unwrap(), AfterWrite::Proceed);
         let events = match after {
             AfterWrite::Proceed => Vec::new(),
@@ -116,19 +138,6 @@ impl Connector for Hooked {
                 self.outcomes.lock().unwrap().push(outcome);
             }
         }
-        Ok(out)
-    }
-
-    async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
-        self.inner.delete(entity, at).await
-    }
-
-    async fn upsert_batch(
-        &self,
-        entity: &str,
-        items: &[(RecordRef, Record)],
-    ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
-        self.inner.upsert_batch(entity, items).await
     }
 }
 
@@ -641,4 +650,69 @@ async fn a_write_refused_with_412_leaves_no_announcement_behind() {
         Some((text("New"), Value::Integer(100)))
     );
     assert_eq!(w.account(Side::Crm, "A1"), w.account(Side::Erp, "A1"));
+}
+
+/// The link of A1, if any.
+async fn link_a1(w: &World) -> Option<Link> {
+    w.store
+        .link("accounts", &IntegrationKey("A1".into()))
+        .await
+        .unwrap()
+}
+
+/// The echo of a propagated delete (the F&O webhook of dualwrite's own delete) processed by a
+/// second worker before the writer commits the link's removal: the link announces the delete,
+/// so it is an echo. It used to find the link and propagate the delete back to the side it
+/// came from (an extra delete call, counted as a delete).
+#[tokio::test]
+async fn the_echo_of_a_delete_overtaking_its_commit_is_an_echo() {
+    let (w, hooked) = linked(ConflictPolicy::LastWriterWins).await;
+    let writes_before = w.writes();
+    let at = RecordRef::Key(dualwrite_core::RecordKey::new([("accountnumber", "A1")]));
+    let user_delete = w.crm.delete_by_user("accounts", &at).expect("A1 exists");
+    hooked.arm(AfterWrite::ProcessEchoes);
+    let out = w.engine.process(&user_delete).await.unwrap();
+    assert_eq!(out.maps[0].action, MapAction::Deleted);
+    let echoes = hooked.outcomes();
+    assert_eq!(echoes.len(), 1, "the echo was processed mid-delete");
+    assert_eq!(
+        echoes[0].maps[0].action,
+        MapAction::Skipped(SkipReason::Echo)
+    );
+    assert_eq!(w.writes(), writes_before + 1, "one delete, nothing else");
+    assert_eq!(w.account(Side::Erp, "A1"), None);
+    assert_eq!(w.engine.stats().deletes, 1);
+    assert!(
+        link_a1(&w).await.is_none(),
+        "the writer's commit removed the link"
+    );
+    w.settle(Vec::new()).await;
+    assert_eq!(w.writes(), writes_before + 1);
+}
+
+/// A delete refused for good withdraws its announcement: a later delete made by a person on
+/// the other side must not pass for the echo of the one that failed.
+#[tokio::test]
+async fn a_delete_refused_for_good_withdraws_its_announcement() {
+    let (w, _hooked) = linked(ConflictPolicy::LastWriterWins).await;
+    let at = RecordRef::Key(dualwrite_core::RecordKey::new([("accountnumber", "A1")]));
+    let user_delete = w.crm.delete_by_user("accounts", &at).expect("A1 exists");
+    w.erp.fail_next(ConnectorErrorKind::Forbidden);
+    let out = w.engine.process(&user_delete).await.unwrap();
+    assert!(
+        matches!(out.maps[0].action, MapAction::Failed { .. }),
+        "{out:?}"
+    );
+    let link = link_of(&w).await;
+    assert_eq!(link.pending, None, "the announcement is withdrawn");
+    assert!(w.account(Side::Erp, "A1").is_some(), "still in F&O");
+    // The person deletes the F&O customer too: a delete of a linked pair, not an echo.
+    let erp_at = RecordRef::Key(dualwrite_core::RecordKey::new([("CustomerAccount", "A1")]));
+    let erp_delete = w
+        .erp
+        .delete_by_user(crate::harness::CUSTOMERS, &erp_at)
+        .expect("exists");
+    let out = w.engine.process(&erp_delete).await.unwrap();
+    assert_eq!(out.maps[0].action, MapAction::Deleted, "{out:?}");
+    assert!(link_a1(&w).await.is_none());
 }

@@ -495,3 +495,50 @@ async fn a_change_refused_for_good_is_kept_and_syncs_when_sent_again() {
     assert_eq!(s.fno_events("CustomersV3") - fno_events, 1, "written once");
     s.rt.shutdown().await;
 }
+
+/// Deletes travel both ways over HTTP: an F&O delete (its data event carries the row as the
+/// `PreImage` input parameter and a bare reference as the Target) removes the Dataverse
+/// account, and a Dataverse delete removes the F&O customer; each once, nothing recreated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_flow_both_ways() {
+    let s = Stack::start(StackOptions::default()).await;
+    s.synced_account("E2E-0030", "Deleted in F&O", 100).await;
+    let dv_id = s
+        .synced_account("E2E-0031", "Deleted in Dataverse", 200)
+        .await;
+    let before = s.stats().await.engine;
+
+    s.fno
+        .user_delete(
+            "CustomersV3",
+            &crate::harness::Stack::customer_key("E2E-0030"),
+        )
+        .unwrap();
+    wait_until("account E2E-0030 gone from Dataverse", || {
+        s.account("E2E-0030").is_none().then_some(())
+    })
+    .await;
+    s.dv.user_delete("accounts", &dv_id).unwrap();
+    wait_until("customer E2E-0031 gone from F&O", || {
+        s.customer("E2E-0031").is_none().then_some(())
+    })
+    .await;
+    s.wait_idle().await;
+
+    let after = s.stats().await.engine;
+    assert_eq!(after.deletes - before.deletes, 2, "{after}");
+    assert_eq!(after.errors, before.errors, "{after}");
+    // Each delete's webhook from the side dualwrite deleted is an echo (before the link's
+    // removal committed) or finds no link (after): never a delete sent back.
+    assert_eq!(
+        (after.echoes_suppressed + after.skipped) - (before.echoes_suppressed + before.skipped),
+        2,
+        "{after}"
+    );
+    assert!(s.customer("E2E-0030").is_none(), "not recreated in F&O");
+    assert!(
+        s.account("E2E-0031").is_none(),
+        "not recreated in Dataverse"
+    );
+    s.rt.shutdown().await;
+}
