@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dualwrite_connectors::CoalescingConfig;
 use dualwrite_core::map::TableMap;
+use dualwrite_core::map::filter::{Filter, Literal};
 use dualwrite_core::{Side, ValueType};
 use dualwrite_receivers::BusinessEventRoute;
 use dualwrite_simulators::{
@@ -443,6 +444,29 @@ pub fn erp_key_types(maps: &[TableMap]) -> Vec<FnoKeyType> {
         .collect()
 }
 
+/// The F&O enum fields a filter compares with enum literals, and their enum types (without
+/// the `Microsoft.Dynamics.DataEntities.` namespace): what the local run knows of F&O's enum
+/// types, so that the simulator refuses a filter comparing them with anything else.
+fn enum_comparisons(filter: &Filter) -> Vec<(String, String)> {
+    match filter {
+        Filter::And(a, b) | Filter::Or(a, b) => {
+            let mut out = enum_comparisons(a);
+            out.extend(enum_comparisons(b));
+            out
+        }
+        Filter::Not(a) => enum_comparisons(a),
+        Filter::Compare {
+            field,
+            value: Literal::Enum { ty, .. },
+            ..
+        } => ty
+            .strip_prefix("Microsoft.Dynamics.DataEntities.")
+            .map(|t| vec![(field.clone(), t.to_string())])
+            .unwrap_or_default(),
+        Filter::Compare { .. } | Filter::Text { .. } => Vec::new(),
+    }
+}
+
 /// F&O entities for the maps: key = `dataAreaId` (company-specific) + natural key.
 pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
     let mut seen = BTreeSet::new();
@@ -489,6 +513,12 @@ pub fn erp_entities(maps: &[TableMap]) -> Vec<FnoEntityDef> {
                 .iter()
                 .filter(|other| other.erp.entity == m.erp.entity)
                 .find_map(|other| other.erp.physical_name.clone()),
+            enum_fields: maps
+                .iter()
+                .filter(|other| other.erp.entity == m.erp.entity)
+                .filter_map(|other| other.filters.erp.as_ref())
+                .flat_map(enum_comparisons)
+                .collect(),
         });
     }
     out

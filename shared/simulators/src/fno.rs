@@ -22,7 +22,8 @@ use crate::context::{self, RemoteContext};
 use crate::entra::EntraSim;
 use crate::json;
 use crate::odata::{
-    KeyPart, Row, eval, order_rows, parse_filter, parse_key, parse_orderby, split_key_segment,
+    KeyPart, Row, check_enum_types, eval, order_rows, parse_filter, parse_key, parse_orderby,
+    split_key_segment,
 };
 use crate::webhook::{Delivery, DeliveryRecord, Dispatcher, RetryPolicy};
 
@@ -56,6 +57,11 @@ pub struct FnoEntityDef {
     /// the entity's Dataverse virtual table, named `mserp_` and the physical name in lower
     /// case; without one, the simulator names it after `entity_set`.
     pub physical_name: Option<String>,
+    /// The entity's enum fields other than `NoYes` ones, by field: the enum type's name in
+    /// `$metadata` (`DirPartyBaseType`). A `$filter` comparing one with anything but a literal
+    /// of that type (`Microsoft.Dynamics.DataEntities.DirPartyBaseType'Person'`) is refused
+    /// with 400, as F&O's OData refuses it.
+    pub enum_fields: BTreeMap<String, String>,
 }
 
 /// Change kinds an event endpoint can subscribe to.
@@ -799,7 +805,14 @@ impl FnoState {
                 );
             }
         }
-        let filter = match q("$filter").map(parse_filter).transpose() {
+        let filter = match q("$filter")
+            .map(|f| {
+                let parsed = parse_filter(f)?;
+                check_enum_types(&parsed, &entity.def.enum_fields)?;
+                Ok::<_, String>(parsed)
+            })
+            .transpose()
+        {
             Ok(f) => f,
             Err(e) => return err(StatusCode::BAD_REQUEST, &format!("Invalid $filter: {e}.")),
         };
@@ -1463,6 +1476,7 @@ mod tests {
                 fields: vec!["Name".into(), "CreditLimit".into()],
                 text_fields: vec!["Name".into()],
                 physical_name: Some("CustCustomerV3Entity".into()),
+                enum_fields: Default::default(),
             },
             &[],
         )
@@ -1564,6 +1578,7 @@ mod tests {
                 fields: vec!["Name".into()],
                 text_fields: Vec::new(),
                 physical_name: None,
+                enum_fields: Default::default(),
             }],
             max_page_size: 2,
             ..FnoConfig::default()
@@ -1658,6 +1673,7 @@ mod tests {
                 ],
                 text_fields: vec!["Name".into()],
                 physical_name: None,
+                enum_fields: Default::default(),
             },
             &[],
         );

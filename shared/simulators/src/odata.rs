@@ -21,6 +21,11 @@ pub(crate) enum Term {
     Date(DateTime<Utc>),
     Guid(String),
     Field(String),
+    /// `Namespace.Type'Symbol'`.
+    Enum {
+        ty: String,
+        symbol: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +36,20 @@ pub(crate) enum CmpOp {
     Ge,
     Lt,
     Le,
+}
+
+impl CmpOp {
+    /// The operator's name in ODataLib's messages (`BinaryOperatorKind`).
+    fn kind_name(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "Equal",
+            CmpOp::Ne => "NotEqual",
+            CmpOp::Gt => "GreaterThan",
+            CmpOp::Ge => "GreaterThanOrEqual",
+            CmpOp::Lt => "LessThan",
+            CmpOp::Le => "LessThanOrEqual",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +78,8 @@ enum Tok {
     Comma,
     Str(String),
     Word(String),
-    Enum(String),
+    /// `Namespace.Type'Symbol'`: the qualified type and the symbol.
+    Enum(String, String),
 }
 
 fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
@@ -96,7 +116,7 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
                 if i < chars.len() && chars[i] == '\'' {
                     // Enum literal: Namespace.Type'Value'
                     let (lit, next) = read_quoted(&chars, i)?;
-                    out.push(Tok::Enum(lit));
+                    out.push(Tok::Enum(word, lit));
                     i = next;
                 } else {
                     out.push(Tok::Word(word));
@@ -266,10 +286,78 @@ impl Parser {
             .ok_or("the expression ends where a value was expected")?;
         self.pos += 1;
         match t {
-            Tok::Str(s) | Tok::Enum(s) => Ok(Term::Str(s)),
+            Tok::Str(s) => Ok(Term::Str(s)),
+            Tok::Enum(ty, symbol) => Ok(Term::Enum { ty, symbol }),
             Tok::Word(w) => Ok(word_term(&w)),
             other => Err(format!("unexpected {other:?} where a value was expected")),
         }
+    }
+}
+
+/// The namespace of F&O's enum types in `$metadata`.
+pub(crate) const FNO_ENUM_NAMESPACE: &str = "Microsoft.Dynamics.DataEntities";
+
+/// Checks the comparisons of `f` the way F&O's OData does for enum fields (`enum_fields`:
+/// field → enum type name, unqualified): an enum field compares only with a literal of its
+/// own type (or null). The error is OData's "A binary operator with incompatible types was
+/// detected."
+pub(crate) fn check_enum_types(
+    f: &Filter,
+    enum_fields: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    let type_of = |t: &Term| -> Option<String> {
+        Some(match t {
+            Term::Null => return None,
+            Term::Bool(_) => "Edm.Boolean".into(),
+            Term::Num(n) if n.fract() == 0.0 => "Edm.Int32".into(),
+            Term::Num(_) => "Edm.Decimal".into(),
+            Term::Str(_) => "Edm.String".into(),
+            Term::Date(_) => "Edm.DateTimeOffset".into(),
+            Term::Guid(_) => "Edm.Guid".into(),
+            Term::Enum { ty, .. } => ty.clone(),
+            Term::Field(name) => match enum_fields.get(name) {
+                Some(ty) => format!("{FNO_ENUM_NAMESPACE}.{ty}"),
+                // A field that is no enum: only an enum literal is out of place against it.
+                None => return None,
+            },
+        })
+    };
+    match f {
+        Filter::And(a, b) | Filter::Or(a, b) => {
+            check_enum_types(a, enum_fields)?;
+            check_enum_types(b, enum_fields)
+        }
+        Filter::Not(a) => check_enum_types(a, enum_fields),
+        Filter::Cmp(a, op, b) => {
+            let is_enum_side = |t: &Term| match t {
+                Term::Enum { .. } => true,
+                Term::Field(name) => enum_fields.contains_key(name),
+                _ => false,
+            };
+            if !is_enum_side(a) && !is_enum_side(b) {
+                return Ok(());
+            }
+            // Only fields declared as enums are checked: the simulator does not know the
+            // types of the others (nor which of them are NoYes enums).
+            let declared = |t: &Term| matches!(t, Term::Field(n) if enum_fields.contains_key(n));
+            if !declared(a) && !declared(b) {
+                return Ok(());
+            }
+            let (ta, tb) = (type_of(a), type_of(b));
+            let incompatible = matches!((&ta, &tb), (Some(x), Some(y)) if x != y);
+            if incompatible {
+                let name = |t: Option<String>| t.unwrap_or_else(|| "Edm.String".into());
+                return Err(format!(
+                    "A binary operator with incompatible types was detected. Found operand types \
+                     '{}' and '{}' for operator kind '{}'",
+                    name(ta),
+                    name(tb),
+                    op.kind_name()
+                ));
+            }
+            Ok(())
+        }
+        Filter::Func(..) | Filter::Bare(_) => Ok(()),
     }
 }
 
@@ -312,6 +400,7 @@ fn operand(t: &Term, row: &Row) -> Operand {
         Term::Bool(b) => Operand::Bool(*b),
         Term::Num(n) => Operand::Num(*n),
         Term::Str(s) | Term::Guid(s) => Operand::Str(s.clone()),
+        Term::Enum { symbol, .. } => Operand::Str(symbol.clone()),
         Term::Date(d) => Operand::Date(*d),
         Term::Field(f) => json_operand(row.get(f.as_str())),
     }

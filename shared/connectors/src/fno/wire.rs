@@ -23,8 +23,10 @@ pub const MODIFIED_FIELD: &str = "ModifiedDateTime";
 
 /// Renders `filter` as F&O `$filter` text: core's [`Filter::to_odata`], except that a `Yes` or
 /// `No` compared with a field the schema types as an enum is written as F&O's enum literal
-/// `Microsoft.Dynamics.DataEntities.NoYes'Yes'`. Other enum types cannot be named from a table
-/// map, so their symbols stay plain strings (`PartyType eq 'Organization'`).
+/// `Microsoft.Dynamics.DataEntities.NoYes'Yes'`. Other enum types are named by the map itself
+/// with an enum literal (`PartyType eq Microsoft.Dynamics.DataEntities.DirPartyBaseType'Person'`),
+/// written as it is; the maps refuse a plain text compared with another enum field, which F&O
+/// would refuse.
 ///
 /// Only that difference is F&O's: such literals are swapped for unique placeholder texts,
 /// core renders the filter, and the placeholders are replaced by the enum literals.

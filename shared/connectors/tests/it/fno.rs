@@ -242,8 +242,28 @@ async fn enum_filters_and_incremental_paging_return_each_record_once() {
             )
             .expect("seed");
     }
-    let filter =
-        parse_filter("CreditLimitIsMandatory eq 'Yes' and PartyType eq 'Organization'").unwrap();
+    // A plain text against the enum field is refused by F&O (and the simulator), naming why.
+    let untyped = Query {
+        filter: Some(
+            parse_filter("CreditLimitIsMandatory eq 'Yes' and PartyType eq 'Organization'")
+                .unwrap(),
+        ),
+        modified_since: None,
+        page_size: Some(50),
+        page_token: None,
+    };
+    let refused = env.erp.query("CustomersV3", &untyped).await.unwrap_err();
+    assert_eq!(refused.kind, ConnectorErrorKind::BadRequest, "{refused}");
+    assert!(
+        refused.message.contains("incompatible types"),
+        "{}",
+        refused.message
+    );
+    let filter = parse_filter(
+        "CreditLimitIsMandatory eq 'Yes' and \
+         PartyType eq Microsoft.Dynamics.DataEntities.DirPartyBaseType'Organization'",
+    )
+    .unwrap();
     let mut query = Query {
         filter: Some(filter),
         modified_since: Some(since),

@@ -96,6 +96,12 @@ impl Env {
             fields: Vec::new(),
             text_fields: Vec::new(),
             physical_name: None,
+            // F&O types CustomersV3.PartyType as DirPartyBaseType: a filter must name it.
+            enum_fields: if set == "CustomersV3" {
+                [("PartyType".to_string(), "DirPartyBaseType".to_string())].into()
+            } else {
+                Default::default()
+            },
         };
         let fno = sim::FnoSim::start(sim::FnoConfig {
             entities: vec![

@@ -10,7 +10,13 @@
 //! primary := "(" or ")" | func "(" field "," 'text' ")" | field op literal
 //! op      := eq | ne | gt | ge | lt | le
 //! literal := null | true | false | number | 'text' | 2026-05-01T00:00:00Z | 2026-05-01
+//!          | Qualified.EnumType'Symbol'
 //! ```
+//!
+//! An enum literal is OData's: the enum type's qualified name followed at once by the quoted
+//! symbol (F&O: `Microsoft.Dynamics.DataEntities.DirPartyBaseType'Organization'`). F&O refuses
+//! a plain text compared with an enum field, so F&O filters on enums other than `NoYes` name
+//! the type this way (the connector writes `NoYes` itself for `'Yes'` / `'No'`).
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -75,6 +81,14 @@ pub enum Literal {
     Boolean(bool),
     /// `2026-05-01T00:00:00Z` (unquoted, as OData writes it).
     DateTime(chrono::DateTime<chrono::FixedOffset>),
+    /// `Microsoft.Dynamics.DataEntities.DirPartyBaseType'Organization'`: an enum symbol with
+    /// its type's qualified name. Compares like a text with an enum symbol.
+    Enum {
+        /// The qualified enum type name.
+        ty: String,
+        /// The symbol.
+        symbol: String,
+    },
 }
 
 /// Why a filter text could not be parsed: where, what the parser expected and what it found.
@@ -182,6 +196,10 @@ impl fmt::Display for Literal {
             Literal::Number(d) => write!(f, "{d}"),
             Literal::Boolean(b) => write!(f, "{b}"),
             Literal::DateTime(t) => f.write_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+            Literal::Enum { ty, symbol } => {
+                f.write_str(ty)?;
+                write_quoted(f, symbol)
+            }
         }
     }
 }
@@ -294,6 +312,8 @@ fn compare(actual: &Value, literal: &Literal) -> Option<Ordering> {
         (Value::Null, _) | (_, Literal::Null) => None,
         (Value::Text(s), Literal::Text(t)) => Some(s.as_str().cmp(t.as_str())),
         (Value::Enum(s), Literal::Text(t)) => Some(cmp_ignoring_case(s, t)),
+        (Value::Enum(s), Literal::Enum { symbol, .. }) => Some(cmp_ignoring_case(s, symbol)),
+        (Value::Text(s), Literal::Enum { symbol, .. }) => Some(cmp_ignoring_case(s, symbol)),
         (Value::Lookup(l), Literal::Text(t)) => l.id.as_ref().map(|id| cmp_ignoring_case(id, t)),
         (Value::Integer(i) | Value::Choice(i), Literal::Number(n)) => {
             Some(Decimal::from(*i).cmp(n))
@@ -616,8 +636,25 @@ impl Parser {
     }
 
     fn literal(&mut self) -> Result<Literal, FilterError> {
-        const EXPECTED: &str = "a value: null, true, false, a number, a quoted text or a date-time";
+        const EXPECTED: &str = "a value: null, true, false, a number, a quoted text, a date-time \
+                                or an enum literal such as Namespace.EnumType'Symbol'";
         let t = self.next(EXPECTED)?;
+        // A qualified type name followed at once by a quoted text is an enum literal.
+        if let TokenKind::Word(w) = &t.kind
+            && w.contains('.')
+            && let Some(Token {
+                kind: TokenKind::Text(symbol),
+                column,
+            }) = self.peek()
+            && *column == t.column + w.chars().count()
+        {
+            let literal = Literal::Enum {
+                ty: w.clone(),
+                symbol: symbol.clone(),
+            };
+            self.pos += 1;
+            return Ok(literal);
+        }
         Ok(match t.kind {
             TokenKind::Text(s) => Literal::Text(s),
             TokenKind::Number(n) => Literal::Number(n),
@@ -701,6 +738,34 @@ mod tests {
             parse_filter("modifiedon lt 2026-05-01").unwrap(),
             cmp("modifiedon", CompareOp::Lt, Literal::DateTime(t))
         );
+    }
+
+    #[test]
+    fn an_enum_literal_names_its_type_and_compares_with_the_symbol() {
+        let f = parse_filter(
+            "PartyType eq Microsoft.Dynamics.DataEntities.DirPartyBaseType'Organization'",
+        )
+        .unwrap();
+        let organization = Literal::Enum {
+            ty: "Microsoft.Dynamics.DataEntities.DirPartyBaseType".into(),
+            symbol: "Organization".into(),
+        };
+        assert_eq!(f, cmp("PartyType", CompareOp::Eq, organization));
+        assert_eq!(
+            f.to_odata(),
+            "PartyType eq Microsoft.Dynamics.DataEntities.DirPartyBaseType'Organization'"
+        );
+        let party = |v: Value| Record::new("CustomersV3").with("PartyType", v);
+        assert!(f.matches(&party(Value::Enum("Organization".into()))));
+        assert!(f.matches(&party(Value::Enum("organization".into()))));
+        assert!(!f.matches(&party(Value::Enum("Person".into()))));
+        assert!(f.matches(&party(Value::Text("Organization".into()))));
+        // The type and the quote must touch: a space makes two tokens, which is an error.
+        let e = parse_filter("PartyType eq Microsoft.Dynamics.DataEntities.DirPartyBaseType 'x'")
+            .unwrap_err();
+        assert!(e.expected.contains("enum literal"), "{e}");
+        // An unqualified word before a text is not an enum literal.
+        assert!(parse_filter("PartyType eq Organization'x'").is_err());
     }
 
     #[test]
@@ -894,6 +959,11 @@ mod tests {
                 let offset = FixedOffset::east_opt(off * 60).unwrap();
                 Literal::DateTime(Utc.timestamp_opt(secs, 0).unwrap().with_timezone(&offset))
             }),
+            (
+                "[A-Z][a-z]{1,6}(\\.[A-Z][A-Za-z]{1,8}){1,3}",
+                any::<String>()
+            )
+                .prop_map(|(ty, symbol)| Literal::Enum { ty, symbol }),
         ]
     }
 

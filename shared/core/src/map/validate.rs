@@ -10,7 +10,7 @@ use std::str::FromStr;
 use chrono::{DateTime, NaiveDate};
 use rust_decimal::Decimal;
 
-use super::filter::parse_filter;
+use super::filter::{Literal, parse_filter};
 use super::raw::{RawField, RawMap, RawNode, RawScalar, RawStep, closest, parse_map_file};
 use super::{
     ConflictPolicy, CrmEntity, DeletePolicy, ErpEntity, FieldDirection, FieldMapping, FieldRef,
@@ -291,6 +291,7 @@ impl Checker<'_> {
         }
         self.duplicates(&fields);
         let mapped: Vec<FieldMapping> = fields.into_iter().map(|(_, m)| m).collect();
+        self.filter_literals(raw, erp_filter.as_ref(), crm_filter.as_ref(), &mapped);
         let delete = self.delete(raw, &mapped);
 
         if self.diags.len() > before {
@@ -356,6 +357,84 @@ impl Checker<'_> {
                     ),
                 );
                 None
+            }
+        }
+    }
+
+    /// F&O compares an enum field only with a literal of its enum type: a plain text compared
+    /// with a field the map types as an F&O enum is refused (but `'Yes'` / `'No'`, which the
+    /// connector writes as `NoYes` literals), naming the form to write. Dataverse has no enum
+    /// literals (choices are numbers).
+    fn filter_literals(
+        &mut self,
+        raw: &RawMap,
+        erp: Option<&super::Filter>,
+        crm: Option<&super::Filter>,
+        fields: &[FieldMapping],
+    ) {
+        fn comparisons<'f>(f: &'f super::Filter, out: &mut Vec<(&'f str, &'f Literal)>) {
+            match f {
+                super::Filter::And(a, b) | super::Filter::Or(a, b) => {
+                    comparisons(a, out);
+                    comparisons(b, out);
+                }
+                super::Filter::Not(a) => comparisons(a, out),
+                super::Filter::Compare { field, value, .. } => out.push((field, value)),
+                super::Filter::Text { .. } => {}
+            }
+        }
+        if let Some(f) = erp {
+            let line = raw
+                .erp
+                .as_ref()
+                .and_then(|e| e.value.filter.as_ref())
+                .map_or(1, |l| l.line);
+            let mut found = Vec::new();
+            comparisons(f, &mut found);
+            for (field, literal) in found {
+                let is_enum = fields.iter().any(|m| {
+                    m.erp
+                        .as_ref()
+                        .is_some_and(|r| r.name == field && r.ty == ValueType::Enum)
+                });
+                if let Literal::Text(symbol) = literal
+                    && is_enum
+                    && !symbol.eq_ignore_ascii_case("yes")
+                    && !symbol.eq_ignore_ascii_case("no")
+                {
+                    let escaped = symbol.replace('\'', "''");
+                    self.report(
+                        line,
+                        Some(field),
+                        format!(
+                            "`erp.filter` compares the enum field {field} with the text '{escaped}', \
+                             which F&O refuses (incompatible types); write the enum literal \
+                             `{field} eq Microsoft.Dynamics.DataEntities.<EnumType>'{escaped}'` \
+                             with the field's enum type from F&O's $metadata"
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(f) = crm {
+            let line = raw
+                .crm
+                .as_ref()
+                .and_then(|c| c.value.filter.as_ref())
+                .map_or(1, |l| l.line);
+            let mut found = Vec::new();
+            comparisons(f, &mut found);
+            for (field, literal) in found {
+                if let Literal::Enum { ty, .. } = literal {
+                    self.report(
+                        line,
+                        Some(field),
+                        format!(
+                            "`crm.filter` compares {field} with an enum literal of {ty}; Dataverse \
+                             has none: compare a choice column with its number (`statecode eq 0`)"
+                        ),
+                    );
+                }
             }
         }
     }
@@ -1451,7 +1530,7 @@ erp:
   entity: CustomersV3              # F&O OData entity set
   key: [CustomerAccount]           # natural key, without dataAreaId
   company_specific: true           # dataAreaId is part of the key (default true)
-  filter: "PartyType eq 'Organization'"
+  filter: "PartyType eq Microsoft.Dynamics.DataEntities.DirPartyBaseType'Organization'"
   physical_name: CustCustomerV3Entity  # AOT name: data events name mserp_custcustomerv3entity
 
 crm:
@@ -1536,7 +1615,7 @@ fields:
         );
         assert_eq!(
             m.filters.erp.as_ref().unwrap().to_odata(),
-            "PartyType eq 'Organization'"
+            "PartyType eq Microsoft.Dynamics.DataEntities.DirPartyBaseType'Organization'"
         );
         assert_eq!(
             m.filters.crm.as_ref().unwrap().to_odata(),
@@ -1983,6 +2062,45 @@ fields:
                 "`crm.filter` does not parse at column 19",
                 "expected a condition",
             ],
+        );
+    }
+
+    #[test]
+    fn an_f_and_o_enum_filtered_by_plain_text_is_refused_naming_the_literal_to_write() {
+        let party = "  - { erp: PartyType, crm: customertypecode, dir: \"=\", erp_type: enum, crm_type: choice, value_map: { Organization: 3, Person: 1 } }\n";
+        let untyped = with_fields(party).replace(
+            "  key: [CustomerAccount]\n",
+            "  key: [CustomerAccount]\n  filter: \"PartyType eq 'Organization' and Name ne ''\"\n",
+        );
+        assert_one(
+            &errors_of(&untyped),
+            6,
+            &[
+                "PartyType",
+                "'Organization'",
+                "Microsoft.Dynamics.DataEntities.<EnumType>'Organization'",
+            ],
+        );
+        // The typed literal, and NoYes symbols (which the connector types), load.
+        for ok in [
+            "PartyType eq Microsoft.Dynamics.DataEntities.DirPartyBaseType'Organization'",
+            "PartyType ne 'No'",
+        ] {
+            let typed = with_fields(party).replace(
+                "  key: [CustomerAccount]\n",
+                &format!("  key: [CustomerAccount]\n  filter: \"{ok}\"\n"),
+            );
+            assert_eq!(errors_of(&typed), Vec::new(), "{ok}");
+        }
+        // Dataverse has no enum literals.
+        let crm = BASE.replace(
+            "  key: [accountnumber]",
+            "  key: [accountnumber]\n  filter: \"statecode eq Microsoft.Dynamics.CRM.State'Active'\"",
+        );
+        assert_one(
+            &errors_of(&crm),
+            10,
+            &["`crm.filter`", "statecode", "number"],
         );
     }
 

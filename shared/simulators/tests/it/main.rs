@@ -737,6 +737,11 @@ fn customers() -> FnoEntityDef {
         fields: Vec::new(),
         text_fields: Vec::new(),
         physical_name: Some("CustCustomerV3Entity".into()),
+        enum_fields: [
+            ("Blocked".to_string(), "NoYes".to_string()),
+            ("PartyType".to_string(), "DirPartyBaseType".to_string()),
+        ]
+        .into(),
     }
 }
 
@@ -792,6 +797,37 @@ async fn fno_crud_company_scope_and_semantics() {
     .await;
     assert_eq!(v["@odata.count"], 1);
     assert_eq!(v["value"][0]["CustomerAccount"], "DE-001");
+    // F&O compares an enum field only with a literal of its own type.
+    for (filter, types) in [
+        (
+            "Blocked eq 'Yes'",
+            "'Microsoft.Dynamics.DataEntities.NoYes' and 'Edm.String'",
+        ),
+        (
+            "PartyType eq Microsoft.Dynamics.DataEntities.NoYes'Yes'",
+            "'Microsoft.Dynamics.DataEntities.DirPartyBaseType' and 'Microsoft.Dynamics.DataEntities.NoYes'",
+        ),
+    ] {
+        let r = c
+            .get(format!(
+                "{data}CustomersV3?cross-company=true&$filter={filter}"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{filter}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("incompatible types"), "{filter}: {text}");
+        assert!(text.contains(types), "{filter}: {text}");
+    }
+    let typed = "cross-company=true&$filter=PartyType eq \
+                 Microsoft.Dynamics.DataEntities.DirPartyBaseType'Organization' or Blocked eq null";
+    let r = c
+        .get(format!("{data}CustomersV3?{typed}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let key = format!("{data}CustomersV3(dataAreaId='usmf',CustomerAccount='US-001')");
     let got = body(c.get(&key).send().await.unwrap()).await;
     let etag = got["@odata.etag"].as_str().unwrap().to_owned();
