@@ -209,10 +209,13 @@ impl LocalStack {
         .await?;
         for map in &maps {
             for f in &map.fields {
-                if let Some(c) = &f.crm
-                    && c.ty == ValueType::Choice
-                {
-                    dv.set_column_kind(&map.crm.entity_set, &c.name, ColumnKind::OptionSet)
+                let kind = match f.crm.as_ref().map(|c| c.ty) {
+                    Some(ValueType::Choice) => ColumnKind::OptionSet,
+                    Some(ValueType::Text) => ColumnKind::Text,
+                    _ => continue,
+                };
+                if let Some(c) = &f.crm {
+                    dv.set_column_kind(&map.crm.entity_set, &c.name, kind)
                         .map_err(sim_err)?;
                 }
             }

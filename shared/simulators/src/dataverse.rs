@@ -55,6 +55,9 @@ pub enum ColumnKind {
     OptionSet,
     /// Currency column: sent as `Money`.
     Money,
+    /// Text column: sent as the text it holds, even one that reads as a date-time (a column of
+    /// no declared kind holding ISO 8601 text is taken for a date-time and sent as a WCF date).
+    Text,
 }
 
 /// Messages a webhook step can be registered for.
@@ -1349,6 +1352,7 @@ fn typed_attributes(table: &Table, row: &Row, actor: &Actor) -> Vec<(String, Val
             (Some(ColumnKind::Money), v) => {
                 json!({"__type": format!("Money:{CONTRACTS}"), "Value": v})
             }
+            (Some(ColumnKind::Text), v) => v.clone(),
             (None, Value::String(s)) if s.len() >= 19 && s.as_bytes().get(10) == Some(&b'T') => {
                 crate::odata::parse_datetime(s)
                     .map_or_else(|| v.clone(), |d| Value::String(wcf_date(d)))
@@ -1905,6 +1909,31 @@ mod tests {
         }) else {
             unreachable!()
         };
+        // A text column holding ISO 8601 text stays text; a column of no kind is a date.
+        table.kinds.insert("description".into(), ColumnKind::Text);
+        let sent = typed_attributes(
+            &table,
+            &Row::from_iter([
+                ("description".to_string(), json!("2026-05-01T10:00:00Z")),
+                (
+                    "lastusedincampaign".to_string(),
+                    json!("2026-05-01T10:00:00Z"),
+                ),
+            ]),
+            &actor(None),
+        );
+        assert_eq!(
+            sent[..2],
+            [
+                ("description".to_string(), json!("2026-05-01T10:00:00Z")),
+                (
+                    "lastusedincampaign".to_string(),
+                    json!(wcf_date(
+                        crate::odata::parse_datetime("2026-05-01T10:00:00Z").unwrap()
+                    ))
+                ),
+            ]
+        );
         let mut changed = Row::new();
         changed.insert("name".into(), row["name"].clone());
         changed.insert("statuscode".into(), row["statuscode"].clone());

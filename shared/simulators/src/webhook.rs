@@ -74,7 +74,12 @@ pub(crate) struct Dispatcher {
 impl Dispatcher {
     /// Spawns the lanes on the current tokio runtime.
     pub fn start() -> Self {
-        let client = reqwest::Client::builder().build().unwrap_or_default();
+        // Only the status code is read and a 3xx is a failure, as the services treat it: a
+        // redirect is not followed (reqwest follows up to 10 by default).
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
         let log = Arc::new(DeliveryLog::default());
         let lanes = (0..LANES)
             .map(|_| {

@@ -542,3 +542,14 @@ async fn deletes_flow_both_ways() {
     );
     s.rt.shutdown().await;
 }
+
+/// Text that reads as a date-time stays text end to end: the Dataverse webhook carries it as the
+/// text column holds it (not as a WCF date), the receiver keeps it text, F&O gets it unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_that_looks_like_a_date_time_arrives_unchanged() {
+    let s = Stack::start(StackOptions::default()).await;
+    let name = "2026-05-01T10:00:00Z";
+    s.synced_account("E2E-0040", name, 100).await;
+    assert_eq!(s.customer("E2E-0040").unwrap()["OrganizationName"], name);
+    s.rt.shutdown().await;
+}

@@ -728,6 +728,47 @@ async fn dataverse_webhook_retries_once_on_gateway_errors_and_records_failures()
     assert_eq!(sim.webhook_deliveries().len(), 2);
 }
 
+/// Only the status code counts: a redirect is a failed delivery, not followed (Dataverse
+/// records a failed system job; F&O an error-log entry).
+#[tokio::test]
+async fn a_webhook_answered_with_a_redirect_is_a_failure_not_followed() {
+    let (sim, _) = dataverse().await;
+    let followed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = followed.clone();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(|| async {
+                (
+                    axum::http::StatusCode::PERMANENT_REDIRECT,
+                    [(axum::http::header::LOCATION, "/hook/")],
+                )
+            }),
+        )
+        .route(
+            "/hook/",
+            axum::routing::post(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { axum::http::StatusCode::OK }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    sim.register_webhook(WebhookRegistration {
+        url,
+        entity_logical_names: vec![],
+        messages: vec![WebhookMessage::Create],
+        auth: WebhookAuth::HttpHeader(vec![]),
+    });
+    sim.user_create("accounts", json!({"name": "one"})).unwrap();
+    assert!(sim.wait_webhooks_idle(Duration::from_secs(5)).await);
+    let failed = sim.failed_webhook_deliveries();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].status, Some(308));
+    assert_eq!(followed.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
 fn customers() -> FnoEntityDef {
     FnoEntityDef {
         entity_set: "CustomersV3".into(),
