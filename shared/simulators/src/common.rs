@@ -418,10 +418,26 @@ impl Guard {
         fault
     }
 
-    /// Counts the request in the user's window and the concurrency gauge.
+    /// Counts the request in the user's window and the concurrency gauge (what
+    /// [`Guard::screen`] does after faults and authentication; the tests' way in).
+    #[cfg(test)]
     pub fn admit(&self, user: &str) -> Result<InFlight<'_>, Throttled> {
-        let in_flight = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        let guard = InFlight(&self.in_flight);
+        let guard = self.enter();
+        self.check(user)?;
+        Ok(guard)
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    fn enter(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
+    /// Service protection for a request already counted in flight: forced throttling, the
+    /// concurrency limit (every request in flight counts, including those being delayed), and
+    /// the user's window.
+    fn check(&self, user: &str) -> Result<(), Throttled> {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
         let forced = self.forced_throttle.load(Ordering::Relaxed);
         if forced > 0 {
             self.forced_throttle.store(forced - 1, Ordering::Relaxed);
@@ -444,7 +460,7 @@ impl Guard {
         if let Some(limit) = cfg.requests_per_window {
             self.count_in_window(user, limit, cfg.window, Instant::now())?;
         }
-        Ok(guard)
+        Ok(())
     }
 
     /// Admits a request of `user` at `now` into the sliding window, or refuses it with the
@@ -502,6 +518,9 @@ impl Guard {
         base: &str,
     ) -> Result<InFlight<'_>, Refusal> {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        // In flight from arrival: a request delayed by injected latency is as busy as a slow
+        // one, and counts against the concurrency limit of those arriving meanwhile.
+        let guard = self.enter();
         match self.fault().await {
             Some(Fault::DropConnection) => return Err(Refusal::Drop),
             Some(Fault::Status(s)) => {
@@ -521,7 +540,8 @@ impl Guard {
                 }
             }
         }
-        self.admit(&user).map_err(Refusal::Throttled)
+        self.check(&user).map_err(Refusal::Throttled)?;
+        Ok(guard)
     }
 }
 
@@ -717,6 +737,41 @@ mod tests {
         );
         assert!(g.count_in_window("a", 2, window, at(16)).is_ok());
         assert_eq!(g.stats().throttled, 2);
+    }
+
+    #[tokio::test]
+    async fn requests_delayed_by_injected_latency_count_against_the_concurrency_limit() {
+        let g = std::sync::Arc::new(Guard::new(
+            ThrottleConfig {
+                requests_per_window: None,
+                window: Duration::from_secs(60),
+                max_concurrent: Some(2),
+            },
+            FaultConfig {
+                latency: Duration::from_millis(200),
+                ..FaultConfig::default()
+            },
+        ));
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let g = g.clone();
+            tasks.push(tokio::spawn(async move {
+                g.screen(&request(), None, "").await.map(drop)
+            }));
+        }
+        let mut refused = 0;
+        for t in tasks {
+            if let Err(Refusal::Throttled(Throttled::Concurrency)) = t.await.unwrap() {
+                refused += 1;
+            }
+        }
+        // All six arrive together and are in flight during the latency: at most two pass.
+        assert!(refused >= 4, "{refused} refused");
+        assert_eq!(
+            g.in_flight.load(Ordering::Relaxed),
+            0,
+            "every guard released"
+        );
     }
 
     fn request() -> SimRequest {
