@@ -499,7 +499,7 @@ impl DvState {
             changed.insert(pid.clone(), Value::String(id.to_owned()));
             changed.insert("modifiedon".into(), Value::String(now));
             let target = typed_attributes(table, &changed, actor);
-            let image = typed_attributes(table, &row, actor);
+            let image = image_attributes(table, &row, actor);
             let message = if created {
                 WebhookMessage::Create
             } else {
@@ -532,7 +532,7 @@ impl DvState {
         let prev = table.rows.get(id).cloned();
         table.put(id, None);
         if wants_hooks && let Some(p) = &prev {
-            let image = typed_attributes(table, p, actor);
+            let image = image_attributes(table, p, actor);
             store.pending.push(Notice {
                 logical: table.def.logical_name.clone(),
                 message: WebhookMessage::Delete,
@@ -1323,6 +1323,15 @@ fn write_context(
 
 fn entity_reference(logical: &str, id: &str) -> Value {
     json!({"__type": format!("EntityReference:{CONTRACTS}"), "Id": id, "KeyAttributes": [], "LogicalName": logical, "Name": null, "RowVersion": null})
+}
+
+/// The attributes of an entity image: as [`typed_attributes`], without the null ones —
+/// Dataverse leaves columns holding null out of pre and post images (the Target keeps a
+/// column set to null, as the request set it).
+fn image_attributes(table: &Table, row: &Row, actor: &Actor) -> Vec<(String, Value)> {
+    let mut out = typed_attributes(table, row, actor);
+    out.retain(|(_, v)| !v.is_null());
+    out
 }
 
 /// Converts stored row attributes to RemoteExecutionContext attribute values.

@@ -728,6 +728,54 @@ async fn dataverse_webhook_retries_once_on_gateway_errors_and_records_failures()
     assert_eq!(sim.webhook_deliveries().len(), 2);
 }
 
+/// Dataverse leaves null columns out of entity images; a column the request set to null is in
+/// the Target, as null.
+#[tokio::test]
+async fn images_leave_null_columns_out_and_the_target_keeps_a_column_set_to_null() {
+    let (sim, _) = dataverse().await;
+    let (url, rec) = receiver(vec![]).await;
+    sim.register_webhook(WebhookRegistration {
+        url,
+        entity_logical_names: vec![],
+        messages: vec![WebhookMessage::Create, WebhookMessage::Update],
+        auth: WebhookAuth::HttpHeader(vec![]),
+    });
+    let created = sim
+        .user_create(
+            "accounts",
+            json!({"name": "one", "telephone1": "555", "description": null}),
+        )
+        .unwrap();
+    let id = created["accountid"].as_str().unwrap().to_owned();
+    sim.user_edit("accounts", &id, json!({"telephone1": null}))
+        .unwrap();
+    assert!(sim.wait_webhooks_idle(Duration::from_secs(5)).await);
+    let calls = rec.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    let keys = |list: &Value| -> Vec<(String, Value)> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|kv| (kv["key"].as_str().unwrap().to_owned(), kv["value"].clone()))
+            .collect()
+    };
+    for (_, _, body) in &calls {
+        let image = keys(&body["PostEntityImages"][0]["value"]["Attributes"]);
+        assert!(
+            image.iter().all(|(_, v)| !v.is_null()),
+            "no null in the image: {image:?}"
+        );
+        assert!(!image.iter().any(|(k, _)| k == "description"));
+    }
+    let update_target = keys(&calls[1].2["InputParameters"][0]["value"]["Attributes"]);
+    assert!(
+        update_target.contains(&("telephone1".to_string(), Value::Null)),
+        "{update_target:?}"
+    );
+    let update_image = keys(&calls[1].2["PostEntityImages"][0]["value"]["Attributes"]);
+    assert!(!update_image.iter().any(|(k, _)| k == "telephone1"));
+}
+
 /// Only the status code counts: a redirect is a failed delivery, not followed (Dataverse
 /// records a failed system job; F&O an error-log entry).
 #[tokio::test]
