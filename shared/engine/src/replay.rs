@@ -21,7 +21,8 @@ pub struct Replay {
     /// Ids asked for that no error record names.
     pub unknown: Vec<String>,
     /// Ids whose error records do not keep the event (logged before events were kept, or not
-    /// tied to one event): their records' next change, or a catch-up poll, syncs them.
+    /// tied to one event): their records' next change syncs them (a catch-up poll reads only
+    /// what changed since shortly before its watermark, which may already be past them).
     pub without_event: Vec<String>,
 }
 

@@ -239,6 +239,12 @@ pub struct RawScheduler {
     /// 6- or 7-field cron expression (`sec min hour day month weekday [year]`), e.g.
     /// `0 */5 * * * *` for every five minutes.
     pub catch_up: String,
+    /// Seconds before the watermark each poll reads from (0 to 86,400; default 120): a change
+    /// is stamped when its transaction starts and becomes visible when it commits, so a row
+    /// can appear behind a watermark a poll has already passed (a long posting, a plugin
+    /// chain). Rows read again are recognised by their event id and cost no write.
+    #[serde(default)]
+    pub overlap: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,7 +343,12 @@ pub struct CatchUp {
     pub expression: String,
     /// The parsed schedule.
     pub schedule: cron::Schedule,
+    /// How far before its watermark each poll reads.
+    pub overlap: Duration,
 }
+
+/// `scheduler.overlap` when left out: two minutes.
+pub const DEFAULT_CATCH_UP_OVERLAP: Duration = Duration::from_secs(120);
 
 /// One thing wrong with a configuration, at a key path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -681,10 +692,20 @@ impl RawConfig {
         let catch_up = self
             .scheduler
             .and_then(|s| match cron::Schedule::from_str(&s.catch_up) {
-                Ok(schedule) => Some(CatchUp {
-                    expression: s.catch_up,
-                    schedule,
-                }),
+                Ok(schedule) => match s.overlap {
+                    Some(secs) if secs > 86_400 => {
+                        p.push(
+                            "scheduler.overlap",
+                            format!("is {secs}; give 0 to 86400 seconds (default 120)"),
+                        );
+                        None
+                    }
+                    overlap => Some(CatchUp {
+                        expression: s.catch_up,
+                        schedule,
+                        overlap: overlap.map_or(DEFAULT_CATCH_UP_OVERLAP, Duration::from_secs),
+                    }),
+                },
                 Err(e) => {
                     p.push(
                         "scheduler.catch_up",

@@ -651,6 +651,8 @@ pub(crate) struct Shared {
     pub calls: ConnectorCounters,
     /// How long processed events' ids are remembered.
     pub idempotency_window: Duration,
+    /// How far before its watermark a catch-up poll reads (`scheduler.overlap`).
+    pub catch_up_overlap: Duration,
 }
 
 impl std::fmt::Debug for Shared {
@@ -771,6 +773,10 @@ impl Runtime {
             batching,
             calls,
             idempotency_window: config.worker.idempotency_window,
+            catch_up_overlap: config
+                .catch_up
+                .as_ref()
+                .map_or(crate::config::DEFAULT_CATCH_UP_OVERLAP, |c| c.overlap),
         });
 
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -884,13 +890,22 @@ impl RuntimeHandle {
         }
     }
 
-    /// Runs one catch-up poll now (what the scheduler does on its schedule); returns how many
-    /// changes were ingested.
+    /// Runs one catch-up poll now (what the scheduler does on its schedule, reading from
+    /// `scheduler.overlap` before each watermark); returns how many changes were ingested.
     ///
     /// # Errors
-    /// The first connector, store or queue failure, as text.
+    /// Every map side that could not be polled, as text (the others were polled and their
+    /// watermarks kept).
     pub async fn catch_up_now(&self) -> Result<usize, String> {
-        crate::scheduler::catch_up(&self.shared).await
+        crate::scheduler::catch_up(&self.shared, self.shared.catch_up_overlap).await
+    }
+
+    /// [`RuntimeHandle::catch_up_now`] reading from `overlap` before each watermark.
+    ///
+    /// # Errors
+    /// As [`RuntimeHandle::catch_up_now`].
+    pub async fn catch_up_now_overlapping(&self, overlap: Duration) -> Result<usize, String> {
+        crate::scheduler::catch_up(&self.shared, overlap).await
     }
 
     /// Stops gracefully: the server stops accepting and finishes open requests, the workers

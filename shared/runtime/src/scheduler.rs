@@ -1,10 +1,18 @@
 //! The catch-up scheduler: on a cron schedule, reads what changed on each enabled map's source
-//! tables since the last poll (`Query.modified_since` = the map's watermark) and ingests it,
-//! so a missed webhook is made up for. Watermarks are kept in the map's `MapState`.
+//! tables since the last poll and ingests it, so a missed webhook is made up for. Watermarks
+//! are kept in the map's `MapState`.
+//!
+//! Each poll reads from `overlap` before the watermark (`Query.modified_since`): a row is
+//! stamped when its transaction starts and visible when it commits, so a long transaction can
+//! commit behind a watermark taken from shorter, later ones. Rows read again get the same
+//! event id and are dropped as duplicates. Deletes are not seen by polling (a deleted row is
+//! not in a query's answer): a missed delete webhook is not made up for.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dualwrite_core::map::TableMap;
 use dualwrite_core::ports::{MapState, MapStatus, Query, StoreOp};
 use dualwrite_core::{ChangeEvent, Operation, Side};
 use dualwrite_engine::ingest;
@@ -38,33 +46,38 @@ pub(crate) async fn run_scheduler(
                 continue;
             }
         }
-        match catch_up(&shared).await {
+        match catch_up(&shared, schedule.overlap).await {
             Ok(n) => info!(changes = n, "catch-up poll done"),
-            Err(e) => warn!(error = %e, "catch-up poll failed; the next run tries again"),
+            Err(e) => warn!(error = %e, "catch-up poll incomplete; the next run tries again"),
         }
     }
 }
 
-/// One catch-up poll over every enabled map and each side its changes flow from. Returns the
-/// number of changes ingested.
+/// One catch-up poll over every enabled map and each side its changes flow from, reading from
+/// `overlap` before each side's watermark. Returns the number of changes ingested.
 ///
-/// Polled changes get a deterministic event id (side, entity, id and version), so polling the
-/// same change twice is a duplicate the engine ignores, and a change already delivered by a
-/// webhook is an echo of applied data.
+/// Polled changes get a deterministic event id (side, entity, id, version and ETag), so
+/// polling the same change twice is a duplicate the engine ignores, and a change already
+/// delivered by a webhook is an echo of applied data.
+///
+/// A map side that cannot be polled (a connector, store or queue failure, a row that does not
+/// convert) keeps its watermark and does not stop the others: every other map side is polled
+/// and its watermark advanced.
 ///
 /// # Errors
-/// The first connector, store or queue failure, as text (watermarks of maps done before it
-/// are kept).
-pub(crate) async fn catch_up(shared: &Shared) -> Result<usize, String> {
+/// The map sides that failed, as text, once every map was tried.
+pub(crate) async fn catch_up(shared: &Shared, overlap: Duration) -> Result<usize, String> {
     let mut total = 0;
+    let mut failures = Vec::new();
     let now = Utc::now();
     for map in shared.engine.maps() {
-        let state = shared
-            .store
-            .as_ref()
-            .map_state_of(&map.name)
-            .await
-            .map_err(|e| e.to_string())?;
+        let state = match shared.store.as_ref().map_state_of(&map.name).await {
+            Ok(state) => state,
+            Err(e) => {
+                failures.push(format!("map {}: {e}", map.name));
+                continue;
+            }
+        };
         let mut state = state.unwrap_or(MapState {
             map: map.name.clone(),
             status: MapStatus::Running,
@@ -79,58 +92,97 @@ pub(crate) async fn catch_up(shared: &Shared) -> Result<usize, String> {
             if !map.direction.flows_from(side) {
                 continue;
             }
-            let (connector, entity) = match side {
-                Side::Crm => (&shared.crm, map.crm.entity_set.as_str()),
-                Side::Erp => (&shared.erp, map.erp.entity.as_str()),
-            };
             let watermark = match side {
                 Side::Crm => state.crm_watermark,
                 Side::Erp => state.erp_watermark,
             };
-            let mut newest = watermark;
-            let mut query = Query {
-                modified_since: watermark,
-                page_size: Some(PAGE_SIZE),
-                ..Query::default()
-            };
-            loop {
-                let page = connector
-                    .query(entity, &query)
-                    .await
-                    .map_err(|e| format!("map {}: {e}", map.name))?;
-                let events: Vec<ChangeEvent> =
-                    page.records
-                        .into_iter()
-                        .map(|record| {
-                            if let Some(v) = record.version {
-                                newest = Some(newest.map_or(v.modified_on, |n: DateTime<Utc>| {
-                                    n.max(v.modified_on)
-                                }));
-                            }
-                            polled_event(side, record, now)
-                        })
-                        .collect();
-                total += ingest(shared.inbound.as_ref(), events)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match page.next {
-                    Some(next) => query.page_token = Some(next),
-                    None => break,
+            match poll_side(shared, map, side, watermark, overlap, now).await {
+                Ok((changes, newest)) => {
+                    total += changes;
+                    match side {
+                        Side::Crm => state.crm_watermark = newest,
+                        Side::Erp => state.erp_watermark = newest,
+                    }
                 }
-            }
-            match side {
-                Side::Crm => state.crm_watermark = newest,
-                Side::Erp => state.erp_watermark = newest,
+                Err(e) => {
+                    warn!(map = %map.name, side = %side, error = %e, "catch-up of a map side failed; its watermark stays");
+                    failures.push(format!("map {} ({side}): {e}", map.name));
+                }
             }
         }
         state.updated_at = now;
-        shared
+        if let Err(e) = shared
             .store
             .commit_ops(vec![StoreOp::PutMapState(state)])
             .await
-            .map_err(|e| e.to_string())?;
+        {
+            failures.push(format!("map {}: {e}", map.name));
+        }
     }
-    Ok(total)
+    if failures.is_empty() {
+        Ok(total)
+    } else {
+        Err(format!(
+            "{} map side(s) not polled ({total} changes ingested from the others): {}",
+            failures.len(),
+            failures.join("; ")
+        ))
+    }
+}
+
+/// Reads one side of `map` from `overlap` before `watermark` and ingests every row. Returns
+/// the changes ingested and the side's new watermark (the newest version read, never older
+/// than `watermark`).
+async fn poll_side(
+    shared: &Shared,
+    map: &TableMap,
+    side: Side,
+    watermark: Option<DateTime<Utc>>,
+    overlap: Duration,
+    now: DateTime<Utc>,
+) -> Result<(usize, Option<DateTime<Utc>>), String> {
+    let (connector, entity) = match side {
+        Side::Crm => (&shared.crm, map.crm.entity_set.as_str()),
+        Side::Erp => (&shared.erp, map.erp.entity.as_str()),
+    };
+    let since = watermark.map(|w| {
+        chrono::Duration::from_std(overlap)
+            .ok()
+            .and_then(|o| w.checked_sub_signed(o))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    });
+    let mut newest = watermark;
+    let mut total = 0;
+    let mut query = Query {
+        modified_since: since,
+        page_size: Some(PAGE_SIZE),
+        ..Query::default()
+    };
+    loop {
+        let page = connector
+            .query(entity, &query)
+            .await
+            .map_err(|e| e.to_string())?;
+        let events: Vec<ChangeEvent> = page
+            .records
+            .into_iter()
+            .map(|record| {
+                if let Some(v) = record.version {
+                    newest =
+                        Some(newest.map_or(v.modified_on, |n: DateTime<Utc>| n.max(v.modified_on)));
+                }
+                polled_event(side, record, now)
+            })
+            .collect();
+        total += ingest(shared.inbound.as_ref(), events)
+            .await
+            .map_err(|e| e.to_string())?;
+        match page.next {
+            Some(next) => query.page_token = Some(next),
+            None => break,
+        }
+    }
+    Ok((total, newest))
 }
 
 fn polled_event(side: Side, record: dualwrite_core::Record, now: DateTime<Utc>) -> ChangeEvent {
@@ -138,10 +190,14 @@ fn polled_event(side: Side, record: dualwrite_core::Record, now: DateTime<Utc>) 
         .version
         .map(|v| format!("{}#{}", v.modified_on.to_rfc3339(), v.sequence))
         .unwrap_or_default();
+    // The ETag tells apart two changes stamped alike (F&O's ModifiedDateTime has no sequence,
+    // and some entities have none at all), which would otherwise share an id and the second be
+    // dropped as a duplicate of the first.
     let identity = format!(
-        "{side}:{}:{}:{version}",
+        "{side}:{}:{}:{version}:{}",
         record.entity,
-        record.id.as_deref().unwrap_or_default()
+        record.id.as_deref().unwrap_or_default(),
+        record.etag.as_deref().unwrap_or_default()
     );
     let digest = xxhash_rust::xxh3::xxh3_128(identity.as_bytes());
     ChangeEvent {

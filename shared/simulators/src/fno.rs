@@ -369,6 +369,9 @@ pub(crate) struct FnoState {
     hooks: RwLock<Arc<Vec<FnoEventRegistration>>>,
     dispatcher: Dispatcher,
     control_number: AtomicU64,
+    /// Milliseconds by which a write's `ModifiedDateTime` precedes the moment it becomes
+    /// visible (see [`FnoSim::set_commit_lag`]).
+    commit_lag_ms: AtomicU64,
 }
 
 impl FnoState {
@@ -616,7 +619,11 @@ impl FnoState {
                     .and_then(Value::as_str)
                     .is_some_and(|c| c.eq_ignore_ascii_case(&default_co))
         };
-        let now = Utc::now();
+        // A write is stamped when its transaction starts, and seen when it commits.
+        let now = Utc::now()
+            - chrono::Duration::milliseconds(
+                i64::try_from(self.commit_lag_ms.load(Ordering::Relaxed)).unwrap_or(0),
+            );
         let stale = |r: &FRow| {
             req.header("if-match")
                 .is_some_and(|m| m != "*" && m != etag(r.version))
@@ -1293,6 +1300,7 @@ impl FnoSim {
             hooks: RwLock::new(Arc::new(Vec::new())),
             dispatcher: Dispatcher::start(),
             control_number: AtomicU64::new(5_637_144_576),
+            commit_lag_ms: AtomicU64::new(0),
         });
         let server = serve("F&O", state.clone()).await?;
         let _ = state.base.set(format!("http://{}", server.addr));
@@ -1391,6 +1399,17 @@ impl FnoSim {
     /// Queues faults for the next requests.
     pub fn inject_faults(&self, faults: impl IntoIterator<Item = Fault>) {
         self.state.guard.push_faults(faults);
+    }
+
+    /// From now on, writes are stamped `lag` before they become visible: their
+    /// `ModifiedDateTime` is when their transaction started, as for a long X++ transaction
+    /// (a posting, a batch job) that commits after later, shorter ones. A reader polling by
+    /// `ModifiedDateTime` sees such a row appear behind a watermark it has already passed.
+    pub fn set_commit_lag(&self, lag: Duration) {
+        self.state.commit_lag_ms.store(
+            u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Event deliveries finished so far.

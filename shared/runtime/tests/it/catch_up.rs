@@ -14,6 +14,7 @@ fn miss_all_webhooks(s: &Stack) {
     s.relay.set_forwarding(Source::Fno, false);
 }
 
+/// The watermarks' exact boundaries, without the overlap (`scheduler.overlap: 0`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catch_up_now_makes_up_for_missed_webhooks_and_then_writes_nothing() {
     let s = Stack::start(StackOptions::default()).await;
@@ -58,7 +59,7 @@ async fn catch_up_now_makes_up_for_missed_webhooks_and_then_writes_nothing() {
     // re-read every row the first one had, 12 of 12).
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 
-    let ingested = s.rt.catch_up_now().await.unwrap();
+    let ingested = s.rt.catch_up_now_overlapping(Duration::ZERO).await.unwrap();
     assert!(ingested >= 3, "at least the three changes: {ingested}");
     s.wait_idle().await;
 
@@ -104,7 +105,7 @@ async fn catch_up_now_makes_up_for_missed_webhooks_and_then_writes_nothing() {
     // A second poll finds only dualwrite's own writes of the first one: nothing is written.
     let before = s.stats().await.engine;
     let (customers, accounts) = (s.fno.rows("CustomersV3"), s.dv.rows("accounts"));
-    s.rt.catch_up_now().await.unwrap();
+    s.rt.catch_up_now_overlapping(Duration::ZERO).await.unwrap();
     s.wait_idle().await;
     let after = s.stats().await.engine;
     assert_eq!(
@@ -120,7 +121,7 @@ async fn catch_up_now_makes_up_for_missed_webhooks_and_then_writes_nothing() {
     // A third poll reads only what is at or after the watermarks (`modified_since` is
     // inclusive): the newest rows again, which the engine drops as duplicates.
     let before = s.stats().await.engine;
-    let again = s.rt.catch_up_now().await.unwrap();
+    let again = s.rt.catch_up_now_overlapping(Duration::ZERO).await.unwrap();
     s.wait_idle().await;
     let after = s.stats().await.engine;
     assert!(
@@ -161,5 +162,103 @@ async fn the_cron_schedule_polls_every_second() {
     );
     let state = s.rt.store().map_state(CUSTOMERS).await.unwrap().unwrap();
     assert!(state.erp_watermark.is_some(), "{state:?}");
+    s.rt.shutdown().await;
+}
+
+/// A change stamped before the watermark but visible only after the poll that set it (a long
+/// F&O transaction committing behind shorter ones) is read by the next poll's overlap; without
+/// the overlap it would never be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_behind_the_watermark_is_read_through_the_overlap() {
+    let s = Stack::start(StackOptions::default()).await;
+    s.create_customer("ERP-0050", "Litware", 10.0);
+    wait_until_within("ERP-0050 in Dataverse", Duration::from_secs(10), || {
+        s.account("ERP-0050")
+    })
+    .await;
+    s.wait_idle().await;
+    // The lagging edit below must be stamped after this create (a transaction on the row
+    // starts after the row's last commit) and before the watermark the next create sets.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    miss_all_webhooks(&s);
+    s.create_customer("ERP-0051", "Proseware", 20.0);
+    s.rt.catch_up_now_overlapping(Duration::ZERO).await.unwrap();
+    s.wait_idle().await;
+    assert!(
+        s.account("ERP-0051").is_some(),
+        "the missed create was polled"
+    );
+    let watermark =
+        s.rt.store()
+            .map_state(CUSTOMERS)
+            .await
+            .unwrap()
+            .unwrap()
+            .erp_watermark
+            .unwrap();
+
+    // Stamped 1.5 s ago, visible now: behind the watermark.
+    s.fno.set_commit_lag(Duration::from_millis(1500));
+    s.fno
+        .user_edit(
+            "CustomersV3",
+            &Stack::customer_key("ERP-0050"),
+            serde_json::json!({"CreditLimit": 777.0}),
+        )
+        .unwrap();
+    s.fno.set_commit_lag(Duration::ZERO);
+    let stamped = s.customer("ERP-0050").unwrap()["ModifiedDateTime"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(&stamped).unwrap() < watermark,
+        "{stamped} is behind {watermark}"
+    );
+    s.rt.catch_up_now_overlapping(Duration::ZERO).await.unwrap();
+    s.wait_idle().await;
+    assert_eq!(
+        number(&s.account("ERP-0050").unwrap()["creditlimit"]),
+        Some(10.0),
+        "read from the watermark alone, the change is not seen"
+    );
+
+    let before = s.stats().await.engine;
+    s.rt.catch_up_now().await.unwrap();
+    s.wait_idle().await;
+    assert_eq!(
+        number(&s.account("ERP-0050").unwrap()["creditlimit"]),
+        Some(777.0),
+        "the default overlap (two minutes) reads it"
+    );
+    let after = s.stats().await.engine;
+    assert_eq!(
+        after.writes - before.writes,
+        1,
+        "only that change is written: {after}"
+    );
+    assert_eq!(after.errors, before.errors, "{after}");
+    s.rt.shutdown().await;
+}
+
+/// One map side that cannot be polled does not keep the others from being polled; it keeps its
+/// watermark and is named in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_side_that_cannot_be_polled_does_not_stop_the_others() {
+    let s = Stack::start(StackOptions::default()).await;
+    miss_all_webhooks(&s);
+    s.create_customer("ERP-0060", "Northwind", 30.0);
+    // The poll's first Dataverse read fails for good.
+    s.dv.inject_faults([dualwrite_simulators::Fault::Status(400)]);
+    let err = s.rt.catch_up_now().await.unwrap_err();
+    assert!(err.contains("1 map side(s) not polled"), "{err}");
+    assert!(err.contains("(crm)"), "{err}");
+    s.wait_idle().await;
+    assert!(
+        s.account("ERP-0060").is_some(),
+        "the F&O side of the customers map was polled: {err}"
+    );
+    // The next poll, without the fault, polls every side.
+    s.rt.catch_up_now().await.unwrap();
     s.rt.shutdown().await;
 }

@@ -115,6 +115,28 @@ fn every_config_problem_is_reported_at_once() {
 }
 
 #[test]
+fn the_catch_up_overlap_defaults_to_two_minutes_and_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |extra: &str| {
+        format!(
+            "{}scheduler:\n  catch_up: \"0 */5 * * * *\"\n{extra}",
+            yaml("state.db")
+        )
+    };
+    let c = Config::parse(&with(""), "t.yaml", dir.path(), &env()).expect("valid");
+    assert_eq!(
+        c.catch_up.unwrap().overlap,
+        std::time::Duration::from_secs(120)
+    );
+    let c = Config::parse(&with("  overlap: 0\n"), "t.yaml", dir.path(), &env()).expect("valid");
+    assert_eq!(c.catch_up.unwrap().overlap, std::time::Duration::ZERO);
+    let err = Config::parse(&with("  overlap: 90000\n"), "t.yaml", dir.path(), &env()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("scheduler.overlap"), "{text}");
+    assert!(text.contains("0 to 86400 seconds"), "{text}");
+}
+
+#[test]
 fn business_event_routes_are_checked_against_the_enabled_maps() {
     let dir = tempfile::tempdir().unwrap();
     let with = |routes: &str| {
