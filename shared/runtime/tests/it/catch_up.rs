@@ -197,8 +197,12 @@ async fn a_change_committed_behind_the_watermark_is_read_through_the_overlap() {
             .erp_watermark
             .unwrap();
 
-    // Stamped 1.5 s ago, visible now: behind the watermark.
-    s.fno.set_commit_lag(Duration::from_millis(1500));
+    // Stamped a second before the watermark, visible now (however long the poll took).
+    let lag = (chrono::Utc::now() - watermark)
+        .to_std()
+        .unwrap_or_default()
+        + Duration::from_secs(1);
+    s.fno.set_commit_lag(lag);
     s.fno
         .user_edit(
             "CustomersV3",
