@@ -304,6 +304,14 @@ impl<C: Connector + 'static> Connector for Coalescing<C> {
         self.shared.inner.query(entity, query).await
     }
 
+    async fn deletions(
+        &self,
+        entity: &str,
+        from: Option<&str>,
+    ) -> Result<Option<dualwrite_core::ports::DeletionsPage>, ConnectorError> {
+        self.shared.inner.deletions(entity, from).await
+    }
+
     async fn upsert(
         &self,
         entity: &str,

@@ -90,6 +90,15 @@ impl<C: Connector> Connector for RetryingConnector<C> {
         self.retry(entity, || self.inner.query(entity, query)).await
     }
 
+    async fn deletions(
+        &self,
+        entity: &str,
+        from: Option<&str>,
+    ) -> Result<Option<dualwrite_core::ports::DeletionsPage>, ConnectorError> {
+        self.retry(entity, || self.inner.deletions(entity, from))
+            .await
+    }
+
     async fn upsert(
         &self,
         entity: &str,

@@ -164,6 +164,12 @@ pub struct MapState {
     /// Newest source modification time read by a batch job, per side (incremental reads).
     pub crm_watermark: Option<DateTime<Utc>>,
     pub erp_watermark: Option<DateTime<Utc>>,
+    /// Where each side's change tracking continues, for deletes ([`Connector::deletions`]):
+    /// a Dataverse deltaLink. `None` before the first read, or where there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crm_deletions: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erp_deletions: Option<String>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -521,6 +527,18 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// One page of the rows of an entity deleted since a point in the system's change tracking
+/// ([`Connector::deletions`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeletionsPage {
+    /// Ids (the system's own row ids) of rows deleted since the cursor.
+    pub deleted: Vec<String>,
+    /// The continuation of this read, when there are more pages.
+    pub next: Option<String>,
+    /// On the last page: the cursor a later read starts from (a Dataverse deltaLink).
+    pub cursor: Option<String>,
+}
+
 /// What went wrong talking to a system, as the error policy needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -622,6 +640,19 @@ pub trait Connector: Send + Sync {
     async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError>;
     /// Reads one page of records.
     async fn query(&self, entity: &str, query: &Query) -> Result<Page, ConnectorError>;
+    /// Reads which rows of `entity` were deleted since `from` (a cursor from an earlier
+    /// read's last page, or a page continuation), through the system's change tracking.
+    /// Without `from`, the read establishes the starting point: it reports nothing deleted and
+    /// ends with the cursor for the next read. `Ok(None)` when the system or entity has no
+    /// change tracking (the default): deletes cannot be caught up by polling there.
+    async fn deletions(
+        &self,
+        entity: &str,
+        from: Option<&str>,
+    ) -> Result<Option<DeletionsPage>, ConnectorError> {
+        let _ = (entity, from);
+        Ok(None)
+    }
     /// Creates or updates one record with `record.fields`.
     async fn upsert(
         &self,

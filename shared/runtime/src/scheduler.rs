@@ -5,15 +5,19 @@
 //! Each poll reads from `overlap` before the watermark (`Query.modified_since`): a row is
 //! stamped when its transaction starts and visible when it commits, so a long transaction can
 //! commit behind a watermark taken from shorter, later ones. Rows read again get the same
-//! event id and are dropped as duplicates. Deletes are not seen by polling (a deleted row is
-//! not in a query's answer): a missed delete webhook is not made up for.
+//! event id and are dropped as duplicates.
+//!
+//! Deletes are not in a query's answer: where the system has change tracking (Dataverse:
+//! `Prefer: odata.track-changes`, a deltaLink kept per map side), each poll also reads the
+//! rows deleted since the last one and ingests a delete for each, so a missed delete webhook
+//! is made up for too. F&O's OData has no change tracking: a missed F&O delete is not.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dualwrite_core::map::TableMap;
-use dualwrite_core::ports::{MapState, MapStatus, Query, StoreOp};
+use dualwrite_core::ports::{ConnectorErrorKind, MapState, MapStatus, Query, StoreOp};
 use dualwrite_core::{ChangeEvent, Operation, Side};
 use dualwrite_engine::ingest;
 use tokio::sync::watch;
@@ -83,6 +87,8 @@ pub(crate) async fn catch_up(shared: &Shared, overlap: Duration) -> Result<usize
             status: MapStatus::Running,
             crm_watermark: None,
             erp_watermark: None,
+            crm_deletions: None,
+            erp_deletions: None,
             updated_at: now,
         });
         if state.status == MapStatus::Paused {
@@ -107,6 +113,24 @@ pub(crate) async fn catch_up(shared: &Shared, overlap: Duration) -> Result<usize
                 Err(e) => {
                     warn!(map = %map.name, side = %side, error = %e, "catch-up of a map side failed; its watermark stays");
                     failures.push(format!("map {} ({side}): {e}", map.name));
+                    continue;
+                }
+            }
+            let cursor = match side {
+                Side::Crm => state.crm_deletions.clone(),
+                Side::Erp => state.erp_deletions.clone(),
+            };
+            match poll_deletions(shared, map, side, cursor, now).await {
+                Ok((changes, cursor)) => {
+                    total += changes;
+                    match side {
+                        Side::Crm => state.crm_deletions = cursor,
+                        Side::Erp => state.erp_deletions = cursor,
+                    }
+                }
+                Err(e) => {
+                    warn!(map = %map.name, side = %side, error = %e, "reading deletions of a map side failed; its cursor stays");
+                    failures.push(format!("map {} ({side}) deletions: {e}", map.name));
                 }
             }
         }
@@ -183,6 +207,77 @@ async fn poll_side(
         }
     }
     Ok((total, newest))
+}
+
+/// Reads the rows of one side of `map` deleted since `cursor` through the system's change
+/// tracking and ingests a delete for each. Returns the deletes ingested and the cursor the
+/// next poll starts from: `None` where the system has no change tracking. Without a cursor,
+/// the read only establishes one (a first poll cannot know what was deleted before it).
+async fn poll_deletions(
+    shared: &Shared,
+    map: &TableMap,
+    side: Side,
+    cursor: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<(usize, Option<String>), String> {
+    let (connector, entity) = match side {
+        Side::Crm => (&shared.crm, map.crm.entity_set.as_str()),
+        Side::Erp => (&shared.erp, map.erp.entity.as_str()),
+    };
+    let mut from = cursor;
+    let mut total = 0;
+    loop {
+        let answer = connector.deletions(entity, from.as_deref()).await;
+        let page = match answer {
+            Ok(Some(page)) => page,
+            Ok(None) => return Ok((total, None)),
+            // A cursor the system no longer takes (Dataverse change-tracking tokens expire,
+            // after 7 days by default): start a new one at the next poll. Deletes made since
+            // the last poll that read them cannot be known any more; say so.
+            Err(e)
+                if from.is_some()
+                    && matches!(
+                        e.kind,
+                        ConnectorErrorKind::BadRequest | ConnectorErrorKind::NotFound
+                    ) =>
+            {
+                warn!(map = %map.name, side = %side, error = %e, "change-tracking cursor refused; a new one is started at the next poll, and deletes made since the last poll may not be caught up");
+                return Ok((total, None));
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let events: Vec<ChangeEvent> = page
+            .deleted
+            .into_iter()
+            .map(|id| deleted_event(side, entity, id, now))
+            .collect();
+        total += ingest(shared.inbound.as_ref(), events)
+            .await
+            .map_err(|e| e.to_string())?;
+        match (page.next, page.cursor) {
+            (Some(next), _) => from = Some(next),
+            (None, Some(cursor)) => return Ok((total, Some(cursor))),
+            (None, None) => return Err("change tracking ended without a cursor".into()),
+        }
+    }
+}
+
+/// The delete of row `id` of `entity` found by change tracking; its id is the same however
+/// often it is read.
+fn deleted_event(side: Side, entity: &str, id: String, now: DateTime<Utc>) -> ChangeEvent {
+    let digest = xxhash_rust::xxh3::xxh3_128(format!("{side}:{entity}:{id}:deleted").as_bytes());
+    let mut record = dualwrite_core::Record::new(entity);
+    record.id = Some(id.into());
+    ChangeEvent {
+        event_id: format!("poll-delete:{digest:032x}"),
+        source: side,
+        operation: Operation::Delete,
+        record,
+        partial: false,
+        received_at: now,
+        correlation_id: None,
+        depth: None,
+    }
 }
 
 fn polled_event(side: Side, record: dualwrite_core::Record, now: DateTime<Utc>) -> ChangeEvent {

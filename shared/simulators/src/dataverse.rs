@@ -147,6 +147,11 @@ struct Table {
     rows: BTreeMap<String, Row>,
     key_index: Vec<HashMap<Vec<String>, String>>,
     kinds: HashMap<String, ColumnKind>,
+    /// Deleted rows as change tracking reports them: (the store's version at the delete, id).
+    deleted: Vec<(u64, String)>,
+    /// Change tracking is enabled on the table (the default here; a table setting in
+    /// Dataverse). Without it `Prefer: odata.track-changes` is ignored.
+    tracked: bool,
 }
 
 impl Table {
@@ -157,6 +162,8 @@ impl Table {
             rows: BTreeMap::new(),
             key_index,
             kinds: HashMap::new(),
+            deleted: Vec::new(),
+            tracked: true,
         }
     }
 
@@ -526,11 +533,19 @@ impl DvState {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty();
+        let version = store.version + 1;
         let Some(table) = store.tables.get_mut(set) else {
             return;
         };
         let prev = table.rows.get(id).cloned();
         table.put(id, None);
+        if prev.is_some() {
+            table.deleted.push((version, id.to_owned()));
+            store.version = version;
+        }
+        let Some(table) = store.tables.get_mut(set) else {
+            return;
+        };
         if wants_hooks && let Some(p) = &prev {
             let image = image_attributes(table, p, actor);
             store.pending.push(Notice {
@@ -596,6 +611,7 @@ impl DvState {
             Ok(x) => x,
             Err(e) => return bad_request(&format!("Bad Request - Error in query syntax: {e}.")),
         };
+        let version_now = store.version;
         let Some(table) = store.tables.get(set) else {
             return err(
                 StatusCode::NOT_FOUND,
@@ -631,6 +647,11 @@ impl DvState {
             Err(e) => return e,
         };
         match (&req.method, key) {
+            (&Method::GET, None)
+                if table.tracked && prefs.iter().any(|p| p == "odata.track-changes") =>
+            {
+                self.tracked_query(table, req, &query, select.as_deref(), &prefs, version_now)
+            }
             (&Method::GET, None) => {
                 self.query(table, req, &query, select.as_deref(), annotations, &prefs)
             }
@@ -810,6 +831,112 @@ impl DvState {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// A collection read with change tracking (`Prefer: odata.track-changes`): without
+    /// `$deltatoken`, every row (paged as any query, the start version carried by the
+    /// nextLink) and, on the last page, `@odata.deltaLink`; with one, the rows changed since
+    /// and a `$deletedEntity` entry for each row deleted since, and a new deltaLink. `$filter`,
+    /// `$orderby` and `$top` are refused with tracking, as Dataverse refuses them.
+    fn tracked_query(
+        &self,
+        table: &Table,
+        req: &SimRequest,
+        query: &[(String, String)],
+        select: Option<&[String]>,
+        prefs: &[String],
+        version_now: u64,
+    ) -> SimResponse {
+        let q = |n: &str| query.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        for option in ["$filter", "$orderby", "$top", "$expand"] {
+            if q(option).is_some() {
+                return bad_request(&format!(
+                    "The query option {option} cannot be used with change tracking \
+                     (Prefer: odata.track-changes)."
+                ));
+            }
+        }
+        let set = &table.def.entity_set;
+        let select_param = q("$select").map(|s| format!("$select={}&", pct_encode(s)));
+        let delta_link = |version: u64| {
+            format!(
+                "{}{set}?{}$deltatoken={version}",
+                self.api(),
+                select_param.as_deref().unwrap_or("")
+            )
+        };
+        if let Some(token) = q("$deltatoken") {
+            let Ok(since) = token.parse::<u64>() else {
+                return bad_request(
+                    "The $deltatoken is not valid; follow @odata.deltaLink unchanged.",
+                );
+            };
+            let mut values: Vec<Value> = table
+                .rows
+                .values()
+                .filter(|r| {
+                    r.get("versionnumber")
+                        .and_then(Value::as_u64)
+                        .is_some_and(|v| v > since)
+                })
+                .map(|r| Self::view(table, r, select, false))
+                .collect();
+            for (_, id) in table
+                .deleted
+                .iter()
+                .filter(|(v, id)| *v > since && !table.rows.contains_key(id))
+            {
+                values.push(json!({
+                    "@odata.context": format!("{}$metadata#{set}/$deletedEntity", self.api()),
+                    "id": id,
+                    "reason": "deleted",
+                }));
+            }
+            let body = json!({
+                "@odata.context": format!("{}$metadata#{set}", self.api()),
+                "value": values,
+                "@odata.deltaLink": delta_link(version_now),
+            });
+            return SimResponse::json(StatusCode::OK, &body)
+                .with_header("preference-applied", "odata.track-changes");
+        }
+        // The initial read: pages as any query; the version it started at rides on the
+        // nextLink so that the deltaLink covers what changed while it was paged.
+        let start = q("trackstart")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(version_now);
+        let mut plain_query: Vec<(String, String)> = query
+            .iter()
+            .filter(|(k, _)| k != "trackstart")
+            .cloned()
+            .collect();
+        plain_query.retain(|(k, _)| k != "$deltatoken");
+        let resp = self.query(table, req, &plain_query, select, false, prefs);
+        if resp.status != StatusCode::OK {
+            return resp;
+        }
+        let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&resp.body) else {
+            return resp;
+        };
+        match body.get("@odata.nextLink").and_then(Value::as_str) {
+            Some(next) if !next.contains("trackstart=") => {
+                let next = format!("{next}&trackstart={start}");
+                body.insert("@odata.nextLink".into(), Value::String(next));
+            }
+            Some(_) => {}
+            None => {
+                body.insert("@odata.deltaLink".into(), Value::String(delta_link(start)));
+            }
+        }
+        let applied = prefs
+            .iter()
+            .filter(|p| p.starts_with("odata.maxpagesize="))
+            .cloned()
+            .chain(std::iter::once("odata.track-changes".to_owned()))
+            .collect::<Vec<_>>()
+            .join(",");
+        SimResponse::json(StatusCode::OK, &Value::Object(body))
+            .with_header("preference-applied", &applied)
+    }
+
     fn query(
         &self,
         table: &Table,
@@ -1688,6 +1815,17 @@ impl DataverseSim {
         column: &str,
         kind: ColumnKind,
     ) -> Result<(), SimError> {
+        self.with_table(entity_set, |t| {
+            t.kinds.insert(column.to_owned(), kind);
+        })
+    }
+
+    /// Runs `change` on table `entity_set`.
+    fn with_table(
+        &self,
+        entity_set: &str,
+        change: impl FnOnce(&mut Table),
+    ) -> Result<(), SimError> {
         let mut store = self.state.store.lock().unwrap_or_else(|e| e.into_inner());
         let t = store
             .tables
@@ -1696,8 +1834,17 @@ impl DataverseSim {
                 sim: "Dataverse",
                 name: entity_set.to_owned(),
             })?;
-        t.kinds.insert(column.to_owned(), kind);
+        change(t);
         Ok(())
+    }
+
+    /// Enables or disables change tracking on a table (enabled by default). A disabled table
+    /// answers a `Prefer: odata.track-changes` read as a plain query, as Dataverse does.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownTable`].
+    pub fn set_change_tracking(&self, entity_set: &str, enabled: bool) -> Result<(), SimError> {
+        self.with_table(entity_set, |t| t.tracked = enabled)
     }
 
     /// Registers a webhook; every later change to a matching table fires it.

@@ -203,3 +203,40 @@ pub fn record_body(
     }
     Ok(object_text(&pairs))
 }
+
+/// A change-tracking answer: the ids of its `$deletedEntity` entries, its nextLink and its
+/// deltaLink. Changed rows in it are skipped.
+pub(crate) fn deletions_page(body: &str) -> Result<dualwrite_core::ports::DeletionsPage, String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        value: Vec<serde_json::Map<String, serde_json::Value>>,
+        #[serde(rename = "@odata.nextLink")]
+        next: Option<String>,
+        #[serde(rename = "@odata.deltaLink")]
+        delta: Option<String>,
+    }
+    let a: Answer = serde_json::from_str(body)
+        .map_err(|e| format!("the body is not a change-tracking answer: {e}"))?;
+    let mut deleted = Vec::new();
+    for (i, entry) in a.value.iter().enumerate() {
+        let is_deletion = entry
+            .get("@odata.context")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|c| c.ends_with("/$deletedEntity"));
+        if !is_deletion {
+            continue;
+        }
+        match entry.get("id").and_then(serde_json::Value::as_str) {
+            Some(id) => deleted.push(id.to_owned()),
+            None => return Err(format!("value[{i}] is a $deletedEntity without an id")),
+        }
+    }
+    if a.next.is_none() && a.delta.is_none() {
+        return Err("the answer has neither @odata.nextLink nor @odata.deltaLink".into());
+    }
+    Ok(dualwrite_core::ports::DeletionsPage {
+        deleted,
+        next: a.next,
+        cursor: a.delta,
+    })
+}

@@ -385,3 +385,93 @@ async fn money_keeps_every_digit_of_a_ten_decimal_value() {
         Some(&Value::Decimal("99999999999.1234567891".parse().unwrap()))
     );
 }
+
+/// Deletes are read through Dataverse change tracking: the first read (paged, ids only) ends
+/// with a deltaLink and reports nothing; following it reports exactly the rows deleted since,
+/// and a row changed since is not taken for a delete. F&O has no change tracking.
+#[tokio::test]
+async fn deletions_are_read_through_change_tracking() {
+    let env = Env::start().await;
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let row = env
+            .dv
+            .user_create(
+                "accounts",
+                json!({"accountnumber": format!("T-{n:02}"), "name": format!("Tracked {n}")}),
+            )
+            .expect("seed row");
+        ids.push(row["accountid"].as_str().unwrap().to_string());
+    }
+    // The first read (every page of it) ends with the cursor.
+    let mut from: Option<String> = None;
+    let mut pages = 0;
+    let cursor = loop {
+        let page = env
+            .dataverse
+            .deletions("accounts", from.as_deref())
+            .await
+            .unwrap()
+            .expect("Dataverse tracks changes");
+        pages += 1;
+        assert!(page.deleted.is_empty(), "a first read reports no delete");
+        match (page.next, page.cursor) {
+            (Some(next), _) => from = Some(next),
+            (None, Some(cursor)) => break cursor,
+            (None, None) => panic!("no cursor"),
+        }
+    };
+    assert!(pages >= 1);
+
+    env.dv.user_delete("accounts", &ids[3]).unwrap();
+    env.dv.user_delete("accounts", &ids[7]).unwrap();
+    env.dv
+        .user_edit("accounts", &ids[5], json!({"name": "Edited"}))
+        .unwrap();
+    let page = env
+        .dataverse
+        .deletions("accounts", Some(&cursor))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut deleted = page.deleted.clone();
+    deleted.sort();
+    let mut want = vec![ids[3].clone(), ids[7].clone()];
+    want.sort();
+    assert_eq!(deleted, want);
+    let next = page.cursor.expect("a new cursor");
+    let page = env
+        .dataverse
+        .deletions("accounts", Some(&next))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(page.deleted.is_empty(), "nothing deleted since: {page:?}");
+
+    env.dv.set_change_tracking("accounts", false).unwrap();
+    assert!(
+        env.dataverse
+            .deletions("accounts", None)
+            .await
+            .unwrap()
+            .is_none(),
+        "a table without change tracking has none"
+    );
+    let foreign = env
+        .dataverse
+        .deletions(
+            "accounts",
+            Some("https://elsewhere.example/api/data/v9.2/accounts"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.kind, ConnectorErrorKind::BadRequest);
+    assert!(
+        env.erp
+            .deletions("CustomersV3", None)
+            .await
+            .unwrap()
+            .is_none(),
+        "F&O has no change tracking"
+    );
+}

@@ -266,3 +266,70 @@ async fn a_map_side_that_cannot_be_polled_does_not_stop_the_others() {
     s.rt.catch_up_now().await.unwrap();
     s.rt.shutdown().await;
 }
+
+/// A Dataverse delete whose webhook was missed is caught up through change tracking: a first
+/// poll sets the map's cursor, the next one reads the delete and removes the F&O customer,
+/// once. F&O has no change tracking: its side keeps no cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_dataverse_delete_is_caught_up_through_change_tracking() {
+    let s = Stack::start(StackOptions::default()).await;
+    let id = s.synced_account("E2E-0070", "Fourth Coffee", 100).await;
+    s.rt.catch_up_now().await.unwrap();
+    s.wait_idle().await;
+    let state = s.rt.store().map_state(CUSTOMERS).await.unwrap().unwrap();
+    assert!(state.crm_deletions.is_some(), "{state:?}");
+    assert!(state.erp_deletions.is_none(), "{state:?}");
+
+    miss_all_webhooks(&s);
+    s.dv.user_delete("accounts", &id).unwrap();
+    s.wait_idle().await;
+    assert!(
+        s.customer("E2E-0070").is_some(),
+        "no webhook: not deleted yet"
+    );
+    let before = s.stats().await.engine;
+    s.rt.catch_up_now().await.unwrap();
+    s.wait_idle().await;
+    assert!(
+        s.customer("E2E-0070").is_none(),
+        "the caught-up delete reached F&O"
+    );
+    let after = s.stats().await.engine;
+    assert_eq!(after.deletes - before.deletes, 1, "{after}");
+    assert_eq!(after.errors, before.errors, "{after}");
+
+    // The cursor moved on: the next poll deletes nothing more.
+    s.rt.catch_up_now().await.unwrap();
+    s.wait_idle().await;
+    assert_eq!(s.stats().await.engine.deletes, after.deletes);
+    s.rt.shutdown().await;
+}
+
+/// A change-tracking cursor Dataverse no longer takes (its tokens expire) does not stop the
+/// catch-up: the poll drops it, and the next one starts a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_change_tracking_cursor_is_replaced() {
+    use dualwrite_core::ports::{LinkStore, StoreOp};
+
+    let s = Stack::start(StackOptions::default()).await;
+    s.rt.catch_up_now().await.unwrap();
+    let mut state = s.rt.store().map_state(CUSTOMERS).await.unwrap().unwrap();
+    let cursor = state.crm_deletions.clone().expect("a cursor");
+    let (base, _) = cursor.split_once("$deltatoken=").unwrap();
+    state.crm_deletions = Some(format!("{base}$deltatoken=expired"));
+    s.rt.store()
+        .commit(vec![StoreOp::PutMapState(state)])
+        .await
+        .unwrap();
+
+    s.rt.catch_up_now()
+        .await
+        .expect("the refused cursor is no failure");
+    let state = s.rt.store().map_state(CUSTOMERS).await.unwrap().unwrap();
+    assert_eq!(state.crm_deletions, None, "the refused cursor was dropped");
+    s.rt.catch_up_now().await.unwrap();
+    let state = s.rt.store().map_state(CUSTOMERS).await.unwrap().unwrap();
+    let fresh = state.crm_deletions.expect("a new cursor");
+    assert!(!fresh.ends_with("expired"), "{fresh}");
+    s.rt.shutdown().await;
+}

@@ -401,6 +401,118 @@ async fn dataverse_upsert_by_alternate_key_and_lookups() {
     assert_eq!(sim.rows("accounts").len(), 2);
 }
 
+/// Change tracking as the reference describes it: the first read pages and ends with a
+/// deltaLink covering what changed while it was paged; following the deltaLink gives the
+/// changed rows and a `$deletedEntity` per deleted row, and a new deltaLink; `$filter`,
+/// `$orderby` and `$top` are refused with tracking.
+#[tokio::test]
+async fn dataverse_change_tracking_reports_changes_and_deletions_since_its_token() {
+    let (sim, c) = dataverse().await;
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let row = sim
+            .user_create("accounts", json!({"name": format!("t{i}")}))
+            .unwrap();
+        ids.push(row["accountid"].as_str().unwrap().to_owned());
+    }
+    let get = |url: String| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .get(&url)
+                .header("Prefer", "odata.track-changes, odata.maxpagesize=10")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let applied = r
+                .headers()
+                .get("preference-applied")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, applied, body(r).await)
+        }
+    };
+    let mut url = format!("{}accounts?$select=accountid", sim.api_url());
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut deleted_while_paging = String::new();
+    let delta = loop {
+        let (status, applied, v) = get(url.clone()).await;
+        assert_eq!(status, 200, "{v}");
+        assert!(applied.unwrap().contains("odata.track-changes"));
+        for row in v["value"].as_array().unwrap() {
+            seen.push(row["accountid"].as_str().unwrap().to_owned());
+        }
+        pages += 1;
+        if pages == 1 {
+            // A row deleted while the first read pages is reported by its deltaLink.
+            deleted_while_paging = ids.iter().find(|id| !seen.contains(id)).unwrap().clone();
+            sim.user_delete("accounts", &deleted_while_paging).unwrap();
+        }
+        match (
+            v["@odata.nextLink"].as_str(),
+            v["@odata.deltaLink"].as_str(),
+        ) {
+            (Some(next), None) => url = next.to_owned(),
+            (None, Some(delta)) => break delta.to_owned(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 24, "the row deleted while paging is not read");
+    assert!(delta.contains("$deltatoken="), "{delta}");
+
+    let (gone, changed) = {
+        let mut rest = ids.iter().filter(|id| **id != deleted_while_paging);
+        (rest.next().unwrap().clone(), rest.next().unwrap().clone())
+    };
+    sim.user_delete("accounts", &gone).unwrap();
+    sim.user_edit("accounts", &changed, json!({"name": "changed"}))
+        .unwrap();
+    let (status, _, v) = get(delta).await;
+    assert_eq!(status, 200, "{v}");
+    let value = v["value"].as_array().unwrap();
+    let deleted: Vec<&str> = value
+        .iter()
+        .filter(|e| {
+            e["@odata.context"]
+                .as_str()
+                .is_some_and(|c| c.ends_with("accounts/$deletedEntity"))
+        })
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    let mut want = vec![gone.as_str(), deleted_while_paging.as_str()];
+    want.sort_unstable();
+    let mut got = deleted.clone();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    assert!(
+        value
+            .iter()
+            .all(|e| e["reason"] == "deleted" || e["accountid"] == changed.as_str())
+    );
+    assert_eq!(value.len(), 3, "two deletions and the changed row: {v}");
+    let next = v["@odata.deltaLink"].as_str().unwrap().to_owned();
+    let (_, _, v) = get(next).await;
+    assert_eq!(v["value"], json!([]), "nothing since");
+
+    for option in ["$filter=name eq 'x'", "$orderby=name", "$top=5"] {
+        let (status, _, v) = get(format!(
+            "{}accounts?$select=accountid&{option}",
+            sim.api_url()
+        ))
+        .await;
+        assert_eq!(status, 400, "{option}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("change tracking"),
+            "{v}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn dataverse_paging_follows_next_links_without_gaps() {
     let (sim, c) = dataverse().await;

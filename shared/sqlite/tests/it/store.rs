@@ -485,6 +485,8 @@ async fn map_states_are_created_replaced_and_listed_by_name() {
         status,
         crm_watermark: Some(t0()),
         erp_watermark: None,
+        crm_deletions: None,
+        erp_deletions: None,
         updated_at: t0(),
     };
     assert!(store.map_state("customers").await.unwrap().is_none());
