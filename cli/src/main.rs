@@ -78,7 +78,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Maps { command } => commands::maps::run(command),
         Command::Status(args) => commands::status::run(&store, args),
-        Command::Conflicts { command } => commands::conflicts::run(&store, command),
+        Command::Conflicts { command } => {
+            commands::conflicts::run(&store, cli.db.as_deref(), command)
+        }
         Command::Errors { command } => commands::errors::run(&store, command),
         Command::Queue { command } => commands::queue::run(&store, command),
         Command::Bench { command } => commands::bench::run(command),

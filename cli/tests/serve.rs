@@ -1,4 +1,5 @@
-//! `dualwrite serve` as a service manager runs it: it stops on SIGTERM as on Ctrl-C (SIGINT),
+//! `dualwrite serve` as a service manager runs it (and the commands that take its configuration):
+//! it stops on SIGTERM as on Ctrl-C (SIGINT),
 //! draining first, and exits 0; the queue it held is free again afterwards.
 
 #![cfg(unix)]
@@ -56,6 +57,26 @@ fn start_with(dir: &Path, config: &Path, extra: &[&str]) -> (Child, String) {
     // Keep reading, as a terminal would: a closed stdout would fail serve's next line.
     std::thread::spawn(move || lines.for_each(drop));
     (child, addr)
+}
+
+/// Runs `dualwrite <global> <args> <config>` in `dir` to its end, with the configuration's
+/// secrets set.
+fn run_once(
+    dir: &Path,
+    global: &[&std::ffi::OsStr],
+    args: &[&str],
+    config: &Path,
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dualwrite"))
+        .args(global)
+        .args(args)
+        .arg(config)
+        .current_dir(dir)
+        .env("T_SECRET", "client-secret")
+        .env("T_HOOK", "hook-secret")
+        .env_remove("DUALWRITE_DB")
+        .output()
+        .unwrap()
 }
 
 fn signal(child: &Child, name: &str) {
@@ -217,17 +238,64 @@ fn a_stalled_body_is_answered_408_counted_and_nothing_is_queued() {
 fn a_body_timeout_out_of_range_is_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config_with(dir.path(), "  body_timeout: 0\n");
-    let out = Command::new(env!("CARGO_BIN_EXE_dualwrite"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .current_dir(dir.path())
-        .env("T_SECRET", "client-secret")
-        .env("T_HOOK", "hook-secret")
-        .env_remove("DUALWRITE_DB")
-        .output()
-        .unwrap();
+    let out = run_once(dir.path(), &[], &["serve", "--config"], &config);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("webhooks.body_timeout"), "{stderr}");
     assert!(stderr.contains("1 to 600 seconds"), "{stderr}");
+}
+
+#[test]
+fn conflicts_resolve_uses_the_store_db_names() {
+    use dualwrite_core::ports::{ConflictRecord, LinkStore, StoreOp};
+    use dualwrite_core::{IntegrationKey, Record};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    // An open conflict in the store --db names; the configuration's `db:` has none.
+    let elsewhere = dir.path().join("elsewhere.db");
+    let store = dualwrite_sqlite::SqliteStore::open(&elsewhere).unwrap();
+    let conflict = ConflictRecord {
+        id: "C-DB-1".into(),
+        map: "legal-entities".into(),
+        key: IntegrationKey("USMF".into()),
+        detected_at: chrono::Utc::now(),
+        policy: "manual".into(),
+        crm: Record::new("cdm_companies"),
+        erp: Record::new("LegalEntities"),
+        winner: None,
+        open: true,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(store.commit(vec![StoreOp::RecordConflict(conflict)]))
+        .unwrap();
+    drop(store);
+
+    let out = run_once(
+        dir.path(),
+        &[std::ffi::OsStr::new("--db"), elsewhere.as_os_str()],
+        &[
+            "conflicts",
+            "resolve",
+            "C-DB-1",
+            "--keep",
+            "crm",
+            "--config",
+        ],
+        &config,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    // It found the conflict (in elsewhere.db), and stopped at the missing link: nothing is
+    // written without one.
+    assert!(
+        stderr.contains("has no link for key USMF"),
+        "the conflict was looked up in the store --db names: {stderr}"
+    );
+    assert!(
+        !dir.path().join("state.db").exists(),
+        "the configuration's db: is not used when --db names one"
+    );
 }

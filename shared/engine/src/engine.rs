@@ -355,10 +355,16 @@ impl Engine {
     /// are released by the next [`Engine::sweep_parked`] (older ones are then dropped as stale).
     ///
     /// The winner's record goes through the ordinary decision path as a change event with id
-    /// `resolve:<conflict id>`, so a repeated resolution writes nothing new.
+    /// `resolve:<conflict id>`, so a repeated resolution writes nothing new. The conflict is
+    /// closed before that write: a write that then fails for now (throttled, unreachable) keeps
+    /// the person's decision as an error record holding that change
+    /// ([`ResolveError::WinnerNotWritten`]), which `dualwrite errors retry resolve:<id>` sends
+    /// again; a write refused for good is logged the same way by the decision path (the
+    /// outcome's map action is `Failed`).
     ///
     /// # Errors
-    /// [`ResolveError`] naming what is missing or what failed; nothing is written then.
+    /// [`ResolveError`] naming what is missing or what failed: nothing is written when the
+    /// conflict, its map, its link or the winner cannot be found.
     pub async fn resolve_conflict(
         &self,
         conflict_id: &str,
@@ -433,7 +439,34 @@ impl Engine {
             correlation_id: Some(conflict_id.to_string()),
             depth: None,
         };
-        Ok(self.process(&event).await?)
+        match self.process(&event).await {
+            Ok(outcome) => Ok(outcome),
+            Err(error) => {
+                let message = format!(
+                    "conflict {conflict_id} was closed with the {keep} record kept, but writing \
+                     it to {} failed: {error}",
+                    keep.other()
+                );
+                let record = ErrorRecord {
+                    at: self.clock.now(),
+                    map: Some(map.name.clone()),
+                    key: Some(conflict.key.to_string()),
+                    event_id: Some(event.event_id.clone()),
+                    class: ErrorClass::Retryable,
+                    message: message.clone(),
+                    event: Some(event.clone()),
+                };
+                self.store
+                    .commit(vec![StoreOp::RecordError(record)])
+                    .await?;
+                self.stats.inc(Counter::Errors);
+                warn!(conflict = %conflict_id, error = %message, "the resolution's write failed; kept in the error log");
+                Err(ResolveError::WinnerNotWritten {
+                    event_id: event.event_id,
+                    message,
+                })
+            }
+        }
     }
 
     /// Recognises, before it is queued, a change whose effect the store already records: the
@@ -1211,6 +1244,15 @@ pub enum ResolveError {
     Connector(#[from] ConnectorError),
     #[error(transparent)]
     Process(#[from] ProcessError),
+    /// The conflict is closed, but the winner's write failed for now; the change is kept in
+    /// the error log under `event_id`.
+    #[error("{message}; the decision is kept: run `dualwrite errors retry {event_id}` to write it")]
+    WinnerNotWritten {
+        /// The kept change's id (`resolve:<conflict id>`).
+        event_id: String,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// True for the decisions that depend only on the change and the link, which the engine makes

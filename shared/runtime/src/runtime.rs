@@ -57,6 +57,9 @@ pub enum StartError {
         dir: String,
         /// What failed.
         message: String,
+        /// True when another process (a running `dualwrite serve`) holds the queue; false for
+        /// any other failure (damage, permissions, a full disk).
+        held: bool,
     },
     /// A connector could not be built.
     #[error("cannot set up the {side} connector for {url}: {message}")]
@@ -1061,6 +1064,7 @@ async fn open_queue_of(
     )
     .map_err(|e| StartError::QueueUnavailable {
         dir: dir.display().to_string(),
+        held: matches!(e, dualwrite_logqueue::OpenError::Locked { .. }),
         message: e.to_string(),
     })?;
     let moved = move_earlier_messages(store, &queue)
@@ -1322,7 +1326,7 @@ mod tests {
         let _held = open_queue_of(&db, 5, &store).await.unwrap();
         let err = open_queue_of(&db, 5, &store).await.unwrap_err();
         assert!(
-            matches!(&err, StartError::QueueUnavailable { message, .. } if message.contains("in use")),
+            matches!(&err, StartError::QueueUnavailable { message, held: true, .. } if message.contains("in use")),
             "{err}"
         );
     }

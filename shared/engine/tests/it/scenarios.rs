@@ -299,6 +299,62 @@ async fn a_person_resolves_a_manual_conflict_and_parked_changes_move_on() {
     assert!(err.to_string().contains("no open conflict"), "{err}");
 }
 
+/// A resolution whose write fails for now (the other side throttles or is down) keeps the
+/// person's decision: the change is in the error log, and sending it again writes the winner.
+/// It used to be lost: the conflict was closed and the failure only reported.
+#[tokio::test]
+async fn a_resolution_whose_write_fails_for_now_is_kept_and_written_when_sent_again() {
+    let (w, _) = both_edit(ConflictPolicy::Manual, false).await;
+    let conflict = only_conflict(&w).await;
+    w.tick();
+    w.erp
+        .fail_next(dualwrite_core::ports::ConnectorErrorKind::Transient);
+    let err = w
+        .engine
+        .resolve_conflict(&conflict.id, Side::Crm)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    let event_id = format!("resolve:{}", conflict.id);
+    assert!(
+        text.contains(&format!("dualwrite errors retry {event_id}")),
+        "{text}"
+    );
+    assert!(
+        w.store.conflicts(true, 10).await.unwrap().is_empty(),
+        "closed"
+    );
+    assert_ne!(
+        w.account(Side::Erp, "A1"),
+        w.account(Side::Crm, "A1"),
+        "not written yet"
+    );
+    let logged = w.store.errors(10).await.unwrap();
+    let kept = logged
+        .iter()
+        .find(|e| e.event_id.as_deref() == Some(event_id.as_str()))
+        .expect("the resolution's change is in the error log");
+    assert_eq!(kept.class, dualwrite_core::ports::ErrorClass::Retryable);
+    assert!(kept.event.is_some(), "with the change itself");
+
+    let replay = dualwrite_engine::replay::failed_events(
+        w.store.as_ref(),
+        std::slice::from_ref(&event_id),
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replay.events.len(), 1);
+    let out = w.engine.process(&replay.events[0]).await.unwrap();
+    assert!(
+        matches!(action(&out), MapAction::Written { writes: 1, .. }),
+        "{out:?}"
+    );
+    assert_eq!(w.account(Side::Erp, "A1"), w.account(Side::Crm, "A1"));
+    w.settle(Vec::new()).await;
+    assert_eq!(w.account(Side::Erp, "A1"), w.account(Side::Crm, "A1"));
+}
+
 #[tokio::test]
 async fn delete_propagate_removes_the_other_record_and_the_link() {
     let w = linked(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate).await;
