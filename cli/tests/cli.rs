@@ -227,6 +227,69 @@ fn status_counts_the_queue_and_says_when_a_running_process_holds_it() {
         "{}",
         stdout(&out)
     );
+    // Its counts are unknown here: null, not 0 (a monitor must not read "no backlog").
+    let out = dualwrite(&["--db", &db_arg, "status", "--json"], dir.path());
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["queue"]["held_by_another_process"], true, "{status}");
+    for count in ["ready", "in_flight", "delayed", "dead"] {
+        assert!(status["queue"][count].is_null(), "{count}: {status}");
+    }
+    assert_eq!(status["queue"]["earlier_dead"], 0, "{status}");
+}
+
+#[test]
+fn status_lists_the_most_recent_dead_letters_newest_first() {
+    use std::time::Duration;
+
+    use dualwrite_core::ports::{QueueMessage, RetryOutcome, WorkQueue};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    drop(dualwrite_sqlite::SqliteStore::open(&db).unwrap());
+    let queue = dualwrite_logqueue::LogQueue::open(
+        &dir.path().join("state.queue"),
+        dualwrite_logqueue::QueueConfig {
+            max_attempts: 1,
+            ..dualwrite_logqueue::QueueConfig::default()
+        },
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Eight messages die one after the other, d0 first.
+        for n in 0..8 {
+            let id = format!("d{n}");
+            queue
+                .send(vec![QueueMessage::for_event(account_change(&id, &id))])
+                .await
+                .unwrap();
+            for d in queue.receive(10, Duration::from_secs(30)).await.unwrap() {
+                let outcome = queue
+                    .retry(&d.receipt, Duration::ZERO, &format!("failure {n}"))
+                    .await
+                    .unwrap();
+                assert_eq!(outcome, RetryOutcome::DeadLettered);
+            }
+        }
+    });
+    drop(queue);
+    let db_arg = db.display().to_string();
+    let out = dualwrite(
+        &["--db", &db_arg, "status", "--recent", "3", "--json"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["queue"]["dead"], 8, "{status}");
+    let errors: Vec<&str> = status["recent_dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["last_error"].as_str().unwrap())
+        .collect();
+    assert_eq!(errors, ["failure 7", "failure 6", "failure 5"], "{status}");
 }
 
 #[test]

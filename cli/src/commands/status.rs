@@ -52,15 +52,18 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
         let counts = store.counts()?;
         let states = store.map_states().await?;
         let mut depth = earlier.depth().await?;
-        let mut dead = earlier.dead_letters(args.recent).await?;
+        // Queues list dead letters oldest first (the earlier version's table holds the older
+        // ones): the most recent are the last `recent` of them all, shown newest first.
+        let mut dead = earlier.dead_letters(usize::MAX).await?;
         if let Some(q) = &queue {
             let d = q.depth().await?;
             depth.ready += d.ready;
             depth.in_flight += d.in_flight;
             depth.delayed += d.delayed;
             depth.dead += d.dead;
-            dead.extend(q.dead_letters(args.recent).await?);
+            dead.extend(q.dead_letters(usize::MAX).await?);
         }
+        let dead: Vec<_> = dead.into_iter().rev().take(args.recent).collect();
         let conflicts = store.conflicts(false, args.recent).await?;
         let errors = store.errors(args.recent).await?;
         let mut per_map = std::collections::BTreeMap::<String, usize>::new();
@@ -77,7 +80,13 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
                 "conflicts": counts.conflicts,
                 "errors": counts.errors,
                 "parked": counts.parked,
-                "queue": {"dir": dir.display().to_string(), "held_by_another_process": held, "ready": depth.ready, "in_flight": depth.in_flight, "delayed": depth.delayed, "dead": depth.dead},
+                // While another process holds the queue its counts are unknown here: null, not
+                // 0 (`earlier_dead` counts what the earlier version's table still holds).
+                "queue": if held {
+                    json!({"dir": dir.display().to_string(), "held_by_another_process": true, "ready": null, "in_flight": null, "delayed": null, "dead": null, "earlier_dead": depth.dead})
+                } else {
+                    json!({"dir": dir.display().to_string(), "held_by_another_process": false, "ready": depth.ready, "in_flight": depth.in_flight, "delayed": depth.delayed, "dead": depth.dead, "earlier_dead": null})
+                },
                 "maps": states,
                 "recent_conflicts": conflicts,
                 "recent_errors": errors.iter().map(|e| json!({
@@ -144,7 +153,7 @@ pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
             }
         }
         if !dead.is_empty() {
-            println!("\ndead letters:");
+            println!("\nrecent dead letters (newest first):");
             for d in &dead {
                 println!("  {} after {} attempts: {}", d.message.event.event_id, d.attempts, d.last_error);
             }
