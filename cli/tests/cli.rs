@@ -246,7 +246,7 @@ fn status_lists_the_most_recent_dead_letters_newest_first() {
     let db = dir.path().join("state.db");
     drop(dualwrite_sqlite::SqliteStore::open(&db).unwrap());
     let queue = dualwrite_logqueue::LogQueue::open(
-        &dir.path().join("state.queue"),
+        dir.path().join("state.queue"),
         dualwrite_logqueue::QueueConfig {
             max_attempts: 1,
             ..dualwrite_logqueue::QueueConfig::default()
