@@ -344,9 +344,10 @@ pub trait JournalStore: Send + Sync {
         map: &str,
         key: &IntegrationKey,
     ) -> Result<Vec<ParkedEvent>, StoreError>;
-    /// Parked events of every map and key, oldest first, at most `limit` (for the sweep that
-    /// re-releases events whose dependency arrived while a release was interrupted).
-    async fn parked(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError>;
+    /// Parked events of every map and key, oldest first, skipping the first `offset`, at most
+    /// `limit` (for the sweep that re-releases events whose dependency arrived while a release
+    /// was interrupted, or whose conflict was resolved).
+    async fn parked(&self, offset: usize, limit: usize) -> Result<Vec<ParkedEvent>, StoreError>;
     /// How many events are parked in all.
     async fn parked_count(&self) -> Result<u64, StoreError>;
 }

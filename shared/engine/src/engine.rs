@@ -223,6 +223,8 @@ pub struct Engine {
     stats: EngineStats,
     /// Links of referenced records read a moment ago (lookups, companies).
     references: ReferenceLinks,
+    /// Where the next [`Engine::sweep_parked`] starts in the parked list.
+    sweep_from: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -311,6 +313,7 @@ impl Engine {
             clock,
             config,
             stats: EngineStats::default(),
+            sweep_from: std::sync::atomic::AtomicUsize::new(0),
             references: ReferenceLinks::default(),
         }
     }
@@ -1211,8 +1214,19 @@ impl Engine {
     /// # Errors
     /// The queue's or the store's error.
     pub async fn sweep_parked(&self, queue: &dyn WorkQueue) -> Result<usize, ReleaseError> {
+        use std::sync::atomic::Ordering;
+        // One page of the parked list per sweep, the next page at the next sweep, around and
+        // around: events parked for good (a lookup that will never resolve) at the head of the
+        // list cannot hide the ones behind them.
+        let from = self.sweep_from.load(Ordering::Relaxed);
+        let page = self.store.parked(from, SWEEP_LIMIT).await?;
+        let next = if page.len() < SWEEP_LIMIT {
+            0
+        } else {
+            from + page.len()
+        };
         let mut ready = Vec::new();
-        for p in self.store.parked(SWEEP_LIMIT).await? {
+        for p in page {
             if let Some(link) = self
                 .store
                 .link(&p.waiting_map, &p.waiting_key)
@@ -1223,7 +1237,12 @@ impl Engine {
                 ready.push(p);
             }
         }
-        self.release(queue, ready).await
+        // Released events leave the list: the next page starts that much earlier.
+        let released = ready.len();
+        let count = self.release(queue, ready).await?;
+        self.sweep_from
+            .store(next.saturating_sub(released), Ordering::Relaxed);
+        Ok(count)
     }
 }
 
@@ -1283,7 +1302,7 @@ fn links_touched(ops: &[StoreOp]) -> Vec<(SmolStr, IntegrationKey)> {
 }
 
 /// How many parked events one sweep looks at.
-const SWEEP_LIMIT: usize = 1_000;
+pub const SWEEP_LIMIT: usize = 1_000;
 
 /// A release of parked events failed; they stay parked and are released by a later sweep.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ mod worker;
 pub use clock::{ManualClock, SystemClock};
 pub use engine::{
     Engine, EventStatus, MapAction, MapResult, ProcessError, ProcessOutcome, ReleaseError,
-    ResolveError, WorkerConfig,
+    ResolveError, SWEEP_LIMIT, WorkerConfig,
 };
 pub use stats::{EngineStats, StatsSnapshot};
 pub use worker::{DrainReport, drain, handle_delivery, ingest, run_worker};

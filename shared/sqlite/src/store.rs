@@ -699,11 +699,14 @@ impl JournalStore for SqliteStore {
         )
     }
 
-    async fn parked(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
+    async fn parked(&self, offset: usize, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
         self.list(
             "parked events",
-            "SELECT body FROM parked ORDER BY parked_at_ms, rowid LIMIT ?1",
-            params![i64::try_from(limit).unwrap_or(i64::MAX)],
+            "SELECT body FROM parked ORDER BY parked_at_ms, rowid LIMIT ?1 OFFSET ?2",
+            params![
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                i64::try_from(offset).unwrap_or(i64::MAX)
+            ],
         )
     }
 

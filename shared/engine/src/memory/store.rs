@@ -248,10 +248,11 @@ impl JournalStore for MemoryStore {
             .collect())
     }
 
-    async fn parked(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
+    async fn parked(&self, offset: usize, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
         Ok(lock(&self.inner)
             .parked
             .iter()
+            .skip(offset)
             .take(limit)
             .cloned()
             .collect())

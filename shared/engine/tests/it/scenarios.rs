@@ -435,6 +435,55 @@ async fn a_delete_of_an_unlinked_record_is_skipped() {
     assert_eq!(w.writes(), 0);
 }
 
+/// The sweep reads the parked list a page at a time, around and around: more events parked for
+/// good than one page holds (orders of customers that never come) cannot hide a later event
+/// whose customer did arrive. It used to look at the oldest page only, for ever.
+#[tokio::test]
+async fn the_sweep_reaches_events_behind_a_full_page_parked_for_good() {
+    let w = World::new(vec![
+        accounts_map(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate),
+        orders_map(),
+    ]);
+    let order = |number: String, customer: String| {
+        w.erp.edit(
+            "SalesOrders",
+            &RecordRef::Key(RecordKey::new([("SalesOrderNumber", number.as_str())])),
+            [("CustomerAccount".into(), text(&customer))],
+        )
+    };
+    let stuck = dualwrite_engine::SWEEP_LIMIT + 3;
+    for n in 0..stuck {
+        let ev = order(format!("SO-STUCK-{n}"), format!("C-NEVER-{n}"));
+        w.engine.process(&ev).await.unwrap();
+    }
+    w.tick();
+    let last = order("SO-LATE".into(), "C-LATE".into());
+    w.engine.process(&last).await.unwrap();
+    assert_eq!(w.store.parked_count().await.unwrap(), stuck as u64 + 1);
+    // Its customer arrives, but the release that would follow is lost (a crash): only the
+    // sweep can find it now.
+    let customer = w.edit_account(Side::Erp, "C-LATE", Some("Late"), None);
+    let out = w.engine.process(&customer).await.unwrap();
+    assert_eq!(out.released.len(), 1);
+
+    let queue = dualwrite_engine::memory::MemoryQueue::new(w.clock.clone(), 5);
+    let mut released = 0;
+    for _ in 0..3 {
+        released += w.engine.sweep_parked(&queue).await.unwrap();
+    }
+    assert_eq!(
+        released, 1,
+        "the late order was found behind the stuck page"
+    );
+    assert_eq!(w.store.parked_count().await.unwrap(), stuck as u64);
+    let deliveries = queue
+        .receive(10, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].message.event.event_id, last.event_id);
+}
+
 #[tokio::test]
 async fn an_order_waits_for_its_customer_then_syncs_with_the_reference() {
     let w = World::new(vec![
