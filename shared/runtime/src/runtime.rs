@@ -1101,6 +1101,8 @@ async fn move_earlier_messages(store: &SqliteStore, queue: &LogQueue) -> Result<
         },
     )
     .map_err(|e| e.to_string())?;
+    // An earlier move interrupted by a crash left its messages in flight: release them first.
+    table.release_all().await.map_err(|e| e.to_string())?;
     let mut moved = 0;
     loop {
         let deliveries = table
@@ -1316,6 +1318,49 @@ mod tests {
         // Opening again moves nothing twice.
         let queue = open_queue_of(&db, 5, &store).await.unwrap();
         assert_eq!(queue.pending(10).unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_move_interrupted_by_a_crash_is_done_again_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("dualwrite.db");
+        let store = SqliteStore::open(&db).unwrap();
+        {
+            let table =
+                SqliteQueue::open_beside(&store, dualwrite_sqlite::QueueConfig::default()).unwrap();
+            table
+                .send(vec![message("e1", "a"), message("e2", "b")])
+                .await
+                .unwrap();
+        }
+        {
+            // A move received them (its clock a year ahead, an hour's visibility), then the
+            // process died before sending them on.
+            let ahead: Arc<dyn dualwrite_core::ports::Clock> =
+                Arc::new(dualwrite_engine::ManualClock::new(
+                    chrono::Utc::now() + chrono::TimeDelta::days(365),
+                ));
+            let table = SqliteQueue::open_beside(
+                &store,
+                dualwrite_sqlite::QueueConfig {
+                    max_attempts: u32::MAX,
+                    clock: ahead,
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                table
+                    .receive(1_000, Duration::from_secs(3_600))
+                    .await
+                    .unwrap()
+                    .len(),
+                2
+            );
+        }
+        // Restarted at once: the messages move all the same.
+        let queue = open_queue_of(&db, 5, &store).await.unwrap();
+        assert_eq!(queue.pending(10).unwrap().len(), 2);
+        assert!(!store.has_queued_messages().unwrap(), "nothing left behind");
     }
 
     #[tokio::test]

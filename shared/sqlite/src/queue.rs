@@ -143,6 +143,27 @@ impl SqliteQueue {
         self.connections.writer.stats()
     }
 
+    /// Makes every message of the queue deliverable now: deliveries still in flight (their
+    /// process is gone) and delays are forgotten. For moving the table's messages elsewhere:
+    /// a move interrupted by a crash otherwise leaves its messages in flight, unseen by the
+    /// next move until their visibility timeout, and blocking their groups meanwhile.
+    ///
+    /// # Errors
+    /// [`QueueError::Unavailable`] when the database cannot be written.
+    pub async fn release_all(&self) -> Result<(), QueueError> {
+        let file = self.file.clone();
+        self.write("releasing every delivery", 0, move |conn| {
+            conn.execute(
+                "UPDATE queue SET receipt = NULL, visible_at_ms = 0 \
+                 WHERE receipt IS NOT NULL OR visible_at_ms > 0",
+                [],
+            )
+            .map(drop)
+            .map_err(|e| file.unavailable("releasing every delivery", e))
+        })
+        .await
+    }
+
     /// Every message still in the queue (ready, in flight or delayed), in send order, up to
     /// `limit`. Dead letters are not included. For status pages and checks.
     pub fn pending(&self, limit: usize) -> Result<Vec<QueueMessage>, QueueError> {
