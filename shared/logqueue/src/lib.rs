@@ -46,7 +46,16 @@
 //!   `ApproximateReceiveCount`); a lost `Acked` makes the message be delivered again, which
 //!   the engine's idempotency records make harmless (the event is answered `AlreadyDone`); a
 //!   lost `DeadLettered` of an expired last delivery leaves the message in flight, so it is
-//!   dead-lettered again by the first `receive` after the restart.
+//!   dead-lettered again by the first `receive` after the restart;
+//! - a lost `Acked` of a message's *last* attempt (a process killed within the flush
+//!   interval of the ack) makes the restart count that delivery as a timed-out attempt and
+//!   dead-letter the message, though its work was done: a delivery that never reports back
+//!   counts as an attempt, so that a message killing its worker each time cannot hold its group
+//!   for ever. A redrive of it is then answered `AlreadyDone`.
+//!
+//! Opening syncs the newest segment before handing anything out (a process killed before a
+//! batch's sync leaves records in the page cache that a later power loss would take away)
+//! and the queue directory's entry in its parent.
 //!
 //! A redrive torn by a crash keeps a prefix of its batch: a dead letter whose new `Sent`
 //! survived but whose `Redriven` did not is then both queued and still dead (a second

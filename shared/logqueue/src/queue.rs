@@ -127,10 +127,19 @@ impl LogQueue {
             .write(true)
             .open(&head_path)
             .map_err(|source| OpenError::Io {
-                path: head_path,
+                path: head_path.clone(),
                 doing: "opening the newest segment",
                 source,
             })?;
+        // What replay read of the newest segment may be in the page cache only (a process
+        // killed before its batch's fdatasync): made durable before any of it is handed out,
+        // or a power loss after a delivery and its processing could un-send the message.
+        // Older segments were synced when they were sealed.
+        file.sync_data().map_err(|source| OpenError::Io {
+            path: head_path,
+            doing: "syncing the newest segment",
+            source,
+        })?;
         let counts = index.counts();
         tracing::info!(
             dir = %dir.display(),
@@ -239,10 +248,12 @@ fn create_dir(dir: &Path) -> Result<(), OpenError> {
         doing,
         source,
     };
-    if dir.is_dir() {
-        return Ok(());
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, "creating the queue directory", e))?;
     }
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, "creating the queue directory", e))?;
+    // The directory's entry in its parent is synced at every open, not only at its creation:
+    // a run that died between creating it and syncing its parent left an entry a power loss
+    // could still take away, with every message accepted into the directory since.
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
