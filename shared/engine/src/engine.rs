@@ -55,6 +55,11 @@ pub struct WorkerConfig {
     pub batch_size: usize,
     /// How long [`crate::run_worker`] waits when the queue is empty.
     pub idle_poll: Duration,
+    /// How long completed event ids are remembered (`worker.idempotency_hours`). An event
+    /// older than that (a dead letter redriven late) may have been applied and forgotten: one
+    /// carrying no version, which the stale check could not place, is decided on its source
+    /// record read again instead of its own values.
+    pub events_remembered: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -66,6 +71,7 @@ impl Default for WorkerConfig {
             max_redecisions: 8,
             batch_size: 10,
             idle_poll: Duration::from_millis(200),
+            events_remembered: Duration::from_secs(168 * 3_600),
         }
     }
 }

@@ -1010,6 +1010,7 @@ impl Parts {
             lease: config.worker.visibility_timeout,
             idle_poll: IDLE_FALLBACK_POLL,
             backoff: engine_backoff(config.worker.max_attempts),
+            events_remembered: config.worker.idempotency_window,
             ..WorkerConfig::default()
         };
         let engine = Arc::new(Engine::new(

@@ -126,7 +126,7 @@ impl<'a> MapRun<'a> {
             depth,
             attempt,
             decisions: 0,
-            reread: event.partial,
+            reread: event.partial || unplaceable_and_forgotten(engine, event),
             tried_dependencies: HashSet::new(),
             released: Vec::new(),
         }
@@ -1005,4 +1005,15 @@ fn provisional(final_link: &Link, source: Side) -> Link {
     link.pending = None;
     link.provisional = true;
     link
+}
+
+/// True for an upsert that carries no version and is older than the engine remembers
+/// completed events: it may have been applied already, and without a version the stale check
+/// cannot tell it from a newer change, so its own values must not be written; the source is
+/// read again instead.
+fn unplaceable_and_forgotten(engine: &Engine, event: &ChangeEvent) -> bool {
+    event.operation == Operation::Upsert
+        && event.record.version.is_none()
+        && chrono::Duration::from_std(engine.config().events_remembered)
+            .is_ok_and(|window| engine.clock.now() - event.received_at > window)
 }

@@ -355,6 +355,46 @@ async fn a_resolution_whose_write_fails_for_now_is_kept_and_written_when_sent_ag
     assert_eq!(w.account(Side::Erp, "A1"), w.account(Side::Crm, "A1"));
 }
 
+/// A change without a version, older than the engine remembers completed events (a dead
+/// letter redriven late), may have been applied and forgotten: it is decided on its source
+/// record read again, never by writing its own, possibly outdated, values.
+#[tokio::test]
+async fn a_versionless_change_older_than_the_idempotency_window_rereads_its_source() {
+    use dualwrite_core::ports::Clock;
+
+    let w = linked(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate).await;
+    let current = w.account(Side::Crm, "A1");
+    let template = w.edit_account(Side::Crm, "A1", None, None);
+    w.settle(vec![template.clone()]).await;
+    let outdated = |id: &str, age_hours: i64| {
+        let mut ev = template.clone();
+        ev.event_id = id.into();
+        ev.record.version = None;
+        ev.record
+            .fields
+            .insert("name", dualwrite_core::Value::Text("Outdated".into()));
+        ev.received_at = w.clock.now() - chrono::Duration::hours(age_hours);
+        ev
+    };
+    let late = outdated("late-1", 200);
+    w.engine.process(&late).await.unwrap();
+    w.settle(Vec::new()).await;
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        current,
+        "the source's current record wins"
+    );
+    assert_eq!(w.account(Side::Crm, "A1"), current);
+
+    // Within the window, a complete versionless change is taken as it is.
+    let recent = outdated("recent-1", 1);
+    w.engine.process(&recent).await.unwrap();
+    assert_eq!(
+        w.account(Side::Erp, "A1").map(|a| a.0),
+        Some(text("Outdated"))
+    );
+}
+
 #[tokio::test]
 async fn delete_propagate_removes_the_other_record_and_the_link() {
     let w = linked(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate).await;
