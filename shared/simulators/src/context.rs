@@ -45,6 +45,8 @@ pub(crate) struct RemoteContext<'a> {
     pub shared_variables: WritePart<'a>,
     /// `ParentContext`; `null` when `None`.
     pub parent: Option<&'a RemoteContext<'a>>,
+    /// A synchronous step (`Mode` 0, inside the transaction) instead of an asynchronous one.
+    pub synchronous: bool,
 }
 
 impl RemoteContext<'_> {
@@ -61,10 +63,21 @@ impl RemoteContext<'_> {
         (self.input_parameters)(out);
         raw(
             out,
-            r#","IsExecutingOffline":false,"IsInTransaction":false,"IsOfflinePlayback":false,"IsolationMode":1,"MessageName":"#,
+            if self.synchronous {
+                r#","IsExecutingOffline":false,"IsInTransaction":true,"IsOfflinePlayback":false,"IsolationMode":1,"MessageName":"#
+            } else {
+                r#","IsExecutingOffline":false,"IsInTransaction":false,"IsOfflinePlayback":false,"IsolationMode":1,"MessageName":"#
+            },
         );
         string(out, self.message_name);
-        raw(out, r#","Mode":1,"OperationCreatedOn":"#);
+        raw(
+            out,
+            if self.synchronous {
+                r#","Mode":0,"OperationCreatedOn":"#
+            } else {
+                r#","Mode":1,"OperationCreatedOn":"#
+            },
+        );
         string(out, self.operation_created_on);
         raw(out, r#","OperationId":"#);
         string(out, self.operation_id);

@@ -274,6 +274,9 @@ pub(crate) struct DvState {
     config: DataverseConfig,
     /// Webhook registrations; a snapshot is taken per flush (registration is rare).
     hooks: RwLock<Arc<Vec<WebhookRegistration>>>,
+    /// Steps registered in synchronous mode: called inside the change's transaction, which
+    /// fails (and is rolled back) unless they answer 2xx.
+    sync_hooks: RwLock<Arc<Vec<WebhookRegistration>>>,
     dispatcher: Dispatcher,
     msg_size_exceeded: std::sync::atomic::AtomicBool,
 }
@@ -1246,20 +1249,102 @@ impl DvState {
         }
     }
 
-    /// Sends the notices of committed writes to the webhook lanes.
+    /// The synchronous steps, when any is registered.
+    fn sync_steps(&self) -> Option<Arc<Vec<WebhookRegistration>>> {
+        let steps = self
+            .sync_hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (!steps.is_empty()).then_some(steps)
+    }
+
+    /// Calls the synchronous steps of `notices` one after the other, in this task (`client`:
+    /// for a caller outside the simulator's runtime); the first that does not answer 2xx is
+    /// the change's failure, in words.
+    async fn call_sync_steps(
+        &self,
+        notices: &[Notice],
+        steps: &[WebhookRegistration],
+        client: Option<&reqwest::Client>,
+    ) -> Result<(), String> {
+        for d in self.deliveries(notices, steps, true) {
+            let rec = self.dispatcher.deliver_now(&d, client).await;
+            if let Some(error) = rec.error {
+                return Err(format!(
+                    "The synchronous webhook step registered for {} of {} failed ({error}); \
+                     the operation was rolled back.",
+                    d.message, d.entity
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `req` against the store, keeping what is needed to roll it back when
+    /// synchronous steps are registered (see [`DvState::finish`]).
+    fn run_change(&self, store: &mut Store, req: &SimRequest, actor: &Actor) -> Prepared {
+        let steps = self.sync_steps();
+        let outer = if steps.is_some() {
+            store.undo.replace(Vec::new())
+        } else {
+            None
+        };
+        let resp = self.execute(store, req, actor);
+        let pending = std::mem::take(&mut store.pending);
+        let undo = if steps.is_some() {
+            std::mem::replace(&mut store.undo, outer).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let steps = steps.filter(|_| resp.status.is_success() && !pending.is_empty());
+        Prepared {
+            resp,
+            pending,
+            undo,
+            steps,
+        }
+    }
+
+    /// Ends a prepared change: a synchronous step's failure (`outcome`) rolls it back and is
+    /// the answer; otherwise its notices go to the asynchronous steps.
+    fn finish(&self, prepared: Prepared, outcome: Result<(), String>) -> SimResponse {
+        if let Err(message) = outcome {
+            let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+            self.undo(&mut store, prepared.undo);
+            return err(StatusCode::BAD_REQUEST, "0x80040265", &message);
+        }
+        self.flush(prepared.pending);
+        prepared.resp
+    }
+
+    /// Sends the notices of committed writes to the webhook lanes (asynchronous steps).
     fn flush(&self, notices: Vec<Notice>) {
         if notices.is_empty() {
             return;
         }
         let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for d in self.deliveries(&notices, &hooks, false) {
+            self.dispatcher.send(d);
+        }
+    }
+
+    /// The deliveries of `notices` to the steps of `hooks` that match them.
+    fn deliveries(
+        &self,
+        notices: &[Notice],
+        hooks: &[WebhookRegistration],
+        synchronous: bool,
+    ) -> Vec<Delivery> {
         let size_exceeded = self.msg_size_exceeded.load(Ordering::Relaxed);
+        let mut out = Vec::new();
         for n in notices {
             for h in hooks.iter().filter(|h| {
                 h.messages.contains(&n.message)
                     && (h.entity_logical_names.is_empty()
                         || h.entity_logical_names.contains(&n.logical))
             }) {
-                let (body, exceeded) = self.context_body(&n, size_exceeded);
+                let (body, exceeded) = self.context_body(n, size_exceeded, synchronous);
                 let mut url = h.url.clone();
                 let mut headers = vec![
                     (
@@ -1294,43 +1379,54 @@ impl DvState {
                         }
                     }
                 }
-                self.dispatcher.send(Delivery {
+                out.push(Delivery {
                     url,
                     headers,
                     body,
                     entity: n.logical.clone(),
                     message: n.message.name().to_owned(),
                     record_id: n.id.clone(),
+                    // An asynchronous step is retried once on a gateway error; a synchronous
+                    // one is not retried: its failure fails the change.
                     policy: RetryPolicy {
                         only_gateway_errors: true,
-                        retries: 1,
+                        retries: u32::from(!synchronous),
                         delay: Duration::from_millis(50),
                         timeout: Duration::from_secs(60),
                     },
                 });
             }
         }
+        out
     }
 
     /// The webhook body of `n` and whether it was cut down (`x-ms-dynamics-msg-size-exceeded`):
     /// a body over 256 KB, or every body while `force_exceeded`, loses its ParentContext,
     /// InputParameters and images.
-    fn context_body(&self, n: &Notice, force_exceeded: bool) -> (Bytes, bool) {
+    fn context_body(&self, n: &Notice, force_exceeded: bool, synchronous: bool) -> (Bytes, bool) {
         let created = wcf_date(Utc::now());
+        // A synchronous step runs no system job: its OperationId is the empty GUID.
+        let operation_id = if synchronous {
+            EMPTY_GUID.to_owned()
+        } else {
+            new_guid()
+        };
         let body = write_context(
             n,
             &self.config.organization_name,
-            &new_guid(),
+            &operation_id,
             &created,
             force_exceeded,
+            synchronous,
         );
         if !force_exceeded && body.len() > 256 * 1024 {
             let cut = write_context(
                 n,
                 &self.config.organization_name,
-                &new_guid(),
+                &operation_id,
                 &created,
                 true,
+                synchronous,
             );
             return (Bytes::from(cut), true);
         }
@@ -1347,6 +1443,7 @@ fn write_context(
     operation_id: &str,
     created_on: &str,
     exceeded: bool,
+    synchronous: bool,
 ) -> Vec<u8> {
     let logical_json = json::json_string(&n.logical);
     let entity = |out: &mut Vec<u8>, attrs: &[(String, Value)]| {
@@ -1420,6 +1517,7 @@ fn write_context(
             pre_entity_images,
             shared_variables,
             parent,
+            synchronous,
         };
         let attrs = n.target.len() + n.image.len();
         let mut out = Vec::with_capacity(1024 + 3 * 64 * attrs);
@@ -1444,6 +1542,7 @@ fn write_context(
         pre_entity_images: &empty,
         shared_variables: &changed_types,
         parent: None,
+        synchronous,
     };
     head(40, &post, &pre, &shared, Some(&parent))
 }
@@ -1656,12 +1755,15 @@ impl crate::common::Handler for DvState {
         let resp = if req.path == format!("{API}$batch") && req.method == Method::POST {
             self.batch(&req, &actor)
         } else {
-            let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
-            let resp = self.execute(&mut store, &req, &actor);
-            let pending = std::mem::take(&mut store.pending);
-            drop(store);
-            self.flush(pending);
-            resp
+            let prepared = {
+                let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+                self.run_change(&mut store, &req, &actor)
+            };
+            let outcome = match &prepared.steps {
+                Some(steps) => self.call_sync_steps(&prepared.pending, steps, None).await,
+                None => Ok(()),
+            };
+            self.finish(prepared, outcome)
         };
         Outcome::Respond(resp)
     }
@@ -1750,12 +1852,41 @@ impl DvState {
                 name: entity_set.to_owned(),
             });
         }
-        let resp = self.execute(&mut store, &req, &actor);
-        let pending = std::mem::take(&mut store.pending);
+        let prepared = self.run_change(&mut store, &req, &actor);
         drop(store);
-        self.flush(pending);
+        // The caller waits for the synchronous steps, as a user's save waits in Dataverse. This
+        // call is not async: they run on a thread and runtime of their own.
+        let outcome = match &prepared.steps {
+            Some(steps) => std::thread::scope(|s| {
+                s.spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| format!("cannot run the synchronous steps: {e}"))?;
+                    let client = crate::webhook::delivery_client();
+                    rt.block_on(self.call_sync_steps(&prepared.pending, steps, Some(&client)))
+                })
+                .join()
+                .unwrap_or_else(|_| Err("the synchronous steps panicked".to_owned()))
+            }),
+            None => Ok(()),
+        };
+        let resp = self.finish(prepared, outcome);
         user_op_result("Dataverse", operation, entity_set, id_or_key, &resp)
     }
+}
+
+/// The OperationId of a synchronous step, which runs no system job.
+const EMPTY_GUID: &str = "00000000-0000-0000-0000-000000000000";
+
+/// A change run against the store whose synchronous steps are still to be called.
+struct Prepared {
+    resp: SimResponse,
+    pending: Vec<Notice>,
+    /// How to roll the change back.
+    undo: Vec<(String, String, Option<Row>)>,
+    /// The synchronous steps to call (none when the change failed or notified nothing).
+    steps: Option<Arc<Vec<WebhookRegistration>>>,
 }
 
 /// A running Dataverse Web API simulator. Cloning shares the same simulator.
@@ -1782,6 +1913,7 @@ impl DataverseSim {
             msg_size_exceeded: std::sync::atomic::AtomicBool::new(config.msg_size_exceeded),
             config,
             hooks: RwLock::new(Arc::new(Vec::new())),
+            sync_hooks: RwLock::new(Arc::new(Vec::new())),
             dispatcher: Dispatcher::start(),
         });
         let server = serve("Dataverse", state.clone()).await?;
@@ -1845,6 +1977,30 @@ impl DataverseSim {
     /// [`SimError::UnknownTable`].
     pub fn set_change_tracking(&self, entity_set: &str, enabled: bool) -> Result<(), SimError> {
         self.with_table(entity_set, |t| t.tracked = enabled)
+    }
+
+    /// Registers a webhook step in synchronous mode (PostOperation, inside the transaction):
+    /// every later change to a matching table made through the Web API (a single request) or
+    /// as a user waits for it, and fails — rolled back, the caller answered 400 — unless it
+    /// answers 2xx. Its body says `Mode` 0 and `IsInTransaction`, with the empty GUID as
+    /// `OperationId` (no system job). Not retried. `$batch` requests and bulk actions still
+    /// notify asynchronously.
+    pub fn register_sync_webhook(&self, registration: WebhookRegistration) {
+        let mut hooks = self
+            .state
+            .sync_hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        Arc::make_mut(&mut hooks).push(registration);
+    }
+
+    /// Unregisters every synchronous step.
+    pub fn clear_sync_webhooks(&self) {
+        *self
+            .state
+            .sync_hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(Vec::new());
     }
 
     /// Registers a webhook; every later change to a matching table fires it.
@@ -2113,7 +2269,7 @@ mod tests {
             for exceeded in [false, true] {
                 let op = "4af1c2d3-0000-4000-8000-000000000005";
                 let created = "/Date(1777000000123)/";
-                let written = write_context(&n, "OrgName", op, created, exceeded);
+                let written = write_context(&n, "OrgName", op, created, exceeded, false);
                 let tree = context_tree(&n, "OrgName", op, created, exceeded);
                 assert_eq!(
                     String::from_utf8(written).unwrap(),

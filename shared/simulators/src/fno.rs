@@ -1056,6 +1056,7 @@ fn data_event(
         pre_entity_images: &empty,
         shared_variables: &empty,
         parent: None,
+        synchronous: false,
     };
     let mut out =
         Vec::with_capacity(512 + 160 * c.row.data.len() * (1 + usize::from(c.pre.is_some())));

@@ -64,22 +64,28 @@ pub(crate) struct DeliveryLog {
     pub pending: AtomicU64,
 }
 
+/// The HTTP client of webhook deliveries. Only the status code is read and a 3xx is a
+/// failure, as the services treat it: a redirect is not followed (reqwest follows up to 10 by
+/// default).
+pub(crate) fn delivery_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default()
+}
+
 /// Sends deliveries on ordered lanes.
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     lanes: Vec<mpsc::UnboundedSender<Delivery>>,
     pub log: Arc<DeliveryLog>,
+    client: reqwest::Client,
 }
 
 impl Dispatcher {
     /// Spawns the lanes on the current tokio runtime.
     pub fn start() -> Self {
-        // Only the status code is read and a 3xx is a failure, as the services treat it: a
-        // redirect is not followed (reqwest follows up to 10 by default).
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
+        let client = delivery_client();
         let log = Arc::new(DeliveryLog::default());
         let lanes = (0..LANES)
             .map(|_| {
@@ -102,7 +108,31 @@ impl Dispatcher {
                 tx
             })
             .collect();
-        Self { lanes, log }
+        Self { lanes, log, client }
+    }
+
+    /// Makes a delivery now, in the caller's task (a synchronous step: the change waits for
+    /// it), and logs its outcome like any other.
+    /// `client`: another client than the dispatcher's, for a caller on another runtime.
+    pub async fn deliver_now(
+        &self,
+        d: &Delivery,
+        client: Option<&reqwest::Client>,
+    ) -> DeliveryRecord {
+        let rec = deliver(client.unwrap_or(&self.client), d).await;
+        if rec.error.is_some() {
+            self.log
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(rec.clone());
+        }
+        self.log
+            .made
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(rec.clone());
+        rec
     }
 
     /// Queues a delivery; deliveries for the same record id keep their order.

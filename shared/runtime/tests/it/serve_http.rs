@@ -553,3 +553,59 @@ async fn text_that_looks_like_a_date_time_arrives_unchanged() {
     assert_eq!(s.customer("E2E-0040").unwrap()["OrganizationName"], name);
     s.rt.shutdown().await;
 }
+
+/// A Dataverse step registered synchronously calls the runtime inside the user's save: a step
+/// the runtime refuses (a wrong key: 401) fails the save, and nothing changes on either side; a
+/// step it accepts makes the save wait for the event to be durably queued (its 2xx), and the
+/// change, whose webhook has no system job (empty OperationId), syncs like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_dataverse_step_vetoes_a_refused_save_and_syncs_an_accepted_one() {
+    use dualwrite_simulators::{WebhookAuth, WebhookMessage, WebhookRegistration};
+
+    let s = Stack::start(StackOptions::default()).await;
+    let id = s.synced_account("E2E-0080", "Coho Winery", 100).await;
+    s.relay.set_forwarding(Source::Dataverse, false);
+    let url = format!("http://{}/webhooks/dataverse", s.rt.addr());
+    let step = |key: &str| WebhookRegistration {
+        url: url.clone(),
+        entity_logical_names: vec!["account".into()],
+        messages: vec![WebhookMessage::Update],
+        auth: WebhookAuth::WebhookKey(key.into()),
+    };
+
+    s.dv.register_sync_webhook(step("wrong-key"));
+    let err =
+        s.dv.user_edit("accounts", &id, serde_json::json!({"name": "Vetoed"}))
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("HTTP 401"), "{err}");
+    s.wait_idle().await;
+    assert_eq!(s.account("E2E-0080").unwrap()["name"], "Coho Winery");
+    assert_eq!(
+        s.customer("E2E-0080").unwrap()["OrganizationName"],
+        "Coho Winery"
+    );
+
+    s.dv.clear_sync_webhooks();
+    s.dv.register_sync_webhook(step(crate::harness::DV_KEY));
+    let accepted = s.stats().await.receivers.accepted;
+    s.dv.user_edit(
+        "accounts",
+        &id,
+        serde_json::json!({"name": "Coho Winery East"}),
+    )
+    .unwrap();
+    assert_eq!(
+        s.stats().await.receivers.accepted,
+        accepted + 1,
+        "queued before the save returned"
+    );
+    wait_until("the synchronous step's change in F&O", || {
+        s.customer("E2E-0080")
+            .filter(|c| c["OrganizationName"] == "Coho Winery East")
+    })
+    .await;
+    s.wait_idle().await;
+    assert_eq!(s.stats().await.engine.errors, 0);
+    s.rt.shutdown().await;
+}

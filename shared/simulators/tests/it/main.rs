@@ -888,6 +888,73 @@ async fn images_leave_null_columns_out_and_the_target_keeps_a_column_set_to_null
     assert!(!update_image.iter().any(|(k, _)| k == "telephone1"));
 }
 
+/// A synchronous step is called inside the change: its refusal fails the change (rolled back,
+/// the caller told), its 2xx lets it commit; its body says Mode 0, in transaction, with no
+/// system job (empty OperationId). Asynchronous steps are notified only of committed changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_step_vetoes_or_lets_the_change_commit() {
+    let (sim, c) = dataverse().await;
+    let (sync_url, sync_rec) = receiver(vec![500]).await;
+    let (async_url, async_rec) = receiver(vec![]).await;
+    sim.register_sync_webhook(WebhookRegistration {
+        url: sync_url,
+        entity_logical_names: vec!["account".into()],
+        messages: vec![WebhookMessage::Create, WebhookMessage::Update],
+        auth: WebhookAuth::WebhookKey("k+1".into()),
+    });
+    sim.register_webhook(WebhookRegistration {
+        url: async_url,
+        entity_logical_names: vec![],
+        messages: vec![WebhookMessage::Create, WebhookMessage::Update],
+        auth: WebhookAuth::HttpHeader(vec![]),
+    });
+
+    // The step answers 500: the user's create fails and nothing is stored or notified.
+    let refused = sim
+        .user_create("accounts", json!({"name": "vetoed"}))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("synchronous webhook step"), "{refused}");
+    assert!(refused.contains("HTTP 500"), "{refused}");
+    assert!(sim.rows("accounts").is_empty(), "rolled back");
+
+    // Through the Web API as well: 400 naming the step, nothing stored.
+    sync_rec.statuses.lock().unwrap().push(503);
+    let r = c
+        .post(format!("{}accounts", sim.api_url()))
+        .json(&json!({"name": "vetoed too"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v = body(r).await;
+    assert_eq!(v["error"]["code"], "0x80040265", "{v}");
+    assert!(sim.rows("accounts").is_empty(), "rolled back");
+
+    // The step answers 200: the change commits, then the asynchronous step hears of it.
+    let created = sim
+        .user_create("accounts", json!({"name": "accepted"}))
+        .unwrap();
+    assert_eq!(created["name"], "accepted");
+    assert_eq!(sim.rows("accounts").len(), 1);
+    assert!(sim.wait_webhooks_idle(Duration::from_secs(5)).await);
+    let sync_calls = sync_rec.calls.lock().unwrap().clone();
+    assert_eq!(sync_calls.len(), 3, "one call per attempted change");
+    let (uri, _, ctx) = &sync_calls[2];
+    assert!(uri.contains("code=k%2B1"), "{uri}");
+    assert_eq!(ctx["Mode"], 0);
+    assert_eq!(ctx["IsInTransaction"], true);
+    assert_eq!(ctx["OperationId"], "00000000-0000-0000-0000-000000000000");
+    let async_calls = async_rec.calls.lock().unwrap().clone();
+    assert_eq!(
+        async_calls.len(),
+        1,
+        "only the committed change is notified"
+    );
+    assert_eq!(async_calls[0].2["Mode"], 1);
+    assert_eq!(sim.failed_webhook_deliveries().len(), 2);
+}
+
 /// Only the status code counts: a redirect is a failed delivery, not followed (Dataverse
 /// records a failed system job; F&O an error-log entry).
 #[tokio::test]
