@@ -567,6 +567,12 @@ impl Index {
 
     /// Acks the delivery `seq`.`attempt`: the message is gone and its group moves on. Returns
     /// the message, for the caller to free outside the lock.
+    /// True when `attempt` is a message's last: a delivery of it that does not report back
+    /// dead-letters the message.
+    pub(crate) fn is_last_attempt(&self, attempt: u32) -> bool {
+        attempt >= self.max_attempts
+    }
+
     pub(crate) fn ack(&mut self, seq: u64, attempt: u32) -> Result<Arc<QueueMessage>, QueueError> {
         self.current(seq, attempt)?;
         self.leave_state(seq);

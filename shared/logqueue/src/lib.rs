@@ -18,7 +18,7 @@
 //! |---|---|---|
 //! | `Sent` (seq, group, dedup id, event JSON) | `send` | yes |
 //! | `Delivered` (seq, attempt) | `receive` hands it out | no |
-//! | `Acked` (seq) | `ack` | no |
+//! | `Acked` (seq) | `ack` | for the last attempt only |
 //! | `Retried` (seq, attempt, visible-at, error) | `retry` | yes |
 //! | `DeadLettered` (seq, order, attempts, error, body) | `retry` on the last attempt, or a last delivery expiring | yes from `retry`; else with the next batch |
 //! | `Carried` (seq, attempt, state, last error, body) | compaction | before the old segment is deleted |
@@ -27,10 +27,10 @@
 //! # What is synced when
 //!
 //! One writer thread appends the records of all callers and syncs (`fdatasync`) once per
-//! batch; every caller of `send`, `retry` and `redrive` is answered after the sync that
-//! covers its records (group commit, no artificial delay: see [`writer`]). Records nobody
-//! waits for (`Delivered`, `Acked`, a `DeadLettered` of an expired delivery) go out with the
-//! next batch, or within [`writer::FLUSH_INTERVAL`]. A message is *delivered* only once its
+//! batch; every caller of `send`, `retry`, `redrive` and of the `ack` of a last attempt is
+//! answered after the sync that covers its records (group commit, no artificial delay: see
+//! [`writer`]). Records nobody waits for (`Delivered`, other `Acked`s, a `DeadLettered` of an
+//! expired delivery) go out with the next batch, or within [`writer::FLUSH_INTERVAL`]. A message is *delivered* only once its
 //! `Sent` record is synced, so nothing a crash could un-send is ever handed to a worker. The
 //! head segment is also synced before it is sealed, and before any segment is deleted. The
 //! writer fills the head with zeros ahead of its records ([`writer::PREALLOCATE_BYTES`] at a
@@ -47,11 +47,10 @@
 //!   the engine's idempotency records make harmless (the event is answered `AlreadyDone`); a
 //!   lost `DeadLettered` of an expired last delivery leaves the message in flight, so it is
 //!   dead-lettered again by the first `receive` after the restart;
-//! - a lost `Acked` of a message's *last* attempt (a process killed within the flush
-//!   interval of the ack) makes the restart count that delivery as a timed-out attempt and
-//!   dead-letter the message, though its work was done: a delivery that never reports back
-//!   counts as an attempt, so that a message killing its worker each time cannot hold its group
-//!   for ever. A redrive of it is then answered `AlreadyDone`.
+//! - the `Acked` of a message's *last* attempt is synced before `ack` returns: lost, it would
+//!   make the restart take that delivery for one that never reported back (which counts as an
+//!   attempt, so that a message killing its worker each time cannot hold its group for ever)
+//!   and dead-letter a message whose work was done.
 //!
 //! Opening syncs the newest segment before handing anything out (a process killed before a
 //! batch's sync leaves records in the page cache that a later power loss would take away)

@@ -489,14 +489,25 @@ impl WorkQueue for LogQueue {
     /// restart, which the engine's idempotency records make harmless.
     async fn ack(&self, receipt: &str) -> Result<(), QueueError> {
         let (seq, attempt) = Self::parse(receipt)?;
-        let acked = {
+        let (acked, answer) = {
             let mut st = self.shared.lock()?;
             let acked = st.index.ack(seq, attempt)?;
-            self.shared.nudge(&mut st);
-            acked
+            // The ack of a last attempt is waited for: lost in a crash, the restart would take
+            // the delivery for one that never reported back and dead-letter a message whose
+            // work was done. Other acks go out with the next batch (a lost one redelivers).
+            let answer = if st.index.is_last_attempt(attempt) {
+                Some(self.shared.wait_for_sync(&mut st))
+            } else {
+                self.shared.nudge(&mut st);
+                None
+            };
+            (acked, answer)
         };
         // The message is freed here, after the lock is released.
         drop(acked);
+        if let Some(answer) = answer {
+            writer::synced(answer, &self.shared.dir).await?;
+        }
         Ok(())
     }
 

@@ -321,3 +321,72 @@ fn killing_the_process_at_any_instant_loses_no_accepted_message() {
     });
     rt.block_on(check(&dir, ROUNDS, &sent, &accepted));
 }
+
+/// Set in the child of the last-attempt test: the queue directory.
+const LAST_ACK_CHILD_DIR: &str = "DUALWRITE_LOGQUEUE_LAST_ACK_CHILD_DIR";
+const LAST_ACK_TEST: &str = "crash::the_ack_of_a_last_attempt_survives_a_kill_right_after_it";
+
+/// The ack of a message's last attempt is durable when `ack` returns: a process killed right
+/// after it leaves the message done, neither delivered again nor dead-lettered. (Other acks
+/// may be lost in such a kill: the message is then delivered again, which idempotency
+/// absorbs; a lost last-attempt ack would make the restart dead-letter work that was done.)
+#[test]
+fn the_ack_of_a_last_attempt_survives_a_kill_right_after_it() {
+    let config = || QueueConfig {
+        max_attempts: 1,
+        ..QueueConfig::default()
+    };
+    if let Ok(dir) = std::env::var(LAST_ACK_CHILD_DIR) {
+        let queue = LogQueue::open(&dir, config()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let id = format!("e{}", Utc::now().timestamp_nanos_opt().unwrap_or_default());
+            queue.send(vec![big_message(&id, "k1")]).await.unwrap();
+            let delivered = queue.receive(1, Duration::from_secs(30)).await.unwrap();
+            assert_eq!(delivered[0].attempt, 1, "the last attempt");
+            queue.ack(&delivered[0].receipt).await.unwrap();
+        });
+        println!("ACKED");
+        std::io::stdout().flush().unwrap();
+        loop {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("last-ack.queue");
+    let exe = std::env::current_exe().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for round in 0..5 {
+        let mut child = Command::new(&exe)
+            .args([LAST_ACK_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env(LAST_ACK_CHILD_DIR, &dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (lines, _reader) = read_lines(child.stdout.take().unwrap());
+        loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the child acked within 30 s");
+            if line.contains("ACKED") {
+                break;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let queue = LogQueue::open(&dir, config()).unwrap();
+        let depth = rt.block_on(queue.depth()).unwrap();
+        assert_eq!(
+            (depth.ready, depth.in_flight, depth.delayed, depth.dead),
+            (0, 0, 0, 0),
+            "round {round}: the acked message is gone, not redelivered nor dead-lettered"
+        );
+    }
+}
