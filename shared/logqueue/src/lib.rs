@@ -30,8 +30,9 @@
 //! batch; every caller of `send`, `retry`, `redrive` and of the `ack` of a last attempt is
 //! answered after the sync that covers its records (group commit, no artificial delay: see
 //! [`writer`]). Records nobody waits for (`Delivered`, other `Acked`s, a `DeadLettered` of an
-//! expired delivery) go out with the next batch, or within [`writer::FLUSH_INTERVAL`]. A message is *delivered* only once its
-//! `Sent` record is synced, so nothing a crash could un-send is ever handed to a worker. The
+//! expired delivery) go out with the next batch, or within [`writer::FLUSH_INTERVAL`]. A
+//! message is *delivered* only once its `Sent` record is synced, so nothing a crash could
+//! un-send is ever handed to a worker. The
 //! head segment is also synced before it is sealed, and before any segment is deleted. The
 //! writer fills the head with zeros ahead of its records ([`writer::PREALLOCATE_BYTES`] at a
 //! time), so that a batch's sync writes data into blocks the file already has, without a
