@@ -14,8 +14,8 @@ use tracing::info;
 
 use super::FnoConfig;
 use super::wire::{
-    MODIFIED_FIELD, filter_text, parse_key, record_body, record_from_row, render_key,
-    written_of_body,
+    MODIFIED_FIELD, filter_text, keyset_after, keyset_order, parse_key, record_body,
+    record_from_row, render_key, written_of_body,
 };
 use crate::batch::{
     BatchPart, BatchRequest, batch_outcomes, build_changeset_batch, collect_results, for_call,
@@ -49,6 +49,11 @@ impl FnoConnector {
     }
 
     /// The schemas this connector converts by.
+    /// The OData root requests go to (`…/data`, no trailing slash).
+    pub fn data_url(&self) -> &str {
+        &self.data
+    }
+
     pub fn schemas(&self) -> &Arc<EntitySchemas> {
         &self.config.connection.schemas
     }
@@ -90,6 +95,31 @@ impl FnoConnector {
             self.data,
             encode_path(&rendered)
         ))
+    }
+
+    /// `…/entity?cross-company=true&$filter=…&$orderby=…`: the query's filter and the
+    /// key-order continuation, each optional.
+    fn query_url(
+        &self,
+        entity: &str,
+        filter: Option<&str>,
+        after: Option<&str>,
+        order: Option<&[String]>,
+    ) -> String {
+        let mut url = format!("{}/{entity}?cross-company=true", self.data);
+        let text = match (filter, after) {
+            (Some(f), Some(a)) => Some(format!("({f}) and ({a})")),
+            (Some(f), None) => Some(f.to_string()),
+            (None, Some(a)) => Some(a.to_string()),
+            (None, None) => None,
+        };
+        if let Some(text) = text {
+            url.push_str(&format!("&$filter={}", encode_query(&text)));
+        }
+        if let Some(order) = order {
+            url.push_str(&format!("&$orderby={}", encode_query(&order.join(","))));
+        }
+        url
     }
 
     fn to_record(&self, entity: &str, body: &str) -> Result<Record, ConnectorError> {
@@ -318,7 +348,18 @@ impl Connector for FnoConnector {
         self.read_answer(entity, &key, &answer)
     }
 
+    /// Pages by key, not by the server's `$skip` links: F&O's `@odata.nextLink` continues
+    /// with `$skip=N`, so a row deleted (or moved out of the filter) on an earlier page
+    /// while the query runs shifts the rest down and one row is never read. The query is
+    /// ordered by the key ([`keyset_order`]) and each next page asks for the rows after the
+    /// last one read ([`keyset_after`]); the server's link only tells that there are more.
+    /// An entity without a usable key (none declared, an enum key field) follows the
+    /// server's link.
     async fn query(&self, entity: &str, query: &Query) -> Result<Page, ConnectorError> {
+        let schema = self.schema(entity);
+        let order = schema.and_then(keyset_order);
+        let filter = query_filter(query.filter.as_ref(), MODIFIED_FIELD, query.modified_since)
+            .map(|f| filter_text(schema, &f));
         let url = match &query.page_token {
             Some(next) => {
                 if !next.starts_with(&self.data) {
@@ -330,16 +371,7 @@ impl Connector for FnoConnector {
                 }
                 next.clone()
             }
-            None => {
-                let mut url = format!("{}/{entity}?cross-company=true", self.data);
-                let filter =
-                    query_filter(query.filter.as_ref(), MODIFIED_FIELD, query.modified_since);
-                if let Some(f) = filter {
-                    let text = filter_text(self.schema(entity), &f);
-                    url.push_str(&format!("&$filter={}", encode_query(&text)));
-                }
-                url
-            }
+            None => self.query_url(entity, filter.as_deref(), None, order.as_deref()),
         };
         let size = query
             .page_size
@@ -353,13 +385,24 @@ impl Connector for FnoConnector {
         }
         let (rows, next) =
             parse_collection(&answer.body).map_err(|e| self.client.bad_answer(entity, e))?;
-        let schema = self.schema(entity);
         let records = rows
             .iter()
             .map(|row| {
                 record_from_row(entity, schema, row).map_err(|e| self.client.unfit(entity, e))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let next = match (next, schema.zip(order.as_deref())) {
+            (Some(server_next), Some((schema, order))) => Some(
+                records
+                    .last()
+                    .and_then(|last| parse_key(last.id.as_deref()?))
+                    .and_then(|last| keyset_after(schema, order, &last))
+                    .map_or(server_next, |after| {
+                        self.query_url(entity, filter.as_deref(), Some(&after), Some(order))
+                    }),
+            ),
+            (next, _) => next,
+        };
         Ok(Page { records, next })
     }
 

@@ -264,8 +264,78 @@ async fn query_renders_enum_literals_and_pages() {
     assert_eq!(page.records.len(), 1);
     assert_eq!(
         server.seen()[0].uri,
-        "/data/CustomersV3?cross-company=true&$filter=CreditLimitIsMandatory%20eq%20Microsoft.Dynamics.DataEntities.NoYes%27Yes%27%20and%20PartyType%20eq%20%27Organization%27"
+        "/data/CustomersV3?cross-company=true&$filter=CreditLimitIsMandatory%20eq%20Microsoft.Dynamics.DataEntities.NoYes%27Yes%27%20and%20PartyType%20eq%20%27Organization%27&$orderby=dataAreaId,CustomerAccount"
     );
+    assert_eq!(page.next, None, "no nextLink: the last page");
+}
+
+/// F&O's nextLink pages with `$skip`; the connector continues after the last key read
+/// instead, keeping the query's filter, so a row deleted meanwhile cannot shift one past it.
+#[tokio::test]
+async fn pages_continue_after_the_last_key_read_not_at_the_servers_skip() {
+    let (server, c) = connector().await;
+    let base = c.data_url().to_string();
+    let quoted = ROW.replace("US-001", "O'Brien 1");
+    server.push(Canned::json(
+        200,
+        &format!(
+            r#"{{"value":[{quoted}],"@odata.nextLink":"{base}/CustomersV3?cross-company=true&$skip=1"}}"#
+        ),
+    ));
+    let query = Query {
+        filter: Some(Filter::Compare {
+            field: "CreditLimit".into(),
+            op: CompareOp::Gt,
+            value: Literal::Number(Decimal::from(5)),
+        }),
+        page_size: Some(1),
+        ..Query::default()
+    };
+    let page = c.query("CustomersV3", &query).await.unwrap();
+    let next = page.next.expect("more pages");
+    let after =
+        "(dataAreaId gt 'usmf') or (dataAreaId eq 'usmf' and CustomerAccount gt 'O''Brien 1')";
+    assert_eq!(
+        next,
+        format!(
+            "{base}/CustomersV3?cross-company=true&$filter={}&$orderby=dataAreaId,CustomerAccount",
+            crate::http::encode_query(&format!("(CreditLimit gt 5) and ({after})"))
+        )
+    );
+    // The token is followed as given; the last page has no nextLink.
+    server.push(Canned::json(200, r#"{"value":[]}"#));
+    let last = c
+        .query(
+            "CustomersV3",
+            &Query {
+                page_token: Some(next.clone()),
+                ..query.clone()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(last.next, None);
+    // (The HTTP client sends a quote in a query as %27, as URLs of http: do.)
+    let sent = server.seen()[1].uri.replace("%27", "'");
+    assert_eq!(format!("{base}{}", &sent["/data".len()..]), next);
+    assert_eq!(
+        server.seen()[1].header("prefer"),
+        Some("odata.maxpagesize=1")
+    );
+
+    // An entity whose key is not declared follows the server's link.
+    server.push(Canned::json(
+        200,
+        &format!(
+            r#"{{"value":[{ROW}],"@odata.nextLink":"{base}/Unknown?cross-company=true&$skip=1"}}"#
+        ),
+    ));
+    let page = c.query("Unknown", &Query::default()).await.unwrap();
+    assert_eq!(
+        page.next.as_deref(),
+        Some(format!("{base}/Unknown?cross-company=true&$skip=1").as_str())
+    );
+    assert_eq!(server.seen()[2].uri, "/data/Unknown?cross-company=true");
 }
 
 #[tokio::test]

@@ -162,6 +162,50 @@ pub fn render_key(schema: Option<&EntitySchema>, key: &RecordKey) -> Result<Stri
     Ok(parts.join(","))
 }
 
+/// The fields a query of `schema`'s entity is ordered by so that it can be paged by key
+/// (`dataAreaId` first for a per-company entity, then the natural key); `None` when the
+/// entity cannot be paged that way: no key declared, or a key field that is an enum (its
+/// order on the server is the enum's value, not its symbol's).
+pub fn keyset_order(schema: &EntitySchema) -> Option<Vec<String>> {
+    if schema.key.is_empty()
+        || schema
+            .key
+            .iter()
+            .any(|f| schema.type_of(f) == Some(ValueType::Enum))
+    {
+        return None;
+    }
+    let mut order = Vec::with_capacity(schema.key.len() + 1);
+    if schema.company_specific {
+        order.push(DATA_AREA_ID.to_string());
+    }
+    order.extend(schema.key.iter().cloned());
+    Some(order)
+}
+
+/// The `$filter` text that selects the rows after `last` in key order ([`keyset_order`]):
+/// `k1 gt v1 or (k1 eq v1 and k2 gt v2) or …`, each value the literal of its declared type.
+/// `None` when `last` does not hold every key field in that order.
+pub fn keyset_after(schema: &EntitySchema, order: &[String], last: &RecordKey) -> Option<String> {
+    if last.0.len() != order.len() || last.0.iter().zip(order).any(|((f, _), o)| f != o) {
+        return None;
+    }
+    let literals = last
+        .0
+        .iter()
+        .map(|(field, value)| key_literal(Some(schema), field, value).ok())
+        .collect::<Option<Vec<_>>>()?;
+    let mut alternatives = Vec::with_capacity(order.len());
+    for i in 0..order.len() {
+        let mut terms: Vec<String> = (0..i)
+            .map(|j| format!("{} eq {}", order[j], literals[j]))
+            .collect();
+        terms.push(format!("{} gt {}", order[i], literals[i]));
+        alternatives.push(format!("({})", terms.join(" and ")));
+    }
+    Some(alternatives.join(" or "))
+}
+
 /// Parses a rendered key (`dataAreaId='usmf',CustomerAccount='US-001'`) back into pairs;
 /// `None` when it is not in that form.
 pub fn parse_key(text: &str) -> Option<RecordKey> {
