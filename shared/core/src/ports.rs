@@ -526,6 +526,20 @@ pub struct Page {
     pub records: Vec<Record>,
     /// The continuation for the next page, `None` on the last page.
     pub next: Option<String>,
+    /// Rows of the page that could not be read as records of the entity (a value that does
+    /// not fit its declared type…): one bad row does not hide the others.
+    pub unfit: Vec<UnfitRow>,
+}
+
+/// A row of a [`Page`] that could not be read as a record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnfitRow {
+    /// The row's id (Dataverse primary id, rendered F&O key), when the row holds it.
+    pub id: Option<String>,
+    /// The row's ETag, when it has one.
+    pub etag: Option<String>,
+    /// What is wrong, naming the field.
+    pub problem: String,
 }
 
 /// One page of the rows of an entity deleted since a point in the system's change tracking
@@ -639,7 +653,8 @@ pub trait Connector: Send + Sync {
     fn side(&self) -> Side;
     /// Reads one record, `None` when it does not exist.
     async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError>;
-    /// Reads one page of records.
+    /// Reads one page of records. A row that cannot be read as a record is returned in
+    /// [`Page::unfit`] with its id, not as an error of the whole page.
     async fn query(&self, entity: &str, query: &Query) -> Result<Page, ConnectorError>;
     /// Reads which rows of `entity` were deleted since `from` (a cursor from an earlier
     /// read's last page, or a page continuation), through the system's change tracking.

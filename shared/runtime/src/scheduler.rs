@@ -11,6 +11,9 @@
 //! `Prefer: odata.track-changes`, a deltaLink kept per map side), each poll also reads the
 //! rows deleted since the last one and ingests a delete for each, so a missed delete webhook
 //! is made up for too. F&O's OData has no change tracking: a missed F&O delete is not.
+//!
+//! A row that does not convert (a value that does not fit its declared type) does not stop
+//! the poll: it is queued as a change to read again by id, and the worker logs it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -187,7 +190,13 @@ async fn poll_side(
             .query(entity, &query)
             .await
             .map_err(|e| e.to_string())?;
-        let events: Vec<ChangeEvent> = page
+        if let Some(bad) = page.unfit.iter().find(|u| u.id.is_none()) {
+            return Err(format!(
+                "a row of {entity} without its id cannot be read: {}",
+                bad.problem
+            ));
+        }
+        let mut events: Vec<ChangeEvent> = page
             .records
             .into_iter()
             .map(|record| {
@@ -198,6 +207,14 @@ async fn poll_side(
                 polled_event(side, record, now)
             })
             .collect();
+        // A row that does not convert is ingested as a change to read again by id (a partial
+        // event): the worker's read fails the same way and logs it in the error log, named by
+        // map and record, where `dualwrite errors retry` replays it once the row or the map is
+        // fixed. The rows after it are read on.
+        for row in page.unfit {
+            warn!(map = %map.name, side = %side, entity, id = row.id.as_deref().unwrap_or_default(), problem = %row.problem, "a polled row does not fit the table maps; queued to be read again by id");
+            events.push(unfit_event(side, entity, row, now));
+        }
         total += ingest(shared.inbound.as_ref(), events)
             .await
             .map_err(|e| e.to_string())?;
@@ -274,6 +291,35 @@ fn deleted_event(side: Side, entity: &str, id: String, now: DateTime<Utc>) -> Ch
         operation: Operation::Delete,
         record,
         partial: false,
+        received_at: now,
+        correlation_id: None,
+        depth: None,
+    }
+}
+
+/// A change to `row`, which did not convert, to be read again by id; its id is the same for
+/// the same row version.
+fn unfit_event(
+    side: Side,
+    entity: &str,
+    row: dualwrite_core::ports::UnfitRow,
+    now: DateTime<Utc>,
+) -> ChangeEvent {
+    let id = row.id.unwrap_or_default();
+    let identity = format!(
+        "{side}:{entity}:{id}:unfit:{}",
+        row.etag.as_deref().unwrap_or_default()
+    );
+    let digest = xxhash_rust::xxh3::xxh3_128(identity.as_bytes());
+    let mut record = dualwrite_core::Record::new(entity);
+    record.id = Some(id.into());
+    record.etag = row.etag;
+    ChangeEvent {
+        event_id: format!("poll:{digest:032x}"),
+        source: side,
+        operation: Operation::Upsert,
+        record,
+        partial: true,
         received_at: now,
         correlation_id: None,
         depth: None,

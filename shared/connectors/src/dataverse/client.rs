@@ -724,8 +724,28 @@ impl Connector for DataverseConnector {
         }
         let (rows, next) =
             parse_collection(&answer.body).map_err(|e| self.client.bad_answer(entity, e))?;
-        let records = self.rows_to_records(entity, &rows).await?;
-        Ok(Page { records, next })
+        self.know_companies(entity, &rows).await?;
+        let primary_id = self.schema(entity).and_then(|s| s.primary_id.clone());
+        let mut records = Vec::with_capacity(rows.len());
+        let mut unfit = Vec::new();
+        for row in &rows {
+            match self.to_record(entity, row) {
+                Ok(record) => records.push(record),
+                Err(e) => unfit.push(dualwrite_core::ports::UnfitRow {
+                    id: primary_id
+                        .as_deref()
+                        .and_then(|p| row.get(p))
+                        .and_then(|r| raw_str(r)),
+                    etag: row.get("@odata.etag").and_then(|r| raw_str(r)),
+                    problem: e.message,
+                }),
+            }
+        }
+        Ok(Page {
+            records,
+            next,
+            unfit,
+        })
     }
 
     /// Change tracking (`Prefer: odata.track-changes`), reading the primary id column only:

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use dualwrite_core::Side;
 use dualwrite_core::ports::{
     CallResult, Connector, ConnectorCall, ConnectorError, ConnectorErrorKind, Page, Query,
-    RecordRef, WriteCondition, WriteOutcome,
+    RecordRef, UnfitRow, WriteCondition, WriteOutcome,
 };
 use dualwrite_core::record::{Record, RecordKey};
 use reqwest::Method;
@@ -14,15 +14,15 @@ use tracing::info;
 
 use super::FnoConfig;
 use super::wire::{
-    MODIFIED_FIELD, filter_text, keyset_after, keyset_order, parse_key, record_body,
-    record_from_row, render_key, written_of_body,
+    MODIFIED_FIELD, filter_text, keyset_after, keyset_order, parse_key, raw_key_of_row,
+    record_body, record_from_row, render_key, written_of_body,
 };
 use crate::batch::{
     BatchPart, BatchRequest, batch_outcomes, build_changeset_batch, collect_results, for_call,
     read_batch_answer, send_parts,
 };
 use crate::http::{HttpResponse, ODataClient, ODataRequest, encode_path, encode_query};
-use crate::odata::{parse_collection, parse_object, query_filter};
+use crate::odata::{parse_collection, parse_object, query_filter, raw_str};
 use crate::schema::{EntitySchema, EntitySchemas};
 
 /// Most operations of one `$batch` changeset.
@@ -385,12 +385,20 @@ impl Connector for FnoConnector {
         }
         let (rows, next) =
             parse_collection(&answer.body).map_err(|e| self.client.bad_answer(entity, e))?;
-        let records = rows
-            .iter()
-            .map(|row| {
-                record_from_row(entity, schema, row).map_err(|e| self.client.unfit(entity, e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut records = Vec::with_capacity(rows.len());
+        let mut unfit = Vec::new();
+        for row in &rows {
+            match record_from_row(entity, schema, row) {
+                Ok(record) => records.push(record),
+                Err(problem) => unfit.push(UnfitRow {
+                    id: schema
+                        .and_then(|s| raw_key_of_row(s, row))
+                        .map(|k| k.to_string()),
+                    etag: row.get("@odata.etag").and_then(|r| raw_str(r)),
+                    problem,
+                }),
+            }
+        }
         let next = match (next, schema.zip(order.as_deref())) {
             (Some(server_next), Some((schema, order))) => Some(
                 records
@@ -403,7 +411,11 @@ impl Connector for FnoConnector {
             ),
             (next, _) => next,
         };
-        Ok(Page { records, next })
+        Ok(Page {
+            records,
+            next,
+            unfit,
+        })
     }
 
     /// F&O has no upsert: with no condition the record is read first and PATCHed with its

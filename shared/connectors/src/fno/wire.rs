@@ -266,6 +266,26 @@ pub fn key_of_row(schema: &EntitySchema, record: &Record) -> Option<RecordKey> {
     Some(RecordKey(pairs))
 }
 
+/// The key of a row as [`key_of_row`] gives it for the row's record, read from the raw row
+/// (for a row that does not convert): `None` when a key field is missing or not a plain value.
+pub fn raw_key_of_row(schema: &EntitySchema, row: &RawObject) -> Option<RecordKey> {
+    let text = |field: &str| -> Option<String> {
+        let raw = row.get(field)?;
+        raw_str(raw).or_else(|| {
+            let t = raw.get();
+            (t.starts_with(|c: char| c == '-' || c.is_ascii_digit())).then(|| t.to_string())
+        })
+    };
+    let mut pairs = Vec::new();
+    if schema.company_specific {
+        pairs.push((DATA_AREA_ID.to_string(), text(DATA_AREA_ID)?));
+    }
+    for field in &schema.key {
+        pairs.push((field.clone(), text(field).filter(|v| !v.is_empty())?));
+    }
+    Some(RecordKey(pairs))
+}
+
 /// Converts one row to a [`Record`] of `entity`: company from `dataAreaId`, id the rendered
 /// key (when the schema names the key), version from `ModifiedDateTime` when the entity has
 /// it (otherwise none: the ETag is the only change marker), ETag from `@odata.etag`.

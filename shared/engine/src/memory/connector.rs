@@ -390,7 +390,11 @@ impl Connector for MemoryConnector {
         let size = query.page_size.unwrap_or(matching.len().max(1)).max(1);
         let records: Vec<Record> = matching.iter().skip(offset).take(size).cloned().collect();
         let next = (offset + size < matching.len()).then(|| (offset + size).to_string());
-        Ok(Page { records, next })
+        Ok(Page {
+            records,
+            next,
+            unfit: Vec::new(),
+        })
     }
 
     async fn upsert(

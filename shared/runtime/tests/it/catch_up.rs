@@ -333,3 +333,59 @@ async fn a_refused_change_tracking_cursor_is_replaced() {
     assert!(!fresh.ends_with("expired"), "{fresh}");
     s.rt.shutdown().await;
 }
+
+/// A polled row that does not fit the table maps (a value of the wrong type) does not stop the
+/// poll: the rows around it are synced, the watermark moves on, and the row is logged in the
+/// error log by map and key with the field named (`dualwrite errors retry` can replay it); fixed
+/// at the source, the next poll syncs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polled_row_that_does_not_fit_is_logged_by_key_and_the_others_sync() {
+    let s = Stack::start(StackOptions::default()).await;
+    miss_all_webhooks(&s);
+    s.create_customer("ERP-0061", "Litware", 40.0);
+    s.create_customer("ERP-0062", "Proseware", 50.0);
+    s.create_customer("ERP-0063", "Adatum", 60.0);
+    let bad = Stack::customer_key("ERP-0062");
+    s.fno
+        .user_edit(
+            "CustomersV3",
+            &bad,
+            serde_json::json!({"CreditLimit": "lots"}),
+        )
+        .unwrap();
+    s.rt.catch_up_now()
+        .await
+        .expect("one bad row does not fail the poll");
+    s.wait_idle().await;
+    assert!(s.account("ERP-0061").is_some());
+    assert!(s.account("ERP-0063").is_some());
+    assert!(s.account("ERP-0062").is_none());
+    let state = s.rt.store().map_state(CUSTOMERS).await.unwrap().unwrap();
+    assert!(state.erp_watermark.is_some(), "{state:?}");
+    let errors = s.rt.store().errors(10).await.unwrap();
+    let logged = errors
+        .iter()
+        .find(|e| e.message.contains("CreditLimit"))
+        .unwrap_or_else(|| panic!("the bad row is logged: {errors:?}"));
+    assert_eq!(logged.map.as_deref(), Some(CUSTOMERS), "{logged:?}");
+    assert!(
+        logged
+            .event
+            .as_ref()
+            .and_then(|e| e.record.id.as_deref())
+            .is_some_and(|id| id.contains("ERP-0062")),
+        "{logged:?}"
+    );
+
+    // Fixed at the source, the row is read by the next poll and syncs.
+    s.fno
+        .user_edit("CustomersV3", &bad, serde_json::json!({"CreditLimit": 55}))
+        .unwrap();
+    s.rt.catch_up_now().await.unwrap();
+    s.wait_idle().await;
+    assert_eq!(
+        number(&s.account("ERP-0062").expect("synced after the fix")["creditlimit"]),
+        Some(55.0)
+    );
+    s.rt.shutdown().await;
+}
