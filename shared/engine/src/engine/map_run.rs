@@ -222,6 +222,15 @@ impl<'a> MapRun<'a> {
             Some(d) => d,
             None => self.decide_with_other_side(&pair).await?,
         };
+        if !self.reread && pair.record.etag.is_none() && writes_to(&decision, self.event.source) {
+            // The change lost (a conflict, or a field-level merge): its own side is to be
+            // written, over a row known only by the event's values, which a later edit queued
+            // behind this event may have replaced, and with no ETag to condition the write on.
+            // Read the row and decide again: a newer edit then takes part in the decision
+            // instead of being overwritten unseen (and dropped as stale after).
+            self.reread = true;
+            return Err(Interrupt::Redecide);
+        }
         debug!(event_id = %self.event.event_id, map = %self.map.name, key = %pair.key, decision = ?decision, "decided");
         self.execute(decision, pair).await
     }
@@ -1016,4 +1025,9 @@ fn unplaceable_and_forgotten(engine: &Engine, event: &ChangeEvent) -> bool {
         && event.record.version.is_none()
         && chrono::Duration::from_std(engine.config().events_remembered)
             .is_ok_and(|window| engine.clock.now() - event.received_at > window)
+}
+
+/// Whether `decision` writes to `side`.
+fn writes_to(decision: &Decision, side: Side) -> bool {
+    matches!(decision, Decision::Write(plan) if plan.writes.iter().any(|w| w.side == side))
 }

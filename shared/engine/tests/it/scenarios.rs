@@ -192,6 +192,30 @@ async fn last_writer_wins_takes_the_later_change_either_way() {
     assert_eq!(w.engine.stats().conflicts, 1);
 }
 
+/// A change that loses its conflict is decided on the source's current row before anything
+/// is written back over it: an edit of its own side queued behind it (newer than the other
+/// side's) is neither overwritten unseen nor then dropped as stale.
+#[tokio::test]
+async fn a_losing_change_is_not_written_back_over_a_newer_edit_of_its_own_side() {
+    let w = linked(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate).await;
+    w.tick();
+    let mut crm_first = w.edit_account(Side::Crm, "A1", Some("Crm2"), Some(2));
+    // As a webhook delivers it: no ETag (RemoteExecutionContext carries none).
+    crm_first.record.etag = None;
+    w.tick();
+    let erp = w.edit_account(Side::Erp, "A1", Some("Erp3"), Some(3));
+    w.tick();
+    let crm_again = w.edit_account(Side::Crm, "A1", Some("Crm4"), Some(4));
+    w.settle(vec![crm_first, erp, crm_again]).await;
+    let newest = Some((text("Crm4"), Value::Integer(4)));
+    assert_eq!(
+        w.account(Side::Crm, "A1"),
+        newest,
+        "the newest edit is kept"
+    );
+    assert_eq!(w.account(Side::Erp, "A1"), newest, "and reaches the ERP");
+}
+
 #[tokio::test]
 async fn crm_wins_and_erp_wins_ignore_timestamps() {
     let (w, _) = both_edit(ConflictPolicy::CrmWins, false).await;
