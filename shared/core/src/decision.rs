@@ -387,7 +387,7 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
     };
 
     if other_changed && let Some(other) = input.other {
-        return resolve_conflict(input, other, other_hash);
+        return resolve_conflict(input, other);
     }
     plain_write(input, None, other_hash)
 }
@@ -476,11 +476,7 @@ fn same_state(a: &Link, b: &Link) -> bool {
         && a.provisional == b.provisional
 }
 
-fn resolve_conflict(
-    input: &DecisionInput<'_>,
-    other: &Record,
-    other_hash: Option<FieldsHash>,
-) -> Result<Decision, ApplyError> {
+fn resolve_conflict(input: &DecisionInput<'_>, other: &Record) -> Result<Decision, ApplyError> {
     let map = input.map;
     let source = input.source;
     let (crm, erp) = match source {
@@ -516,58 +512,22 @@ fn resolve_conflict(
             link.link.open_conflict = Some(conflict.id.clone());
             Ok(Decision::HoldConflict { link, conflict })
         }
-        ConflictPolicy::FieldLevel => field_level_merge(input, other, conflict),
-        _ if winner == Some(source) => plain_write(input, Some(conflict), other_hash),
-        _ => other_wins(input, other, conflict, other_hash),
+        // The winner's values of the fields both sides write; the fields only one side writes
+        // are no part of the conflict and go their one way (a changed ERP-only amount still
+        // reaches the CRM when the CRM's edit wins the rest).
+        _ => field_level_merge(input, other, conflict, winner),
     }
 }
 
-/// The other side's current values go back to the source side.
-fn other_wins(
-    input: &DecisionInput<'_>,
-    other: &Record,
-    conflict: ConflictRecord,
-    other_hash: Option<FieldsHash>,
-) -> Result<Decision, ApplyError> {
-    if let Some(park) = missing_lookup(input, input.other_lookups) {
-        return Ok(park);
-    }
-    let map = input.map;
-    let source = input.source;
-    let other_side = source.other();
-    let projected = project(
-        map,
-        other_side,
-        other,
-        None,
-        input.other_lookups,
-        Some(input.record),
-        None,
-    )?;
-    let mut link = base_link(input);
-    *link.link.side_mut(other_side) = SideState {
-        hash: Some(other_hash.unwrap_or_else(|| side_hash(map, other_side, other))),
-        version: other.version,
-    };
-    set_id(&mut link.link, other_side, other.id.clone());
-    apply_target_state(&mut link.link, source, &projected, Some(input.record));
-    if projected.changes {
-        let write = sync_write(input, source, projected.written, Some(input.record));
-        return Ok(Decision::Write(WritePlan {
-            writes: vec![write],
-            link,
-            conflict: Some(conflict),
-        }));
-    }
-    Ok(skip_in_sync(input, link, Some(conflict)))
-}
-
-/// `field_level`: each field takes the value of its `source_of_truth` side (the change's
-/// source when a field names none); each side is written only where it differs.
+/// Merges both sides of a conflict: each field the two sides both write takes the value of
+/// `winner` when the policy names one, else (`field_level`) of its `source_of_truth` side (the
+/// change's source when a field names none); a field one side alone writes goes from that side.
+/// Each side is written only where it differs.
 fn field_level_merge(
     input: &DecisionInput<'_>,
     other: &Record,
     conflict: ConflictRecord,
+    winner: Option<Side>,
 ) -> Result<Decision, ApplyError> {
     for lookups in [input.lookups, input.other_lookups] {
         if let Some(park) = missing_lookup(input, lookups) {
@@ -596,7 +556,7 @@ fn field_level_merge(
         )?;
         // Keep only the fields `from` owns (keys always travel).
         for f in &map.fields {
-            let owner = f.source_of_truth.unwrap_or(source);
+            let owner = winner.unwrap_or_else(|| f.source_of_truth.unwrap_or(source));
             if f.direction == FieldDirection::Bidirectional
                 && !f.is_key
                 && owner != from

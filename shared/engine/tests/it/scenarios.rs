@@ -216,6 +216,54 @@ async fn a_losing_change_is_not_written_back_over_a_newer_edit_of_its_own_side()
     assert_eq!(w.account(Side::Erp, "A1"), newest, "and reaches the ERP");
 }
 
+/// A field only one side writes is no part of a conflict: when the other side's edit of the
+/// shared fields wins, a pending change of the one-way field still reaches its target (it was
+/// folded into the link's hash unsent, and its own event then dropped as stale).
+#[tokio::test]
+async fn a_one_way_field_changed_during_a_conflict_still_flows_its_way() {
+    for policy in [
+        ConflictPolicy::LastWriterWins,
+        ConflictPolicy::CrmWins,
+        ConflictPolicy::ErpWins,
+    ] {
+        let mut map = accounts_map(policy, DeletePolicy::Propagate);
+        // Credit flows from the ERP only (`>`), the name both ways.
+        map.fields[2].direction = dualwrite_core::map::FieldDirection::ErpToCrm;
+        map.fields[2].notation = ">".into();
+        map.fields[2].source_of_truth = None;
+        map.fields[1].source_of_truth = None;
+        let w = World::new(vec![map]);
+        let created = w.edit_account(Side::Erp, "A1", Some("Contoso"), Some(100));
+        w.settle(vec![created]).await;
+        assert_eq!(
+            w.account(Side::Crm, "A1"),
+            Some((text("Contoso"), Value::Integer(100)))
+        );
+        w.tick();
+        let erp_credit = w.edit_account(Side::Erp, "A1", None, Some(200));
+        w.tick();
+        let mut crm_name = w.edit_account(Side::Crm, "A1", Some("CrmName"), None);
+        crm_name.record.etag = None;
+        // The CRM's later edit is processed first: the ERP changed too (a conflict).
+        w.settle(vec![crm_name, erp_credit]).await;
+        let name = if policy == ConflictPolicy::ErpWins {
+            "Contoso"
+        } else {
+            "CrmName"
+        };
+        assert_eq!(
+            w.account(Side::Crm, "A1"),
+            Some((text(name), Value::Integer(200))),
+            "{policy:?}: the ERP's credit reached the CRM"
+        );
+        assert_eq!(
+            w.account(Side::Erp, "A1").map(|(n, _)| n),
+            Some(text(name)),
+            "{policy:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn crm_wins_and_erp_wins_ignore_timestamps() {
     let (w, _) = both_edit(ConflictPolicy::CrmWins, false).await;
