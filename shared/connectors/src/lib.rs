@@ -6,7 +6,7 @@
 //! - [`schema`]: field types per entity, derived from the table maps (JSON is untyped).
 //! - [`http`]: shared request execution, status → error-kind mapping, `Retry-After`.
 //! - [`retrying`]: a wrapper that retries throttled and transient failures as the error
-//!   policy says (for batch jobs; the real-time worker lets its queue retry instead).
+//!   policy says (for the catch-up polls; the real-time worker lets its queue retry instead).
 //! - [`batch`]: OData `$batch` (multipart) building, sending and parsing, shared by both
 //!   connectors' bulk upserts and `call_many`.
 //! - [`coalesce`]: a wrapper that coalesces concurrent reads and upserts into `$batch`

@@ -1,6 +1,7 @@
 //! [`RetryingConnector`]: retries throttled (429/503 `Retry-After`) and transient (5xx,
 //! timeouts) failures of another connector, waiting as [`error_policy::disposition`] says.
-//! Batch jobs use it; the real-time worker uses the bare connector and lets its queue retry.
+//! The catch-up polls (and later batch jobs) use it; the real-time worker uses the bare
+//! connector and lets its queue retry.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -720,6 +720,50 @@ pub trait Connector: Send + Sync {
     }
 }
 
+/// A shared connector is a connector: wrappers (retrying, coalescing) can take an
+/// `Arc<dyn Connector>` the runtime already shares.
+#[async_trait]
+impl<C: Connector + ?Sized> Connector for std::sync::Arc<C> {
+    fn side(&self) -> Side {
+        (**self).side()
+    }
+    async fn read(&self, entity: &str, at: &RecordRef) -> Result<Option<Record>, ConnectorError> {
+        (**self).read(entity, at).await
+    }
+    async fn query(&self, entity: &str, query: &Query) -> Result<Page, ConnectorError> {
+        (**self).query(entity, query).await
+    }
+    async fn deletions(
+        &self,
+        entity: &str,
+        from: Option<&str>,
+    ) -> Result<Option<DeletionsPage>, ConnectorError> {
+        (**self).deletions(entity, from).await
+    }
+    async fn upsert(
+        &self,
+        entity: &str,
+        at: &RecordRef,
+        record: &Record,
+        condition: WriteCondition,
+    ) -> Result<WriteOutcome, ConnectorError> {
+        (**self).upsert(entity, at, record, condition).await
+    }
+    async fn delete(&self, entity: &str, at: &RecordRef) -> Result<(), ConnectorError> {
+        (**self).delete(entity, at).await
+    }
+    async fn upsert_batch(
+        &self,
+        entity: &str,
+        items: &[(RecordRef, Record)],
+    ) -> Result<Vec<Result<WriteOutcome, ConnectorError>>, ConnectorError> {
+        (**self).upsert_batch(entity, items).await
+    }
+    async fn call_many(&self, calls: Vec<ConnectorCall>) -> Vec<CallResult> {
+        (**self).call_many(calls).await
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Clock
 // ---------------------------------------------------------------------------------------------

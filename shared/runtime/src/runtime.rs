@@ -16,7 +16,7 @@ use dualwrite_connectors::http::DEFAULT_MAX_BATCH;
 use dualwrite_connectors::{
     Coalescing, CoalescingConfig, CoalescingSnapshot, CoalescingStats, ConnectorStats,
     DataverseConfig, DataverseConnector, EntitySchemas, EntraConfig, EntraTokenProvider, FnoConfig,
-    FnoConnector, StatsSnapshot as ConnectorSnapshot, TokenSource,
+    FnoConnector, RetryingConnector, StatsSnapshot as ConnectorSnapshot, TokenSource,
 };
 use dualwrite_core::Side;
 use dualwrite_core::error_policy::Backoff;
@@ -648,6 +648,10 @@ pub(crate) struct Shared {
     pub inbound: Arc<dyn WorkQueue>,
     pub crm: Arc<dyn Connector>,
     pub erp: Arc<dyn Connector>,
+    /// The connectors the catch-up polls read with: `crm` and `erp` behind the error policy's
+    /// retries of throttling and passing failures (a batch read has no queue to retry it).
+    pub crm_polls: Arc<dyn Connector>,
+    pub erp_polls: Arc<dyn Connector>,
     /// The connectors' coalescing counters.
     pub batching: BatchingStats,
     /// The connectors' request counters.
@@ -771,6 +775,16 @@ impl Runtime {
             work,
             store,
             receiver,
+            crm_polls: Arc::new(RetryingConnector::new(
+                crm.clone(),
+                Backoff::default(),
+                calls.dataverse.clone(),
+            )),
+            erp_polls: Arc::new(RetryingConnector::new(
+                erp.clone(),
+                Backoff::default(),
+                calls.fno.clone(),
+            )),
             crm,
             erp,
             batching,

@@ -53,9 +53,27 @@ pub(crate) async fn run_scheduler(
                 continue;
             }
         }
-        match catch_up(&shared, schedule.overlap).await {
-            Ok(n) => info!(changes = n, "catch-up poll done"),
-            Err(e) => warn!(error = %e, "catch-up poll incomplete; the next run tries again"),
+        // A shutdown does not wait for a long poll (a first, full read; a throttled system):
+        // stopped between two of its steps, the poll has committed no watermark, so the next
+        // start reads the same rows again, whose events are duplicates by their ids.
+        tokio::select! {
+            result = catch_up(&shared, schedule.overlap) => match result {
+                Ok(n) => info!(changes = n, "catch-up poll done"),
+                Err(e) => warn!(error = %e, "catch-up poll incomplete; the next run tries again"),
+            },
+            () = stopped(&mut stop) => {
+                info!("catch-up poll stopped by the shutdown; the next start polls again");
+                return;
+            }
+        }
+    }
+}
+
+/// Returns once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -169,8 +187,8 @@ async fn poll_side(
     now: DateTime<Utc>,
 ) -> Result<(usize, Option<DateTime<Utc>>), String> {
     let (connector, entity) = match side {
-        Side::Crm => (&shared.crm, map.crm.entity_set.as_str()),
-        Side::Erp => (&shared.erp, map.erp.entity.as_str()),
+        Side::Crm => (&shared.crm_polls, map.crm.entity_set.as_str()),
+        Side::Erp => (&shared.erp_polls, map.erp.entity.as_str()),
     };
     let since = watermark.map(|w| {
         chrono::Duration::from_std(overlap)
@@ -238,8 +256,8 @@ async fn poll_deletions(
     now: DateTime<Utc>,
 ) -> Result<(usize, Option<String>), String> {
     let (connector, entity) = match side {
-        Side::Crm => (&shared.crm, map.crm.entity_set.as_str()),
-        Side::Erp => (&shared.erp, map.erp.entity.as_str()),
+        Side::Crm => (&shared.crm_polls, map.crm.entity_set.as_str()),
+        Side::Erp => (&shared.erp_polls, map.erp.entity.as_str()),
     };
     let mut from = cursor;
     let mut total = 0;

@@ -389,3 +389,55 @@ async fn a_polled_row_that_does_not_fit_is_logged_by_key_and_the_others_sync() {
     );
     s.rt.shutdown().await;
 }
+
+/// A catch-up read refused for now (5xx, throttling, a dropped connection) is retried as the
+/// error policy says, not given up until the next poll: a poll has no queue to retry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_read_that_fails_for_now_is_retried() {
+    let s = Stack::start(StackOptions::default()).await;
+    miss_all_webhooks(&s);
+    s.create_customer("ERP-0064", "Fabrikam", 30.0);
+    s.fno.inject_faults([
+        dualwrite_simulators::Fault::Status(503),
+        dualwrite_simulators::Fault::DropConnection,
+    ]);
+    s.dv.inject_faults([dualwrite_simulators::Fault::Status(503)]);
+    s.rt.catch_up_now()
+        .await
+        .expect("the failures were retried");
+    s.wait_idle().await;
+    assert!(s.account("ERP-0064").is_some());
+    s.rt.shutdown().await;
+}
+
+/// A shutdown does not wait for a scheduled poll to finish: a poll stuck on a slow system is
+/// stopped, and the runtime ends within its grace time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_stops_a_scheduled_poll_in_progress() {
+    let s = Stack::start(StackOptions {
+        catch_up: Some("* * * * * *".into()),
+        ..StackOptions::default()
+    })
+    .await;
+    let before = s.fno.stats().requests;
+    // Every F&O request from now on takes a minute.
+    s.fno.inject_faults(vec![
+        dualwrite_simulators::Fault::Delay(Duration::from_secs(
+            60
+        ));
+        20
+    ]);
+    wait_until_within(
+        "a scheduled poll to reach F&O",
+        Duration::from_secs(3),
+        || (s.fno.stats().requests > before).then_some(()),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    s.rt.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown waited {:?} for the poll",
+        started.elapsed()
+    );
+}
