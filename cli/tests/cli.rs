@@ -128,6 +128,11 @@ fn maps_export_writes_files_that_validate() {
     assert!(out.status.success(), "{out:?}");
     let out = dualwrite(&["maps", "validate", "mine"], dir.path());
     assert!(out.status.success(), "{}", stdout(&out));
+    // The JSON Schema the map files' editor hint names is beside them.
+    let schema = std::fs::read_to_string(dir.path().join("mine/schema/table-map.schema.json"))
+        .expect("the schema is exported");
+    let schema: serde_json::Value = serde_json::from_str(&schema).unwrap();
+    assert!(schema.get("$schema").is_some() || schema.get("properties").is_some());
 }
 
 #[test]

@@ -140,7 +140,22 @@ fn export(dir: &Path) -> Result<ExitCode> {
         std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
         written += 1;
     }
-    println!("wrote {written} map files to {}", dir.display());
+    let schema = dir.join(dualwrite_maps::SCHEMA_FILE);
+    if schema.exists() {
+        eprintln!("kept existing {}", schema.display());
+    } else {
+        if let Some(parent) = schema.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&schema, dualwrite_maps::SCHEMA)
+            .with_context(|| format!("writing {}", schema.display()))?;
+    }
+    println!(
+        "wrote {written} map files to {} (and the format's JSON Schema, {})",
+        dir.display(),
+        dualwrite_maps::SCHEMA_FILE
+    );
     Ok(ExitCode::SUCCESS)
 }
 

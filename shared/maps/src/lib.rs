@@ -11,6 +11,14 @@ use dualwrite_core::map::validate::load_maps;
 /// The prefix of the source name of a shipped map file: `builtin:maps/<file>`.
 pub const BUILTIN_PREFIX: &str = "builtin:maps/";
 
+/// The JSON Schema of the map format (`maps/schema/table-map.schema.json`), written beside
+/// exported maps at [`SCHEMA_FILE`] so editors keep checking them.
+pub const SCHEMA: &str = include_str!("../../../maps/schema/table-map.schema.json");
+
+/// Where [`SCHEMA`] goes, relative to a folder of map files (the path the editor hint of
+/// docs/MAP_FORMAT.md, `# yaml-language-server: $schema=…`, names).
+pub const SCHEMA_FILE: &str = "schema/table-map.schema.json";
+
 /// Declares [`BUILTIN_FILES`] from a list of file names in `maps/`, each embedded once.
 macro_rules! builtin_files {
     ($($file:literal),* $(,)?) => {

@@ -382,7 +382,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid YAML for the configuration format.
-    #[error("{file}{}: {message}; see docs for the `dualwrite serve` configuration format", at_line(*line))]
+    #[error("{file}{}: {message}; every key is in docs/CONFIG.md", at_line(*line))]
     Syntax {
         /// The file.
         file: String,
