@@ -664,7 +664,10 @@ fn decide_delete(input: &DecisionInput<'_>) -> Decision {
                 hash: None,
                 version: input.record.version,
             };
-            set_id(&mut next, source, None);
+            match source {
+                Side::Crm => next.crm_id = None,
+                Side::Erp => next.erp_id = None,
+            }
             apply_target_state(&mut next, other_side, &projected, Some(other));
             next.updated_at = input.now;
             let commit = LinkChange::Put(Box::new(LinkCommit {

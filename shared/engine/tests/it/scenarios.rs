@@ -528,6 +528,14 @@ async fn delete_deactivate_writes_the_deactivation_fields_without_resurrecting()
         None,
         "the deactivation's echo does not recreate the CRM row"
     );
+    let link = w
+        .store
+        .link("accounts", &IntegrationKey("A1".into()))
+        .await
+        .unwrap()
+        .expect("the link stays, with the deactivated ERP row");
+    assert_eq!(link.crm_id, None, "the deleted CRM row's id is forgotten");
+    assert!(link.erp_id.is_some());
 }
 
 #[tokio::test]
