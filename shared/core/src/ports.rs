@@ -260,6 +260,15 @@ pub enum StoreOp {
     },
     /// Create or replace a map's state.
     PutMapState(MapState),
+    /// Remember that the pair `map`/`key` was deleted at `at` (its link removed by a delete
+    /// applied per the map's delete policy), until the idempotency window forgets it: a late
+    /// change of the pair (the echo of an earlier write, delayed) is then read again from its
+    /// source, which no longer has it, instead of creating the pair anew.
+    RememberDeleted {
+        map: String,
+        key: IntegrationKey,
+        at: DateTime<Utc>,
+    },
 }
 
 /// Failures of a store.
@@ -301,6 +310,13 @@ pub trait LinkStore: Send + Sync {
     /// The link of `map` whose `side` id (CRM GUID / rendered F&O key) is `id`.
     async fn link_by_id(&self, map: &str, side: Side, id: &str)
     -> Result<Option<Link>, StoreError>;
+    /// When the pair `map`/`key` was deleted, if a [`StoreOp::RememberDeleted`] still
+    /// remembers it.
+    async fn deleted_at(
+        &self,
+        map: &str,
+        key: &IntegrationKey,
+    ) -> Result<Option<DateTime<Utc>>, StoreError>;
     /// Applies `ops` atomically.
     async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError>;
 }

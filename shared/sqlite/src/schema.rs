@@ -123,6 +123,18 @@ pub const MIGRATIONS: &[&str] = &[
     UPDATE events SET done_at_ms = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER);
     CREATE INDEX events_by_done_at ON events (done_at_ms);
     "#,
+    // Version 5: pairs deleted recently (their links removed by a delete), remembered for the
+    // idempotency window, so a late change of such a pair is read again from its source
+    // instead of creating the pair anew (`StoreOp::RememberDeleted`).
+    r#"
+    CREATE TABLE deleted_pairs (
+        map TEXT NOT NULL,
+        key TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (map, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX deleted_pairs_by_at ON deleted_pairs (at_ms);
+    "#,
 ];
 
 /// The schema version this build migrates to.

@@ -234,6 +234,8 @@ impl SqliteStore {
     /// longer recognised by its id, but by the link: its version is not newer than the one
     /// the link holds, so it is skipped as a duplicate or stale change and nothing is written
     /// twice. Without this the records of every event ever processed would pile up.
+    /// Deleted pairs remembered before `done_before` ([`StoreOp::RememberDeleted`]) are
+    /// forgotten in the same transaction, up to `limit` of them too (not counted).
     pub async fn forget_completed_events(
         &self,
         done_before: DateTime<Utc>,
@@ -245,13 +247,23 @@ impl SqliteStore {
             "forgetting completed events".to_owned(),
             64,
             move |conn: &Connection| {
+                let forgotten = conn
+                    .prepare_cached(
+                        "DELETE FROM events WHERE event_id IN \
+                         (SELECT event_id FROM events WHERE done = 1 AND done_at_ms < ?1 \
+                          ORDER BY done_at_ms LIMIT ?2)",
+                    )
+                    .and_then(|mut s| s.execute(params![before, limit]))
+                    .map_err(|e| file.unavailable("forgetting completed events", e))?;
+                // Deleted pairs are remembered as long as the events that could follow them.
                 conn.prepare_cached(
-                    "DELETE FROM events WHERE event_id IN \
-                     (SELECT event_id FROM events WHERE done = 1 AND done_at_ms < ?1 \
-                      ORDER BY done_at_ms LIMIT ?2)",
+                    "DELETE FROM deleted_pairs WHERE (map, key) IN \
+                     (SELECT map, key FROM deleted_pairs WHERE at_ms < ?1 \
+                      ORDER BY at_ms LIMIT ?2)",
                 )
                 .and_then(|mut s| s.execute(params![before, limit]))
-                .map_err(|e| file.unavailable("forgetting completed events", e))
+                .map_err(|e| file.unavailable("forgetting deleted pairs", e))?;
+                Ok(forgotten)
             },
         )
         .await
@@ -383,7 +395,8 @@ impl StoreFile {
                     StoreOp::PutLink { .. }
                     | StoreOp::DeleteLink { .. }
                     | StoreOp::CompleteEvent { .. }
-                    | StoreOp::Unpark { .. } => String::new(),
+                    | StoreOp::Unpark { .. }
+                    | StoreOp::RememberDeleted { .. } => String::new(),
                 };
                 Ok((other, body))
             }
@@ -427,6 +440,14 @@ impl StoreFile {
                     "DELETE FROM links WHERE map = ?1 AND key = ?2",
                     params![map, key.as_str()],
                 )
+                .map_err(fail)?;
+            }
+            StoreOp::RememberDeleted { map, key, at } => {
+                tx.prepare_cached(
+                    "INSERT INTO deleted_pairs (map, key, at_ms) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (map, key) DO UPDATE SET at_ms = ?3",
+                )
+                .and_then(|mut s| s.execute(params![map, key.as_str(), at.timestamp_millis()]))
                 .map_err(fail)?;
             }
             StoreOp::CompleteEvent { event_id } => {
@@ -540,6 +561,22 @@ impl LinkStore for SqliteStore {
             "SELECT map, key, revision, body FROM links WHERE map = ?1 AND key = ?2",
             params![map, key.as_str()],
         )
+    }
+
+    async fn deleted_at(
+        &self,
+        map: &str,
+        key: &IntegrationKey,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let conn = self.connections.read();
+        let at: Option<i64> = conn
+            .prepare_cached("SELECT at_ms FROM deleted_pairs WHERE map = ?1 AND key = ?2")
+            .and_then(|mut s| {
+                s.query_row(params![map, key.as_str()], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(|e| self.file.unavailable("reading a deleted pair", e))?;
+        Ok(at.and_then(DateTime::from_timestamp_millis))
     }
 
     async fn link_by_id(

@@ -201,6 +201,14 @@ impl<'a> MapRun<'a> {
         }
         self.complete_key_lookups(&mut record).await?;
         let (key, link) = self.key_and_link(&record).await?;
+        if link.is_none() && !self.reread && self.recently_deleted(&key).await? {
+            // The pair was deleted lately (its link removed): this change may be a late one
+            // from before the delete — the echo of an earlier write, delayed — whose values
+            // would create the pair anew. Only its source can tell: read it (gone, nothing to
+            // sync; there, a record created again under the key, synced as new).
+            self.reread = true;
+            return Err(Interrupt::Redecide);
+        }
         let source_fields = SideFieldsAt::new(self.map, self.event.source, &record);
         let pair = Pair {
             now,
@@ -358,6 +366,21 @@ impl<'a> MapRun<'a> {
             .await
             .map_err(|e| engine.store_error(event, e))?;
         Ok((key, link))
+    }
+
+    /// Whether the pair `key` of this map was deleted within the idempotency window (an
+    /// upsert only: a delete of a pair with no link is skipped anyway).
+    async fn recently_deleted(&self, key: &IntegrationKey) -> Result<bool, Interrupt> {
+        if self.event.operation != Operation::Upsert {
+            return Ok(false);
+        }
+        let at = self
+            .engine
+            .store
+            .deleted_at(&self.map.name, key)
+            .await
+            .map_err(|e| Interrupt::Error(self.engine.store_error(self.event, e)))?;
+        Ok(at.is_some())
     }
 
     /// Step 3: what the link alone decides (stale, duplicate, echo, filtered out) for an
@@ -806,21 +829,28 @@ impl<'a> MapRun<'a> {
             }
             Err(e) => return Err(self.connector_failure(Some(&key), e).await),
         }
-        let mut ops = vec![match plan.link {
+        let mut ops = match plan.link {
             LinkChange::Remove {
                 map,
                 key,
                 expected_revision,
-            } => StoreOp::DeleteLink {
-                map,
-                key,
-                expected_revision,
-            },
-            LinkChange::Put(c) => StoreOp::PutLink {
+            } => vec![
+                StoreOp::RememberDeleted {
+                    map: map.clone(),
+                    key: key.clone(),
+                    at: engine.clock.now(),
+                },
+                StoreOp::DeleteLink {
+                    map,
+                    key,
+                    expected_revision,
+                },
+            ],
+            LinkChange::Put(c) => vec![StoreOp::PutLink {
                 link: c.link,
                 expected_revision: c.expected_revision,
-            },
-        }];
+            }],
+        };
         ops.extend(self.complete_op());
         self.commit_or_redecide(ops).await?;
         info!(event_id = %self.event.event_id, map = %self.map.name, key = %key, "delete applied");

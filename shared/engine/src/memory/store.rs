@@ -29,6 +29,7 @@ struct Inner {
     errors: Vec<ErrorRecord>,
     parked: Vec<ParkedEvent>,
     map_states: BTreeMap<String, MapState>,
+    deleted: BTreeMap<(String, IntegrationKey), DateTime<Utc>>,
 }
 
 /// A [`StateStore`](dualwrite_core::ports::StateStore) in memory. Safe for concurrent use;
@@ -78,6 +79,17 @@ impl LinkStore for MemoryStore {
             .values()
             .find(|l| l.map == map && l.id(side).is_some_and(|i| i.eq_ignore_ascii_case(id)))
             .cloned())
+    }
+
+    async fn deleted_at(
+        &self,
+        map: &str,
+        key: &IntegrationKey,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(lock(&self.inner)
+            .deleted
+            .get(&(map.to_string(), key.clone()))
+            .copied())
     }
 
     async fn commit(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
@@ -153,6 +165,9 @@ impl LinkStore for MemoryStore {
                 }),
                 StoreOp::PutMapState(s) => {
                     inner.map_states.insert(s.map.clone(), s);
+                }
+                StoreOp::RememberDeleted { map, key, at } => {
+                    inner.deleted.insert((map, key), at);
                 }
             }
         }

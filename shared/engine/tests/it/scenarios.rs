@@ -538,6 +538,39 @@ async fn delete_deactivate_writes_the_deactivation_fields_without_resurrecting()
     assert!(link.erp_id.is_some());
 }
 
+/// A late change of a pair deleted since — the echo of an earlier write, delayed past the
+/// delete — does not create the pair anew on the side the delete emptied; a record created
+/// again under the key later is a new pair and syncs.
+#[tokio::test]
+async fn a_late_change_of_a_deleted_pair_does_not_bring_it_back() {
+    let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    let created = w.edit_account(Side::Crm, "A1", Some("Contoso"), Some(100));
+    w.engine.process(&created).await.unwrap();
+    let late = w.erp.take_echoes();
+    assert_eq!(late.len(), 1, "the ERP echo of the create, held back");
+    let at = RecordRef::Key(RecordKey::new([("accountnumber", "A1")]));
+    let deleted = w.crm.delete_by_user(ACCOUNTS, &at).unwrap();
+    w.engine.process(&deleted).await.unwrap();
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        None,
+        "the delete was propagated"
+    );
+
+    let out = w.engine.process(&late[0]).await.unwrap();
+    assert_eq!(action(&out), &MapAction::SourceGone, "{out:?}");
+    w.settle(Vec::new()).await;
+    assert_eq!(w.account(Side::Crm, "A1"), None, "not brought back");
+    assert_eq!(w.account(Side::Erp, "A1"), None);
+
+    let again = w.edit_account(Side::Crm, "A1", Some("Contoso again"), Some(5));
+    w.settle(vec![again]).await;
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("Contoso again"), Value::Integer(5)))
+    );
+}
+
 #[tokio::test]
 async fn a_delete_of_an_unlinked_record_is_skipped() {
     let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);

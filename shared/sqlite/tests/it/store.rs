@@ -599,3 +599,51 @@ async fn reopening_the_file_keeps_everything_but_the_claims_of_a_closed_store() 
     assert_eq!(vendors.len(), 1);
     assert_eq!(vendors[0].key, key("K2"));
 }
+
+/// A deleted pair is remembered across a reopen, replaced by a later delete of the same pair,
+/// and forgotten with the completion records once the window has passed.
+#[tokio::test]
+async fn deleted_pairs_are_remembered_then_forgotten_with_the_window() {
+    use dualwrite_core::IntegrationKey;
+    use dualwrite_core::ports::LinkStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let key = IntegrationKey("USMF/US-001".into());
+    let old = chrono::Utc::now() - chrono::Duration::hours(2);
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.deleted_at("customers", &key).await.unwrap(), None);
+        store
+            .commit(vec![StoreOp::RememberDeleted {
+                map: "customers".into(),
+                key: key.clone(),
+                at: old,
+            }])
+            .await
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let at = store.deleted_at("customers", &key).await.unwrap().unwrap();
+    assert_eq!(at.timestamp_millis(), old.timestamp_millis());
+    assert_eq!(store.deleted_at("vendors", &key).await.unwrap(), None);
+
+    let cutoff = chrono::Utc::now() - chrono::Duration::hours(1);
+    store.forget_completed_events(cutoff, 100).await.unwrap();
+    assert_eq!(
+        store.deleted_at("customers", &key).await.unwrap(),
+        None,
+        "older than the window: forgotten"
+    );
+    let now = chrono::Utc::now();
+    store
+        .commit(vec![StoreOp::RememberDeleted {
+            map: "customers".into(),
+            key: key.clone(),
+            at: now,
+        }])
+        .await
+        .unwrap();
+    store.forget_completed_events(cutoff, 100).await.unwrap();
+    assert!(store.deleted_at("customers", &key).await.unwrap().is_some());
+}
