@@ -358,6 +358,11 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
             .unwrap_or_else(|| side_hash(map, other_side, other))
     });
     let other_changed = match (input.other, input.link) {
+        // Linked, and the other side's record is gone: deleted there since the last sync (its
+        // delete not processed yet, or missed) while this side changed.
+        (None, Some(link)) if link.side(other_side).hash.is_some() => {
+            return recreate_deleted_other(input);
+        }
         (None, _) => false,
         // The other side holding exactly the write in flight to it did not change by itself.
         (Some(_), Some(link)) => {
@@ -390,6 +395,37 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
         return resolve_conflict(input, other);
     }
     plain_write(input, None, other_hash)
+}
+
+/// The policy named in the conflict log for a change to a linked pair whose other side was
+/// deleted: the change creates it again.
+pub const RECREATE_POLICY: &str = "recreate";
+
+/// A change of a linked pair whose other record was deleted: the change is newer than anything
+/// known of the pair, so it wins — the other record is created again with its values — and,
+/// as a delete and an update met, the conflict is logged (policy [`RECREATE_POLICY`], the
+/// other side as an empty record), so an operator sees a deleted record came back. Nothing is
+/// overwritten, whatever the map's policy, `manual` included.
+fn recreate_deleted_other(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
+    let map = input.map;
+    let source = input.source;
+    let gone = Record::new(entity_of(map, source.other()));
+    let (crm, erp) = match source {
+        Side::Crm => (input.record.clone(), gone),
+        Side::Erp => (gone, input.record.clone()),
+    };
+    let conflict = ConflictRecord {
+        id: conflict_id(&map.name, input.key, crm.version, erp.version),
+        map: map.name.clone(),
+        key: input.key.clone(),
+        detected_at: input.now,
+        policy: RECREATE_POLICY.to_string(),
+        crm,
+        erp,
+        winner: Some(source),
+        open: false,
+    };
+    plain_write(input, Some(conflict), None)
 }
 
 /// True when `hash` is the write to `side` that `link` announces as in flight.

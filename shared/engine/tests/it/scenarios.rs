@@ -571,6 +571,34 @@ async fn a_late_change_of_a_deleted_pair_does_not_bring_it_back() {
     );
 }
 
+/// A change of a linked pair whose other record was deleted (that delete missed, or not
+/// processed yet) creates it again, whatever the policy — nothing is overwritten — and logs
+/// the meeting of the delete and the change as a conflict an operator can see.
+#[tokio::test]
+async fn a_change_of_a_pair_deleted_on_the_other_side_recreates_it_and_logs_why() {
+    for policy in [ConflictPolicy::LastWriterWins, ConflictPolicy::Manual] {
+        let w = linked(policy, DeletePolicy::Propagate).await;
+        let at = RecordRef::Key(RecordKey::new([("CustomerAccount", "A1")]));
+        let _missed = w.erp.delete_by_user(CUSTOMERS, &at).unwrap();
+        w.tick();
+        let edit = w.edit_account(Side::Crm, "A1", Some("Renamed"), None);
+        w.settle(vec![edit]).await;
+        assert_eq!(
+            w.account(Side::Erp, "A1"),
+            Some((text("Renamed"), Value::Integer(100))),
+            "{policy:?}"
+        );
+        let conflicts = w.store.conflicts(false, 10).await.unwrap();
+        assert_eq!(conflicts.len(), 1, "{policy:?}: {conflicts:?}");
+        let c = &conflicts[0];
+        assert_eq!(c.policy, dualwrite_core::decision::RECREATE_POLICY);
+        assert_eq!(c.winner, Some(Side::Crm));
+        assert!(!c.open, "nothing waits for a person");
+        assert!(c.erp.fields.is_empty(), "the deleted side: {c:?}");
+        assert_eq!(c.crm.get("name"), Some(&text("Renamed")));
+    }
+}
+
 #[tokio::test]
 async fn a_delete_of_an_unlinked_record_is_skipped() {
     let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
