@@ -41,8 +41,8 @@ use smol_str::SmolStr;
 use crate::event::Operation;
 use crate::hash::{SortedFields, hash_sorted_with};
 use crate::map::apply::{
-    ApplyError, LookupResolution, ResolvedLookups, fill_slots, record_key, slots_to_record,
-    with_slots,
+    ApplyError, LookupResolution, ResolvedLookups, fill_slots, keep_round_trip_equivalents,
+    record_key, slots_to_record, with_slots,
 };
 use crate::map::plan::{SideFields, SideFieldsAt};
 use crate::map::{ConflictPolicy, DeletePolicy, FieldDirection, TableMap};
@@ -777,6 +777,9 @@ fn project(
     let target_fields = plan.side(to);
     with_slots(|slots| {
         fill_slots(map, plan, from, record, located, lookups, slots)?;
+        if let Some(current) = target_current {
+            keep_round_trip_equivalents(map, plan, from, record, current, slots);
+        }
         let mut old_values = target_current.map(SortedFields::new);
         let merged_hash = hash_sorted_with(
             &target_fields.names,

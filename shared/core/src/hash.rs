@@ -175,6 +175,15 @@ fn word(bytes: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(w)
 }
 
+/// Whether two values hash alike (null and empty text are one, enum symbols compare without
+/// case, decimals by numeric value): the same value as far as the echo hashes can tell.
+pub(crate) fn same_value(a: &Value, b: &Value) -> bool {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    encode_value(&mut x, a);
+    encode_value(&mut y, b);
+    x == y
+}
+
 #[inline]
 fn encode_value(buf: &mut Vec<u8>, v: &Value) {
     match v {

@@ -15,7 +15,7 @@ use smol_str::{SmolStr, StrExt, ToSmolStr, format_smolstr};
 use crate::fields::Fields;
 use crate::hash::SortedFields;
 use crate::map::plan::{MapPlan, SideFields, SideFieldsAt, StepKind};
-use crate::map::{FieldMapping, TableMap, TransformStep, ValueMap};
+use crate::map::{FieldDirection, FieldMapping, TableMap, TransformStep, ValueMap};
 use crate::record::{IntegrationKey, Record, RecordKey, Side};
 use crate::value::{Value, ValueType};
 
@@ -660,6 +660,47 @@ pub(crate) fn fill_slots(
         slots[step.slot as usize] = Some(value);
     }
     Ok(())
+}
+
+/// Keeps in `slots` (filled by [`fill_slots`] from `source`) the target's current value of
+/// each two-way field whose steps back towards `source` already turn it into the source's
+/// value. Such steps can lose information — a `truncate`, a case change, a `replace` — so the
+/// target may hold more than the source shows (a 4,000-character memo shown cut to 2,000 in
+/// the CRM): writing the source's value back over it, because another field changed, would
+/// cut the target's. A field whose source value differs is written as usual.
+pub(crate) fn keep_round_trip_equivalents(
+    map: &TableMap,
+    plan: &MapPlan,
+    source: Side,
+    record: &Record,
+    target_current: &Record,
+    slots: &mut [Option<Value>],
+) {
+    let target = source.other();
+    for step in plan.steps_from(source) {
+        let fm = &map.fields[step.index as usize];
+        if !matches!(step.kind, StepKind::Copy | StepKind::Transform)
+            || fm.direction != FieldDirection::Bidirectional
+            || steps_to(fm, source).is_empty()
+        {
+            continue;
+        }
+        let (Some(from), Some(to)) = (fm.field(source), fm.field(target)) else {
+            continue;
+        };
+        let (Some(current), Some(source_value)) = (
+            target_current.get(to.name.as_str()),
+            record.get(from.name.as_str()),
+        ) else {
+            continue;
+        };
+        let Ok(back) = transform_value(map, fm, target, current.clone()) else {
+            continue;
+        };
+        if crate::hash::same_value(&back, source_value) {
+            slots[step.slot as usize] = Some(current.clone());
+        }
+    }
 }
 
 /// Translates one value of `fm` from `source` to the other side: value map, then the target

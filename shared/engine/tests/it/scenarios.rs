@@ -264,6 +264,37 @@ async fn a_one_way_field_changed_during_a_conflict_still_flows_its_way() {
     }
 }
 
+/// A two-way field whose way to one side loses information (here: cut to 3 characters in
+/// the CRM) is not written back over the fuller value when another field changes there.
+#[tokio::test]
+async fn a_field_cut_on_its_way_to_one_side_is_not_cut_on_the_other_by_an_unrelated_change() {
+    let mut map = accounts_map(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
+    map.fields[1].to_crm = vec![dualwrite_core::map::TransformStep::Truncate(3)];
+    let w = World::new(vec![map]);
+    let created = w.edit_account(Side::Erp, "A1", Some("Contoso Ltd"), Some(100));
+    w.settle(vec![created]).await;
+    assert_eq!(
+        w.account(Side::Crm, "A1"),
+        Some((text("Con"), Value::Integer(100)))
+    );
+    w.tick();
+    let credit = w.edit_account(Side::Crm, "A1", None, Some(250));
+    w.settle(vec![credit]).await;
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("Contoso Ltd"), Value::Integer(250))),
+        "the credit synced, the full name kept"
+    );
+    // A real change of the field in the CRM is written, of course.
+    w.tick();
+    let renamed = w.edit_account(Side::Crm, "A1", Some("Fab"), None);
+    w.settle(vec![renamed]).await;
+    assert_eq!(
+        w.account(Side::Erp, "A1"),
+        Some((text("Fab"), Value::Integer(250)))
+    );
+}
+
 #[tokio::test]
 async fn crm_wins_and_erp_wins_ignore_timestamps() {
     let (w, _) = both_edit(ConflictPolicy::CrmWins, false).await;
