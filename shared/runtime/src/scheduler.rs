@@ -259,6 +259,10 @@ async fn poll_deletions(
         Side::Crm => (&shared.crm_polls, map.crm.entity_set.as_str()),
         Side::Erp => (&shared.erp_polls, map.erp.entity.as_str()),
     };
+    // The cursor this read starts from names its deletes (with the row): the same read
+    // repeated (a poll cut short before its cursor was committed) gives the same ids, while a
+    // row deleted again later (created again under the same id) is a delete of its own.
+    let started_from = cursor.clone().unwrap_or_default();
     let mut from = cursor;
     let mut total = 0;
     loop {
@@ -284,7 +288,7 @@ async fn poll_deletions(
         let events: Vec<ChangeEvent> = page
             .deleted
             .into_iter()
-            .map(|id| deleted_event(side, entity, id, now))
+            .map(|id| deleted_event(side, entity, id, &started_from, now))
             .collect();
         total += ingest(shared.inbound.as_ref(), events)
             .await
@@ -297,10 +301,17 @@ async fn poll_deletions(
     }
 }
 
-/// The delete of row `id` of `entity` found by change tracking; its id is the same however
-/// often it is read.
-fn deleted_event(side: Side, entity: &str, id: String, now: DateTime<Utc>) -> ChangeEvent {
-    let digest = xxhash_rust::xxh3::xxh3_128(format!("{side}:{entity}:{id}:deleted").as_bytes());
+/// The delete of row `id` of `entity` found by the change-tracking read that started `from`;
+/// its id is the same however often that read is repeated.
+fn deleted_event(
+    side: Side,
+    entity: &str,
+    id: String,
+    from: &str,
+    now: DateTime<Utc>,
+) -> ChangeEvent {
+    let digest =
+        xxhash_rust::xxh3::xxh3_128(format!("{side}:{entity}:{id}:deleted:{from}").as_bytes());
     let mut record = dualwrite_core::Record::new(entity);
     record.id = Some(id.into());
     ChangeEvent {
