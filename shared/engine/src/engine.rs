@@ -231,7 +231,15 @@ pub struct Engine {
     references: ReferenceLinks,
     /// Where the next [`Engine::sweep_parked`] starts in the parked list.
     sweep_from: std::sync::atomic::AtomicUsize,
+    /// Integration keys a system wrote in another case than the record they name
+    /// (`USMF/us-001` for the customer `USMF/US-001`: F&O and Dataverse compare keys without
+    /// case, the links do not), learned when the referenced record was read: a lookup by the
+    /// first is answered by the link of the second. Per process; emptied when it gets large.
+    key_aliases: std::sync::Mutex<HashMap<(String, IntegrationKey), IntegrationKey>>,
 }
+
+/// Most [`Engine::key_aliases`] kept before they are forgotten.
+const MAX_KEY_ALIASES: usize = 10_000;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -321,6 +329,7 @@ impl Engine {
             stats: EngineStats::default(),
             sweep_from: std::sync::atomic::AtomicUsize::new(0),
             references: ReferenceLinks::default(),
+            key_aliases: std::sync::Mutex::default(),
         }
     }
 
@@ -804,7 +813,7 @@ impl Engine {
                     LookupRef {
                         entity_set: referenced.crm.entity_set.clone(),
                         id: link.crm_id.clone().map(Into::into),
-                        key: Some(record_key(referenced, Side::Crm, key)),
+                        key: Some(record_key(referenced, Side::Crm, &link.key)),
                     },
                 ))));
             }
@@ -886,6 +895,11 @@ impl Engine {
             else {
                 continue;
             };
+            // The key as the record itself spells it: both systems find a record by its key
+            // without case, so the reference may spell it otherwise.
+            let own_key = integration_key(referenced, side, &record).ok().filter(|k| {
+                k != dep_key && k.as_str().to_lowercase() == dep_key.as_str().to_lowercase()
+            });
             let dependency = ChangeEvent {
                 event_id: format!("dependency:{dep_map}:{dep_key}:{}", event.event_id),
                 source: side,
@@ -908,6 +922,19 @@ impl Engine {
                 .is_some();
             if linked {
                 info!(event_id = %event.event_id, dependency_map = %dep_map, dependency_key = %dep_key, "dependency synced first");
+                return Ok(Some(step));
+            }
+            if let Some(own) = own_key
+                && self
+                    .store
+                    .link(dep_map, &own)
+                    .await
+                    .map_err(|e| self.store_error(event, e))?
+                    .and_then(Link::linked)
+                    .is_some()
+            {
+                info!(event_id = %event.event_id, dependency_map = %dep_map, dependency_key = %dep_key, linked_as = %own, "reference spelled in another case than its record; answered by the record's link");
+                self.learn_key_alias(dep_map, dep_key, &own);
                 return Ok(Some(step));
             }
         }
@@ -1101,11 +1128,39 @@ impl Engine {
         if let Some(link) = self.references.by_key(map, key, now) {
             return Ok(Some(link));
         }
-        let link = self.store.link(map, key).await?.and_then(Link::linked);
+        let mut link = self.store.link(map, key).await?.and_then(Link::linked);
+        if link.is_none()
+            && let Some(canonical) = self.key_alias(map, key)
+        {
+            link = self
+                .store
+                .link(map, &canonical)
+                .await?
+                .and_then(Link::linked);
+        }
         if let Some(l) = &link {
             self.references.keep(l, now);
         }
         Ok(link)
+    }
+
+    fn key_alias(&self, map: &str, key: &IntegrationKey) -> Option<IntegrationKey> {
+        self.key_aliases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(map.to_string(), key.clone()))
+            .cloned()
+    }
+
+    fn learn_key_alias(&self, map: &str, key: &IntegrationKey, canonical: &IntegrationKey) {
+        let mut aliases = self
+            .key_aliases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if aliases.len() >= MAX_KEY_ALIASES {
+            aliases.clear();
+        }
+        aliases.insert((map.to_string(), key.clone()), canonical.clone());
     }
 
     /// [`Engine::reference_by_key`], by the referenced row's Dataverse id.

@@ -78,12 +78,13 @@ fn matches_key(record: &Record, key: &RecordKey) -> bool {
                 .as_deref()
                 .is_some_and(|c| c.eq_ignore_ascii_case(value));
         }
+        // Both systems find a record by its key without case.
         match record.get(field) {
             Some(Value::Lookup(l)) => l
                 .key
                 .as_ref()
-                .is_some_and(|k| k.0.iter().any(|(_, v)| v == value)),
-            Some(v) => v.to_string() == *value,
+                .is_some_and(|k| k.0.iter().any(|(_, v)| v.eq_ignore_ascii_case(value))),
+            Some(v) => v.to_string().eq_ignore_ascii_case(value),
             None => false,
         }
     })

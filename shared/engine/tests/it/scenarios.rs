@@ -783,6 +783,51 @@ async fn an_unsynced_customer_that_exists_is_synced_before_its_order() {
     assert_eq!(w.store.parked_count().await.unwrap(), 0);
 }
 
+/// Both systems find a record by its key without case: an order naming its customer `c1` is
+/// about the linked customer `C1`. It syncs with the reference to that customer's row instead
+/// of waiting for a link `c1` that never comes, and the next such order needs no read.
+#[tokio::test]
+async fn a_reference_spelled_in_another_case_resolves_to_the_linked_record() {
+    let w = World::new(vec![
+        accounts_map(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate),
+        orders_map(),
+    ]);
+    let customer = w.edit_account(Side::Erp, "C1", Some("Contoso"), None);
+    w.settle(vec![customer]).await;
+    let link = w
+        .store
+        .link("accounts", &IntegrationKey("C1".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    for number in ["SO1", "SO2"] {
+        let order = w.erp.edit(
+            "SalesOrders",
+            &RecordRef::Key(RecordKey::new([("SalesOrderNumber", number)])),
+            [("CustomerAccount".into(), text("c1"))],
+        );
+        let out = w.engine.process(&order).await.unwrap();
+        assert!(matches!(action(&out), MapAction::Written { .. }), "{out:?}");
+        let crm_order = w
+            .crm
+            .record(
+                "salesorders",
+                &RecordRef::Key(RecordKey::new([("ordernumber", number)])),
+            )
+            .unwrap();
+        match crm_order.get("customerid") {
+            Some(Value::Lookup(l)) => assert_eq!(l.id.as_deref(), link.crm_id.as_deref()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(w.store.parked_count().await.unwrap(), 0);
+    assert_eq!(
+        w.engine.stats().dependencies_synced,
+        1,
+        "the second order resolved through what the first learned"
+    );
+}
+
 #[tokio::test]
 async fn a_permanent_connector_error_is_logged_and_the_event_completed() {
     let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
