@@ -19,7 +19,8 @@ mod server;
 pub use config::{BatchingSettings, Config, ConfigError, ConfigProblem, EnvLookup, ProcessEnv};
 pub use local::{LocalSecrets, LocalStack, LocalStackError, LocalStackOptions};
 pub use runtime::{
-    BatchingCounts, BatchingStats, CallCounts, CoalescedCounts, Completion, ConnectorCounters,
-    ConnectorCounts, DATAVERSE_API_PATH, DatabaseCounts, Parts, QueueCounts, QueueLogCounts,
-    ReceiverCounts, Runtime, RuntimeHandle, RuntimeStats, StartError, open_queue, queue_dir,
+    BatchingCounts, BatchingStats, CallCounts, CatchUpCounts, CoalescedCounts, Completion,
+    ConnectorCounters, ConnectorCounts, DATAVERSE_API_PATH, DatabaseCounts, Parts, QueueCounts,
+    QueueLogCounts, ReceiverCounts, Runtime, RuntimeHandle, RuntimeStats, StartError, open_queue,
+    queue_dir,
 };

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,61 @@ pub struct RuntimeStats {
     /// What the connectors' requests to each environment came to: every request and every
     /// failure, by kind (throttled, 412, 404, transient, refused), token fetches and refreshes.
     pub connectors: ConnectorCounts,
+    /// The catch-up polls: how many ran and how they ended, and the rows they read (growing
+    /// while a poll runs: a long first, full read shows its progress here).
+    pub catch_up: CatchUpCounts,
+}
+
+/// The catch-up polls' counters ([`RuntimeStats::catch_up`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct CatchUpCounts {
+    /// Polls started (scheduled or on demand).
+    pub polls: u64,
+    /// Polls that ended with a map side not polled (named in the log; its watermark kept).
+    pub incomplete: u64,
+    /// Rows read, over all polls.
+    pub rows_read: u64,
+    /// Rows read that did not fit the table maps, queued to be read again by id (the
+    /// worker logs each in the error log).
+    pub unfit_rows: u64,
+    /// Deletes read through change tracking.
+    pub deletes_read: u64,
+    /// Changes queued (rows and deletes; re-reads are recognised by the workers and write
+    /// nothing).
+    pub changes_queued: u64,
+    /// When the last poll ended, in milliseconds since the Unix epoch (0: none yet).
+    pub last_poll_ended_ms: u64,
+}
+
+/// The live counters behind [`CatchUpCounts`].
+#[derive(Debug, Default)]
+pub(crate) struct CatchUpStats {
+    pub polls: AtomicU64,
+    pub incomplete: AtomicU64,
+    pub rows_read: AtomicU64,
+    pub unfit_rows: AtomicU64,
+    pub deletes_read: AtomicU64,
+    pub changes_queued: AtomicU64,
+    pub last_poll_ended_ms: AtomicU64,
+}
+
+impl CatchUpStats {
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> CatchUpCounts {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CatchUpCounts {
+            polls: get(&self.polls),
+            incomplete: get(&self.incomplete),
+            rows_read: get(&self.rows_read),
+            unfit_rows: get(&self.unfit_rows),
+            deletes_read: get(&self.deletes_read),
+            changes_queued: get(&self.changes_queued),
+            last_poll_ended_ms: get(&self.last_poll_ended_ms),
+        }
+    }
 }
 
 /// The connectors' counters of both environments.
@@ -660,6 +715,8 @@ pub(crate) struct Shared {
     pub idempotency_window: Duration,
     /// How far before its watermark a catch-up poll reads (`scheduler.overlap`).
     pub catch_up_overlap: Duration,
+    /// The catch-up polls' counters.
+    pub catch_up_stats: CatchUpStats,
 }
 
 impl std::fmt::Debug for Shared {
@@ -706,6 +763,7 @@ impl Shared {
             },
             batching: self.batching.counts(),
             connectors: self.calls.counts(),
+            catch_up: self.catch_up_stats.counts(),
         }
     }
 }
@@ -794,6 +852,7 @@ impl Runtime {
                 .catch_up
                 .as_ref()
                 .map_or(crate::config::DEFAULT_CATCH_UP_OVERLAP, |c| c.overlap),
+            catch_up_stats: CatchUpStats::default(),
         });
 
         let listener = tokio::net::TcpListener::bind(config.listen)

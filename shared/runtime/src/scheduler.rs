@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::CatchUp;
-use crate::runtime::Shared;
+use crate::runtime::{CatchUpStats, Shared};
 
 /// Rows per page of a catch-up read.
 const PAGE_SIZE: usize = 500;
@@ -92,6 +92,20 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// # Errors
 /// The map sides that failed, as text, once every map was tried.
 pub(crate) async fn catch_up(shared: &Shared, overlap: Duration) -> Result<usize, String> {
+    let stats = &shared.catch_up_stats;
+    CatchUpStats::add(&stats.polls, 1);
+    let result = catch_up_maps(shared, overlap).await;
+    if result.is_err() {
+        CatchUpStats::add(&stats.incomplete, 1);
+    }
+    let ended = u64::try_from(Utc::now().timestamp_millis()).unwrap_or_default();
+    stats
+        .last_poll_ended_ms
+        .store(ended, std::sync::atomic::Ordering::Relaxed);
+    result
+}
+
+async fn catch_up_maps(shared: &Shared, overlap: Duration) -> Result<usize, String> {
     let mut total = 0;
     let mut failures = Vec::new();
     let now = Utc::now();
@@ -208,6 +222,9 @@ async fn poll_side(
             .query(entity, &query)
             .await
             .map_err(|e| e.to_string())?;
+        let stats = &shared.catch_up_stats;
+        CatchUpStats::add(&stats.rows_read, page.records.len() + page.unfit.len());
+        CatchUpStats::add(&stats.unfit_rows, page.unfit.len());
         if let Some(bad) = page.unfit.iter().find(|u| u.id.is_none()) {
             return Err(format!(
                 "a row of {entity} without its id cannot be read: {}",
@@ -233,9 +250,11 @@ async fn poll_side(
             warn!(map = %map.name, side = %side, entity, id = row.id.as_deref().unwrap_or_default(), problem = %row.problem, "a polled row does not fit the table maps; queued to be read again by id");
             events.push(unfit_event(side, entity, row, now));
         }
-        total += ingest(shared.inbound.as_ref(), events)
+        let queued = ingest(shared.inbound.as_ref(), events)
             .await
             .map_err(|e| e.to_string())?;
+        CatchUpStats::add(&shared.catch_up_stats.changes_queued, queued);
+        total += queued;
         match page.next {
             Some(next) => query.page_token = Some(next),
             None => break,
@@ -285,14 +304,17 @@ async fn poll_deletions(
             }
             Err(e) => return Err(e.to_string()),
         };
+        CatchUpStats::add(&shared.catch_up_stats.deletes_read, page.deleted.len());
         let events: Vec<ChangeEvent> = page
             .deleted
             .into_iter()
             .map(|id| deleted_event(side, entity, id, &started_from, now))
             .collect();
-        total += ingest(shared.inbound.as_ref(), events)
+        let queued = ingest(shared.inbound.as_ref(), events)
             .await
             .map_err(|e| e.to_string())?;
+        CatchUpStats::add(&shared.catch_up_stats.changes_queued, queued);
+        total += queued;
         match (page.next, page.cursor) {
             (Some(next), _) => from = Some(next),
             (None, Some(cursor)) => return Ok((total, Some(cursor))),

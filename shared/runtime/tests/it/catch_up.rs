@@ -256,6 +256,8 @@ async fn a_map_side_that_cannot_be_polled_does_not_stop_the_others() {
     s.dv.inject_faults([dualwrite_simulators::Fault::Status(400)]);
     let err = s.rt.catch_up_now().await.unwrap_err();
     assert!(err.contains("1 map side(s) not polled"), "{err}");
+    let counts = s.stats().await.catch_up;
+    assert_eq!((counts.polls, counts.incomplete), (1, 1), "{counts:?}");
     assert!(err.contains("(crm)"), "{err}");
     s.wait_idle().await;
     assert!(
@@ -296,6 +298,7 @@ async fn a_missed_dataverse_delete_is_caught_up_through_change_tracking() {
     );
     let after = s.stats().await.engine;
     assert_eq!(after.deletes - before.deletes, 1, "{after}");
+    assert_eq!(s.stats().await.catch_up.deletes_read, 1);
     assert_eq!(after.errors, before.errors, "{after}");
 
     // The cursor moved on: the next poll deletes nothing more.
@@ -357,6 +360,12 @@ async fn a_polled_row_that_does_not_fit_is_logged_by_key_and_the_others_sync() {
         .await
         .expect("one bad row does not fail the poll");
     s.wait_idle().await;
+    let counts = s.stats().await.catch_up;
+    assert_eq!((counts.polls, counts.incomplete), (1, 0), "{counts:?}");
+    assert_eq!(counts.unfit_rows, 1, "{counts:?}");
+    assert!(counts.rows_read >= 3, "{counts:?}");
+    assert!(counts.changes_queued >= 3, "{counts:?}");
+    assert!(counts.last_poll_ended_ms > 0, "{counts:?}");
     assert!(s.account("ERP-0061").is_some());
     assert!(s.account("ERP-0063").is_some());
     assert!(s.account("ERP-0062").is_none());
