@@ -361,6 +361,11 @@ fn decide_upsert(input: &DecisionInput<'_>) -> Result<Decision, ApplyError> {
         // Linked, and the other side's record is gone: deleted there since the last sync (its
         // delete not processed yet, or missed) while this side changed.
         (None, Some(link)) if link.side(other_side).hash.is_some() => {
+            // Unless this very record is being deleted by dualwrite (the other side's delete,
+            // propagated here, is in flight): the change predates that delete.
+            if is_pending(link, source, FieldsHash::DELETED) {
+                return Ok(skip(SkipReason::Stale));
+            }
             return recreate_deleted_other(input);
         }
         (None, _) => false,
@@ -1261,6 +1266,33 @@ mod tests {
             hash: FieldsHash::DELETED,
         });
         assert!(matches!(erp_delete(&link), Decision::Delete(_)));
+    }
+
+    /// A linked pair whose other record is gone: the change creates it again (and logs
+    /// why) — unless dualwrite is deleting this very record (the other side's delete,
+    /// propagated here, in flight): then the change predates that delete.
+    #[test]
+    fn a_change_of_a_record_being_deleted_does_not_recreate_the_other_side() {
+        let m = map();
+        let (c, e) = (crm("Contoso", at(10, 5)), erp("Contoso", at(11, 1)));
+        let mut link = link_of(&m, &c, &e);
+        let changed = crm("Renamed", at(20, 6));
+        let Decision::Write(plan) = run(&m, &changed, Some(&link), None) else {
+            panic!("recreated");
+        };
+        assert_eq!(plan.writes[0].condition, WriteCondition::MustNotExist);
+        assert_eq!(
+            plan.conflict.map(|c| c.policy),
+            Some(RECREATE_POLICY.to_string())
+        );
+        link.pending = Some(crate::ports::PendingWrite {
+            side: Side::Crm,
+            hash: FieldsHash::DELETED,
+        });
+        assert_eq!(
+            run(&m, &changed, Some(&link), None),
+            skip(SkipReason::Stale)
+        );
     }
 
     #[test]

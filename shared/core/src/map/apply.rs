@@ -694,6 +694,10 @@ pub(crate) fn keep_round_trip_equivalents(
         ) else {
             continue;
         };
+        if step.has_default && source_value.is_empty() {
+            // The slot holds the mapping's default, which is what goes across for no value.
+            continue;
+        }
         let Ok(back) = transform_value(map, fm, target, current.clone()) else {
             continue;
         };
@@ -1274,6 +1278,61 @@ mod tests {
             delete: DeletePolicy::default(),
             plan: Default::default(),
         }
+    }
+
+    /// A two-way field whose value comes back from the target as the source's is left as the
+    /// target holds it (a memo cut on its way to the CRM stays whole in F&O); a field whose
+    /// source is empty still gets its default.
+    #[test]
+    fn round_trip_equivalent_targets_are_kept_and_defaults_still_go_across() {
+        let mut memo = field(
+            Some("Memo"),
+            Some("description"),
+            FieldDirection::Bidirectional,
+        );
+        memo.to_crm = vec![TransformStep::Truncate(3)];
+        let mut note = field(Some("Note"), Some("note"), FieldDirection::Bidirectional);
+        note.to_crm = vec![TransformStep::Trim];
+        note.default = Some(text("N/A"));
+        let mut city = field(Some("City"), Some("city"), FieldDirection::Bidirectional);
+        city.to_crm = vec![TransformStep::Upper];
+        let map = table_map(
+            "m",
+            ("Es", &["K"], false),
+            ("cs", &["k"], None),
+            vec![key_field("K", "k"), memo, note, city],
+        );
+        let mut crm = Record::new("cs");
+        crm.fields.insert("k", text("1"));
+        crm.fields.insert("description", text("abc"));
+        crm.fields.insert("note", Value::Null);
+        crm.fields.insert("city", text("OSLO"));
+        let mut erp = Record::new("Es");
+        erp.fields.insert("K", text("1"));
+        erp.fields.insert("Memo", text("abcdef"));
+        erp.fields.insert("Note", Value::Null);
+        erp.fields.insert("City", text("Bergen"));
+        let plan = map.plan();
+        let mut slots = Vec::new();
+        fill_slots(
+            &map,
+            plan,
+            Side::Crm,
+            &crm,
+            None,
+            &ResolvedLookups::new(),
+            &mut slots,
+        )
+        .unwrap();
+        keep_round_trip_equivalents(&map, plan, Side::Crm, &crm, &erp, &mut slots);
+        let written = slots_to_record(&map, Side::Erp, &crm, plan, &mut slots);
+        assert_eq!(written.get("Memo"), Some(&text("abcdef")), "kept whole");
+        assert_eq!(written.get("Note"), Some(&text("N/A")), "the default");
+        assert_eq!(
+            written.get("City"),
+            Some(&text("OSLO")),
+            "a real difference"
+        );
     }
 
     const CURRENCY: usize = 3;
