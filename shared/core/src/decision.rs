@@ -570,19 +570,45 @@ fn field_level_merge(
     conflict: ConflictRecord,
     winner: Option<Side>,
 ) -> Result<Decision, ApplyError> {
-    for lookups in [input.lookups, input.other_lookups] {
+    let map = input.map;
+    let source = input.source;
+    let other_side = source.other();
+    // A field a side does not own here is not written from it: its lookup need not resolve
+    // (the losing side's reference to a record not synced must not hold the winner's write).
+    let owner = |f: &crate::map::FieldMapping| {
+        winner.unwrap_or_else(|| f.source_of_truth.unwrap_or(source))
+    };
+    let needed = |from: Side, lookups: &ResolvedLookups| -> ResolvedLookups {
+        lookups
+            .iter()
+            .map(|(index, resolution)| {
+                let f = &map.fields[index];
+                let written =
+                    f.direction != FieldDirection::Bidirectional || f.is_key || owner(f) == from;
+                let resolution = if written {
+                    resolution.clone()
+                } else {
+                    // Removed from the write below; any value does.
+                    LookupResolution::Resolved(crate::Value::Null)
+                };
+                (index, resolution)
+            })
+            .collect()
+    };
+    let (source_lookups, other_lookups) = (
+        needed(source, input.lookups),
+        needed(other_side, input.other_lookups),
+    );
+    for lookups in [&source_lookups, &other_lookups] {
         if let Some(park) = missing_lookup(input, lookups) {
             return Ok(park);
         }
     }
-    let map = input.map;
-    let source = input.source;
-    let other_side = source.other();
     let mut link = base_link(input);
     let mut writes = Vec::new();
     for (from, from_record, lookups, to_record) in [
-        (source, input.record, input.lookups, other),
-        (other_side, other, input.other_lookups, input.record),
+        (source, input.record, &source_lookups, other),
+        (other_side, other, &other_lookups, input.record),
     ] {
         let to = from.other();
         let located = input.source_fields.filter(|_| from == source);
@@ -597,10 +623,9 @@ fn field_level_merge(
         )?;
         // Keep only the fields `from` owns (keys always travel).
         for f in &map.fields {
-            let owner = winner.unwrap_or_else(|| f.source_of_truth.unwrap_or(source));
             if f.direction == FieldDirection::Bidirectional
                 && !f.is_key
-                && owner != from
+                && owner(f) != from
                 && let Some(target_field) = f.field(to)
             {
                 projected.written.fields.remove(target_field.name.as_str());

@@ -828,6 +828,64 @@ async fn a_reference_spelled_in_another_case_resolves_to_the_linked_record() {
     );
 }
 
+/// The losing side's reference to a record synced nowhere does not hold the winner's write:
+/// under `crm_wins`, the CRM's edit of an order lands although the ERP meanwhile named a
+/// customer that does not exist, and the CRM's customer is kept on both sides.
+#[tokio::test]
+async fn a_losing_sides_unresolvable_reference_does_not_hold_the_winners_write() {
+    let mut orders = orders_map();
+    orders.conflict = ConflictPolicy::CrmWins;
+    let mut memo = orders.fields[0].clone();
+    memo.is_key = false;
+    memo.erp = Some(dualwrite_core::map::FieldRef {
+        name: "Memo".into(),
+        ty: dualwrite_core::ValueType::Text,
+    });
+    memo.crm = Some(dualwrite_core::map::FieldRef {
+        name: "description".into(),
+        ty: dualwrite_core::ValueType::Text,
+    });
+    orders.fields.push(memo);
+    let w = World::new(vec![
+        accounts_map(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate),
+        orders,
+    ]);
+    let customer = w.edit_account(Side::Erp, "C1", Some("Contoso"), None);
+    w.settle(vec![customer]).await;
+    let erp_at = RecordRef::Key(RecordKey::new([("SalesOrderNumber", "SO1")]));
+    let order = w.erp.edit(
+        "SalesOrders",
+        &erp_at,
+        [
+            ("CustomerAccount".into(), text("C1")),
+            ("Memo".into(), text("m0")),
+        ],
+    );
+    w.settle(vec![order]).await;
+    w.tick();
+    let _erp_names_a_customer_synced_nowhere = w.erp.edit(
+        "SalesOrders",
+        &erp_at,
+        [("CustomerAccount".into(), text("C9"))],
+    );
+    w.tick();
+    let crm_edit = w.crm.edit(
+        "salesorders",
+        &RecordRef::Key(RecordKey::new([("ordernumber", "SO1")])),
+        [("description".into(), text("crm memo"))],
+    );
+    let out = w.engine.process(&crm_edit).await.unwrap();
+    assert!(matches!(action(&out), MapAction::Written { .. }), "{out:?}");
+    let erp = w.erp.record("SalesOrders", &erp_at).unwrap();
+    assert_eq!(erp.get("Memo"), Some(&text("crm memo")));
+    assert_eq!(
+        erp.get("CustomerAccount"),
+        Some(&text("C1")),
+        "the CRM's customer"
+    );
+    assert_eq!(w.store.parked_count().await.unwrap(), 0);
+}
+
 #[tokio::test]
 async fn a_permanent_connector_error_is_logged_and_the_event_completed() {
     let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
