@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dualwrite_core::map::TableMap;
-use dualwrite_core::ports::{ConnectorErrorKind, MapState, MapStatus, Query, StoreOp};
+use dualwrite_core::ports::{
+    ConnectorErrorKind, ErrorClass, ErrorRecord, MapState, MapStatus, Query, StoreOp,
+};
 use dualwrite_core::{ChangeEvent, Operation, Side};
 use dualwrite_engine::ingest;
 use tokio::sync::watch;
@@ -225,11 +227,36 @@ async fn poll_side(
         let stats = &shared.catch_up_stats;
         CatchUpStats::add(&stats.rows_read, page.records.len() + page.unfit.len());
         CatchUpStats::add(&stats.unfit_rows, page.unfit.len());
-        if let Some(bad) = page.unfit.iter().find(|u| u.id.is_none()) {
-            return Err(format!(
-                "a row of {entity} without its id cannot be read: {}",
-                bad.problem
-            ));
+        // A row without its key cannot be read again: it is logged in the error log (where
+        // `dualwrite status` shows it) and the rows after it are read on.
+        let (keyed, keyless): (Vec<_>, Vec<_>) =
+            page.unfit.into_iter().partition(|u| u.id.is_some());
+        if !keyless.is_empty() {
+            let ops: Vec<StoreOp> = keyless
+                .iter()
+                .map(|row| {
+                    warn!(map = %map.name, side = %side, entity, problem = %row.problem, "a polled row without its key cannot be read");
+                    StoreOp::RecordError(ErrorRecord {
+                        at: now,
+                        map: Some(map.name.clone()),
+                        key: None,
+                        event_id: None,
+                        class: ErrorClass::NeedsAttention,
+                        message: format!(
+                            "catch-up of {entity} ({side}): a row without its key cannot be read: {}",
+                            row.problem
+                        ),
+                        event: None,
+                    })
+                })
+                .collect();
+            for chunk in ops.chunks(100) {
+                shared
+                    .store
+                    .commit_ops(chunk.to_vec())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
         }
         let mut events: Vec<ChangeEvent> = page
             .records
@@ -246,7 +273,7 @@ async fn poll_side(
         // event): the worker's read fails the same way and logs it in the error log, named by
         // map and record, where `dualwrite errors retry` replays it once the row or the map is
         // fixed. The rows after it are read on.
-        for row in page.unfit {
+        for row in keyed {
             warn!(map = %map.name, side = %side, entity, id = row.id.as_deref().unwrap_or_default(), problem = %row.problem, "a polled row does not fit the table maps; queued to be read again by id");
             events.push(unfit_event(side, entity, row, now));
         }

@@ -401,9 +401,9 @@ impl Connector for FnoConnector {
         }
         let next = match (next, schema.zip(order.as_deref())) {
             (Some(server_next), Some((schema, order))) => Some(
-                records
-                    .last()
-                    .and_then(|last| parse_key(last.id.as_deref()?))
+                // After the last row of the page, whether it converted or not.
+                rows.last()
+                    .and_then(|last| raw_key_of_row(schema, last))
                     .and_then(|last| keyset_after(schema, order, &last))
                     .map_or(server_next, |after| {
                         self.query_url(entity, filter.as_deref(), Some(&after), Some(order))

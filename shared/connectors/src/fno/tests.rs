@@ -323,6 +323,37 @@ async fn pages_continue_after_the_last_key_read_not_at_the_servers_skip() {
         Some("odata.maxpagesize=1")
     );
 
+    // A last row that does not convert is reported with its id, and the next page starts
+    // after it, not after the last row that converted.
+    let unfit = ROW
+        .replace("US-001", "US-002")
+        .replace("100000.25", "\"lots\"");
+    server.push(Canned::json(
+        200,
+        &format!(
+            r#"{{"value":[{ROW},{unfit}],"@odata.nextLink":"{base}/CustomersV3?cross-company=true&$skip=2"}}"#
+        ),
+    ));
+    let page = c.query("CustomersV3", &Query::default()).await.unwrap();
+    assert_eq!(page.records.len(), 1);
+    assert_eq!(page.unfit.len(), 1);
+    assert_eq!(
+        page.unfit[0].id.as_deref(),
+        Some("dataAreaId='usmf',CustomerAccount='US-002'")
+    );
+    assert!(
+        page.unfit[0].problem.contains("CreditLimit"),
+        "{:?}",
+        page.unfit
+    );
+    assert!(
+        page.next
+            .as_deref()
+            .is_some_and(|n| n.contains("CustomerAccount%20gt%20'US-002'")),
+        "{:?}",
+        page.next
+    );
+
     // An entity whose key is not declared follows the server's link.
     server.push(Canned::json(
         200,
@@ -335,7 +366,7 @@ async fn pages_continue_after_the_last_key_read_not_at_the_servers_skip() {
         page.next.as_deref(),
         Some(format!("{base}/Unknown?cross-company=true&$skip=1").as_str())
     );
-    assert_eq!(server.seen()[2].uri, "/data/Unknown?cross-company=true");
+    assert_eq!(server.seen()[3].uri, "/data/Unknown?cross-company=true");
 }
 
 #[tokio::test]

@@ -269,12 +269,15 @@ pub fn key_of_row(schema: &EntitySchema, record: &Record) -> Option<RecordKey> {
 /// The key of a row as [`key_of_row`] gives it for the row's record, read from the raw row
 /// (for a row that does not convert): `None` when a key field is missing or not a plain value.
 pub fn raw_key_of_row(schema: &EntitySchema, row: &RawObject) -> Option<RecordKey> {
+    // Each value as `key_of_row` gives it: through its declared type, then as text.
     let text = |field: &str| -> Option<String> {
         let raw = row.get(field)?;
-        raw_str(raw).or_else(|| {
+        let t = raw_str(raw).or_else(|| {
             let t = raw.get();
-            (t.starts_with(|c: char| c == '-' || c.is_ascii_digit())).then(|| t.to_string())
-        })
+            (t.starts_with(|c: char| c == '-' || c.is_ascii_digit()) || t == "true" || t == "false")
+                .then(|| t.to_string())
+        })?;
+        Some(key_value(Some(schema), field, &t).map_or(t, |v| v.to_string()))
     };
     let mut pairs = Vec::new();
     if schema.company_specific {

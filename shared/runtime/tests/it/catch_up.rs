@@ -494,3 +494,34 @@ async fn a_row_deleted_twice_under_one_id_is_caught_up_twice() {
     assert!(s.customer("E2E-0080").is_none(), "the second delete");
     s.rt.shutdown().await;
 }
+
+/// A polled row that does not convert and has no key to read it again by is logged in the
+/// error log, and the rows around it are still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polled_row_without_its_key_is_logged_and_the_others_sync() {
+    let s = Stack::start(StackOptions::default()).await;
+    miss_all_webhooks(&s);
+    s.create_customer("ERP-0065", "Lucerne", 40.0);
+    s.fno
+        .user_create(
+            "CustomersV3",
+            serde_json::json!({
+                "dataAreaId": "usmf",
+                "CustomerAccount": "",
+                "OrganizationName": "No key",
+                "CreditLimit": "lots",
+            }),
+        )
+        .expect("the simulator keeps a row with an empty key");
+    s.rt.catch_up_now().await.expect("the poll goes on");
+    s.wait_idle().await;
+    assert!(s.account("ERP-0065").is_some());
+    let errors = s.rt.store().errors(10).await.unwrap();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.message.contains("without its key") && e.message.contains("CreditLimit")),
+        "{errors:?}"
+    );
+    s.rt.shutdown().await;
+}
