@@ -900,6 +900,12 @@ impl Engine {
             let own_key = integration_key(referenced, side, &record).ok().filter(|k| {
                 k != dep_key && k.as_str().to_lowercase() == dep_key.as_str().to_lowercase()
             });
+            if let Some(own) = &own_key {
+                // Known from now on, whether the record links now or later (its own sync may
+                // wait for one of its dependencies): events parked on this spelling are
+                // released by the record's link (the sweep asks the aliases).
+                self.learn_key_alias(dep_map, dep_key, own);
+            }
             let dependency = ChangeEvent {
                 event_id: format!("dependency:{dep_map}:{dep_key}:{}", event.event_id),
                 source: side,
@@ -934,7 +940,6 @@ impl Engine {
                     .is_some()
             {
                 info!(event_id = %event.event_id, dependency_map = %dep_map, dependency_key = %dep_key, linked_as = %own, "reference spelled in another case than its record; answered by the record's link");
-                self.learn_key_alias(dep_map, dep_key, &own);
                 return Ok(Some(step));
             }
         }
@@ -1288,13 +1293,22 @@ impl Engine {
         };
         let mut ready = Vec::new();
         for p in page {
-            if let Some(link) = self
+            let mut link = self
                 .store
                 .link(&p.waiting_map, &p.waiting_key)
                 .await?
-                .and_then(Link::linked)
-                && link.open_conflict.is_none()
+                .and_then(Link::linked);
+            if link.is_none()
+                && let Some(canonical) = self.key_alias(&p.waiting_map, &p.waiting_key)
             {
+                // Waiting on a key spelled in another case than its record's (learned since).
+                link = self
+                    .store
+                    .link(&p.waiting_map, &canonical)
+                    .await?
+                    .and_then(Link::linked);
+            }
+            if link.is_some_and(|l| l.open_conflict.is_none()) {
                 ready.push(p);
             }
         }

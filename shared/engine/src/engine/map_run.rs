@@ -914,6 +914,14 @@ impl<'a> MapRun<'a> {
                 return Err(Interrupt::DependencySynced);
             }
         }
+        // A reference spelled in another case than its record's key waits on the record's
+        // own key, whose link is the one that will come.
+        let waiting_key = match missing_lookup {
+            true => engine
+                .key_alias(&waiting_map, &waiting_key)
+                .unwrap_or(waiting_key),
+            false => waiting_key,
+        };
         let parked = ParkedEvent {
             waiting_map: waiting_map.clone(),
             waiting_key: waiting_key.clone(),

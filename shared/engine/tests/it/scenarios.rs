@@ -886,6 +886,54 @@ async fn a_losing_sides_unresolvable_reference_does_not_hold_the_winners_write()
     assert_eq!(w.store.parked_count().await.unwrap(), 0);
 }
 
+/// An order parked on a customer spelled `c1` before the customer existed is released once
+/// the customer `C1` is linked and the spelling is known (learned from a later reference).
+#[tokio::test]
+async fn an_order_parked_on_another_spelling_is_released_by_the_records_link() {
+    let w = World::new(vec![
+        accounts_map(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate),
+        orders_map(),
+    ]);
+    let so1 = w.erp.edit(
+        "SalesOrders",
+        &RecordRef::Key(RecordKey::new([("SalesOrderNumber", "SO1")])),
+        [("CustomerAccount".into(), text("c1"))],
+    );
+    let out = w.engine.process(&so1).await.unwrap();
+    assert!(matches!(action(&out), MapAction::Parked { .. }), "{out:?}");
+    let customer = w.edit_account(Side::Erp, "C1", Some("Contoso"), None);
+    w.settle(vec![customer]).await;
+    let queue = dualwrite_engine::memory::MemoryQueue::new(w.clock.clone(), 5);
+    assert_eq!(
+        w.engine.sweep_parked(&queue).await.unwrap(),
+        0,
+        "nothing tells yet that c1 is C1"
+    );
+    let so2 = w.erp.edit(
+        "SalesOrders",
+        &RecordRef::Key(RecordKey::new([("SalesOrderNumber", "SO2")])),
+        [("CustomerAccount".into(), text("c1"))],
+    );
+    let out = w.engine.process(&so2).await.unwrap();
+    assert!(matches!(action(&out), MapAction::Written { .. }), "{out:?}");
+    assert_eq!(
+        w.engine.sweep_parked(&queue).await.unwrap(),
+        1,
+        "SO1 released"
+    );
+    let deliveries = queue
+        .receive(10, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let out = w
+        .engine
+        .process(&deliveries[0].message.event)
+        .await
+        .unwrap();
+    assert!(matches!(action(&out), MapAction::Written { .. }), "{out:?}");
+    assert_eq!(w.store.parked_count().await.unwrap(), 0);
+}
+
 #[tokio::test]
 async fn a_permanent_connector_error_is_logged_and_the_event_completed() {
     let w = World::accounts(ConflictPolicy::LastWriterWins, DeletePolicy::Propagate);
