@@ -58,7 +58,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if report.converged {
+    if !json && !report.failures.is_empty() {
+        println!("FAILED:");
+        for f in &report.failures {
+            println!("  - {f}");
+        }
+    }
+    Ok(if report.passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -113,8 +113,9 @@ pub struct ConflictShown {
     pub winner: String,
     /// The customers map's conflict policy, e.g. `last_writer_wins`.
     pub policy: String,
-    /// Conflicts the engine logged for the two edits (1 when they met as a conflict; 0 when
-    /// one was synced before the other was seen, a plain sequence of changes).
+    /// Conflicts the engine logged for the two edits: 1 when they met as a conflict, as the
+    /// demo arranges (both edits are queued before either is processed); anything else fails
+    /// the run.
     pub detected: u64,
 }
 
@@ -151,6 +152,12 @@ pub struct DemoReport {
     pub differences: Vec<String>,
     /// True when every mapped record matched on both sides.
     pub converged: bool,
+    /// True when the demo showed what it set out to: converged, no error logged, no dead
+    /// letter, echoes recognised, and the simultaneous edits met as one conflict won by the
+    /// side the policy names. `dualwrite demo` exits 0 only then.
+    pub passed: bool,
+    /// Why the run did not pass, in words; empty when it passed.
+    pub failures: Vec<String>,
     /// The conflicting edit and its resolution.
     pub conflict: Option<ConflictShown>,
     /// Wall time of the whole demo in milliseconds.
@@ -213,14 +220,21 @@ pub async fn run_demo(
             )
         })
         .collect();
-    let errors = logged.len() as u64;
+    let errors = errors_logged(logged.len() as u64, stats.engine.errors);
+    let failures = demo_failures(
+        &differences,
+        errors,
+        stats.queue.dead,
+        stats.engine.echoes_suppressed,
+        &conflict,
+    );
     let report = DemoReport {
         events: stats.engine.events,
         writes: stats.engine.writes,
         echoes_suppressed: stats.engine.echoes_suppressed,
         conflicts: stats.engine.conflicts,
         parked: stats.engine.parked,
-        errors: errors.max(stats.engine.errors),
+        errors,
         error_messages,
         dead_letters: stats.queue.dead,
         webhooks_accepted: stats.receivers.accepted,
@@ -229,12 +243,65 @@ pub async fn run_demo(
         p99_ms: percentile(&lat, 0.99),
         records_checked,
         converged: differences.is_empty(),
+        passed: failures.is_empty(),
+        failures,
         differences,
         conflict: Some(conflict),
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };
     stage.rt.shutdown().await;
     Ok(report)
+}
+
+fn errors_logged(in_log: u64, counted: u64) -> u64 {
+    in_log.max(counted)
+}
+
+/// Why a demo run does not show what it set out to (empty: it does).
+fn demo_failures(
+    differences: &[String],
+    errors: u64,
+    dead_letters: u64,
+    echoes_suppressed: u64,
+    conflict: &ConflictShown,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    if !differences.is_empty() {
+        failures.push(format!(
+            "the sides differ in {} place(s)",
+            differences.len()
+        ));
+    }
+    if errors > 0 {
+        failures.push(format!("{errors} error(s) logged for a person"));
+    }
+    if dead_letters > 0 {
+        failures.push(format!("{dead_letters} change(s) in the dead letters"));
+    }
+    if echoes_suppressed == 0 {
+        failures.push("no echo of dualwrite's own writes was recognised".to_string());
+    }
+    if conflict.detected != 1 {
+        failures.push(format!(
+            "the simultaneous edits of {} were not met as one conflict ({} detected)",
+            conflict.record, conflict.detected
+        ));
+    }
+    // The F&O edit is made after the Dataverse one (a tie goes to F&O too).
+    let expected = match conflict.policy.as_str() {
+        "last_writer_wins" | "erp_wins" => Some("erp"),
+        "crm_wins" => Some("crm"),
+        _ => None,
+    };
+    if let Some(expected) = expected
+        && conflict.winner != expected
+    {
+        failures.push(format!(
+            "policy {} should have made {expected} win the conflict of {}; the winner was {}",
+            conflict.policy, conflict.record, conflict.winner
+        ));
+    }
+    failures
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -433,7 +500,9 @@ fn crm_id(
 }
 
 /// One seeded F&O row: entity, fields, and the Dataverse (table, column, value) it must become.
-type SeedRow<'a> = (&'a str, Json, (&'a str, &'a str, String));
+/// An F&O row to create, and the Dataverse row it must become: entity set, field, value and,
+/// for a per-company row, the company's code (the same row is seeded in two companies).
+type SeedRow<'a> = (&'a str, Json, (&'a str, &'a str, String, Option<&'a str>));
 
 async fn seed(stage: &mut Stage, progress: Progress<'_>) -> Result<(), DemoError> {
     progress(
@@ -449,31 +518,41 @@ async fn seed(stage: &mut Stage, progress: Progress<'_>) -> Result<(), DemoError
         waves[0].push((
             "LegalEntities",
             json!({"LegalEntityId": id, "Name": name}),
-            ("cdm_companies", "cdm_companycode", id.into()),
+            ("cdm_companies", "cdm_companycode", id.into(), None),
         ));
     }
     for (code, name, sym) in [("USD", "US Dollar", "$"), ("EUR", "Euro", "€")] {
         waves[1].push((
             "Currencies",
             json!({"CurrencyCode": code, "Name": name, "Symbol": sym}),
-            ("transactioncurrencies", "isocurrencycode", code.into()),
+            (
+                "transactioncurrencies",
+                "isocurrencycode",
+                code.into(),
+                None,
+            ),
         ));
     }
     for (sym, class) in [("ea", "Quantity"), ("pcs", "Quantity")] {
         waves[1].push((
             "UnitsOfMeasure",
             json!({"UnitSymbol": sym, "UnitClass": class, "DecimalPrecision": 0}),
-            ("uoms", "msdyn_symbol", sym.into()),
+            ("uoms", "msdyn_symbol", sym.into(), None),
         ));
     }
     for company in ["usmf", "demf"] {
         waves[1].push((
             "TermsOfPayment",
             json!({"dataAreaId": company, "Name": "Net30", "Description": "Net 30 days"}),
-            ("msdyn_paymentterms", "msdyn_name", "Net30".into()),
+            (
+                "msdyn_paymentterms",
+                "msdyn_name",
+                "Net30".into(),
+                Some(company),
+            ),
         ));
         for (group, desc) in [("10", "Wholesale customers"), ("20", "Retail customers")] {
-            waves[2].push(("CustomerGroups", json!({"dataAreaId": company, "CustomerGroupId": group, "Description": desc, "PaymentTermId": "Net30"}), ("msdyn_customergroups", "msdyn_groupid", group.into())));
+            waves[2].push(("CustomerGroups", json!({"dataAreaId": company, "CustomerGroupId": group, "Description": desc, "PaymentTermId": "Net30"}), ("msdyn_customergroups", "msdyn_groupid", group.into(), Some(company))));
         }
     }
     for (num, name, price) in [
@@ -486,14 +565,14 @@ async fn seed(stage: &mut Stage, progress: Progress<'_>) -> Result<(), DemoError
             "ProductNumber": num, "ProductName": name, "ProductDescription": format!("{name} (demo)"),
             "ItemNumber": num, "CurrencyCode": "USD", "SalesUnitSymbol": "ea", "SalesPrice": price,
             "UnitCost": price / 2.0, "ProductType": kind, "SalesUnitDecimalPrecision": 0
-        }), ("products", "msdyn_productnumber", num.into())));
+        }), ("products", "msdyn_productnumber", num.into(), None)));
     }
     for wave in waves {
         let mut expect = Vec::new();
-        for (set, row, (crm_set, field, want)) in wave {
+        for (set, row, (crm_set, field, want, company)) in wave {
             stage.fno.user_create(set, row).map_err(sim_err)?;
             expect.push((
-                (crm_set.to_string(), field.to_string(), want),
+                (crm_set.to_string(), field.to_string(), want, company),
                 Instant::now(),
             ));
         }
@@ -501,7 +580,24 @@ async fn seed(stage: &mut Stage, progress: Progress<'_>) -> Result<(), DemoError
         wait_for(
             "seed reference data",
             expect,
-            |(set, field, want)| dv.rows(set).iter().any(|r| field_eq(r, field, want)),
+            |(set, field, want, company)| {
+                // A per-company row arrived only when its own company's did.
+                let company_id = company.map(|code| {
+                    dv.rows("cdm_companies")
+                        .iter()
+                        .find(|c| field_eq(c, "cdm_companycode", code))
+                        .and_then(|c| c.get("cdm_companyid").and_then(Json::as_str))
+                        .map(str::to_string)
+                });
+                dv.rows(set).iter().any(|r| {
+                    field_eq(r, field, want)
+                        && match &company_id {
+                            None => true,
+                            Some(None) => false,
+                            Some(Some(id)) => field_eq(r, "_msdyn_company_value", id),
+                        }
+                })
+            },
             &mut stage.latencies,
         )
         .await?;
@@ -909,7 +1005,7 @@ async fn conflict(
         if detected > 0 {
             format!("conflict detected, resolved by {policy}")
         } else {
-            "no conflict detected (synced one after the other)".to_string()
+            "NOT detected as a conflict".to_string()
         },
         match winner {
             "crm" => "Dataverse",
@@ -1152,6 +1248,46 @@ async fn check_convergence(stage: &Stage) -> Result<(usize, Vec<String>), DemoEr
 
 #[cfg(test)]
 mod tests {
+
+    fn shown(detected: u64, winner: &str, policy: &str) -> ConflictShown {
+        ConflictShown {
+            record: "US-0001".into(),
+            crm_value: "a".into(),
+            erp_value: "b".into(),
+            final_value: "b".into(),
+            winner: winner.into(),
+            policy: policy.into(),
+            detected,
+        }
+    }
+
+    /// The demo passes only when it showed everything it claims, each miss named.
+    #[test]
+    fn a_run_passes_only_when_everything_it_shows_holds() {
+        let ok = shown(1, "erp", "last_writer_wins");
+        assert!(demo_failures(&[], 0, 0, 5, &ok).is_empty());
+        let failures = demo_failures(
+            &["x differs".into()],
+            2,
+            1,
+            0,
+            &shown(0, "crm", "last_writer_wins"),
+        );
+        assert_eq!(failures.len(), 6, "{failures:?}");
+        assert!(failures.iter().any(|f| f.contains("1 place")));
+        assert!(failures.iter().any(|f| f.contains("2 error")));
+        assert!(failures.iter().any(|f| f.contains("dead letters")));
+        assert!(failures.iter().any(|f| f.contains("no echo")));
+        assert!(failures.iter().any(|f| f.contains("0 detected")));
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("should have made erp win"))
+        );
+        assert!(demo_failures(&[], 0, 0, 5, &shown(1, "crm", "crm_wins")).is_empty());
+        assert!(demo_failures(&[], 0, 0, 5, &shown(1, "none", "manual")).is_empty());
+    }
+
     use std::collections::BTreeSet;
 
     use super::*;

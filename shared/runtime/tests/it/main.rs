@@ -450,6 +450,7 @@ async fn the_demo_scenario_converges() {
         .await
         .unwrap();
     assert!(report.converged, "differences: {:#?}", report.differences);
+    assert!(report.passed, "failures: {:#?}", report.failures);
     assert!(report.records_checked >= 10);
     assert!(report.writes > 0);
     assert!(
