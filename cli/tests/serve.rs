@@ -150,7 +150,7 @@ fn a_sender_stalled_mid_request_does_not_keep_serve_from_stopping() {
     let (code, stderr) = finish(child);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        signalled.elapsed() < Duration::from_secs(20),
+        signalled.elapsed() < Duration::from_secs(30),
         "stopped only after {:?}: {stderr}",
         signalled.elapsed()
     );

@@ -168,7 +168,9 @@ async fn sends_arriving_while_a_sync_is_paced_share_the_next_one() {
     let stats = queue.stats();
     assert_eq!(stats.synced_callers as usize, SENDERS * EACH);
     assert!(
-        stats.syncs * 4 <= stats.synced_callers,
+        // Twice as many callers as syncs at least: without the pacing every sender got a sync
+        // of its own (1:1); after a slow fdatasync the next batch may start with few waiting.
+        stats.syncs * 2 <= stats.synced_callers,
         "paced syncs should each answer several of the eight senders: {stats:?}"
     );
 }

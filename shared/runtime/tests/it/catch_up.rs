@@ -21,7 +21,10 @@ async fn catch_up_now_makes_up_for_missed_webhooks_and_then_writes_nothing() {
     let id = s.synced_account("E2E-0010", "Contoso Pharma", 100).await;
     s.synced_account("E2E-0012", "Tailspin Toys", 100).await;
     miss_all_webhooks(&s);
-    let before_state = s.rt.store().map_state(CUSTOMERS).await.unwrap();
+    assert!(
+        s.rt.store().map_state(CUSTOMERS).await.unwrap().is_none(),
+        "no poll yet: no watermark"
+    );
     // The simulators stamp rows to the second: let the setup's rows fall in an earlier second
     // than the missed changes, so the watermark below can tell them apart (regression: on a
     // fast run everything shared one second and the third poll re-read all rows).
@@ -97,10 +100,6 @@ async fn catch_up_now_makes_up_for_missed_webhooks_and_then_writes_nothing() {
         state.crm_watermark.expect("Dataverse watermark set"),
         state.erp_watermark.expect("F&O watermark set"),
     );
-    if let Some(old) = before_state {
-        assert!(old.crm_watermark.is_none_or(|w| w < crm_mark));
-        assert!(old.erp_watermark.is_none_or(|w| w < erp_mark));
-    }
 
     // A second poll finds only dualwrite's own writes of the first one: nothing is written.
     let before = s.stats().await.engine;
@@ -150,7 +149,7 @@ async fn the_cron_schedule_polls_every_second() {
     s.create_customer("ERP-0020", "Blue Yonder Airlines", 42.0);
     let a = wait_until_within(
         "the scheduler to bring ERP-0020 to Dataverse",
-        Duration::from_secs(3),
+        crate::harness::WAIT,
         || s.account("ERP-0020"),
     )
     .await;
@@ -162,6 +161,17 @@ async fn the_cron_schedule_polls_every_second() {
     );
     let state = s.rt.store().map_state(CUSTOMERS).await.unwrap().unwrap();
     assert!(state.erp_watermark.is_some(), "{state:?}");
+    // And again, and again: every second.
+    let polls = s.stats().await.catch_up.polls;
+    let deadline = std::time::Instant::now() + crate::harness::WAIT;
+    while s.stats().await.catch_up.polls < polls + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no two more scheduled polls within {:?}",
+            crate::harness::WAIT
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     s.rt.shutdown().await;
 }
 
@@ -258,6 +268,15 @@ async fn a_map_side_that_cannot_be_polled_does_not_stop_the_others() {
     assert!(err.contains("1 map side(s) not polled"), "{err}");
     let counts = s.stats().await.catch_up;
     assert_eq!((counts.polls, counts.incomplete), (1, 1), "{counts:?}");
+    let state = s.rt.store().map_state(CUSTOMERS).await.unwrap().unwrap();
+    assert_eq!(
+        state.crm_watermark, None,
+        "the failed side keeps its (no) watermark"
+    );
+    assert!(
+        state.erp_watermark.is_some(),
+        "the other side's moved: {state:?}"
+    );
     assert!(err.contains("(crm)"), "{err}");
     s.wait_idle().await;
     assert!(
@@ -438,7 +457,7 @@ async fn a_shutdown_stops_a_scheduled_poll_in_progress() {
     ]);
     wait_until_within(
         "a scheduled poll to reach F&O",
-        Duration::from_secs(3),
+        crate::harness::WAIT,
         || (s.fno.stats().requests > before).then_some(()),
     )
     .await;

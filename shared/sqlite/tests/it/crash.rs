@@ -264,12 +264,28 @@ fn killing_the_process_at_any_instant_loses_no_accepted_event() {
             .spawn()
             .unwrap();
         let mut stdout = child.stdout.take().unwrap();
+        let (started, has_started) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
-            let mut out = String::new();
-            stdout.read_to_string(&mut out).unwrap();
-            out
+            let mut out = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let mut told = false;
+            loop {
+                let n = stdout.read(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&chunk[..n]);
+                if !told && String::from_utf8_lossy(&out).contains("ACCEPTED ") {
+                    told = true;
+                    let _ = started.send(());
+                }
+            }
+            String::from_utf8_lossy(&out).into_owned()
         });
-        std::thread::sleep(Duration::from_millis(rng.random_range(20..300)));
+        // Killed at a random instant once it is at work (its first event accepted): a slow
+        // start on a loaded machine must not make rounds that accept nothing.
+        let _ = has_started.recv_timeout(Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..280)));
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             child
