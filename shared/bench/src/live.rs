@@ -377,7 +377,21 @@ pub async fn run(
         post_failures: drive.post_failures,
         pipeline,
         simulators,
-        problems: check.problems,
+        problems: {
+            let mut problems = check.problems;
+            let late = options.events.saturating_sub(drive.latencies.len());
+            if late > 0 {
+                problems.insert(
+                    0,
+                    format!(
+                        "{late} event(s) did not complete within --timeout {} s; the figures are those of the {} that did",
+                        options.timeout.as_secs(),
+                        drive.latencies.len()
+                    ),
+                );
+            }
+            problems
+        },
     })
 }
 
@@ -753,10 +767,14 @@ async fn drive(
     // Completions: collected by their own task so a slow POST never delays their reading.
     let mut completions = stage.rt.completions();
     let total = captured.len();
+    // Shared with the collector, so a run that times out still reports the events that did
+    // complete (their latencies, the throughput they make) beside what it lost.
+    let done: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        Arc::new(std::sync::Mutex::new(vec![None; total]));
     let collector = {
         let index_of = index_of.clone();
+        let done = done.clone();
         tokio::spawn(async move {
-            let mut done: Vec<Option<Instant>> = vec![None; total];
             let mut seen = 0;
             while seen < total {
                 let Some(c) = completions.recv().await else {
@@ -765,14 +783,16 @@ async fn drive(
                 if c.source != Side::Crm {
                     continue;
                 }
-                if let Some(&i) = index_of.get(&c.event_id)
-                    && done[i].is_none()
-                {
-                    done[i] = Some(c.at);
-                    seen += 1;
+                if let Some(&i) = index_of.get(&c.event_id) {
+                    let mut done = done
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if done[i].is_none() {
+                        done[i] = Some(c.at);
+                        seen += 1;
+                    }
                 }
             }
-            done
         })
     };
 
@@ -836,11 +856,14 @@ async fn drive(
                 .collect()
         }
     };
-    let done = match tokio::time::timeout(options.timeout, collector).await {
-        Ok(Ok(done)) => done,
+    match tokio::time::timeout(options.timeout, collector).await {
+        Ok(Ok(())) | Err(_) => {}
         Ok(Err(e)) => return Err(LiveError::Http(format!("completion collector failed: {e}"))),
-        Err(_) => Vec::new(),
-    };
+    }
+    let done = done
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let mut latencies = Vec::with_capacity(total);
     let mut last = began;
     for (start, end) in starts.iter().zip(&done) {
@@ -940,10 +963,12 @@ async fn check(stage: &Stage, n: usize, versions: &HashMap<usize, i64>) -> Check
             problems.push(p);
         }
     };
-    // F&O: one row per account (the entity key makes a second row impossible, so a duplicate
-    // can only be a second write, counted below from F&O's own change log).
+    // F&O: one row per account. The entity key is (company, account): a second row of an
+    // account (in another company) or a row of no account of the run is a duplicate too, as is
+    // a second write of a row, counted below from F&O's own change log.
     let rows = stage.fno.rows("CustomersV3");
     let mut by_index: HashMap<usize, &Json> = HashMap::new();
+    let mut extra_rows = 0;
     for r in &rows {
         let Some(index) = r
             .get("CustomerAccount")
@@ -951,10 +976,17 @@ async fn check(stage: &Stage, n: usize, versions: &HashMap<usize, i64>) -> Check
             .and_then(|s| s.strip_prefix("BENCH-"))
             .and_then(|s| s.parse::<usize>().ok())
         else {
+            extra_rows += 1;
             note(format!("unexpected F&O customer {r}"));
             continue;
         };
-        by_index.insert(index, r);
+        if by_index.insert(index, r).is_some() {
+            extra_rows += 1;
+            note(format!(
+                "{}: more than one row in F&O",
+                account_number(index)
+            ));
+        }
     }
     let mut lost = 0;
     for i in 0..n {
@@ -1007,12 +1039,13 @@ async fn check(stage: &Stage, n: usize, versions: &HashMap<usize, i64>) -> Check
             *writes.entry(d.record_id).or_default() += 1;
         }
     }
-    let mut duplicated = writes.values().filter(|&&w| w > 1).count();
-    if duplicated > 0 {
+    let written_twice = writes.values().filter(|&&w| w > 1).count();
+    if written_twice > 0 {
         note(format!(
-            "{duplicated} F&O customers were written more than once"
+            "{written_twice} F&O customers were written more than once"
         ));
     }
+    let mut duplicated = written_twice + extra_rows;
     let created = writes.len();
     if created != by_index.len() {
         note(format!(
