@@ -174,6 +174,8 @@ struct Stage {
     rt: RuntimeHandle,
     maps: Vec<TableMap>,
     latencies: Vec<Duration>,
+    /// Records the scenario created (each must be one checked pair at the end).
+    created: usize,
     _entra: EntraSim,
     _dir: tempfile::TempDir,
 }
@@ -223,6 +225,7 @@ pub async fn run_demo(
     let errors = errors_logged(logged.len() as u64, stats.engine.errors);
     let failures = demo_failures(
         &differences,
+        (records_checked, stage.created),
         errors,
         stats.queue.dead,
         stats.engine.echoes_suppressed,
@@ -260,6 +263,7 @@ fn errors_logged(in_log: u64, counted: u64) -> u64 {
 /// Why a demo run does not show what it set out to (empty: it does).
 fn demo_failures(
     differences: &[String],
+    (checked, created): (usize, usize),
     errors: u64,
     dead_letters: u64,
     echoes_suppressed: u64,
@@ -270,6 +274,11 @@ fn demo_failures(
         failures.push(format!(
             "the sides differ in {} place(s)",
             differences.len()
+        ));
+    }
+    if checked < created {
+        failures.push(format!(
+            "only {checked} record pair(s) were found to compare, for {created} record(s) created"
         ));
     }
     if errors > 0 {
@@ -387,6 +396,7 @@ async fn start(progress: Progress<'_>) -> Result<Stage, DemoError> {
         rt,
         maps,
         latencies: Vec::new(),
+        created: 0,
         _entra: entra,
         _dir: dir,
     })
@@ -575,6 +585,7 @@ async fn seed(stage: &mut Stage, progress: Progress<'_>) -> Result<(), DemoError
                 (crm_set.to_string(), field.to_string(), want, company),
                 Instant::now(),
             ));
+            stage.created += 1;
         }
         let dv = stage.dv.clone();
         wait_for(
@@ -669,6 +680,7 @@ async fn accounts_from_crm(
                 }),
             )
             .map_err(sim_err)?;
+        stage.created += 1;
         pending.push((number.clone(), Instant::now()));
         numbers.push(number);
     }
@@ -719,6 +731,7 @@ async fn accounts_from_erp(
                 }),
             )
             .map_err(sim_err)?;
+        stage.created += 1;
         pending.push((number.clone(), Instant::now()));
         numbers.push(number);
     }
@@ -819,6 +832,7 @@ async fn sales_order(
             }),
         )
         .map_err(sim_err)?;
+    stage.created += 1;
     let t_header = Instant::now();
     let so_id = so
         .get("salesorderid")
@@ -852,6 +866,7 @@ async fn sales_order(
                 }),
             )
             .map_err(sim_err)?;
+        stage.created += 1;
         pending.push((format!("line {seq} {product}"), Instant::now()));
     }
     let fno = stage.fno.clone();
@@ -905,6 +920,7 @@ async fn sales_order(
             }),
         )
         .map_err(sim_err)?;
+    stage.created += 1;
     let dv = stage.dv.clone();
     wait_for(
         "F&O line to Dataverse",
@@ -1110,7 +1126,9 @@ fn same(expected: &Value, actual: &Value) -> bool {
     match (expected, actual) {
         (Value::Lookup(a), Value::Lookup(b)) => match (&a.id, &b.id) {
             (Some(x), Some(y)) => x.eq_ignore_ascii_case(y),
-            _ => a.key == b.key,
+            // Without ids, only by a key both hold: an expected reference with neither (a link
+            // whose id is not known) matches nothing.
+            _ => a.key.is_some() && a.key == b.key,
         },
         _ if expected.is_empty() && actual.is_empty() => true,
         _ => expected == actual,
@@ -1159,7 +1177,14 @@ async fn check_convergence(stage: &Stage) -> Result<(usize, Vec<String>), DemoEr
             {
                 match integration_key(map, side, &r) {
                     Ok(k) => {
-                        keyed.insert(k, r);
+                        // Two rows of one key on a side: one too many (a duplicate create).
+                        if let Some(first) = keyed.insert(k.clone(), r) {
+                            differences.push(format!(
+                                "map {}: {side} holds more than one record with key {k} ({} and another)",
+                                map.name,
+                                first.id.as_deref().unwrap_or("no id")
+                            ));
+                        }
                     }
                     Err(e) => differences.push(format!(
                         "map {}: a {side} record ({}) has no integration key: {e}",
@@ -1248,6 +1273,9 @@ async fn check_convergence(stage: &Stage) -> Result<(usize, Vec<String>), DemoEr
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
 
     fn shown(detected: u64, winner: &str, policy: &str) -> ConflictShown {
         ConflictShown {
@@ -1265,15 +1293,17 @@ mod tests {
     #[test]
     fn a_run_passes_only_when_everything_it_shows_holds() {
         let ok = shown(1, "erp", "last_writer_wins");
-        assert!(demo_failures(&[], 0, 0, 5, &ok).is_empty());
+        assert!(demo_failures(&[], (29, 29), 0, 0, 5, &ok).is_empty());
         let failures = demo_failures(
             &["x differs".into()],
+            (28, 29),
             2,
             1,
             0,
             &shown(0, "crm", "last_writer_wins"),
         );
-        assert_eq!(failures.len(), 6, "{failures:?}");
+        assert_eq!(failures.len(), 7, "{failures:?}");
+        assert!(failures.iter().any(|f| f.contains("only 28 record pair")));
         assert!(failures.iter().any(|f| f.contains("1 place")));
         assert!(failures.iter().any(|f| f.contains("2 error")));
         assert!(failures.iter().any(|f| f.contains("dead letters")));
@@ -1284,13 +1314,9 @@ mod tests {
                 .iter()
                 .any(|f| f.contains("should have made erp win"))
         );
-        assert!(demo_failures(&[], 0, 0, 5, &shown(1, "crm", "crm_wins")).is_empty());
-        assert!(demo_failures(&[], 0, 0, 5, &shown(1, "none", "manual")).is_empty());
+        assert!(demo_failures(&[], (29, 29), 0, 0, 5, &shown(1, "crm", "crm_wins")).is_empty());
+        assert!(demo_failures(&[], (29, 29), 0, 0, 5, &shown(1, "none", "manual")).is_empty());
     }
-
-    use std::collections::BTreeSet;
-
-    use super::*;
 
     #[test]
     fn demo_maps_include_every_dependency() {
