@@ -140,7 +140,12 @@ fn status_without_a_store_says_how_to_get_one() {
     let dir = tempfile::tempdir().unwrap();
     let out = dualwrite(&["status"], dir.path());
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no local store"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no local store"), "{err}");
+    assert!(
+        err.contains("--db") && err.contains("relative to the configuration file"),
+        "says where serve's store is: {err}"
+    );
 }
 
 #[test]

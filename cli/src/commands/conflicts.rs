@@ -56,7 +56,7 @@ pub fn run(db: &Path, explicit_db: Option<&Path>, command: ConflictsCommand) -> 
     match command {
         ConflictsCommand::List { open, limit, json } => {
             if !db.exists() {
-                anyhow::bail!("no local store at {} (pass --db)", db.display());
+                return Err(super::no_store(db));
             }
             let store =
                 SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))?;

@@ -43,10 +43,7 @@ pub fn run(db: &Path, command: ErrorsCommand) -> Result<ExitCode> {
 
 fn retry(db: &Path, args: &RetryArgs) -> Result<ExitCode> {
     if !db.exists() {
-        anyhow::bail!(
-            "no local store at {} (run `dualwrite serve` first, or pass --db)",
-            db.display()
-        );
+        return Err(super::no_store(db));
     }
     let queue = open_held_queue(db, "dualwrite errors retry", "sent again")?;
     let store =

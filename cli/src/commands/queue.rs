@@ -54,10 +54,7 @@ pub fn run(db: &Path, command: QueueCommand) -> Result<ExitCode> {
 
 fn redrive(db: &Path, args: &RedriveArgs) -> Result<ExitCode> {
     if !db.exists() {
-        anyhow::bail!(
-            "no local store at {} (run `dualwrite serve` first, or pass --db)",
-            db.display()
-        );
+        return Err(super::no_store(db));
     }
     let dir = queue_dir(db);
     // The queue belongs to one process. Checked before anything moves: while `serve` runs,

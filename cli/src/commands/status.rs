@@ -23,10 +23,7 @@ pub struct StatusArgs {
 
 pub fn run(db: &Path, args: StatusArgs) -> Result<ExitCode> {
     if !db.exists() {
-        anyhow::bail!(
-            "no local store at {} (run `dualwrite demo` or `dualwrite serve` first, or pass --db)",
-            db.display()
-        );
+        return Err(super::no_store(db));
     }
     let store = SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))?;
     // Dead letters of versions before the log queue stay in the database's own table.
