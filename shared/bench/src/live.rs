@@ -111,6 +111,10 @@ pub struct LiveReport {
     pub workers: usize,
     /// Seconds from the first POST to the last completion.
     pub duration_s: f64,
+    /// Seconds from the last completion until the pipeline was idle (the echoes of the last
+    /// writes, still queued, settled): outside `duration_s`, so `events_per_sec` does not
+    /// count it; a large value says the echoes fell behind.
+    pub drain_s: f64,
     /// CPU time of the whole process (load generator, runtime and simulators, user + system)
     /// from the first POST until the pipeline was idle again (echoes included), per event, in
     /// µs: what one event costs the machine, steadier than a rate on a shared host. `null`
@@ -298,6 +302,7 @@ pub async fn run(
     let drive = drive(&stage, &captured, &options).await?;
     progress("waiting for the pipeline to go idle, then checking both sides ...");
     wait_idle(&stage).await?;
+    let drain_s = drive.last.map_or(0.0, |last| last.elapsed().as_secs_f64());
     let per_event = |d: Duration| round1(d.as_secs_f64() * 1e6 / options.events as f64);
     let cpu_us_per_event = cpu_before
         .zip(process_cpu())
@@ -367,6 +372,7 @@ pub async fn run(
         concurrency: options.concurrency,
         workers: options.workers,
         duration_s: (duration_s * 1000.0).round() / 1000.0,
+        drain_s: (drain_s * 1000.0).round() / 1000.0,
         cpu_us_per_event,
         cpu_us_per_event_pipeline,
         cpu_us_per_event_by_thread,
@@ -738,6 +744,8 @@ struct Drive {
     latencies: Vec<Duration>,
     /// First POST start to last completion.
     duration: Duration,
+    /// The last completion, when there was one.
+    last: Option<Instant>,
     post_retries: u64,
     post_failures: u64,
 }
@@ -874,6 +882,7 @@ async fn drive(
     }
     Ok(Drive {
         latencies,
+        last: (last > began).then_some(last),
         duration: last.saturating_duration_since(began),
         post_retries: retries.load(Ordering::Relaxed),
         post_failures: failures.load(Ordering::Relaxed),
