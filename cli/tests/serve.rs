@@ -150,7 +150,8 @@ fn a_sender_stalled_mid_request_does_not_keep_serve_from_stopping() {
     let (code, stderr) = finish(child);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        signalled.elapsed() < Duration::from_secs(30),
+        // The stalled connection holds the stop for the 10 s grace, not more.
+        signalled.elapsed() < Duration::from_secs(25),
         "stopped only after {:?}: {stderr}",
         signalled.elapsed()
     );

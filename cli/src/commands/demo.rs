@@ -16,7 +16,8 @@ pub struct DemoArgs {
     records: usize,
 }
 
-/// Runs the demo; exit 0 only when both sides converged.
+/// Runs the demo; exit 0 only when the run passed (`DemoReport::passed`: converged and showed
+/// what it claims), 1 when it did not, 2 when it could not run.
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -113,8 +113,9 @@ pub struct LiveReport {
     pub duration_s: f64,
     /// Seconds from the last completion until the pipeline was idle (the echoes of the last
     /// writes, still queued, settled): outside `duration_s`, so `events_per_sec` does not
-    /// count it; a large value says the echoes fell behind.
-    pub drain_s: f64,
+    /// count it; a large value says the echoes fell behind. `null` when an event did not
+    /// complete (the run waited for it until `--timeout`).
+    pub drain_s: Option<f64>,
     /// CPU time of the whole process (load generator, runtime and simulators, user + system)
     /// from the first POST until the pipeline was idle again (echoes included), per event, in
     /// µs: what one event costs the machine, steadier than a rate on a shared host. `null`
@@ -302,7 +303,10 @@ pub async fn run(
     let drive = drive(&stage, &captured, &options).await?;
     progress("waiting for the pipeline to go idle, then checking both sides ...");
     wait_idle(&stage).await?;
-    let drain_s = drive.last.map_or(0.0, |last| last.elapsed().as_secs_f64());
+    let drain_s = drive
+        .last
+        .filter(|_| drive.latencies.len() == options.events)
+        .map(|last| last.elapsed().as_secs_f64());
     let per_event = |d: Duration| round1(d.as_secs_f64() * 1e6 / options.events as f64);
     let cpu_us_per_event = cpu_before
         .zip(process_cpu())
@@ -372,7 +376,7 @@ pub async fn run(
         concurrency: options.concurrency,
         workers: options.workers,
         duration_s: (duration_s * 1000.0).round() / 1000.0,
-        drain_s: (drain_s * 1000.0).round() / 1000.0,
+        drain_s: drain_s.map(|d| (d * 1000.0).round() / 1000.0),
         cpu_us_per_event,
         cpu_us_per_event_pipeline,
         cpu_us_per_event_by_thread,

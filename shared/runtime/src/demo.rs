@@ -185,7 +185,8 @@ struct Stage {
 ///
 /// # Errors
 /// [`DemoError`] when a step cannot run or does not complete in time; a run that completes
-/// but does not converge is an `Ok` report with `converged == false`.
+/// but does not converge, or does not show what it claims, is an `Ok` report with
+/// `passed == false` and its `failures`.
 pub async fn run_demo(
     options: DemoOptions,
     progress: Progress<'_>,
@@ -509,7 +510,6 @@ fn crm_id(
         })
 }
 
-/// One seeded F&O row: entity, fields, and the Dataverse (table, column, value) it must become.
 /// An F&O row to create, and the Dataverse row it must become: entity set, field, value and,
 /// for a per-company row, the company's code (the same row is seeded in two companies).
 type SeedRow<'a> = (&'a str, Json, (&'a str, &'a str, String, Option<&'a str>));
