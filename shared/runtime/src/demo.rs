@@ -176,6 +176,10 @@ struct Stage {
     latencies: Vec<Duration>,
     /// Records the scenario created (each must be one checked pair at the end).
     created: usize,
+    /// Accounts created in Dataverse that nothing of the scenario changes afterwards: their
+    /// number, row id and `versionnumber` after creation. Dualwrite writes them to F&O and
+    /// never back (its own write's echo is recognised), which the end of the run checks.
+    untouched_crm_accounts: Vec<(String, String, Option<i64>)>,
     _entra: EntraSim,
     _dir: tempfile::TempDir,
 }
@@ -224,7 +228,7 @@ pub async fn run_demo(
         })
         .collect();
     let errors = errors_logged(logged.len() as u64, stats.engine.errors);
-    let failures = demo_failures(
+    let mut failures = demo_failures(
         &differences,
         (records_checked, stage.created),
         errors,
@@ -232,6 +236,7 @@ pub async fn run_demo(
         stats.engine.echoes_suppressed,
         &conflict,
     );
+    failures.extend(echo_failures(&stage));
     let report = DemoReport {
         events: stats.engine.events,
         writes: stats.engine.writes,
@@ -255,6 +260,25 @@ pub async fn run_demo(
     };
     stage.rt.shutdown().await;
     Ok(report)
+}
+
+/// The accounts created in Dataverse and left alone since: never written back to Dataverse
+/// (their `versionnumber` is what it was after creation). A write back means the echo of
+/// dualwrite's own write to F&O was taken for a change of the customer.
+fn echo_failures(stage: &Stage) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (number, id, version) in &stage.untouched_crm_accounts {
+        let now = stage
+            .dv
+            .row("accounts", id)
+            .and_then(|r| r.get("versionnumber").and_then(Json::as_i64));
+        if version.is_none() || now != *version {
+            failures.push(format!(
+                "account {number} was written back to Dataverse (versionnumber {version:?} -> {now:?}): an echo taken for a change"
+            ));
+        }
+    }
+    failures
 }
 
 fn errors_logged(in_log: u64, counted: u64) -> u64 {
@@ -398,6 +422,7 @@ async fn start(progress: Progress<'_>) -> Result<Stage, DemoError> {
         maps,
         latencies: Vec::new(),
         created: 0,
+        untouched_crm_accounts: Vec::new(),
         _entra: entra,
         _dir: dir,
     })
@@ -663,7 +688,7 @@ async fn accounts_from_crm(
     let mut numbers = Vec::new();
     for i in 1..=n {
         let number = format!("CRM-{i:04}");
-        stage
+        let row = stage
             .dv
             .user_create(
                 "accounts",
@@ -681,6 +706,17 @@ async fn accounts_from_crm(
             )
             .map_err(sim_err)?;
         stage.created += 1;
+        if i > 1 {
+            // The first one is the sales order's customer; the others are left alone.
+            stage.untouched_crm_accounts.push((
+                number.clone(),
+                row.get("accountid")
+                    .and_then(Json::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                row.get("versionnumber").and_then(Json::as_i64),
+            ));
+        }
         pending.push((number.clone(), Instant::now()));
         numbers.push(number);
     }
