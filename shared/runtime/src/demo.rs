@@ -373,6 +373,14 @@ pub fn summary_table(r: &DemoReport) -> String {
             },
         ),
         (
+            "passed",
+            if r.passed {
+                "yes".into()
+            } else {
+                format!("NO ({} failures)", r.failures.len())
+            },
+        ),
+        (
             "duration",
             format!("{:.1} s", r.duration_ms as f64 / 1000.0),
         ),
